@@ -1,0 +1,41 @@
+# modalmesh: `make demo` runs the stack on the tiny preset and asks it one question;
+# `make test` runs the test suite. Both set up .venv first (once; again when the pins change).
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: install demo test test-unit test-integration lint format clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py requirements/cpu.txt $(wildcard protos/modalmesh/v1/*.proto)
+	@scripts/ensure-system-deps
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -c requirements/cpu.txt -e '.[dev]'
+	@touch $@
+
+demo: install
+	$(BIN)/modalmesh demo
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-unit: install
+	$(BIN)/python -m pytest -q -m "not integration"
+
+test-integration: install
+	$(BIN)/python -m pytest -q -m integration
+
+lint: install
+	$(BIN)/ruff check services gateway modalmesh tests presets
+	$(BIN)/mypy
+
+format: install
+	$(BIN)/ruff check --fix services gateway modalmesh tests presets
+	$(BIN)/ruff format services gateway modalmesh tests presets
+
+clean:
+	rm -rf $(VENV) build *.egg-info modalmesh/v1 .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""The shipped presets: one YAML file per system (schema: services.common.presets.Preset)."""

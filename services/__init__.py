@@ -1,0 +1,1 @@
+"""modalmesh services: each folder is a library first and a server second."""

@@ -1,0 +1,86 @@
+"""Typed settings for every modalmesh process, read from MODALMESH_* environment variables.
+
+One class holds the whole stack's addresses and limits so that defaults live in one place:
+each service reads the fields it needs, and `modalmesh up` passes its flags down as the same
+variables. Example: MODALMESH_GATEWAY_HTTP_PORT=9000.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_cache_dir() -> Path:
+    """~/.cache/modalmesh, or $XDG_CACHE_HOME/modalmesh."""
+    import os
+
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "modalmesh"
+
+
+class Settings(BaseSettings):
+    """Addresses, limits and paths of a modalmesh deployment."""
+
+    model_config = SettingsConfigDict(env_prefix="MODALMESH_", extra="ignore")
+
+    # What to serve.
+    preset: str = "tiny"
+    presets_dir: Path | None = Field(
+        default=None, description="Extra folder searched for <preset>.yaml before the shipped ones."
+    )
+    cache_dir: Path = Field(default_factory=default_cache_dir)
+
+    # Addresses. `host` is where services bind; *_address are where clients dial.
+    host: str = "127.0.0.1"
+    gateway_http_port: int = 8000
+    gateway_grpc_port: int = 50051
+    llm_port: int = 50052
+    encoder_http_port: int = 8100
+    encoder_grpc_port: int = 8101
+    encoder_metrics_port: int = 8102
+    llm_address: str | None = None
+    encoder_address: str | None = None
+    redis_url: str = "redis://127.0.0.1:6379/0"
+
+    # Transport.
+    grpc_max_message_bytes: int = 512 * 1024 * 1024
+    drain_seconds: float = 10.0
+
+    # Gateway limits.
+    max_body_bytes: int = 64 * 1024 * 1024
+    media_max_bytes: int = 20 * 1024 * 1024
+    image_fetch_timeout_s: float = 5.0
+    encoder_timeout_s: float = 30.0
+    llm_timeout_s: float = 300.0
+    default_max_tokens: int = 256
+    feature_cache_ttl_s: int = 3600
+
+    # Encoder limits.
+    image_max_pixels: int = 64 * 1024 * 1024
+
+    # Logging.
+    log_level: str = "INFO"
+    log_json: bool = True
+
+    @field_validator("cache_dir", "presets_dir", mode="after")
+    @classmethod
+    def _expand(cls, v: Path | None) -> Path | None:
+        return v.expanduser() if v is not None else None
+
+    def llm_target(self) -> str:
+        """host:port the gateway dials for the LLM service."""
+        return self.llm_address or f"{self.host}:{self.llm_port}"
+
+    def encoder_target(self) -> str:
+        """host:port the gateway dials for the encoder service's KServe v2 gRPC endpoint."""
+        return self.encoder_address or f"{self.host}:{self.encoder_grpc_port}"
+
+    def grpc_options(self) -> list[tuple[str, int]]:
+        """Channel/server options with the raised message limits; use on every server and channel."""
+        return [
+            ("grpc.max_send_message_length", self.grpc_max_message_bytes),
+            ("grpc.max_receive_message_length", self.grpc_max_message_bytes),
+        ]

@@ -1,0 +1,1 @@
+"""The encoder service: media decoding and preprocessing, frozen backbones, Triton bindings."""

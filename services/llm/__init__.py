@@ -1,0 +1,1 @@
+"""The LLM service: connectors, templates, placeholder splicing, LLM + adapters, decoding."""
