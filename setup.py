@@ -36,7 +36,9 @@ def generate_stubs() -> None:
     ]
     if protoc.main(args) != 0:
         raise RuntimeError(f"protoc failed for {protos}")
-    (OUT_PACKAGE / "__init__.py").write_text('"""Generated from protos/modalmesh/v1 by setup.py; do not edit."""\n')
+    (OUT_PACKAGE / "__init__.py").write_text(
+        '"""Generated from protos/modalmesh/v1 by setup.py; do not edit."""\n'
+    )
     (OUT_PACKAGE / "py.typed").write_text("")
 
 

@@ -18,6 +18,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from services.common.errors import InvalidArgumentError
 from services.common.presets import Preset
@@ -29,14 +30,26 @@ VOCAB_SIZE = 512
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
 
 # Tiny sizes (CONVENTIONS: 2-4 layers, width 32-128, images 28-64 px).
-VISION = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-          "num_attention_heads": 4, "image_size": 32, "patch_size": 8}
-LLM = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-       "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 2048}
+VISION: dict[str, Any] = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "image_size": 32,
+    "patch_size": 8,
+}
+LLM: dict[str, Any] = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 2048,
+}
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
-_WORDS = (
+_WORD_LIST = (
     "a an the this that is are was be of in on at to with and or not what which where how many "
     "image picture photo color colour shape red green blue yellow black white orange purple gray "
     "square circle triangle stripe dot line left right top bottom center corner small large big "
@@ -44,12 +57,15 @@ _WORDS = (
     "describe tell me about see there it has show looks like answer question yes no please "
     "chat between curious user artificial intelligence assistant gives helpful detailed polite "
     "answers questions USER ASSISTANT"
-).split()
+)
+_WORDS = _WORD_LIST.split()
 
 
 def _corpus(rng: random.Random, n: int = 3000) -> Iterator[str]:
-    system = ("A chat between a curious user and an artificial intelligence assistant. The "
-              "assistant gives helpful, detailed, and polite answers to the user's questions.")
+    system = (
+        "A chat between a curious user and an artificial intelligence assistant. The "
+        "assistant gives helpful, detailed, and polite answers to the user's questions."
+    )
     for i in range(n):
         words = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(3, 14)))
         yield f"{system} USER: {words}? ASSISTANT: {words.capitalize()}." if i % 10 == 0 else words
@@ -72,8 +88,12 @@ def build_tokenizer(placeholders: list[str]):  # -> PreTrainedTokenizerFast
     )
     tok.train_from_iterator(_corpus(random.Random(SEED)), trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-        pad_token="<pad>", additional_special_tokens=placeholders,
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        additional_special_tokens=placeholders,
     )
 
 
@@ -92,8 +112,12 @@ def _write_vision(path: Path, spec_tokens: int, spec_dim: int, select_feature: s
     CLIPVisionModel(CLIPVisionConfig(**VISION)).save_pretrained(path)
     size = VISION["image_size"]
     CLIPImageProcessorPil(
-        size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-        image_mean=CLIP_MEAN, image_std=CLIP_STD, resample=3, do_convert_rgb=True,
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+        resample=3,
+        do_convert_rgb=True,
     ).save_pretrained(path)
 
 
@@ -103,14 +127,18 @@ def _write_llm(path: Path, placeholders: list[str], max_context: int) -> int:
 
     tokenizer = build_tokenizer(placeholders)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False, **(LLM | {"max_position_embeddings": max(max_context, 64)}),
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        **(LLM | {"max_position_embeddings": max(max_context, 64)}),
     )
     torch.manual_seed(SEED + 1)
     model = LlamaForCausalLM(config)
     model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     model.save_pretrained(path)
@@ -125,19 +153,27 @@ def _write_adapter(preset: Preset, path: Path, llm_dir: Path, llm_dim: int) -> N
     from services.llm.connectors import build_connector
 
     torch.manual_seed(SEED + 2)
-    connectors = {
+    connectors: dict[str, dict[str, torch.Tensor]] = {
         modality: build_connector(spec.connector.type, in_dim=spec.encoder.dim, out_dim=llm_dim).state_dict()
         for modality, spec in preset.modalities.items()
     }
     write_bundle(
-        path, name=preset.adapter.name, version=path.name, preset=preset.name,
-        base_fingerprint=base_fingerprint(llm_dir), connectors=connectors, stage="init",
+        path,
+        name=preset.adapter.name,
+        version=path.name,
+        preset=preset.name,
+        base_fingerprint=base_fingerprint(llm_dir),
+        connectors=connectors,
+        stage="init",
     )
 
 
 def _targets(preset: Preset) -> list[Path]:
-    return [preset.llm.checkpoint, preset.adapter.path,
-            *(m.encoder.checkpoint for m in preset.modalities.values())]
+    return [
+        preset.llm.checkpoint,
+        preset.adapter.path,
+        *(m.encoder.checkpoint for m in preset.modalities.values()),
+    ]
 
 
 def is_generated(preset: Preset) -> bool:

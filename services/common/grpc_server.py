@@ -47,15 +47,21 @@ class GrpcServer:
         self.health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
-            [*self.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME],
+            [
+                *self.service_names,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ],
             self.server,
         )
         self._stop = asyncio.Event()
 
     def bind(self, host: str, port: int) -> int:
         """Listen on host:port (0 picks a free port); returns the bound port."""
-        bound = self.server.add_insecure_port(f"{host}:{port}")
+        try:
+            bound = self.server.add_insecure_port(f"{host}:{port}")
+        except RuntimeError as e:  # grpcio's way of saying the bind failed
+            raise OSError(f"could not bind gRPC server to {host}:{port} (in use?): {e}") from e
         if bound == 0:
             raise OSError(f"could not bind gRPC server to {host}:{port}")
         return bound

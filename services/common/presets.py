@@ -105,6 +105,7 @@ def _expand(value: Any, env: dict[str, str], where: str) -> Any:
     if isinstance(value, list):
         return [_expand(v, env, f"{where}[{i}]") for i, v in enumerate(value)]
     if isinstance(value, str):
+
         def sub(m: re.Match[str]) -> str:
             if m.group(1) not in env:
                 raise InvalidArgumentError(f"{where}: ${{{m.group(1)}}} is not set in the environment")

@@ -50,9 +50,7 @@ def array_to_tensor(array: np.ndarray) -> tensor_pb2.Tensor:
 
 def _check(msg: tensor_pb2.Tensor, what: str) -> None:
     if msg.dtype not in _ITEMSIZE:
-        raise InvalidArgumentError(
-            f"{what}: dtype expected one of {sorted(_ITEMSIZE)}, got {msg.dtype!r}"
-        )
+        raise InvalidArgumentError(f"{what}: dtype expected one of {sorted(_ITEMSIZE)}, got {msg.dtype!r}")
     if any(d < 0 for d in msg.shape):
         raise InvalidArgumentError(f"{what}: shape must not have negative sizes, got {list(msg.shape)}")
     expected = int(np.prod(msg.shape, dtype=np.int64)) * _ITEMSIZE[msg.dtype]
@@ -77,9 +75,11 @@ def tensor_to_torch(msg: tensor_pb2.Tensor, *, what: str = "tensor") -> torch.Te
     _check(msg, what)
     shape = tuple(msg.shape)
     if len(msg.data) == 0:
-        dtype = torch.bfloat16 if msg.dtype == "BF16" else torch.from_numpy(
-            np.empty(0, NUMPY_DTYPES[msg.dtype])
-        ).dtype
+        dtype = (
+            torch.bfloat16
+            if msg.dtype == "BF16"
+            else torch.from_numpy(np.empty(0, NUMPY_DTYPES[msg.dtype])).dtype
+        )
         return torch.empty(shape, dtype=dtype)
     if msg.dtype == "BF16":
         return torch.frombuffer(bytearray(msg.data), dtype=torch.bfloat16).reshape(shape)

@@ -1,0 +1,7 @@
+"""`python -m modalmesh` is the `modalmesh` command."""
+
+import sys
+
+from modalmesh.cli import main
+
+sys.exit(main())

@@ -1,0 +1,164 @@
+"""`modalmesh demo`: start the stack with `modalmesh up`, ask it about an image, stop it.
+
+The question goes through the gateway's OpenAI-compatible API with the official `openai`
+client, streamed, with the image as a base64 data URL. On the tiny preset the models have
+random weights, so the answer is well-formed but meaningless; training (a later step) is what
+makes it answer.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from modalmesh.stack import free_port, http_ok, port_is_free
+from services.common.settings import Settings
+
+_PORT_FIELDS = (
+    "gateway_http_port",
+    "gateway_grpc_port",
+    "llm_port",
+    "encoder_http_port",
+    "encoder_grpc_port",
+    "encoder_metrics_port",
+)
+
+
+def demo_image_png() -> bytes:
+    """A small synthetic picture: a red circle and a yellow square on blue."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (96, 64), (40, 70, 200))
+    draw = ImageDraw.Draw(img)
+    draw.ellipse((8, 12, 48, 52), fill=(220, 30, 30))
+    draw.rectangle((58, 18, 86, 46), fill=(240, 220, 40))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _free_ports(settings: Settings) -> Settings:
+    """Keep the configured ports where free; pick free ones where taken (e.g. by a running stack)."""
+    updates = {
+        f: free_port(settings.host)
+        for f in _PORT_FIELDS
+        if not port_is_free(settings.host, getattr(settings, f))
+    }
+    return settings.model_copy(update=updates)
+
+
+def _up_argv(settings: Settings, log_dir: Path, start_timeout: float) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "modalmesh",
+        "up",
+        "--preset",
+        settings.preset,
+        "--cache-dir",
+        str(settings.cache_dir),
+        "--host",
+        settings.host,
+        "--gateway-port",
+        str(settings.gateway_http_port),
+        "--grpc-port",
+        str(settings.gateway_grpc_port),
+        "--llm-port",
+        str(settings.llm_port),
+        "--encoder-http-port",
+        str(settings.encoder_http_port),
+        "--encoder-grpc-port",
+        str(settings.encoder_grpc_port),
+        "--encoder-metrics-port",
+        str(settings.encoder_metrics_port),
+        "--redis-url",
+        settings.redis_url,
+        "--log-dir",
+        str(log_dir),
+        "--start-timeout",
+        str(start_timeout),
+    ]
+
+
+def _ask(base_url: str, model: str) -> tuple[str, float, object]:
+    """One streamed image chat; returns the answer, seconds to the first token, and usage."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=base_url, api_key="unused", timeout=120.0, max_retries=0)
+    url = "data:image/png;base64," + base64.b64encode(demo_image_png()).decode()
+    t0 = time.perf_counter()
+    first: float | None = None
+    parts: list[str] = []
+    usage = None
+    stream = client.chat.completions.create(
+        model=model,
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": url}},
+                    {"type": "text", "text": "What shapes and colours are in this picture?"},
+                ],
+            }
+        ],
+        max_tokens=32,
+        temperature=0.0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    print("answer: ", end="", flush=True)
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            if choice.delta.content:
+                first = first if first is not None else time.perf_counter() - t0
+                parts.append(choice.delta.content)
+                print(choice.delta.content, end="", flush=True)
+    print(flush=True)
+    return "".join(parts), first if first is not None else time.perf_counter() - t0, usage
+
+
+def run_demo(settings: Settings, *, log_dir: Path, start_timeout: float = 300.0) -> int:
+    """Run the demo; returns the process exit code."""
+    settings = _free_ports(settings)
+    base = f"http://{settings.host}:{settings.gateway_http_port}"
+    t0 = time.perf_counter()
+    print(f"$ modalmesh up --preset {settings.preset}  (logs in {log_dir})", flush=True)
+    up = subprocess.Popen(
+        _up_argv(settings, log_dir, start_timeout), stdin=subprocess.DEVNULL, env=os.environ.copy()
+    )
+    try:
+        while not http_ok(f"{base}/health"):
+            if up.poll() is not None:
+                print(f"modalmesh up exited with code {up.returncode} before it was ready", file=sys.stderr)
+                return 1
+            if time.perf_counter() - t0 > start_timeout + 30:
+                print("modalmesh up did not become ready in time", file=sys.stderr)
+                return 1
+            time.sleep(0.25)
+        ready_s = time.perf_counter() - t0
+        answer, first_token_s, usage = _ask(f"{base}/v1", settings.preset)
+        answer_s = time.perf_counter() - t0
+        print(f"usage: {usage}")
+        print(
+            f"stack ready after {ready_s:.1f}s; first answer token {first_token_s * 1000:.0f} ms "
+            f"after the request; {answer_s:.1f}s from `modalmesh up` to the full answer"
+        )
+        if not answer:
+            print("the model returned an empty answer", file=sys.stderr)
+        return 0
+    finally:
+        if up.poll() is None:
+            up.send_signal(signal.SIGTERM)
+            try:
+                up.wait(60)
+            except subprocess.TimeoutExpired:
+                up.kill()
+                up.wait()

@@ -1,0 +1,350 @@
+"""`modalmesh up`: run the whole stack as separate processes on loopback and supervise them.
+
+Start order: Redis (only if none answers at the configured URL), then the encoder service and
+the LLM service side by side, then the gateway once both report ready. Each service runs in
+its own process group with its log in a file; the stack is ready when every health check
+passes. On SIGINT/SIGTERM the services are stopped in reverse order (SIGTERM, which drains,
+then SIGKILL after a grace period). If a service dies while the stack runs, the others are
+stopped and the supervisor exits non-zero.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from services.common.settings import Settings
+
+_PR_SET_PDEATHSIG = 1
+
+
+class StackError(RuntimeError):
+    """The stack could not start; the message says which part and why."""
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """MODALMESH_* variables that reproduce `settings` in a child process."""
+    env = {}
+    for name, value in settings.model_dump().items():
+        if value is not None:
+            env[f"MODALMESH_{name.upper()}"] = str(value)
+    return env
+
+
+def port_is_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def http_ok(url: str, timeout: float = 1.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return 200 <= r.status < 300
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def grpc_serving(target: str, service: str, timeout: float = 1.0) -> bool:
+    """Whether the standard gRPC health service at `target` reports `service` SERVING."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout
+            )
+        except grpc.RpcError:
+            return False
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def redis_answers(url: str) -> bool:
+    import redis
+
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except (redis.RedisError, OSError, ValueError):
+        return False
+
+
+@dataclass
+class Service:
+    """One supervised child process."""
+
+    name: str
+    argv: list[str]
+    ready: Callable[[], bool]
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    _log: object = field(default=None, repr=False)
+
+    def start(self, env: dict[str, str]) -> None:
+        log = self.log_path.open("ab")
+        self._log = log
+        self.proc = subprocess.Popen(
+            self.argv,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, lines: int = 25) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self, grace_s: float) -> int | None:
+        """SIGTERM the process group, wait up to `grace_s`, then SIGKILL it."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        # Children the service left behind in its group (e.g. tritonserver) go too.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        if self._log is not None:
+            self._log.close()  # type: ignore[attr-defined]
+        return self.proc.returncode
+
+
+class Stack:
+    """The supervised set of modalmesh processes for one preset.
+
+    Args:
+        settings: Addresses, preset and paths; passed to every child as MODALMESH_* variables.
+        log_dir: Folder for one log file per service.
+        out: Where progress lines go (the terminal for `modalmesh up`).
+    """
+
+    def __init__(self, settings: Settings, *, log_dir: Path, out: Callable[[str], None] = print) -> None:
+        self.settings = settings
+        self.log_dir = log_dir
+        self.out = out
+        self.services: list[Service] = []
+        self.redis_dir: tempfile.TemporaryDirectory[str] | None = None
+        self.started_redis = False
+
+    # -- start -------------------------------------------------------------------------
+    def _check_ports(self) -> None:
+        s = self.settings
+        wanted = {
+            "gateway HTTP (--gateway-port, MODALMESH_GATEWAY_HTTP_PORT)": s.gateway_http_port,
+            "gateway gRPC (--grpc-port, MODALMESH_GATEWAY_GRPC_PORT)": s.gateway_grpc_port,
+            "LLM (--llm-port, MODALMESH_LLM_PORT)": s.llm_port,
+            "encoder HTTP (--encoder-http-port, MODALMESH_ENCODER_HTTP_PORT)": s.encoder_http_port,
+            "encoder gRPC (--encoder-grpc-port, MODALMESH_ENCODER_GRPC_PORT)": s.encoder_grpc_port,
+            "encoder metrics (--encoder-metrics-port, MODALMESH_ENCODER_METRICS_PORT)": s.encoder_metrics_port,
+        }
+        taken = [f"{port} for {what}" for what, port in wanted.items() if not port_is_free(s.host, port)]
+        if taken:
+            raise StackError("ports already in use on " + s.host + ": " + "; ".join(taken))
+
+    def _ensure_redis(self) -> None:
+        url = self.settings.redis_url
+        if redis_answers(url):
+            self.out(f"using the Redis server at {url}")
+            return
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise StackError(
+                f"no Redis answers at {url} and redis-server is not installed "
+                "(Debian: apt-get install redis-server), or pass --redis-url"
+            )
+        port = free_port(self.settings.host)
+        self.redis_dir = tempfile.TemporaryDirectory(prefix="modalmesh-redis-")
+        svc = Service(
+            "redis",
+            [
+                binary,
+                "--bind",
+                self.settings.host,
+                "--port",
+                str(port),
+                "--dir",
+                self.redis_dir.name,
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--daemonize",
+                "no",
+            ],
+            ready=lambda: redis_answers(f"redis://{self.settings.host}:{port}/0"),
+            log_path=self.log_dir / "redis.log",
+        )
+        svc.start(dict(os.environ))
+        self.services.append(svc)
+        self.started_redis = True
+        self.settings = self.settings.model_copy(
+            update={"redis_url": f"redis://{self.settings.host}:{port}/0"}
+        )
+        self._wait([svc], timeout_s=20)
+        self.out(f"started redis-server at {self.settings.redis_url} (data in {self.redis_dir.name})")
+
+    def _python_service(self, name: str, module: str, ready: Callable[[], bool]) -> Service:
+        return Service(
+            name, [sys.executable, "-m", module], ready=ready, log_path=self.log_dir / f"{name}.log"
+        )
+
+    def _wait(self, services: list[Service], timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        pending = list(services)
+        while pending:
+            for svc in list(pending):
+                if not svc.alive():
+                    raise StackError(f"{svc.name} exited during start-up; last log lines:\n{svc.log_tail()}")
+                if svc.ready():
+                    pending.remove(svc)
+            if pending and time.monotonic() > deadline:
+                names = ", ".join(s.name for s in pending)
+                tails = "\n".join(f"--- {s.name} ({s.log_path}):\n{s.log_tail()}" for s in pending)
+                raise StackError(f"not ready after {timeout_s:.0f}s: {names}\n{tails}")
+            if pending:
+                time.sleep(0.25)
+
+    def start(self, timeout_s: float = 300.0) -> None:
+        """Start every service and wait until all are healthy; on failure stop what started."""
+        from modalmesh.tiny import ensure_generated
+        from services.common.presets import load_preset
+
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self._check_ports()
+            preset = load_preset(
+                self.settings.preset, cache_dir=self.settings.cache_dir, presets_dir=self.settings.presets_dir
+            )
+            ensure_generated(preset)
+            self._ensure_redis()
+            s = self.settings
+            encoder_ready_urls = [
+                f"http://{s.host}:{s.encoder_http_port}/v2/models/{preset.triton_model(m)}/ready"
+                for m in preset.modalities
+            ]
+            backends = [
+                self._python_service(
+                    "encoders",
+                    "services.encoders",
+                    lambda: all(http_ok(u) for u in encoder_ready_urls),
+                ),
+                self._python_service(
+                    "llm", "services.llm", lambda: grpc_serving(s.llm_target(), "modalmesh.v1.LLM")
+                ),
+            ]
+            gateway = self._python_service(
+                "gateway", "gateway", lambda: http_ok(f"http://{s.host}:{s.gateway_http_port}/health")
+            )
+            env = os.environ | settings_env(s)
+            for svc in backends:
+                svc.start(env)
+                self.services.append(svc)
+            self._wait(backends, timeout_s)
+            gateway.start(env)
+            self.services.append(gateway)
+            self._wait([gateway], timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+
+    # -- run and stop ------------------------------------------------------------------
+    def dead(self) -> Service | None:
+        """The first service that has exited, if any."""
+        return next((s for s in self.services if not s.alive()), None)
+
+    def stop(self) -> None:
+        """Stop every service, newest first, each with the drain time as its grace period."""
+        grace = self.settings.drain_seconds + 5.0
+        for svc in reversed(self.services):
+            if svc.proc is not None:
+                code = svc.stop(grace)
+                self.out(f"stopped {svc.name} (exit code {code})")
+        self.services.clear()
+        if self.redis_dir is not None:
+            self.redis_dir.cleanup()
+            self.redis_dir = None
+
+    def describe(self) -> str:
+        s = self.settings
+        redis_note = "started by modalmesh" if self.started_redis else "existing server"
+        return "\n".join(
+            [
+                f"  OpenAI API     http://{s.host}:{s.gateway_http_port}/v1  (POST /v1/chat/completions)",
+                f"  health/metrics http://{s.host}:{s.gateway_http_port}/health  /metrics",
+                f"  gRPC Chat      {s.host}:{s.gateway_grpc_port}  (modalmesh.v1.Chat)",
+                f"  LLM service    {s.llm_target()}  (modalmesh.v1.LLM)",
+                f"  encoders       grpc {s.encoder_target()}  http {s.host}:{s.encoder_http_port}  "
+                f"metrics {s.host}:{s.encoder_metrics_port}  (KServe v2 / Triton)",
+                f"  Redis          {s.redis_url}  ({redis_note})",
+                f"  logs           {self.log_dir}",
+            ]
+        )
+
+
+def run_until_signal(stack: Stack) -> int:
+    """Block until SIGINT/SIGTERM (exit 0) or until a service dies (exit 1); then stop all."""
+    stopping: list[int] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stopping.append(signum)
+
+    old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not stopping:
+            dead = stack.dead()
+            if dead is not None:
+                stack.out(f"{dead.name} exited unexpectedly; last log lines:\n{dead.log_tail()}")
+                return 1
+            time.sleep(0.25)
+        stack.out(f"received {signal.Signals(stopping[0]).name}, stopping")
+        return 0
+    finally:
+        stack.stop()
+        for sig, handler in old.items():
+            signal.signal(sig, handler)

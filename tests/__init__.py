@@ -1,0 +1,1 @@
+"""modalmesh tests: unit/ mirrors the source tree; integration/ starts real processes."""

@@ -1,0 +1,31 @@
+"""Session-wide fixtures: the tiny preset generated once into a temporary cache folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+@pytest.fixture(scope="session")
+def tiny_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache folder holding the generated tiny preset (generated once per test session)."""
+    from modalmesh.tiny import generate
+    from services.common.presets import load_preset
+
+    cache = tmp_path_factory.mktemp("modalmesh-cache")
+    generate(load_preset("tiny", cache_dir=cache))
+    return cache
+
+
+@pytest.fixture(scope="session")
+def tiny_preset(tiny_cache_dir: Path):
+    """The validated tiny Preset whose checkpoints exist under `tiny_cache_dir`."""
+    from services.common.presets import load_preset
+
+    return load_preset("tiny", cache_dir=tiny_cache_dir)

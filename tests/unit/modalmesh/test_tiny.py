@@ -1,0 +1,75 @@
+"""The tiny preset generator: deterministic, complete, and loadable by the standard HF code."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer, CLIPVisionModel, LlamaForCausalLM
+
+from modalmesh.tiny import generate, is_generated
+from services.common.presets import load_preset
+from services.llm.adapters import base_fingerprint, load_bundle
+
+
+def _digest(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name not in {"manifest.json", ".generate.lock"}
+    }
+
+
+def test_generation_is_deterministic(tiny_cache_dir, tmp_path):
+    generate(load_preset("tiny", cache_dir=tmp_path))
+    assert _digest(tmp_path / "tiny") == _digest(tiny_cache_dir / "tiny")
+
+
+def test_second_call_reuses_what_is_there(tiny_preset):
+    assert is_generated(tiny_preset)
+    assert generate(tiny_preset) is False
+
+
+def test_checkpoints_load_through_standard_transformers_code(tiny_preset):
+    tok = AutoTokenizer.from_pretrained(tiny_preset.llm.checkpoint)
+    llm = LlamaForCausalLM.from_pretrained(tiny_preset.llm.checkpoint)
+    vision = CLIPVisionModel.from_pretrained(tiny_preset.modalities["image"].encoder.checkpoint)
+    assert llm.config.vocab_size == len(tok)
+    assert vision.config.hidden_size == tiny_preset.modalities["image"].encoder.dim
+    assert llm.config.eos_token_id == tok.eos_token_id
+    assert (tiny_preset.modalities["image"].encoder.checkpoint / "preprocessor_config.json").is_file()
+
+
+def test_tokenizer_round_trips_text_and_keeps_specials_whole(tiny_preset):
+    tok = AutoTokenizer.from_pretrained(tiny_preset.llm.checkpoint)
+    text = "USER: <image>\nWhat colour is it, naïve 猫? ASSISTANT: red</s>"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert tok.decode(ids) == text
+    assert ids.count(tok.convert_tokens_to_ids("<image>")) == 1
+    assert ids[-1] == tok.eos_token_id
+    assert tok.bos_token == "<s>" and tok.pad_token == "<pad>"
+
+
+def test_adapter_bundle_matches_the_base_and_holds_the_connector(tiny_preset):
+    bundle = load_bundle(
+        tiny_preset.adapter.path, expected_fingerprint=base_fingerprint(tiny_preset.llm.checkpoint)
+    )
+    assert bundle.ref == "tiny@1"
+    assert set(bundle.connectors) == {"image"}
+    assert bundle.connectors["image"]["fc1.weight"].shape == (64, 64)
+    manifest = json.loads((tiny_preset.adapter.path / "manifest.json").read_text())
+    assert manifest["preset"] == "tiny" and manifest["stage"] == "init"
+
+
+def test_a_preset_that_disagrees_with_the_generator_is_refused(tmp_path):
+    text = (
+        (Path(__file__).parents[3] / "presets" / "tiny.yaml").read_text().replace("tokens: 16", "tokens: 17")
+    )
+    (tmp_path / "tiny.yaml").write_text(text)
+    from services.common.errors import InvalidArgumentError
+
+    preset = load_preset("tiny", cache_dir=tmp_path, presets_dir=tmp_path)
+    with pytest.raises(
+        InvalidArgumentError, match="preset expects 17 tokens of width 64, the generator makes 16"
+    ):
+        generate(preset)
