@@ -1,0 +1,187 @@
+"""The client the gateway uses to call the encoder service (KServe v2 over gRPC, tritonclient).
+
+`EncoderClient.encode` sends each item as its own request, concurrently, so that Triton's
+dynamic batcher groups them (with other clients' items) into batches. It reads the model's
+in-band `error` output (see `services.encoders.protocol`) and raises `EncoderItemError` naming
+the item, maps transport failures to `UnavailableError` / `DeadlineExceededError`, and
+forwards the request id as the `x-request-id` header. The underlying gRPC channel reconnects
+on its own after the server restarts; the reconnect backoff is capped so that it does so
+within about a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+import numpy as np
+
+from services.common.errors import (
+    DeadlineExceededError,
+    InvalidArgumentError,
+    ModalmeshError,
+    UnavailableError,
+    error_for_code,
+)
+from services.common.log import REQUEST_ID_HEADER
+from services.common.settings import Settings
+from services.encoders.protocol import ERROR_OUTPUT, FEATURES_OUTPUT, MEDIA_INPUT
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Reconnect quickly after the encoder restarts (gRPC's default backoff grows to 120 s).
+_RECONNECT_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+
+
+async def _all(calls: list[Coroutine[Any, Any, T]]) -> list[T]:
+    """Run the calls concurrently; on the first failure cancel the rest and raise that error."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(call) for call in calls]
+    except BaseExceptionGroup as eg:
+        first = eg.exceptions[0]
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        raise first from None
+    return [task.result() for task in tasks]
+
+
+class EncoderItemError(InvalidArgumentError):
+    """One item of an `encode` call was refused by the encoder (not an image, truncated, ...).
+
+    Attributes:
+        index: The item's position in the `items` list.
+    """
+
+    def __init__(self, message: str, *, index: int) -> None:
+        super().__init__(message)
+        self.index = index
+
+
+class EncoderClient:
+    """Async client of the encoder service's Triton models.
+
+    Create it inside the event loop that will use it (grpc.aio binds the channel to that loop);
+    one client serves any number of concurrent `encode` calls.
+
+    Args:
+        target: host:port of the service's gRPC endpoint (`settings.encoder_target()`).
+        settings: Supplies the gRPC message limits.
+    """
+
+    def __init__(self, target: str, *, settings: Settings) -> None:
+        from tritonclient.grpc.aio import InferenceServerClient
+
+        self.target = target
+        self._client = InferenceServerClient(
+            target, channel_args=[*settings.grpc_options(), *_RECONNECT_OPTIONS]
+        )
+
+    def _error(self, e: Exception) -> ModalmeshError:
+        """The modalmesh error for a tritonclient failure."""
+        status = getattr(e, "status", lambda: None)() or ""
+        code = status.removeprefix("StatusCode.")
+        message = (e.message() if hasattr(e, "message") else None) or str(e)
+        if code == "UNAVAILABLE":
+            return UnavailableError(f"the encoder service is unavailable at {self.target}: {message}")
+        if code == "DEADLINE_EXCEEDED":
+            return DeadlineExceededError(
+                f"the encoder service at {self.target} did not answer in time: {message}"
+            )
+        return error_for_code(code or "INTERNAL", f"encoder service: {message}")
+
+    async def _infer_one(
+        self, model: str, data: bytes, headers: dict[str, str], timeout_s: float | None
+    ) -> tuple[np.ndarray, str]:
+        import tritonclient.grpc as grpcclient
+        from tritonclient.utils import InferenceServerException
+
+        media = grpcclient.InferInput(MEDIA_INPUT, [1, 1], "BYTES")
+        media.set_data_from_numpy(np.array([[data]], dtype=np.object_))  # (1, 1)
+        outputs = [
+            grpcclient.InferRequestedOutput(FEATURES_OUTPUT),
+            grpcclient.InferRequestedOutput(ERROR_OUTPUT),
+        ]
+        try:
+            result = await self._client.infer(
+                model, [media], outputs=outputs, headers=headers, client_timeout=timeout_s
+            )
+        except InferenceServerException as e:
+            raise self._error(e) from e
+        features = result.as_numpy(FEATURES_OUTPUT)  # (1, T, D)
+        error = result.as_numpy(ERROR_OUTPUT)  # (1, 1)
+        if features is None or error is None:
+            raise ModalmeshError(
+                f"encoder service: model {model} returned no {FEATURES_OUTPUT!r} or {ERROR_OUTPUT!r} output"
+            )
+        message = bytes(error.reshape(-1)[0]).decode("utf-8", errors="replace")
+        return np.ascontiguousarray(features[0], dtype=np.float32), message  # (T, D)
+
+    async def encode(
+        self,
+        model: str,
+        items: list[bytes],
+        *,
+        request_id: str | None = None,
+        timeout_s: float | None = None,
+        modality: str = "image",
+    ) -> list[np.ndarray]:
+        """Encode media items with one of the service's models.
+
+        Args:
+            model: The Triton model name (`preset.triton_model(modality)`).
+            items: The compressed files, e.g. PNG/JPEG bytes.
+            request_id: Sent as the `x-request-id` header so the service logs it.
+            timeout_s: Deadline for the whole call; None waits indefinitely.
+            modality: Names the items in error messages ("image 1: not an image: ...").
+
+        Returns:
+            Per item, float32 (tokens, dim) features, in order.
+
+        Raises:
+            EncoderItemError: An item was refused (an InvalidArgumentError naming its index).
+            UnavailableError: The service cannot be reached.
+            DeadlineExceededError: No answer within `timeout_s`.
+        """
+        if not items:
+            return []
+        headers = {REQUEST_ID_HEADER: request_id} if request_id else {}
+        try:
+            async with asyncio.timeout(timeout_s):
+                results = await _all([self._infer_one(model, data, headers, timeout_s) for data in items])
+        except TimeoutError:
+            raise DeadlineExceededError(
+                f"the encoder service at {self.target} did not answer within {timeout_s}s"
+            ) from None
+        for index, (_, message) in enumerate(results):
+            if message:
+                raise EncoderItemError(f"{modality} {index}: {message}", index=index)
+        return [features for features, _ in results]
+
+    async def ready(self, model: str, *, timeout_s: float = 5.0) -> bool:
+        """Whether the server answers and `model` is ready; False when it cannot be reached."""
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            return bool(await self._client.is_model_ready(model, client_timeout=timeout_s))
+        except InferenceServerException as e:
+            logger.debug("encoder %s not ready: %s", self.target, e)
+            return False
+
+    async def close(self) -> None:
+        """Close the channel."""
+        await self._client.close()
+
+    async def __aenter__(self) -> EncoderClient:
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()

@@ -1,0 +1,97 @@
+"""The PyTriton inference callable and the service's command line, without starting Triton."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sysconfig
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+from pytriton.proxy.types import Request
+
+from services.common.log import JsonFormatter
+from services.encoders.__main__ import ensure_libpython_on_path, parse_args, settings_from
+from services.encoders.model import ImageEncoder
+from services.encoders.triton import make_infer_fn, triton_config
+from tests.helpers.media import png_bytes
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_preset) -> Iterator[ImageEncoder]:
+    enc = ImageEncoder.from_spec(tiny_preset.modalities["image"].encoder, max_pixels=10**6)
+    yield enc
+    enc.close()
+
+
+def _request(items: list[bytes], request_id: str | None = None) -> Request:
+    media = np.array([[x] for x in items], dtype=np.object_)  # (n, 1)
+    return Request(data={"media": media}, parameters={"x-request-id": request_id} if request_id else {})
+
+
+def test_splits_a_batch_of_multi_item_requests(encoder: ImageEncoder) -> None:
+    infer = make_infer_fn(encoder, model_name="m")
+    good = [png_bytes(seed=i) for i in range(3)]
+    responses = infer([_request([good[0], b"bad"]), _request([good[1]]), _request([b"", good[2]])])
+    assert [r["features"].shape for r in responses] == [(2, 16, 64), (1, 16, 64), (2, 16, 64)]
+    errors = [[bytes(e) for e in r["error"].reshape(-1)] for r in responses]
+    assert errors[0][0] == b"" and errors[0][1].startswith(b"not an image")
+    assert errors[1] == [b""]
+    assert errors[2][0].startswith(b"empty image") and errors[2][1] == b""
+    for r in responses:
+        assert r["features"].dtype == np.float32 and r["features"].flags.c_contiguous
+        assert r["error"].shape == (len(r["features"]), 1)
+    singles = encoder.encode(good)
+    np.testing.assert_allclose(responses[0]["features"][0], singles[0], atol=1e-5)
+    np.testing.assert_allclose(responses[1]["features"][0], singles[1], atol=1e-5)
+    np.testing.assert_allclose(responses[2]["features"][1], singles[2], atol=1e-5)
+    assert not responses[0]["features"][1].any() and not responses[2]["features"][0].any()
+
+
+class _Lines(logging.Handler):
+    """Formats each record when it is emitted (the request id is read at that moment)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.setFormatter(JsonFormatter("encoders"))
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+def test_request_id_is_bound_to_the_log_lines(encoder) -> None:
+    infer = make_infer_fn(encoder, model_name="m")
+    logger = logging.getLogger("services.encoders.triton")
+    handler, level = _Lines(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        infer([_request([b"x"], "rid-1"), _request([png_bytes()], "rid-2")])
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    lines = handler.lines
+    assert any('"request_id": "rid-1"' in x and "refused" in x for x in lines)
+    assert any('"request_id": "rid-2"' in x and "encoded 1 item(s) in a batch of 2" in x for x in lines)
+
+
+def test_flags_override_the_environment(monkeypatch) -> None:
+    monkeypatch.setenv("MODALMESH_ENCODER_GRPC_PORT", "9101")
+    monkeypatch.setenv("MODALMESH_ENCODER_HTTP_PORT", "9100")
+    settings = settings_from(parse_args(["--grpc-port", "7001", "--host", "0.0.0.0", "--preset", "x"]))
+    assert (settings.encoder_grpc_port, settings.encoder_http_port) == (7001, 9100)
+    assert (settings.host, settings.preset) == ("0.0.0.0", "x")
+    config = triton_config(settings)
+    assert (config.grpc_port, config.http_port, config.grpc_address) == (7001, 9100, "0.0.0.0")
+    assert config.grpc_header_forward_pattern == "^x-request-id$"
+
+
+def test_libpython_goes_on_the_library_path(monkeypatch) -> None:
+    libdir = sysconfig.get_config_var("LIBDIR")
+    monkeypatch.setenv("LD_LIBRARY_PATH", "/opt/other")
+    ensure_libpython_on_path()
+    assert os.environ["LD_LIBRARY_PATH"].split(os.pathsep) == [libdir, "/opt/other"]
+    ensure_libpython_on_path()  # idempotent
+    assert os.environ["LD_LIBRARY_PATH"].split(os.pathsep) == [libdir, "/opt/other"]
