@@ -1,0 +1,149 @@
+"""Domain types of the LLM service: requests, events and model info, independent of the wire.
+
+The servicer translates protobuf messages into these and back; the library (templates, prompt
+builder, engine) only ever sees these. `GenerationEngine` is the interface the servicer
+depends on, so that the one-request-at-a-time `Engine` can be swapped for a batching one.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    import torch
+
+    from services.llm.sampling import SamplingParams
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class TextPart:
+    """Literal text inside a turn."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class MediaPart:
+    """A reference, by index, to one item of `GenerationRequest.media`."""
+
+    index: int
+
+
+Part = TextPart | MediaPart
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One message of the conversation: a role and its parts in order."""
+
+    role: str
+    parts: Sequence[Part]
+
+
+@dataclass(frozen=True)
+class MediaItem:
+    """Encoder output for one media item, before the connector."""
+
+    modality: str
+    features: torch.Tensor = field(repr=False)  # (tokens, dim)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """Everything one generation needs.
+
+    Attributes:
+        turns: The conversation; the last turn must be the user's.
+        media: Features of every media item; each must be referenced by exactly one MediaPart.
+        sampling: Decoding parameters (validated on construction).
+        adapter: "" (current), "name" or "name@version".
+        request_id: For logs only.
+    """
+
+    turns: Sequence[Turn]
+    media: Sequence[MediaItem]
+    sampling: SamplingParams
+    adapter: str = ""
+    request_id: str = ""
+
+
+class FinishReason(enum.Enum):
+    """Why a generation ended."""
+
+    STOP = "stop"  # end-of-sequence token or a stop string
+    LENGTH = "length"  # max_tokens or the context limit
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token counts of one generation.
+
+    Attributes:
+        prompt_tokens: Prompt length including BOS and the expanded media placeholders.
+        completion_tokens: Every sampled token, including an end-of-sequence token and the
+            token that completed a stop string.
+    """
+
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class GenerationEvent:
+    """One streamed piece of a generation.
+
+    Attributes:
+        text: The text delta (may be empty on the first and last events).
+        token_ids: Tokens sampled since the previous event.
+        adapter: "name@version" serving the request (first event only).
+        finish_reason: Set on the last event only.
+        usage: Set on the last event only.
+        stop_reason: The stop string that ended generation (last event only).
+    """
+
+    text: str = ""
+    token_ids: tuple[int, ...] = ()
+    adapter: str | None = None
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+    stop_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class ModalityInfo:
+    """What the service expects of one modality's media items."""
+
+    modality: str
+    max_per_prompt: int
+    feature_tokens: int
+    feature_dim: int
+    llm_tokens: int
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a replica serves."""
+
+    preset: str
+    adapter: str
+    adapters: tuple[str, ...]
+    max_context_tokens: int
+    modalities: tuple[ModalityInfo, ...]
+    created: int
+
+
+class GenerationEngine(Protocol):
+    """The interface the gRPC servicer depends on."""
+
+    def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
+        """Stream the events of one generation; raises ModalmeshError on a bad request."""
+        ...
+
+    def info(self) -> ModelInfo:
+        """What this engine serves."""
+        ...

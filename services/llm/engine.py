@@ -1,0 +1,281 @@
+"""The generation engine: validates a request, builds its prompt, runs a KV-cached decode loop.
+
+Requests run one at a time on a single worker thread (the executor's FIFO queue is the
+scheduler); text deltas travel back to the event loop through an asyncio.Queue. A request is
+validated on the event loop before it queues, so a bad request fails at once and never
+touches the model. A cancelled request (the consumer of `generate()` went away) sets a flag
+that the decode loop checks between tokens. A batching engine can replace this one behind
+the same `generate()` / `info()` interface (`services.llm.domain.GenerationEngine`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import threading
+import time
+from collections.abc import AsyncGenerator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from services.common.errors import CancelledError, NotFoundError, UnavailableError
+from services.common.presets import Preset
+from services.llm.detokenize import IncrementalDetokenizer, StopMatcher
+from services.llm.domain import (
+    FinishReason,
+    GenerationEvent,
+    GenerationRequest,
+    MediaItem,
+    MediaPart,
+    ModalityInfo,
+    ModelInfo,
+    Part,
+    TextPart,
+    Turn,
+    Usage,
+)
+from services.llm.loading import LoadedModel, load_model
+from services.llm.prompt import MediaSlot, Prompt
+from services.llm.sampling import Sampler, SamplingParams
+from services.llm.templates import get_template
+
+logger = logging.getLogger(__name__)
+
+_Item = GenerationEvent | BaseException | None
+
+
+@dataclass(eq=False)
+class PreparedRequest:
+    """A validated request with its prompt, ready for the decode loop."""
+
+    request: GenerationRequest
+    prompt: Prompt
+    adapter: str
+    budget: int  # tokens it may generate: max_tokens capped by the context left
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+class _Stream:
+    """Per-request text state: detokenizer, stop strings, token counts, finish reason."""
+
+    def __init__(self, loaded: LoadedModel, job: PreparedRequest) -> None:
+        self.job = job
+        self.eos_ids = loaded.eos_ids
+        self.detok = IncrementalDetokenizer(loaded.tokenizer, job.prompt.input_ids)
+        self.stops = StopMatcher(job.request.sampling.stop)
+        self.count = 0
+        self.unsent: list[int] = []
+        self.adapter_sent = False
+        self.finish: FinishReason | None = None
+
+    def push(self, token: int) -> GenerationEvent | None:
+        """Account for one sampled token; returns the event to send, if any."""
+        self.count += 1
+        self.unsent.append(token)
+        if token in self.eos_ids:
+            text, self.finish = self._final_text(), FinishReason.STOP
+        else:
+            text = self.stops.feed(self.detok.add(token))
+            if self.stops.matched is not None:
+                self.finish = FinishReason.STOP
+            elif self.count >= self.job.budget:
+                text += self._final_text()
+                self.finish = FinishReason.STOP if self.stops.matched else FinishReason.LENGTH
+        if not text and self.finish is None:
+            return None
+        return self._event(text)
+
+    def _final_text(self) -> str:
+        text = self.stops.feed(self.detok.flush())
+        if self.stops.matched is None:
+            text += self.stops.flush()
+        return text
+
+    def _event(self, text: str) -> GenerationEvent:
+        event = GenerationEvent(
+            text=text,
+            token_ids=tuple(self.unsent),
+            adapter=None if self.adapter_sent else self.job.adapter,
+            finish_reason=self.finish,
+            usage=Usage(len(self.job.prompt.input_ids), self.count) if self.finish else None,
+            stop_reason=self.stops.matched if self.finish else None,
+        )
+        self.unsent, self.adapter_sent = [], True
+        return event
+
+
+class Engine:
+    """Serves one loaded model, one request at a time.
+
+    Args:
+        loaded: The model, tokenizer and adapter to serve (see `loading.load_model`).
+    """
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.loaded = loaded
+        self.template = get_template(loaded.preset.llm.template)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llm-decode")
+        self._active: set[PreparedRequest] = set()  # queued or running; cancelled by close()
+        self._closed = False
+        self._created = int(loaded.bundle.manifest.get("created", time.time()))
+
+    @classmethod
+    def from_preset(cls, preset: Preset) -> Engine:
+        """Load the preset's model and adapter and wrap them in an engine."""
+        return cls(load_model(preset))
+
+    def close(self) -> None:
+        """Cancel the requests still queued or running and wait for the worker thread to end."""
+        self._closed = True
+        for job in list(self._active):
+            job.cancel.set()
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    def info(self) -> ModelInfo:
+        """Preset, adapter, context size and per-modality limits."""
+        preset, model = self.loaded.preset, self.loaded.model
+        modalities = tuple(
+            ModalityInfo(
+                modality=m,
+                max_per_prompt=s.max_per_prompt,
+                feature_tokens=s.encoder.tokens,
+                feature_dim=s.encoder.dim,
+                llm_tokens=model.llm_tokens(m, s.encoder.tokens),
+            )
+            for m, s in preset.modalities.items()
+        )
+        ref = self.loaded.bundle.ref
+        return ModelInfo(
+            preset=preset.name,
+            adapter=ref,
+            adapters=(ref,),
+            max_context_tokens=self.loaded.max_context_tokens,
+            modalities=modalities,
+            created=self._created,
+        )
+
+    def resolve_adapter(self, ref: str) -> str:
+        """The "name@version" a request's adapter field selects ("" = current).
+
+        Raises:
+            NotFoundError: No loaded adapter matches; the message lists the loaded ones.
+        """
+        bundle = self.loaded.bundle
+        if ref in ("", bundle.name, bundle.ref):
+            return bundle.ref
+        raise NotFoundError(f"adapter {ref!r} is not loaded; loaded: {[bundle.ref]}", param="adapter")
+
+    def prepare(self, request: GenerationRequest) -> PreparedRequest:
+        """Validate a request and build its prompt (cheap; runs before it queues).
+
+        Raises:
+            InvalidArgumentError: Bad turns, media or sampling parameters.
+            NotFoundError: Unknown adapter.
+        """
+        adapter = self.resolve_adapter(request.adapter)
+        self.loaded.model.check_media(request.media)
+        segments = self.template.render(request.turns)
+        slots = [MediaSlot(m.modality, int(m.features.shape[0])) for m in request.media]
+        prompt = self.loaded.prompt_builder.build(segments, slots)
+        budget = min(request.sampling.max_tokens, self.loaded.max_context_tokens - len(prompt.input_ids))
+        return PreparedRequest(request=request, prompt=prompt, adapter=adapter, budget=budget)
+
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
+        """Stream the events of one generation.
+
+        The last event carries finish_reason and usage. Closing the iterator early (client
+        gone) stops the decode loop before its next token.
+
+        Raises:
+            ModalmeshError: The request is invalid (before any event is produced), or the
+                engine is closed (UnavailableError).
+        """
+        if self._closed:
+            raise UnavailableError("the LLM engine is shutting down")
+        job = self.prepare(request)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[_Item] = asyncio.Queue()
+
+        def emit(item: _Item) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the event loop is closed: nobody is listening
+                job.cancel.set()
+
+        ctx = contextvars.copy_context()  # the worker logs with this request's id
+        self._active.add(job)
+        try:
+            future = loop.run_in_executor(self._executor, ctx.run, self._run, job, emit)
+            while (item := await queue.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+            await future
+        finally:
+            job.cancel.set()
+            self._active.discard(job)
+
+    def _run(self, job: PreparedRequest, emit: Callable[[_Item], None]) -> None:
+        """Worker-thread body: decode, reporting every event, error and the end to `emit`."""
+        try:
+            if not job.cancel.is_set():
+                self._decode(job, emit)
+        except BaseException as e:  # reported to the request's consumer, not the thread
+            emit(e)
+        finally:
+            emit(None)
+
+    @torch.inference_mode()
+    def _decode(self, job: PreparedRequest, emit: Callable[[_Item], None]) -> None:
+        """Prefill with inputs_embeds, then one token at a time with the KV cache."""
+        model, lm = self.loaded.model, self.loaded.model.lm
+        sampler = Sampler(job.request.sampling)
+        stream = _Stream(self.loaded, job)
+        start = time.perf_counter()
+        embeds = model.embed(job.prompt.input_ids, job.prompt.media_spans, job.request.media)  # (1, L, D)
+        out = lm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1)
+        first = time.perf_counter()
+        while True:
+            token = sampler(out.logits[0, -1])  # logits (V,)
+            event = stream.push(token)
+            if event is not None:
+                emit(event)
+            if stream.finish is not None:
+                break
+            if job.cancel.is_set():
+                logger.info("cancelled after %s tokens", stream.count)
+                if self._closed:
+                    raise UnavailableError("the LLM engine shut down during this request")
+                raise CancelledError(f"request cancelled after {stream.count} tokens")
+            ids = torch.tensor([[token]], device=model.device)  # (1, 1)
+            out = lm(input_ids=ids, past_key_values=out.past_key_values, use_cache=True)
+        end = time.perf_counter()
+        logger.info(
+            "generated %s tokens (prompt %s) in %.3fs: prefill %.3fs, %.1f tokens/s, finish %s",
+            stream.count,
+            len(job.prompt.input_ids),
+            end - start,
+            first - start,
+            (stream.count - 1) / (end - first) if stream.count > 1 and end > first else 0.0,
+            stream.finish.value,
+        )
+
+    async def warmup(self) -> None:
+        """Run a two-token generation with a dummy (zero) item of every modality."""
+        media = [
+            MediaItem(m, torch.zeros(s.encoder.tokens, s.encoder.dim))
+            for m, s in self.loaded.preset.modalities.items()
+        ]
+        parts: list[Part] = [*(MediaPart(i) for i in range(len(media))), TextPart("Hello")]
+        request = GenerationRequest(
+            turns=[Turn("user", parts)],
+            media=media,
+            sampling=SamplingParams(max_tokens=2, temperature=0.0),
+        )
+        start = time.perf_counter()
+        async for _ in self.generate(request):
+            pass
+        logger.info("warm-up done in %.3fs", time.perf_counter() - start)

@@ -1,0 +1,151 @@
+"""The gRPC servicer of `modalmesh.v1.LLM`: protobuf <-> domain types around an engine.
+
+Nothing here decides anything about generation; it translates, binds the request id for
+logging, and maps errors to status codes with `abort_with`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from modalmesh.v1 import llm_pb2, llm_pb2_grpc
+from services.common.errors import InvalidArgumentError, ModalmeshError
+from services.common.grpc_errors import abort_with
+from services.common.log import bound_request_id, request_id_from_metadata
+from services.common.tensor_codec import tensor_to_torch
+from services.llm.domain import (
+    FinishReason,
+    GenerationEngine,
+    GenerationEvent,
+    GenerationRequest,
+    MediaItem,
+    MediaPart,
+    ModelInfo,
+    Part,
+    TextPart,
+    Turn,
+)
+from services.llm.sampling import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+_FINISH = {
+    FinishReason.STOP: llm_pb2.FINISH_REASON_STOP,
+    FinishReason.LENGTH: llm_pb2.FINISH_REASON_LENGTH,
+}
+
+
+def _part(msg: llm_pb2.TurnPart, where: str) -> Part:
+    kind = msg.WhichOneof("part")
+    if kind == "text":
+        return TextPart(msg.text)
+    if kind == "media_index":
+        return MediaPart(msg.media_index)
+    raise InvalidArgumentError(f"{where}: neither text nor media_index is set", param=where)
+
+
+def sampling_from_proto(msg: llm_pb2.SamplingParams) -> SamplingParams:
+    """Domain sampling parameters (validated) from the wire; unset fields take their defaults."""
+    return SamplingParams(
+        max_tokens=msg.max_tokens,
+        temperature=msg.temperature if msg.HasField("temperature") else 1.0,
+        top_p=msg.top_p if msg.HasField("top_p") else 1.0,
+        top_k=msg.top_k,
+        seed=msg.seed if msg.HasField("seed") else None,
+        stop=tuple(msg.stop),
+    )
+
+
+def request_from_proto(msg: llm_pb2.GenerateRequest) -> GenerationRequest:
+    """A domain GenerationRequest from a GenerateRequest message.
+
+    Raises:
+        InvalidArgumentError: An empty part, undecodable features or bad sampling parameters.
+    """
+    turns = [
+        Turn(role=t.role, parts=[_part(p, f"turns[{i}].parts[{j}]") for j, p in enumerate(t.parts)])
+        for i, t in enumerate(msg.turns)
+    ]
+    media = [
+        MediaItem(m.modality, tensor_to_torch(m.features, what=f"media[{i}].features"))
+        for i, m in enumerate(msg.media)
+    ]
+    return GenerationRequest(
+        turns=turns,
+        media=media,
+        sampling=sampling_from_proto(msg.sampling),
+        adapter=msg.adapter,
+        request_id=msg.request_id,
+    )
+
+
+def chunk_from_event(event: GenerationEvent) -> llm_pb2.GenerateChunk:
+    """A GenerateChunk from a domain event."""
+    chunk = llm_pb2.GenerateChunk(text=event.text, adapter=event.adapter or "")
+    if event.finish_reason is not None:
+        chunk.finish_reason = _FINISH[event.finish_reason]
+        chunk.stop_reason = event.stop_reason or ""
+    if event.usage is not None:
+        chunk.usage.prompt_tokens = event.usage.prompt_tokens
+        chunk.usage.completion_tokens = event.usage.completion_tokens
+    return chunk
+
+
+def info_to_proto(info: ModelInfo) -> llm_pb2.ModelInfo:
+    """A ModelInfo message from the domain one."""
+    return llm_pb2.ModelInfo(
+        preset=info.preset,
+        adapter=info.adapter,
+        adapters=list(info.adapters),
+        max_context_tokens=info.max_context_tokens,
+        created=info.created,
+        modalities=[
+            llm_pb2.ModalityInfo(
+                modality=m.modality,
+                max_per_prompt=m.max_per_prompt,
+                feature_tokens=m.feature_tokens,
+                feature_dim=m.feature_dim,
+                llm_tokens=m.llm_tokens,
+            )
+            for m in info.modalities
+        ],
+    )
+
+
+class LLMServicer(llm_pb2_grpc.LLMServicer):
+    """`modalmesh.v1.LLM` over an engine.
+
+    Args:
+        engine: Anything with `generate()` and `info()` (see GenerationEngine).
+    """
+
+    def __init__(self, engine: GenerationEngine) -> None:
+        self.engine = engine
+
+    async def Generate(
+        self, request: llm_pb2.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[llm_pb2.GenerateChunk]:
+        """Stream the reply to one conversation."""
+        request_id = request_id_from_metadata(context.invocation_metadata()) or request.request_id
+        with bound_request_id(request_id or None):
+            try:
+                domain = request_from_proto(request)
+                async with contextlib.aclosing(self.engine.generate(domain)) as events:
+                    async for event in events:
+                        yield chunk_from_event(event)
+            except ModalmeshError as e:
+                logger.info("Generate refused: %s", e.message)
+                await abort_with(context, e)
+            except Exception as e:
+                await abort_with(context, e)
+
+    async def GetModelInfo(
+        self, request: llm_pb2.ModelInfoRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> llm_pb2.ModelInfo:
+        """What this replica serves."""
+        return info_to_proto(self.engine.info())

@@ -1,0 +1,253 @@
+"""`python -m services.llm` as a real process: health, streaming, refusals, concurrency, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from modalmesh.v1 import llm_pb2, llm_pb2_grpc
+from services.common.tensor_codec import array_to_tensor
+from tests.helpers.procs import Process, free_port, start_process, wait_until
+
+pytestmark = pytest.mark.integration
+
+SERVICE = "modalmesh.v1.LLM"
+
+
+@dataclass
+class Service:
+    proc: Process
+    target: str
+    seconds_to_serving: float
+
+
+def serving(target: str) -> bool:
+    with grpc.insecure_channel(target) as channel:
+        request = health_pb2.HealthCheckRequest(service=SERVICE)
+        status = health_pb2_grpc.HealthStub(channel).Check(request, timeout=1).status
+        return bool(status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def start_service(cache_dir: Path, log_path: Path) -> Service:
+    port = free_port()
+    started = time.monotonic()
+    proc = start_process(
+        [sys.executable, "-m", "services.llm", "--preset", "tiny", "--port", str(port)],
+        log_path=log_path,
+        env={"MODALMESH_CACHE_DIR": str(cache_dir), "MODALMESH_DRAIN_SECONDS": "20"},
+    )
+    target = f"127.0.0.1:{port}"
+    wait_until(lambda: serving(target), timeout=120, what="LLM service SERVING", proc=proc)
+    return Service(proc, target, time.monotonic() - started)
+
+
+@pytest.fixture(scope="module")
+def llm_service(tiny_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    service = start_service(tiny_cache_dir, tmp_path_factory.mktemp("llm") / "llm.log")
+    try:
+        yield service
+    finally:
+        service.proc.kill_group()
+
+
+def features(tokens: int = 16, dim: int = 64, dtype: str = "<f4", seed: int = 0) -> llm_pb2.MediaFeatures:
+    array = np.random.default_rng(seed).standard_normal((tokens, dim)).astype(dtype)
+    return llm_pb2.MediaFeatures(modality="image", features=array_to_tensor(array))
+
+
+def user(*parts: str | int) -> llm_pb2.Turn:
+    return llm_pb2.Turn(
+        role="user",
+        parts=[
+            llm_pb2.TurnPart(text=p) if isinstance(p, str) else llm_pb2.TurnPart(media_index=p) for p in parts
+        ],
+    )
+
+
+def good_request(max_tokens: int = 20, **sampling: object) -> llm_pb2.GenerateRequest:
+    return llm_pb2.GenerateRequest(
+        turns=[user(0, "What is this?")],
+        media=[features()],
+        sampling=llm_pb2.SamplingParams(**{"max_tokens": max_tokens, "temperature": 0.0, **sampling}),  # type: ignore[arg-type]
+    )
+
+
+async def generate(
+    target: str, request: llm_pb2.GenerateRequest, **kw: object
+) -> list[llm_pb2.GenerateChunk]:
+    async with grpc.aio.insecure_channel(target) as channel:
+        return [chunk async for chunk in llm_pb2_grpc.LLMStub(channel).Generate(request, **kw)]  # type: ignore[arg-type]
+
+
+async def test_generate_streams_deltas_usage_and_finish(llm_service: Service) -> None:
+    chunks = await generate(llm_service.target, good_request(), metadata=(("x-request-id", "it-req-1"),))
+    assert len(chunks) > 1
+    assert chunks[0].adapter == "tiny@1"
+    last = chunks[-1]
+    assert last.finish_reason in (llm_pb2.FINISH_REASON_STOP, llm_pb2.FINISH_REASON_LENGTH)
+    assert last.usage.prompt_tokens == 57  # BOS + system + 16 image placeholders + question
+    assert 0 < last.usage.completion_tokens <= 20
+    if last.finish_reason == llm_pb2.FINISH_REASON_LENGTH:
+        assert last.usage.completion_tokens == 20
+    assert all(not c.HasField("usage") for c in chunks[:-1])
+    text = "".join(c.text for c in chunks)
+    again = await generate(llm_service.target, good_request())
+    assert "".join(c.text for c in again) == text  # greedy: the same text, however it was split
+    # A stop string from the middle of that text cuts it there.
+    stop = text[8:13]
+    cut = await generate(llm_service.target, good_request(stop=[stop]))
+    assert "".join(c.text for c in cut) == text[: text.index(stop)]
+    assert (cut[-1].finish_reason, cut[-1].stop_reason) == (llm_pb2.FINISH_REASON_STOP, stop)
+    logged = [json.loads(line) for line in llm_service.proc.log_text().splitlines() if line.startswith("{")]
+    assert any(entry.get("request_id") == "it-req-1" for entry in logged)
+
+
+def bad_requests() -> dict[str, tuple[llm_pb2.GenerateRequest, grpc.StatusCode, str]]:
+    invalid = grpc.StatusCode.INVALID_ARGUMENT
+    cases: dict[str, tuple[llm_pb2.GenerateRequest, grpc.StatusCode, str]] = {}
+
+    def case(name: str, code: grpc.StatusCode, message: str, **fields: object) -> None:
+        request = good_request()
+        for key, value in fields.items():
+            if key == "sampling":
+                request.sampling.CopyFrom(value)  # type: ignore[arg-type]
+            else:
+                request.ClearField(key)  # type: ignore[arg-type]
+                getattr(request, key).extend(value)
+        cases[name] = (request, code, message)
+
+    short = features(tokens=15)
+    case("wrong shape", invalid, "image features: expected (16, 64), got (15, 64)", media=[short])
+    case("wrong dtype", invalid, "expected a floating-point dtype", media=[features(dtype="<i4")])
+    bad_bytes = features()
+    bad_bytes.features.data = bad_bytes.features.data[:-4]
+    case("byte count", invalid, "media[0].features: expected 4096 bytes for FP32[16, 64], got 4092",
+         media=[bad_bytes])  # fmt: skip
+    case("index out of range", invalid, "media index 3 is out of range", turns=[user(3, "hi")])
+    case("too many images", invalid, "at most 4 image items per prompt, got 5",
+         turns=[user(0, 1, 2, 3, 4, "hi")], media=[features(seed=i) for i in range(5)])  # fmt: skip
+    case("media not referenced", invalid, "media[0]: not referenced", turns=[user("hi")])
+    case("empty turns", invalid, "turns: expected at least one user turn, got none", turns=[])
+    case("last turn not user", invalid, "the last turn must be 'user', got 'assistant'",
+         turns=[user(0, "hi"), llm_pb2.Turn(role="assistant", parts=[llm_pb2.TurnPart(text="ok")])])  # fmt: skip
+    case("prompt too long", invalid, "at most 1023 allowed", turns=[user(0, "the big red square " * 300)])
+    case("max_tokens 0", invalid, "sampling.max_tokens: expected > 0, got 0",
+         sampling=llm_pb2.SamplingParams(max_tokens=0))  # fmt: skip
+    case("temperature -1", invalid, "sampling.temperature: expected in [0, 2], got -1",
+         sampling=llm_pb2.SamplingParams(max_tokens=4, temperature=-1.0))  # fmt: skip
+    unknown = good_request()
+    unknown.adapter = "other@3"
+    cases["unknown adapter"] = (
+        unknown,
+        grpc.StatusCode.NOT_FOUND,
+        "adapter 'other@3' is not loaded; loaded: ['tiny@1']",
+    )
+    return cases
+
+
+BAD = bad_requests()
+
+
+@pytest.mark.parametrize("name", list(BAD))
+async def test_bad_request_is_refused_then_good_request_succeeds(llm_service: Service, name: str) -> None:
+    request, code, message = BAD[name]
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await generate(llm_service.target, request)
+    assert e.value.code() == code
+    assert message in (e.value.details() or "")
+    chunks = await generate(llm_service.target, good_request(max_tokens=2))
+    assert chunks[-1].usage.completion_tokens > 0
+
+
+async def test_two_concurrent_requests_complete(llm_service: Service) -> None:
+    a, b = good_request(max_tokens=30), good_request(max_tokens=25, temperature=1.0, seed=3)
+    results = await asyncio.gather(generate(llm_service.target, a), generate(llm_service.target, b))
+    for chunks in results:
+        assert chunks[-1].finish_reason != llm_pb2.FINISH_REASON_UNSPECIFIED
+        assert chunks[-1].usage.prompt_tokens == 57
+
+
+async def test_client_cancel_stops_the_decode_loop(llm_service: Service) -> None:
+    async with grpc.aio.insecure_channel(llm_service.target) as channel:
+        request = good_request(max_tokens=600, temperature=1.0, seed=1)  # runs 330 tokens
+        request.request_id = "it-cancel"
+        call = llm_pb2_grpc.LLMStub(channel).Generate(request)
+        await call.read()
+        call.cancel()
+
+    def cancelled_line() -> bool:
+        for line in llm_service.proc.log_text().splitlines():
+            if '"it-cancel"' in line and "cancelled after" in line:
+                return True
+        return False
+
+    wait_until(cancelled_line, timeout=5, what="decode loop cancelled", proc=llm_service.proc)
+    chunks = await generate(llm_service.target, good_request(max_tokens=2))
+    assert chunks[-1].usage.completion_tokens > 0
+
+
+async def test_model_info_and_reflection(llm_service: Service) -> None:
+    async with grpc.aio.insecure_channel(llm_service.target) as channel:
+        info = await llm_pb2_grpc.LLMStub(channel).GetModelInfo(llm_pb2.ModelInfoRequest())
+        reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+        responses = reflection.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+        )
+        listed = [s.name async for r in responses for s in r.list_services_response.service]
+    assert (info.preset, info.adapter, list(info.adapters), info.max_context_tokens) == (
+        "tiny",
+        "tiny@1",
+        ["tiny@1"],
+        1024,
+    )
+    assert [(m.modality, m.feature_tokens, m.feature_dim, m.llm_tokens) for m in info.modalities] == [
+        ("image", 16, 64, 16)
+    ]
+    assert SERVICE in listed
+
+
+async def test_sigterm_drains_the_request_in_flight_and_exits_zero(
+    tiny_cache_dir: Path, tmp_path: Path
+) -> None:
+    service = start_service(tiny_cache_dir, tmp_path / "llm.log")
+    try:
+        async with grpc.aio.insecure_channel(service.target) as channel:
+            call = llm_pb2_grpc.LLMStub(channel).Generate(
+                good_request(max_tokens=600, temperature=1.0, seed=1)
+            )
+            chunks = [await call.read()]
+            service.proc.send_signal(signal.SIGTERM)
+            while (chunk := await call.read()) != grpc.aio.EOF:
+                chunks.append(chunk)
+        assert chunks[-1].finish_reason != llm_pb2.FINISH_REASON_UNSPECIFIED
+        # Seeded: 330 tokens, ~0.5 s of decoding after the signal arrived, all delivered.
+        assert chunks[-1].usage.completion_tokens > 50
+        assert service.proc.popen.wait(timeout=30) == 0
+    finally:
+        service.proc.kill_group()
+    assert '"stopped"' in service.proc.log_text()
+
+
+def test_unknown_preset_exits_2(tmp_path: Path) -> None:
+    proc = start_process(
+        [sys.executable, "-m", "services.llm", "--preset", "no-such-preset", "--port", str(free_port())],
+        log_path=tmp_path / "llm.log",
+        env={"MODALMESH_CACHE_DIR": str(tmp_path)},
+    )
+    try:
+        assert proc.popen.wait(timeout=60) == 2
+    finally:
+        proc.kill_group()
+    assert "preset 'no-such-preset' not found" in proc.log_text()

@@ -1,0 +1,115 @@
+"""The prompt builder: golden token ids, placeholder expansion, spans and every refusal."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from services.common.errors import InvalidArgumentError
+from services.llm.domain import MediaPart, TextPart, Turn
+from services.llm.loading import LoadedModel
+from services.llm.prompt import MediaSlot, ModalitySlots, PromptBuilder, placeholder_token_id
+from services.llm.templates import MediaRef, get_template
+
+VICUNA = get_template("vicuna_v1")
+IMAGE = MediaSlot("image", 16)
+# The tiny tokenizer's ids for the vicuna_v1 system prompt followed by " USER:" and " ".
+SYSTEM_IDS = [37, 381, 371, 261, 346, 309, 308, 267, 375, 369, 310, 18, 409, 310, 384, 379, 16]
+SYSTEM_IDS += [359, 16, 308, 377, 370, 315, 376, 309, 410, 333, 18, 372, 30, 225]
+
+
+def builder(
+    loaded: LoadedModel, *, max_context: int = 1024, max_per_prompt: int = 4, **kw: Any
+) -> PromptBuilder:
+    slots = ModalitySlots("<image>", 4, max_per_prompt, kw.get("num_tokens", lambda n: n))
+    return PromptBuilder(loaded.tokenizer, {"image": slots}, max_context_tokens=max_context)
+
+
+def test_golden_vicuna_v1_text_only(loaded: LoadedModel) -> None:
+    turns = [
+        Turn("user", [TextPart("Hello")]),
+        Turn("assistant", [TextPart("Hi there.")]),
+        Turn("user", [TextPart("What color is the sky?")]),
+    ]
+    prompt = loaded.prompt_builder.build(VICUNA.render(turns), [])
+    # BOS, system, "USER: Hello ASSISTANT: Hi there." "</s>" (EOS id 2), "USER: ... ASSISTANT:"
+    assert prompt.input_ids == [1, *SYSTEM_IDS, 44, 387, 83, 380, 30, 225, 44, 77, 482, 18, 2, 340, 30,
+                                225, 59, 321, 388, 292, 501, 376, 495, 35, 380, 30]  # fmt: skip
+    assert prompt.media_spans == []
+
+
+def test_golden_vicuna_v1_with_image(loaded: LoadedModel) -> None:
+    turns = [Turn("user", [MediaPart(0), TextPart("What is this?")])]
+    prompt = loaded.prompt_builder.build(VICUNA.render(turns), [IMAGE])
+    assert prompt.input_ids == [1, *SYSTEM_IDS, *[4] * 16, 203, 59, 321, 501, 280, 286, 35, 380, 30]
+    assert prompt.media_spans == [(32, 16)]
+    assert prompt.media_tokens == 16
+
+
+def test_ids_are_bos_plus_each_segment_tokenized_alone(loaded: LoadedModel, tokenizer: Any) -> None:
+    segments = ["Describe ", MediaRef(0), " and ", MediaRef(1), "</s>then"]
+    prompt = builder(loaded).build(segments, [IMAGE, IMAGE])
+
+    def tok(s: str) -> list[int]:
+        return tokenizer(s, add_special_tokens=False)["input_ids"]
+
+    expected = [tokenizer.bos_token_id, *tok("Describe "), *[4] * 16, *tok(" and "), *[4] * 16]
+    expected += tok("</s>then")
+    assert prompt.input_ids == expected
+    assert prompt.input_ids.count(tokenizer.bos_token_id) == 1
+    assert tokenizer.eos_token_id in prompt.input_ids  # "</s>" written in text maps to EOS
+    start0 = 1 + len(tok("Describe "))
+    assert prompt.media_spans == [(start0, 16), (start0 + 16 + len(tok(" and ")), 16)]
+
+
+def test_spans_follow_request_order_not_prompt_order(loaded: LoadedModel) -> None:
+    prompt = builder(loaded).build(["a", MediaRef(1), MediaRef(0)], [IMAGE, MediaSlot("image", 8)])
+    (s0, n0), (s1, n1) = prompt.media_spans
+    assert (n0, n1) == (16, 8)
+    assert s1 < s0 == s1 + 8
+    for start, length in prompt.media_spans:
+        assert prompt.input_ids[start : start + length] == [4] * length
+
+
+def test_item_length_comes_from_the_connector(loaded: LoadedModel) -> None:
+    prompt = builder(loaded, num_tokens=lambda n: n // 4).build([MediaRef(0)], [IMAGE])
+    assert prompt.input_ids == [1, 4, 4, 4, 4]
+    assert prompt.media_spans == [(1, 4)]
+
+
+def test_placeholder_missing_from_tokenizer_falls_back_to_unk(tokenizer: Any) -> None:
+    assert placeholder_token_id(tokenizer, "<image>") == 4
+    assert placeholder_token_id(tokenizer, "<video>") == tokenizer.unk_token_id
+
+
+@pytest.mark.parametrize(
+    ("segments", "media", "message"),
+    [
+        (["a", MediaRef(1)], [IMAGE], "media index 1 is out of range; the request has 1 media item(s)"),
+        ([MediaRef(0), MediaRef(0)], [IMAGE], "media item 0 is referenced more than once"),
+        (["a", MediaRef(0)], [IMAGE, IMAGE], "media[1]: not referenced by any turn"),
+        (
+            [MediaRef(0)],
+            [MediaSlot("video", 16)],
+            "media[0].modality: expected one of ['image'], got 'video'",
+        ),
+        ([MediaRef(i) for i in range(5)], [IMAGE] * 5, "at most 4 image items per prompt, got 5"),
+        (["look: <image>"], [], "text contains the placeholder '<image>'"),
+    ],
+)
+def test_refusals(loaded: LoadedModel, segments: list, media: list[MediaSlot], message: str) -> None:
+    with pytest.raises(InvalidArgumentError) as e:
+        builder(loaded).build(segments, media)
+    assert message in e.value.message
+
+
+def test_prompt_must_leave_room_for_one_token(loaded: LoadedModel) -> None:
+    segments = [MediaRef(0), MediaRef(1)]
+    assert len(builder(loaded, max_context=34).build(segments, [IMAGE, IMAGE]).input_ids) == 33
+    with pytest.raises(InvalidArgumentError) as e:
+        builder(loaded, max_context=33).build(segments, [IMAGE, IMAGE])
+    assert e.value.message == (
+        "prompt: 33 tokens (32 of them for 2 media item(s)), at most 32 allowed "
+        "(context 33 tokens, one kept for the reply)"
+    )

@@ -1,0 +1,136 @@
+"""The servicer: proto <-> domain translation, request-id binding and error mapping in-process."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, AsyncIterator
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from modalmesh.v1 import llm_pb2, llm_pb2_grpc
+from services.common.errors import InvalidArgumentError, NotFoundError
+from services.common.log import request_id_var
+from services.common.settings import Settings
+from services.common.tensor_codec import array_to_tensor
+from services.llm.domain import (
+    FinishReason,
+    GenerationEvent,
+    GenerationRequest,
+    MediaPart,
+    ModalityInfo,
+    ModelInfo,
+    TextPart,
+    Usage,
+)
+from services.llm.server import build_server
+from services.llm.servicer import chunk_from_event, info_to_proto, request_from_proto
+
+
+def proto_request(**sampling: object) -> llm_pb2.GenerateRequest:
+    return llm_pb2.GenerateRequest(
+        request_id="r1",
+        adapter="tiny",
+        turns=[
+            llm_pb2.Turn(role="user", parts=[llm_pb2.TurnPart(media_index=0), llm_pb2.TurnPart(text="hi")])
+        ],
+        media=[llm_pb2.MediaFeatures(modality="image", features=array_to_tensor(np.ones((16, 64), "<f2")))],
+        sampling=llm_pb2.SamplingParams(**{"max_tokens": 8, **sampling}),  # type: ignore[arg-type]
+    )
+
+
+def test_request_from_proto() -> None:
+    req = request_from_proto(proto_request(top_k=5, stop=["x"]))
+    assert req.turns[0].role == "user"
+    assert list(req.turns[0].parts) == [MediaPart(0), TextPart("hi")]
+    assert req.media[0].modality == "image"
+    assert req.media[0].features.dtype == torch.float16 and req.media[0].features.shape == (16, 64)
+    s = req.sampling
+    assert (s.max_tokens, s.temperature, s.top_p, s.top_k, s.seed, s.stop) == (8, 1.0, 1.0, 5, None, ("x",))
+    assert (req.adapter, req.request_id) == ("tiny", "r1")
+
+
+def test_explicit_zero_temperature_and_seed_are_kept() -> None:
+    s = request_from_proto(proto_request(temperature=0.0, seed=0, top_p=0.5)).sampling
+    assert (s.temperature, s.seed, s.top_p) == (0.0, 0, 0.5)
+
+
+def test_empty_part_and_bad_tensor_are_invalid() -> None:
+    msg = proto_request()
+    msg.turns[0].parts.append(llm_pb2.TurnPart())
+    with pytest.raises(InvalidArgumentError, match=r"turns\[0\].parts\[2\]: neither text nor media_index"):
+        request_from_proto(msg)
+    msg = proto_request()
+    msg.media[0].features.data = b"\0" * 10
+    with pytest.raises(InvalidArgumentError, match=r"media\[0\].features: expected 2048 bytes"):
+        request_from_proto(msg)
+
+
+def test_chunk_and_info_to_proto() -> None:
+    first = chunk_from_event(GenerationEvent(text="a", adapter="tiny@1"))
+    assert (first.text, first.adapter, first.finish_reason, first.HasField("usage")) == (
+        "a", "tiny@1", llm_pb2.FINISH_REASON_UNSPECIFIED, False,
+    )  # fmt: skip
+    last = chunk_from_event(
+        GenerationEvent(text="", finish_reason=FinishReason.STOP, usage=Usage(7, 3), stop_reason="END")
+    )
+    assert (last.finish_reason, last.usage.prompt_tokens, last.usage.completion_tokens, last.stop_reason) == (
+        llm_pb2.FINISH_REASON_STOP, 7, 3, "END",
+    )  # fmt: skip
+    info = info_to_proto(ModelInfo("tiny", "a@1", ("a@1",), 1024, (ModalityInfo("image", 4, 16, 64, 16),), 5))
+    assert (info.preset, info.adapters, info.modalities[0].llm_tokens, info.created) == (
+        "tiny",
+        ["a@1"],
+        16,
+        5,
+    )
+
+
+class FakeEngine:
+    """Records the request id seen while generating; fails on adapter "missing"."""
+
+    def __init__(self) -> None:
+        self.request_ids: list[str | None] = []
+
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
+        self.request_ids.append(request_id_var.get())
+        if request.adapter == "missing":
+            raise NotFoundError("adapter 'missing' is not loaded; loaded: ['tiny@1']")
+        yield GenerationEvent(text="he", adapter="tiny@1")
+        yield GenerationEvent(text="llo", finish_reason=FinishReason.LENGTH, usage=Usage(5, 2))
+
+    def info(self) -> ModelInfo:
+        return ModelInfo("tiny", "tiny@1", ("tiny@1",), 1024, (), 0)
+
+
+async def test_servicer_in_process() -> None:
+    engine = FakeEngine()
+    server = build_server(engine, Settings())
+    port = server.bind("127.0.0.1", 0)
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = llm_pb2_grpc.LLMStub(channel)
+            call = stub.Generate(proto_request(), metadata=(("x-request-id", "abc"),))
+            chunks = [c async for c in call]
+            assert [c.text for c in chunks] == ["he", "llo"]
+            assert chunks[-1].finish_reason == llm_pb2.FINISH_REASON_LENGTH
+            assert engine.request_ids == ["abc"]
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                bad = proto_request()
+                bad.adapter = "missing"
+                await _drain(stub.Generate(bad))
+            assert e.value.code() == grpc.StatusCode.NOT_FOUND
+            assert "loaded: ['tiny@1']" in (e.value.details() or "")
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await _drain(stub.Generate(proto_request(temperature=-1.0)))
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert (await stub.GetModelInfo(llm_pb2.ModelInfoRequest())).adapter == "tiny@1"
+    finally:
+        await server.stop()
+
+
+async def _drain(call: AsyncIterator[llm_pb2.GenerateChunk]) -> None:
+    async for _ in call:
+        pass
