@@ -1,0 +1,132 @@
+"""The gateway's ASGI middleware: request id, request metrics and the body size limit.
+
+Pure ASGI (no BaseHTTPMiddleware) so that streamed responses pass through untouched and the
+client's disconnect still reaches the endpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from typing import Any
+
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway.metrics import GatewayMetrics
+from services.common.errors import PayloadTooLargeError
+from services.common.log import REQUEST_ID_HEADER, bound_request_id
+
+ROUTES = ("/v1/chat/completions", "/v1/models", "/health", "/metrics")
+_VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
+_BODY_METHODS = ("POST", "PUT", "PATCH")
+
+
+def new_request_id() -> str:
+    """A fresh request id (32 hex digits)."""
+    return uuid.uuid4().hex
+
+
+def valid_request_id(value: str | None) -> str | None:
+    """`value` if it is a usable request id (1-128 URL-safe characters), else None."""
+    return value if value and _VALID_REQUEST_ID.match(value) else None
+
+
+class GatewayMiddleware:
+    """Assigns the request id, counts requests by route and status, enforces max_body_bytes.
+
+    The request id is the client's `X-Request-Id` when it is usable, else a fresh one; the
+    endpoint may replace it (scope["state"]["request_id"]) before the response starts. It is
+    bound to every log line of the request and returned in the `X-Request-Id` header.
+
+    Args:
+        app: The wrapped application.
+        max_body_bytes: Largest request body; larger ones get 413 before the app runs.
+        metrics: Where request counts go.
+    """
+
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int, metrics: GatewayMetrics) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        from_client = valid_request_id(headers.get(REQUEST_ID_HEADER))
+        request_id = from_client or new_request_id()
+        state: dict[str, Any] = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        state["request_id_from_header"] = from_client is not None
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                MutableHeaders(scope=message)[REQUEST_ID_HEADER] = state["request_id"]
+            await send(message)
+
+        route = scope["path"] if scope["path"] in ROUTES else "other"
+        with bound_request_id(request_id):
+            try:
+                if scope["method"] in _BODY_METHODS:
+                    replay = await self._read_body(headers, receive, send_with_id)
+                    if replay is None:
+                        return
+                    receive = replay
+                await self.app(scope, receive, send_with_id)
+            finally:
+                self.metrics.requests.labels(route=route, status=str(status)).inc()
+
+    async def _read_body(self, headers: Headers, receive: Receive, send: Send) -> Receive | None:
+        """Buffer the body within the limit and return a receive that replays it.
+
+        Returns None after answering 413.
+        """
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            await _too_large(
+                send, f"request body is {declared} bytes, over the limit of {self.max_body_bytes} bytes"
+            )
+            return None
+        messages: list[Message] = []
+        size = 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            size += len(message.get("body", b""))
+            if size > self.max_body_bytes:
+                await _too_large(
+                    send,
+                    f"request body is over the limit of {self.max_body_bytes} bytes (read at least {size})",
+                )
+                return None
+            if not message.get("more_body", False):
+                break
+
+        async def replay() -> Message:
+            return messages.pop(0) if messages else await receive()
+
+        return replay
+
+
+async def _too_large(send: Send, message: str) -> None:
+    body = json.dumps(PayloadTooLargeError(message).to_openai()).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,101 @@
+"""Transport-independent chat types: what REST and gRPC requests become, and what serving yields.
+
+`gateway.protocol` (OpenAI JSON) and `gateway.grpc_chat` (modalmesh.v1.Chat) translate their
+wire forms into a `ChatRequest`; `gateway.serving.ChatService` turns it into a stream of
+`TextDelta` events closed by one `Finished`. Nothing here knows HTTP, JSON or gRPC.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class MediaItem:
+    """One media part of a message: a URL (http(s) or data:) or the encoded file's bytes.
+
+    Attributes:
+        modality: "image" (the only modality a preset serves so far).
+        url: Where to get the bytes, when they did not come inline.
+        data: The encoded file (PNG, JPEG...), when it came inline.
+        param: Where the part sits in the request, e.g. "messages[0].content[1]", for errors.
+    """
+
+    modality: str
+    url: str | None = None
+    data: bytes | None = None
+    param: str = ""
+
+
+Part = str | MediaItem
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One message of the conversation: its role and its text and media parts in order."""
+
+    role: str
+    parts: tuple[Part, ...]
+
+
+@dataclass
+class ChatRequest:
+    """A chat completion request, as both transports describe it.
+
+    Attributes:
+        model: The served name ("tiny", or "tiny@<version>" to pin an adapter); None = default.
+        turns: The conversation in order.
+        request_id: Id carried into every downstream call and log line.
+        max_tokens: Upper bound on generated tokens; None = the settings' default.
+        max_tokens_param: The request field max_tokens came from, for error messages.
+        temperature, top_p, top_k, seed, stop: Sampling parameters (None = service default).
+    """
+
+    model: str | None
+    turns: list[Turn]
+    request_id: str
+    max_tokens: int | None = None
+    max_tokens_param: str = "max_tokens"
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+    def media(self) -> list[MediaItem]:
+        """Every media item of the request, in the order it appears."""
+        return [p for turn in self.turns for p in turn.parts if isinstance(p, MediaItem)]
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """A piece of generated text."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The end of a generation: the last text piece (may be empty), why it stopped, and usage."""
+
+    text: str
+    finish_reason: str  # "stop" | "length"
+    stop_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+
+
+Event = TextDelta | Finished
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One entry of the model list: the preset, or a pinned adapter version of it."""
+
+    id: str
+    root: str
+    parent: str | None
+    created: int
+    max_model_len: int | None

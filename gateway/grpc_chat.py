@@ -1,0 +1,120 @@
+"""The gRPC chat API, modalmesh.v1.Chat/Complete, on the same serving logic as the REST API.
+
+The servicer only translates ChatRequest (proto) -> `gateway.domain.ChatRequest` and events ->
+ChatChunk messages. Errors end the stream with the status of `services.common.grpc_errors`
+(INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE...). A client that cancels cancels the generation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
+
+import grpc
+
+from gateway._middleware import new_request_id, valid_request_id
+from gateway.domain import ChatRequest, Finished, MediaItem, Part, Turn
+from gateway.serving import ChatService
+from modalmesh.v1 import chat_pb2, chat_pb2_grpc
+from services.common.errors import ModalmeshError
+from services.common.grpc_errors import abort_with
+from services.common.log import bound_request_id, request_id_from_metadata
+
+logger = logging.getLogger(__name__)
+
+CHAT_SERVICE_NAME = chat_pb2.DESCRIPTOR.services_by_name["Chat"].full_name
+_ROUTE = "grpc:Complete"
+
+
+def to_domain(request: chat_pb2.ChatRequest, request_id: str) -> ChatRequest:
+    """The transport-independent request of a proto ChatRequest."""
+    turns = []
+    for i, message in enumerate(request.messages):
+        parts: list[Part] = []
+        for j, part in enumerate(message.content):
+            kind = part.WhichOneof("part")
+            if kind == "text":
+                parts.append(part.text)
+            elif kind == "image":
+                param = f"messages[{i}].content[{j}]"
+                source = part.image.WhichOneof("source")
+                if source == "data":
+                    parts.append(MediaItem("image", data=part.image.data, param=param))
+                else:
+                    parts.append(MediaItem("image", url=part.image.url, param=param))
+        turns.append(Turn(message.role, tuple(parts)))
+    return ChatRequest(
+        model=request.model or None,
+        turns=turns,
+        request_id=request_id,
+        max_tokens=request.max_tokens if request.HasField("max_tokens") else None,
+        temperature=request.temperature if request.HasField("temperature") else None,
+        top_p=request.top_p if request.HasField("top_p") else None,
+        top_k=request.top_k if request.HasField("top_k") else None,
+        seed=request.seed if request.HasField("seed") else None,
+        stop=list(request.stop),
+    )
+
+
+class ChatServicer(chat_pb2_grpc.ChatServicer):
+    """modalmesh.v1.Chat over a `ChatService`.
+
+    Args:
+        service: The serving logic (shared with the REST app).
+    """
+
+    def __init__(self, service: ChatService) -> None:
+        self.service = service
+
+    async def Complete(
+        self, request: chat_pb2.ChatRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[chat_pb2.ChatChunk]:
+        """Stream the reply to one chat request: text deltas, then finish reason and usage."""
+        request_id = (
+            valid_request_id(request.request_id)
+            or valid_request_id(request_id_from_metadata(context.invocation_metadata()))
+            or new_request_id()
+        )
+        status = "OK"
+        with bound_request_id(request_id):
+            try:
+                chunks = self._complete(to_domain(request, request_id))
+                async with contextlib.aclosing(chunks):
+                    async for chunk in chunks:
+                        yield chunk
+            except asyncio.CancelledError:
+                status = "CANCELLED"
+                raise
+            except ModalmeshError as e:
+                status = e.code.name
+                logger.info("chat failed (%s): %s", status, e.message)
+                await abort_with(context, e)
+            except Exception as e:
+                status = "INTERNAL"
+                await abort_with(context, e)
+            finally:
+                self.service.metrics.requests.labels(route=_ROUTE, status=status).inc()
+
+    async def _complete(self, chat: ChatRequest) -> AsyncGenerator[chat_pb2.ChatChunk, None]:
+        prepared = await self.service.prepare(chat)
+
+        def chunk(delta: str, **last: Any) -> chat_pb2.ChatChunk:
+            return chat_pb2.ChatChunk(
+                id=prepared.id, model=prepared.model, created=prepared.created, delta=delta, **last
+            )
+
+        events = self.service.generate(prepared, transport="grpc")
+        async with contextlib.aclosing(events):
+            async for event in events:
+                if isinstance(event, Finished):
+                    usage = chat_pb2.ChatUsage(
+                        prompt_tokens=event.prompt_tokens,
+                        completion_tokens=event.completion_tokens,
+                        total_tokens=event.prompt_tokens + event.completion_tokens,
+                    )
+                    yield chunk(event.text, finish_reason=event.finish_reason, usage=usage)
+                    return
+                yield chunk(event.text)

@@ -1,0 +1,273 @@
+"""The OpenAI-compatible REST API: POST /v1/chat/completions, GET /v1/models, /health, /metrics.
+
+Routes only translate between HTTP/JSON and `gateway.serving.ChatService`. Every error is an
+OpenAI error body {"error": {"message", "type", "param", "code"}} with the matching status:
+malformed JSON and schema violations -> 400 (FastAPI's 422 handler is replaced too), a body over
+max_body_bytes -> 413, modalmesh errors -> their http_status, anything else -> 500 without
+internals. A streamed reply starts only once the first token is there, so failures before it
+still get a proper status; an error after that is sent as `data: {"error": ...}` then
+`data: [DONE]`. A client that disconnects cancels the work, streaming or not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncGenerator, Awaitable
+from typing import Any, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from gateway._middleware import GatewayMiddleware, valid_request_id
+from gateway.domain import ChatRequest, Event, Finished, TextDelta
+from gateway.protocol import (
+    AssistantMessage,
+    ChatCompletionChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ModelCard,
+    ModelList,
+    UsageInfo,
+    content_chunk,
+    parse_chat_request,
+    role_chunk,
+    usage_chunk,
+    validation_error,
+)
+from gateway.serving import ChatService, PreparedChat
+from services.common.errors import (
+    CancelledError,
+    InvalidArgumentError,
+    ModalmeshError,
+    UnavailableError,
+)
+from services.common.log import request_id_var
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def error_response(error: BaseException) -> JSONResponse:
+    """The OpenAI error response for any exception; unknown ones are logged and become 500."""
+    if not isinstance(error, ModalmeshError):
+        logger.error("internal error", exc_info=error)
+        error = ModalmeshError(f"internal error ({type(error).__name__}); see the gateway log")
+    elif error.http_status >= 500:
+        logger.warning("request failed: %s", error.message)
+    else:
+        logger.info("request rejected (%d): %s", error.http_status, error.message)
+    return JSONResponse(error.to_openai(), status_code=error.http_status)
+
+
+def _sse(payload: dict[str, Any] | str) -> str:
+    data = (
+        payload
+        if isinstance(payload, str)
+        else json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    )
+    return f"data: {data}\n\n"
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it if the client disconnects first (then CancelledError 499)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    if task.cancelled():
+        raise CancelledError("the client disconnected")
+    return task.result()
+
+
+async def _read_request(request: Request) -> ChatCompletionRequest:
+    body = await request.body()
+    if not body.strip():
+        raise InvalidArgumentError("the request body is empty; expected a JSON object")
+    try:
+        payload = json.loads(body)
+    except UnicodeDecodeError as e:
+        raise InvalidArgumentError(f"the request body is not UTF-8 JSON: {e}") from None
+    except json.JSONDecodeError as e:
+        raise validation_error(
+            [{"type": "json_invalid", "loc": ("body", e.pos), "ctx": {"error": e.msg}}]
+        ) from None
+    return parse_chat_request(payload)
+
+
+async def _collect(prepared: PreparedChat, events: AsyncGenerator[Event, None]) -> dict[str, Any]:
+    pieces: list[str] = []
+    async for event in events:
+        pieces.append(event.text)
+        if isinstance(event, Finished):
+            choice = ChatCompletionChoice(
+                index=0,
+                message=AssistantMessage(content="".join(pieces)),
+                finish_reason=event.finish_reason,
+                stop_reason=event.stop_reason,
+            )
+            return ChatCompletionResponse(
+                id=prepared.id,
+                created=prepared.created,
+                model=prepared.model,
+                choices=[choice],
+                usage=UsageInfo.of(event.prompt_tokens, event.completion_tokens),
+            ).model_dump()
+    raise ModalmeshError("the reply ended without a finish reason")
+
+
+async def _stream(
+    prepared: PreparedChat, first: Event, events: AsyncGenerator[Event, None], include_usage: bool
+) -> AsyncGenerator[str, None]:
+    """The SSE body; `events` is closed (cancelling the generation) however this ends."""
+    cid, created, model = prepared.id, prepared.created, prepared.model
+    async with contextlib.aclosing(events):
+        yield _sse(role_chunk(cid, created, model))
+        try:
+            event = first
+            while isinstance(event, TextDelta):
+                yield _sse(content_chunk(cid, created, model, event.text))
+                event = await anext(events)
+            yield _sse(content_chunk(cid, created, model, event.text, event.finish_reason, event.stop_reason))
+            if include_usage:
+                usage = UsageInfo.of(event.prompt_tokens, event.completion_tokens)
+                yield _sse(usage_chunk(cid, created, model, usage))
+        except StopAsyncIteration:
+            yield _sse(ModalmeshError("the reply ended without a finish reason").to_openai())
+        except ModalmeshError as e:
+            logger.warning("stream failed after it started: %s", e.message)
+            yield _sse(e.to_openai())
+        except Exception as e:
+            logger.error("stream failed after it started", exc_info=e)
+            yield _sse(ModalmeshError(f"internal error ({type(e).__name__})").to_openai())
+        yield _sse("[DONE]")
+
+
+async def chat_completions(request: Request) -> Response:
+    """POST /v1/chat/completions."""
+    service: ChatService = request.app.state.service
+    try:
+        body = await _read_request(request)
+        state = request.state
+        if body.request_id and not state.request_id_from_header:
+            state.request_id = valid_request_id(body.request_id) or state.request_id
+            # Same task and context as GatewayMiddleware, which resets the binding at the end.
+            request_id_var.set(state.request_id)
+        chat = body.to_domain(state.request_id)
+        if not body.stream:
+            prepared = await _unless_disconnected(request, service.prepare(chat))
+            events = service.generate(prepared)
+            async with contextlib.aclosing(events):
+                reply = await _unless_disconnected(request, _collect(prepared, events))
+            return JSONResponse(reply)
+        prepared, first, events = await _unless_disconnected(request, _start(service, chat))
+        body_iter = _stream(prepared, first, events, body.include_usage)
+        return StreamingResponse(body_iter, media_type="text/event-stream", headers=_SSE_HEADERS)
+    except Exception as e:
+        return error_response(e)
+
+
+async def _start(
+    service: ChatService, chat: ChatRequest
+) -> tuple[PreparedChat, Event, AsyncGenerator[Event, None]]:
+    """Prepare and wait for the first event, so that early failures keep their status."""
+    prepared = await service.prepare(chat)
+    events = service.generate(prepared)
+    try:
+        first = await anext(events)
+    except StopAsyncIteration:
+        await events.aclose()
+        raise ModalmeshError("the reply ended before it started") from None
+    except BaseException:
+        await events.aclose()
+        raise
+    return prepared, first, events
+
+
+async def list_models(request: Request) -> JSONResponse:
+    """GET /v1/models: the preset and its loaded adapter versions."""
+    service: ChatService = request.app.state.service
+    entries = await service.list_models()
+    return JSONResponse(ModelList(data=[ModelCard.of(e) for e in entries]).model_dump())
+
+
+async def health(request: Request) -> JSONResponse:
+    """GET /health: 200 when the LLM service and the encoders are ready, else 503 naming them."""
+    service: ChatService = request.app.state.service
+    checks = await service.readiness()
+    down = {name: why for name, why in checks.items() if why}
+    if not down:
+        return JSONResponse({"status": "ok"})
+    error = UnavailableError("not ready: " + "; ".join(down.values()))
+    body = {
+        "status": "unavailable",
+        "checks": {name: "down" if why else "ok" for name, why in checks.items()},
+        **error.to_openai(),
+    }
+    return JSONResponse(body, status_code=503)
+
+
+async def metrics(request: Request) -> Response:
+    """GET /metrics: Prometheus text exposition."""
+    service: ChatService = request.app.state.service
+    data, content_type = service.metrics.render()
+    return Response(data, media_type=content_type)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    async def on_modalmesh(_: Request, exc: Exception) -> Response:
+        return error_response(exc)
+
+    async def on_validation(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        return error_response(validation_error(list(exc.errors())))
+
+    async def on_http(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        error = ModalmeshError(f"{request.method} {request.url.path}: {exc.detail}")
+        error.http_status = exc.status_code
+        error.error_type = "NotFoundError" if exc.status_code == 404 else "BadRequestError"
+        return JSONResponse(
+            error.to_openai(), status_code=exc.status_code, headers=getattr(exc, "headers", None)
+        )
+
+    app.add_exception_handler(ModalmeshError, on_modalmesh)
+    app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(StarletteHTTPException, on_http)
+    app.add_exception_handler(Exception, on_modalmesh)
+
+
+def create_app(service: ChatService) -> FastAPI:
+    """The REST app over `service`.
+
+    The app does not own the service: whoever made it closes it (`ChatService.aclose`) after
+    the server stops, since the gRPC Chat server may share it.
+    """
+    app = FastAPI(title="modalmesh gateway", version="0.1.0")
+    app.state.service = service
+    app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"], response_model=None)
+    app.add_api_route("/v1/models", list_models, methods=["GET"])
+    app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/metrics", metrics, methods=["GET"], include_in_schema=False)
+    _install_error_handlers(app)
+    app.add_middleware(
+        GatewayMiddleware, max_body_bytes=service.settings.max_body_bytes, metrics=service.metrics
+    )
+    return app

@@ -1,0 +1,103 @@
+"""The gateway's client of the LLM service (gRPC modalmesh.v1.LLM).
+
+One grpc.aio channel per client, made on first use inside the serving event loop, with the
+raised message limits of `Settings.grpc_options()`. Every call carries the request id in the
+`x-request-id` metadata and a deadline; failures become modalmesh errors through
+`services.common.grpc_errors` (UNAVAILABLE -> "the llm service is unavailable: ...").
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncGenerator
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from modalmesh.v1 import llm_pb2, llm_pb2_grpc
+from services.common.grpc_errors import error_from_rpc
+from services.common.log import REQUEST_ID_HEADER
+from services.common.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+SERVICE = "llm"
+LLM_SERVICE_NAME = llm_pb2.DESCRIPTOR.services_by_name["LLM"].full_name
+
+
+class LLMClient:
+    """Calls Generate and GetModelInfo on one LLM service address.
+
+    Args:
+        target: host:port of the LLM service.
+        settings: Supplies the channel options and the Generate deadline.
+    """
+
+    def __init__(self, target: str, *, settings: Settings) -> None:
+        self.target = target
+        self.settings = settings
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: llm_pb2_grpc.LLMStub | None = None
+
+    def _connect(self) -> grpc.aio.Channel:
+        # Made on first use, inside the event loop that serves requests.
+        if self._channel is None:
+            self._channel = grpc.aio.insecure_channel(self.target, options=self.settings.grpc_options())
+            self._stub = llm_pb2_grpc.LLMStub(self._channel)
+        return self._channel
+
+    def _llm(self) -> llm_pb2_grpc.LLMStub:
+        self._connect()
+        assert self._stub is not None
+        return self._stub
+
+    async def generate(self, request: llm_pb2.GenerateRequest) -> AsyncGenerator[llm_pb2.GenerateChunk, None]:
+        """Stream the chunks of one generation; closing the iterator cancels the call.
+
+        Raises:
+            ModalmeshError: The call failed (UNAVAILABLE -> UnavailableError naming the llm
+                service, DEADLINE_EXCEEDED -> DeadlineExceededError, ...).
+        """
+        call = self._llm().Generate(
+            request,
+            timeout=self.settings.llm_timeout_s,
+            metadata=((REQUEST_ID_HEADER, request.request_id),),
+        )
+        try:
+            async for chunk in call:
+                yield chunk
+        except grpc.RpcError as e:
+            raise error_from_rpc(e, service=SERVICE) from e
+        finally:
+            # No-op when the call is complete; cancels it when the consumer went away.
+            call.cancel()
+
+    async def model_info(self, *, timeout_s: float = 2.0) -> llm_pb2.ModelInfo:
+        """What the LLM service serves (preset, current and loaded adapters).
+
+        Raises:
+            ModalmeshError: The call failed.
+        """
+        try:
+            return await self._llm().GetModelInfo(llm_pb2.ModelInfoRequest(), timeout=timeout_s)
+        except grpc.RpcError as e:
+            raise error_from_rpc(e, service=SERVICE) from e
+
+    async def ready(self, *, timeout_s: float = 2.0) -> bool:
+        """Whether the LLM service's standard health check reports SERVING."""
+        stub = health_pb2_grpc.HealthStub(self._connect())
+        try:
+            reply = await stub.Check(
+                health_pb2.HealthCheckRequest(service=LLM_SERVICE_NAME), timeout=timeout_s
+            )
+        except grpc.RpcError as e:
+            logger.debug("llm health check failed: %s", e)
+            return False
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+    async def close(self) -> None:
+        """Close the channel."""
+        if self._channel is not None:
+            await self._channel.close()
+        self._channel = None
+        self._stub = None

@@ -1,0 +1,416 @@
+"""The OpenAI chat API as vLLM accepts and produces it (reference/SERVING_NOTES.md section 2).
+
+Request models validate what a client sends to POST /v1/chat/completions and convert it into a
+`gateway.domain.ChatRequest`; response models produce the exact JSON shapes vLLM returns:
+`chat.completion`, `chat.completion.chunk` (serialized with exclude_unset, so fields set to
+None appear as null), the usage-only final chunk (exclude_none), the model list and the error
+body. Unknown request fields are ignored, as OpenAI and vLLM do.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from gateway.domain import ChatRequest, MediaItem, ModelEntry, Part, Turn
+from services.common.errors import InvalidArgumentError
+
+ACCEPTED_PARTS = ("text", "image_url")
+# Part types vLLM knows that this preset cannot take; named in the error so clients see why.
+KNOWN_UNSUPPORTED_PARTS = (
+    "video_url",
+    "input_audio",
+    "audio_url",
+    "image_embeds",
+    "audio_embeds",
+    "image_pil",
+    "prompt_embeds",
+    "file",
+    "input_event",
+    "event_url",
+)
+_ACCEPTED = "this preset accepts only 'text' and 'image_url' content parts"
+
+
+class _Lenient(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+def _invalid(kind: str, message: str) -> PydanticCustomError:
+    """A validation error whose message is shown as is (no context, so no {placeholders})."""
+    return PydanticCustomError(kind, message)
+
+
+# ---------------------------------------------------------------------------------------------
+# Request
+
+
+class ImageURL(_Lenient):
+    """`{"url": ..., "detail": ...}` of an image_url part."""
+
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+def _image_url_form(value: Any) -> Any:
+    # The "simple" form {"type": "image_url", "image_url": "https://..."} that vLLM accepts.
+    return {"url": value} if isinstance(value, str) else value
+
+
+class ContentPart(_Lenient):
+    """One content part: `{"type": "text", "text": ...}` or `{"type": "image_url", ...}`."""
+
+    type: Literal["text", "image_url"]
+    text: str | None = None
+    image_url: Annotated[ImageURL | None, BeforeValidator(_image_url_form)] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_type(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            raise _invalid(
+                "content_part_type",
+                "expected a content part object such as {'type': 'text', 'text': '...'}, "
+                f"got {type(value).__name__}",
+            )
+        kind = value.get("type")
+        if kind is None:
+            raise _invalid("content_part_type", "content part has no 'type'; " + _ACCEPTED)
+        if kind not in ACCEPTED_PARTS:
+            known = "is not supported" if kind in KNOWN_UNSUPPORTED_PARTS else "is unknown"
+            raise _invalid("content_part_type", f"content part type {kind!r} {known}; {_ACCEPTED}")
+        return value
+
+    @model_validator(mode="after")
+    def _has_payload(self) -> ContentPart:
+        if self.type == "text" and self.text is None:
+            raise _invalid("content_part", "a 'text' part needs a 'text' string")
+        if self.type == "image_url" and self.image_url is None:
+            raise _invalid(
+                "content_part", "an 'image_url' part needs 'image_url': {'url': '...'} or a URL string"
+            )
+        return self
+
+
+def _content_form(value: Any) -> Any:
+    if isinstance(value, str):
+        return [{"type": "text", "text": value}]
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise _invalid(
+            "content_type", f"expected a string or a list of content parts, got {type(value).__name__}"
+        )
+    return value
+
+
+class ChatMessageParam(_Lenient):
+    """One message of the request."""
+
+    role: Literal["system", "user", "assistant"]
+    content: Annotated[list[ContentPart], BeforeValidator(_content_form)] = Field(default_factory=list)
+    name: str | None = None
+
+
+class StreamOptions(_Lenient):
+    """`stream_options`; only include_usage changes what is sent."""
+
+    include_usage: bool | None = False
+    continuous_usage_stats: bool | None = False
+
+
+def _stop_form(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
+
+
+class ChatCompletionRequest(_Lenient):
+    """The body of POST /v1/chat/completions (the fields modalmesh uses; others are ignored)."""
+
+    messages: list[ChatMessageParam]
+    model: str | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop: Annotated[list[str] | None, BeforeValidator(_stop_form)] = None
+    n: int | None = 1
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    request_id: str | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _only_one_choice(cls, n: int | None) -> int | None:
+        if n is not None and n != 1:
+            raise _invalid("n_unsupported", f"only n=1 is supported, got {n}")
+        return n
+
+    @property
+    def include_usage(self) -> bool:
+        """Whether a streamed reply ends with the usage-only chunk."""
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def to_domain(self, request_id: str) -> ChatRequest:
+        """The transport-independent request (max_completion_tokens wins over max_tokens)."""
+        turns = []
+        for i, message in enumerate(self.messages):
+            parts: list[Part] = []
+            for j, part in enumerate(message.content):
+                if part.image_url is not None and part.type == "image_url":
+                    param = f"messages[{i}].content[{j}]"
+                    parts.append(MediaItem("image", url=part.image_url.url, param=param))
+                elif part.text is not None:
+                    parts.append(part.text)
+            turns.append(Turn(message.role, tuple(parts)))
+        use_completion = self.max_completion_tokens is not None
+        return ChatRequest(
+            model=self.model,
+            turns=turns,
+            request_id=request_id,
+            max_tokens=self.max_completion_tokens if use_completion else self.max_tokens,
+            max_tokens_param="max_completion_tokens" if use_completion else "max_tokens",
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            seed=self.seed,
+            stop=list(self.stop or []),
+        )
+
+
+# Error types whose message already says what came; others get "(got <input>)" appended.
+_SELF_EXPLAINING = ("missing", "content_part", "content_part_type", "content_type", "n_unsupported")
+
+
+def format_loc(loc: tuple[int | str, ...]) -> str:
+    """("body", "messages", 0, "content", 1) -> "messages[0].content[1]"."""
+    out = ""
+    for item in loc:
+        if isinstance(item, int):
+            out += f"[{item}]"
+        elif item != "body" or out:
+            out += f".{item}" if out else str(item)
+    return out
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def validation_error(errors: list[Any]) -> InvalidArgumentError:
+    """One 400 error from pydantic/FastAPI validation errors: the field, what was expected, got.
+
+    The message and `param` name the first problem and count the others; malformed JSON is
+    reported with the decoder's message and position.
+    """
+    err = errors[0]
+    loc = tuple(err.get("loc", ()))
+    if err.get("type") == "json_invalid":
+        pos = loc[-1] if loc and isinstance(loc[-1], int) else None
+        where = f" at position {pos}" if pos is not None else ""
+        reason = (err.get("ctx") or {}).get("error", "JSON decode error")
+        return InvalidArgumentError(f"the request body is not valid JSON: {reason}{where}")
+    field = format_loc(loc) or "body"
+    message = f"{field}: {err.get('msg', 'invalid value')}"
+    if err.get("type") not in _SELF_EXPLAINING:
+        message += f" (got {_short(err.get('input'))})"
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+    return InvalidArgumentError(message, param=field)
+
+
+def parse_chat_request(body: Any) -> ChatCompletionRequest:
+    """Validate a decoded JSON body.
+
+    Raises:
+        InvalidArgumentError: The body does not match the schema; the message names the field.
+    """
+    try:
+        return ChatCompletionRequest.model_validate(body)
+    except ValidationError as e:
+        raise validation_error(e.errors(include_url=False)) from e
+
+
+# ---------------------------------------------------------------------------------------------
+# Responses
+
+
+class UsageInfo(BaseModel):
+    """Token counts of a reply."""
+
+    prompt_tokens: int = 0
+    total_tokens: int = 0
+    completion_tokens: int | None = 0
+    prompt_tokens_details: dict[str, int] | None = None
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> UsageInfo:
+        """Usage with the total filled in."""
+        return cls(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        )
+
+
+class AssistantMessage(BaseModel):
+    """The reply message of a non-streamed response."""
+
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+    refusal: str | None = None
+    annotations: Any | None = None
+    audio: Any | None = None
+    function_call: Any | None = None
+    reasoning: str | None = None
+
+
+class ChatCompletionChoice(BaseModel):
+    """One choice of a non-streamed response."""
+
+    index: int = 0
+    message: AssistantMessage
+    logprobs: Any | None = None
+    finish_reason: str | None = "stop"
+    stop_reason: int | str | None = None
+    token_ids: list[int] | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    """`chat.completion`."""
+
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatCompletionChoice]
+    service_tier: str | None = None
+    system_fingerprint: str | None = None
+    usage: UsageInfo
+    prompt_logprobs: Any | None = None
+    prompt_token_ids: list[int] | None = None
+    kv_transfer_params: dict[str, Any] | None = None
+
+
+class DeltaMessage(BaseModel):
+    """The `delta` of a streamed chunk; only the fields that were set are sent."""
+
+    role: str | None = None
+    content: str | None = None
+
+
+class ChatCompletionStreamChoice(BaseModel):
+    """One choice of a streamed chunk."""
+
+    index: int = 0
+    delta: DeltaMessage
+    logprobs: Any | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    token_ids: list[int] | None = None
+
+
+class ChatCompletionStreamResponse(BaseModel):
+    """`chat.completion.chunk`."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatCompletionStreamChoice]
+    usage: UsageInfo | None = None
+
+
+def role_chunk(completion_id: str, created: int, model: str) -> dict[str, Any]:
+    """The first chunk: delta {"role": "assistant", "content": ""}."""
+    choice = ChatCompletionStreamChoice(
+        index=0,
+        delta=DeltaMessage(role="assistant", content=""),
+        logprobs=None,
+        finish_reason=None,
+    )
+    chunk = ChatCompletionStreamResponse(
+        id=completion_id, object="chat.completion.chunk", created=created, model=model, choices=[choice]
+    )
+    return chunk.model_dump(exclude_unset=True)
+
+
+def content_chunk(
+    completion_id: str,
+    created: int,
+    model: str,
+    text: str,
+    finish_reason: str | None = None,
+    stop_reason: str | None = None,
+) -> dict[str, Any]:
+    """A text chunk; with `finish_reason` it is the last chunk of the choice."""
+    fields: dict[str, Any] = {
+        "index": 0,
+        "delta": DeltaMessage(content=text),
+        "logprobs": None,
+        "finish_reason": finish_reason,
+    }
+    if finish_reason is not None:
+        fields["stop_reason"] = stop_reason
+    fields["token_ids"] = None
+    chunk = ChatCompletionStreamResponse(
+        id=completion_id,
+        object="chat.completion.chunk",
+        created=created,
+        model=model,
+        choices=[ChatCompletionStreamChoice(**fields)],
+    )
+    return chunk.model_dump(exclude_unset=True)
+
+
+def usage_chunk(completion_id: str, created: int, model: str, usage: UsageInfo) -> dict[str, Any]:
+    """The usage-only final chunk (choices: []), serialized with exclude_none."""
+    chunk = ChatCompletionStreamResponse(
+        id=completion_id, created=created, model=model, choices=[], usage=usage
+    )
+    return chunk.model_dump(exclude_none=True)
+
+
+class ModelCard(BaseModel):
+    """One entry of GET /v1/models."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "modalmesh"
+    root: str | None = None
+    parent: str | None = None
+    max_model_len: int | None = None
+    permission: list[dict[str, Any]] = Field(default_factory=list)
+
+    @classmethod
+    def of(cls, entry: ModelEntry) -> ModelCard:
+        """The card of a served model entry."""
+        return cls(
+            id=entry.id,
+            created=entry.created,
+            root=entry.root,
+            parent=entry.parent,
+            max_model_len=entry.max_model_len,
+        )
+
+
+class ModelList(BaseModel):
+    """GET /v1/models."""
+
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

@@ -1,0 +1,427 @@
+"""The chat logic shared by the REST and gRPC front ends, independent of either transport.
+
+`ChatService.prepare` validates a `gateway.domain.ChatRequest`, loads every media item
+concurrently (fetch or inline bytes -> sha256 -> Redis feature cache -> encoder service on a
+miss -> cache store) and builds the LLM service's `GenerateRequest`; every client error is
+raised there, before a reply starts. `ChatService.generate` then streams `TextDelta` events
+and one closing `Finished` from LLM.Generate. Closing that iterator cancels the generation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from gateway.domain import ROLES, ChatRequest, Event, Finished, MediaItem, ModelEntry, TextDelta
+from gateway.feature_cache import FeatureCache, content_digest
+from gateway.llm_client import LLMClient
+from gateway.media import MediaFetcher
+from gateway.metrics import GatewayMetrics
+from modalmesh.v1 import llm_pb2
+from services.common.errors import (
+    InvalidArgumentError,
+    ModalmeshError,
+    NotFoundError,
+    PayloadTooLargeError,
+)
+from services.common.presets import Preset
+from services.common.settings import Settings
+from services.common.tensor_codec import array_to_tensor
+
+logger = logging.getLogger(__name__)
+
+_FINISH_REASONS = {llm_pb2.FINISH_REASON_STOP: "stop", llm_pb2.FINISH_REASON_LENGTH: "length"}
+_UINT32_MAX = 2**32 - 1
+
+
+class Encoder(Protocol):
+    """What serving needs of the encoder service's client (services.encoders.client)."""
+
+    async def encode(
+        self, model: str, items: list[bytes], *, request_id: str | None, timeout_s: float
+    ) -> list[np.ndarray]: ...
+
+    async def ready(self, model: str) -> bool: ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass
+class PreparedChat:
+    """A validated request whose media are encoded, ready for `ChatService.generate`.
+
+    Attributes:
+        id: "chatcmpl-<request id>".
+        created: Unix seconds, the same in every chunk of the reply.
+        model: The model name echoed in the reply (as the client named it).
+        generate_request: What goes to LLM.Generate.
+        started: time.monotonic() when the request arrived (for latency metrics).
+    """
+
+    id: str
+    created: int
+    model: str
+    generate_request: llm_pb2.GenerateRequest
+    started: float
+
+
+class ChatService:
+    """Validates, loads media, consults the feature cache and the encoders, streams from the LLM.
+
+    Args:
+        settings: Limits, timeouts and addresses.
+        preset: The served preset (only its YAML is needed, not its weights).
+        encoder: Client of the encoder service.
+        llm: Client of the LLM service.
+        cache: The Redis feature cache.
+        fetcher: Loads media URLs.
+        metrics: Where to record; a fresh registry by default.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        preset: Preset,
+        *,
+        encoder: Encoder,
+        llm: LLMClient,
+        cache: FeatureCache,
+        fetcher: MediaFetcher,
+        metrics: GatewayMetrics | None = None,
+    ) -> None:
+        self.settings = settings
+        self.preset = preset
+        self.encoder = encoder
+        self.llm = llm
+        self.cache = cache
+        self.fetcher = fetcher
+        self.metrics = metrics if metrics is not None else GatewayMetrics()
+        self.created = int(time.time())
+
+    @classmethod
+    def from_settings(cls, settings: Settings, preset: Preset) -> ChatService:
+        """The service with real clients for the addresses in `settings`."""
+        # Imported here: the encoder service's package is only needed by a running gateway.
+        from services.encoders.client import EncoderClient
+
+        return cls(
+            settings,
+            preset,
+            encoder=EncoderClient(settings.encoder_target(), settings=settings),
+            llm=LLMClient(settings.llm_target(), settings=settings),
+            cache=FeatureCache(settings.redis_url, ttl_s=settings.feature_cache_ttl_s),
+            fetcher=MediaFetcher(
+                max_bytes=settings.media_max_bytes, timeout_s=settings.image_fetch_timeout_s
+            ),
+        )
+
+    # -- validation ----------------------------------------------------------------------------
+
+    def resolve_model(self, name: str | None) -> tuple[str, str]:
+        """(name to echo, adapter for the LLM service: "" = current, or "name@version").
+
+        Raises:
+            NotFoundError: Not the preset's name nor "<preset>@<version>".
+        """
+        served, adapter = self.preset.name, self.preset.adapter.name
+        if not name or name in (served, adapter):
+            return name or served, ""
+        base, sep, version = name.partition("@")
+        if sep and version and base in (served, adapter):
+            return name, f"{adapter}@{version}"
+        raise NotFoundError(
+            f"The model {name!r} does not exist; this gateway serves {served!r} "
+            f"(or {served}@<version> to pin an adapter version; see GET /v1/models)",
+            param="model",
+        )
+
+    def _sampling(self, request: ChatRequest) -> llm_pb2.SamplingParams:
+        max_tokens = request.max_tokens
+        if max_tokens is None:
+            max_tokens = self.settings.default_max_tokens
+        limit = min(self.preset.llm.max_context_tokens, _UINT32_MAX)
+        if not 0 < max_tokens <= limit:
+            expected = (
+                "a positive integer" if max_tokens <= 0 else (f"at most {limit} (the model's context length)")
+            )
+            raise InvalidArgumentError(
+                f"{request.max_tokens_param}: expected {expected}, got {max_tokens}",
+                param=request.max_tokens_param,
+            )
+        t, p, k = request.temperature, request.top_p, request.top_k
+        if t is not None and not (math.isfinite(t) and t >= 0):
+            raise InvalidArgumentError(f"temperature: expected a number >= 0, got {t}", param="temperature")
+        if p is not None and not (math.isfinite(p) and 0 < p <= 1):
+            raise InvalidArgumentError(f"top_p: expected a number in (0, 1], got {p}", param="top_p")
+        if k is not None and not -1 <= k <= _UINT32_MAX:
+            raise InvalidArgumentError(
+                f"top_k: expected 0 or -1 (disabled) or a positive integer, got {k}", param="top_k"
+            )
+        if request.seed is not None and not -(2**63) <= request.seed < 2**63:
+            raise InvalidArgumentError(f"seed: expected a 64-bit integer, got {request.seed}", param="seed")
+        return llm_pb2.SamplingParams(
+            max_tokens=max_tokens,
+            temperature=t,
+            top_p=p,
+            top_k=max(k or 0, 0),
+            seed=request.seed,
+            stop=[s for s in request.stop if s],
+        )
+
+    def validate(self, request: ChatRequest) -> tuple[str, str, llm_pb2.SamplingParams]:
+        """Check a request against the preset and limits: (echo name, adapter, sampling).
+
+        Raises:
+            InvalidArgumentError: Empty conversation, bad role, bad sampling value, too many
+                images, or images for a preset without an image encoder.
+            NotFoundError: Unknown model.
+        """
+        if not request.turns:
+            raise InvalidArgumentError(
+                "messages: expected at least one message, got an empty list", param="messages"
+            )
+        for i, turn in enumerate(request.turns):
+            if turn.role not in ROLES:
+                raise InvalidArgumentError(
+                    f"messages[{i}].role: expected one of {', '.join(ROLES)}, got {turn.role!r}",
+                    param=f"messages[{i}].role",
+                )
+        model, adapter = self.resolve_model(request.model)
+        sampling = self._sampling(request)
+        self._check_media_counts(request.media())
+        return model, adapter, sampling
+
+    def _check_media_counts(self, media: list[MediaItem]) -> None:
+        for modality in sorted({m.modality for m in media}):
+            count = sum(1 for m in media if m.modality == modality)
+            spec = self.preset.modalities.get(modality)  # type: ignore[call-overload]
+            if spec is None:
+                raise InvalidArgumentError(
+                    f"this preset ({self.preset.name}) accepts no {modality} input, got {count}",
+                    param="messages",
+                )
+            if count > spec.max_per_prompt:
+                raise InvalidArgumentError(
+                    f"at most {spec.max_per_prompt} {modality}s per request, got {count}", param="messages"
+                )
+
+    # -- media -----------------------------------------------------------------------------------
+
+    async def _bytes_of(self, item: MediaItem) -> bytes:
+        if item.data is not None:
+            if len(item.data) > self.settings.media_max_bytes:
+                raise PayloadTooLargeError(
+                    f"{item.modality} is {len(item.data)} bytes, over the limit of "
+                    f"{self.settings.media_max_bytes} bytes"
+                )
+            if not item.data:
+                raise InvalidArgumentError(f"{item.modality} data is empty")
+            return item.data
+        if item.url is None:
+            raise InvalidArgumentError(f"{item.modality} part has neither a URL nor data")
+        started = time.monotonic()
+        data = await self.fetcher.load(item.url)
+        self.metrics.stage_latency.labels(stage="fetch").observe(time.monotonic() - started)
+        return data
+
+    async def _features_of(self, item: MediaItem, request_id: str) -> np.ndarray:
+        """One item's encoder features: from the cache, or from the encoder (then cached)."""
+        try:
+            data = await self._bytes_of(item)
+            model = self.preset.triton_model(item.modality)
+            digest = content_digest(data)
+            cached = await self.cache.get(model, digest)
+            self.metrics.feature_cache.labels(result="hit" if cached is not None else "miss").inc()
+            if cached is not None:
+                return cached
+            started = time.monotonic()
+            (features,) = await self.encoder.encode(
+                model, [data], request_id=request_id, timeout_s=self.settings.encoder_timeout_s
+            )
+            self.metrics.stage_latency.labels(stage="encode").observe(time.monotonic() - started)
+            await self.cache.put(model, digest, features)
+            return features
+        except InvalidArgumentError as e:
+            raise _about(item, e) from e
+
+    async def _all_features(self, request: ChatRequest) -> list[np.ndarray]:
+        media = request.media()
+        if not media:
+            return []
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(self._features_of(m, request.request_id)) for m in media]
+        except BaseExceptionGroup as eg:
+            raise _first_error(eg) from None
+        return [t.result() for t in tasks]
+
+    # -- generation ------------------------------------------------------------------------------
+
+    async def prepare(self, request: ChatRequest) -> PreparedChat:
+        """Validate, load and encode the media, and build the GenerateRequest.
+
+        Raises:
+            ModalmeshError: Any client error (400/404/413) or an unavailable encoder (503).
+        """
+        started = time.monotonic()
+        model, adapter, sampling = self.validate(request)
+        features = await self._all_features(request)
+        media_items = request.media()
+        generate = llm_pb2.GenerateRequest(request_id=request.request_id, adapter=adapter, sampling=sampling)
+        index = 0
+        for turn in request.turns:
+            parts = []
+            for part in turn.parts:
+                if isinstance(part, str):
+                    parts.append(llm_pb2.TurnPart(text=part))
+                else:
+                    parts.append(llm_pb2.TurnPart(media_index=index))
+                    index += 1
+            generate.turns.append(llm_pb2.Turn(role=turn.role, parts=parts))
+        for item, array in zip(media_items, features, strict=True):
+            generate.media.append(
+                llm_pb2.MediaFeatures(modality=item.modality, features=array_to_tensor(array))
+            )
+        return PreparedChat(
+            id=f"chatcmpl-{request.request_id}",
+            created=int(time.time()),
+            model=model,
+            generate_request=generate,
+            started=started,
+        )
+
+    async def generate(
+        self, prepared: PreparedChat, *, transport: str = "http"
+    ) -> AsyncGenerator[Event, None]:
+        """Stream the reply: TextDelta events, then one Finished.
+
+        Closing the iterator early (client gone) cancels the LLM call.
+
+        Raises:
+            ModalmeshError: The LLM service failed (UNAVAILABLE -> 503, NOT_FOUND adapter -> 404...).
+        """
+        first = True
+        async with contextlib.aclosing(self.llm.generate(prepared.generate_request)) as chunks:
+            async for chunk in chunks:
+                if chunk.text and first:
+                    first = False
+                    self.metrics.ttft.labels(transport=transport).observe(time.monotonic() - prepared.started)
+                if chunk.finish_reason != llm_pb2.FINISH_REASON_UNSPECIFIED:
+                    yield self._finished(prepared, chunk, transport)
+                    return
+                if chunk.text:
+                    yield TextDelta(chunk.text)
+        raise ModalmeshError("the llm service ended the reply without a finish reason")
+
+    def _finished(self, prepared: PreparedChat, chunk: llm_pb2.GenerateChunk, transport: str) -> Finished:
+        usage = chunk.usage
+        self.metrics.e2e_latency.labels(transport=transport).observe(time.monotonic() - prepared.started)
+        self.metrics.prompt_tokens.inc(usage.prompt_tokens)
+        self.metrics.completion_tokens.inc(usage.completion_tokens)
+        return Finished(
+            text=chunk.text,
+            finish_reason=_FINISH_REASONS.get(chunk.finish_reason, "stop"),
+            stop_reason=chunk.stop_reason or None,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+        )
+
+    # -- models and health -----------------------------------------------------------------------
+
+    async def list_models(self) -> list[ModelEntry]:
+        """The preset, then each adapter version the LLM service has loaded (current first).
+
+        The preset is listed even when the LLM service does not answer.
+        """
+        served = self.preset.name
+        max_len = self.preset.llm.max_context_tokens
+        entries = [
+            ModelEntry(id=served, root=served, parent=None, created=self.created, max_model_len=max_len)
+        ]
+        try:
+            info = await self.llm.model_info()
+        except ModalmeshError as e:
+            logger.info("listing models without adapter versions: %s", e.message)
+            return entries
+        seen = {served}
+        for adapter in [info.adapter, *info.adapters]:
+            _, sep, version = adapter.partition("@")
+            entry_id = f"{served}@{version}"
+            if not sep or not version or entry_id in seen:
+                continue
+            seen.add(entry_id)
+            created = info.created if adapter == info.adapter and info.created else self.created
+            entries.append(
+                ModelEntry(id=entry_id, root=adapter, parent=served, created=created, max_model_len=max_len)
+            )
+        return entries
+
+    async def _encoder_ready(self, model: str) -> bool:
+        try:
+            return bool(await asyncio.wait_for(self.encoder.ready(model), timeout=2.0))
+        except Exception as e:  # a health probe must answer, whatever the client raises
+            logger.debug("encoder readiness check of %s failed: %s", model, e)
+            return False
+
+    async def readiness(self) -> dict[str, str | None]:
+        """Each dependency -> None when ready, else why not ("llm", "encoder")."""
+        models = [self.preset.triton_model(m) for m in self.preset.modalities]
+        llm_ok, *encoders_ok = await asyncio.gather(
+            self.llm.ready(), *(self._encoder_ready(m) for m in models)
+        )
+        down = [m for m, ok in zip(models, encoders_ok, strict=True) if not ok]
+        return {
+            "llm": None if llm_ok else f"the llm service at {self.llm.target} is not ready",
+            "encoder": None
+            if not down
+            else (
+                f"the encoder service at {self.settings.encoder_target()} is not ready for {', '.join(down)}"
+            ),
+        }
+
+    async def aclose(self) -> None:
+        """Close every client."""
+        await self.fetcher.aclose()
+        await self.cache.aclose()
+        await self.llm.close()
+        await self.encoder.close()
+
+
+def _about(item: MediaItem, error: InvalidArgumentError) -> InvalidArgumentError:
+    """The client error naming the part it is about, e.g. "messages[0].content[1]: ..."."""
+    if not item.param or error.param is not None:
+        return error
+    detail = error.message
+    index = getattr(error, "index", None)  # the encoder client's EncoderItemError
+    if index is not None:
+        # "image 0: not an image ..." numbers the item within that encode call; the part's
+        # place in the request says more.
+        detail = detail.removeprefix(f"{item.modality} {index}: ")
+    cls = PayloadTooLargeError if isinstance(error, PayloadTooLargeError) else InvalidArgumentError
+    return cls(f"{item.param}: {detail}", param=item.param)
+
+
+def _first_error(group: BaseExceptionGroup) -> BaseException:
+    """The error to report from a task group: a modalmesh error if any, else the first one."""
+    flat: list[BaseException] = []
+
+    def walk(eg: BaseExceptionGroup) -> None:
+        for e in eg.exceptions:
+            if isinstance(e, BaseExceptionGroup):
+                walk(e)
+            else:
+                flat.append(e)
+
+    walk(group)
+    for e in flat:
+        if isinstance(e, ModalmeshError):
+            return e
+    return flat[0]

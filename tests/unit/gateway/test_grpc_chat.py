@@ -1,0 +1,163 @@
+"""modalmesh.v1.Chat/Complete over a real grpc.aio server and the stand-in backends."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+
+from gateway.grpc_chat import CHAT_SERVICE_NAME, ChatServicer, to_domain
+from gateway.serving import ChatService
+from modalmesh.v1 import chat_pb2, chat_pb2_grpc
+from services.common.grpc_server import GrpcServer
+from services.common.settings import Settings
+from tests.unit.gateway.support import FakeLLM
+
+
+async def start_chat_server(settings: Settings, service: ChatService) -> tuple[GrpcServer, str]:
+    server = GrpcServer(settings, service_names=[CHAT_SERVICE_NAME])
+    chat_pb2_grpc.add_ChatServicer_to_server(ChatServicer(service), server.server)
+    port = server.bind("127.0.0.1", 0)
+    await server.start()
+    return server, f"127.0.0.1:{port}"
+
+
+@pytest.fixture
+async def stub(settings: Settings, service: ChatService) -> AsyncIterator[chat_pb2_grpc.ChatStub]:
+    server, address = await start_chat_server(settings, service)
+    async with grpc.aio.insecure_channel(address) as channel:
+        yield chat_pb2_grpc.ChatStub(channel)
+    await server.server.stop(None)
+
+
+@pytest.fixture
+async def down_stub(settings: Settings, down_service: ChatService) -> AsyncIterator[chat_pb2_grpc.ChatStub]:
+    server, address = await start_chat_server(settings, down_service)
+    async with grpc.aio.insecure_channel(address) as channel:
+        yield chat_pb2_grpc.ChatStub(channel)
+    await server.server.stop(None)
+
+
+def request(*parts: chat_pb2.ChatContentPart, **fields: object) -> chat_pb2.ChatRequest:
+    fields.setdefault("model", "tiny")
+    return chat_pb2.ChatRequest(messages=[chat_pb2.ChatMessage(role="user", content=parts)], **fields)  # type: ignore[arg-type]
+
+
+def text(t: str) -> chat_pb2.ChatContentPart:
+    return chat_pb2.ChatContentPart(text=t)
+
+
+def image(data: bytes | None = None, url: str | None = None) -> chat_pb2.ChatContentPart:
+    media = chat_pb2.MediaInput(data=data) if data is not None else chat_pb2.MediaInput(url=url)
+    return chat_pb2.ChatContentPart(image=media)
+
+
+async def failure(stub: chat_pb2_grpc.ChatStub, req: chat_pb2.ChatRequest) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        async for _ in stub.Complete(req):
+            pass
+    return info.value
+
+
+def test_to_domain() -> None:
+    req = request(
+        text("a"),
+        image(data=b"x"),
+        image(url="https://e/x.png"),
+        max_tokens=3,
+        temperature=0.0,
+        stop=["."],
+        request_id="ignored-here",
+    )
+    chat = to_domain(req, "rid")
+    assert chat.request_id == "rid" and chat.max_tokens == 3 and chat.temperature == 0.0
+    assert chat.top_p is None and chat.top_k is None and chat.seed is None
+    assert chat.turns[0].parts[0] == "a"
+    media = chat.media()
+    assert media[0].data == b"x" and media[1].url == "https://e/x.png"
+    assert [m.param for m in media] == ["messages[0].content[1]", "messages[0].content[2]"]
+
+
+async def test_complete_streams_deltas_then_usage(
+    stub: chat_pb2_grpc.ChatStub, llm_server: tuple[FakeLLM, str], png: bytes
+) -> None:
+    url = "data:image/png;base64," + base64.b64encode(png).decode()
+    req = request(text("what?"), image(data=png), image(url=url), max_tokens=8, request_id="grpc-req-1")
+    chunks = [c async for c in stub.Complete(req)]
+    assert [c.delta for c in chunks] == ["Hello", " there", "!"]
+    assert [c.finish_reason for c in chunks] == ["", "", "stop"]
+    assert {c.id for c in chunks} == {"chatcmpl-grpc-req-1"}
+    assert {c.model for c in chunks} == {"tiny"}
+    assert not chunks[0].HasField("usage")
+    assert (
+        chunks[-1].usage.prompt_tokens,
+        chunks[-1].usage.completion_tokens,
+        chunks[-1].usage.total_tokens,
+    ) == (42, 3, 45)
+    fake = llm_server[0]
+    assert fake.request_ids == ["grpc-req-1"] and len(fake.requests[0].media) == 2
+
+
+async def test_request_id_from_metadata(
+    stub: chat_pb2_grpc.ChatStub, llm_server: tuple[FakeLLM, str]
+) -> None:
+    call = stub.Complete(request(text("hi")), metadata=(("x-request-id", "meta-1"),))
+    assert {c.id async for c in call} == {"chatcmpl-meta-1"}
+    assert llm_server[0].request_ids == ["meta-1"]
+
+
+async def test_invalid_argument(stub: chat_pb2_grpc.ChatStub) -> None:
+    e = await failure(stub, chat_pb2.ChatRequest(model="tiny"))
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.details() == "messages: expected at least one message, got an empty list"
+    e = await failure(stub, request(text("hi"), max_tokens=0))
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.details() == "max_tokens: expected a positive integer, got 0"
+    e = await failure(stub, request(image(data=os.urandom(200))))
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.details() == "messages[0].content[0]: not an image: cannot identify image file"
+    e = await failure(stub, request(image(url="ftp://x/y.png")))
+    assert e.details().endswith("accepted schemes are http, https and data")
+
+
+async def test_media_over_the_limit(stub: chat_pb2_grpc.ChatStub, settings: Settings) -> None:
+    e = await failure(stub, request(image(data=b"\x89PNG" + bytes(settings.media_max_bytes))))
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "over the limit of" in e.details()
+
+
+async def test_bad_role(stub: chat_pb2_grpc.ChatStub) -> None:
+    req = chat_pb2.ChatRequest(messages=[chat_pb2.ChatMessage(role="robot", content=[text("x")])])
+    e = await failure(stub, req)
+    assert e.details() == "messages[0].role: expected one of system, user, assistant, got 'robot'"
+
+
+async def test_not_found(stub: chat_pb2_grpc.ChatStub) -> None:
+    e = await failure(stub, request(text("hi"), model="llama-70b"))
+    assert e.code() == grpc.StatusCode.NOT_FOUND
+    assert e.details().startswith("The model 'llama-70b' does not exist")
+
+
+async def test_llm_down_is_unavailable(down_stub: chat_pb2_grpc.ChatStub, down_service: ChatService) -> None:
+    e = await failure(down_stub, request(text("hi")))
+    assert e.code() == grpc.StatusCode.UNAVAILABLE
+    assert e.details().startswith("the llm service is unavailable: ")
+    metrics = down_service.metrics.render()[0].decode()
+    assert 'modalmesh_gateway_requests_total{route="grpc:Complete",status="UNAVAILABLE"} 1.0' in metrics
+
+
+async def test_client_cancel_cancels_generation(
+    stub: chat_pb2_grpc.ChatStub, llm_server: tuple[FakeLLM, str]
+) -> None:
+    fake = llm_server[0]
+    fake.pieces, fake.delay_s = ["tok"] * 400, 0.05
+    call = stub.Complete(request(text("hi")))
+    async for chunk in call:
+        assert chunk.delta == "tok"
+        break
+    call.cancel()
+    await asyncio.wait_for(fake.cancelled.wait(), timeout=5)

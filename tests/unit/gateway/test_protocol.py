@@ -1,0 +1,328 @@
+"""OpenAI request parsing (every content form, every invalid form) and response shapes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from gateway.domain import MediaItem
+from gateway.protocol import (
+    ChatCompletionRequest,
+    ModelCard,
+    ModelList,
+    UsageInfo,
+    content_chunk,
+    format_loc,
+    parse_chat_request,
+    role_chunk,
+    usage_chunk,
+)
+from services.common.errors import InvalidArgumentError
+
+URL = "https://example.com/cat.png"
+
+
+def user(content: Any) -> dict[str, Any]:
+    return {"model": "tiny", "messages": [{"role": "user", "content": content}]}
+
+
+def rejected(body: Any) -> InvalidArgumentError:
+    with pytest.raises(InvalidArgumentError) as info:
+        parse_chat_request(body)
+    assert info.value.http_status == 400
+    return info.value
+
+
+# ---- content forms ------------------------------------------------------------------------
+
+
+def test_string_content_becomes_one_text_part() -> None:
+    req = parse_chat_request(user("hello"))
+    chat = req.to_domain("rid")
+    assert chat.turns[0].role == "user"
+    assert chat.turns[0].parts == ("hello",)
+    assert chat.request_id == "rid"
+    assert chat.model == "tiny"
+
+
+def test_text_and_image_parts_keep_their_order() -> None:
+    req = parse_chat_request(
+        user(
+            [
+                {"type": "text", "text": "before"},
+                {"type": "image_url", "image_url": {"url": URL, "detail": "low"}},
+                {"type": "text", "text": "after"},
+            ]
+        )
+    )
+    parts = req.to_domain("r").turns[0].parts
+    assert parts[0] == "before" and parts[2] == "after"
+    assert parts[1] == MediaItem("image", url=URL, param="messages[0].content[1]")
+    assert req.messages[0].content[1].image_url is not None
+    assert req.messages[0].content[1].image_url.detail == "low"
+
+
+def test_simple_image_url_string_form() -> None:
+    req = parse_chat_request(user([{"type": "image_url", "image_url": URL}]))
+    (item,) = req.to_domain("r").media()
+    assert item.url == URL
+
+
+def test_data_url_is_kept_verbatim() -> None:
+    url = "data:image/png;base64,iVBORw0KGgo="
+    req = parse_chat_request(user([{"type": "image_url", "image_url": {"url": url}}]))
+    assert req.to_domain("r").media()[0].url == url
+
+
+def test_system_assistant_and_null_content() -> None:
+    req = parse_chat_request(
+        {
+            "messages": [
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": None},
+            ]
+        }
+    )
+    turns = req.to_domain("r").turns
+    assert [t.role for t in turns] == ["system", "user", "assistant"]
+    assert turns[2].parts == ()
+    assert req.model is None
+
+
+def test_media_params_count_across_messages() -> None:
+    req = parse_chat_request(
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "image_url", "image_url": URL}]},
+                {"role": "assistant", "content": "ok"},
+                {
+                    "role": "user",
+                    "content": [{"type": "text", "text": "and"}, {"type": "image_url", "image_url": URL}],
+                },
+            ]
+        }
+    )
+    assert [m.param for m in req.to_domain("r").media()] == [
+        "messages[0].content[0]",
+        "messages[2].content[1]",
+    ]
+
+
+# ---- sampling fields ----------------------------------------------------------------------
+
+
+def test_sampling_fields_and_unknown_extras() -> None:
+    req = parse_chat_request(
+        {
+            **user("x"),
+            "max_tokens": 7,
+            "temperature": 0.5,
+            "top_p": 0.9,
+            "top_k": 20,
+            "seed": 3,
+            "stop": "</s>",
+            "user": "u1",
+            "request_id": "abc",
+            "logprobs": False,
+            "tools": [],
+            "frequency_penalty": 0.0,
+            "mm_processor_kwargs": {},
+        }
+    )
+    chat = req.to_domain("r")
+    assert (chat.max_tokens, chat.max_tokens_param) == (7, "max_tokens")
+    assert (chat.temperature, chat.top_p, chat.top_k, chat.seed) == (0.5, 0.9, 20, 3)
+    assert chat.stop == ["</s>"]
+    assert req.request_id == "abc"
+
+
+def test_max_completion_tokens_wins() -> None:
+    chat = parse_chat_request({**user("x"), "max_tokens": 7, "max_completion_tokens": 9}).to_domain("r")
+    assert (chat.max_tokens, chat.max_tokens_param) == (9, "max_completion_tokens")
+
+
+def test_stop_list_and_stream_options() -> None:
+    req = parse_chat_request(
+        {**user("x"), "stop": ["a", "b"], "stream": True, "stream_options": {"include_usage": True}}
+    )
+    assert req.to_domain("r").stop == ["a", "b"]
+    assert req.stream and req.include_usage
+    assert not parse_chat_request({**user("x"), "stream": True}).include_usage
+
+
+def test_n_must_be_one() -> None:
+    assert parse_chat_request({**user("x"), "n": 1}).n == 1
+    err = rejected({**user("x"), "n": 2})
+    assert err.message == "n: only n=1 is supported, got 2"
+
+
+# ---- invalid forms ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["video_url", "input_audio", "audio_url", "image_embeds"])
+def test_other_vllm_part_types_are_refused_clearly(kind: str) -> None:
+    err = rejected(user([{"type": "text", "text": "x"}, {"type": kind, kind: {"url": URL}}]))
+    assert err.message == (
+        f"messages[0].content[1]: content part type {kind!r} is not supported; this preset "
+        "accepts only 'text' and 'image_url' content parts"
+    )
+    assert err.param == "messages[0].content[1]"
+
+
+def test_unknown_part_type() -> None:
+    err = rejected(user([{"type": "hologram"}]))
+    assert "content part type 'hologram' is unknown" in err.message
+    assert "accepts only 'text' and 'image_url'" in err.message
+
+
+def test_part_without_type() -> None:
+    err = rejected(user([{"text": "x"}]))
+    assert err.message.startswith("messages[0].content[0]: content part has no 'type'")
+
+
+def test_part_that_is_not_an_object() -> None:
+    err = rejected(user(["just a string"]))
+    assert err.message == (
+        "messages[0].content[0]: expected a content part object such as "
+        "{'type': 'text', 'text': '...'}, got str"
+    )
+
+
+def test_text_part_without_text() -> None:
+    err = rejected(user([{"type": "text"}]))
+    assert err.message == "messages[0].content[0]: a 'text' part needs a 'text' string"
+
+
+@pytest.mark.parametrize("image_url", [None, {}, {"detail": "low"}, 42])
+def test_image_part_without_url(image_url: Any) -> None:
+    err = rejected(user([{"type": "image_url", "image_url": image_url}]))
+    assert err.message.startswith("messages[0].content[0]")
+    assert "url" in err.message
+
+
+def test_bad_detail() -> None:
+    err = rejected(user([{"type": "image_url", "image_url": {"url": URL, "detail": "ultra"}}]))
+    assert err.message.startswith("messages[0].content[0].image_url.detail: Input should be")
+    assert "(got 'ultra')" in err.message
+
+
+def test_content_of_wrong_type() -> None:
+    err = rejected(user(42))
+    assert err.message == ("messages[0].content: expected a string or a list of content parts, got int")
+
+
+def test_bad_role() -> None:
+    err = rejected({"messages": [{"role": "tool", "content": "x"}]})
+    assert err.message == ("messages[0].role: Input should be 'system', 'user' or 'assistant' (got 'tool')")
+    assert err.param == "messages[0].role"
+
+
+def test_missing_messages() -> None:
+    err = rejected({"model": "tiny"})
+    assert err.message == "messages: Field required"
+
+
+def test_wrong_field_types_say_what_was_expected() -> None:
+    err = rejected({**user("x"), "max_tokens": "many"})
+    assert err.message.startswith("max_tokens: Input should be a valid integer")
+    assert "(got 'many')" in err.message
+    err = rejected({**user("x"), "temperature": "hot"})
+    assert err.message.startswith("temperature: Input should be a valid number")
+
+
+def test_body_that_is_not_an_object() -> None:
+    err = rejected([1, 2])
+    assert err.message.startswith("body: Input should be a valid dictionary")
+
+
+def test_several_problems_are_counted() -> None:
+    err = rejected({"messages": [{"role": "tool"}], "max_tokens": "x"})
+    assert "more problem" in err.message
+
+
+def test_format_loc() -> None:
+    assert (
+        format_loc(("body", "messages", 0, "content", 1, "image_url")) == "messages[0].content[1].image_url"
+    )
+    assert format_loc(("max_tokens",)) == "max_tokens"
+    assert format_loc(()) == ""
+
+
+# ---- response shapes ----------------------------------------------------------------------
+
+
+def test_role_chunk_shape() -> None:
+    assert role_chunk("chatcmpl-1", 5, "tiny") == {
+        "id": "chatcmpl-1",
+        "object": "chat.completion.chunk",
+        "created": 5,
+        "model": "tiny",
+        "choices": [
+            {
+                "index": 0,
+                "delta": {"role": "assistant", "content": ""},
+                "logprobs": None,
+                "finish_reason": None,
+            }
+        ],
+    }
+
+
+def test_content_and_last_chunk_shapes() -> None:
+    mid = content_chunk("c", 5, "tiny", "A cat")
+    assert mid["choices"] == [
+        {
+            "index": 0,
+            "delta": {"content": "A cat"},
+            "logprobs": None,
+            "finish_reason": None,
+            "token_ids": None,
+        }
+    ]
+    assert "usage" not in mid
+    last = content_chunk("c", 5, "tiny", ".", "stop", None)
+    assert last["choices"] == [
+        {
+            "index": 0,
+            "delta": {"content": "."},
+            "logprobs": None,
+            "finish_reason": "stop",
+            "stop_reason": None,
+            "token_ids": None,
+        }
+    ]
+
+
+def test_usage_chunk_shape() -> None:
+    chunk = usage_chunk("c", 5, "tiny", UsageInfo.of(11, 3))
+    assert chunk == {
+        "id": "c",
+        "object": "chat.completion.chunk",
+        "created": 5,
+        "model": "tiny",
+        "choices": [],
+        "usage": {"prompt_tokens": 11, "total_tokens": 14, "completion_tokens": 3},
+    }
+
+
+def test_model_list_shape() -> None:
+    card = ModelCard(id="tiny", created=1, root="tiny", max_model_len=1024)
+    body = ModelList(data=[card]).model_dump()
+    assert body["object"] == "list"
+    assert body["data"][0] | {"permission": []} == {
+        "id": "tiny",
+        "object": "model",
+        "created": 1,
+        "owned_by": "modalmesh",
+        "root": "tiny",
+        "parent": None,
+        "max_model_len": 1024,
+        "permission": [],
+    }
+
+
+def test_request_model_schema_ignores_extras() -> None:
+    req = ChatCompletionRequest.model_validate({**user("x"), "whatever": {"a": 1}})
+    assert not hasattr(req, "whatever")

@@ -1,0 +1,334 @@
+"""ChatService: validation rules, media -> features -> GenerateRequest, streaming, models, health."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import uuid
+
+import numpy as np
+import pytest
+import redis.asyncio as aioredis
+
+from gateway.domain import ChatRequest, Finished, MediaItem, TextDelta, Turn
+from gateway.feature_cache import FeatureCache
+from gateway.serving import ChatService
+from modalmesh.v1 import llm_pb2
+from services.common.errors import (
+    InvalidArgumentError,
+    ModalmeshError,
+    NotFoundError,
+    PayloadTooLargeError,
+    UnavailableError,
+)
+from services.common.tensor_codec import tensor_to_array
+from tests.unit.gateway.support import (
+    REDIS_URL,
+    FakeEncoder,
+    FakeLLM,
+    ServiceFactory,
+    needs_redis,
+)
+
+
+def chat(*parts: str | MediaItem, model: str | None = "tiny", **fields: object) -> ChatRequest:
+    return ChatRequest(model=model, turns=[Turn("user", parts)], request_id="req-1", **fields)  # type: ignore[arg-type]
+
+
+def image(data: bytes, n: int = 0) -> MediaItem:
+    return MediaItem("image", data=data, param=f"messages[0].content[{n}]")
+
+
+def image_url(data: bytes, n: int = 0) -> MediaItem:
+    url = "data:image/png;base64," + base64.b64encode(data).decode()
+    return MediaItem("image", url=url, param=f"messages[0].content[{n}]")
+
+
+def error_of(service: ChatService, request: ChatRequest) -> ModmeshErrorInfo:
+    with pytest.raises(ModalmeshError) as info:
+        service.validate(request)
+    return ModmeshErrorInfo(info.value)
+
+
+class ModmeshErrorInfo:
+    def __init__(self, error: ModalmeshError) -> None:
+        self.error, self.message, self.status = error, error.message, error.http_status
+
+
+# ---- validation ---------------------------------------------------------------------------
+
+
+def test_empty_messages(down_service: ChatService) -> None:
+    e = error_of(down_service, ChatRequest(model="tiny", turns=[], request_id="r"))
+    assert (e.status, e.message) == (400, "messages: expected at least one message, got an empty list")
+
+
+def test_unknown_model_names_the_served_one(down_service: ChatService) -> None:
+    e = error_of(down_service, chat("hi", model="gpt-4o"))
+    assert e.status == 404 and isinstance(e.error, NotFoundError)
+    assert e.message == (
+        "The model 'gpt-4o' does not exist; this gateway serves 'tiny' "
+        "(or tiny@<version> to pin an adapter version; see GET /v1/models)"
+    )
+    assert e.error.param == "model"
+
+
+@pytest.mark.parametrize(
+    "name,echo,adapter",
+    [
+        (None, "tiny", ""),
+        ("tiny", "tiny", ""),
+        ("tiny@3", "tiny@3", "tiny@3"),
+    ],
+)
+def test_model_resolution(down_service: ChatService, name: str | None, echo: str, adapter: str) -> None:
+    assert down_service.resolve_model(name) == (echo, adapter)
+
+
+@pytest.mark.parametrize("bad", ["tiny@", "other@1", "@1"])
+def test_bad_pins_are_unknown(down_service: ChatService, bad: str) -> None:
+    with pytest.raises(NotFoundError):
+        down_service.resolve_model(bad)
+
+
+@pytest.mark.parametrize("value", [0, -5])
+def test_max_tokens_must_be_positive(down_service: ChatService, value: int) -> None:
+    e = error_of(down_service, chat("hi", max_tokens=value))
+    assert (e.status, e.message) == (400, f"max_tokens: expected a positive integer, got {value}")
+    e = error_of(down_service, chat("hi", max_tokens=value, max_tokens_param="max_completion_tokens"))
+    assert e.message.startswith("max_completion_tokens: expected a positive integer")
+
+
+def test_max_tokens_within_the_context(down_service: ChatService) -> None:
+    e = error_of(down_service, chat("hi", max_tokens=10**6))
+    assert e.message == "max_tokens: expected at most 1024 (the model's context length), got 1000000"
+
+
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("temperature", -0.1, "temperature: expected a number >= 0, got -0.1"),
+        ("temperature", float("nan"), "temperature: expected a number >= 0, got nan"),
+        ("top_p", 0.0, "top_p: expected a number in (0, 1], got 0.0"),
+        ("top_p", 1.5, "top_p: expected a number in (0, 1], got 1.5"),
+        ("top_k", -2, "top_k: expected 0 or -1 (disabled) or a positive integer, got -2"),
+        ("seed", 2**70, f"seed: expected a 64-bit integer, got {2**70}"),
+    ],
+)
+def test_sampling_ranges(down_service: ChatService, field: str, value: object, message: str) -> None:
+    e = error_of(down_service, chat("hi", **{field: value}))
+    assert (e.status, e.message) == (400, message)
+
+
+def test_sampling_defaults_and_pass_through(down_service: ChatService) -> None:
+    _, _, sampling = down_service.validate(chat("hi"))
+    assert sampling.max_tokens == down_service.settings.default_max_tokens
+    assert not sampling.HasField("temperature") and sampling.top_k == 0
+    _, _, sampling = down_service.validate(
+        chat("hi", max_tokens=5, temperature=0.0, top_p=0.5, top_k=-1, seed=9, stop=["x", ""])
+    )
+    assert (sampling.max_tokens, sampling.temperature, sampling.top_p) == (5, 0.0, 0.5)
+    assert (sampling.top_k, sampling.seed, list(sampling.stop)) == (0, 9, ["x"])
+
+
+def test_too_many_images(down_service: ChatService, png: bytes) -> None:
+    e = error_of(down_service, chat(*[image(png, i) for i in range(5)]))
+    assert (e.status, e.message) == (400, "at most 4 images per request, got 5")
+    down_service.validate(chat(*[image(png, i) for i in range(4)]))
+
+
+def test_bad_role(down_service: ChatService) -> None:
+    request = ChatRequest(model="tiny", turns=[Turn("tool", ("x",))], request_id="r")
+    e = error_of(down_service, request)
+    assert e.message == "messages[0].role: expected one of system, user, assistant, got 'tool'"
+
+
+# ---- media and features -------------------------------------------------------------------
+
+
+async def test_prepare_builds_the_generate_request(service: ChatService, png: bytes) -> None:
+    request = ChatRequest(
+        model="tiny@7",
+        request_id="req-9",
+        max_tokens=12,
+        stop=["."],
+        turns=[
+            Turn("system", ("be brief",)),
+            Turn("user", ("look", image_url(png, 1), "and", image(png, 3))),
+        ],
+    )
+    prepared = await service.prepare(request)
+    gen = prepared.generate_request
+    assert prepared.id == "chatcmpl-req-9" and prepared.model == "tiny@7"
+    assert (gen.request_id, gen.adapter, gen.sampling.max_tokens) == ("req-9", "tiny@7", 12)
+    assert [t.role for t in gen.turns] == ["system", "user"]
+    parts = [p.WhichOneof("part") for p in gen.turns[1].parts]
+    assert parts == ["text", "media_index", "text", "media_index"]
+    assert [gen.turns[1].parts[i].media_index for i in (1, 3)] == [0, 1]
+    assert [m.modality for m in gen.media] == ["image", "image"]
+    features = tensor_to_array(gen.media[0].features)
+    assert features.shape == (16, 64) and features.dtype == np.float32
+
+
+async def test_media_is_fetched_over_http(service: ChatService, media_server: str) -> None:
+    item = MediaItem("image", url=f"{media_server}/cat.png", param="messages[0].content[0]")
+    prepared = await service.prepare(chat(item, "what is it?"))
+    assert len(prepared.generate_request.media) == 1
+
+
+async def test_bad_image_names_the_part(service: ChatService) -> None:
+    with pytest.raises(InvalidArgumentError) as info:
+        await service.prepare(chat("x", image(os.urandom(300), 1)))
+    assert info.value.message == ("messages[0].content[1]: not an image: cannot identify image file")
+    assert info.value.param == "messages[0].content[1]"
+
+
+async def test_fetch_errors_name_the_part(service: ChatService, media_server: str) -> None:
+    url = f"{media_server}/missing.png"
+    with pytest.raises(InvalidArgumentError) as info:
+        await service.prepare(chat(MediaItem("image", url=url, param="messages[0].content[0]")))
+    assert info.value.message == (
+        f"messages[0].content[0]: could not fetch image from {url}: the server answered HTTP 404"
+    )
+
+
+async def test_inline_data_over_the_limit(service: ChatService) -> None:
+    limit = service.settings.media_max_bytes
+    with pytest.raises(PayloadTooLargeError) as info:
+        await service.prepare(chat(image(b"\x89PNG" + b"\0" * limit)))
+    assert info.value.message == (
+        f"messages[0].content[0]: image is {limit + 4} bytes, over the limit of {limit} bytes"
+    )
+
+
+async def test_encoder_down_is_503(
+    make_service: ServiceFactory, llm_server: tuple[FakeLLM, str], png: bytes
+) -> None:
+    encoder = FakeEncoder()
+    encoder.down = True
+    service = make_service(llm_server[1], encoder=encoder)
+    with pytest.raises(UnavailableError) as info:
+        await service.prepare(chat(image(png)))
+    assert info.value.http_status == 503
+
+
+@needs_redis
+async def test_feature_cache_in_real_redis(
+    make_service: ServiceFactory, llm_server: tuple[FakeLLM, str], png: bytes
+) -> None:
+    prefix = f"mmtest:{uuid.uuid4().hex}:"
+    encoder = FakeEncoder()
+    service = make_service(
+        llm_server[1], encoder=encoder, cache=FeatureCache(REDIS_URL, ttl_s=60, key_prefix=prefix)
+    )
+    try:
+        first = await service.prepare(chat(image(png)))
+        second = await service.prepare(chat(image_url(png)))
+        assert len(encoder.calls) == 1  # the second request was served from Redis
+        assert first.generate_request.media[0] == second.generate_request.media[0]
+        metrics = service.metrics.render()[0].decode()
+        assert 'modalmesh_gateway_feature_cache_lookups_total{result="hit"} 1.0' in metrics
+        assert 'modalmesh_gateway_feature_cache_lookups_total{result="miss"} 1.0' in metrics
+    finally:
+        raw = aioredis.Redis.from_url(REDIS_URL)
+        keys = [k async for k in raw.scan_iter(match=prefix + "*")]
+        assert len(keys) == 1 and keys[0].decode().startswith(prefix + "image_clip_vision:")
+        await raw.delete(*keys)
+        await raw.aclose()
+
+
+async def test_unreachable_redis_still_serves(
+    make_service: ServiceFactory, llm_server: tuple[FakeLLM, str], png: bytes
+) -> None:
+    encoder = FakeEncoder()
+    service = make_service(
+        llm_server[1], encoder=encoder, cache=FeatureCache("redis://127.0.0.1:1/0", ttl_s=60)
+    )
+    for _ in range(2):
+        prepared = await service.prepare(chat(image(png)))
+        events = [e async for e in service.generate(prepared)]
+        assert isinstance(events[-1], Finished)
+    assert len(encoder.calls) == 2
+
+
+# ---- generation ---------------------------------------------------------------------------
+
+
+async def test_generate_streams_deltas_then_finished(
+    service: ChatService, llm_server: tuple[FakeLLM, str], png: bytes
+) -> None:
+    prepared = await service.prepare(chat("hi", image(png, 1)))
+    events = [e async for e in service.generate(prepared)]
+    assert events == [
+        TextDelta("Hello"),
+        TextDelta(" there"),
+        Finished("!", "stop", None, prompt_tokens=26, completion_tokens=3),
+    ]
+    assert llm_server[0].request_ids == ["req-1"]  # x-request-id metadata
+    metrics = service.metrics.render()[0].decode()
+    assert "modalmesh_gateway_prompt_tokens_total 26.0" in metrics
+    assert 'modalmesh_gateway_time_to_first_token_seconds_count{transport="http"} 1.0' in metrics
+
+
+async def test_llm_down_is_503(down_service: ChatService) -> None:
+    prepared = await down_service.prepare(chat("hi"))
+    with pytest.raises(UnavailableError) as info:
+        async for _ in down_service.generate(prepared):
+            pass
+    assert info.value.message.startswith("the llm service is unavailable: ")
+
+
+async def test_llm_errors_keep_their_status(service: ChatService, llm_server: tuple[FakeLLM, str]) -> None:
+    import grpc
+
+    llm_server[0].fail_with = grpc.StatusCode.NOT_FOUND
+    prepared = await service.prepare(chat("hi", model="tiny@99"))
+    with pytest.raises(NotFoundError, match="scripted failure NOT_FOUND"):
+        async for _ in service.generate(prepared):
+            pass
+
+
+async def test_closing_the_stream_cancels_the_generation(
+    service: ChatService, llm_server: tuple[FakeLLM, str]
+) -> None:
+    fake = llm_server[0]
+    fake.pieces, fake.delay_s = ["tok"] * 200, 0.05
+    prepared = await service.prepare(chat("hi"))
+    events = service.generate(prepared)
+    assert await anext(events) == TextDelta("tok")
+    await events.aclose()
+    await asyncio.wait_for(fake.cancelled.wait(), timeout=5)
+
+
+# ---- models and readiness -----------------------------------------------------------------
+
+
+async def test_models_list_adapter_versions(service: ChatService) -> None:
+    entries = await service.list_models()
+    assert [(e.id, e.parent, e.root) for e in entries] == [
+        ("tiny", None, "tiny"),
+        ("tiny@2", "tiny", "tiny@2"),
+        ("tiny@1", "tiny", "tiny@1"),
+    ]
+    assert entries[1].created == 1700000000
+    assert all(e.max_model_len == 1024 for e in entries)
+
+
+async def test_models_without_the_llm_service(down_service: ChatService) -> None:
+    assert [e.id for e in await down_service.list_models()] == ["tiny"]
+
+
+async def test_readiness(service: ChatService, down_service: ChatService) -> None:
+    assert await service.readiness() == {"llm": None, "encoder": None}
+    checks = await down_service.readiness()
+    assert checks["llm"] == "the llm service at 127.0.0.1:1 is not ready"
+    assert checks["encoder"] is None
+    assert isinstance(service.encoder, FakeEncoder)
+    service.encoder.is_ready = False
+    checks = await service.readiness()
+    assert checks["encoder"] == ("the encoder service at 127.0.0.1:1 is not ready for image_clip_vision")
+
+
+def test_generate_request_is_a_proto(down_service: ChatService) -> None:
+    assert llm_pb2.GenerateRequest.DESCRIPTOR.full_name == "modalmesh.v1.GenerateRequest"
