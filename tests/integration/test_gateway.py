@@ -12,7 +12,6 @@ import base64
 import contextlib
 import os
 import signal
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,8 @@ from openai import OpenAI
 
 from modalmesh.v1 import chat_pb2, chat_pb2_grpc
 from tests.helpers.media import encode_image, png_bytes, random_image
-from tests.helpers.procs import Process, free_port, free_ports, start_process, wait_until
+from tests.helpers.procs import Process, free_port, free_ports, wait_until
+from tests.helpers.services import gateway_healthy, start_encoders, start_gateway, start_llm
 
 pytestmark = pytest.mark.integration
 
@@ -45,17 +45,11 @@ class Stack:
 
 
 def _healthy(url: str) -> bool:
-    return httpx.get(f"{url}/health", timeout=2).status_code == 200
+    return gateway_healthy(url)
 
 
 def _gateway(env: dict[str, str], log_dir: Path, name: str) -> tuple[Process, str, str]:
-    http_port, grpc_port = free_ports(2)
-    proc = start_process(
-        [sys.executable, "-m", "gateway", "--http-port", str(http_port), "--grpc-port", str(grpc_port)],
-        log_path=log_dir / f"{name}.log",
-        env=env,
-    )
-    return proc, f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}"
+    return start_gateway(env, log_dir / f"{name}.log")
 
 
 @pytest.fixture(scope="module")
@@ -73,26 +67,8 @@ def stack(tiny_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
         "MODALMESH_IMAGE_FETCH_TIMEOUT_S": "2",
     }
     procs = [
-        start_process(
-            [
-                sys.executable,
-                "-m",
-                "services.encoders",
-                "--http-port",
-                str(enc_http),
-                "--grpc-port",
-                str(enc_grpc),
-                "--metrics-port",
-                str(enc_metrics),
-            ],
-            log_path=logs / "encoders.log",
-            env=env,
-        ),
-        start_process(
-            [sys.executable, "-m", "services.llm", "--port", str(llm_port)],
-            log_path=logs / "llm.log",
-            env=env,
-        ),
+        start_encoders(env, logs / "encoders.log", http=enc_http, grpc=enc_grpc, metrics=enc_metrics),
+        start_llm(env, logs / "llm.log", port=llm_port),
     ]
     gateway, base_url, grpc_address = _gateway(env, logs, "gateway")
     procs.append(gateway)
