@@ -1,6 +1,7 @@
 """The encoder-feature cache in Redis: features of a media item, keyed by its content.
 
-Key: "mm:feat:" + Triton model name + ":" + sha256 hex of the encoded file. Value: a one-line
+Key: "mm:feat:" + encoder id (`Preset.encoder_id`: the Triton model name and a digest of the
+encoder spec) + ":" + sha256 hex of the encoded file. Value: a one-line
 JSON header {"dtype": "FP32", "shape": [tokens, dim]} then a newline, then the raw
 little-endian array bytes (FP32 for every shipped encoder). Entries expire after
 `feature_cache_ttl_s`.
@@ -80,9 +81,9 @@ class FeatureCache:
         self._client: aioredis.Redis | None = None
         self._down_until = 0.0
 
-    def key(self, model: str, digest: str) -> str:
+    def key(self, encoder_id: str, digest: str) -> str:
         """The Redis key of one item's features."""
-        return f"{self.key_prefix}{model}:{digest}"
+        return f"{self.key_prefix}{encoder_id}:{digest}"
 
     def _redis(self) -> aioredis.Redis | None:
         if self.redis_url is None or time.monotonic() < self._down_until:
@@ -100,13 +101,13 @@ class FeatureCache:
         self._down_until = time.monotonic() + _BACKOFF_S
         logger.warning("feature cache %s failed (treated as a miss for %.0fs): %s", what, _BACKOFF_S, error)
 
-    async def get(self, model: str, digest: str) -> np.ndarray | None:
+    async def get(self, encoder_id: str, digest: str) -> np.ndarray | None:
         """The cached features of one item, or None on a miss or any Redis problem."""
         client = self._redis()
         if client is None:
             return None
         try:
-            value = await client.get(self.key(model, digest))
+            value = await client.get(self.key(encoder_id, digest))
         except (RedisError, OSError) as e:
             self._failed("lookup", e)
             return None
@@ -115,16 +116,18 @@ class FeatureCache:
         try:
             return decode_features(value)
         except (ValueError, KeyError, TypeError) as e:
-            logger.warning("feature cache entry %s is malformed, ignored: %s", self.key(model, digest), e)
+            logger.warning(
+                "feature cache entry %s is malformed, ignored: %s", self.key(encoder_id, digest), e
+            )
             return None
 
-    async def put(self, model: str, digest: str, features: np.ndarray) -> None:
+    async def put(self, encoder_id: str, digest: str, features: np.ndarray) -> None:
         """Store one item's features; failures are logged and otherwise ignored."""
         client = self._redis()
         if client is None:
             return
         try:
-            await client.set(self.key(model, digest), encode_features(features), ex=self.ttl_s)
+            await client.set(self.key(encoder_id, digest), encode_features(features), ex=self.ttl_s)
         except (RedisError, OSError) as e:
             self._failed("store", e)
 

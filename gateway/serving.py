@@ -237,8 +237,9 @@ class ChatService:
         try:
             data = await self._bytes_of(item)
             model = self.preset.triton_model(item.modality)
+            encoder_id = self.preset.encoder_id(item.modality)
             digest = content_digest(data)
-            cached = await self.cache.get(model, digest)
+            cached = await self.cache.get(encoder_id, digest)
             self.metrics.feature_cache.labels(result="hit" if cached is not None else "miss").inc()
             if cached is not None:
                 return cached
@@ -247,7 +248,7 @@ class ChatService:
                 model, [data], request_id=request_id, timeout_s=self.settings.encoder_timeout_s
             )
             self.metrics.stage_latency.labels(stage="encode").observe(time.monotonic() - started)
-            await self.cache.put(model, digest, features)
+            await self.cache.put(encoder_id, digest, features)
             return features
         except InvalidArgumentError as e:
             raise _about(item, e) from e

@@ -261,7 +261,8 @@ class Stack:
             preset = load_preset(
                 self.settings.preset, cache_dir=self.settings.cache_dir, presets_dir=self.settings.presets_dir
             )
-            ensure_generated(preset)
+            if ensure_generated(preset):
+                self.out(f"generated the {preset.name} preset's models under {preset.llm.checkpoint.parent}")
             self._ensure_redis()
             s = self.settings
             encoder_ready_urls = [

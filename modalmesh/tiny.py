@@ -232,7 +232,9 @@ def generate(preset: Preset, *, force: bool = False) -> bool:
     return True
 
 
-def ensure_generated(preset: Preset) -> None:
-    """Generate a built-in preset's checkpoints on first use; no-op for presets with real ones."""
-    if preset.generate is not None:
-        generate(preset)
+def ensure_generated(preset: Preset) -> bool:
+    """Generate a built-in preset's checkpoints on first use; True if it wrote them.
+
+    A no-op (False) for presets with real checkpoints and for ones already generated.
+    """
+    return preset.generate is not None and generate(preset)

@@ -11,6 +11,7 @@ searched first. A preset can also be named by the path of its YAML file.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from importlib import resources
@@ -94,6 +95,17 @@ class Preset(_Strict):
         """The Triton model name of a modality's encoder."""
         enc = self.modalities[modality].encoder  # type: ignore[index]
         return enc.triton_model or f"{modality}_{enc.backbone}"
+
+    def encoder_id(self, modality: str) -> str:
+        """Identity of a modality's encoder output, for caching features by content.
+
+        The Triton model name plus a digest of the whole encoder spec (backbone, checkpoint,
+        layer, tokens, dtype...), so that features made by another configuration are never
+        served for this one.
+        """
+        spec = self.modalities[modality].encoder  # type: ignore[index]
+        digest = hashlib.sha256(spec.model_dump_json().encode()).hexdigest()[:16]
+        return f"{self.triton_model(modality)}-{digest}"
 
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")

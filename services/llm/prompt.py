@@ -146,8 +146,9 @@ class PromptBuilder:
             for token in ids:
                 if token in self._reserved:
                     raise InvalidArgumentError(
-                        f"turns: text contains the placeholder {self._reserved[token]!r}; "
-                        "send media as media parts",
+                        f"message text contains {self._reserved[token]!r}, which is reserved for "
+                        "media the request attaches; send images as image_url content parts "
+                        "instead of writing the placeholder",
                         param="turns",
                     )
         return encoded

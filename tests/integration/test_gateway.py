@@ -276,6 +276,12 @@ def _bad_inputs() -> list[tuple[str, Any, int, str]]:
         ),
         ("malformed json", b'{"model": "tiny", "messages": [', 400, "the request body is not valid JSON"),
         (
+            "placeholder typed as text",
+            {"model": "tiny", "messages": [{"role": "user", "content": "what is <image> here?"}]},
+            400,
+            "message text contains '<image>', which is reserved",
+        ),
+        (
             "max_tokens <= 0",
             {"model": "tiny", "max_tokens": 0, "messages": [{"role": "user", "content": "hi"}]},
             400,

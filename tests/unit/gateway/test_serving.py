@@ -233,7 +233,8 @@ async def test_feature_cache_in_real_redis(
     finally:
         raw = aioredis.Redis.from_url(REDIS_URL)
         keys = [k async for k in raw.scan_iter(match=prefix + "*")]
-        assert len(keys) == 1 and keys[0].decode().startswith(prefix + "image_clip_vision:")
+        expected = f"{prefix}{service.preset.encoder_id('image')}:"  # image_clip_vision-<spec digest>:
+        assert len(keys) == 1 and keys[0].decode().startswith(expected)
         await raw.delete(*keys)
         await raw.aclose()
 

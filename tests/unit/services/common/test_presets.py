@@ -71,3 +71,16 @@ def test_not_yaml_and_not_a_mapping(tmp_path):
         parse_preset("a: [", cache_dir=tmp_path)
     with pytest.raises(InvalidArgumentError, match="expected a mapping, got list"):
         parse_preset("- 1\n- 2", cache_dir=tmp_path)
+
+
+def test_encoder_id_changes_with_the_encoder_spec(tmp_path):
+    base = load_preset("tiny", cache_dir=tmp_path)
+    other_layer = parse_preset(
+        TINY.read_text().replace("select_layer: -2", "select_layer: -1"), cache_dir=tmp_path
+    )
+    other_place = load_preset("tiny", cache_dir=tmp_path / "elsewhere")
+    assert base.encoder_id("image").startswith("image_clip_vision-")
+    assert base.encoder_id("image") == load_preset("tiny", cache_dir=tmp_path).encoder_id("image")
+    assert (
+        len({base.encoder_id("image"), other_layer.encoder_id("image"), other_place.encoder_id("image")}) == 3
+    )

@@ -95,7 +95,7 @@ def test_placeholder_missing_from_tokenizer_falls_back_to_unk(tokenizer: Any) ->
             "media[0].modality: expected one of ['image'], got 'video'",
         ),
         ([MediaRef(i) for i in range(5)], [IMAGE] * 5, "at most 4 image items per prompt, got 5"),
-        (["look: <image>"], [], "text contains the placeholder '<image>'"),
+        (["look: <image>"], [], "message text contains '<image>', which is reserved"),
     ],
 )
 def test_refusals(loaded: LoadedModel, segments: list, media: list[MediaSlot], message: str) -> None:
