@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from modalmesh.demo import demo_image_png
-from modalmesh.stack import free_port
+from tests.helpers.procs import command_line, descendants, free_port, pid_alive
 
 pytestmark = pytest.mark.integration
 
@@ -74,38 +74,6 @@ class UpProcess:
             self.proc.wait()
 
 
-def _descendants(pid: int) -> set[int]:
-    """Every live process whose parent chain leads to `pid` (read from /proc)."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            fields = stat[stat.rindex(")") + 2 :].split()
-            if fields[0] != "Z":
-                parents[int(entry.name)] = int(fields[1])
-    found, frontier = set(), {pid}
-    while frontier:
-        children = {p for p, pp in parents.items() if pp in frontier} - found
-        found |= children
-        frontier = children
-    return found
-
-
-def _alive(pids: set[int]) -> set[int]:
-    alive = set()
-    for p in pids:
-        try:
-            state = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state != "Z":
-            alive.add(p)
-    return alive
-
-
 def _up_args(cache_dir: Path, log_dir: Path) -> tuple[list[str], dict[str, int]]:
     ports = {
         flag: free_port()
@@ -137,7 +105,7 @@ def test_up_starts_redis_and_every_service_answers_then_stops_cleanly(tiny_cache
         assert "started redis-server at redis://127.0.0.1:" in out
         assert f"http://127.0.0.1:{ports['--gateway-port']}/v1" in out
         assert f"127.0.0.1:{ports['--grpc-port']}  (modalmesh.v1.Chat)" in out
-        children = _descendants(up.proc.pid)
+        children = descendants(up.proc.pid)
         assert len(children) >= 4  # redis, encoders (+ tritonserver), llm, gateway
 
         client = OpenAI(base_url=f"http://127.0.0.1:{ports['--gateway-port']}/v1", api_key="x", max_retries=0)
@@ -166,7 +134,9 @@ def test_up_starts_redis_and_every_service_answers_then_stops_cleanly(tiny_cache
         out = up.drain()
         for name in ("gateway", "llm", "encoders", "redis"):
             assert f"stopped {name} (exit code" in out
-        assert _alive(children) == set(), f"left behind: {_alive(children)}"
+        assert {p for p in children if pid_alive(p)} == set(), (
+            f"left behind: {[p for p in children if pid_alive(p)]}"
+        )
         for name in ("encoders", "llm", "gateway"):
             assert (tmp_path / "logs" / f"{name}.log").stat().st_size > 0
     finally:
@@ -178,14 +148,14 @@ def test_up_exits_non_zero_and_stops_the_rest_when_a_service_dies(tiny_cache_dir
     up = UpProcess(args, dict(os.environ))
     try:
         up.wait_for("Press Ctrl-C to stop.", timeout=240)
-        children = _descendants(up.proc.pid)
-        llm = [p for p in children if "services.llm" in Path(f"/proc/{p}/cmdline").read_text()]
+        children = descendants(up.proc.pid)
+        llm = [p for p in children if "services.llm" in command_line(p)]
         assert len(llm) == 1
         os.kill(llm[0], signal.SIGKILL)
         assert up.proc.wait(90) == 1
         out = up.drain()
         assert "llm exited unexpectedly" in out
-        assert _alive(children) == set()
+        assert {p for p in children if pid_alive(p)} == set()
     finally:
         up.kill()
 
