@@ -74,6 +74,19 @@ class AdapterSpec(_Strict):
     path: Path = Field(description="The adapter bundle folder served at start.")
 
 
+class LoraSpec(_Strict):
+    """LoRA on the LLM for instruction tuning (stage 3): rank, scale, dropout, target modules.
+
+    `targets` are module-name suffixes inside the LLM only (e.g. q_proj): the trainer resolves
+    them to full paths under the LLM, so encoder towers never receive LoRA.
+    """
+
+    r: PositiveInt = 16
+    alpha: PositiveInt = 32
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.05
+    targets: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1)
+
+
 class Preset(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     description: str = ""
@@ -83,6 +96,7 @@ class Preset(_Strict):
     modalities: dict[Modality, ModalitySpec]
     llm: LLMSpec
     adapter: AdapterSpec
+    lora: LoraSpec = Field(default_factory=LoraSpec)
 
     @model_validator(mode="after")
     def _placeholders_distinct(self) -> Preset:

@@ -1,0 +1,298 @@
+"""Dataset records -> Samples: LLaVA conversations and caption pairs, each record checked alone.
+
+A record that breaks a rule raises `BadSampleError` with a short reason kind ("media_missing",
+"roles", ...); the loader in `services.trainer.datasets` counts and logs those instead of
+failing the whole dataset. Media files are only checked to exist, be readable and non-empty
+here; their bytes are read later, by the trainer.
+
+Placeholders: each occurrence of the modality's placeholder (e.g. "<image>") in a user message
+marks where the next media item goes. Text around a placeholder is stripped, and a message's
+parts render joined by "\\n" (the serving convention of `services.llm.templates`), so LLaVA's
+"<image>\\nWhat is this?" becomes [media 0, "What is this?"] and renders back unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from services.common.errors import InvalidArgumentError
+from services.llm.domain import MediaPart, Part, TextPart, Turn
+from services.llm.templates import check_roles
+
+# LLaVA's "from" values, and the OpenAI-style ones, mapped to template roles.
+ROLE_NAMES: Mapping[str, str] = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+}
+
+
+class BadSampleError(InvalidArgumentError):
+    """One sample of a dataset breaks a rule; the loader skips and counts it.
+
+    Args:
+        reason: A short kind for counting, e.g. "media_missing", "too_long".
+        message: What was expected and what came.
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class MediaFile:
+    """A media item of a sample: its modality and the file holding it (read lazily)."""
+
+    modality: str
+    path: Path
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One training conversation.
+
+    Attributes:
+        id: The record's "id", or its index in the dataset when it has none.
+        turns: An optional system turn, then user/assistant turns alternating, ending with
+            the assistant's. MediaPart.index indexes `media`.
+        media: The media items, in placeholder order.
+    """
+
+    id: str
+    turns: tuple[Turn, ...]
+    media: tuple[MediaFile, ...]
+
+
+@dataclass(frozen=True)
+class RecordRules:
+    """What records of one dataset are parsed and checked against.
+
+    Attributes:
+        modality: The modality of every media item (the dataset spec's).
+        placeholder: That modality's placeholder string in the preset, e.g. "<image>".
+        max_per_prompt: Most items one sample may hold.
+        media_root: Relative media paths are resolved against this folder.
+    """
+
+    modality: str
+    placeholder: str
+    max_per_prompt: int
+    media_root: Path
+
+    def __post_init__(self) -> None:
+        if not self.placeholder:
+            raise InvalidArgumentError(f"{self.modality} placeholder: expected a non-empty string")
+
+
+def record_id(record: Any) -> str:
+    """The id a record is reported under: its "id" if that is a string or int, else ''."""
+    if isinstance(record, dict):
+        value = record.get("id")
+        if isinstance(value, str | int) and not isinstance(value, bool):
+            return str(value)
+    return ""
+
+
+def _object(record: Any) -> dict[str, Any]:
+    if not isinstance(record, dict):
+        raise BadSampleError("not_object", f"expected a JSON object, got {_kind(record)}")
+    return record
+
+
+def _kind(value: Any) -> str:
+    names = {
+        dict: "an object",
+        list: "a list",
+        str: "a string",
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        type(None): "null",
+    }
+    return names.get(type(value), f"a {type(value).__name__}")
+
+
+def _media_paths(record: dict[str, Any], modality: str) -> list[str]:
+    keys = [k for k in dict.fromkeys((modality, "media")) if record.get(k) is not None]
+    if len(keys) > 1:
+        raise BadSampleError("bad_field", f"expected one of {keys[0]!r} or {keys[1]!r}, got both")
+    if not keys:
+        return []
+    key, value = keys[0], record[keys[0]]
+    paths = value if isinstance(value, list) else [value]
+    for path in paths:
+        if not isinstance(path, str) or not path.strip():
+            raise BadSampleError(
+                "bad_field", f"{key}: expected a path or a list of paths, got {_kind(path)} {path!r}"
+            )
+    return [p.strip() for p in paths]
+
+
+def _media(paths: list[str], rules: RecordRules) -> tuple[MediaFile, ...]:
+    if len(paths) > rules.max_per_prompt:
+        raise BadSampleError(
+            "too_many_media",
+            f"expected at most {rules.max_per_prompt} {rules.modality} items, got {len(paths)}",
+        )
+    # An absolute path stays as it is: root / "/abs" == "/abs".
+    return tuple(MediaFile(rules.modality, rules.media_root / p) for p in paths)
+
+
+def _user_parts(value: str, placeholder: str, first_index: int) -> list[Part]:
+    parts: list[Part] = []
+    for j, piece in enumerate(value.split(placeholder)):
+        if j:
+            parts.append(MediaPart(first_index + j - 1))
+        if piece.strip():
+            parts.append(TextPart(piece.strip()))
+    return parts
+
+
+def _plain_text(value: str, placeholder: str, where: str) -> str:
+    if placeholder in value:
+        raise BadSampleError(
+            "reserved_placeholder",
+            f"{where}: contains {placeholder!r}, which only user turns may hold (one per media item)",
+        )
+    return value.strip()
+
+
+def parse_llava(record: Any, rules: RecordRules, *, index: int) -> Sample:
+    """Parse one LLaVA record: {"id", "image" (path, list or absent), "conversations"}.
+
+    Args:
+        record: One decoded JSON value.
+        rules: What the record is checked against.
+        index: Its position in the dataset; the id when the record has none.
+
+    Raises:
+        BadSampleError: The record is malformed; `reason` says how.
+    """
+    obj = _object(record)
+    media = _media(_media_paths(obj, rules.modality), rules)
+    convs = obj.get("conversations")
+    if not isinstance(convs, list):
+        kind = "missing_field" if convs is None else "bad_field"
+        raise BadSampleError(kind, f"conversations: expected a list of messages, got {_kind(convs)}")
+    turns: list[Turn] = []
+    refs = 0
+    for i, message in enumerate(convs):
+        where = f"conversations[{i}]"
+        if not isinstance(message, dict):
+            raise BadSampleError("bad_field", f"{where}: expected an object, got {_kind(message)}")
+        name, value = message.get("from"), message.get("value")
+        if not isinstance(name, str) or name.lower() not in ROLE_NAMES:
+            raise BadSampleError("roles", f"{where}.from: expected one of {sorted(ROLE_NAMES)}, got {name!r}")
+        if not isinstance(value, str):
+            raise BadSampleError("bad_field", f"{where}.value: expected a string, got {_kind(value)}")
+        role = ROLE_NAMES[name.lower()]
+        if role == "user":
+            parts = _user_parts(value, rules.placeholder, refs)
+            refs += value.count(rules.placeholder)
+        else:
+            text = _plain_text(value, rules.placeholder, where)
+            parts = [TextPart(text)] if text else []
+        turns.append(Turn(role, tuple(parts)))
+    if refs == 0 and media:
+        turns = _media_first(turns, len(media))
+    elif refs != len(media):
+        raise BadSampleError(
+            "placeholder_count",
+            f"expected {len(media)} {rules.placeholder!r} placeholder(s), one per {rules.modality} "
+            f"item, got {refs}",
+        )
+    _check_turns(turns)
+    return Sample(id=record_id(obj) or str(index), turns=tuple(turns), media=media)
+
+
+def _media_first(turns: list[Turn], count: int) -> list[Turn]:
+    """LLaVA's rule for samples without placeholders: all media open the first user turn."""
+    media: list[Part] = [MediaPart(i) for i in range(count)]
+    for i, turn in enumerate(turns):
+        if turn.role == "user":
+            return [*turns[:i], Turn("user", (*media, *turn.parts)), *turns[i + 1 :]]
+    raise BadSampleError("no_user", f"expected a user turn to hold the {count} media item(s), got none")
+
+
+def _check_turns(turns: list[Turn]) -> None:
+    if not any(t.role == "assistant" for t in turns):
+        raise BadSampleError(
+            "no_assistant", f"expected at least one assistant turn, got {len(turns)} turn(s)"
+        )
+    for i, turn in enumerate(turns):
+        if not turn.parts:
+            raise BadSampleError("empty_text", f"conversations[{i}]: {turn.role} message is empty")
+    try:
+        check_roles(turns, last_user=False)
+    except InvalidArgumentError as e:
+        raise BadSampleError("roles", e.message) from None
+    if turns[-1].role != "assistant":
+        raise BadSampleError(
+            "roles", f"turns[{len(turns) - 1}]: expected the last turn to be the assistant's, got 'user'"
+        )
+
+
+def parse_caption(record: Any, rules: RecordRules, *, index: int) -> Sample:
+    """Parse one caption pair {"image" (or "media"): path, "caption": text}.
+
+    The pair becomes a user turn holding the media item and an assistant turn with the caption.
+
+    Raises:
+        BadSampleError: The record is malformed; `reason` says how.
+    """
+    obj = _object(record)
+    paths = _media_paths(obj, rules.modality)
+    if len(paths) != 1:
+        kind = "missing_field" if not paths else "bad_field"
+        raise BadSampleError(kind, f"{rules.modality}: expected one path, got {len(paths)}")
+    caption = obj.get("caption")
+    if not isinstance(caption, str):
+        kind = "missing_field" if caption is None else "bad_field"
+        raise BadSampleError(kind, f"caption: expected a string, got {_kind(caption)}")
+    text = _plain_text(caption, rules.placeholder, "caption")
+    if not text:
+        raise BadSampleError("empty_text", "caption: expected text, got an empty string")
+    turns = (Turn("user", (MediaPart(0),)), Turn("assistant", (TextPart(text),)))
+    return Sample(id=record_id(obj) or str(index), turns=turns, media=_media(paths, rules))
+
+
+def check_media_files(sample: Sample, seen: dict[Path, BadSampleError | None]) -> None:
+    """Check each media file exists, is a readable regular file and is not empty.
+
+    Args:
+        sample: The sample whose media to check.
+        seen: Results by path, shared across a dataset so a file used twice is checked once.
+
+    Raises:
+        BadSampleError: "media_missing", "media_unreadable" or "media_empty".
+    """
+    for i, item in enumerate(sample.media):
+        if item.path not in seen:
+            seen[item.path] = _media_problem(item.path)
+        problem = seen[item.path]
+        if problem is not None:
+            raise BadSampleError(problem.reason, f"media[{i}]: {problem.message}")
+
+
+def _media_problem(path: Path) -> BadSampleError | None:
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return BadSampleError("media_missing", f"{path}: expected a file, found nothing")
+    except OSError as e:
+        return BadSampleError("media_unreadable", f"{path}: cannot stat ({e.strerror})")
+    if not stat.S_ISREG(info.st_mode):
+        return BadSampleError("media_missing", f"{path}: expected a file, found a directory or device")
+    if info.st_size == 0:
+        return BadSampleError("media_empty", f"{path}: expected media bytes, got an empty file")
+    if not os.access(path, os.R_OK):
+        return BadSampleError("media_unreadable", f"{path}: not readable (permission denied)")
+    return None

@@ -1,0 +1,289 @@
+"""Samples -> token ids and labels with LLaVA-style masking, and batching them.
+
+Training must see the prompt exactly as serving builds it. So the unsupervised text of each
+assistant turn ends with the template's `generation_prompt` (e.g. "ASSISTANT:"), which is
+where serving's prompt ends, and the supervised text is the rest of the assistant prefix, the
+reply and the assistant suffix (" " + reply + "</s>" for vicuna_v1, reply + "\\n" for plain).
+Ids are made as `services.llm.prompt.PromptBuilder` makes them: BOS once, each text segment
+tokenized alone without special tokens ("</s>" -> the EOS id), each media item expanded to as
+many placeholder ids as its connector emits. Labels are IGNORE_INDEX except on the supervised
+text; they are aligned with input_ids (Hugging Face causal LMs shift them inside).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple, TypedDict
+
+import torch
+
+from services.common.errors import InvalidArgumentError
+from services.common.presets import Preset
+from services.llm.domain import TextPart, Turn
+from services.llm.prompt import placeholder_token_id
+from services.llm.templates import PART_SEPARATOR, MediaRef, Segment, Template, check_roles, merge_text
+from services.trainer._samples import BadSampleError, MediaFile, Sample
+
+IGNORE_INDEX = -100  # labels at positions that carry no loss (torch's cross_entropy default)
+
+
+def render_supervised(template: Template, turns: Sequence[Turn]) -> list[tuple[Segment, bool]]:
+    """Render a conversation ending with an assistant turn into (segment, supervised) pairs.
+
+    The unsupervised segments before each reply are what `template.render(turns so far,
+    add_generation_prompt=True)` gives at serving; each reply is one supervised text.
+
+    Args:
+        template: The conversation format.
+        turns: An optional system turn, then user/assistant turns alternating, ending with an
+            assistant turn.
+
+    Returns:
+        Segments in order, adjacent unsupervised texts merged, each with its supervised flag.
+
+    Raises:
+        InvalidArgumentError: Roles out of order, no final assistant turn, or a template whose
+            assistant prefix does not start with its generation prompt.
+    """
+    prompt = template.generation_prompt
+    if not template.assistant_prefix.startswith(prompt):
+        raise InvalidArgumentError(
+            f"template {template.name}: expected the assistant prefix {template.assistant_prefix!r} "
+            f"to start with the generation prompt {prompt!r}"
+        )
+    check_roles(turns, last_user=False)
+    if turns[-1].role != "assistant":
+        raise InvalidArgumentError(
+            f"turns[{len(turns) - 1}].role: expected the last turn to be 'assistant', got {turns[-1].role!r}"
+        )
+    system = template.system
+    if turns[0].role == "system":
+        system = _text(turns[0])
+        turns = turns[1:]
+    pending: list[Segment] = [system + template.system_suffix] if system else []
+    out: list[tuple[Segment, bool]] = []
+    for turn in turns:
+        if turn.role == "user":
+            pending += [template.user_prefix, *_message(turn), template.user_suffix]
+            continue
+        out += [(seg, False) for seg in merge_text([*pending, prompt])]
+        reply = template.assistant_prefix[len(prompt) :] + _text(turn) + template.assistant_suffix
+        out.append((reply, True))
+        pending = []
+    return out
+
+
+def _text(turn: Turn) -> str:
+    return PART_SEPARATOR.join(p.text for p in turn.parts if isinstance(p, TextPart))
+
+
+def _message(turn: Turn) -> list[Segment]:
+    # As Template.render: parts joined by PART_SEPARATOR, a media part where it stands.
+    out: list[Segment] = []
+    for i, part in enumerate(turn.parts):
+        if i:
+            out.append(PART_SEPARATOR)
+        out.append(part.text if isinstance(part, TextPart) else MediaRef(part.index))
+    return out
+
+
+@dataclass(frozen=True)
+class MediaSlots:
+    """How items of one modality appear in training sequences.
+
+    Attributes:
+        placeholder: The preset's placeholder string, e.g. "<image>".
+        placeholder_id: The id each of an item's positions holds.
+        num_tokens: LLM tokens one item becomes (after the connector).
+        max_per_prompt: Most items of this modality one sample may hold.
+    """
+
+    placeholder: str
+    placeholder_id: int
+    num_tokens: int
+    max_per_prompt: int
+
+
+def modality_slots(
+    preset: Preset, tokenizer: Any, *, llm_tokens: Mapping[str, int] | None = None
+) -> dict[str, MediaSlots]:
+    """Per modality of the preset, its slots, with ids as serving's loader computes them.
+
+    Args:
+        preset: The preset being trained.
+        tokenizer: The LLM's tokenizer.
+        llm_tokens: Per modality, LLM tokens an item becomes (the connector's
+            `num_tokens(encoder.tokens)`); defaults to the encoder's token count, which is
+            what the current connectors keep.
+    """
+    llm_tokens = llm_tokens or {}
+    return {
+        m: MediaSlots(
+            placeholder=s.placeholder,
+            placeholder_id=placeholder_token_id(tokenizer, s.placeholder),
+            num_tokens=llm_tokens.get(m, s.encoder.tokens),
+            max_per_prompt=s.max_per_prompt,
+        )
+        for m, s in preset.modalities.items()
+    }
+
+
+@dataclass(frozen=True)
+class EncodedSample:
+    """One tokenized training sequence.
+
+    Attributes:
+        id: The sample's id.
+        input_ids: Token ids with placeholders expanded, (L,).
+        labels: Targets aligned with input_ids, IGNORE_INDEX outside assistant replies, (L,).
+        media_spans: (start, length) in input_ids per media item, in the order of `media`.
+        media: The media files, read later.
+    """
+
+    id: str
+    input_ids: list[int]
+    labels: list[int]
+    media_spans: list[tuple[int, int]]
+    media: list[MediaFile]
+
+
+class SupervisedEncoder:
+    """Encodes samples into ids and labels the way serving builds prompts.
+
+    Args:
+        tokenizer: A Hugging Face tokenizer.
+        template: The conversation format of the stage ("plain" for caption pretraining).
+        slots: Per modality, how its items appear (see `modality_slots`).
+        max_length: Longest sequence allowed; longer samples are bad ("too_long"), never cut.
+    """
+
+    def __init__(
+        self, tokenizer: Any, template: Template, slots: Mapping[str, MediaSlots], *, max_length: int
+    ) -> None:
+        if max_length < 2:
+            raise InvalidArgumentError(f"max_length: expected at least 2, got {max_length}")
+        self.tokenizer = tokenizer
+        self.template = template
+        self.slots = dict(slots)
+        self.max_length = max_length
+        self.bos_id: int | None = tokenizer.bos_token_id
+        unk = tokenizer.unk_token_id
+        # As PromptBuilder: placeholder ids that are real tokens must not come from text.
+        self._reserved = {
+            s.placeholder_id: s.placeholder for s in self.slots.values() if s.placeholder_id != unk
+        }
+
+    def encode(self, sample: Sample) -> EncodedSample:
+        """Tokenize a sample and mask everything but the assistant replies.
+
+        Raises:
+            BadSampleError: "roles", "unknown_modality", "placeholder_count",
+                "reserved_placeholder" or "too_long" (message: expected at most N tokens, got M).
+        """
+        try:
+            pieces = render_supervised(self.template, sample.turns)
+        except InvalidArgumentError as e:
+            raise BadSampleError("roles", e.message) from None
+        encoded = iter(self._tokenize([seg for seg, _ in pieces if isinstance(seg, str)]))
+        ids: list[int] = [self.bos_id] if self.bos_id is not None else []
+        labels: list[int] = [IGNORE_INDEX] * len(ids)
+        spans: list[tuple[int, int] | None] = [None] * len(sample.media)
+        for seg, supervised in pieces:
+            if isinstance(seg, str):
+                tokens = next(encoded)
+                ids += tokens
+                labels += tokens if supervised else [IGNORE_INDEX] * len(tokens)
+                continue
+            slot = self._slot(sample, seg.index, spans)
+            spans[seg.index] = (len(ids), slot.num_tokens)
+            ids += [slot.placeholder_id] * slot.num_tokens
+            labels += [IGNORE_INDEX] * slot.num_tokens
+        done = [s for s in spans if s is not None]
+        if len(done) != len(spans):
+            raise BadSampleError(
+                "placeholder_count",
+                f"expected each of {len(spans)} media item(s) referenced, got {len(done)}",
+            )
+        if len(ids) > self.max_length:
+            raise BadSampleError("too_long", f"expected at most {self.max_length} tokens, got {len(ids)}")
+        return EncodedSample(sample.id, ids, labels, done, list(sample.media))
+
+    def _tokenize(self, texts: list[str]) -> list[list[int]]:
+        if not texts:
+            return []
+        encoded: list[list[int]] = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        for tokens in encoded:
+            for token in tokens:
+                if token in self._reserved:
+                    raise BadSampleError(
+                        "reserved_placeholder",
+                        f"text contains {self._reserved[token]!r}, which is reserved for media items",
+                    )
+        return encoded
+
+    def _slot(self, sample: Sample, index: int, spans: list[tuple[int, int] | None]) -> MediaSlots:
+        if not 0 <= index < len(sample.media) or spans[index] is not None:
+            raise BadSampleError(
+                "placeholder_count",
+                f"media index {index}: expected each of {len(sample.media)} item(s) referenced once",
+            )
+        modality = sample.media[index].modality
+        if modality not in self.slots:
+            raise BadSampleError(
+                "unknown_modality", f"media[{index}]: expected one of {sorted(self.slots)}, got {modality!r}"
+            )
+        return self.slots[modality]
+
+
+class MediaRow(NamedTuple):
+    """One media item of a batch: where it goes and which file holds it."""
+
+    batch_index: int  # row of the batch
+    item_index: int  # index into that sample's media
+    file: MediaFile
+    start: int  # first position of its span in the row
+    length: int  # positions the span holds
+
+
+class Batch(TypedDict):
+    """A padded batch; see `collate`."""
+
+    input_ids: torch.Tensor  # (B, L) long
+    labels: torch.Tensor  # (B, L) long, IGNORE_INDEX on padding
+    attention_mask: torch.Tensor  # (B, L) long, 1 on tokens, 0 on padding
+    media: list[MediaRow]  # every media item of the batch, by row then item
+    ids: list[str]  # sample ids, by row
+
+
+def collate(batch: Sequence[EncodedSample], pad_id: int) -> Batch:
+    """Right-pad encoded samples into one batch.
+
+    Args:
+        batch: Encoded samples.
+        pad_id: The id padding positions hold (masked out by attention_mask and labels).
+
+    Raises:
+        InvalidArgumentError: The batch is empty.
+    """
+    if not batch:
+        raise InvalidArgumentError("collate: expected at least one sample, got none")
+    rows, length = len(batch), max(len(s.input_ids) for s in batch)
+    input_ids = torch.full((rows, length), pad_id, dtype=torch.long)  # (B, L)
+    labels = torch.full((rows, length), IGNORE_INDEX, dtype=torch.long)  # (B, L)
+    attention_mask = torch.zeros((rows, length), dtype=torch.long)  # (B, L)
+    media: list[MediaRow] = []
+    for b, sample in enumerate(batch):
+        n = len(sample.input_ids)
+        input_ids[b, :n] = torch.tensor(sample.input_ids, dtype=torch.long)  # (n,)
+        labels[b, :n] = torch.tensor(sample.labels, dtype=torch.long)  # (n,)
+        attention_mask[b, :n] = 1
+        for j, (file, (start, span)) in enumerate(zip(sample.media, sample.media_spans, strict=True)):
+            media.append(MediaRow(b, j, file, start, span))
+    return Batch(
+        input_ids=input_ids,
+        labels=labels,
+        attention_mask=attention_mask,
+        media=media,
+        ids=[s.id for s in batch],
+    )

@@ -1,0 +1,276 @@
+"""A synthetic multimodal dataset small enough to train the tiny preset on a CPU, and its scorer.
+
+Each image holds one coloured shape (circle, square or triangle) on a plain background, drawn
+with PIL. From fixed seeds `synthesize` writes, under an output folder:
+
+- `images/`: the PNGs (train and held-out images come from different seeds);
+- `captions.json`: caption pairs for stage 1 ("a red circle on a white background");
+- `train.json`: LLaVA conversations for instruction tuning, one or two questions each;
+- `heldout.json`: LLaVA conversations on new images, each with a machine-readable
+  `"answer": {"color", "shape"}` and `"kind"`, which `score_reply` checks replies against;
+- `meta.json`: counts, seed, colours, shapes and backgrounds.
+
+Words come from the tiny preset's tokenizer word list where possible, so sequences stay short.
+Two runs with the same arguments write the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw
+
+from services.common.errors import InvalidArgumentError
+
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (240, 220, 40),
+    "purple": (140, 60, 180),
+    "orange": (245, 140, 30),
+}
+BACKGROUNDS: dict[str, tuple[int, int, int]] = {
+    "white": (255, 255, 255),
+    "black": (0, 0, 0),
+    "gray": (128, 128, 128),
+}
+SHAPES = ("circle", "square", "triangle")
+KINDS = ("color", "shape", "describe")
+QUESTIONS: dict[str, tuple[str, ...]] = {
+    "color": ("What color is the shape?", "What is the color of the shape?"),
+    "shape": ("What shape is in the image?", "What shape is this?"),
+    "describe": ("Describe the image.", "Tell me about the image."),
+}
+SIZE_RANGE = (0.6, 0.9)  # shape side as a share of the image side
+HELDOUT_SEED_OFFSET = 1_000_003  # held-out images come from seed + this
+
+
+@dataclass(frozen=True)
+class Scene:
+    """What one image shows; `box` is (left, top, side) of the shape in pixels."""
+
+    color: str
+    shape: str
+    background: str
+    box: tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class SynthReport:
+    """What `synthesize` wrote.
+
+    Attributes:
+        out_dir: The output folder.
+        captions: Caption pairs (format "captions").
+        train: Training conversations (format "llava").
+        heldout: Held-out conversations with answers (format "llava").
+        meta: Counts and settings.
+        train_images: Images behind `captions` and `train`.
+        heldout_images: Images behind `heldout`.
+        train_samples: Conversations in `train`.
+    """
+
+    out_dir: Path
+    captions: Path
+    train: Path
+    heldout: Path
+    meta: Path
+    train_images: int
+    heldout_images: int
+    train_samples: int
+
+
+def _scene(rng: random.Random, image_size: int) -> Scene:
+    color, shape, background = rng.choice(list(COLORS)), rng.choice(SHAPES), rng.choice(list(BACKGROUNDS))
+    side = rng.randint(round(SIZE_RANGE[0] * image_size), round(SIZE_RANGE[1] * image_size))
+    # Roughly centred: the tiny encoder sees 32 px in 8 px patches, and a shape pushed into a
+    # corner keeps too few patches to tell a circle from a square.
+    slack = image_size - side
+    left, top = slack // 2 + rng.randint(-slack // 4, slack // 4), slack // 2 + rng.randint(-slack // 4, slack // 4)
+    return Scene(color, shape, background, (left, top, side))
+
+
+def draw(scene: Scene, image_size: int) -> Image.Image:
+    """Render a scene as an RGB image of `image_size` pixels square."""
+    image = Image.new("RGB", (image_size, image_size), BACKGROUNDS[scene.background])
+    pen = ImageDraw.Draw(image)
+    left, top, side = scene.box
+    right, bottom = left + side - 1, top + side - 1
+    fill = COLORS[scene.color]
+    if scene.shape == "circle":
+        pen.ellipse((left, top, right, bottom), fill=fill)
+    elif scene.shape == "square":
+        pen.rectangle((left, top, right, bottom), fill=fill)
+    else:
+        pen.polygon([(left, bottom), (right, bottom), ((left + right) / 2, top)], fill=fill)
+    return image
+
+
+def describe(scene: Scene) -> str:
+    """The words "red circle on a white background" for a scene."""
+    return f"{scene.color} {scene.shape} on a {scene.background} background"
+
+
+def reference_answer(kind: str, scene: Scene) -> str:
+    """The reference answer to a question of `kind` about a scene."""
+    if kind == "color":
+        return f"The shape is {scene.color}."
+    if kind == "shape":
+        return f"It is a {scene.shape}."
+    return f"A {describe(scene)}."
+
+
+def _caption(rng: random.Random, scene: Scene) -> str:
+    return rng.choice(("a {}", "a picture of a {}")).format(describe(scene))
+
+
+def _conversation(rng: random.Random, scene: Scene, kinds: list[str]) -> list[dict[str, str]]:
+    turns: list[dict[str, str]] = []
+    for i, kind in enumerate(kinds):
+        question = rng.choice(QUESTIONS[kind])
+        turns.append({"from": "human", "value": f"<image>\n{question}" if i == 0 else question})
+        turns.append({"from": "gpt", "value": reference_answer(kind, scene)})
+    return turns
+
+
+def _write_images(out_dir: Path, prefix: str, scenes: list[Scene], image_size: int) -> list[str]:
+    paths = []
+    for i, scene in enumerate(scenes):
+        rel = f"images/{prefix}_{i:05d}.png"
+        draw(scene, image_size).save(out_dir / rel, format="PNG")
+        paths.append(rel)
+    return paths
+
+
+def _dump(path: Path, value: Any) -> None:
+    path.write_text(json.dumps(value, indent=1) + "\n", encoding="utf-8")
+
+
+def synthesize(
+    out_dir: Path, *, train: int = 600, heldout: int = 60, seed: int = 0, image_size: int = 64
+) -> SynthReport:
+    """Write the synthetic dataset under `out_dir` (files there with the same names are replaced).
+
+    Args:
+        out_dir: The output folder (created if missing).
+        train: Training images; each gives one caption pair and one conversation.
+        heldout: Held-out images; each gives one question, kinds taken in turn.
+        seed: Seed of the training images; held-out ones use seed + HELDOUT_SEED_OFFSET.
+        image_size: Image side in pixels.
+
+    Raises:
+        InvalidArgumentError: A count or the image size is out of range.
+    """
+    if train < 1 or heldout < 0:
+        raise InvalidArgumentError(f"synth: expected train >= 1 and heldout >= 0, got {train} and {heldout}")
+    if not 16 <= image_size <= 1024:
+        raise InvalidArgumentError(f"synth: image_size: expected 16 to 1024 pixels, got {image_size}")
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+
+    rng = random.Random(seed)
+    scenes = [_scene(rng, image_size) for _ in range(train)]
+    paths = _write_images(out_dir, "train", scenes, image_size)
+    captions = [{"image": p, "caption": _caption(rng, s)} for p, s in zip(paths, scenes, strict=True)]
+    conversations = [
+        {"id": f"train-{i:05d}", "image": p, "conversations": _conversation(rng, s, _kinds(rng))}
+        for i, (p, s) in enumerate(zip(paths, scenes, strict=True))
+    ]
+
+    held_rng = random.Random(seed + HELDOUT_SEED_OFFSET)
+    held_scenes = [_scene(held_rng, image_size) for _ in range(heldout)]
+    held_paths = _write_images(out_dir, "heldout", held_scenes, image_size)
+    held = [
+        {
+            "id": f"heldout-{i:05d}",
+            "image": p,
+            "conversations": _conversation(held_rng, s, [KINDS[i % len(KINDS)]]),
+            "kind": KINDS[i % len(KINDS)],
+            "answer": {"color": s.color, "shape": s.shape},
+        }
+        for i, (p, s) in enumerate(zip(held_paths, held_scenes, strict=True))
+    ]
+
+    report = SynthReport(
+        out_dir=out_dir,
+        captions=out_dir / "captions.json",
+        train=out_dir / "train.json",
+        heldout=out_dir / "heldout.json",
+        meta=out_dir / "meta.json",
+        train_images=train,
+        heldout_images=heldout,
+        train_samples=len(conversations),
+    )
+    _dump(report.captions, captions)
+    _dump(report.train, conversations)
+    _dump(report.heldout, held)
+    _dump(
+        report.meta,
+        {
+            "seed": seed,
+            "heldout_seed": seed + HELDOUT_SEED_OFFSET,
+            "image_size": image_size,
+            "train_images": train,
+            "heldout_images": heldout,
+            "caption_pairs": len(captions),
+            "train_samples": len(conversations),
+            "heldout_samples": len(held),
+            "colors": list(COLORS),
+            "shapes": list(SHAPES),
+            "backgrounds": list(BACKGROUNDS),
+            "files": {"captions": "captions.json", "train": "train.json", "heldout": "heldout.json"},
+        },
+    )
+    return report
+
+
+def _kinds(rng: random.Random) -> list[str]:
+    return rng.sample(KINDS, k=rng.choice((1, 2)))
+
+
+_WORD = re.compile(r"[a-z]+")
+
+
+def score_reply(reply: str, sample: Mapping[str, Any]) -> bool:
+    """Whether a model reply answers a held-out sample correctly.
+
+    A colour question needs the right colour word and no other colour word; a shape question
+    the right shape word and no other shape word; a description both. Background colours
+    (white, black, gray) are not shape colours and never count against a reply.
+
+    Args:
+        reply: The model's reply text.
+        sample: A record of heldout.json, with "kind" and "answer": {"color", "shape"}.
+
+    Raises:
+        InvalidArgumentError: The sample has no valid kind or answer.
+    """
+    kind, answer = sample.get("kind"), sample.get("answer")
+    if kind not in KINDS or not isinstance(answer, Mapping):
+        raise InvalidArgumentError(
+            f"held-out sample: expected 'kind' in {list(KINDS)} and an 'answer' object, "
+            f"got kind {kind!r} and answer {answer!r}"
+        )
+    if answer.get("color") not in COLORS or answer.get("shape") not in SHAPES:
+        raise InvalidArgumentError(
+            f"held-out sample: answer: expected a known color and shape, got {answer!r}"
+        )
+    words = set(_WORD.findall(reply.lower()))
+
+    def only(right: str, vocabulary: Any) -> bool:
+        return right in words and not words & (set(vocabulary) - {right})
+
+    color_ok = only(answer["color"], COLORS)
+    shape_ok = only(answer["shape"], SHAPES)
+    if kind == "color":
+        return color_ok
+    if kind == "shape":
+        return shape_ok
+    return color_ok and shape_ok
