@@ -61,14 +61,45 @@ class Settings(BaseSettings):
     # Encoder limits.
     image_max_pixels: int = 64 * 1024 * 1024
 
+    # Trainer (Celery worker + DeepSpeed launcher).
+    jobs_dir: Path | None = Field(
+        default=None, description="Folder of training job folders; default <cache_dir>/jobs."
+    )
+    trainer_hardware: str = Field(
+        default="cpu", description="Hardware class this worker serves (queue train.<class>)."
+    )
+    trainer_lease_s: float = Field(
+        default=30.0, description="A running job's lease; expired = its worker is gone."
+    )
+    trainer_recover_interval_s: float = 10.0
+    trainer_cancel_grace_s: float = 15.0
+
+    # Adapters: the artifact store of published bundles, and how many versions a replica keeps.
+    artifact_dir: Path | None = Field(
+        default=None, description="Where published adapter bundles live; default <cache_dir>/adapters."
+    )
+    max_loaded_adapters: int = Field(
+        default=4,
+        ge=1,
+        description="Adapter versions an LLM replica keeps loaded (current and in-use ones stay).",
+    )
+
     # Logging.
     log_level: str = "INFO"
     log_json: bool = True
 
-    @field_validator("cache_dir", "presets_dir", mode="after")
+    @field_validator("cache_dir", "presets_dir", "jobs_dir", "artifact_dir", mode="after")
     @classmethod
     def _expand(cls, v: Path | None) -> Path | None:
         return v.expanduser() if v is not None else None
+
+    def jobs_root(self) -> Path:
+        """Where training job folders live (checkpoints, progress, logs, exported bundles)."""
+        return self.jobs_dir or self.cache_dir / "jobs"
+
+    def artifact_root(self) -> Path:
+        """The artifact store: published bundles live in <root>/<adapter name>/<version>."""
+        return self.artifact_dir or self.cache_dir / "adapters"
 
     def llm_target(self) -> str:
         """host:port the gateway dials for the LLM service."""

@@ -37,3 +37,36 @@ def gateway_healthy(base_url: str) -> bool:
         return httpx.get(f"{base_url}/health", timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def start_redis(data_dir: Path, *, port: int | None = None, appendonly: bool = False) -> tuple[Process, str]:
+    """A private `redis-server` on a free loopback port; returns the process and its URL.
+
+    With `appendonly`, it persists to `data_dir` (fsync every write), so a restart on the same
+    port and folder comes back with the data: used by the tests that restart Redis mid-job.
+    """
+    import shutil
+
+    from tests.helpers.procs import wait_until
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("redis-server is not installed (Debian: apt-get install redis-server)")
+    port = port or free_ports(1)[0]
+    data_dir.mkdir(parents=True, exist_ok=True)
+    args = [binary, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(data_dir), "--save", ""]
+    args += ["--appendonly", "yes", "--appendfsync", "always"] if appendonly else ["--appendonly", "no"]
+    args += ["--maxmemory-policy", "noeviction"]
+    proc = start_process(args, log_path=data_dir / f"redis-{port}.log")
+    url = f"redis://127.0.0.1:{port}/0"
+
+    def answers() -> bool:
+        import redis
+
+        try:
+            return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5).ping())
+        except (redis.RedisError, OSError):
+            return False
+
+    wait_until(answers, timeout=15, what=f"redis-server on port {port}")
+    return proc, url

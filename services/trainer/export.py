@@ -1,0 +1,73 @@
+"""Export a trained model as an adapter bundle (ARCHITECTURE section 5).
+
+Every rank calls `export_bundle` (under ZeRO-3 the trainable parameters are partitioned and
+must be gathered collectively); rank 0 writes: the connectors to `connectors.safetensors`, the
+LoRA adapter (if any) in PEFT format under `lora/`, then the manifest with every file's
+sha256. The bundle's version is stamped when it is published.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+from services.common.presets import Preset
+from services.llm.adapters import base_fingerprint, write_bundle
+from services.trainer.model import TrainingModel
+from services.trainer.runconfig import RunConfig
+
+logger = logging.getLogger(__name__)
+
+UNPUBLISHED = "unpublished"
+
+
+def _gathered(model: TrainingModel, zero3: bool) -> contextlib.AbstractContextManager[Any]:
+    if not zero3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+def export_bundle(
+    cfg: RunConfig, model: TrainingModel, *, preset: Preset, metrics: dict[str, float]
+) -> Path | None:
+    """Write the bundle to `cfg.bundle_dir` (rank 0); returns its path on rank 0, else None."""
+    zero3 = cfg.spec.deepspeed.zero_stage == 3
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    out = cfg.bundle_dir
+    with _gathered(model, zero3):
+        if rank == 0:
+            if out.exists():
+                shutil.rmtree(out)
+            out.mkdir(parents=True)
+            connectors = {
+                m: {k: v.detach().float().cpu().clone() for k, v in c.state_dict().items()}
+                for m, c in model.connectors.items()
+            }
+            lm: Any = model.lm
+            if hasattr(lm, "peft_config"):
+                lora_state = {
+                    n: p.detach().float().cpu().clone() for n, p in lm.named_parameters() if "lora_" in n
+                }
+                lm.save_pretrained(str(out / "lora"), state_dict=lora_state)
+            write_bundle(
+                out,
+                name=cfg.adapter_name,
+                version=UNPUBLISHED,
+                preset=preset.name,
+                base_fingerprint=base_fingerprint(preset.llm.checkpoint),
+                connectors=connectors,
+                stage=cfg.spec.stage,
+                metrics={k: float(v) for k, v in metrics.items()},
+            )
+            logger.info("exported bundle to %s", out)
+    if dist.is_initialized():
+        dist.barrier()
+    return out if rank == 0 else None

@@ -1,0 +1,174 @@
+"""Start the ranks of a run as a subprocess in its own process group, and stop them all.
+
+Single host: `torchrun` (python -m torch.distributed.run) with --nproc-per-node = world size.
+Several hosts: the `deepspeed` launcher with a hostfile (pdsh + passwordless ssh, as DeepSpeed
+documents). The launcher process leads a new session, so cancelling kills the whole group:
+launcher and every rank, never leaving orphans holding memory or GPUs. It also gets
+PR_SET_PDEATHSIG, so if the worker process running the job dies the launcher is told to stop
+(torchrun forwards SIGTERM to its ranks; each rank also dies with its launcher, see run.py).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from services.trainer.runconfig import TRAIN_LOG, RunConfig
+
+logger = logging.getLogger(__name__)
+
+PR_SET_PDEATHSIG = 1
+
+
+def set_parent_death_signal(sig: int) -> None:
+    """Ask Linux to send `sig` to this process when its parent exits (no-op elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
+        logger.warning("prctl(PR_SET_PDEATHSIG) failed: errno %s", ctypes.get_errno())
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def command(cfg: RunConfig, *, master_port: int | None = None) -> list[str]:
+    """The launcher command line for this job."""
+    ds = cfg.spec.deepspeed
+    port = str(master_port or _free_port())
+    entry = ["services.trainer.run", "--job-dir", str(cfg.job_dir)]
+    if ds.launcher == "torchrun":
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc-per-node={ds.world_size}",
+            "--nnodes=1",
+            "--master-addr=127.0.0.1",
+            f"--master-port={port}",
+            "--module",
+            *entry,
+        ]
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", f"--master_port={port}"]
+    if ds.hostfile is not None:
+        cmd += [f"--hostfile={ds.hostfile}", f"--num_nodes={ds.nodes}"]
+    else:
+        cmd += ["--num_nodes=1"]
+    cmd += [f"--num_gpus={ds.world_size}" if cfg.hardware != "cpu" else f"--num_accelerators={ds.world_size}"]
+    return [*cmd, "--module", *entry]
+
+
+def environment(cfg: RunConfig) -> dict[str, str]:
+    """The ranks' environment: CPU accelerator + gloo on CPU workers, thread counts split."""
+    env = dict(os.environ)
+    if cfg.hardware == "cpu":
+        env["DS_ACCELERATOR"] = "cpu"
+        env["CUDA_VISIBLE_DEVICES"] = ""
+        threads = max(1, (os.cpu_count() or 1) // cfg.spec.deepspeed.world_size)
+        env.setdefault("OMP_NUM_THREADS", str(threads))
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+class Launch:
+    """A running launcher and its ranks (one process group)."""
+
+    def __init__(self, popen: subprocess.Popen[bytes], log_path: Path) -> None:
+        self.popen = popen
+        self.log_path = log_path
+
+    @property
+    def pgid(self) -> int:
+        return self.popen.pid  # the session leader: its pid is the group id
+
+    def poll(self) -> int | None:
+        return self.popen.poll()
+
+    def stop(self, *, grace_s: float = 10.0) -> int:
+        """SIGTERM the group, SIGKILL what is left after `grace_s`; returns the exit code."""
+        return stop_group(self.pgid, grace_s=grace_s, wait=self.popen)
+
+
+def start(cfg: RunConfig) -> Launch:
+    """Start the launcher for `cfg` (its output appended to <job_dir>/train.log)."""
+    log_path = cfg.job_dir / TRAIN_LOG
+    cmd = command(cfg)
+    logger.info("launching %s", " ".join(cmd))
+    with log_path.open("ab") as log:
+        popen = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=environment(cfg),
+            cwd=str(cfg.job_dir),
+            start_new_session=True,
+            preexec_fn=lambda: set_parent_death_signal(signal.SIGTERM),
+        )
+    return Launch(popen, log_path)
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stop_group(pgid: int, *, grace_s: float = 10.0, wait: subprocess.Popen[bytes] | None = None) -> int:
+    """Stop every process of group `pgid`: SIGTERM, then SIGKILL after `grace_s`."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + (grace_s if sig == signal.SIGTERM else 5.0)
+        while time.monotonic() < deadline:
+            if wait is not None:
+                wait.poll()
+            if not group_alive(pgid):
+                break
+            time.sleep(0.1)
+        else:
+            if sig == signal.SIGTERM:
+                logger.warning("process group %s still alive %.0fs after SIGTERM; killing it", pgid, grace_s)
+            continue
+        break
+    if wait is not None:
+        try:
+            return wait.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            return -9
+    return 0
+
+
+def last_error(log_path: Path, *, lines: int = 400) -> str:
+    """The most telling line of a failed run's log: the last exception message, else the tail."""
+    try:
+        text = log_path.read_text(errors="replace").splitlines()[-lines:]
+    except OSError:
+        return "no log"
+    for line in reversed(text):
+        stripped = line.strip()
+        if (
+            ("Error" in stripped or "Exception" in stripped)
+            and ":" in stripped
+            and not stripped.startswith("File ")
+        ):
+            return stripped[-600:]
+    return " | ".join(line.strip() for line in text[-5:])[-600:]

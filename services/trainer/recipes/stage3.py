@@ -1,0 +1,47 @@
+"""Stage 3: instruction tuning, LoRA on the LLM plus the connectors (LLaVA's finetune_lora).
+
+LoRA r/alpha/targets come from the preset (overridable per job); the conversation uses the
+preset's template with only assistant replies supervised; LoRA trains at 2e-4 and the
+connectors at 2e-5 by default. Trainable parameters are selected after LoRA injection.
+"""
+
+from __future__ import annotations
+
+from services.trainer.build import (
+    build_examples,
+    feature_shapes,
+    initial_connectors,
+    load_llm,
+    load_run_preset,
+)
+from services.trainer.export import export_bundle
+from services.trainer.jobs import STAGE_DEFAULTS
+from services.trainer.loop import fit
+from services.trainer.model import ParamGroup, TrainingModel, add_lora, select_trainable
+from services.trainer.runconfig import RunConfig
+
+
+def run(cfg: RunConfig) -> None:
+    hp, defaults = cfg.spec.hyperparameters, STAGE_DEFAULTS["stage3"]
+    preset = load_run_preset(cfg)
+    lora = preset.lora.model_copy(update=cfg.spec.lora.model_dump(exclude_none=True))
+    tokenizer, lm = load_llm(preset)
+    connectors = initial_connectors(preset, cfg.init_bundle, llm_dim=lm.config.hidden_size)
+    examples, data_report = build_examples(cfg, preset, tokenizer, connectors)
+    model = TrainingModel(add_lora(lm, lora), connectors, feature_shapes(preset))
+    groups, counts = select_trainable(
+        model,
+        [
+            ParamGroup("lora", ("lm.*.lora_A.*", "lm.*.lora_B.*"), hp.lr or defaults.lr),
+            ParamGroup(
+                "connectors", ("connectors.*",), hp.connector_lr or defaults.connector_lr or defaults.lr
+            ),
+        ],
+        weight_decay=hp.weight_decay,
+    )
+    _, result = fit(
+        cfg, model, groups, examples, pad_id=tokenizer.pad_token_id or 0,
+        on_start=lambda: {"data": data_report, "trainable": counts, "lora": lora.model_dump()},
+    )  # fmt: skip
+    if result.completed:
+        export_bundle(cfg, model, preset=preset, metrics=result.metrics)
