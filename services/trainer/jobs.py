@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from services.common.errors import InvalidArgumentError, ModalmeshError, NotFoundError
 from services.common.presets import Preset, load_preset
 from services.common.settings import Settings
-from services.trainer.datasets import DatasetSpec, sniff
+from services.trainer.dataspec import DatasetSpec, sniff
 
 Stage = Literal["stage1", "stage2", "stage3"]
 PositiveInt = Annotated[int, Field(gt=0)]

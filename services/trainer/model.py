@@ -70,15 +70,17 @@ class TrainingModel(nn.Module):
         """The mean token loss over supervised positions (labels != -100)."""
         embed = self.lm.get_input_embeddings()
         embeds = embed(input_ids)  # (B, L, D)
-        extra = embeds.new_zeros(())
         for modality, connector in self.connectors.items():
             items = [m for m in media if m.modality == modality]
             trainable = any(p.requires_grad for p in connector.parameters())
             if not items:
                 if trainable:  # dummy forward: a zero-weighted gradient path on every rank
                     tokens, dim = self.feature_shapes[modality]
-                    dummy = embeds.new_zeros((1, tokens, dim))
-                    extra = extra + 0.0 * connector(dummy).sum()
+                    dummy = connector(embeds.new_zeros((1, tokens, dim)))  # (1, T, D)
+                    # Added to the embeddings, not the loss, so that its gradient arrives in the
+                    # same backward order as a real item's: ZeRO-3 reduces gradients in the order
+                    # they become ready, and ranks must agree on it.
+                    embeds = embeds + 0.0 * dummy.sum()
                 continue
             feats = torch.stack([m.features for m in items]).to(embeds.dtype)  # (N, T_in, D_in)
             projected = connector(feats)  # (N, T, D)
@@ -90,7 +92,7 @@ class TrainingModel(nn.Module):
             ).reshape(-1)  # (N*T,)
             embeds = embeds.index_put((rows, cols), projected.reshape(n * t, -1))
         out = self.lm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, use_cache=False)
-        return out.loss + extra
+        return out.loss
 
 
 def lora_target_names(lm: nn.Module, suffixes: Sequence[str]) -> list[str]:

@@ -15,6 +15,7 @@ import signal
 import sys
 from pathlib import Path
 
+from services.common.errors import ModalmeshError
 from services.common.log import setup_logging
 from services.trainer.launcher import set_parent_death_signal
 from services.trainer.runconfig import RunConfig
@@ -50,7 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     recipe = RECIPES.get(cfg.spec.stage)
     if recipe is None:
         raise SystemExit(f"stage {cfg.spec.stage} has no recipe in this version")
-    recipe(cfg)
+    try:
+        recipe(cfg)
+    except Exception as e:  # tell the worker why, in words, then fail the rank
+        message = e.message if isinstance(e, ModalmeshError) else f"{type(e).__name__}: {e}"
+        Progress(cfg.progress_path, enabled=True).emit("error", rank=rank, message=message)
+        raise
     if rank == 0 and (cfg.bundle_dir / "manifest.json").is_file():
         import json
 

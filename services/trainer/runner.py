@@ -139,6 +139,7 @@ class JobRunner:
         record = record.model_copy(
             update={
                 "state": "RUNNING",
+                "error": None,
                 "attempts": record.attempts + 1,
                 "started": record.started or time.time(),
                 "worker": self.owner,
@@ -211,6 +212,8 @@ class JobRunner:
             self.report(update["progress"])
         elif kind == "checkpoint":
             update["checkpoint"] = event.get("path")
+        elif kind == "error" and not record.error:
+            update["error"] = f"rank {event.get('rank')}: {event.get('message')}"
         elif kind == "done":
             update["bundle"] = event.get("bundle")
             update["metrics"] = record.metrics | (event.get("metrics") or {})
@@ -233,7 +236,8 @@ class JobRunner:
                 record, "CANCELLED", message=f"cancelled at step {record.progress.get('step', 0)}"
             )
         if rc != 0 or not (cfg.bundle_dir / "manifest.json").is_file():
-            error = f"training exited with code {rc}: {launcher.last_error(cfg.job_dir / 'train.log')}"
+            why = record.error or launcher.last_error(cfg.job_dir / "train.log")
+            error = f"training exited with code {rc}: {why}"
             return self._finish(record, "FAILED", error=error)
         record = record.model_copy(update={"bundle": str(cfg.bundle_dir)})
         if job.spec.publish:

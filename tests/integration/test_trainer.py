@@ -1,0 +1,270 @@
+"""The trainer for real: a private Redis, Celery workers, DeepSpeed with 2 ranks on CPU (gloo).
+
+Each test submits jobs the way users do (TrainingClient, or the Celery task by name) and
+follows them through the job store. Jobs are small (64 synthetic samples) so that a run is a
+few seconds of training after about 10 s of start-up.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services.common.settings import Settings
+from services.trainer.jobs import TASK_NAME, JobRecord
+from tests.helpers.procs import Process, start_process, wait_until
+from tests.helpers.services import start_redis
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from services.trainer.synth import synthesize
+
+    out = tmp_path_factory.mktemp("synth")
+    synthesize(out, train=64, heldout=8, seed=3)
+    return out
+
+
+@pytest.fixture()
+def redis_url(tmp_path: Path) -> Iterator[str]:
+    proc, url = start_redis(tmp_path / "redis")
+    try:
+        yield url
+    finally:
+        proc.kill_group()
+
+
+@pytest.fixture()
+def settings(redis_url: str, tiny_cache_dir: Path, tmp_path: Path) -> Settings:
+    return Settings(
+        redis_url=redis_url,
+        cache_dir=tiny_cache_dir,
+        jobs_dir=tmp_path / "jobs",
+        artifact_dir=tmp_path / "artifacts",
+    )
+
+
+def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
+    return {
+        "MODALMESH_REDIS_URL": settings.redis_url,
+        "MODALMESH_CACHE_DIR": str(settings.cache_dir),
+        "MODALMESH_JOBS_DIR": str(settings.jobs_root()),
+        "MODALMESH_ARTIFACT_DIR": str(settings.artifact_root()),
+        "MODALMESH_LOG_JSON": "false",
+        "MODALMESH_TRAINER_LEASE_S": "4",
+        "MODALMESH_TRAINER_RECOVER_INTERVAL_S": "1",
+        "MODALMESH_TRAINER_CANCEL_GRACE_S": "8",
+        **extra,
+    }
+
+
+def start_worker(settings: Settings, log: Path, **extra: str) -> Process:
+    proc = start_process([sys.executable, "-m", "services.trainer"], log_path=log, env=worker_env(settings, **extra))
+    wait_until(lambda: " ready." in proc.log_text(), timeout=60, what="the trainer worker", proc=proc)
+    return proc
+
+
+@pytest.fixture()
+def worker(settings: Settings, tmp_path: Path) -> Iterator[Process]:
+    proc = start_worker(settings, tmp_path / "worker.log")
+    try:
+        yield proc
+    finally:
+        proc.kill_group()
+
+
+def client(settings: Settings):  # -> TrainingClient
+    from services.trainer.client import TrainingClient
+
+    return TrainingClient(settings)
+
+
+def job(data: Path, stage: str = "stage1", **hyper: Any) -> dict[str, Any]:
+    datasets = (
+        [{"format": "captions", "path": str(data / "captions.json")}]
+        if stage == "stage1"
+        else [{"format": "llava", "path": str(data / "train.json")}]
+    )
+    return {
+        "preset": "tiny",
+        "stage": stage,
+        "datasets": datasets,
+        "hyperparameters": {"micro_batch_size": 8, "checkpoint_every": 10, **hyper},
+        "deepspeed": {"world_size": 2, "zero_stage": 2},
+    }
+
+
+def wait_state(settings: Settings, job_id: str, states: set[str], *, timeout: float, proc: Process | None = None) -> JobRecord:
+    c = client(settings)
+
+    def reached() -> JobRecord | None:
+        record = c.get(job_id)
+        return record if record.state in states else None
+
+    return wait_until(reached, timeout=timeout, interval=0.3, what=f"job {job_id} in {states}", proc=proc)
+
+
+def wait_step(settings: Settings, job_id: str, step: int, *, timeout: float) -> JobRecord:
+    c = client(settings)
+
+    def reached() -> JobRecord | None:
+        record = c.get(job_id)
+        if record.done:
+            raise AssertionError(f"job {job_id} ended ({record.state}: {record.error}) before step {step}")
+        return record if record.progress.get("step", 0) >= step else None
+
+    return wait_until(
+        reached,
+        timeout=timeout,
+        interval=0.2,
+        what=f"job {job_id} at step {step}",
+    )
+
+
+def group_gone(pgid: int) -> bool:
+    from services.trainer.launcher import group_alive
+
+    return not group_alive(pgid)
+
+
+def test_stage1_through_the_queue_lowers_the_loss_and_publishes(settings: Settings, worker: Process, data: Path) -> None:
+    from services.common.adapter_registry import AdapterRegistry
+    from services.llm.adapters import load_bundle
+
+    record = client(settings).submit(job(data, epochs=6, lr=2e-3))
+    assert record.state == "QUEUED" and record.queue == "train.cpu"
+    done = wait_state(settings, record.id, {"SUCCEEDED", "FAILED"}, timeout=240, proc=worker)
+    assert done.state == "SUCCEEDED", done.error
+    assert done.progress["step"] == done.progress["total_steps"] == 6 * 64 // 16
+    assert {"loss", "samples_per_s", "eta_s", "epoch"} <= set(done.progress)
+    assert done.metrics["loss_last10"] < done.metrics["loss_first"] - 0.1
+    assert done.published is not None and done.published["version"] == "2"
+    registry = AdapterRegistry.from_url(settings.redis_url)
+    assert registry.current("tiny") == "2"
+    bundle = load_bundle(Path(done.published["path"]))
+    assert bundle.manifest["stage"] == "stage1" and bundle.version == "2"
+    assert done.data_report and done.data_report["kept"] == 64
+    assert "step 24/24" in worker.log_text()  # progress reaches the worker log
+
+
+def test_stage3_zero3_mixed_text_only_batches_lora_bundle(settings: Settings, worker: Process, data: Path) -> None:
+    """Text-only samples mixed with image samples, micro-batch 1: ranks see different modalities."""
+    import json
+
+    mixed = json.loads((data / "train.json").read_text())[:16]
+    for i in range(0, 16, 3):  # every third sample text-only
+        mixed[i] = {"id": f"text{i}", "conversations": [
+            {"from": "human", "value": "What is the sky?"}, {"from": "gpt", "value": "The sky is blue."}]}  # fmt: skip
+    path = data / "mixed.json"
+    path.write_text(json.dumps(mixed))
+    spec = job(data, "stage3", epochs=2, micro_batch_size=1)
+    spec["datasets"] = [{"format": "llava", "path": str(path)}]
+    spec["deepspeed"]["zero_stage"] = 3
+    record = client(settings).submit(spec)
+    done = wait_state(settings, record.id, {"SUCCEEDED", "FAILED"}, timeout=240, proc=worker)
+    assert done.state == "SUCCEEDED", done.error
+    bundle = Path(done.published["path"])  # type: ignore[index]
+    assert (bundle / "lora" / "adapter_config.json").is_file()
+    assert (bundle / "lora" / "adapter_model.safetensors").is_file()
+
+
+def test_killed_worker_job_is_redelivered_and_resumes(settings: Settings, data: Path, tmp_path: Path) -> None:
+    first = start_worker(settings, tmp_path / "worker1.log")
+    try:
+        record = client(settings).submit(job(data, max_steps=400, checkpoint_every=20))
+        running = wait_step(settings, record.id, 45, timeout=180)
+        pgid = running.pgid
+        assert pgid is not None
+    finally:
+        first.kill_group()  # the worker dies (SIGKILL), as on a node failure
+    wait_until(lambda: group_gone(pgid), timeout=15, what="the ranks of the killed worker to exit")
+    second = start_worker(settings, tmp_path / "worker2.log")
+    try:
+        done = wait_state(settings, record.id, {"SUCCEEDED", "FAILED"}, timeout=240, proc=second)
+    finally:
+        second.kill_group()
+    assert done.state == "SUCCEEDED", done.error
+    assert done.attempts == 2
+    assert done.resumed_from_step is not None and done.resumed_from_step >= 20
+    assert "resumed from" in (Path(done.job_dir) / "train.log").read_text()  # type: ignore[arg-type]
+
+
+def test_cancel_stops_every_rank_within_seconds(settings: Settings, worker: Process, data: Path) -> None:
+    c = client(settings)
+    record = c.submit(job(data, max_steps=5000))
+    running = wait_step(settings, record.id, 5, timeout=180)
+    assert running.pgid is not None
+    started = time.monotonic()
+    assert c.cancel(record.id).state == "CANCELLING"
+    done = wait_state(settings, record.id, {"CANCELLED", "FAILED", "SUCCEEDED"}, timeout=30)
+    assert done.state == "CANCELLED"
+    wait_until(lambda: group_gone(running.pgid), timeout=10, what="every rank to exit")  # type: ignore[arg-type]
+    assert time.monotonic() - started < 20
+    assert done.published is None
+
+
+def test_queued_job_cancelled_never_runs(settings: Settings, data: Path) -> None:
+    c = client(settings)  # no worker: the job stays queued
+    record = c.submit(job(data))
+    assert c.cancel(record.id).state == "CANCELLED"
+
+
+def test_redis_restart_mid_job_still_records_the_result(
+    settings: Settings, worker: Process, data: Path, tmp_path: Path
+) -> None:
+    record = client(settings).submit(job(data, max_steps=500, checkpoint_every=50))
+    wait_step(settings, record.id, 20, timeout=180)
+    port = int(settings.redis_url.rsplit(":", 1)[1].split("/")[0])
+    import redis
+
+    redis.Redis.from_url(settings.redis_url).shutdown(nosave=True)  # every key is lost
+    time.sleep(3)
+    proc, _ = start_redis(tmp_path / "redis2", port=port)
+    try:
+        done = wait_state(settings, record.id, {"SUCCEEDED", "FAILED"}, timeout=240, proc=worker)
+        assert done.state == "SUCCEEDED", done.error
+        assert done.published is not None
+    finally:
+        proc.kill_group()
+
+
+def test_task_sent_by_name_from_plain_celery(settings: Settings, worker: Process, data: Path) -> None:
+    from celery import Celery
+
+    sender = Celery(broker=settings.redis_url)
+    good = sender.send_task(TASK_NAME, kwargs={"job": job(data, epochs=1)}, queue="train.cpu")
+    bad = sender.send_task(TASK_NAME, kwargs={"job": {**job(data), "preset": "no-such-preset"}}, queue="train.cpu")
+    done = wait_state(settings, good.id, {"SUCCEEDED", "FAILED"}, timeout=240, proc=worker)
+    assert done.state == "SUCCEEDED", done.error
+    failed = wait_state(settings, bad.id, {"FAILED"}, timeout=60, proc=worker)
+    assert failed.error is not None and "no-such-preset" in failed.error
+
+
+def test_bad_samples_fail_the_job_with_counts(settings: Settings, worker: Process, data: Path, tmp_path: Path) -> None:
+    import json
+
+    rows = json.loads((data / "captions.json").read_text())[:32]
+    for row in rows[:8]:
+        row["image"] = "images/missing.png"
+    path = tmp_path / "broken.json"
+    path.write_text(json.dumps(rows))
+    spec = job(data)
+    spec["datasets"] = [{"format": "captions", "path": str(path), "media_root": str(data)}]
+    record = client(settings).submit(spec)
+    done = wait_state(settings, record.id, {"SUCCEEDED", "FAILED"}, timeout=240, proc=worker)
+    assert done.state == "FAILED"
+    assert "8 of 32" in (done.error or "") and "media_missing" in (done.error or "")
+
+
+def test_worker_survives_sigterm_of_nothing(worker: Process) -> None:
+    """A worker with no job stops cleanly on SIGTERM (warm shutdown)."""
+    worker.send_signal(signal.SIGTERM)
+    wait_until(lambda: not worker.alive(), timeout=30, what="the worker to stop")
