@@ -22,6 +22,7 @@ import uvicorn
 from gateway.grpc_chat import CHAT_SERVICE_NAME, ChatServicer
 from gateway.http_app import create_app
 from gateway.serving import ChatService
+from gateway.training import training_client
 from modalmesh.v1 import chat_pb2_grpc
 from services.common.errors import ModalmeshError
 from services.common.grpc_server import GrpcServer
@@ -57,7 +58,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--encoder-address", help="host:port of the encoders' KServe v2 gRPC (MODALMESH_ENCODER_ADDRESS)"
     )
-    p.add_argument("--redis-url", help="feature cache Redis URL (MODALMESH_REDIS_URL)")
+    p.add_argument("--redis-url", help="Redis of the feature cache and training jobs (MODALMESH_REDIS_URL)")
     p.add_argument("--log-level", help="DEBUG, INFO, ... (MODALMESH_LOG_LEVEL)")
     return p.parse_args(argv)
 
@@ -80,7 +81,7 @@ class _HttpServer(uvicorn.Server):
 
 def _http_server(settings: Settings, service: ChatService) -> _HttpServer:
     config = uvicorn.Config(
-        create_app(service),
+        create_app(service, training=training_client(settings)),
         host=settings.host,
         port=settings.gateway_http_port,
         log_config=None,

@@ -16,7 +16,7 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncGenerator, Awaitable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -40,6 +40,7 @@ from gateway.protocol import (
     validation_error,
 )
 from gateway.serving import ChatService, PreparedChat
+from gateway.training import add_training_routes
 from services.common.errors import (
     CancelledError,
     InvalidArgumentError,
@@ -47,6 +48,9 @@ from services.common.errors import (
     UnavailableError,
 )
 from services.common.log import request_id_var
+
+if TYPE_CHECKING:
+    from services.trainer.client import TrainingClient
 
 logger = logging.getLogger(__name__)
 
@@ -254,8 +258,8 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, on_modalmesh)
 
 
-def create_app(service: ChatService) -> FastAPI:
-    """The REST app over `service`.
+def create_app(service: ChatService, training: TrainingClient | None = None) -> FastAPI:
+    """The REST app over `service`, with the training job API when `training` is given.
 
     The app does not own the service: whoever made it closes it (`ChatService.aclose`) after
     the server stops, since the gRPC Chat server may share it.
@@ -266,6 +270,8 @@ def create_app(service: ChatService) -> FastAPI:
     app.add_api_route("/v1/models", list_models, methods=["GET"])
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/metrics", metrics, methods=["GET"], include_in_schema=False)
+    if training is not None:
+        add_training_routes(app, training)
     _install_error_handlers(app)
     app.add_middleware(
         GatewayMiddleware, max_body_bytes=service.settings.max_body_bytes, metrics=service.metrics
