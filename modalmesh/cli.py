@@ -3,6 +3,9 @@
     modalmesh up [--preset tiny] [ports, URLs...]   run the stack until Ctrl-C / SIGTERM
     modalmesh demo                                  up, one image chat through the gateway, down
     modalmesh presets list | show NAME | generate NAME
+    modalmesh train submit JOB.yaml [--wait] | status ID | list | cancel ID
+    modalmesh data synth OUT_DIR [--train N] [--heldout N] [--seed S]
+    modalmesh adapters list [NAME] | rollback NAME VERSION   the adapter registry in Redis
 
 Every flag has a MODALMESH_* environment variable (see services.common.settings.Settings);
 a flag wins over the variable.
@@ -17,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn
 
+from modalmesh import train_cli
+from modalmesh.adapters_cli import add_parser as add_adapters_parser
 from services.common.errors import ModalmeshError
 
 # flag -> Settings field
@@ -129,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     presets.add_argument("--force", action="store_true", help="regenerate even if present")
     _add_stack_flags(presets)
     presets.set_defaults(func=cmd_presets)
+    train_cli.add_commands(sub)
+    add_adapters_parser(sub, _settings)
     return parser
 
 

@@ -9,4 +9,5 @@ Modules (import from them directly):
     tensor_codec  Tensor messages <-> numpy / torch
     log           JSON logging with the request id
     presets       the preset schema and loader
+    adapter_registry  adapter versions, current pointers and events in Redis (no torch)
 """

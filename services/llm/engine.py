@@ -6,6 +6,12 @@ validated on the event loop before it queues, so a bad request fails at once and
 touches the model. A cancelled request (the consumer of `generate()` went away) sets a flag
 that the decode loop checks between tokens. A batching engine can replace this one behind
 the same `generate()` / `info()` interface (`services.llm.domain.GenerationEngine`).
+
+Adapter versions (`services.llm.adapter_manager`): a request resolves and holds its version
+before it queues and decodes with that version's connectors and LoRA to the end, whatever
+the current pointer does meanwhile. Model mutations for new versions (LoRA injection) run on
+the same worker thread, between requests or between two tokens of one (`run_pending`), after
+which the running request's LoRA selection is re-applied.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import torch
 
 from services.common.errors import CancelledError, NotFoundError, UnavailableError
 from services.common.presets import Preset
+from services.llm.adapter_manager import AdapterManager, AdapterVersion, WorkerCalls
 from services.llm.detokenize import IncrementalDetokenizer, StopMatcher
 from services.llm.domain import (
     FinishReason,
@@ -53,9 +60,14 @@ class PreparedRequest:
 
     request: GenerationRequest
     prompt: Prompt
-    adapter: str
+    version: AdapterVersion  # resolved when prepared; kept to the end
     budget: int  # tokens it may generate: max_tokens capped by the context left
     cancel: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def adapter(self) -> str:
+        """ "name@version" serving this request."""
+        return self.version.ref
 
 
 class _Stream:
@@ -108,24 +120,30 @@ class _Stream:
 
 
 class Engine:
-    """Serves one loaded model, one request at a time.
+    """Serves one loaded model, one request at a time, with several adapter versions.
 
     Args:
-        loaded: The model, tokenizer and adapter to serve (see `loading.load_model`).
+        loaded: The model, tokenizer and start adapter to serve (see `loading.load_model`).
+        max_loaded_adapters: Most adapter versions kept loaded (see AdapterManager).
     """
 
-    def __init__(self, loaded: LoadedModel) -> None:
+    def __init__(self, loaded: LoadedModel, *, max_loaded_adapters: int = 4) -> None:
         self.loaded = loaded
         self.template = get_template(loaded.preset.llm.template)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llm-decode")
+        self._worker = worker = WorkerCalls()
+        self.adapters = AdapterManager(loaded, max_loaded=max_loaded_adapters, worker=worker)
+        self._executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="llm-decode", initializer=worker.mark_worker_thread
+        )
+        worker.bind(self._executor)
         self._active: set[PreparedRequest] = set()  # queued or running; cancelled by close()
         self._closed = False
         self._created = int(loaded.bundle.manifest.get("created", time.time()))
 
     @classmethod
-    def from_preset(cls, preset: Preset) -> Engine:
+    def from_preset(cls, preset: Preset, *, max_loaded_adapters: int = 4) -> Engine:
         """Load the preset's model and adapter and wrap them in an engine."""
-        return cls(load_model(preset))
+        return cls(load_model(preset), max_loaded_adapters=max_loaded_adapters)
 
     def close(self) -> None:
         """Cancel the requests still queued or running and wait for the worker thread to end."""
@@ -133,6 +151,7 @@ class Engine:
         for job in list(self._active):
             job.cancel.set()
         self._executor.shutdown(wait=True, cancel_futures=True)
+        self._worker.close()  # adapter loads waiting for the worker fail instead of hanging
 
     def info(self) -> ModelInfo:
         """Preset, adapter, context size and per-modality limits."""
@@ -147,41 +166,43 @@ class Engine:
             )
             for m, s in preset.modalities.items()
         )
-        ref = self.loaded.bundle.ref
+        current = self.adapters.current
         return ModelInfo(
             preset=preset.name,
-            adapter=ref,
-            adapters=(ref,),
+            adapter=current.ref,
+            adapters=self.adapters.refs(),
             max_context_tokens=self.loaded.max_context_tokens,
             modalities=modalities,
-            created=self._created,
+            created=current.bundle.created or self._created,
         )
 
     def resolve_adapter(self, ref: str) -> str:
-        """The "name@version" a request's adapter field selects ("" = current).
+        """The loaded "name@version" a request's adapter field selects ("" = current).
 
         Raises:
             NotFoundError: No loaded adapter matches; the message lists the loaded ones.
         """
-        bundle = self.loaded.bundle
-        if ref in ("", bundle.name, bundle.ref):
-            return bundle.ref
-        raise NotFoundError(f"adapter {ref!r} is not loaded; loaded: {[bundle.ref]}", param="adapter")
+        return self.adapters.resolve(ref).ref
 
-    def prepare(self, request: GenerationRequest) -> PreparedRequest:
+    def prepare(self, request: GenerationRequest, version: AdapterVersion | None = None) -> PreparedRequest:
         """Validate a request and build its prompt (cheap; runs before it queues).
+
+        Args:
+            request: The request.
+            version: The adapter version it holds (default: resolved from `request.adapter`).
 
         Raises:
             InvalidArgumentError: Bad turns, media or sampling parameters.
             NotFoundError: Unknown adapter.
         """
-        adapter = self.resolve_adapter(request.adapter)
+        if version is None:
+            version = self.adapters.resolve(request.adapter)
         self.loaded.model.check_media(request.media)
         segments = self.template.render(request.turns)
         slots = [MediaSlot(m.modality, int(m.features.shape[0])) for m in request.media]
         prompt = self.loaded.prompt_builder.build(segments, slots)
         budget = min(request.sampling.max_tokens, self.loaded.max_context_tokens - len(prompt.input_ids))
-        return PreparedRequest(request=request, prompt=prompt, adapter=adapter, budget=budget)
+        return PreparedRequest(request=request, prompt=prompt, version=version, budget=budget)
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
         """Stream the events of one generation.
@@ -195,7 +216,12 @@ class Engine:
         """
         if self._closed:
             raise UnavailableError("the LLM engine is shutting down")
-        job = self.prepare(request)
+        version = await self._acquire(request.adapter)
+        try:
+            job = self.prepare(request, version)
+        except BaseException:
+            self.adapters.release(version)
+            raise
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[_Item] = asyncio.Queue()
 
@@ -207,8 +233,10 @@ class Engine:
 
         ctx = contextvars.copy_context()  # the worker logs with this request's id
         self._active.add(job)
+        submitted = False  # once it is, the worker releases the version when it is done with it
         try:
             future = loop.run_in_executor(self._executor, ctx.run, self._run, job, emit)
+            submitted = True
             while (item := await queue.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
@@ -217,6 +245,17 @@ class Engine:
         finally:
             job.cancel.set()
             self._active.discard(job)
+            if not submitted:
+                self.adapters.release(version)
+
+    async def _acquire(self, ref: str) -> AdapterVersion:
+        """Hold the version `ref` selects; a pinned one the registry knows is loaded first."""
+        try:
+            return self.adapters.acquire(ref)
+        except NotFoundError:
+            if "@" not in ref or self.adapters.catalog is None:
+                raise
+        return await asyncio.to_thread(self.adapters.acquire_or_load, ref)
 
     def _run(self, job: PreparedRequest, emit: Callable[[_Item], None]) -> None:
         """Worker-thread body: decode, reporting every event, error and the end to `emit`."""
@@ -226,16 +265,21 @@ class Engine:
         except BaseException as e:  # reported to the request's consumer, not the thread
             emit(e)
         finally:
+            self.adapters.release(job.version)
             emit(None)
 
     @torch.inference_mode()
     def _decode(self, job: PreparedRequest, emit: Callable[[_Item], None]) -> None:
         """Prefill with inputs_embeds, then one token at a time with the KV cache."""
-        model, lm = self.loaded.model, self.loaded.model.lm
+        model, lm, adapters = self.loaded.model, self.loaded.model.lm, self.adapters
         sampler = Sampler(job.request.sampling)
         stream = _Stream(self.loaded, job)
         start = time.perf_counter()
-        embeds = model.embed(job.prompt.input_ids, job.prompt.media_spans, job.request.media)  # (1, L, D)
+        adapters.run_pending()
+        connectors = adapters.select(job.version)
+        embeds = model.embed(
+            job.prompt.input_ids, job.prompt.media_spans, job.request.media, connectors
+        )  # (1, L, D)
         out = lm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1)
         first = time.perf_counter()
         while True:
@@ -250,6 +294,8 @@ class Engine:
                 if self._closed:
                     raise UnavailableError("the LLM engine shut down during this request")
                 raise CancelledError(f"request cancelled after {stream.count} tokens")
+            if adapters.run_pending():  # a new version was injected: re-apply this one's LoRA
+                adapters.select(job.version)
             ids = torch.tensor([[token]], device=model.device)  # (1, 1)
             out = lm(input_ids=ids, past_key_values=out.past_key_values, use_cache=True)
         end = time.perf_counter()

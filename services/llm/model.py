@@ -97,6 +97,7 @@ class MultimodalLM(nn.Module):
         input_ids: Sequence[int] | torch.Tensor,
         media_spans: Sequence[tuple[int, int]],
         features: Sequence[MediaItem],
+        connectors: nn.ModuleDict | Mapping[str, nn.Module] | None = None,
     ) -> torch.Tensor:
         """Input embeddings of a prompt with each media item's features at its span.
 
@@ -104,6 +105,8 @@ class MultimodalLM(nn.Module):
             input_ids: Prompt ids with placeholders expanded, (L,).
             media_spans: (start, length) per media item, in the order of `features`.
             features: The media items.
+            connectors: The connectors to project with (an adapter version's); default the
+                ones this model was built with.
 
         Returns:
             Embeddings of shape (1, L, D).
@@ -117,7 +120,7 @@ class MultimodalLM(nn.Module):
         embeds = self.lm.get_input_embeddings()(ids)  # (1, L, D)
         if not features:
             return embeds
-        projected = self._project(features)  # list of (T_i, D)
+        projected = self._project(features, connectors)  # list of (T_i, D)
         for i, ((_, length), out) in enumerate(zip(media_spans, projected, strict=True)):
             if out.shape[0] != length:
                 raise InvalidArgumentError(
@@ -134,15 +137,18 @@ class MultimodalLM(nn.Module):
         values = torch.cat(projected).to(embeds.dtype)  # (sum T_i, D)
         return embeds.index_put((torch.zeros_like(positions), positions), values)  # (1, L, D)
 
-    def _project(self, features: Sequence[MediaItem]) -> list[torch.Tensor]:
+    def _project(
+        self, features: Sequence[MediaItem], connectors: nn.ModuleDict | Mapping[str, nn.Module] | None
+    ) -> list[torch.Tensor]:
         """Run every item through its connector, one batch per modality; item order kept."""
+        connectors = self.connectors if connectors is None else connectors
         out: list[torch.Tensor | None] = [None] * len(features)
         for modality in dict.fromkeys(item.modality for item in features):
             idx = [i for i, item in enumerate(features) if item.modality == modality]
             batch = torch.stack([features[i].features for i in idx]).to(
                 device=self.device, dtype=self.dtype
             )  # (B, T_in, D_in)
-            projected = self.connectors[modality](batch)  # (B, T_out, D)
+            projected = connectors[modality](batch)  # (B, T_out, D)
             for j, i in enumerate(idx):
                 out[i] = projected[j]  # (T_out, D)
         return [t for t in out if t is not None]

@@ -1,7 +1,8 @@
 """Assembling and running the LLM gRPC server: engine -> servicer -> GrpcServer.
 
 `build_server` wires an existing engine into a server (tests use it in-process);
-`serve` loads the preset's model, serves until SIGTERM/SIGINT, drains, and closes the engine.
+`serve` loads the preset's model, catches up with the adapter registry in Redis (if it
+answers), follows its events while serving until SIGTERM/SIGINT, drains, and closes the engine.
 """
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ import asyncio
 import logging
 
 from modalmesh.v1 import llm_pb2, llm_pb2_grpc
+from services.common.adapter_registry import AdapterRegistry
 from services.common.grpc_server import GrpcServer
 from services.common.presets import Preset
 from services.common.settings import Settings
+from services.llm.adapter_sync import AdapterSync
 from services.llm.domain import GenerationEngine
 from services.llm.engine import Engine
 from services.llm.servicer import LLMServicer
@@ -32,10 +35,17 @@ def build_server(engine: GenerationEngine, settings: Settings) -> GrpcServer:
 async def serve(preset: Preset, settings: Settings, *, host: str, port: int) -> None:
     """Load the preset, serve on host:port until SIGTERM/SIGINT, then drain and close.
 
-    Health reports NOT_SERVING until the engine's warm-up generation has run.
+    Health reports NOT_SERVING until the engine's warm-up generation has run and the
+    registry's current adapter version (if Redis answers) is loaded.
     """
-    engine = await asyncio.to_thread(Engine.from_preset, preset)
+    engine = await asyncio.to_thread(
+        Engine.from_preset, preset, max_loaded_adapters=settings.max_loaded_adapters
+    )
+    sync = AdapterSync(engine.adapters, AdapterRegistry.from_url(settings.redis_url, timeout_s=2.0))
     try:
+        await asyncio.to_thread(sync.initial_sync)
+        engine.adapters.catalog = sync.catalog
+        sync.start()
         server = build_server(engine, settings)
         bound = server.bind(host, port)
         logger.info(
@@ -47,4 +57,5 @@ async def serve(preset: Preset, settings: Settings, *, host: str, port: int) -> 
         )
         await server.serve(warmup=engine.warmup)
     finally:
+        await asyncio.to_thread(sync.stop)
         await asyncio.to_thread(engine.close)

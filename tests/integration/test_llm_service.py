@@ -46,7 +46,12 @@ def start_service(cache_dir: Path, log_path: Path) -> Service:
     proc = start_process(
         [sys.executable, "-m", "services.llm", "--preset", "tiny", "--port", str(port)],
         log_path=log_path,
-        env={"MODALMESH_CACHE_DIR": str(cache_dir), "MODALMESH_DRAIN_SECONDS": "20"},
+        env={
+            "MODALMESH_CACHE_DIR": str(cache_dir),
+            "MODALMESH_DRAIN_SECONDS": "20",
+            # No adapter registry: nothing a developer's Redis holds changes what this serves.
+            "MODALMESH_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
+        },
     )
     target = f"127.0.0.1:{port}"
     wait_until(lambda: serving(target), timeout=120, what="LLM service SERVING", proc=proc)

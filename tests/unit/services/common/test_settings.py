@@ -28,3 +28,13 @@ def test_cache_dir_defaults_under_xdg_cache_home(monkeypatch, tmp_path):
     monkeypatch.delenv("MODALMESH_CACHE_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert Settings().cache_dir == Path(tmp_path) / "modalmesh"
+
+
+def test_adapter_settings(monkeypatch, tmp_path):
+    monkeypatch.setenv("MODALMESH_CACHE_DIR", str(tmp_path))
+    assert Settings().artifact_root() == tmp_path / "adapters"
+    assert Settings().max_loaded_adapters == 4
+    monkeypatch.setenv("MODALMESH_ARTIFACT_DIR", "~/store")
+    monkeypatch.setenv("MODALMESH_MAX_LOADED_ADAPTERS", "2")
+    s = Settings()
+    assert s.artifact_root() == Path("~/store").expanduser() and s.max_loaded_adapters == 2
