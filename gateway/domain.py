@@ -85,6 +85,7 @@ class Finished:
     stop_reason: str | None
     prompt_tokens: int
     completion_tokens: int
+    adapter: str | None = None  # the "name@version" that served it (OpenAI's system_fingerprint)
 
 
 Event = TextDelta | Finished

@@ -133,6 +133,7 @@ async def _collect(prepared: PreparedChat, events: AsyncGenerator[Event, None]) 
                 model=prepared.model,
                 choices=[choice],
                 usage=UsageInfo.of(event.prompt_tokens, event.completion_tokens),
+                system_fingerprint=event.adapter,
             ).model_dump()
     raise ModalmeshError("the reply ended without a finish reason")
 
@@ -149,7 +150,11 @@ async def _stream(
             while isinstance(event, TextDelta):
                 yield _sse(content_chunk(cid, created, model, event.text))
                 event = await anext(events)
-            yield _sse(content_chunk(cid, created, model, event.text, event.finish_reason, event.stop_reason))
+            yield _sse(
+                content_chunk(
+                    cid, created, model, event.text, event.finish_reason, event.stop_reason, event.adapter
+                )
+            )
             if include_usage:
                 usage = UsageInfo.of(event.prompt_tokens, event.completion_tokens)
                 yield _sse(usage_chunk(cid, created, model, usage))

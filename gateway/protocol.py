@@ -333,6 +333,7 @@ class ChatCompletionStreamResponse(BaseModel):
     model: str
     choices: list[ChatCompletionStreamChoice]
     usage: UsageInfo | None = None
+    system_fingerprint: str | None = None
 
 
 def role_chunk(completion_id: str, created: int, model: str) -> dict[str, Any]:
@@ -356,8 +357,10 @@ def content_chunk(
     text: str,
     finish_reason: str | None = None,
     stop_reason: str | None = None,
+    system_fingerprint: str | None = None,
 ) -> dict[str, Any]:
-    """A text chunk; with `finish_reason` it is the last chunk of the choice."""
+    """A text chunk; with `finish_reason` it is the last chunk of the choice (and names the
+    adapter version that served the reply in `system_fingerprint`)."""
     fields: dict[str, Any] = {
         "index": 0,
         "delta": DeltaMessage(content=text),
@@ -374,6 +377,8 @@ def content_chunk(
         model=model,
         choices=[ChatCompletionStreamChoice(**fields)],
     )
+    if system_fingerprint is not None:
+        chunk.system_fingerprint = system_fingerprint
     return chunk.model_dump(exclude_unset=True)
 
 

@@ -310,19 +310,23 @@ class ChatService:
             ModalmeshError: The LLM service failed (UNAVAILABLE -> 503, NOT_FOUND adapter -> 404...).
         """
         first = True
+        adapter: str | None = None
         async with contextlib.aclosing(self.llm.generate(prepared.generate_request)) as chunks:
             async for chunk in chunks:
+                adapter = adapter or chunk.adapter or None
                 if chunk.text and first:
                     first = False
                     self.metrics.ttft.labels(transport=transport).observe(time.monotonic() - prepared.started)
                 if chunk.finish_reason != llm_pb2.FINISH_REASON_UNSPECIFIED:
-                    yield self._finished(prepared, chunk, transport)
+                    yield self._finished(prepared, chunk, transport, adapter)
                     return
                 if chunk.text:
                     yield TextDelta(chunk.text)
         raise ModalmeshError("the llm service ended the reply without a finish reason")
 
-    def _finished(self, prepared: PreparedChat, chunk: llm_pb2.GenerateChunk, transport: str) -> Finished:
+    def _finished(
+        self, prepared: PreparedChat, chunk: llm_pb2.GenerateChunk, transport: str, adapter: str | None
+    ) -> Finished:
         usage = chunk.usage
         self.metrics.e2e_latency.labels(transport=transport).observe(time.monotonic() - prepared.started)
         self.metrics.prompt_tokens.inc(usage.prompt_tokens)
@@ -333,6 +337,7 @@ class ChatService:
             stop_reason=chunk.stop_reason or None,
             prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens,
+            adapter=adapter,
         )
 
     # -- models and health -----------------------------------------------------------------------

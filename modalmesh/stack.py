@@ -279,6 +279,10 @@ class Stack:
                     "llm", "services.llm", lambda: grpc_serving(s.llm_target(), "modalmesh.v1.LLM")
                 ),
             ]
+            trainer = self._python_service(
+                "trainer", "services.trainer", lambda: " ready." in trainer.log_tail(200)
+            )
+            backends.append(trainer)
             gateway = self._python_service(
                 "gateway", "gateway", lambda: http_ok(f"http://{s.host}:{s.gateway_http_port}/health")
             )
@@ -322,6 +326,9 @@ class Stack:
                 f"  LLM service    {s.llm_target()}  (modalmesh.v1.LLM)",
                 f"  encoders       grpc {s.encoder_target()}  http {s.host}:{s.encoder_http_port}  "
                 f"metrics {s.host}:{s.encoder_metrics_port}  (KServe v2 / Triton)",
+                f"  training jobs  http://{s.host}:{s.gateway_http_port}/v1/training/jobs  "
+                f"(Celery queue train.{s.trainer_hardware}; job folders in {s.jobs_root()})",
+                f"  adapters       {s.artifact_root()}  (modalmesh adapters list)",
                 f"  Redis          {s.redis_url}  ({redis_note})",
                 f"  logs           {self.log_dir}",
             ]

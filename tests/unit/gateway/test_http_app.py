@@ -444,3 +444,11 @@ async def test_openai_client(server_url: str, png: bytes) -> None:
         await client.chat.completions.create(model="nope", messages=messages)
     assert getattr(info.value, "status_code", None) == 404
     await client.close()
+
+
+async def test_reply_names_the_adapter_version_in_system_fingerprint(client: httpx.AsyncClient) -> None:
+    pinned = body("hi", model="tiny@7", max_tokens=4)
+    assert (await client.post("/v1/chat/completions", json=pinned)).json()["system_fingerprint"] == "tiny@7"
+    r = await client.post("/v1/chat/completions", json=pinned | {"stream": True})
+    chunks = [e for e in sse_events(r.text) if isinstance(e, dict) and e.get("choices")]
+    assert [c.get("system_fingerprint") for c in chunks if c["choices"][0]["finish_reason"]] == ["tiny@7"]

@@ -264,7 +264,7 @@ async def test_generate_streams_deltas_then_finished(
     assert events == [
         TextDelta("Hello"),
         TextDelta(" there"),
-        Finished("!", "stop", None, prompt_tokens=26, completion_tokens=3),
+        Finished("!", "stop", None, prompt_tokens=26, completion_tokens=3, adapter="tiny@1"),
     ]
     assert llm_server[0].request_ids == ["req-1"]  # x-request-id metadata
     metrics = service.metrics.render()[0].decode()
