@@ -1,7 +1,7 @@
 """The `modalmesh` command.
 
     modalmesh up [--preset tiny] [ports, URLs...]   run the stack until Ctrl-C / SIGTERM
-    modalmesh demo                                  up, one image chat through the gateway, down
+    modalmesh demo [--no-train]                     up, train stage 1 + 3 through the queue, score, down
     modalmesh presets list | show NAME | generate NAME
     modalmesh train submit JOB.yaml [--wait] | status ID | list | cancel ID
     modalmesh data synth OUT_DIR [--train N] [--heldout N] [--seed S]
@@ -93,7 +93,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from modalmesh.demo import run_demo
 
     return run_demo(
-        _settings(args), log_dir=_log_dir(args, _settings(args)), start_timeout=args.start_timeout
+        _settings(args),
+        log_dir=_log_dir(args, _settings(args)),
+        start_timeout=args.start_timeout,
+        train=not args.no_train,
     )
 
 
@@ -125,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="run the stack on loopback until Ctrl-C")
     _add_stack_flags(up)
     up.set_defaults(func=cmd_up)
-    demo = sub.add_parser("demo", help="start the stack, ask it about an image, stop it")
+    demo = sub.add_parser("demo", help="start the stack, train it through the queue, score it, stop it")
+    demo.add_argument("--no-train", action="store_true", help="only ask one question, skip training")
     _add_stack_flags(demo)
     demo.set_defaults(func=cmd_demo)
     presets = sub.add_parser("presets", help="list, show or generate presets")
