@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml setup.py requirements/cpu.txt $(wildcard protos/modalme
 	@scripts/ensure-system-deps
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -c requirements/cpu.txt -e '.[dev]'
+	@scripts/prebuild-deepspeed-op $(BIN)/python
 	@touch $@
 
 demo: install
