@@ -22,10 +22,6 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
-
-from services.common.errors import InvalidArgumentError
-
 if TYPE_CHECKING:
     from services.common.settings import Settings
     from services.trainer.client import TrainingClient
@@ -37,7 +33,6 @@ _FLAGS: dict[str, tuple[str, type, str]] = {
     "--cache-dir": ("cache_dir", Path, "where generated models live (MODALMESH_CACHE_DIR)"),
     "--presets-dir": ("presets_dir", Path, "extra folder searched for presets (MODALMESH_PRESETS_DIR)"),
 }
-_PATH_KEYS = ("path", "media_root")
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 
 
@@ -75,46 +70,6 @@ def _client(args: argparse.Namespace) -> TrainingClient:
 
 
 # -- job files -----------------------------------------------------------------------------------
-
-
-def _resolve(value: Any, base: Path) -> Any:
-    if not isinstance(value, str) or not value:
-        return value
-    path = Path(value).expanduser()
-    return str(path if path.is_absolute() else base / path)
-
-
-def read_job_file(path: Path) -> dict[str, Any]:
-    """The job in a YAML/JSON file, with its relative paths resolved against the file's folder.
-
-    Raises:
-        InvalidArgumentError: The file is missing, unreadable, or not a YAML/JSON mapping.
-    """
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InvalidArgumentError(f"{path}: no such job file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise InvalidArgumentError(f"{path}: cannot read the job file: {e}") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise InvalidArgumentError(f"{path}: not valid YAML or JSON: {' '.join(str(e).split())}") from None
-    if not isinstance(raw, dict):
-        raise InvalidArgumentError(f"{path}: expected a mapping of job fields, got {type(raw).__name__}")
-    base = path.resolve().parent
-    datasets = raw.get("datasets")
-    if isinstance(datasets, list):
-        raw["datasets"] = [
-            {k: _resolve(v, base) if k in _PATH_KEYS else v for k, v in ds.items()}
-            if isinstance(ds, dict)
-            else ds
-            for ds in datasets
-        ]
-    deepspeed = raw.get("deepspeed")
-    if isinstance(deepspeed, dict) and "hostfile" in deepspeed:
-        raw["deepspeed"] = {**deepspeed, "hostfile": _resolve(deepspeed["hostfile"], base)}
-    return raw
 
 
 # -- output --------------------------------------------------------------------------------------
@@ -189,9 +144,9 @@ def _print_json(data: Any) -> None:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from services.trainer.jobs import parse_job
+    from services.trainer.jobs import read_job_file
 
-    spec = parse_job(read_job_file(args.job), source=str(args.job))
+    spec = read_job_file(args.job)
     client = _client(args)
     record = client.submit(spec)
     if not args.wait:

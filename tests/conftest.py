@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,3 +30,15 @@ def tiny_preset(tiny_cache_dir: Path):
     from services.common.presets import load_preset
 
     return load_preset("tiny", cache_dir=tiny_cache_dir)
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A private redis-server on a free port for the module's tests (killed afterwards)."""
+    from tests.helpers.services import start_redis
+
+    proc, url = start_redis(tmp_path_factory.mktemp("redis"))
+    try:
+        yield url
+    finally:
+        proc.kill_group()

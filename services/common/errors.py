@@ -8,6 +8,7 @@ gateway maps them to HTTP status and OpenAI-shaped error bodies. Nothing here im
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 
@@ -148,3 +149,8 @@ def error_for_code(code_name: str, message: str) -> ModalmeshError:
     except KeyError:
         cls = ModalmeshError
     return cls(message)
+
+
+def validation_problems(errors: Iterable[Mapping[str, Any]]) -> str:
+    """Pydantic's `ValidationError.errors()` as one line: "field.path: message; ..."."""
+    return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in errors)

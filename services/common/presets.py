@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from services.common.errors import InvalidArgumentError, NotFoundError
+from services.common.errors import InvalidArgumentError, NotFoundError, validation_problems
 
 Modality = Literal["image"]
 TemplateName = Literal["vicuna_v1", "llava_v1", "plain"]
@@ -172,9 +172,7 @@ def parse_preset(text: str, *, cache_dir: Path, source: str = "<string>") -> Pre
     except InvalidArgumentError as e:
         raise InvalidArgumentError(f"preset {source}: {e.message}") from e
     except ValidationError as e:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in e.errors()
-        )
+        problems = validation_problems(e.errors())
         raise InvalidArgumentError(f"preset {source}: {problems}") from e
 
 

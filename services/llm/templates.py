@@ -75,24 +75,26 @@ class Template:
         check_roles(turns, last_user=add_generation_prompt)
         system = self.system
         if turns and turns[0].role == "system":
-            system = _system_text(turns[0])
+            system = turn_text(turns[0])
             turns = turns[1:]
         out: list[Segment] = [system + self.system_suffix] if system else []
         for turn in turns:
             if turn.role == "user":
-                out += [self.user_prefix, *_message(turn), self.user_suffix]
+                out += [self.user_prefix, *message_segments(turn), self.user_suffix]
             else:
-                out += [self.assistant_prefix, *_message(turn), self.assistant_suffix]
+                out += [self.assistant_prefix, *message_segments(turn), self.assistant_suffix]
         if add_generation_prompt:
             out.append(self.generation_prompt)
         return merge_text(out)
 
 
-def _system_text(turn: Turn) -> str:
+def turn_text(turn: Turn) -> str:
+    """The text parts of a turn joined with PART_SEPARATOR (media parts left out)."""
     return PART_SEPARATOR.join(p.text for p in turn.parts if isinstance(p, TextPart))
 
 
-def _message(turn: Turn) -> list[Segment]:
+def message_segments(turn: Turn) -> list[Segment]:
+    """A message as segments: parts joined by PART_SEPARATOR, a media part where it stands."""
     out: list[Segment] = []
     for i, part in enumerate(turn.parts):
         if i:

@@ -20,9 +20,9 @@ import torch
 
 from services.common.errors import InvalidArgumentError
 from services.common.presets import Preset
-from services.llm.domain import TextPart, Turn
+from services.llm.domain import Turn
 from services.llm.prompt import placeholder_token_id
-from services.llm.templates import PART_SEPARATOR, MediaRef, Segment, Template, check_roles, merge_text
+from services.llm.templates import Segment, Template, check_roles, merge_text, message_segments, turn_text
 from services.trainer._samples import BadSampleError, MediaFile, Sample
 
 IGNORE_INDEX = -100  # labels at positions that carry no loss (torch's cross_entropy default)
@@ -59,32 +59,18 @@ def render_supervised(template: Template, turns: Sequence[Turn]) -> list[tuple[S
         )
     system = template.system
     if turns[0].role == "system":
-        system = _text(turns[0])
+        system = turn_text(turns[0])
         turns = turns[1:]
     pending: list[Segment] = [system + template.system_suffix] if system else []
     out: list[tuple[Segment, bool]] = []
     for turn in turns:
         if turn.role == "user":
-            pending += [template.user_prefix, *_message(turn), template.user_suffix]
+            pending += [template.user_prefix, *message_segments(turn), template.user_suffix]
             continue
         out += [(seg, False) for seg in merge_text([*pending, prompt])]
-        reply = template.assistant_prefix[len(prompt) :] + _text(turn) + template.assistant_suffix
+        reply = template.assistant_prefix[len(prompt) :] + turn_text(turn) + template.assistant_suffix
         out.append((reply, True))
         pending = []
-    return out
-
-
-def _text(turn: Turn) -> str:
-    return PART_SEPARATOR.join(p.text for p in turn.parts if isinstance(p, TextPart))
-
-
-def _message(turn: Turn) -> list[Segment]:
-    # As Template.render: parts joined by PART_SEPARATOR, a media part where it stands.
-    out: list[Segment] = []
-    for i, part in enumerate(turn.parts):
-        if i:
-            out.append(PART_SEPARATOR)
-        out.append(part.text if isinstance(part, TextPart) else MediaRef(part.index))
     return out
 
 

@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from services.common.errors import InvalidArgumentError, ModalmeshError, NotFoundError
+from services.common.errors import InvalidArgumentError, ModalmeshError, NotFoundError, validation_problems
 from services.common.presets import Preset, load_preset
 from services.common.settings import Settings
 from services.trainer.dataspec import DatasetSpec, sniff
@@ -54,7 +54,9 @@ class Hyperparameters(_Strict):
     max_length: PositiveInt = 512
     seed: int = 42
     max_bad_ratio: Annotated[float, Field(ge=0, le=1)] = 0.05
-    checkpoint_every: PositiveInt = Field(default=50, description="Save a resumable checkpoint every N steps.")
+    checkpoint_every: PositiveInt = Field(
+        default=50, description="Save a resumable checkpoint every N steps."
+    )
     keep_checkpoints: PositiveInt = 2
     log_every: PositiveInt = 1
 
@@ -69,8 +71,12 @@ class DeepSpeedSpec(_Strict):
         default=None, description="DeepSpeed hostfile (`host slots=N` lines) for several hosts."
     )
     launcher: Literal["torchrun", "deepspeed"] = "torchrun"
-    precision: Literal["auto", "fp32", "bf16"] = Field(default="auto", description="auto: bf16 where the GPU has it.")
-    hardware: str = Field(default="cpu", pattern=r"^[a-z0-9][a-z0-9_-]*$", description="Queue train.<hardware>.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        default="auto", description="auto: bf16 where the GPU has it."
+    )
+    hardware: str = Field(
+        default="cpu", pattern=r"^[a-z0-9][a-z0-9_-]*$", description="Queue train.<hardware>."
+    )
     dist_timeout_s: PositiveInt = 300
 
     @model_validator(mode="after")
@@ -133,16 +139,44 @@ def parse_job(data: str | bytes | dict[str, Any], *, source: str = "job") -> Job
         try:
             raw = yaml.safe_load(data)
         except yaml.YAMLError as e:
-            raise InvalidArgumentError(f"{source}: not valid YAML or JSON: {e}") from e
+            raise InvalidArgumentError(f"{source}: not valid YAML or JSON: {' '.join(str(e).split())}") from e
     if not isinstance(raw, dict):
         raise InvalidArgumentError(f"{source}: expected a mapping of job fields, got {type(raw).__name__}")
     try:
         return JobSpec.model_validate(raw)
     except ValidationError as e:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in e.errors()
+        raise InvalidArgumentError(f"{source}: {validation_problems(e.errors())}") from e
+
+
+def resolve_paths(spec: JobSpec, base: Path) -> JobSpec:
+    """The job with relative dataset paths, media roots and hostfile made absolute under `base`."""
+
+    def absolute(path: Path | None) -> Path | None:
+        return (
+            None if path is None else (path.expanduser() if path.expanduser().is_absolute() else base / path)
         )
-        raise InvalidArgumentError(f"{source}: {problems}") from e
+
+    datasets = [
+        d.model_copy(update={"path": absolute(d.path), "media_root": absolute(d.media_root)})
+        for d in spec.datasets
+    ]
+    deepspeed = spec.deepspeed.model_copy(update={"hostfile": absolute(spec.deepspeed.hostfile)})
+    return spec.model_copy(update={"datasets": datasets, "deepspeed": deepspeed})
+
+
+def read_job_file(path: Path) -> JobSpec:
+    """A job from a YAML/JSON file, its relative paths resolved against the file's folder.
+
+    Raises:
+        InvalidArgumentError: The file is missing or unreadable, or the job is malformed.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InvalidArgumentError(f"{path}: no such job file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InvalidArgumentError(f"{path}: cannot read the job file: {e}") from None
+    return resolve_paths(parse_job(text, source=str(path)), path.resolve().parent)
 
 
 @dataclass(frozen=True)

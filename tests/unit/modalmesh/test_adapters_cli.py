@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -10,16 +9,6 @@ import pytest
 from modalmesh.cli import main
 from services.common.adapter_registry import AdapterRegistry, VersionInfo
 from tests.helpers.procs import free_port
-from tests.helpers.services import start_redis
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    proc, url = start_redis(tmp_path_factory.mktemp("redis"))
-    try:
-        yield url
-    finally:
-        proc.kill_group()
 
 
 @pytest.fixture

@@ -12,9 +12,10 @@ import pytest
 import yaml
 
 from modalmesh.cli import main
-from modalmesh.train_cli import progress_line, read_job_file
+from modalmesh.train_cli import progress_line
 from services.common.settings import Settings
 from services.trainer.client import TrainingClient
+from services.trainer.jobs import read_job_file
 from services.trainer.synth import synthesize
 from tests.helpers.services import start_redis
 
@@ -52,9 +53,9 @@ def test_relative_paths_are_resolved_against_the_job_file(
     job_file: Path, tmp_path: Path, monkeypatch
 ) -> None:
     monkeypatch.chdir(tmp_path)  # not the job file's folder
-    dataset = read_job_file(Path("jobs/job.yaml"))["datasets"][0]
-    assert dataset["path"] == str(job_file.parent / "data" / "train.json")
-    assert dataset["media_root"] == str(job_file.parent / "data")
+    dataset = read_job_file(Path("jobs/job.yaml")).datasets[0]
+    assert dataset.path == job_file.parent / "data" / "train.json"
+    assert dataset.media_root == job_file.parent / "data"
 
 
 def test_submit_status_list_cancel(job_file: Path, flags: list[str], capsys, monkeypatch, tmp_path) -> None:

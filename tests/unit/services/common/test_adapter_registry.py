@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,16 +20,6 @@ from services.common.adapter_registry import (
 )
 from services.common.errors import InvalidArgumentError, NotFoundError, UnavailableError
 from tests.helpers.procs import free_port
-from tests.helpers.services import start_redis
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    proc, url = start_redis(tmp_path_factory.mktemp("redis"))
-    try:
-        yield url
-    finally:
-        proc.kill_group()
 
 
 @pytest.fixture
