@@ -74,12 +74,17 @@ class JobRunner:
             )
             return record.public()
         try:
-            validated = validate_job(parse_job(job, source=f"job {job_id}"), self.settings)
-        except ModalmeshError as e:
-            self._finish(record, "FAILED", error=e.message)
-            raise InvalidArgumentError(e.message) from e
-        try:
-            return self._run(record, validated)
+            try:
+                validated = validate_job(parse_job(job, source=f"job {job_id}"), self.settings)
+            except ModalmeshError as e:
+                self._finish(record, "FAILED", error=e.message)
+                raise InvalidArgumentError(e.message) from e
+            try:
+                return self._run(record, validated)
+            except (ModalmeshError, OSError) as e:  # before or at launch: the job must not stay QUEUED
+                message = e.message if isinstance(e, ModalmeshError) else f"{type(e).__name__}: {e}"
+                self._finish(self.store.find(job_id) or record, "FAILED", error=message)
+                raise
         finally:
             self.store.release_lease(job_id, self.owner)
 

@@ -1,0 +1,218 @@
+"""The launcher: command lines for torchrun and the deepspeed launcher, the ranks' environment,
+starting in a new session, stopping a whole process group (grandchildren included) within its
+grace, and picking the telling line out of a failed run's log."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services.trainer import launcher
+from services.trainer.jobs import parse_job
+from services.trainer.runconfig import RunConfig
+from tests.helpers.procs import group_members, pid_alive, wait_until
+
+
+def run_config(tmp_path: Path, *, hardware: str = "cpu", **deepspeed: Any) -> RunConfig:
+    spec = parse_job(
+        {
+            "preset": "tiny",
+            "stage": "stage1",
+            "datasets": [{"format": "captions", "path": str(tmp_path / "caps.jsonl")}],
+            "deepspeed": {"hardware": hardware, **deepspeed},
+        }
+    )
+    return RunConfig(
+        job_id="j",
+        spec=spec,
+        job_dir=tmp_path / "job",
+        cache_dir=tmp_path,
+        adapter_name="tiny",
+        init_bundle=tmp_path / "bundle",
+        hardware=hardware,
+    )
+
+
+ENTRY = ["--module", "services.trainer.run", "--job-dir"]
+
+
+# -- command --------------------------------------------------------------------------------------
+
+
+def test_torchrun_command_runs_world_size_ranks_on_this_host(tmp_path: Path) -> None:
+    cfg = run_config(tmp_path, world_size=3)
+    cmd = launcher.command(cfg, master_port=29123)
+    assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert {"--nproc-per-node=3", "--nnodes=1", "--master-addr=127.0.0.1", "--master-port=29123"} <= set(cmd)
+    assert cmd[-4:] == [*ENTRY, str(tmp_path / "job")]
+
+
+def test_without_a_port_a_free_one_is_picked(tmp_path: Path) -> None:
+    cmd = launcher.command(run_config(tmp_path))
+    (port,) = [int(a.split("=", 1)[1]) for a in cmd if a.startswith("--master-port=")]
+    assert 0 < port < 65536
+
+
+def test_deepspeed_command_with_a_hostfile_on_gpus(tmp_path: Path) -> None:
+    hosts = tmp_path / "hosts"
+    cfg = run_config(
+        tmp_path, hardware="gpu", launcher="deepspeed", nodes=2, world_size=4, hostfile=str(hosts)
+    )
+    cmd = launcher.command(cfg, master_port=29500)
+    assert cmd[:3] == [sys.executable, "-m", "deepspeed.launcher.runner"]
+    assert {"--master_port=29500", f"--hostfile={hosts}", "--num_nodes=2", "--num_gpus=4"} <= set(cmd)
+    assert not any(a.startswith("--num_accelerators") for a in cmd)
+    assert cmd[-4:] == [*ENTRY, str(tmp_path / "job")]
+
+
+def test_deepspeed_command_on_cpu_counts_accelerators_on_one_node(tmp_path: Path) -> None:
+    cmd = launcher.command(run_config(tmp_path, launcher="deepspeed", world_size=2), master_port=29500)
+    assert {"--num_nodes=1", "--num_accelerators=2"} <= set(cmd)
+    assert not any(a.startswith(("--hostfile", "--num_gpus")) for a in cmd)
+
+
+# -- environment ----------------------------------------------------------------------------------
+
+
+def test_cpu_environment_selects_the_cpu_accelerator_and_splits_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    env = launcher.environment(run_config(tmp_path, world_size=2))
+    assert (env["DS_ACCELERATOR"], env["CUDA_VISIBLE_DEVICES"], env["OMP_NUM_THREADS"]) == ("cpu", "", "4")
+    assert env["PYTHONUNBUFFERED"] == "1"
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert launcher.environment(run_config(tmp_path, world_size=4))["OMP_NUM_THREADS"] == "1"  # at least one
+
+
+def test_an_explicit_thread_count_is_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert launcher.environment(run_config(tmp_path, world_size=2))["OMP_NUM_THREADS"] == "3"
+
+
+def test_gpu_environment_leaves_the_accelerator_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    env = launcher.environment(run_config(tmp_path, hardware="gpu"))
+    assert "DS_ACCELERATOR" not in env
+    assert env["CUDA_VISIBLE_DEVICES"] == "0,1"
+
+
+# -- process groups -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def group() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Started groups; whatever a test leaves is SIGKILLed."""
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for popen in started:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(popen.pid, signal.SIGKILL)
+        popen.wait(timeout=5)
+
+
+def spawn(started: list[subprocess.Popen[bytes]], script: str, members: int) -> subprocess.Popen[bytes]:
+    popen = subprocess.Popen(["bash", "-c", script], start_new_session=True, stdin=subprocess.DEVNULL)
+    started.append(popen)
+    wait_until(lambda: len(group_members(popen.pid)) >= members, timeout=5, what=f"{members} processes")
+    return popen
+
+
+def test_stop_group_terminates_the_leader_and_its_children_within_the_grace(
+    group: list[subprocess.Popen[bytes]],
+) -> None:
+    # Like torchrun: the leader traps SIGTERM and waits for its children (our grandchildren), so
+    # it only exits once they are gone; signalling the leader alone would leave it waiting.
+    popen = spawn(group, 'trap "wait; exit 143" TERM; sleep 100 & sleep 100 & wait', members=3)
+    pids = group_members(popen.pid)
+    assert launcher.group_alive(popen.pid)
+    started = time.monotonic()
+    rc = launcher.stop_group(popen.pid, grace_s=3.0, wait=popen)
+    assert time.monotonic() - started < 1.5  # SIGTERM was enough: no wait for the grace
+    assert rc == 143
+    assert not any(pid_alive(p) for p in pids)
+    assert not launcher.group_alive(popen.pid)
+
+
+def test_stop_group_kills_a_group_that_ignores_sigterm_after_the_grace(
+    group: list[subprocess.Popen[bytes]],
+) -> None:
+    # exec: a single process, so that no orphan is left for init to reap (which can be slow).
+    popen = spawn(group, "trap '' TERM; exec sleep 100", members=1)
+    started = time.monotonic()
+    rc = launcher.stop_group(popen.pid, grace_s=0.3, wait=popen)
+    assert 0.3 <= time.monotonic() - started < 1.5
+    assert rc == -9
+    assert not launcher.group_alive(popen.pid)
+
+
+def test_stop_group_of_a_gone_group_returns_at_once() -> None:
+    popen = subprocess.Popen(["true"], start_new_session=True)
+    popen.wait(timeout=5)
+    assert not launcher.group_alive(popen.pid)
+    assert launcher.stop_group(popen.pid, grace_s=5.0) == 0
+
+
+def test_start_runs_the_command_in_its_own_session_with_the_ranks_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = run_config(tmp_path)
+    cfg.write()
+    script = 'echo "accel=$DS_ACCELERATOR cwd=$PWD"; exec sleep 100'
+    monkeypatch.setattr(launcher, "command", lambda _cfg: ["bash", "-c", script])
+    launch = launcher.start(cfg)
+    try:
+        assert launch.log_path == cfg.job_dir / "train.log"
+        assert os.getpgid(launch.pgid) == launch.pgid == os.getsid(launch.pgid) != os.getpgid(0)
+        wait_until(lambda: "accel=" in launch.log_path.read_text(), timeout=5, what="the launcher's output")
+        assert launch.log_path.read_text().strip() == f"accel=cpu cwd={cfg.job_dir}"
+        assert launch.poll() is None
+        assert launch.stop(grace_s=2.0) == -15
+        assert launch.poll() == -15
+    finally:
+        launcher.stop_group(launch.pgid, grace_s=0.1)
+
+
+# -- last_error -----------------------------------------------------------------------------------
+
+
+def test_last_error_picks_the_last_exception_line(tmp_path: Path) -> None:
+    log = tmp_path / "train.log"
+    log.write_text(
+        "[rank0] loading\n"
+        "RuntimeError: an earlier warning-turned-error\n"
+        "Traceback (most recent call last):\n"
+        '  File "/x/run.py", line 3, in main\n'
+        "    raise ValueError('bad sample: 3')\n"
+        "ValueError: bad sample: 3\n"
+        "[rank1] exiting\n"
+    )
+    assert launcher.last_error(log) == "ValueError: bad sample: 3"
+
+
+def test_last_error_without_an_exception_quotes_the_tail(tmp_path: Path) -> None:
+    log = tmp_path / "train.log"
+    log.write_text("\n".join(f"line {i}" for i in range(10)) + "\n")
+    assert launcher.last_error(log) == "line 5 | line 6 | line 7 | line 8 | line 9"
+
+
+def test_last_error_keeps_the_end_of_a_long_line_and_handles_no_log(tmp_path: Path) -> None:
+    log = tmp_path / "train.log"
+    log.write_text("KeyError: " + "x" * 1000 + "END\n")
+    picked = launcher.last_error(log)
+    assert len(picked) == 600 and picked.endswith("END")
+    assert launcher.last_error(tmp_path / "missing.log") == "no log"
