@@ -18,7 +18,8 @@ from gateway.metrics import GatewayMetrics
 from services.common.errors import PayloadTooLargeError
 from services.common.log import REQUEST_ID_HEADER, bound_request_id
 
-ROUTES = ("/v1/chat/completions", "/v1/models", "/health", "/metrics")
+ROUTES = ("/v1/chat/completions", "/v1/models", "/health", "/metrics", "/v1/training/jobs")
+TRAINING_JOB = "/v1/training/jobs/{id}"  # one label for every job id
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
 _BODY_METHODS = ("POST", "PUT", "PATCH")
 
@@ -70,7 +71,8 @@ class GatewayMiddleware:
                 MutableHeaders(scope=message)[REQUEST_ID_HEADER] = state["request_id"]
             await send(message)
 
-        route = scope["path"] if scope["path"] in ROUTES else "other"
+        path = scope["path"]
+        route = path if path in ROUTES else TRAINING_JOB if path.startswith("/v1/training/jobs/") else "other"
         with bound_request_id(request_id):
             try:
                 if scope["method"] in _BODY_METHODS:

@@ -211,10 +211,18 @@ def test_cancel_stops_every_rank_within_seconds(settings: Settings, worker: Proc
     assert done.published is None
 
 
-def test_queued_job_cancelled_never_runs(settings: Settings, data: Path) -> None:
-    c = client(settings)  # no worker: the job stays queued
+def test_queued_job_cancelled_never_runs(settings: Settings, data: Path, tmp_path: Path) -> None:
+    c = client(settings)  # no worker yet: the job stays queued, and the revoke reaches nobody
     record = c.submit(job(data))
     assert c.cancel(record.id).state == "CANCELLED"
+    worker = start_worker(settings, tmp_path / "worker.log")  # it receives the message now
+    try:
+        wait_until(lambda: record.id in worker.log_text(), timeout=30, what="the worker to see the job")
+        time.sleep(1)
+    finally:
+        worker.kill_group()
+    assert c.get(record.id).state == "CANCELLED"
+    assert not (settings.jobs_root() / record.id).exists()
 
 
 def test_redis_restart_mid_job_still_records_the_result(

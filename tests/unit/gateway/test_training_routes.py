@@ -185,3 +185,11 @@ async def test_no_training_client_no_routes(down_service: ChatService) -> None:
     transport = httpx.ASGITransport(app=create_app(down_service))
     async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as c:
         assert (await c.get(JOBS)).status_code == 404
+
+
+async def test_job_routes_have_their_own_metrics_labels(api: httpx.AsyncClient, down_service: ChatService) -> None:
+    await api.get(JOBS)
+    await api.get(f"{JOBS}/no-such-job")
+    metrics = down_service.metrics.render()[0].decode()
+    assert 'route="/v1/training/jobs"' in metrics
+    assert 'route="/v1/training/jobs/{id}"' in metrics and "no-such-job" not in metrics
