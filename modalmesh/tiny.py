@@ -26,6 +26,10 @@ from services.common.presets import Preset
 logger = logging.getLogger(__name__)
 
 SEED = 1234
+# Bumped whenever the generator writes different models; a cache written by another version
+# is regenerated (adapters trained on the old base then no longer match its fingerprint).
+GENERATOR_VERSION = "2"  # 2: LLM initializer_range 0.1
+VERSION_FILE = ".generator-version"
 VOCAB_SIZE = 512
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
 
@@ -181,8 +185,11 @@ def _targets(preset: Preset) -> list[Path]:
 
 
 def is_generated(preset: Preset) -> bool:
-    """Whether every folder the preset names already exists (complete: written by rename)."""
-    return all(p.is_dir() for p in _targets(preset))
+    """Whether every folder the preset names exists (complete: written by rename) and was
+    written by this version of the generator."""
+    marker = preset.llm.checkpoint.parent / VERSION_FILE
+    current = marker.is_file() and marker.read_text().strip() == GENERATOR_VERSION
+    return current and all(p.is_dir() for p in _targets(preset))
 
 
 @contextlib.contextmanager
@@ -233,6 +240,7 @@ def generate(preset: Preset, *, force: bool = False) -> bool:
             _publish(tmp / "llm", preset.llm.checkpoint)
             _write_adapter(preset, tmp / "adapter" / preset.adapter.path.name, preset.llm.checkpoint, llm_dim)
             _publish(tmp / "adapter" / preset.adapter.path.name, preset.adapter.path)
+        (anchor / VERSION_FILE).write_text(GENERATOR_VERSION + "\n")
     return True
 
 

@@ -73,3 +73,17 @@ def test_a_preset_that_disagrees_with_the_generator_is_refused(tmp_path):
         InvalidArgumentError, match="preset expects 17 tokens of width 64, the generator makes 16"
     ):
         generate(preset)
+
+
+def test_a_cache_from_another_generator_version_is_regenerated(tmp_path) -> None:
+    from modalmesh.tiny import GENERATOR_VERSION, VERSION_FILE
+    from services.common.presets import load_preset
+
+    preset = load_preset("tiny", cache_dir=tmp_path)
+    assert generate(preset) and is_generated(preset)
+    marker = preset.llm.checkpoint.parent / VERSION_FILE
+    assert marker.read_text().strip() == GENERATOR_VERSION
+    marker.write_text("1\n")  # as an older modalmesh left it
+    assert not is_generated(preset)
+    assert generate(preset) and is_generated(preset)
+    assert not generate(preset)  # now current: nothing to do
