@@ -115,7 +115,9 @@ def _ask(base_url: str, model: str) -> tuple[str, float, object]:
         stream_options={"include_usage": True},
     )
     print("answer: ", end="", flush=True)
+    served_by = None
     for chunk in stream:
+        served_by = chunk.system_fingerprint or served_by
         if chunk.usage is not None:
             usage = chunk.usage
         for choice in chunk.choices:
@@ -123,7 +125,7 @@ def _ask(base_url: str, model: str) -> tuple[str, float, object]:
                 first = first if first is not None else time.perf_counter() - t0
                 parts.append(choice.delta.content)
                 print(choice.delta.content, end="", flush=True)
-    print(flush=True)
+    print(f"  (served by adapter {served_by}; tiny@1 is the untrained one)", flush=True)
     return "".join(parts), first if first is not None else time.perf_counter() - t0, usage
 
 

@@ -92,7 +92,7 @@ def _question(image: bytes, text: str, model: str = "tiny") -> dict[str, Any]:
     return {
         "model": model,
         "messages": [{"role": "user", "content": content}],
-        "max_tokens": 16,
+        "max_tokens": 24,
         "temperature": 0,
     }
 
