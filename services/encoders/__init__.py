@@ -2,6 +2,12 @@
 
 Library (no grpc or PyTriton imports; the trainer uses these):
     preprocess  decode_image, ClipImagePreprocessor (CLIPImageProcessor parity, PIL + numpy)
+    video       decode_video with limits (decord via a private temp file), frame sampling rules
+                of VideoChat (N frames), E.T. Chat (fps with a cap) and ImageBind (clips)
+    audio       decode_audio (wav/flac/ogg/mp3 via libsndfile), resample to 16 kHz, ImageBind
+                clips and its 128x204 Kaldi-style fbank (_fbank), no torchaudio
+    events      parse_events (.npy pickled dict through an allow-list unpickler (_safe_npy),
+                structured/(N, 4) .npy, .npz), EventGPT's red/blue event frames
     backbones   Backbone, ClipVisionBackbone, BACKBONES registry, build_backbone(spec)
     model       ImageEncoder: bytes -> per-item float32 (tokens, dim) features or error
     protocol    the Triton models' tensor names (media -> features, error)
