@@ -17,9 +17,10 @@ class MediaItem:
     """One media part of a message: a URL (http(s) or data:) or the encoded file's bytes.
 
     Attributes:
-        modality: "image" (the only modality a preset serves so far).
+        modality: "image", "video", "audio" or "event".
         url: Where to get the bytes, when they did not come inline.
-        data: The encoded file (PNG, JPEG...), when it came inline.
+        data: The encoded file (PNG, MP4, WAV, NPY...), when it came inline.
+        fmt: The format the client declared for inline data (input_audio's "wav", ...).
         param: Where the part sits in the request, e.g. "messages[0].content[1]", for errors.
     """
 
@@ -27,6 +28,7 @@ class MediaItem:
     url: str | None = None
     data: bytes | None = None
     param: str = ""
+    fmt: str | None = None
 
 
 Part = str | MediaItem

@@ -37,7 +37,18 @@ def _shown(url: str, limit: int = 120) -> str:
     return url if len(url) <= limit else url[: limit - 3] + "..."
 
 
-def decode_data_url(url: str, *, max_bytes: int, media_type_prefix: str = "image/") -> bytes:
+# Media types a data: URL may declare, per modality. Event files have no registered type.
+DATA_URL_TYPES: dict[str, tuple[str, ...]] = {
+    "image": ("image/",),
+    "video": ("video/",),
+    "audio": ("audio/",),
+    "event": ("application/octet-stream", "application/x-npy", "application/x-npz", "application/npy"),
+}
+
+
+def decode_data_url(
+    url: str, *, max_bytes: int, media_type_prefix: str | tuple[str, ...] = "image/"
+) -> bytes:
     """The bytes of a base64 `data:` URL, e.g. "data:image/png;base64,iVBORw0...".
 
     Args:
@@ -56,10 +67,10 @@ def decode_data_url(url: str, *, max_bytes: int, media_type_prefix: str = "image
         )
     meta = header[len("data:") :].split(";")
     media_type = meta[0].strip().lower()
-    if not media_type.startswith(media_type_prefix):
-        raise InvalidArgumentError(
-            f"data URL media type: expected {media_type_prefix}*, got {media_type or 'none'!r}"
-        )
+    prefixes = (media_type_prefix,) if isinstance(media_type_prefix, str) else media_type_prefix
+    if not media_type.startswith(prefixes):
+        wanted = " or ".join(p + "*" if p.endswith("/") else p for p in prefixes)
+        raise InvalidArgumentError(f"data URL media type: expected {wanted}, got {media_type or 'none'!r}")
     if "base64" not in (m.strip().lower() for m in meta[1:]):
         raise InvalidArgumentError(
             f"data URL must be base64-encoded: expected data:{media_type};base64,<data>"
@@ -105,8 +116,8 @@ class MediaFetcher:
             )
         return self._client
 
-    async def load(self, url: str) -> bytes:
-        """The bytes behind `url` (http, https or base64 data URL).
+    async def load(self, url: str, modality: str = "image") -> bytes:
+        """The bytes behind `url` (http, https or base64 data URL) of a `modality` item.
 
         Raises:
             InvalidArgumentError: Unsupported scheme, unreachable host, non-2xx answer, deadline
@@ -115,21 +126,21 @@ class MediaFetcher:
         """
         url = url.strip()
         if not url:
-            raise InvalidArgumentError("image URL is empty; " + _ACCEPTED_SCHEMES)
+            raise InvalidArgumentError(f"{modality} URL is empty; " + _ACCEPTED_SCHEMES)
         scheme = urlsplit(url).scheme.lower() if ":" in url else ""
         if scheme == "data":
-            return decode_data_url(url, max_bytes=self.max_bytes)
+            return decode_data_url(url, max_bytes=self.max_bytes, media_type_prefix=DATA_URL_TYPES[modality])
         if scheme not in ("http", "https"):
             shown = f"{scheme!r}" if scheme else "none"
             raise InvalidArgumentError(
-                f"unsupported image URL scheme {shown} in {_shown(url)}: {_ACCEPTED_SCHEMES}"
+                f"unsupported {modality} URL scheme {shown} in {_shown(url)}: {_ACCEPTED_SCHEMES}"
             )
         try:
             async with asyncio.timeout(self.timeout_s):
                 return await self._fetch(url)
         except TimeoutError:
             raise InvalidArgumentError(
-                f"could not fetch image from {_shown(url)}: no complete answer within {self.timeout_s:g} s"
+                f"could not fetch {modality} from {_shown(url)}: no complete answer within {self.timeout_s:g} s"
             ) from None
 
     async def _fetch(self, url: str) -> bytes:

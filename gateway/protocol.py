@@ -9,6 +9,8 @@ body. Unknown request fields are ignored, as OpenAI and vLLM do.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import time
 from typing import Annotated, Any, Literal
 
@@ -26,21 +28,15 @@ from pydantic_core import PydanticCustomError
 from gateway.domain import ChatRequest, MediaItem, ModelEntry, Part, Turn
 from services.common.errors import InvalidArgumentError
 
-ACCEPTED_PARTS = ("text", "image_url")
-# Part types vLLM knows that this preset cannot take; named in the error so clients see why.
-KNOWN_UNSUPPORTED_PARTS = (
-    "video_url",
-    "input_audio",
-    "audio_url",
-    "image_embeds",
-    "audio_embeds",
-    "image_pil",
-    "prompt_embeds",
-    "file",
-    "input_event",
-    "event_url",
-)
-_ACCEPTED = "this preset accepts only 'text' and 'image_url' content parts"
+# Media part types -> modality. video_url / audio_url / input_audio follow vLLM's and OpenAI's
+# shapes; input_event / event_url are modalmesh's own, shaped like input_audio / audio_url.
+URL_PARTS = {"image_url": "image", "video_url": "video", "audio_url": "audio", "event_url": "event"}
+INLINE_PARTS = {"input_audio": "audio", "input_event": "event"}
+ACCEPTED_PARTS = ("text", *URL_PARTS, *INLINE_PARTS)
+INLINE_FORMATS = {"audio": ("wav", "mp3", "flac", "ogg"), "event": ("npy", "npz")}
+# Part types vLLM knows that modalmesh does not take; named in the error so clients see why.
+KNOWN_UNSUPPORTED_PARTS = ("image_embeds", "audio_embeds", "image_pil", "prompt_embeds", "file")
+_ACCEPTED = "accepted content parts are " + ", ".join(repr(p) for p in ACCEPTED_PARTS)
 
 
 class _Lenient(BaseModel):
@@ -57,7 +53,7 @@ def _invalid(kind: str, message: str) -> PydanticCustomError:
 
 
 class ImageURL(_Lenient):
-    """`{"url": ..., "detail": ...}` of an image_url part."""
+    """`{"url": ..., "detail": ...}` of an image_url part (also video_url, audio_url, event_url)."""
 
     url: str
     detail: Literal["auto", "low", "high"] | None = None
@@ -68,12 +64,31 @@ def _image_url_form(value: Any) -> Any:
     return {"url": value} if isinstance(value, str) else value
 
 
-class ContentPart(_Lenient):
-    """One content part: `{"type": "text", "text": ...}` or `{"type": "image_url", ...}`."""
+class InlineMedia(_Lenient):
+    """`{"data": <base64>, "format": "wav"}` of an input_audio (or input_event) part."""
 
-    type: Literal["text", "image_url"]
+    data: str
+    format: str
+
+
+_URL = Annotated[ImageURL | None, BeforeValidator(_image_url_form)]
+
+
+def _a(kind: str) -> str:
+    return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind!r}"
+
+
+class ContentPart(_Lenient):
+    """One content part: text, a media URL (image/video/audio/event) or inline audio/event data."""
+
+    type: Literal["text", "image_url", "video_url", "audio_url", "event_url", "input_audio", "input_event"]
     text: str | None = None
-    image_url: Annotated[ImageURL | None, BeforeValidator(_image_url_form)] = None
+    image_url: _URL = None
+    video_url: _URL = None
+    audio_url: _URL = None
+    event_url: _URL = None
+    input_audio: InlineMedia | None = None
+    input_event: InlineMedia | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -88,7 +103,7 @@ class ContentPart(_Lenient):
         if kind is None:
             raise _invalid("content_part_type", "content part has no 'type'; " + _ACCEPTED)
         if kind not in ACCEPTED_PARTS:
-            known = "is not supported" if kind in KNOWN_UNSUPPORTED_PARTS else "is unknown"
+            known = "is not supported by modalmesh" if kind in KNOWN_UNSUPPORTED_PARTS else "is unknown"
             raise _invalid("content_part_type", f"content part type {kind!r} {known}; {_ACCEPTED}")
         return value
 
@@ -96,11 +111,48 @@ class ContentPart(_Lenient):
     def _has_payload(self) -> ContentPart:
         if self.type == "text" and self.text is None:
             raise _invalid("content_part", "a 'text' part needs a 'text' string")
-        if self.type == "image_url" and self.image_url is None:
+        if self.type in URL_PARTS and getattr(self, self.type) is None:
             raise _invalid(
-                "content_part", "an 'image_url' part needs 'image_url': {'url': '...'} or a URL string"
+                "content_part", f"{_a(self.type)} part needs {self.type!r}: {{'url': '...'}} or a URL string"
             )
+        if self.type in INLINE_PARTS:
+            inline = getattr(self, self.type)
+            modality = INLINE_PARTS[self.type]
+            if inline is None:
+                raise _invalid(
+                    "content_part",
+                    f"{_a(self.type)} part needs {self.type!r}: {{'data': <base64>, 'format': ...}}",
+                )
+            if inline.format.lower() not in INLINE_FORMATS[modality]:
+                raise _invalid(
+                    "content_part",
+                    f"{self.type}.format: expected one of {list(INLINE_FORMATS[modality])}, got {inline.format!r}",
+                )
         return self
+
+    def media(self, param: str) -> MediaItem | None:
+        """The media item this part carries (None for text).
+
+        Raises:
+            InvalidArgumentError: Inline data that is not valid base64, or empty.
+        """
+        if self.type in URL_PARTS:
+            link = getattr(self, self.type)
+            return MediaItem(URL_PARTS[self.type], url=link.url, param=param)
+        if self.type in INLINE_PARTS:
+            inline: InlineMedia = getattr(self, self.type)
+            try:
+                data = base64.b64decode(inline.data, validate=True)
+            except (binascii.Error, ValueError) as e:
+                raise InvalidArgumentError(
+                    f"{param}.{self.type}.data: expected base64, got invalid data ({e})", param=param
+                ) from None
+            if not data:
+                raise InvalidArgumentError(
+                    f"{param}.{self.type}.data: expected base64 of a file, got nothing", param=param
+                )
+            return MediaItem(INLINE_PARTS[self.type], data=data, fmt=inline.format.lower(), param=param)
+        return None
 
 
 def _content_form(value: Any) -> Any:
@@ -170,9 +222,9 @@ class ChatCompletionRequest(_Lenient):
         for i, message in enumerate(self.messages):
             parts: list[Part] = []
             for j, part in enumerate(message.content):
-                if part.image_url is not None and part.type == "image_url":
-                    param = f"messages[{i}].content[{j}]"
-                    parts.append(MediaItem("image", url=part.image_url.url, param=param))
+                item = part.media(f"messages[{i}].content[{j}]")
+                if item is not None:
+                    parts.append(item)
                 elif part.text is not None:
                     parts.append(part.text)
             turns.append(Turn(message.role, tuple(parts)))

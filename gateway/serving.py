@@ -204,9 +204,12 @@ class ChatService:
             count = sum(1 for m in media if m.modality == modality)
             spec = self.preset.modalities.get(modality)  # type: ignore[call-overload]
             if spec is None:
+                first = next(m for m in media if m.modality == modality)
+                accepted = ", ".join(sorted(self.preset.modalities)) or "text only"
                 raise InvalidArgumentError(
-                    f"this preset ({self.preset.name}) accepts no {modality} input, got {count}",
-                    param="messages",
+                    f"{first.param}: preset {self.preset.name} has no {modality} encoder; it accepts "
+                    f"{accepted} (got {count} {modality} item{'s' if count > 1 else ''})",
+                    param=first.param or "messages",
                 )
             if count > spec.max_per_prompt:
                 raise InvalidArgumentError(
@@ -228,7 +231,7 @@ class ChatService:
         if item.url is None:
             raise InvalidArgumentError(f"{item.modality} part has neither a URL nor data")
         started = time.monotonic()
-        data = await self.fetcher.load(item.url)
+        data = await self.fetcher.load(item.url, item.modality)
         self.metrics.stage_latency.labels(stage="fetch").observe(time.monotonic() - started)
         return data
 

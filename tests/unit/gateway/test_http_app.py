@@ -157,9 +157,7 @@ async def test_unsupported_part(down_client: httpx.AsyncClient) -> None:
     assert_error(
         r,
         400,
-        "messages[0].content[0]: content part type 'video_url' is not "
-        "supported; this preset accepts only 'text' and 'image_url' content "
-        "parts",
+        "messages[0].content[0]: preset tiny has no video encoder; it accepts image (got 1 video item)",
     )
 
 
@@ -452,3 +450,16 @@ async def test_reply_names_the_adapter_version_in_system_fingerprint(client: htt
     r = await client.post("/v1/chat/completions", json=pinned | {"stream": True})
     chunks = [e for e in sse_events(r.text) if isinstance(e, dict) and e.get("choices")]
     assert [c.get("system_fingerprint") for c in chunks if c["choices"][0]["finish_reason"]] == ["tiny@7"]
+
+
+async def test_inline_audio_on_a_preset_without_audio_is_a_clear_400(down_client: httpx.AsyncClient) -> None:
+    part = {
+        "type": "input_audio",
+        "input_audio": {"data": base64.b64encode(b"RIFF").decode(), "format": "wav"},
+    }
+    r = await down_client.post(URL, json=body([{"type": "text", "text": "hi"}, part]))
+    assert_error(
+        r,
+        400,
+        "messages[0].content[1]: preset tiny has no audio encoder; it accepts image (got 1 audio item)",
+    )

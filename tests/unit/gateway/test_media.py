@@ -191,3 +191,22 @@ async def test_long_urls_are_shortened_in_messages(fetcher: MediaFetcher) -> Non
         await fetcher.load(url)
     assert len(info.value.message) < 250
     assert "..." in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("modality", "good", "bad"),
+    [
+        ("video", "video/mp4", "image/png"),
+        ("audio", "audio/wav", "video/mp4"),
+        ("event", "application/octet-stream", "audio/wav"),
+        ("event", "application/x-npy", "text/plain"),
+    ],
+)
+async def test_data_urls_of_each_modality_check_their_media_type(modality: str, good: str, bad: str) -> None:
+    fetcher = MediaFetcher(max_bytes=1 << 20, timeout_s=1.0)
+    payload = base64.b64encode(b"\x00\x01payload").decode()
+    assert await fetcher.load(f"data:{good};base64,{payload}", modality) == b"\x00\x01payload"
+    with pytest.raises(InvalidArgumentError, match=f"data URL media type: expected .*, got '{bad}'"):
+        await fetcher.load(f"data:{bad};base64,{payload}", modality)
+    with pytest.raises(InvalidArgumentError, match=f"unsupported {modality} URL scheme 'ftp'"):
+        await fetcher.load("ftp://example.com/file", modality)

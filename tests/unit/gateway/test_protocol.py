@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 import pytest
@@ -161,20 +162,73 @@ def test_n_must_be_one() -> None:
 # ---- invalid forms ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["video_url", "input_audio", "audio_url", "image_embeds"])
+@pytest.mark.parametrize("kind", ["image_embeds", "audio_embeds", "file"])
 def test_other_vllm_part_types_are_refused_clearly(kind: str) -> None:
     err = rejected(user([{"type": "text", "text": "x"}, {"type": kind, kind: {"url": URL}}]))
-    assert err.message == (
-        f"messages[0].content[1]: content part type {kind!r} is not supported; this preset "
-        "accepts only 'text' and 'image_url' content parts"
+    assert err.message.startswith(
+        f"messages[0].content[1]: content part type {kind!r} is not supported by modalmesh; accepted "
+        "content parts are 'text', 'image_url', 'video_url', 'audio_url', 'event_url', 'input_audio', "
+        "'input_event'"
     )
     assert err.param == "messages[0].content[1]"
+
+
+@pytest.mark.parametrize(
+    ("kind", "modality"),
+    [("image_url", "image"), ("video_url", "video"), ("audio_url", "audio"), ("event_url", "event")],
+)
+def test_media_url_parts(kind: str, modality: str) -> None:
+    for form in ({"url": URL}, URL):  # the object and vLLM's plain-string form
+        req = parse_chat_request(user([{"type": kind, kind: form}, {"type": "text", "text": "what?"}]))
+        item = req.to_domain("r").turns[0].parts[0]
+        assert (item.modality, item.url, item.data, item.param) == (
+            modality,
+            URL,
+            None,
+            "messages[0].content[0]",
+        )
+
+
+@pytest.mark.parametrize(
+    ("kind", "modality", "fmt"),
+    [("input_audio", "audio", "wav"), ("input_audio", "audio", "MP3"), ("input_event", "event", "npz")],
+)
+def test_inline_media_parts(kind: str, modality: str, fmt: str) -> None:
+    payload = {"data": base64.b64encode(b"RIFF....").decode(), "format": fmt}
+    item = parse_chat_request(user([{"type": kind, kind: payload}])).to_domain("r").turns[0].parts[0]
+    assert (item.modality, item.data, item.fmt, item.url) == (modality, b"RIFF....", fmt.lower(), None)
+
+
+@pytest.mark.parametrize(
+    ("part", "fragment"),
+    [
+        ({"type": "input_audio", "input_audio": {"data": "AAAA", "format": "aac"}},
+         "input_audio.format: expected one of ['wav', 'mp3', 'flac', 'ogg'], got 'aac'"),
+        ({"type": "input_event", "input_event": {"data": "AAAA", "format": "h5"}},
+         "input_event.format: expected one of ['npy', 'npz'], got 'h5'"),
+        ({"type": "input_audio"}, "an 'input_audio' part needs 'input_audio'"),
+        ({"type": "video_url"}, "a 'video_url' part needs 'video_url': {'url': '...'} or a URL string"),
+        ({"type": "input_audio", "input_audio": {"format": "wav"}}, "data"),
+    ],
+)  # fmt: skip
+def test_bad_media_parts(part: dict, fragment: str) -> None:
+    assert fragment in rejected(user([part])).message
+
+
+def test_inline_data_that_is_not_base64() -> None:
+    req = parse_chat_request(
+        user([{"type": "input_audio", "input_audio": {"data": "not base64!", "format": "wav"}}])
+    )
+    with pytest.raises(
+        InvalidArgumentError, match=r"messages\[0\]\.content\[0\]\.input_audio\.data: expected base64"
+    ):
+        req.to_domain("r")
 
 
 def test_unknown_part_type() -> None:
     err = rejected(user([{"type": "hologram"}]))
     assert "content part type 'hologram' is unknown" in err.message
-    assert "accepts only 'text' and 'image_url'" in err.message
+    assert "accepted content parts are 'text', 'image_url'" in err.message
 
 
 def test_part_without_type() -> None:
