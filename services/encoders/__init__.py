@@ -6,6 +6,10 @@ Library (no grpc or PyTriton imports; the trainer uses these):
                 of VideoChat (N frames), E.T. Chat (fps with a cap) and ImageBind (clips)
     audio       decode_audio (wav/flac/ogg/mp3 via libsndfile), resample to 16 kHz, ImageBind
                 clips and its 128x204 Kaldi-style fbank (_fbank), no torchaudio
+    imagebind   ImageBind-compatible vision/audio towers that load imagebind_huge strictly
+    eva_qformer EVA-ViT-g with the seeds' layer choice (_eva), VideoChat's Global MHRA (_gmhra)
+                and Q-Former compressors of VideoChat and E.T. Chat (_qformer); the trained
+                halves are connectors and move to the LLM service when presets use them
     events      parse_events (.npy pickled dict through an allow-list unpickler (_safe_npy),
                 structured/(N, 4) .npy, .npz), EventGPT's red/blue event frames
     backbones   Backbone, ClipVisionBackbone, BACKBONES registry, build_backbone(spec)
