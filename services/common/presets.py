@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from services.common.errors import InvalidArgumentError, NotFoundError, validation_problems
 
 Modality = Literal["image"]
-TemplateName = Literal["vicuna_v1", "llava_v1", "plain"]
+TemplateName = Literal["vicuna_v1", "llava_v1", "plain", "vicuna_v0", "videochat", "phi3"]
 DType = Literal["float32", "float16", "bfloat16"]
 PositiveInt = Annotated[int, Field(gt=0)]
 

@@ -62,6 +62,7 @@ class PreparedRequest:
     prompt: Prompt
     version: AdapterVersion  # resolved when prepared; kept to the end
     budget: int  # tokens it may generate: max_tokens capped by the context left
+    stop: tuple[str, ...] = ()  # the request's stop strings, then the template's end-of-turn ones
     cancel: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -77,7 +78,7 @@ class _Stream:
         self.job = job
         self.eos_ids = loaded.eos_ids
         self.detok = IncrementalDetokenizer(loaded.tokenizer, job.prompt.input_ids)
-        self.stops = StopMatcher(job.request.sampling.stop)
+        self.stops = StopMatcher(job.stop)
         self.count = 0
         self.unsent: list[int] = []
         self.adapter_sent = False
@@ -198,11 +199,12 @@ class Engine:
         if version is None:
             version = self.adapters.resolve(request.adapter)
         self.loaded.model.check_media(request.media)
-        segments = self.template.render(request.turns)
+        segments = self.template.render(request.turns, media_modalities=[m.modality for m in request.media])
         slots = [MediaSlot(m.modality, int(m.features.shape[0])) for m in request.media]
         prompt = self.loaded.prompt_builder.build(segments, slots)
         budget = min(request.sampling.max_tokens, self.loaded.max_context_tokens - len(prompt.input_ids))
-        return PreparedRequest(request=request, prompt=prompt, version=version, budget=budget)
+        stop = tuple(dict.fromkeys((*request.sampling.stop, *self.template.stop)))
+        return PreparedRequest(request=request, prompt=prompt, version=version, budget=budget, stop=stop)
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
         """Stream the events of one generation.

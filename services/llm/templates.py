@@ -4,20 +4,28 @@ A template is LLaVA's `Conversation` reduced to strings (`llava/conversation.py`
 before and after each role's message. Rendering validates the role order and returns a list
 of segments, text strings and `MediaRef`s in order; the prompt builder turns them into ids.
 
-Within one message, parts are joined with "\\n" and a media part renders where it stands
-(vLLM's convention): [image, text] -> "<image>\\nWhat is this?". With LLaVA's data, where the
-image always comes first in the message, this gives LLaVA's own prompt.
+Within one user message, parts are joined with the template's `part_separator` ("\\n" unless
+the template says otherwise) and a media part renders where it stands (vLLM's convention):
+[image, text] -> "<image>\\nWhat is this?". With LLaVA's data, where the image always comes
+first in the message, this gives LLaVA's own prompt. Templates of prefix-style systems
+(PandaGPT, NExT-GPT, VideoChat) also wrap each media part in text, e.g. "<Img>" + media +
+"</Img>"; the wrapper may depend on the item's modality, which `render` is then told.
+
+Templates render what the released checkpoints saw at inference; training
+(`services.trainer._supervised`) renders the same text, so a model we train matches serving
+even where a seed's own training text differed from its inference text.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
-from services.common.errors import InvalidArgumentError
+from services.common.errors import InvalidArgumentError, ModalmeshError
 from services.llm.domain import ROLES, MediaPart, TextPart, Turn
 
 PART_SEPARATOR = "\n"
+ANY_MODALITY = "*"  # media_wrappers key for modalities without their own entry
 
 
 @dataclass(frozen=True)
@@ -38,6 +46,14 @@ class Template:
     system_suffix = sep, user_prefix = "USER: ", user_suffix = sep,
     assistant_prefix = "ASSISTANT: ", assistant_suffix = sep2, generation_prompt = "ASSISTANT:".
 
+    The text of a conversation is: [system_prefix + system + system_suffix] (when the system
+    prompt is not empty), then per user turn (first_user_prefix for the first one, else
+    user_prefix) + message + user_suffix, per assistant turn assistant_prefix + message +
+    assistant_suffix, and generation_prompt at the end. Training supervises each reply plus
+    the part of assistant_prefix after generation_prompt and the whole assistant_suffix, so a
+    template keeps the end-of-turn marker the model must emit in assistant_suffix and starts
+    assistant_prefix with generation_prompt.
+
     Attributes:
         name: Registry key (the preset's `llm.template`).
         system: Default system prompt; a system turn of the request replaces it.
@@ -47,6 +63,18 @@ class Template:
         assistant_prefix: Written before each assistant message.
         assistant_suffix: Written after each assistant message.
         generation_prompt: Written at the end to ask for the next assistant reply.
+        system_prefix: Written before a non-empty system prompt.
+        first_user_prefix: Written before the first user message instead of user_prefix
+            (None: user_prefix). For "###"-separated formats the separator that closes a
+            reply is the assistant suffix, so the first user message needs its own.
+        part_separator: Joins the parts of a user message.
+        media_wrappers: Per modality, (text before, text after) each media part of that
+            modality in a user message; the ANY_MODALITY key covers modalities without their
+            own entry. Empty: media parts are not wrapped.
+        stop: Template-specific stop strings: the serving engine adds them to each request's
+            stop list (the reply ends before them). They end generation where the model's
+            end-of-turn marker is text; a marker that is a special token of the checkpoint
+            (e.g. Phi-3's "<|end|>", in its generation_config eos ids) already ends it as EOS.
     """
 
     name: str
@@ -57,50 +85,115 @@ class Template:
     assistant_prefix: str
     assistant_suffix: str
     generation_prompt: str
+    system_prefix: str = ""
+    first_user_prefix: str | None = None
+    part_separator: str = PART_SEPARATOR
+    media_wrappers: Mapping[str, tuple[str, str]] = field(default_factory=dict, hash=False)
+    stop: tuple[str, ...] = ()
 
-    def render(self, turns: Sequence[Turn], *, add_generation_prompt: bool = True) -> list[Segment]:
+    def render(
+        self,
+        turns: Sequence[Turn],
+        *,
+        add_generation_prompt: bool = True,
+        media_modalities: Sequence[str] | None = None,
+    ) -> list[Segment]:
         """Render a conversation into segments.
 
         Args:
             turns: An optional system turn, then user/assistant turns alternating from the user.
             add_generation_prompt: End with the assistant's prefix for the reply (the last
                 turn must then be the user's).
+            media_modalities: The modality of each media item of the request, by index; needed
+                when the template wraps media per modality (see `needs_media_modalities`).
 
         Returns:
             Text strings and media references in order; adjacent texts are merged.
 
         Raises:
-            InvalidArgumentError: The roles are out of order or a turn is malformed.
+            InvalidArgumentError: The roles are out of order, a turn is malformed, or a media
+                item's modality has no wrapper in this template.
+            ModalmeshError: (internal) The template wraps media per modality and
+                `media_modalities` is None.
         """
         check_roles(turns, last_user=add_generation_prompt)
-        system = self.system
-        if turns and turns[0].role == "system":
-            system = turn_text(turns[0])
-            turns = turns[1:]
-        out: list[Segment] = [system + self.system_suffix] if system else []
-        for turn in turns:
+        system, turns = self.split_system(turns)
+        out: list[Segment] = [self.system_text(system)]
+        for i, turn in enumerate(turns):
             if turn.role == "user":
-                out += [self.user_prefix, *message_segments(turn), self.user_suffix]
+                out += self.user_segments(turn, first=i == 0, media_modalities=media_modalities)
             else:
-                out += [self.assistant_prefix, *message_segments(turn), self.assistant_suffix]
+                out.append(self.assistant_prefix + turn_text(turn) + self.assistant_suffix)
         if add_generation_prompt:
             out.append(self.generation_prompt)
         return merge_text(out)
+
+    @property
+    def needs_media_modalities(self) -> bool:
+        """Whether rendering media needs each item's modality (a per-modality wrapper)."""
+        return any(key != ANY_MODALITY for key in self.media_wrappers)
+
+    def split_system(self, turns: Sequence[Turn]) -> tuple[str, Sequence[Turn]]:
+        """The system prompt (a leading system turn's text, else the default) and the rest."""
+        if turns and turns[0].role == "system":
+            return turn_text(turns[0]), turns[1:]
+        return self.system, turns
+
+    def system_text(self, system: str) -> str:
+        """The text written for a system prompt ("" for an empty one)."""
+        return self.system_prefix + system + self.system_suffix if system else ""
+
+    def user_segments(
+        self, turn: Turn, *, first: bool, media_modalities: Sequence[str] | None = None
+    ) -> list[Segment]:
+        """A user turn with its prefix and suffix, parts joined, media wrapped.
+
+        Args:
+            turn: The user turn.
+            first: Whether it is the conversation's first user turn.
+            media_modalities: As in `render`.
+        """
+        prefix = self.user_prefix
+        if first and self.first_user_prefix is not None:
+            prefix = self.first_user_prefix
+        out: list[Segment] = [prefix]
+        for i, part in enumerate(turn.parts):
+            if i:
+                out.append(self.part_separator)
+            if isinstance(part, TextPart):
+                out.append(part.text)
+                continue
+            before, after = self._media_wrapper(part.index, media_modalities)
+            out += [before, MediaRef(part.index), after]
+        out.append(self.user_suffix)
+        return out
+
+    def _media_wrapper(self, index: int, media_modalities: Sequence[str] | None) -> tuple[str, str]:
+        if not self.media_wrappers:
+            return "", ""
+        if media_modalities is None:
+            if self.needs_media_modalities:
+                raise ModalmeshError(
+                    f"template {self.name} wraps media per modality; render needs media_modalities"
+                )
+            return self.media_wrappers[ANY_MODALITY]
+        if not 0 <= index < len(media_modalities):
+            # Not an item of the request: left bare for the prompt builder to reject.
+            return "", ""
+        modality = media_modalities[index]
+        wrapper = self.media_wrappers.get(modality, self.media_wrappers.get(ANY_MODALITY))
+        if wrapper is None:
+            raise InvalidArgumentError(
+                f"media[{index}].modality: template {self.name} expected one of "
+                f"{sorted(self.media_wrappers)}, got {modality!r}",
+                param=f"media[{index}].modality",
+            )
+        return wrapper
 
 
 def turn_text(turn: Turn) -> str:
     """The text parts of a turn joined with PART_SEPARATOR (media parts left out)."""
     return PART_SEPARATOR.join(p.text for p in turn.parts if isinstance(p, TextPart))
-
-
-def message_segments(turn: Turn) -> list[Segment]:
-    """A message as segments: parts joined by PART_SEPARATOR, a media part where it stands."""
-    out: list[Segment] = []
-    for i, part in enumerate(turn.parts):
-        if i:
-            out.append(PART_SEPARATOR)
-        out.append(part.text if isinstance(part, TextPart) else MediaRef(part.index))
-    return out
 
 
 def merge_text(segments: Sequence[Segment]) -> list[Segment]:
@@ -196,6 +289,71 @@ TEMPLATES: dict[str, Template] = {
         assistant_prefix="",
         assistant_suffix="\n",
         generation_prompt="",
+    ),
+    # PandaGPT and legacy NExT-GPT (Vicuna v0), as PandaGPT generates (SEEDS_SPEC 3, lines
+    # 320-322; openllama.py::prepare_generation_embedding and web_demo.py::predict):
+    #   "<s>### Human: <Img>" + media + "</Img> {q1}\n### Assistant: {a1}\n### Human: {q2}\n### Assistant:"
+    # No system prompt (LLaVA's v0 one, SEEDS_SPEC 1.4, is not used by either); one " "
+    # between "</Img>" and the text; the same <Img> wrapper for every modality (SEEDS_SPEC
+    # 2.A, line 159). NExT-GPT's training prompt is this one (SEEDS_SPEC 2.A, lines 156-167).
+    # Not reproduced, NExT-GPT legacy inference's quirks (SEEDS_SPEC 2.A, lines 210-214): a
+    # BOS before every text segment, no spaces around the media (re.split(' <|> ')), and
+    # "\n###### Human:" after the history. The reply ends at "###" (ids 835 or 2277 29937).
+    "vicuna_v0": Template(
+        name="vicuna_v0",
+        system="",
+        system_suffix="\n",
+        first_user_prefix="### Human: ",
+        user_prefix=" Human: ",
+        user_suffix="\n",
+        assistant_prefix="### Assistant: ",
+        assistant_suffix="\n###",
+        generation_prompt="### Assistant:",
+        part_separator=" ",
+        media_wrappers={ANY_MODALITY: ("<Img>", "</Img>")},
+        stop=("###",),
+    ),
+    # VideoChat (Ask-Anything video_chat/), as its demo generates (SEEDS_SPEC 4, lines
+    # 381-385; conversation.py: system "", sep "###", get_prompt = system + sep + sum of
+    # role + ": " + message + sep; upload_video/upload_img add the media as a Human message of
+    # its own, ask() adds text + "\n", a reply is stored stripped):
+    #   "###Human: <Video>" + media + "</Video>\n###Human: {q1}\n###Assistant: {a1}###Human: {q2}\n###Assistant:"
+    # Each part of a user message is a Human message of its own (part_separator), as the
+    # demo's uploads and questions are. Images are wrapped in <Image></Image>, videos in
+    # <Video></Video>. Not rendered: the demo's frame message after "</Video>" (" The video
+    # contains N frames sampled at ... seconds."), which needs the sampled frame times.
+    "videochat": Template(
+        name="videochat",
+        system="",
+        system_suffix="",
+        first_user_prefix="###Human: ",
+        user_prefix="Human: ",
+        user_suffix="\n###",
+        assistant_prefix="Assistant: ",
+        assistant_suffix="###",
+        generation_prompt="Assistant:",
+        part_separator="\n###Human: ",
+        media_wrappers={"image": ("<Image>", "</Image>"), "video": ("<Video>", "</Video>")},
+        stop=("###",),
+    ),
+    # E.T. Chat's phi3 (SEEDS_SPEC 5, lines 439-443; etchat/conversation.py: system
+    # "<|system|>\nYou are a helpful AI assistant.", roles "\n<|user|>\n"/"\n<|assistant|>\n",
+    # sep "<|end|>", leading "\n" stripped), the same text in training and at inference:
+    #   "<|system|>\nYou are a helpful AI assistant.<|end|>\n<|user|>\n<image>\n{q1}<|end|>\n"
+    #   "<|assistant|>\n{a1}<|end|>\n<|user|>\n{q2}<|end|>\n<|assistant|>\n"
+    # The answer plus "<|end|>" is supervised, as preprocess_multi_row does.
+    "phi3": Template(
+        name="phi3",
+        system="You are a helpful AI assistant.",
+        system_prefix="<|system|>\n",
+        system_suffix="<|end|>\n",
+        first_user_prefix="<|user|>\n",
+        user_prefix="\n<|user|>\n",
+        user_suffix="<|end|>\n",
+        assistant_prefix="<|assistant|>\n",
+        assistant_suffix="<|end|>",
+        generation_prompt="<|assistant|>\n",
+        stop=("<|end|>",),
     ),
 }
 

@@ -3,11 +3,25 @@
 Training must see the prompt exactly as serving builds it. So the unsupervised text of each
 assistant turn ends with the template's `generation_prompt` (e.g. "ASSISTANT:"), which is
 where serving's prompt ends, and the supervised text is the rest of the assistant prefix, the
-reply and the assistant suffix (" " + reply + "</s>" for vicuna_v1, reply + "\\n" for plain).
+reply and the assistant suffix, i.e. the end-of-turn marker the model must learn to emit:
+" " + reply + "</s>" for vicuna_v1, reply + "\\n" for plain, " " + reply + "\\n###" for
+vicuna_v0, " " + reply + "###" for videochat, reply + "<|end|>" for phi3.
 Ids are made as `services.llm.prompt.PromptBuilder` makes them: BOS once, each text segment
 tokenized alone without special tokens ("</s>" -> the EOS id), each media item expanded to as
 many placeholder ids as its connector emits. Labels are IGNORE_INDEX except on the supervised
 text; they are aligned with input_ids (Hugging Face causal LMs shift them inside).
+
+Where a seed's training text differs from its own inference text, we train on the inference
+text, so that a model we train sees at serving what it saw in training:
+- PandaGPT / NExT-GPT legacy build their training text from separately tokenized pieces,
+  "\\n###" + "Human: {q}", i.e. "\\n###Human:" with no space in text, while their demos
+  prompt "\\n### Human: {q}" (SEEDS_SPEC 3 and 9.7). We use the demo's text (template
+  vicuna_v0).
+- VideoChat trains with " " separators ("###Human: {q} ###Assistant: {a} ###") and also
+  supervises the role markers around the answers; its demo prompts "{q}\\n###Assistant:" and
+  follows an answer directly with "###" (SEEDS_SPEC 4 and 9.8). We use the demo's text and
+  supervise " {a}###" only (template videochat).
+- E.T. Chat's phi3 is the same in both; we supervise the answer plus "<|end|>" as it does.
 """
 
 from __future__ import annotations
@@ -22,29 +36,36 @@ from services.common.errors import InvalidArgumentError
 from services.common.presets import Preset
 from services.llm.domain import Turn
 from services.llm.prompt import placeholder_token_id
-from services.llm.templates import Segment, Template, check_roles, merge_text, message_segments, turn_text
+from services.llm.templates import Segment, Template, check_roles, merge_text, turn_text
 from services.trainer._samples import BadSampleError, MediaFile, Sample
 
 IGNORE_INDEX = -100  # labels at positions that carry no loss (torch's cross_entropy default)
 
 
-def render_supervised(template: Template, turns: Sequence[Turn]) -> list[tuple[Segment, bool]]:
+def render_supervised(
+    template: Template, turns: Sequence[Turn], *, media_modalities: Sequence[str] | None = None
+) -> list[tuple[Segment, bool]]:
     """Render a conversation ending with an assistant turn into (segment, supervised) pairs.
 
     The unsupervised segments before each reply are what `template.render(turns so far,
-    add_generation_prompt=True)` gives at serving; each reply is one supervised text.
+    add_generation_prompt=True)` gives at serving; each reply, with the rest of the assistant
+    prefix before it and the assistant suffix (the end-of-turn marker) after it, is one
+    supervised text.
 
     Args:
         template: The conversation format.
         turns: An optional system turn, then user/assistant turns alternating, ending with an
             assistant turn.
+        media_modalities: The modality of each media item of the sample, by index (for
+            templates that wrap media per modality).
 
     Returns:
         Segments in order, adjacent unsupervised texts merged, each with its supervised flag.
 
     Raises:
-        InvalidArgumentError: Roles out of order, no final assistant turn, or a template whose
-            assistant prefix does not start with its generation prompt.
+        InvalidArgumentError: Roles out of order, no final assistant turn, a media modality
+            the template has no wrapper for, or a template whose assistant prefix does not
+            start with its generation prompt.
     """
     prompt = template.generation_prompt
     if not template.assistant_prefix.startswith(prompt):
@@ -57,15 +78,12 @@ def render_supervised(template: Template, turns: Sequence[Turn]) -> list[tuple[S
         raise InvalidArgumentError(
             f"turns[{len(turns) - 1}].role: expected the last turn to be 'assistant', got {turns[-1].role!r}"
         )
-    system = template.system
-    if turns[0].role == "system":
-        system = turn_text(turns[0])
-        turns = turns[1:]
-    pending: list[Segment] = [system + template.system_suffix] if system else []
+    system, turns = template.split_system(turns)
+    pending: list[Segment] = [template.system_text(system)]
     out: list[tuple[Segment, bool]] = []
-    for turn in turns:
+    for i, turn in enumerate(turns):
         if turn.role == "user":
-            pending += [template.user_prefix, *message_segments(turn), template.user_suffix]
+            pending += template.user_segments(turn, first=i == 0, media_modalities=media_modalities)
             continue
         out += [(seg, False) for seg in merge_text([*pending, prompt])]
         reply = template.assistant_prefix[len(prompt) :] + turn_text(turn) + template.assistant_suffix
@@ -168,9 +186,13 @@ class SupervisedEncoder:
                 "reserved_placeholder" or "too_long" (message: expected at most N tokens, got M).
         """
         try:
-            pieces = render_supervised(self.template, sample.turns)
+            pieces = render_supervised(
+                self.template, sample.turns, media_modalities=[m.modality for m in sample.media]
+            )
         except InvalidArgumentError as e:
-            raise BadSampleError("roles", e.message) from None
+            # A media modality the template has no wrapper for, else turns out of order.
+            reason = "unknown_modality" if (e.param or "").startswith("media[") else "roles"
+            raise BadSampleError(reason, e.message) from None
         encoded = iter(self._tokenize([seg for seg, _ in pieces if isinstance(seg, str)]))
         ids: list[int] = [self.bos_id] if self.bos_id is not None else []
         labels: list[int] = [IGNORE_INDEX] * len(ids)

@@ -255,3 +255,14 @@ async def test_close_cancels_the_running_request_and_refuses_new_ones(loaded: Lo
                 pass
     with pytest.raises(UnavailableError, match="shutting down"):
         await run(engine, request())
+
+
+def test_the_templates_end_of_turn_strings_join_the_requests_stops(engine: Engine, monkeypatch) -> None:
+    from services.llm.templates import TEMPLATES
+
+    monkeypatch.setattr(engine, "template", TEMPLATES["vicuna_v0"])
+    job = engine.prepare(request(stop=("END", "###")))
+    assert job.stop == ("END", "###")  # the template's "###" is not repeated
+    assert engine.prepare(request()).stop == ("###",)
+    monkeypatch.setattr(engine, "template", TEMPLATES["vicuna_v1"])
+    assert engine.prepare(request()).stop == ()

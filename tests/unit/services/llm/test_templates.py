@@ -1,4 +1,4 @@
-"""Conversation templates: golden renderings, part joining, role validation."""
+"""Conversation templates: golden renderings, part joining, media wrappers, role validation."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import typing
 
 import pytest
 
-from services.common.errors import InvalidArgumentError
+from services.common.errors import InvalidArgumentError, ModalmeshError
 from services.common.presets import TemplateName
 from services.llm.domain import MediaPart, TextPart, Turn
 from services.llm.templates import (
@@ -14,11 +14,15 @@ from services.llm.templates import (
     TEMPLATES,
     VICUNA_SYSTEM,
     MediaRef,
+    Template,
     get_template,
     merge_text,
 )
 
 VICUNA = get_template("vicuna_v1")
+V0 = get_template("vicuna_v0")
+VIDEOCHAT = get_template("videochat")
+PHI3 = get_template("phi3")
 
 
 def user(*parts: TextPart | MediaPart) -> Turn:
@@ -27,6 +31,10 @@ def user(*parts: TextPart | MediaPart) -> Turn:
 
 def text(s: str) -> TextPart:
     return TextPart(s)
+
+
+def assistant(s: str) -> Turn:
+    return Turn("assistant", [text(s)])
 
 
 def test_registry_covers_every_preset_template_name() -> None:
@@ -132,3 +140,116 @@ def test_role_validation(turns: list[Turn], message: str) -> None:
 def test_unknown_template() -> None:
     with pytest.raises(InvalidArgumentError, match=r"expected one of .*'vicuna_v1'.*got 'chatml'"):
         get_template("chatml")
+
+
+# Golden strings below are written by hand from SEEDS_SPEC (sections 3, 4 and 5) and the seeds'
+# inference code; MediaRef(0) stands where the media features go.
+
+
+def test_vicuna_v0_one_turn_is_pandagpt_generation_prompt() -> None:
+    # PandaGPT: [BOS] + "### Human: <Img>" + feature + "</Img> {prompt}\n### Assistant:".
+    assert V0.render([user(MediaPart(0), text("What is this?"))]) == [
+        "### Human: <Img>",
+        MediaRef(0),
+        "</Img> What is this?\n### Assistant:",
+    ]
+
+
+def test_vicuna_v0_two_turns_follow_pandagpt_web_demo_history() -> None:
+    # web_demo.py: "{q}\n### Assistant: {a}\n###" then " Human: {q}".
+    turns = [user(MediaPart(0), text("What is this?")), assistant("A dog."), user(text("What color?"))]
+    assert V0.render(turns) == [
+        "### Human: <Img>",
+        MediaRef(0),
+        "</Img> What is this?\n### Assistant: A dog.\n### Human: What color?\n### Assistant:",
+    ]
+    assert (
+        V0.render(turns[:2], add_generation_prompt=False)[-1]
+        == "</Img> What is this?\n### Assistant: A dog.\n###"
+    )
+
+
+def test_vicuna_v0_wraps_every_modality_in_img_and_has_no_system_prompt() -> None:
+    assert V0.render([user(text("Hi"))]) == ["### Human: Hi\n### Assistant:"]
+    for modality in ("image", "video", "audio"):
+        segments = V0.render([user(MediaPart(0))], media_modalities=[modality])
+        assert segments == ["### Human: <Img>", MediaRef(0), "</Img>\n### Assistant:"]
+    turns = [Turn("system", [text("Be brief.")]), user(text("Hi"))]
+    assert V0.render(turns) == ["Be brief.\n### Human: Hi\n### Assistant:"]
+
+
+def test_videochat_image_is_a_human_message_of_its_own() -> None:
+    # conversation.py: "<Image><ImageHere></Image>\n" as one Human message, ask() adds text + "\n".
+    segments = VIDEOCHAT.render([user(MediaPart(0), text("What is this?"))], media_modalities=["image"])
+    assert segments == [
+        "###Human: <Image>",
+        MediaRef(0),
+        "</Image>\n###Human: What is this?\n###Assistant:",
+    ]
+
+
+def test_videochat_two_turns_with_video() -> None:
+    # A stored answer is stripped and followed directly by the "###" separator.
+    turns = [user(MediaPart(0), text("What happens?")), assistant("A man runs."), user(text("Why?"))]
+    assert VIDEOCHAT.render(turns, media_modalities=["video"]) == [
+        "###Human: <Video>",
+        MediaRef(0),
+        "</Video>\n###Human: What happens?\n###Assistant: A man runs.###Human: Why?\n###Assistant:",
+    ]
+    assert VIDEOCHAT.render([user(text("Hi"))]) == ["###Human: Hi\n###Assistant:"]
+
+
+def test_videochat_needs_each_items_modality() -> None:
+    with pytest.raises(ModalmeshError, match="needs media_modalities") as e:
+        VIDEOCHAT.render([user(MediaPart(0))])
+    assert not isinstance(e.value, InvalidArgumentError)  # a server bug, not a bad request
+    with pytest.raises(InvalidArgumentError, match=r"expected one of \['image', 'video'\], got 'audio'"):
+        VIDEOCHAT.render([user(MediaPart(0))], media_modalities=["audio"])
+    # A reference to no item of the request is left for the prompt builder to reject.
+    assert VIDEOCHAT.render([user(MediaPart(3))], media_modalities=["image"])[1] == MediaRef(3)
+
+
+def test_phi3_one_turn_is_etchat_prompt() -> None:
+    assert PHI3.render([user(MediaPart(0), text("What is this?"))]) == [
+        "<|system|>\nYou are a helpful AI assistant.<|end|>\n<|user|>\n",
+        MediaRef(0),
+        "\nWhat is this?<|end|>\n<|assistant|>\n",
+    ]
+
+
+def test_phi3_two_turns() -> None:
+    turns = [user(MediaPart(0), text("What is this?")), assistant("A dog."), user(text("What color?"))]
+    assert PHI3.render(turns) == [
+        "<|system|>\nYou are a helpful AI assistant.<|end|>\n<|user|>\n",
+        MediaRef(0),
+        "\nWhat is this?<|end|>\n<|assistant|>\nA dog.<|end|>\n<|user|>\nWhat color?<|end|>\n<|assistant|>\n",
+    ]
+
+
+def test_phi3_system_turn_and_no_leading_newline_without_system() -> None:
+    turns = [Turn("system", [text("Be brief.")]), user(text("Hi"))]
+    assert PHI3.render(turns) == ["<|system|>\nBe brief.<|end|>\n<|user|>\nHi<|end|>\n<|assistant|>\n"]
+    # etchat's get_prompt strips the leading "\n" of the first user role.
+    turns = [Turn("system", [text("")]), user(text("Hi"))]
+    assert PHI3.render(turns) == ["<|user|>\nHi<|end|>\n<|assistant|>\n"]
+
+
+@pytest.mark.parametrize(
+    ("name", "stop"),
+    [
+        ("vicuna_v1", ()),
+        ("llava_v1", ()),
+        ("plain", ()),
+        ("vicuna_v0", ("###",)),
+        ("videochat", ("###",)),
+        ("phi3", ("<|end|>",)),
+    ],
+)
+def test_template_stop_strings(name: str, stop: tuple[str, ...]) -> None:
+    assert get_template(name).stop == stop
+
+
+@pytest.mark.parametrize("template", TEMPLATES.values(), ids=list(TEMPLATES))
+def test_every_assistant_prefix_starts_with_the_generation_prompt(template: Template) -> None:
+    # Training relies on it: the prompt part of each round ends where serving's prompt ends.
+    assert template.assistant_prefix.startswith(template.generation_prompt)
