@@ -234,7 +234,12 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from services.trainer.synth import synthesize
 
     report = synthesize(
-        args.out_dir, train=args.train, heldout=args.heldout, seed=args.seed, image_size=args.image_size
+        args.out_dir,
+        train=args.train,
+        heldout=args.heldout,
+        seed=args.seed,
+        image_size=args.image_size,
+        modalities=[m.strip() for m in args.modalities.split(",") if m.strip()],
     )
     _say(
         f"wrote {report.train_images} training and {report.heldout_images} held-out images "
@@ -243,6 +248,13 @@ def cmd_synth(args: argparse.Namespace) -> int:
     _say(f"  {report.captions}  (format captions, stage1: {report.train_images} pairs)")
     _say(f"  {report.train}  (format llava, stage3: {report.train_samples} conversations)")
     _say(f"  {report.heldout}  (format llava, held-out questions with answers)")
+    for name, media in report.media.items():
+        _say(
+            f"wrote {media.train_items} training and {media.heldout_items} held-out {name} files under {report.out_dir / name}"
+        )
+        _say(f"  {media.captions}  (format captions, modality {name}, stage1)")
+        _say(f"  {media.train}  (format llava, modality {name}, stage3)")
+        _say(f"  {media.heldout}  (format llava, modality {name}, held-out questions with answers)")
     _say(f"  {report.meta}")
     return EXIT_OK
 
@@ -279,4 +291,9 @@ def add_commands(sub: Any) -> None:
     synth.add_argument("--heldout", type=int, default=60, help="held-out images (default 60)")
     synth.add_argument("--seed", type=int, default=0, help="seed of the training images (default 0)")
     synth.add_argument("--image-size", type=int, default=64, help="image side in pixels (default 64)")
+    synth.add_argument(
+        "--modalities",
+        default="image",
+        help="comma-separated, image plus any of video,audio,event (default image)",
+    )
     synth.set_defaults(func=cmd_synth)

@@ -8,7 +8,18 @@ with PIL. From fixed seeds `synthesize` writes, under an output folder:
 - `train.json`: LLaVA conversations for instruction tuning, one or two questions each;
 - `heldout.json`: LLaVA conversations on new images, each with a machine-readable
   `"answer": {"color", "shape"}` and `"kind"`, which `score_reply` checks replies against;
-- `meta.json`: counts, seed, colours, shapes and backgrounds.
+- `meta.json`: counts, seed, colours, shapes and backgrounds, and what was written per modality.
+
+With `modalities` naming "video", "audio" or "event" as well, each of those also gets (see
+`_synth_media` for the generators):
+
+- `<modality>/`: its files (mp4 clips of a shape moving left or right, wav tones that are low,
+  medium or high, EventGPT .npy streams of an edge moving left or right);
+- `captions_<modality>.json`: caption pairs `{"media", "caption"}` ("a red circle moving left",
+  "a high tone", "an edge moving right");
+- `train_<modality>.json`: LLaVA conversations, one question each;
+- `heldout_<modality>.json`: LLaVA conversations on new files with `"kind"` and `"answer"`,
+  which `score_reply_for` checks replies against.
 
 Words come from the tiny preset's tokenizer word list where possible, so sequences stay short.
 Two runs with the same arguments write the same bytes.
@@ -16,11 +27,12 @@ Two runs with the same arguments write the same bytes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +59,30 @@ QUESTIONS: dict[str, tuple[str, ...]] = {
     "color": ("What color is the shape?", "What is the color of the shape?"),
     "shape": ("What shape is in the image?", "What shape is this?"),
     "describe": ("Describe the image.", "Tell me about the image."),
+}
+MODALITIES = ("image", "video", "audio", "event")
+DIRECTIONS = ("left", "right")
+PITCHES: dict[str, float] = {"low": 220.0, "medium": 440.0, "high": 880.0}  # Hz
+VOCABULARY: dict[str, tuple[str, ...]] = {
+    "color": tuple(COLORS),
+    "shape": SHAPES,
+    "direction": DIRECTIONS,
+    "pitch": tuple(PITCHES),
+}
+# Per media modality: question kind -> (answer fields it checks, questions, reference answer).
+MEDIA_KINDS: dict[str, dict[str, tuple[tuple[str, ...], tuple[str, ...], str]]] = {
+    "video": {
+        "color": (("color",), ("What color is the shape?",), "The shape is {color}."),
+        "shape": (("shape",), ("What shape is in the video?",), "It is a {shape}."),
+        "direction": (("direction",), ("Which way is the shape moving?",), "It is moving {direction}."),
+        "describe": (("color", "shape", "direction"), ("Describe the video.",), "{Words}."),
+    },
+    "audio": {
+        "pitch": (("pitch",), ("What pitch is the tone?", "How high is the tone?"), "It is {words}."),
+    },
+    "event": {
+        "direction": (("direction",), ("Which way is the edge moving?",), "The edge is moving {direction}."),
+    },
 }
 SIZE_RANGE = (0.6, 0.9)  # shape side as a share of the image side
 HELDOUT_SEED_OFFSET = 1_000_003  # held-out images come from seed + this
@@ -75,6 +111,7 @@ class SynthReport:
         train_images: Images behind `captions` and `train`.
         heldout_images: Images behind `heldout`.
         train_samples: Conversations in `train`.
+        media: The other modalities written, by name.
     """
 
     out_dir: Path
@@ -85,6 +122,18 @@ class SynthReport:
     train_images: int
     heldout_images: int
     train_samples: int
+    media: dict[str, MediaReport] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MediaReport:
+    """What `synthesize` wrote for one modality other than "image" (paths as in `SynthReport`)."""
+
+    captions: Path
+    train: Path
+    heldout: Path
+    train_items: int
+    heldout_items: int
 
 
 def _scene(rng: random.Random, image_size: int) -> Scene:
@@ -93,7 +142,10 @@ def _scene(rng: random.Random, image_size: int) -> Scene:
     # Roughly centred: the tiny encoder sees 32 px in 8 px patches, and a shape pushed into a
     # corner keeps too few patches to tell a circle from a square.
     slack = image_size - side
-    left, top = slack // 2 + rng.randint(-slack // 4, slack // 4), slack // 2 + rng.randint(-slack // 4, slack // 4)
+    left, top = (
+        slack // 2 + rng.randint(-slack // 4, slack // 4),
+        slack // 2 + rng.randint(-slack // 4, slack // 4),
+    )
     return Scene(color, shape, background, (left, top, side))
 
 
@@ -154,7 +206,13 @@ def _dump(path: Path, value: Any) -> None:
 
 
 def synthesize(
-    out_dir: Path, *, train: int = 600, heldout: int = 60, seed: int = 0, image_size: int = 64
+    out_dir: Path,
+    *,
+    train: int = 600,
+    heldout: int = 60,
+    seed: int = 0,
+    image_size: int = 64,
+    modalities: Iterable[str] = ("image",),
 ) -> SynthReport:
     """Write the synthetic dataset under `out_dir` (files there with the same names are replaced).
 
@@ -164,10 +222,19 @@ def synthesize(
         heldout: Held-out images; each gives one question, kinds taken in turn.
         seed: Seed of the training images; held-out ones use seed + HELDOUT_SEED_OFFSET.
         image_size: Image side in pixels.
+        modalities: What to write: "image" (always needed) and any of "video", "audio",
+            "event", each with `train` training and `heldout` held-out files drawn from seeds
+            of its own.
 
     Raises:
-        InvalidArgumentError: A count or the image size is out of range.
+        InvalidArgumentError: A count or the image size is out of range, or a modality is
+            unknown or "image" is missing.
     """
+    wanted = list(dict.fromkeys(modalities))
+    if "image" not in wanted or not set(wanted) <= set(MODALITIES):
+        raise InvalidArgumentError(
+            f"synth: modalities: expected 'image' and any of {list(MODALITIES)}, got {wanted}"
+        )
     if train < 1 or heldout < 0:
         raise InvalidArgumentError(f"synth: expected train >= 1 and heldout >= 0, got {train} and {heldout}")
     if not 16 <= image_size <= 1024:
@@ -208,6 +275,8 @@ def synthesize(
         heldout_images=heldout,
         train_samples=len(conversations),
     )
+    media = {m: _synthesize_media(out_dir, m, train, heldout, seed) for m in MODALITIES if m in wanted[1:]}
+    report = dataclasses.replace(report, media=media)
     _dump(report.captions, captions)
     _dump(report.train, conversations)
     _dump(report.heldout, held)
@@ -226,9 +295,91 @@ def synthesize(
             "shapes": list(SHAPES),
             "backgrounds": list(BACKGROUNDS),
             "files": {"captions": "captions.json", "train": "train.json", "heldout": "heldout.json"},
+            "modalities": _media_meta(report),
         },
     )
     return report
+
+
+def _media_meta(report: SynthReport) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "image": {"folder": "images", "train": report.train_images, "heldout": report.heldout_images}
+    }
+    if not report.media:
+        return meta
+    from services.trainer._synth_media import settings
+
+    for name, media in report.media.items():
+        meta[name] = {
+            "folder": name,
+            "train": media.train_items,
+            "heldout": media.heldout_items,
+            "files": {
+                "captions": media.captions.name,
+                "train": media.train.name,
+                "heldout": media.heldout.name,
+            },
+            "kinds": list(MEDIA_KINDS[name]),
+            "settings": settings()[name],
+        }
+    return meta
+
+
+def _synthesize_media(out_dir: Path, modality: str, train: int, heldout: int, seed: int) -> MediaReport:
+    """Write one media modality's files, caption pairs and conversations (see the module docstring)."""
+    from services.trainer._synth_media import write_media
+
+    kinds = list(MEDIA_KINDS[modality])
+    placeholder = f"<{modality}>"
+
+    def ask(rng: random.Random, kind: str, words: str, answer: Mapping[str, str]) -> list[dict[str, str]]:
+        _, questions, reference = MEDIA_KINDS[modality][kind]
+        text = reference.format(
+            words=f"{_article(words)} {words}", Words=f"{_article(words).title()} {words}", **answer
+        )
+        return [
+            {"from": "human", "value": f"{placeholder}\n{rng.choice(questions)}"},
+            {"from": "gpt", "value": text},
+        ]
+
+    rng = random.Random(f"{seed}:{modality}")
+    items = write_media(out_dir, modality, "train", train, rng)
+    captions = [{"media": it.rel, "caption": f"{_article(it.words)} {it.words}"} for it in items]
+    conversations = [
+        {
+            "id": f"{modality}-train-{i:05d}",
+            "media": it.rel,
+            "conversations": ask(rng, rng.choice(kinds), it.words, it.answer),
+        }
+        for i, it in enumerate(items)
+    ]
+    held_rng = random.Random(f"{seed + HELDOUT_SEED_OFFSET}:{modality}")
+    held_items = write_media(out_dir, modality, "heldout", heldout, held_rng)
+    held = [
+        {
+            "id": f"{modality}-heldout-{i:05d}",
+            "media": it.rel,
+            "conversations": ask(held_rng, kinds[i % len(kinds)], it.words, it.answer),
+            "kind": kinds[i % len(kinds)],
+            "answer": it.answer,
+        }
+        for i, it in enumerate(held_items)
+    ]
+    report = MediaReport(
+        captions=out_dir / f"captions_{modality}.json",
+        train=out_dir / f"train_{modality}.json",
+        heldout=out_dir / f"heldout_{modality}.json",
+        train_items=len(items),
+        heldout_items=len(held_items),
+    )
+    _dump(report.captions, captions)
+    _dump(report.train, conversations)
+    _dump(report.heldout, held)
+    return report
+
+
+def _article(words: str) -> str:
+    return "an" if words[:1] in "aeiou" else "a"
 
 
 def _kinds(rng: random.Random) -> list[str]:
@@ -274,3 +425,39 @@ def score_reply(reply: str, sample: Mapping[str, Any]) -> bool:
     if kind == "shape":
         return shape_ok
     return color_ok and shape_ok
+
+
+def score_reply_for(modality: str, reply: str, sample: Mapping[str, Any]) -> bool:
+    """Whether a model reply answers a held-out sample of `modality` correctly.
+
+    "image" is `score_reply`. For the others each answer field the sample's kind asks about
+    (see `MEDIA_KINDS`: a video's colour, shape and direction, a tone's pitch, an edge's
+    direction) needs its right word in the reply and no other word of that field's vocabulary.
+
+    Args:
+        modality: "image", "video", "audio" or "event".
+        reply: The model's reply text.
+        sample: A record of that modality's held-out file, with "kind" and "answer".
+
+    Raises:
+        InvalidArgumentError: The modality is unknown, or the sample has no valid kind or answer.
+    """
+    if modality == "image":
+        return score_reply(reply, sample)
+    if modality not in MEDIA_KINDS:
+        raise InvalidArgumentError(
+            f"held-out sample: modality: expected one of {list(MODALITIES)}, got {modality!r}"
+        )
+    kinds, kind, answer = MEDIA_KINDS[modality], sample.get("kind"), sample.get("answer")
+    if kind not in kinds or not isinstance(answer, Mapping):
+        raise InvalidArgumentError(
+            f"held-out {modality} sample: expected 'kind' in {list(kinds)} and an 'answer' object, "
+            f"got kind {kind!r} and answer {answer!r}"
+        )
+    fields = kinds[kind][0]
+    if any(answer.get(f) not in VOCABULARY[f] for f in fields):
+        raise InvalidArgumentError(
+            f"held-out {modality} sample: answer: expected known {', '.join(fields)}, got {answer!r}"
+        )
+    words = set(_WORD.findall(reply.lower()))
+    return all(answer[f] in words and not words & (set(VOCABULARY[f]) - {answer[f]}) for f in fields)

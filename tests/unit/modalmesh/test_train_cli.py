@@ -187,6 +187,21 @@ def test_data_synth_writes_the_dataset(tmp_path: Path, capsys) -> None:
     assert "wrote 4 training and 2 held-out images" in printed
 
 
+def test_data_synth_writes_other_modalities(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "synth"
+    argv = ["data", "synth", str(out), "--train", "2", "--heldout", "1", "--modalities", "image,audio,event"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    for modality in ("audio", "event"):
+        for name in (f"captions_{modality}.json", f"train_{modality}.json", f"heldout_{modality}.json"):
+            assert (out / name).is_file() and str(out / name) in printed
+        assert f"wrote 2 training and 1 held-out {modality} files" in printed
+    assert not (out / "video").exists()
+    assert list(json.loads((out / "meta.json").read_text())["modalities"]) == ["image", "audio", "event"]
+    assert main(["data", "synth", str(tmp_path / "x"), "--modalities", "image,smell"]) == 2
+    assert "modalities: expected 'image' and any of" in capsys.readouterr().err
+
+
 def test_data_synth_refuses_bad_counts(tmp_path: Path, capsys) -> None:
     assert main(["data", "synth", str(tmp_path / "x"), "--train", "0"]) == 2
     assert "expected train >= 1" in capsys.readouterr().err
