@@ -117,13 +117,11 @@ def build_examples(
         data = load_supervised(ds, encoder, max_bad_ratio=hp.max_bad_ratio)
         encoded += data.encoded
         reports.append(data.report)
-    files: dict[str, list[Path]] = {}
+    files: dict[str, dict[Path, None]] = {}  # per modality, each file once, in first-seen order
     for e in encoded:
         for f in e.media:
-            files.setdefault(f.modality, [])
-            if f.path not in files[f.modality]:
-                files[f.modality].append(f.path)
-    features, errors = _encode_media(preset, {m: list(dict.fromkeys(p)) for m, p in files.items()})
+            files.setdefault(f.modality, {})[f.path] = None
+    features, errors = _encode_media(preset, {m: list(paths) for m, paths in files.items()})
     examples = []
     undecodable: Counter[str] = Counter()
     for e in encoded:

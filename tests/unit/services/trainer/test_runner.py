@@ -5,7 +5,6 @@ itself is replaced by a fake that leaves what a finished run leaves in the job f
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,6 @@ from services.trainer.jobs import JobRecord
 from services.trainer.runconfig import RunConfig
 from services.trainer.runner import JobRunner, _Tail
 from services.trainer.store import JobStore
-from tests.helpers.services import start_redis
 
 # -- _Tail ----------------------------------------------------------------------------------------
 
@@ -50,22 +48,6 @@ def test_tail_skips_a_line_that_is_not_json(tmp_path: Path, caplog: pytest.LogCa
 
 
 # -- fixtures -------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    proc, url = start_redis(tmp_path_factory.mktemp("redis"))
-    try:
-        yield url
-    finally:
-        proc.kill_group()
-
-
-@pytest.fixture
-def store(redis_url: str) -> JobStore:
-    s = JobStore.from_url(redis_url)
-    s.client.flushdb()
-    return s
 
 
 @pytest.fixture

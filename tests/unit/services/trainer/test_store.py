@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,22 +14,6 @@ from services.trainer.jobs import JobRecord
 from services.trainer.store import PREFIX, JobStore
 from tests.helpers.procs import Process, free_port
 from tests.helpers.services import start_redis
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    proc, url = start_redis(tmp_path_factory.mktemp("redis"))
-    try:
-        yield url
-    finally:
-        proc.kill_group()
-
-
-@pytest.fixture
-def store(redis_url: str) -> JobStore:
-    s = JobStore.from_url(redis_url)
-    s.client.flushdb()
-    return s
 
 
 def record(job_id: str, *, created: float = 1000.0, **fields: object) -> JobRecord:
