@@ -1,9 +1,11 @@
 """Presets: one YAML file per system, validated by a typed schema.
 
-A preset names, per input modality, the encoder backbone and its checkpoint, the layer and
-tokens it takes, the connector and the placeholder; the LLM (architecture, checkpoint,
+A preset names, per input modality (image, video, audio, event), the encoder backbone and
+its checkpoint, the layer and tokens it takes, how frames or clips are sampled, the connector
+and the placeholder; the LLM (architecture, checkpoint,
 conversation template); and the adapter bundle served at start. Paths may use ${VAR}
-environment references; ${MODALMESH_CACHE_DIR} defaults to the settings' cache folder.
+environment references; ${MODALMESH_CACHE_DIR} defaults to the settings' cache folder and
+${MODALMESH_MODELS_DIR} (where real presets look for released checkpoints) to its `models/`.
 
 Shipped presets live in the `presets` package; MODALMESH_PRESETS_DIR adds a folder that is
 searched first. A preset can also be named by the path of its YAML file.
@@ -23,35 +25,152 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from services.common.errors import InvalidArgumentError, NotFoundError, validation_problems
 
-Modality = Literal["image"]
-TemplateName = Literal["vicuna_v1", "llava_v1", "plain", "vicuna_v0", "videochat", "phi3"]
+Modality = Literal["image", "video", "audio", "event"]
+MODALITIES: tuple[str, ...] = ("image", "video", "audio", "event")
+TemplateName = Literal["vicuna_v1", "llava_v1", "plain", "vicuna_v0", "videochat", "phi3", "eventgpt_v1"]
 DType = Literal["float32", "float16", "bfloat16"]
 PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+
+# Which backbones can read which modality (the encoder service decodes the modality, the
+# backbone reads the frames or clips it yields).
+BACKBONE_MODALITIES: dict[str, tuple[str, ...]] = {
+    "clip_vision": ("image", "video", "event"),
+    "eva_vit": ("image", "video"),
+    "imagebind": ("image", "video", "audio"),
+}
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class EncoderSpec(_Strict):
-    """A frozen backbone served by the encoder service as one Triton model."""
+class SamplingSpec(_Strict):
+    """How one item becomes the frames or clips its backbone reads.
 
-    backbone: Literal["clip_vision"]
-    checkpoint: Path
+    video: exactly one of `num_frames` (N frames near the middle of N equal segments,
+    VideoChat), `fps` (+ `max_frames`, E.T. Chat's 1 fps), `clips` (ImageBind: `clips` clips of
+    `clip_seconds`, `frames_per_clip` frames each, `crops` spatial crops). audio (ImageBind):
+    `clips` clips of `clip_seconds` at 16 kHz. event (EventGPT): `event_frames` chunks of
+    equal event count drawn as red/blue frames.
+    """
+
+    num_frames: PositiveInt | None = None
+    fps: PositiveFloat | None = None
+    max_frames: PositiveInt | None = None
+    clips: PositiveInt | None = None
+    clip_seconds: PositiveFloat = 2.0
+    frames_per_clip: PositiveInt = 2
+    crops: Literal[1, 3] = 1
+    event_frames: PositiveInt = 5
+
+    def frames_per_item(self, modality: str) -> int | None:
+        """Frames an item yields, or None where it depends on the item (fps sampling)."""
+        if modality == "event":
+            return self.event_frames
+        if modality == "video" and self.num_frames is not None:
+            return self.num_frames
+        return None
+
+
+class EncoderSpec(_Strict):
+    """A frozen backbone served by the encoder service as one Triton model.
+
+    An item's features are (frames * max(taps, 1) * tokens, dim): `tokens` per frame (an
+    image is one frame; ImageBind gives one joint-embedding vector per item, its clips
+    averaged), frame-major. The LLM service's connector knows the layout from the same spec.
+    """
+
+    backbone: Literal["clip_vision", "eva_vit", "imagebind"]
+    checkpoint: Path = Field(
+        description="clip_vision: a Hugging Face folder; eva_vit: eva_vit_g.pth or a folder "
+        "written by modalmesh; imagebind: imagebind_huge.pth or a folder written by modalmesh."
+    )
+    config: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Architecture overrides for the backbone builder (sizes of a tiny twin); "
+        "empty means the published architecture.",
+    )
     select_layer: int = Field(-2, description="Index into the backbone's hidden states.")
-    select_feature: Literal["patch", "cls_patch"] = "patch"
-    tokens: PositiveInt = Field(description="Tokens per item the backbone returns.")
+    select_feature: Literal["patch", "cls_patch", "embedding"] = Field(
+        "patch", description="patch: drop CLS; cls_patch: keep it; embedding: ImageBind's joint embedding."
+    )
+    taps: Annotated[int, Field(ge=0)] = Field(
+        0,
+        description="eva_vit: also return the outputs of this many blocks up to select_layer "
+        "(VideoChat's temporal layers read 8).",
+    )
+    sampling: SamplingSpec | None = None
+    tokens: PositiveInt = Field(description="Tokens per frame (per tap) the backbone returns.")
     dim: PositiveInt = Field(description="Width of each returned token.")
     dtype: DType = "float32"
     max_batch_size: PositiveInt = 8
     batch_delay_us: Annotated[int, Field(ge=0)] = 5000
     triton_model: str | None = Field(None, description="Triton model name; default <modality>_<backbone>.")
 
+    def tokens_per_frame(self) -> int:
+        """Feature rows one frame contributes (taps included)."""
+        return self.tokens * max(self.taps, 1)
+
+
+class QFormerSpec(_Strict):
+    """Sizes of a BLIP-2 / InstructBLIP Q-Former connector (defaults: BERT-base, as the seeds)."""
+
+    width: PositiveInt = 768
+    layers: PositiveInt = 12
+    heads: PositiveInt = 12
+    mlp_dim: PositiveInt = 3072
+    cross_attention_every: PositiveInt = 2
+    num_query_tokens: PositiveInt = 32
+    num_extra_query_tokens: Annotated[int, Field(ge=0)] = 0
+    gmhra_layers: Annotated[int, Field(ge=0)] = 0
+    gmhra_heads: PositiveInt = 16
+    vocab_size: PositiveInt = 30523
+    max_text_positions: PositiveInt = 512
+    max_text_tokens: PositiveInt = 256
+
 
 class ConnectorSpec(_Strict):
-    """Maps encoder tokens into the LLM's embedding space (trained; part of the adapter bundle)."""
+    """Maps encoder tokens into the LLM's embedding space (trained; part of the adapter bundle).
 
-    type: Literal["linear", "mlp2x_gelu"]
+    Types: linear and mlp2x_gelu keep the token count; qformer (VideoChat: [Global MHRA] +
+    BLIP-2 Q-Former with extra queries + Linear) gives num_query + num_extra tokens;
+    instruct_qformer (E.T. Chat: InstructBLIP Q-Former reading the user's text + attention
+    pooling) gives one token per frame; event_adaptor (EventGPT: mlp2x_gelu + Linear adaptor +
+    spatio-temporal mean pooling) gives frames + tokens.
+    """
+
+    type: Literal["linear", "mlp2x_gelu", "qformer", "instruct_qformer", "event_adaptor"]
+    name: Name | None = Field(
+        None,
+        description="Connector key in the bundle; modalities naming the same one share it "
+        "(PandaGPT's one llama_proj for image, video and audio). Default: the modality.",
+    )
+    qformer: QFormerSpec | None = None
+    base: Path | None = Field(
+        None,
+        description="Frozen weights of the connector (the pretrained Q-Former and its "
+        "queries), a safetensors file loaded under the bundle's trained tensors.",
+    )
+    tokenizer: Path | None = Field(
+        None,
+        description="instruct_qformer: the Q-Former's text tokenizer folder (bert-base-uncased + [DEC]).",
+    )
+
+    @model_validator(mode="after")
+    def _qformer_options(self) -> ConnectorSpec:
+        if self.type in ("qformer", "instruct_qformer") and self.qformer is None:
+            raise ValueError(f"connector type {self.type} needs a qformer: section (sizes)")
+        if self.type not in ("qformer", "instruct_qformer") and (self.qformer or self.base):
+            raise ValueError(f"connector type {self.type}: qformer: and base: are for the Q-Former types")
+        if self.type != "instruct_qformer" and self.tokenizer is not None:
+            raise ValueError("connector tokenizer: only instruct_qformer reads text")
+        if self.type == "instruct_qformer" and self.tokenizer is None:
+            raise ValueError(
+                "connector type instruct_qformer needs tokenizer: (the Q-Former's text tokenizer)"
+            )
+        return self
 
 
 class ModalitySpec(_Strict):
@@ -60,13 +179,38 @@ class ModalitySpec(_Strict):
     placeholder: str = Field("<image>", description="Token standing for one item in the prompt.")
     max_per_prompt: PositiveInt = 4
 
+    def connector_name(self, modality: str) -> str:
+        """The bundle key of this modality's connector."""
+        return self.connector.name or modality
+
 
 class LLMSpec(_Strict):
-    architecture: Literal["llama"]
+    architecture: Literal["llama", "phi3"]
     checkpoint: Path = Field(description="A Hugging Face model folder (config, weights, tokenizer).")
     template: TemplateName = "vicuna_v1"
     dtype: DType = "float32"
     max_context_tokens: PositiveInt = 2048
+    added_tokens: list[str] = Field(
+        default_factory=list,
+        description="Tokens the system adds to the tokenizer (e.g. E.T. Chat's <vid>); each must "
+        "be one token of the checkpoint's tokenizer.",
+    )
+
+
+class TimestampHeadSpec(_Strict):
+    """E.T. Chat's `<vid>` matching: the token's query is matched against the frame keys.
+
+    `token` must be one of `llm.added_tokens`; `alpha` is the soft-target base (target_j =
+    alpha^-|j - t|); `modality` names the media whose frames are matched.
+    """
+
+    token: str = "<vid>"
+    alpha: PositiveFloat = 2.0
+    modality: Modality = "video"
+
+
+class HeadsSpec(_Strict):
+    timestamps: TimestampHeadSpec | None = None
 
 
 class AdapterSpec(_Strict):
@@ -97,13 +241,53 @@ class Preset(_Strict):
     llm: LLMSpec
     adapter: AdapterSpec
     lora: LoraSpec = Field(default_factory=LoraSpec)
+    heads: HeadsSpec = Field(default_factory=HeadsSpec)
+    media_combine: Literal["separate", "sum"] = Field(
+        "separate",
+        description="sum: the media items of one user turn become one token, the sum of their "
+        "connector outputs (PandaGPT, NExT-GPT legacy); every connector must give 1 token.",
+    )
 
     @model_validator(mode="after")
-    def _placeholders_distinct(self) -> Preset:
+    def _consistent(self) -> Preset:
         seen = [m.placeholder for m in self.modalities.values()]
         if len(seen) != len(set(seen)):
             raise ValueError(f"each modality needs its own placeholder, got {seen}")
+        for modality, spec in self.modalities.items():
+            _check_modality(modality, spec)
+        shared: dict[str, tuple[str, ConnectorSpec, int]] = {}
+        for modality, spec in self.modalities.items():
+            name = spec.connector_name(modality)
+            mine = (spec.connector.model_dump_json(exclude={"name"}), spec.encoder.dim)
+            if (
+                name in shared
+                and (shared[name][1].model_dump_json(exclude={"name"}), shared[name][2]) != mine
+            ):
+                raise ValueError(
+                    f"modalities {shared[name][0]} and {modality} share connector {name!r}: expected the "
+                    "same connector settings and encoder width"
+                )
+            shared.setdefault(name, (modality, spec.connector, spec.encoder.dim))
+        if self.media_combine == "sum":
+            bad = [m for m, s in self.modalities.items() if not _one_token(s)]
+            if bad:
+                raise ValueError(
+                    f"media_combine sum: every modality must give one LLM token per item "
+                    f"(linear/mlp2x_gelu over one embedding), {bad} do not"
+                )
+        ts = self.heads.timestamps
+        if ts is not None:
+            if ts.token not in self.llm.added_tokens:
+                raise ValueError(f"heads.timestamps.token {ts.token!r}: expected one of llm.added_tokens")
+            if ts.modality not in self.modalities:
+                raise ValueError(
+                    f"heads.timestamps.modality {ts.modality!r}: the preset has no such modality"
+                )
         return self
+
+    def connector_names(self) -> dict[str, str]:
+        """Per modality, the bundle key of its connector."""
+        return {m: s.connector_name(m) for m, s in self.modalities.items()}
 
     def triton_model(self, modality: str) -> str:
         """The Triton model name of a modality's encoder."""
@@ -120,6 +304,57 @@ class Preset(_Strict):
         spec = self.modalities[modality].encoder  # type: ignore[index]
         digest = hashlib.sha256(spec.model_dump_json().encode()).hexdigest()[:16]
         return f"{self.triton_model(modality)}-{digest}"
+
+
+def _one_token(spec: ModalitySpec) -> bool:
+    enc = spec.encoder
+    return (
+        spec.connector.type in ("linear", "mlp2x_gelu")
+        and enc.tokens_per_frame() == 1
+        and (enc.backbone == "imagebind" or spec.encoder.sampling is None)
+    )
+
+
+def _check_modality(modality: str, spec: ModalitySpec) -> None:
+    """Cross-field rules of one modality: backbone, sampling and connector fit together."""
+    enc, where = spec.encoder, f"modalities.{modality}"
+    if modality not in BACKBONE_MODALITIES[enc.backbone]:
+        raise ValueError(
+            f"{where}.encoder.backbone: {enc.backbone} reads {list(BACKBONE_MODALITIES[enc.backbone])}, not {modality}"
+        )
+    sampling = enc.sampling
+    if modality == "image" and sampling is not None:
+        raise ValueError(f"{where}.encoder.sampling: an image has no frames to sample; remove it")
+    if modality in ("video", "audio", "event") and sampling is None:
+        raise ValueError(f"{where}.encoder.sampling: expected one for {modality}")
+    if modality == "video" and sampling is not None:
+        chosen = [k for k in ("num_frames", "fps", "clips") if getattr(sampling, k) is not None]
+        if len(chosen) != 1:
+            raise ValueError(
+                f"{where}.encoder.sampling: expected exactly one of num_frames, fps, clips; got {chosen}"
+            )
+        if sampling.max_frames is not None and sampling.fps is None:
+            raise ValueError(f"{where}.encoder.sampling.max_frames: only with fps")
+        if sampling.clips is not None and enc.backbone != "imagebind":
+            raise ValueError(f"{where}.encoder.sampling.clips: only the imagebind backbone reads clips")
+        if enc.backbone == "imagebind" and sampling.clips is None:
+            raise ValueError(f"{where}.encoder.sampling: imagebind reads clips (clips: 5 as ImageBind)")
+    if modality == "audio" and sampling is not None and sampling.clips is None:
+        raise ValueError(f"{where}.encoder.sampling.clips: expected the number of audio clips (ImageBind: 3)")
+    if (enc.backbone == "imagebind") != (enc.select_feature == "embedding"):
+        raise ValueError(
+            f"{where}.encoder.select_feature: 'embedding' is imagebind's output and imagebind gives only that"
+        )
+    if enc.taps and enc.backbone != "eva_vit":
+        raise ValueError(f"{where}.encoder.taps: only eva_vit returns block taps")
+    q = spec.connector.qformer
+    if spec.connector.type == "qformer" and q is not None and q.gmhra_layers != enc.taps:
+        raise ValueError(
+            f"{where}.connector.qformer.gmhra_layers: the temporal layers read one tap each, "
+            f"expected {enc.taps} (encoder.taps), got {q.gmhra_layers}"
+        )
+    if spec.connector.type == "event_adaptor" and modality != "event":
+        raise ValueError(f"{where}.connector.type: event_adaptor pools event frames; {modality} has none")
 
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -167,6 +402,7 @@ def parse_preset(text: str, *, cache_dir: Path, source: str = "<string>") -> Pre
         raise InvalidArgumentError(f"preset {source}: expected a mapping, got {type(raw).__name__}")
     env = dict(os.environ)
     env.setdefault("MODALMESH_CACHE_DIR", str(cache_dir))
+    env.setdefault("MODALMESH_MODELS_DIR", str(Path(env["MODALMESH_CACHE_DIR"]) / "models"))
     try:
         return Preset.model_validate(_expand(raw, env, ""))
     except InvalidArgumentError as e:

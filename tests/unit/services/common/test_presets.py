@@ -84,3 +84,147 @@ def test_encoder_id_changes_with_the_encoder_spec(tmp_path):
     assert (
         len({base.encoder_id("image"), other_layer.encoder_id("image"), other_place.encoder_id("image")}) == 3
     )
+
+
+PRESETS = Path(__file__).parents[4] / "presets"
+SEEDS = ["pandagpt", "nextgpt", "videochat", "etchat", "eventgpt"]
+
+
+@pytest.mark.parametrize("name", SEEDS)
+def test_every_seed_system_has_a_tiny_twin_of_the_same_shape(name, tmp_path):
+    real = load_preset(name, cache_dir=tmp_path)
+    twin = load_preset(f"tiny-{name}", cache_dir=tmp_path)
+    assert twin.generate == "tiny" and real.generate is None
+    assert set(twin.modalities) == set(real.modalities)
+    assert twin.llm.template == real.llm.template
+    assert twin.llm.architecture == real.llm.architecture
+    assert twin.llm.added_tokens == real.llm.added_tokens
+    assert twin.media_combine == real.media_combine
+    assert twin.heads == real.heads
+    for modality, spec in real.modalities.items():
+        mine = twin.modalities[modality]
+        assert mine.encoder.backbone == spec.encoder.backbone
+        assert mine.encoder.select_layer == spec.encoder.select_layer
+        assert mine.encoder.select_feature == spec.encoder.select_feature
+        assert mine.connector.type == spec.connector.type
+        assert mine.placeholder == spec.placeholder
+        assert twin.connector_names()[modality] == real.connector_names()[modality]
+
+
+def test_real_presets_carry_the_seed_systems_numbers(tmp_path):
+    panda = load_preset("pandagpt", cache_dir=tmp_path)
+    assert {m: (s.encoder.tokens, s.encoder.dim) for m, s in panda.modalities.items()} == {
+        m: (1, 1024) for m in ("image", "video", "audio")
+    }
+    assert panda.modalities["video"].encoder.sampling.clips == 5
+    assert panda.modalities["video"].encoder.sampling.crops == 3
+    assert panda.modalities["audio"].encoder.sampling.clips == 3
+    assert set(panda.connector_names().values()) == {"llama_proj"}
+    assert (panda.lora.r, panda.lora.alpha, panda.lora.dropout) == (32, 32, 0.1)
+    chat = load_preset("videochat", cache_dir=tmp_path)
+    video = chat.modalities["video"]
+    assert (video.encoder.tokens, video.encoder.dim, video.encoder.taps) == (257, 1408, 8)
+    assert video.encoder.sampling.num_frames == 8
+    assert video.connector.qformer.num_query_tokens + video.connector.qformer.num_extra_query_tokens == 96
+    et = load_preset("etchat", cache_dir=tmp_path)
+    assert et.modalities["video"].encoder.tokens == 256
+    assert (
+        et.modalities["video"].encoder.sampling.fps,
+        et.modalities["video"].encoder.sampling.max_frames,
+    ) == (
+        1.0,
+        350,
+    )
+    assert et.heads.timestamps.token == "<vid>" and et.lora.targets == ["qkv_proj", "o_proj"]
+    event = load_preset("eventgpt", cache_dir=tmp_path).modalities["event"].encoder
+    assert (event.tokens, event.select_layer, event.select_feature, event.sampling.event_frames) == (
+        577,
+        -1,
+        "cls_patch",
+        5,
+    )
+
+
+def test_models_dir_defaults_under_the_cache_and_can_be_set(tmp_path, monkeypatch):
+    monkeypatch.delenv("MODALMESH_MODELS_DIR", raising=False)
+    monkeypatch.delenv("MODALMESH_CACHE_DIR", raising=False)
+    assert load_preset("eventgpt", cache_dir=tmp_path).llm.checkpoint == tmp_path / "models" / "eventgpt-7b"
+    monkeypatch.setenv("MODALMESH_MODELS_DIR", str(tmp_path / "m"))
+    assert load_preset("eventgpt", cache_dir=tmp_path).llm.checkpoint == tmp_path / "m" / "eventgpt-7b"
+
+
+@pytest.mark.parametrize(
+    ("preset", "edit", "match"),
+    [
+        ("tiny-eventgpt", ("backbone: clip_vision", "backbone: imagebind"), r"imagebind reads .*not event"),
+        (
+            "tiny-eventgpt",
+            ("      sampling: {event_frames: 5}\n", ""),
+            r"event\.encoder\.sampling: expected one",
+        ),
+        (
+            "tiny",
+            ("      dim: 64\n", "      dim: 64\n      sampling: {num_frames: 4}\n"),
+            r"an image has no frames",
+        ),
+        (
+            "tiny-videochat",
+            ("sampling: {num_frames: 4}", "sampling: {num_frames: 4, fps: 1}"),
+            "exactly one of",
+        ),
+        (
+            "tiny-videochat",
+            ("sampling: {num_frames: 4}", "sampling: {clips: 2}"),
+            "only the imagebind backbone",
+        ),
+        ("tiny-videochat", ("gmhra_layers: 2", "gmhra_layers: 3"), r"expected 2 \(encoder.taps\), got 3"),
+        (
+            "tiny-videochat",
+            ("type: qformer\n", "type: qformer\n      tokenizer: /x\n"),
+            "only instruct_qformer",
+        ),
+        (
+            "tiny-etchat",
+            ("      tokenizer: ${MODALMESH_CACHE_DIR}/tiny-etchat/qformer_tokenizer\n", ""),
+            "needs tokenizer",
+        ),
+        ("tiny-etchat", ('added_tokens: ["<vid>"]', "added_tokens: []"), "expected one of llm.added_tokens"),
+        (
+            "tiny-pandagpt",
+            ("select_feature: embedding", "select_feature: patch"),
+            "'embedding' is imagebind's",
+        ),
+        (
+            "tiny-pandagpt",
+            ("connector: &proj {type: linear, name: llama_proj}", "connector: &proj {type: linear}"),
+            None,
+        ),
+        (
+            "tiny-eventgpt",
+            ("connector: {type: event_adaptor}", "connector: {type: event_adaptor, qformer: {}}"),
+            "are for the Q-Former types",
+        ),
+    ],
+)
+def test_cross_field_rules_name_what_is_wrong(preset, edit, match, tmp_path):
+    text = (PRESETS / f"{preset}.yaml").read_text()
+    assert edit[0] in text
+    text = text.replace(*edit)
+    if match is None:
+        parse_preset(text, cache_dir=tmp_path)  # still valid
+        return
+    with pytest.raises(InvalidArgumentError, match=match):
+        parse_preset(text, cache_dir=tmp_path)
+
+
+def test_shared_connectors_must_agree_and_sum_needs_one_token_each(tmp_path):
+    text = (PRESETS / "tiny-pandagpt.yaml").read_text()
+    mixed = text.replace(
+        '    connector: *proj\n    placeholder: "<audio>"',
+        '    connector: {type: mlp2x_gelu, name: llama_proj}\n    placeholder: "<audio>"',
+    )
+    with pytest.raises(InvalidArgumentError, match="share connector 'llama_proj'"):
+        parse_preset(mixed, cache_dir=tmp_path)
+    chat = (PRESETS / "tiny-videochat.yaml").read_text() + "\nmedia_combine: sum\n"
+    with pytest.raises(InvalidArgumentError, match="media_combine sum: .*one LLM token"):
+        parse_preset(chat, cache_dir=tmp_path)
