@@ -58,8 +58,16 @@ class Settings(BaseSettings):
     default_max_tokens: int = 256
     feature_cache_ttl_s: int = 3600
 
-    # Encoder limits.
+    # Encoder limits (per item; over a limit the item alone is refused).
     image_max_pixels: int = 64 * 1024 * 1024
+    video_max_bytes: int = 64 * 1024 * 1024
+    video_max_seconds: float = 600.0
+    video_max_frames: int = Field(default=36_000, description="Frames in the file, before sampling.")
+    video_max_pixels: int = Field(default=1920 * 1080, description="Width * height of one frame.")
+    audio_max_bytes: int = 20 * 1024 * 1024
+    audio_max_seconds: float = 300.0
+    event_max_bytes: int = 64 * 1024 * 1024
+    event_max_events: int = 2_000_000
 
     # Trainer (Celery worker + DeepSpeed launcher).
     jobs_dir: Path | None = Field(

@@ -12,12 +12,18 @@ Library (no grpc or PyTriton imports; the trainer uses these):
                 halves are connectors and move to the LLM service when presets use them
     events      parse_events (.npy pickled dict through an allow-list unpickler (_safe_npy),
                 structured/(N, 4) .npy, .npz), EventGPT's red/blue event frames
-    backbones   Backbone, ClipVisionBackbone, BACKBONES registry, build_backbone(spec)
-    model       ImageEncoder: bytes -> per-item float32 (tokens, dim) features or error
-    protocol    the Triton models' tensor names (media -> features, error)
+    backbones   Backbone, ClipVisionBackbone, BACKBONES registry (clip_vision, eva_vit,
+                imagebind), build_backbone(spec, modalities=..., device=...)
+    media       MediaEncoder (every modality: decode -> preprocess -> backbone -> EncodedItem
+                features + frame times), EncoderLimits.from_settings
+    tiny_weights write_tiny_backbone(spec, folder, seed=...): random checkpoints for tiny twins
+    model       ImageEncoder: the image-only encoder (bytes -> (tokens, dim) or error), kept
+                for callers not yet on MediaEncoder
+    protocol    the Triton models' tensor names (media -> features, times, error), EncodedItem
 
 Server and client:
-    triton      binds each modality's ImageEncoder as a PyTriton model; EncoderServer
+    triton      load_encoders (shared backbones), binds each modality's MediaEncoder as a
+                PyTriton model; EncoderServer
     __main__    `python -m services.encoders` (ports and preset from MODALMESH_* / flags)
     client      EncoderClient (tritonclient.grpc.aio) used by the gateway
 

@@ -141,6 +141,20 @@ class EvaVisionBackbone(Backbone):
                 hidden = self.ln_vision(hidden.float()).to(hidden.dtype)  # LAVIS LayerNorm in fp32
             return hidden.reshape(*lead, *hidden.shape[1:])
 
+    @property
+    def tokens_per_frame(self) -> int:
+        """Rows per frame that `encode` returns: tokens of each tapped block (1 without taps)."""
+        return self.tokens * self.tap_layers
+
+    def encode(self, modality: str, inputs: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) frames -> (N, tap_layers * tokens, D): per frame, the tapped blocks' tokens
+        one block after the other (the selected block last); without taps the selected block's."""
+        inputs = inputs.to(self.device)
+        if self.tap_layers == 1:
+            return self(inputs)  # (N, T, D)
+        taps = self.forward_taps(inputs)  # (N, 1, K, T, D)
+        return taps.reshape(taps.shape[0], -1, taps.shape[-1])  # (N, K * T, D)
+
     def forward_taps(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Pixels -> the raw tokens of the last `tap_layers` blocks (for Global MHRA).
 

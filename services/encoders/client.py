@@ -1,8 +1,8 @@
 """The client the gateway uses to call the encoder service (KServe v2 over gRPC, tritonclient).
 
 `EncoderClient.encode` sends each item as its own request, concurrently, so that Triton's
-dynamic batcher groups them (with other clients' items) into batches. It reads the model's
-in-band `error` output (see `services.encoders.protocol`) and raises `EncoderItemError` naming
+dynamic batcher groups them (with other clients' items) into batches, and returns per item an
+`EncodedItem` (features and frame times). It reads the model's in-band `error` output (see `services.encoders.protocol`) and raises `EncoderItemError` naming
 the item, maps transport failures to `UnavailableError` / `DeadlineExceededError`, and
 forwards the request id as the `x-request-id` header. The underlying gRPC channel reconnects
 on its own after the server restarts; the reconnect backoff is capped so that it does so
@@ -27,7 +27,13 @@ from services.common.errors import (
 )
 from services.common.log import REQUEST_ID_HEADER
 from services.common.settings import Settings
-from services.encoders.protocol import ERROR_OUTPUT, FEATURES_OUTPUT, MEDIA_INPUT
+from services.encoders.protocol import (
+    ERROR_OUTPUT,
+    FEATURES_OUTPUT,
+    MEDIA_INPUT,
+    TIMES_OUTPUT,
+    EncodedItem,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +58,17 @@ async def _all(calls: list[Coroutine[Any, Any, T]]) -> list[T]:
             first = first.exceptions[0]
         raise first from None
     return [task.result() for task in tasks]
+
+
+def _item(features: np.ndarray, times: np.ndarray) -> EncodedItem:
+    """One item's outputs without padding: its frames are the leading non-NaN times."""
+    valid = ~np.isnan(times)
+    frames = int(np.argmin(valid)) if not valid.all() else len(times)
+    rows = features.shape[0] // max(len(times), 1) * frames
+    return EncodedItem(
+        np.ascontiguousarray(features[:rows], dtype=np.float32),  # (frames * tokens, D)
+        np.ascontiguousarray(times[:frames], dtype=np.float32),  # (frames,)
+    )
 
 
 class EncoderItemError(InvalidArgumentError):
@@ -100,15 +117,14 @@ class EncoderClient:
 
     async def _infer_one(
         self, model: str, data: bytes, headers: dict[str, str], timeout_s: float | None
-    ) -> tuple[np.ndarray, str]:
+    ) -> tuple[EncodedItem, str]:
         import tritonclient.grpc as grpcclient
         from tritonclient.utils import InferenceServerException
 
         media = grpcclient.InferInput(MEDIA_INPUT, [1, 1], "BYTES")
         media.set_data_from_numpy(np.array([[data]], dtype=np.object_))  # (1, 1)
         outputs = [
-            grpcclient.InferRequestedOutput(FEATURES_OUTPUT),
-            grpcclient.InferRequestedOutput(ERROR_OUTPUT),
+            grpcclient.InferRequestedOutput(name) for name in (FEATURES_OUTPUT, TIMES_OUTPUT, ERROR_OUTPUT)
         ]
         try:
             result = await self._client.infer(
@@ -116,14 +132,16 @@ class EncoderClient:
             )
         except InferenceServerException as e:
             raise self._error(e) from e
-        features = result.as_numpy(FEATURES_OUTPUT)  # (1, T, D)
+        features = result.as_numpy(FEATURES_OUTPUT)  # (1, rows, D)
+        times = result.as_numpy(TIMES_OUTPUT)  # (1, frames)
         error = result.as_numpy(ERROR_OUTPUT)  # (1, 1)
-        if features is None or error is None:
+        if features is None or times is None or error is None:
             raise ModalmeshError(
-                f"encoder service: model {model} returned no {FEATURES_OUTPUT!r} or {ERROR_OUTPUT!r} output"
+                f"encoder service: model {model} did not return all of {FEATURES_OUTPUT!r}, "
+                f"{TIMES_OUTPUT!r} and {ERROR_OUTPUT!r}"
             )
         message = bytes(error.reshape(-1)[0]).decode("utf-8", errors="replace")
-        return np.ascontiguousarray(features[0], dtype=np.float32), message  # (T, D)
+        return _item(features[0], times[0]), message
 
     async def encode(
         self,
@@ -133,18 +151,19 @@ class EncoderClient:
         request_id: str | None = None,
         timeout_s: float | None = None,
         modality: str = "image",
-    ) -> list[np.ndarray]:
+    ) -> list[EncodedItem]:
         """Encode media items with one of the service's models.
 
         Args:
             model: The Triton model name (`preset.triton_model(modality)`).
-            items: The compressed files, e.g. PNG/JPEG bytes.
+            items: The files' bytes (an image, video, audio or event file each).
             request_id: Sent as the `x-request-id` header so the service logs it.
             timeout_s: Deadline for the whole call; None waits indefinitely.
-            modality: Names the items in error messages ("image 1: not an image: ...").
+            modality: Names the items in error messages ("video 1: not a video: ...").
 
         Returns:
-            Per item, float32 (tokens, dim) features, in order.
+            Per item, in order, its float32 (frames * tokens_per_frame, dim) features and
+            float32 (frames,) frame times.
 
         Raises:
             EncoderItemError: An item was refused (an InvalidArgumentError naming its index).
@@ -164,7 +183,7 @@ class EncoderClient:
         for index, (_, message) in enumerate(results):
             if message:
                 raise EncoderItemError(f"{modality} {index}: {message}", index=index)
-        return [features for features, _ in results]
+        return [item for item, _ in results]
 
     async def ready(self, model: str, *, timeout_s: float = 5.0) -> bool:
         """Whether the server answers and `model` is ready; False when it cannot be reached."""

@@ -35,13 +35,14 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from services.common.errors import FailedPreconditionError, InvalidArgumentError
+from services.encoders.backbones import Backbone
 
 logger = logging.getLogger(__name__)
 
@@ -418,3 +419,41 @@ def load_imagebind_state_dict(
     logger.info(
         "loaded imagebind towers %s: %d tensors, %d other-tower keys dropped", chosen, len(given), dropped
     )
+
+
+class ImageBindBackbone(Backbone):
+    """An `ImageBindEncoder` as a frozen backbone: one joint-embedding row per item.
+
+    `encode("image", (B, 3, S, S))`, `encode("video", (B, clips, 3, frames, S, S))` and
+    `encode("audio", (B, clips, 1, mel, frames))` give (B, 1, out_dim): the normalised
+    embedding, averaged over the clips (SEEDS_SPEC 2.A).
+    """
+
+    joint_embedding = True
+
+    def __init__(self, model: ImageBindEncoder) -> None:
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        vision = model.clip_shapes.get("vision")
+        self.image_size = int(vision[-1]) if vision else 0
+        self.clip_frames = int(vision[1]) if vision else 0
+        self.audio_shape = model.clip_shapes.get("audio")
+        head: Any = next(iter(model.modality_heads.values()))
+        self.tokens = 1
+        self.dim = int(head[2].out_features)
+        self.eval()
+
+    @property
+    def towers(self) -> tuple[str, ...]:
+        return self.model.towers
+
+    def encode(self, modality: Modality, inputs: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        with torch.inference_mode():
+            return self.model(modality, inputs.to(self.device))[:, None]
+
+    def dummy_input(self, modality: str) -> torch.Tensor:
+        if modality == "audio":
+            return torch.zeros(1, 1, *(self.audio_shape or ()))  # (1, 1 clip, 1, mel, frames)
+        if modality == "video":
+            return torch.zeros(1, 1, 3, self.clip_frames, self.image_size, self.image_size)
+        return torch.zeros(1, 3, self.image_size, self.image_size)

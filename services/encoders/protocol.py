@@ -1,16 +1,49 @@
-"""Names of the encoder models' tensors, shared by the Triton binding and the client.
+"""Names of the encoder models' tensors, and the per-item result, shared by the Triton binding
+and the client.
 
-Per item along the batch dimension:
+Per request (one or more items along the batch dimension), per item:
 
-    input   media     BYTES  (1,)            the compressed file (PNG, JPEG, ...)
-    output  features  FP32   (tokens, dim)   the backbone's tokens; zeros where `error` is set
-    output  error     BYTES  (1,)            empty for a good item, else why it was refused
+    input   media     BYTES  (1,)         the compressed file (image, video, audio or event file)
+    output  features  FP32   (rows, dim)  frame-major: frames * tokens_per_frame rows (ImageBind:
+                                          one row); zeros where `error` is set
+    output  times     FP32   (frames,)    seconds of each frame in the source (an image: [0.0])
+    output  error     BYTES  (1,)         empty for a good item, else why it was refused
+
+Rows and frames vary per item (fps sampling). A request carrying several items whose frame
+counts differ is padded to its longest item: features with zero rows, times with NaN; an
+item's own frames are the leading non-NaN entries of its times (`EncoderClient` sends one item
+per request and trims any padding).
 
 Kept free of heavy imports so that clients (the gateway) need neither torch nor PyTriton.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
+
 MEDIA_INPUT = "media"
 FEATURES_OUTPUT = "features"
+TIMES_OUTPUT = "times"
 ERROR_OUTPUT = "error"
+
+
+@dataclass(frozen=True, eq=False)
+class EncodedItem:
+    """One encoded media item.
+
+    Attributes:
+        features: float32 C-contiguous (frames * tokens_per_frame, dim), frame-major (frame 0's
+            tokens first; within a frame, tap 0's tokens first).
+        times: float32 (frames,): each frame's time in seconds in the source (an image, and an
+            ImageBind item, is one frame at 0.0; an event frame starts at its chunk's first event).
+    """
+
+    features: np.ndarray
+    times: np.ndarray
+
+    @property
+    def frames(self) -> int:
+        """Number of frames the features cover."""
+        return len(self.times)

@@ -1,23 +1,30 @@
 """The encoder service's Triton side: one PyTriton model per modality of the preset.
 
-Each modality's `ImageEncoder` is bound as a Triton model named `preset.triton_model(modality)`
-(e.g. "image_clip_vision") with Triton's dynamic batcher (`max_batch_size` and
-`batch_delay_us` from the modality's `EncoderSpec`). Clients speak KServe v2 (stock
-`tritonclient.grpc` works). The model's tensors, per item along the batch dimension:
+Each modality's `MediaEncoder` is bound as a Triton model named `preset.triton_model(modality)`
+(e.g. "video_eva_vit") with Triton's dynamic batcher (`max_batch_size` and `batch_delay_us`
+from the modality's `EncoderSpec`). Clients speak KServe v2 (stock `tritonclient.grpc` works).
+The model's tensors, per item along the batch dimension (see `services.encoders.protocol`):
 
-    input   media     BYTES  (1,)            the compressed file (PNG, JPEG, ...)
-    output  features  FP32   (tokens, dim)   the backbone's tokens; zeros where `error` is set
-    output  error     BYTES  (1,)            empty for a good item, else why it was refused
+    input   media     BYTES  (1,)           the compressed file
+    output  features  FP32   (-1, dim)      frames * tokens_per_frame rows, frame-major
+    output  times     FP32   (-1,)          each frame's time in seconds
+    output  error     BYTES  (1,)           empty for a good item, else why it was refused
+
+Rows vary per item (fps sampling), so the inference callable uses PyTriton's raw interface:
+it receives the batch's requests as a list and answers one dict per request, each with its own
+shapes; only the items of one request share arrays (padded: zero rows, NaN times).
 
 Why `error` exists: PyTriton 0.7.0 fails every request of a dynamic batch when the inference
 callable raises (pytriton/proxy/model.py turns the exception into one TritonModelException for
-the whole batch), so a bad image would fail the good images batched with it. Per-item failures
-(not an image, truncated, too large) therefore travel in-band: the request itself succeeds, its
+the whole batch), so a bad file would fail the good files batched with it. Per-item failures
+(not a video, truncated, too long) therefore travel in-band: the request itself succeeds, its
 `error` holds the message and its `features` are zeros. Only a server fault (the backbone's
 forward failing) raises and fails the batch with Triton's INTERNAL status.
 
-The `x-request-id` gRPC/HTTP header is forwarded by Triton into the request parameters
-(`grpc_header_forward_pattern`) and bound to the log lines of that request.
+Modalities whose specs differ only in sampling and serving options (PandaGPT's ImageBind for
+image, video and audio) share one loaded backbone. The `x-request-id` gRPC/HTTP header is
+forwarded by Triton into the request parameters (`grpc_header_forward_pattern`) and bound to
+the log lines of that request.
 """
 
 from __future__ import annotations
@@ -35,8 +42,8 @@ from services.common.errors import ModalmeshError
 from services.common.log import REQUEST_ID_HEADER, bound_request_id
 from services.common.presets import EncoderSpec, Preset
 from services.common.settings import Settings
-from services.encoders.model import ImageEncoder
-from services.encoders.protocol import ERROR_OUTPUT, FEATURES_OUTPUT, MEDIA_INPUT
+from services.encoders.media import EncoderLimits, MediaEncoder
+from services.encoders.protocol import ERROR_OUTPUT, FEATURES_OUTPUT, MEDIA_INPUT, TIMES_OUTPUT
 
 logger = logging.getLogger(__name__)
 
@@ -50,14 +57,41 @@ class BoundEncoder:
     modality: str
     model_name: str
     spec: EncoderSpec
-    encoder: ImageEncoder
+    encoder: MediaEncoder
 
 
-def load_encoders(preset: Preset, settings: Settings) -> list[BoundEncoder]:
-    """Load every modality's encoder of the preset (checkpoints must exist)."""
+def _shared_key(spec: EncoderSpec) -> str:
+    """Specs with equal keys can share one loaded backbone (they differ in sampling/serving only)."""
+    return spec.model_dump_json(exclude={"sampling", "max_batch_size", "batch_delay_us", "triton_model"})
+
+
+def load_encoders(
+    preset: Preset, settings: Settings, *, device: str | None = None, decode_workers: int | None = None
+) -> list[BoundEncoder]:
+    """Load every modality's encoder of the preset (checkpoints must exist).
+
+    Modalities whose encoder specs are equal apart from sampling and serving options share
+    one backbone, built with the towers all of them need.
+    """
+    from services.encoders.backbones import build_backbone
+
+    limits = EncoderLimits.from_settings(settings)
+    groups: dict[str, list[str]] = {}
+    for modality, mspec in preset.modalities.items():
+        groups.setdefault(_shared_key(mspec.encoder), []).append(modality)
+    backbones = {}
+    for key, modalities in groups.items():
+        spec = preset.modalities[modalities[0]].encoder  # type: ignore[index]
+        backbones[key] = build_backbone(spec, modalities=modalities, device=device)
     bound = []
     for modality, mspec in preset.modalities.items():
-        encoder = ImageEncoder.from_spec(mspec.encoder, max_pixels=settings.image_max_pixels)
+        encoder = MediaEncoder.from_spec(
+            modality,
+            mspec.encoder,
+            limits=limits,
+            backbone=backbones[_shared_key(mspec.encoder)],
+            decode_workers=decode_workers,
+        )
         bound.append(BoundEncoder(modality, preset.triton_model(modality), mspec.encoder, encoder))
     return bound
 
@@ -67,13 +101,38 @@ def _items(media: np.ndarray) -> list[bytes]:
     return [bytes(x) for x in media.reshape(-1)]
 
 
-def make_infer_fn(encoder: ImageEncoder, *, model_name: str) -> InferFn:
+def _response(
+    results: list[Any], *, rows_per_frame: int, dim: int, empty_frames: int, model_name: str
+) -> dict[str, np.ndarray]:
+    """One request's outputs: its items padded to the longest (zero rows, NaN times)."""
+    frames = max((r.frames for r in results if not isinstance(r, ModalmeshError)), default=empty_frames)
+    n = len(results)
+    features = np.zeros((n, frames * rows_per_frame, dim), dtype=np.float32)  # (n, rows, D)
+    times = np.zeros((n, frames), dtype=np.float32)  # (n, frames)
+    errors = np.empty((n, 1), dtype=object)  # (n, 1) BYTES
+    for k, result in enumerate(results):
+        if isinstance(result, ModalmeshError):
+            errors[k, 0] = result.message.encode()
+            logger.info("%s: item %d refused: %s", model_name, k, result.message)
+            continue
+        errors[k, 0] = b""
+        features[k, : len(result.features)] = result.features
+        times[k, : result.frames] = result.times
+        times[k, result.frames :] = np.nan
+    return {FEATURES_OUTPUT: features, TIMES_OUTPUT: times, ERROR_OUTPUT: errors}
+
+
+def make_infer_fn(encoder: MediaEncoder, *, model_name: str) -> InferFn:
     """The inference callable of one model, over PyTriton's raw list of requests.
 
-    All requests' items are encoded in one `encoder.encode` call (one forward pass), then split
-    back per request. A request may carry several items along its batch dimension.
+    All requests' items are encoded in one `encoder.encode` call (one pass through the
+    backbone), then split back per request. A request may carry several items along its
+    batch dimension; each request gets its own shapes.
     """
-    tokens, dim = encoder.tokens, encoder.dim
+    rows_per_frame = encoder.tokens_per_frame if not encoder.backbone.joint_embedding else 1
+    sampling = encoder.spec.sampling
+    fixed = sampling.frames_per_item(encoder.modality) if sampling is not None else None
+    empty_frames = 1 if encoder.backbone.joint_embedding else (fixed or 1)
 
     def infer(requests: list[Any]) -> list[dict[str, np.ndarray]]:
         per_request = [_items(request[MEDIA_INPUT]) for request in requests]
@@ -85,20 +144,19 @@ def make_infer_fn(encoder: ImageEncoder, *, model_name: str) -> InferFn:
         offset = 0
         for request, items in zip(requests, per_request, strict=True):
             n = len(items)
-            features = np.zeros((n, tokens, dim), dtype=np.float32)  # (n, T, D)
-            errors = np.empty((n, 1), dtype=object)  # (n, 1) BYTES
             with bound_request_id(_request_id(request)):
-                for k, result in enumerate(results[offset : offset + n]):
-                    if isinstance(result, ModalmeshError):
-                        errors[k, 0] = result.message.encode()
-                        logger.info("%s: item %d refused: %s", model_name, k, result.message)
-                    else:
-                        features[k] = result
-                        errors[k, 0] = b""
+                responses.append(
+                    _response(
+                        results[offset : offset + n],
+                        rows_per_frame=rows_per_frame,
+                        dim=encoder.dim,
+                        empty_frames=empty_frames,
+                        model_name=model_name,
+                    )
+                )
                 logger.info(
                     "%s: encoded %d item(s) in a batch of %d (%.1f ms)", model_name, n, len(flat), elapsed_ms
                 )
-            responses.append({FEATURES_OUTPUT: features, ERROR_OUTPUT: errors})
             offset += n
         return responses
 
@@ -142,7 +200,8 @@ def bind_encoder(triton: Any, bound: BoundEncoder) -> None:
         infer_func=make_infer_fn(bound.encoder, model_name=bound.model_name),
         inputs=[Tensor(name=MEDIA_INPUT, dtype=bytes, shape=(1,))],
         outputs=[
-            Tensor(name=FEATURES_OUTPUT, dtype=np.float32, shape=(bound.spec.tokens, bound.spec.dim)),
+            Tensor(name=FEATURES_OUTPUT, dtype=np.float32, shape=(-1, bound.spec.dim)),
+            Tensor(name=TIMES_OUTPUT, dtype=np.float32, shape=(-1,)),
             Tensor(name=ERROR_OUTPUT, dtype=bytes, shape=(1,)),
         ],
         config=ModelConfig(

@@ -102,7 +102,7 @@ def test_preset_shape_mismatch_fails_at_load(spec: EncoderSpec) -> None:
     wrong = spec.model_copy(update={"tokens": 17})
     with pytest.raises(
         InvalidArgumentError,
-        match="expects 17 tokens of width 64, the backbone returns 16 tokens of width 64",
+        match="expects 17 tokens of width 64 per frame, the backbone returns 16 tokens of width 64",
     ):
         build_backbone(wrong)
     cls = spec.model_copy(update={"select_feature": "cls_patch"})
@@ -125,6 +125,8 @@ def test_missing_checkpoint(spec: EncoderSpec, tmp_path: Path) -> None:
 
 def test_unknown_backbone_names_the_known_ones(spec: EncoderSpec) -> None:
     bogus = EncoderSpec.model_construct(**{**spec.model_dump(), "backbone": "nope"})
-    with pytest.raises(InvalidArgumentError, match=r"expected one of \['clip_vision'\], got 'nope'"):
+    with pytest.raises(
+        InvalidArgumentError, match=r"expected one of \['clip_vision', 'eva_vit', 'imagebind'\], got 'nope'"
+    ):
         build_backbone(bogus)
-    assert set(BACKBONES) == {"clip_vision"}
+    assert set(BACKBONES) == {"clip_vision", "eva_vit", "imagebind"}

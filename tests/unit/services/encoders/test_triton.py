@@ -12,15 +12,23 @@ import pytest
 from pytriton.proxy.types import Request
 
 from services.common.log import JsonFormatter
+from services.common.settings import Settings
 from services.encoders.__main__ import ensure_libpython_on_path, parse_args, settings_from
-from services.encoders.model import ImageEncoder
-from services.encoders.triton import make_infer_fn, triton_config
-from tests.helpers.media import png_bytes
+from services.encoders.media import MediaEncoder
+from services.encoders.triton import load_encoders, make_infer_fn, triton_config
+from tests.helpers.media import make_video, png_bytes
 
 
 @pytest.fixture(scope="module")
-def encoder(tiny_preset) -> Iterator[ImageEncoder]:
-    enc = ImageEncoder.from_spec(tiny_preset.modalities["image"].encoder, max_pixels=10**6)
+def encoder(tiny_preset) -> Iterator[MediaEncoder]:
+    enc = MediaEncoder.from_spec("image", tiny_preset.modalities["image"].encoder, device="cpu")
+    yield enc
+    enc.close()
+
+
+@pytest.fixture(scope="module")
+def fps_video(twins) -> Iterator[MediaEncoder]:
+    enc = MediaEncoder.from_spec("video", twins["tiny-etchat"].modalities["video"].encoder, device="cpu")
     yield enc
     enc.close()
 
@@ -30,11 +38,12 @@ def _request(items: list[bytes], request_id: str | None = None) -> Request:
     return Request(data={"media": media}, parameters={"x-request-id": request_id} if request_id else {})
 
 
-def test_splits_a_batch_of_multi_item_requests(encoder: ImageEncoder) -> None:
+def test_splits_a_batch_of_multi_item_requests(encoder: MediaEncoder) -> None:
     infer = make_infer_fn(encoder, model_name="m")
     good = [png_bytes(seed=i) for i in range(3)]
     responses = infer([_request([good[0], b"bad"]), _request([good[1]]), _request([b"", good[2]])])
     assert [r["features"].shape for r in responses] == [(2, 16, 64), (1, 16, 64), (2, 16, 64)]
+    assert [r["times"].tolist() for r in responses] == [[[0.0], [0.0]], [[0.0]], [[0.0], [0.0]]]
     errors = [[bytes(e) for e in r["error"].reshape(-1)] for r in responses]
     assert errors[0][0] == b"" and errors[0][1].startswith(b"not an image")
     assert errors[1] == [b""]
@@ -42,11 +51,42 @@ def test_splits_a_batch_of_multi_item_requests(encoder: ImageEncoder) -> None:
     for r in responses:
         assert r["features"].dtype == np.float32 and r["features"].flags.c_contiguous
         assert r["error"].shape == (len(r["features"]), 1)
-    singles = encoder.encode(good)
+    singles = [r.features for r in encoder.encode(good)]  # type: ignore[union-attr]
     np.testing.assert_allclose(responses[0]["features"][0], singles[0], atol=1e-5)
     np.testing.assert_allclose(responses[1]["features"][0], singles[1], atol=1e-5)
     np.testing.assert_allclose(responses[2]["features"][1], singles[2], atol=1e-5)
     assert not responses[0]["features"][1].any() and not responses[2]["features"][0].any()
+
+
+def test_variable_frame_counts_per_request_and_padding(fps_video: MediaEncoder) -> None:
+    """fps sampling: each request gets its own row count; items of one request are padded."""
+    infer = make_infer_fn(fps_video, model_name="video_eva_vit")
+    short, long = make_video(8, 4), make_video(24, 4)  # 2 s -> 2 frames, 6 s -> 6 frames at 1 fps
+    one, two, both = infer([_request([short]), _request([long]), _request([short, long, b"x"])])
+    assert one["features"].shape == (1, 2 * 4, 32) and one["times"].tolist() == [[0.0, 1.0]]
+    assert two["features"].shape == (1, 6 * 4, 32) and two["times"].shape == (1, 6)
+    assert both["features"].shape == (3, 6 * 4, 32) and both["times"].shape == (3, 6)
+    assert np.isnan(both["times"][0, 2:]).all() and both["times"][0, :2].tolist() == [0.0, 1.0]
+    assert not both["features"][0, 8:].any() and not both["features"][2].any()
+    np.testing.assert_allclose(both["features"][0, :8], one["features"][0], atol=1e-5)
+    np.testing.assert_allclose(both["features"][1], two["features"][0], atol=1e-5)
+    assert bytes(both["error"][2, 0]).startswith(b"not a video")
+
+
+def test_load_encoders_shares_one_imagebind_across_modalities(twins) -> None:
+    bound = load_encoders(twins["tiny-pandagpt"], Settings(), device="cpu", decode_workers=1)
+    try:
+        assert [(b.modality, b.model_name) for b in bound] == [
+            ("image", "image_imagebind"),
+            ("video", "video_imagebind"),
+            ("audio", "audio_imagebind"),
+        ]
+        backbones = {id(b.encoder.backbone) for b in bound}
+        assert len(backbones) == 1
+        assert bound[0].encoder.backbone.towers == ("vision", "audio")  # type: ignore[attr-defined]
+    finally:
+        for b in bound:
+            b.encoder.close()
 
 
 class _Lines(logging.Handler):
