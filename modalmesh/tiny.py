@@ -1,10 +1,15 @@
-"""The `tiny` preset's generator: small random-weight models written deterministically.
+"""The generator of the built-in tiny presets: small random-weight models written deterministically.
 
-It writes, under the paths the preset names, a CLIP-style vision tower (transformers
-`CLIPVisionModel` + `preprocessor_config.json`), a Llama (`LlamaForCausalLM`) with a byte-level
-BPE tokenizer trained here with `tokenizers` on a generated corpus, and an initial adapter
-bundle holding the connector. Everything comes from fixed seeds, so two runs write the same
-bytes; serving loads these folders through the same code that loads real checkpoints.
+For `tiny` and every seed system's tiny twin (`tiny-pandagpt`, `tiny-videochat`, ...) it
+writes, under the paths the preset names: each encoder backbone (CLIP vision tower, EVA-ViT,
+ImageBind towers; `services.encoders.tiny_weights`), each connector's frozen base weights and
+text tokenizer where it has them (Q-Formers; `services.llm.tiny_weights`), the LLM (a Llama
+or a Phi-3) with a byte-level BPE tokenizer trained here with `tokenizers` on a generated
+corpus, holding the preset's placeholders and added tokens, and an initial adapter bundle
+holding the connectors. The sizes come from the preset (`encoder.config`, `connector.qformer`),
+so a twin is built by the same builders as its real preset. Everything comes from fixed seeds,
+so two runs write the same bytes; serving loads these folders through the same code that
+loads real checkpoints.
 """
 
 from __future__ import annotations
@@ -28,10 +33,12 @@ logger = logging.getLogger(__name__)
 SEED = 1234
 # Bumped whenever the generator writes different models; a cache written by another version
 # is regenerated (adapters trained on the old base then no longer match its fingerprint).
-GENERATOR_VERSION = "2"  # 2: LLM initializer_range 0.1
+GENERATOR_VERSION = "3"  # 2: LLM initializer_range 0.1; 3: every modality, phi3, twins
 VERSION_FILE = ".generator-version"
 VOCAB_SIZE = 512
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
+# Phi-3's chat markers (its template's role and end-of-turn strings are single tokens there).
+PHI3_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 
 # Tiny sizes (CONVENTIONS: 2-4 layers, width 32-128, images 28-64 px).
 VISION: dict[str, Any] = {
@@ -81,7 +88,10 @@ def _corpus(rng: random.Random, n: int = 3000) -> Iterator[str]:
 
 
 def build_tokenizer(placeholders: list[str]):  # -> PreTrainedTokenizerFast
-    """A byte-level BPE tokenizer trained on the generated corpus, with Llama-style specials."""
+    """A byte-level BPE tokenizer trained on the generated corpus, with Llama-style specials.
+
+    `placeholders` (media placeholders, added tokens, chat markers) become single special tokens.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -129,42 +139,27 @@ def _write_vision(path: Path, spec_tokens: int, spec_dim: int, select_feature: s
     ).save_pretrained(path)
 
 
-def _write_llm(path: Path, placeholders: list[str], max_context: int) -> int:
-    import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+def _write_llm(path: Path, preset: Preset) -> int:
+    from services.llm.tiny_weights import write_tiny_lm
 
-    tokenizer = build_tokenizer(placeholders)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-        **(LLM | {"max_position_embeddings": max(max_context, 64)}),
+    phi3 = preset.llm.architecture == "phi3"
+    tokens = _llm_tokens(preset) + [t for t in PHI3_TOKENS if phi3 and t not in _llm_tokens(preset)]
+    return write_tiny_lm(
+        path,
+        build_tokenizer(tokens),
+        architecture=preset.llm.architecture,
+        sizes=LLM,
+        max_context=preset.llm.max_context_tokens,
+        seed=SEED + 1,
+        eos_tokens=["<|end|>"] if phi3 else [],
     )
-    torch.manual_seed(SEED + 1)
-    model = LlamaForCausalLM(config)
-    model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return config.hidden_size
 
 
 def _write_adapter(preset: Preset, path: Path, llm_dir: Path, llm_dim: int) -> None:
-    import torch
-
     from services.llm.adapters import base_fingerprint, write_bundle
-    from services.llm.connectors import build_connector
+    from services.llm.tiny_weights import initial_connectors
 
-    torch.manual_seed(SEED + 2)
-    connectors: dict[str, dict[str, torch.Tensor]] = {
-        modality: build_connector(spec.connector.type, in_dim=spec.encoder.dim, out_dim=llm_dim).state_dict()
-        for modality, spec in preset.modalities.items()
-    }
+    connectors = initial_connectors(preset, llm_dim, seed=SEED + 2)
     write_bundle(
         path,
         name=preset.adapter.name,
@@ -176,12 +171,46 @@ def _write_adapter(preset: Preset, path: Path, llm_dir: Path, llm_dim: int) -> N
     )
 
 
+def _write_media_parts(preset: Preset, tmp: Path) -> None:
+    """Each distinct backbone checkpoint, connector base and Q-Former tokenizer, written once."""
+    from services.encoders.tiny_weights import write_tiny_backbone
+    from services.llm.tiny_weights import write_tiny_connector_base, write_tiny_qformer_tokenizer
+
+    done: set[Path] = set()
+    for i, (modality, spec) in enumerate(preset.modalities.items()):
+        enc, conn = spec.encoder, spec.connector
+        if enc.checkpoint not in done:
+            done.add(enc.checkpoint)
+            if enc.backbone == "clip_vision" and not enc.config:
+                _write_vision(tmp / f"enc-{i}", enc.tokens, enc.dim, enc.select_feature)
+            else:
+                write_tiny_backbone(enc, tmp / f"enc-{i}", seed=SEED + 10 + i)
+            _publish(tmp / f"enc-{i}", enc.checkpoint)
+        if conn.tokenizer is not None and conn.tokenizer not in done:
+            done.add(conn.tokenizer)
+            assert conn.qformer is not None  # the schema requires it with a tokenizer
+            write_tiny_qformer_tokenizer(tmp / f"tok-{i}", conn.qformer.vocab_size)
+            _publish(tmp / f"tok-{i}", conn.tokenizer)
+        if conn.base is not None and conn.base not in done:
+            done.add(conn.base)
+            (tmp / f"base-{i}").mkdir()
+            write_tiny_connector_base(conn, enc, tmp / f"base-{i}" / conn.base.name, seed=SEED + 20 + i)
+            conn.base.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp / f"base-{i}" / conn.base.name, conn.base)
+        logger.debug("tiny %s: %s parts written", preset.name, modality)
+
+
 def _targets(preset: Preset) -> list[Path]:
-    return [
-        preset.llm.checkpoint,
-        preset.adapter.path,
-        *(m.encoder.checkpoint for m in preset.modalities.values()),
-    ]
+    out = [preset.llm.checkpoint, preset.adapter.path]
+    for spec in preset.modalities.values():
+        out += [spec.encoder.checkpoint, *(p for p in (spec.connector.base, spec.connector.tokenizer) if p)]
+    return out
+
+
+def _llm_tokens(preset: Preset) -> list[str]:
+    """The single tokens the tiny tokenizer must hold: placeholders, then added tokens."""
+    tokens = [m.placeholder for m in preset.modalities.values()] + list(preset.llm.added_tokens)
+    return list(dict.fromkeys(tokens))
 
 
 def is_generated(preset: Preset) -> bool:
@@ -189,7 +218,7 @@ def is_generated(preset: Preset) -> bool:
     written by this version of the generator."""
     marker = preset.llm.checkpoint.parent / VERSION_FILE
     current = marker.is_file() and marker.read_text().strip() == GENERATOR_VERSION
-    return current and all(p.is_dir() for p in _targets(preset))
+    return current and all(p.exists() for p in _targets(preset))
 
 
 @contextlib.contextmanager
@@ -229,14 +258,10 @@ def generate(preset: Preset, *, force: bool = False) -> bool:
         if not force and is_generated(preset):
             return False
         logger.info("generating tiny preset %s under %s", preset.name, anchor)
-        placeholders = [m.placeholder for m in preset.modalities.values()]
         with tempfile.TemporaryDirectory(dir=anchor, prefix=".tmp-") as tmp_root:
             tmp = Path(tmp_root)
-            for modality, spec in preset.modalities.items():
-                enc = spec.encoder
-                _write_vision(tmp / modality, enc.tokens, enc.dim, enc.select_feature)
-                _publish(tmp / modality, enc.checkpoint)
-            llm_dim = _write_llm(tmp / "llm", placeholders, preset.llm.max_context_tokens)
+            _write_media_parts(preset, tmp)
+            llm_dim = _write_llm(tmp / "llm", preset)
             _publish(tmp / "llm", preset.llm.checkpoint)
             _write_adapter(preset, tmp / "adapter" / preset.adapter.path.name, preset.llm.checkpoint, llm_dim)
             _publish(tmp / "adapter" / preset.adapter.path.name, preset.adapter.path)

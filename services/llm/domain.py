@@ -47,10 +47,17 @@ class Turn:
 
 @dataclass(frozen=True)
 class MediaItem:
-    """Encoder output for one media item, before the connector."""
+    """Encoder output for one media item, before the connector.
+
+    Attributes:
+        modality: "image", "video", "audio" or "event".
+        features: (frames * tokens_per_frame, dim), frame-major, as the encoder returned it.
+        times: Seconds of each frame in the source (one per frame), or () when unknown.
+    """
 
     modality: str
-    features: torch.Tensor = field(repr=False)  # (tokens, dim)
+    features: torch.Tensor = field(repr=False)  # (frames * tokens_per_frame, dim)
+    times: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -94,6 +101,23 @@ class Usage:
 
 
 @dataclass(frozen=True)
+class Timestamp:
+    """A time the model referred to (E.T. Chat's `<vid>`), matched to a frame of a media item.
+
+    Attributes:
+        media_index: The item, an index into `GenerationRequest.media`.
+        frame: The frame within that item.
+        seconds: The frame's time in the source.
+        char_offset: Where the time was written in the whole reply's text.
+    """
+
+    media_index: int
+    frame: int
+    seconds: float
+    char_offset: int
+
+
+@dataclass(frozen=True)
 class GenerationEvent:
     """One streamed piece of a generation.
 
@@ -104,6 +128,7 @@ class GenerationEvent:
         finish_reason: Set on the last event only.
         usage: Set on the last event only.
         stop_reason: The stop string that ended generation (last event only).
+        timestamps: Times matched for the time tokens whose text is in this event.
     """
 
     text: str = ""
@@ -112,17 +137,31 @@ class GenerationEvent:
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
     stop_reason: str | None = None
+    timestamps: tuple[Timestamp, ...] = ()
 
 
 @dataclass(frozen=True)
 class ModalityInfo:
-    """What the service expects of one modality's media items."""
+    """What the service expects of one modality's media items.
+
+    Attributes:
+        modality: The modality.
+        max_per_prompt: Most items of it in one request.
+        feature_tokens: Feature rows per frame (taps included).
+        feature_dim: Feature width.
+        llm_tokens: LLM tokens per item at its fixed frame count (else at max_frames, else 1
+            frame); with media_combine sum, the items of one turn share one token.
+        frames: The fixed frame count of every item, or None where it varies.
+        max_frames: The most frames where it varies (None: no limit).
+    """
 
     modality: str
     max_per_prompt: int
     feature_tokens: int
     feature_dim: int
     llm_tokens: int
+    frames: int | None = 1
+    max_frames: int | None = None
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import contextvars
 import logging
 import threading
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -45,9 +45,9 @@ from services.llm.domain import (
     Usage,
 )
 from services.llm.loading import LoadedModel, load_model
-from services.llm.prompt import MediaSlot, Prompt
+from services.llm.prompt import MediaSlot, Prompt, combine_turn_media
 from services.llm.sampling import Sampler, SamplingParams
-from services.llm.templates import get_template
+from services.llm.templates import check_roles, get_template, turn_text
 
 logger = logging.getLogger(__name__)
 
@@ -63,12 +63,27 @@ class PreparedRequest:
     version: AdapterVersion  # resolved when prepared; kept to the end
     budget: int  # tokens it may generate: max_tokens capped by the context left
     stop: tuple[str, ...] = ()  # the request's stop strings, then the template's end-of-turn ones
+    instructions: tuple[str, ...] = ()  # per media item, the text of the user turn holding it
     cancel: threading.Event = field(default_factory=threading.Event)
 
     @property
     def adapter(self) -> str:
         """ "name@version" serving this request."""
         return self.version.ref
+
+
+def media_instructions(turns: Sequence[Turn], count: int) -> tuple[str, ...]:
+    """Per media item, the text parts of the user turn that holds it ("" if none does).
+
+    That is what an instruction-aware connector reads (E.T. Chat's Q-Former gets the user's
+    query with the image placeholder removed).
+    """
+    out = [""] * count
+    for turn in turns:
+        for part in turn.parts:
+            if isinstance(part, MediaPart) and 0 <= part.index < count:
+                out[part.index] = turn_text(turn).strip()
+    return tuple(out)
 
 
 class _Stream:
@@ -161,9 +176,11 @@ class Engine:
             ModalityInfo(
                 modality=m,
                 max_per_prompt=s.max_per_prompt,
-                feature_tokens=s.encoder.tokens,
+                feature_tokens=model.layouts[m].tokens_per_frame,
                 feature_dim=s.encoder.dim,
-                llm_tokens=model.llm_tokens(m, s.encoder.tokens),
+                llm_tokens=model.llm_tokens(m, model.layouts[m].typical_frames),
+                frames=model.layouts[m].frames,
+                max_frames=model.layouts[m].max_frames,
             )
             for m, s in preset.modalities.items()
         )
@@ -198,13 +215,27 @@ class Engine:
         """
         if version is None:
             version = self.adapters.resolve(request.adapter)
-        self.loaded.model.check_media(request.media)
-        segments = self.template.render(request.turns, media_modalities=[m.modality for m in request.media])
-        slots = [MediaSlot(m.modality, int(m.features.shape[0])) for m in request.media]
+        model, media = self.loaded.model, request.media
+        model.check_media(media)
+        check_roles(request.turns)
+        turns, combined = request.turns, dict[int, int]()
+        if self.loaded.preset.media_combine == "sum":
+            turns, combined = combine_turn_media(request.turns)
+        segments = self.template.render(
+            turns, media_modalities=[m.modality for m in media], media_times=[m.times for m in media]
+        )
+        slots = [MediaSlot(m.modality, model.frames(m), combined.get(i)) for i, m in enumerate(media)]
         prompt = self.loaded.prompt_builder.build(segments, slots)
         budget = min(request.sampling.max_tokens, self.loaded.max_context_tokens - len(prompt.input_ids))
         stop = tuple(dict.fromkeys((*request.sampling.stop, *self.template.stop)))
-        return PreparedRequest(request=request, prompt=prompt, version=version, budget=budget, stop=stop)
+        return PreparedRequest(
+            request=request,
+            prompt=prompt,
+            version=version,
+            budget=budget,
+            stop=stop,
+            instructions=media_instructions(request.turns, len(media)),
+        )
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
         """Stream the events of one generation.
@@ -280,7 +311,7 @@ class Engine:
         adapters.run_pending()
         connectors = adapters.select(job.version)
         embeds = model.embed(
-            job.prompt.input_ids, job.prompt.media_spans, job.request.media, connectors
+            job.prompt.input_ids, job.prompt.media_spans, job.request.media, connectors, job.instructions
         )  # (1, L, D)
         out = lm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1)
         first = time.perf_counter()
@@ -312,11 +343,15 @@ class Engine:
         )
 
     async def warmup(self) -> None:
-        """Run a two-token generation with a dummy (zero) item of every modality."""
-        media = [
-            MediaItem(m, torch.zeros(s.encoder.tokens, s.encoder.dim))
-            for m, s in self.loaded.preset.modalities.items()
-        ]
+        """Run a two-token generation with a dummy (zero) item of every modality.
+
+        Each item has the modality's fixed frame count, or one frame where it varies.
+        """
+        media = []
+        for m, layout in self.loaded.model.layouts.items():
+            frames = layout.frames or 1
+            features = torch.zeros(frames * layout.tokens_per_frame, layout.dim)
+            media.append(MediaItem(m, features, tuple(float(i) for i in range(frames))))
         parts: list[Part] = [*(MediaPart(i) for i in range(len(media))), TextPart("Hello")]
         request = GenerationRequest(
             turns=[Turn("user", parts)],

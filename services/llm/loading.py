@@ -1,9 +1,11 @@
 """Loading what a preset names: tokenizer, causal LM, adapter bundle, connectors.
 
 This is the one path for every checkpoint: the tiny preset's generated folders load exactly as
-a real Hugging Face Llama/Vicuna folder would. The LM is put in eval mode and frozen here,
-and nowhere else. A bundle whose connector weights do not fit the preset is refused, naming
-the key and the expected vs. found shapes.
+a real Hugging Face Llama/Vicuna/Phi-3 folder would. The LM is put in eval mode and frozen
+here, and nowhere else. A bundle whose connector weights do not fit the preset is refused,
+naming the key and the expected vs. found shapes. Connectors are keyed by connector name
+(modalities may share one); the Q-Former types load their frozen part from `connector.base`
+and the bundle's tensors over it.
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from services.common.errors import FailedPreconditionError
-from services.common.presets import Preset
+from services.common.presets import ConnectorSpec, Preset
 from services.llm.adapters import Bundle, base_fingerprint, load_bundle
-from services.llm.connectors import Connector, build_connector
-from services.llm.model import MultimodalLM
+from services.llm.connectors import Connector, connector_from_spec
+from services.llm.model import FeatureLayout, MultimodalLM
 from services.llm.prompt import ModalitySlots, PromptBuilder, placeholder_token_id
 
 logger = logging.getLogger(__name__)
@@ -60,30 +64,75 @@ def load_connectors(
     *,
     llm_dim: int,
     dtype: torch.dtype,
+    freeze_base: bool = True,
 ) -> dict[str, Connector]:
-    """Build each modality's connector and load its weights strictly.
+    """Build each connector of the preset and load its weights strictly.
+
+    A connector's state is its frozen base (`connector.base`, the pretrained Q-Former parts)
+    overlaid with the bundle's tensors for it; together they must give every parameter of the
+    module, each with its shape. Modalities that name the same connector share one module.
 
     Args:
-        preset: Names the connector type and encoder width per modality.
-        weights: Per modality, the connector's state dict (from the bundle).
+        preset: Names the connector type, name and encoder per modality.
+        weights: Per connector name, the bundle's tensors for it (a name containing "." may
+            arrive split at its first ".": keys are matched on the joined name).
         llm_dim: The LM's hidden size.
         dtype: The dtype to serve the connectors in.
+        freeze_base: Q-Former types: build with the pretrained part frozen.
+
+    Returns:
+        Per connector name, the connector (eval mode, no gradients).
 
     Raises:
-        FailedPreconditionError: A modality has no weights, or a key is missing, unexpected,
-            or of the wrong shape.
+        FailedPreconditionError: The bundle has no tensors for a connector, a key is missing,
+            unexpected or of the wrong shape, the base file is missing or does not fit, or
+            the bundle holds a connector the preset does not have.
     """
+    flat = {f"{name}.{key}": t for name, sd in weights.items() for key, t in sd.items()}
+    specs = {name: m for m, name in reversed(preset.connector_names().items())}  # name -> first modality
+    unknown = sorted({k for k in flat if not any(k.startswith(f"{n}.") for n in specs)})
+    if unknown:
+        raise FailedPreconditionError(
+            f"adapter bundle: {unknown[0]!r} is no connector of preset {preset.name}; it has {sorted(specs)}"
+        )
     connectors: dict[str, Connector] = {}
-    for modality, spec in preset.modalities.items():
-        connector = build_connector(spec.connector.type, in_dim=spec.encoder.dim, out_dim=llm_dim)
-        if modality not in weights:
+    for name, modality in sorted(specs.items()):
+        spec = preset.modalities[modality]  # type: ignore[index]
+        connector = connector_from_spec(spec.connector, spec.encoder, llm_dim, freeze_base=freeze_base)
+        trained = {k[len(name) + 1 :]: t for k, t in flat.items() if k.startswith(f"{name}.")}
+        if not trained:
             raise FailedPreconditionError(
-                f"adapter bundle: no connector weights for {modality!r}; it has {sorted(weights)}"
+                f"adapter bundle: no connector weights for {name!r}; it has {sorted(weights)}"
             )
-        _check_state_dict(f"{modality} connector", connector.state_dict(), weights[modality])
-        connector.load_state_dict(dict(weights[modality]), strict=True)
-        connectors[modality] = connector.to(dtype=dtype).eval().requires_grad_(False)
+        state = {**_base_state(name, spec.connector, connector), **trained}
+        _check_state_dict(f"{name} connector", connector.state_dict(), state)
+        connector.load_state_dict(state, strict=True)
+        connectors[name] = connector.to(dtype=dtype).eval().requires_grad_(False)
     return connectors
+
+
+def _base_state(name: str, spec: ConnectorSpec, connector: Connector) -> dict[str, torch.Tensor]:
+    """The frozen tensors of `spec.base`, checked to be keys of the connector's base part."""
+    if spec.base is None:
+        return {}
+    if not spec.base.is_file():
+        raise FailedPreconditionError(f"{name} connector: its base file {spec.base} does not exist")
+    try:
+        base = load_file(str(spec.base))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise FailedPreconditionError(
+            f"{name} connector: base {spec.base} is not a valid safetensors file: {e}"
+        ) from None
+    expected = connector.state_dict()
+    for key, tensor in base.items():
+        if key not in expected:
+            raise FailedPreconditionError(f"{name} connector base {spec.base}: unexpected key {key!r}")
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise FailedPreconditionError(
+                f"{name} connector base {spec.base}: {key}: expected shape {tuple(expected[key].shape)}, "
+                f"got {tuple(tensor.shape)}"
+            )
+    return base
 
 
 def _check_state_dict(
@@ -100,6 +149,21 @@ def _check_state_dict(
             raise FailedPreconditionError(
                 f"adapter bundle: {what}: {key}: expected shape {tuple(tensor.shape)}, "
                 f"got {tuple(got[key].shape)}"
+            )
+
+
+def check_added_tokens(preset: Preset, tokenizer: Any) -> None:
+    """Each of `llm.added_tokens` must be one token of the LLM's tokenizer.
+
+    Raises:
+        FailedPreconditionError: Naming the first token that is not, and what it became.
+    """
+    for token in preset.llm.added_tokens:
+        ids = tokenizer(token, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1 or tokenizer.convert_ids_to_tokens(ids[0]) != token:
+            raise FailedPreconditionError(
+                f"preset {preset.name}: llm.added_tokens {token!r}: expected one token of the tokenizer of "
+                f"{preset.llm.checkpoint}, got {len(ids)} id(s) {ids}"
             )
 
 
@@ -128,14 +192,13 @@ def load_model(preset: Preset) -> LoadedModel:
     checkpoint = preset.llm.checkpoint
     dtype = DTYPES[preset.llm.dtype]
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    check_added_tokens(preset, tokenizer)
     lm = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype)
     lm.eval().requires_grad_(False)
     bundle = load_bundle(preset.adapter.path, expected_fingerprint=base_fingerprint(checkpoint))
     connectors = load_connectors(preset, bundle.connectors, llm_dim=lm.config.hidden_size, dtype=dtype)
-    feature_shapes: dict[str, tuple[int, int]] = {
-        m: (s.encoder.tokens, s.encoder.dim) for m, s in preset.modalities.items()
-    }
-    model = MultimodalLM(lm, connectors, feature_shapes).eval()
+    layouts = {m: FeatureLayout.from_spec(m, s) for m, s in preset.modalities.items()}
+    model = MultimodalLM(lm, connectors, layouts).eval()
     max_context = preset.llm.max_context_tokens
     positions = getattr(lm.config, "max_position_embeddings", None)
     if positions is not None and positions < max_context:
@@ -148,7 +211,7 @@ def load_model(preset: Preset) -> LoadedModel:
             placeholder=s.placeholder,
             placeholder_id=placeholder_token_id(tokenizer, s.placeholder),
             max_per_prompt=s.max_per_prompt,
-            num_tokens=connectors[m].num_tokens,
+            num_tokens=model.connector(m).num_tokens,
         )
         for m, s in preset.modalities.items()
     }

@@ -5,6 +5,10 @@ many placeholder ids as its connector emits LLM tokens, and the returned span pe
 the model where to scatter that item's features. BOS is written once, at the start; each text
 segment is tokenized without special tokens added, so a "</s>" written by the template maps to
 the EOS id (LLaVA's `tokenizer_image_token` keeps only the first chunk's BOS likewise).
+
+`media_combine: sum` (PandaGPT): `combine_turn_media` leaves one media part per user turn (its
+first) and names, for each other item of the turn, the item whose span it shares; the
+builder gives them that span and the model sums their connector outputs there.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from services.common.errors import InvalidArgumentError
+from services.llm.domain import MediaPart, Turn
 from services.llm.templates import MediaRef, Segment
 
 logger = logging.getLogger(__name__)
@@ -28,7 +33,7 @@ class ModalitySlots:
         placeholder: The placeholder string of the preset, e.g. "<image>".
         placeholder_id: The id each of the item's positions holds (overwritten by features).
         max_per_prompt: Most items of this modality one prompt may hold.
-        num_tokens: Encoder tokens of an item -> LLM tokens after the connector.
+        num_tokens: Frames of an item -> LLM tokens after the connector.
     """
 
     placeholder: str
@@ -39,10 +44,17 @@ class ModalitySlots:
 
 @dataclass(frozen=True)
 class MediaSlot:
-    """One media item of a request as the prompt builder needs it."""
+    """One media item of a request as the prompt builder needs it.
+
+    Attributes:
+        modality: Its modality.
+        frames: Its frames (an image: 1).
+        combine_with: The item whose span it shares (media_combine sum), or None for its own.
+    """
 
     modality: str
-    encoder_tokens: int
+    frames: int
+    combine_with: int | None = None
 
 
 @dataclass(frozen=True)
@@ -51,7 +63,8 @@ class Prompt:
 
     Attributes:
         input_ids: Token ids, placeholders expanded.
-        media_spans: (start, length) in input_ids for each media item, in request order.
+        media_spans: (start, length) in input_ids for each media item, in request order;
+            items combined into one span (media_combine sum) have the same span.
     """
 
     input_ids: list[int]
@@ -60,7 +73,27 @@ class Prompt:
     @property
     def media_tokens(self) -> int:
         """Positions held by media placeholders."""
-        return sum(length for _, length in self.media_spans)
+        return sum(length for _, length in set(self.media_spans))
+
+
+def combine_turn_media(turns: Sequence[Turn]) -> tuple[list[Turn], dict[int, int]]:
+    """media_combine sum: keep each user turn's first media part, drop its others.
+
+    Returns:
+        The turns to render, and for each dropped item the item whose span it shares.
+    """
+    out: list[Turn] = []
+    combined: dict[int, int] = {}
+    for turn in turns:
+        media = [p.index for p in turn.parts if isinstance(p, MediaPart)]
+        if len(media) < 2:
+            out.append(turn)
+            continue
+        first = media[0]
+        combined.update({i: first for i in media[1:] if i != first})
+        parts = [p for p in turn.parts if not isinstance(p, MediaPart) or p.index == first]
+        out.append(Turn(turn.role, parts))
+    return out, combined
 
 
 def placeholder_token_id(tokenizer: Any, placeholder: str) -> int:
@@ -126,9 +159,10 @@ class PromptBuilder:
                 continue
             slot = self._check_ref(seg, media, spans)
             slots = self.modalities[slot.modality]
-            length = slots.num_tokens(slot.encoder_tokens)
+            length = slots.num_tokens(slot.frames)
             spans[seg.index] = (len(ids), length)
             ids += [slots.placeholder_id] * length
+        self._combine(media, spans)
         missing = [i for i, s in enumerate(spans) if s is None]
         if missing:
             raise InvalidArgumentError(
@@ -137,6 +171,27 @@ class PromptBuilder:
             )
         self._check_length(ids, spans)
         return Prompt(input_ids=ids, media_spans=[s for s in spans if s is not None])
+
+    def _combine(self, media: Sequence[MediaSlot], spans: list[tuple[int, int] | None]) -> None:
+        """Give each combined item the span of the item it joins (each must be one token)."""
+        for i, slot in enumerate(media):
+            j = slot.combine_with
+            if j is None:
+                continue
+            target = spans[j] if 0 <= j < len(spans) and media[j].combine_with is None else None
+            if target is None or spans[i] is not None:
+                raise InvalidArgumentError(
+                    f"media[{i}]: cannot be combined with media[{j}] (not a referenced item of the request)",
+                    param=f"media[{i}]",
+                )
+            own = self.modalities[slot.modality].num_tokens(slot.frames)
+            if own != target[1]:
+                raise InvalidArgumentError(
+                    f"media[{i}]: summing with media[{j}] needs the same token count, expected "
+                    f"{target[1]}, got {own}",
+                    param=f"media[{i}]",
+                )
+            spans[i] = target
 
     def _encode(self, texts: list[str]) -> list[list[int]]:
         if not texts:
@@ -187,7 +242,7 @@ class PromptBuilder:
     def _check_length(self, ids: list[int], spans: list[tuple[int, int] | None]) -> None:
         limit = self.max_context_tokens - 1
         if len(ids) > limit:
-            media_tokens = sum(s[1] for s in spans if s is not None)
+            media_tokens = sum(s[1] for s in set(spans) if s is not None)
             raise InvalidArgumentError(
                 f"prompt: {len(ids)} tokens ({media_tokens} of them for {len(spans)} media "
                 f"item(s)), at most {limit} allowed (context {self.max_context_tokens} tokens, "

@@ -72,7 +72,11 @@ def request_from_proto(msg: llm_pb2.GenerateRequest) -> GenerationRequest:
         for i, t in enumerate(msg.turns)
     ]
     media = [
-        MediaItem(m.modality, tensor_to_torch(m.features, what=f"media[{i}].features"))
+        MediaItem(
+            m.modality,
+            tensor_to_torch(m.features, what=f"media[{i}].features"),
+            tuple(float(t) for t in m.frame_times),
+        )
         for i, m in enumerate(msg.media)
     ]
     return GenerationRequest(
@@ -86,7 +90,16 @@ def request_from_proto(msg: llm_pb2.GenerateRequest) -> GenerationRequest:
 
 def chunk_from_event(event: GenerationEvent) -> llm_pb2.GenerateChunk:
     """A GenerateChunk from a domain event."""
-    chunk = llm_pb2.GenerateChunk(text=event.text, adapter=event.adapter or "")
+    chunk = llm_pb2.GenerateChunk(
+        text=event.text,
+        adapter=event.adapter or "",
+        timestamps=[
+            llm_pb2.Timestamp(
+                media_index=t.media_index, frame=t.frame, seconds=t.seconds, char_offset=t.char_offset
+            )
+            for t in event.timestamps
+        ],
+    )
     if event.finish_reason is not None:
         chunk.finish_reason = _FINISH[event.finish_reason]
         chunk.stop_reason = event.stop_reason or ""

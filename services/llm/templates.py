@@ -10,6 +10,9 @@ the template says otherwise) and a media part renders where it stands (vLLM's co
 first in the message, this gives LLaVA's own prompt. Templates of prefix-style systems
 (PandaGPT, NExT-GPT, VideoChat) also wrap each media part in text, e.g. "<Img>" + media +
 "</Img>"; the wrapper may depend on the item's modality, which `render` is then told.
+A template may also write a note after a media part from the item's frame times (VideoChat's
+"The video contains 8 frames sampled at 0.5, 1.6, ... seconds."), which `render` is told
+with `media_times`; an item whose times are unknown gets no note.
 
 Templates render what the released checkpoints saw at inference; training
 (`services.trainer._supervised`) renders the same text, so a model we train matches serving
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from services.common.errors import InvalidArgumentError, ModalmeshError
 from services.llm.domain import ROLES, MediaPart, TextPart, Turn
@@ -75,6 +79,9 @@ class Template:
             stop list (the reply ends before them). They end generation where the model's
             end-of-turn marker is text; a marker that is a special token of the checkpoint
             (e.g. Phi-3's "<|end|>", in its generation_config eos ids) already ends it as EOS.
+        frame_notes: Per modality, text written right after a media part of that modality
+            (after its wrapper) when the item's frame times are known; "{count}" is replaced
+            by the number of frames and "{times}" by the times rounded to 0.1 s, joined by ", ".
     """
 
     name: str
@@ -90,6 +97,7 @@ class Template:
     part_separator: str = PART_SEPARATOR
     media_wrappers: Mapping[str, tuple[str, str]] = field(default_factory=dict, hash=False)
     stop: tuple[str, ...] = ()
+    frame_notes: Mapping[str, str] = field(default_factory=dict, hash=False)
 
     def render(
         self,
@@ -97,6 +105,7 @@ class Template:
         *,
         add_generation_prompt: bool = True,
         media_modalities: Sequence[str] | None = None,
+        media_times: Sequence[Sequence[float]] | None = None,
     ) -> list[Segment]:
         """Render a conversation into segments.
 
@@ -106,6 +115,8 @@ class Template:
                 turn must then be the user's).
             media_modalities: The modality of each media item of the request, by index; needed
                 when the template wraps media per modality (see `needs_media_modalities`).
+            media_times: The frame times (seconds) of each media item, by index, for the
+                template's `frame_notes`; None or an empty entry: no note for that item.
 
         Returns:
             Text strings and media references in order; adjacent texts are merged.
@@ -121,7 +132,9 @@ class Template:
         out: list[Segment] = [self.system_text(system)]
         for i, turn in enumerate(turns):
             if turn.role == "user":
-                out += self.user_segments(turn, first=i == 0, media_modalities=media_modalities)
+                out += self.user_segments(
+                    turn, first=i == 0, media_modalities=media_modalities, media_times=media_times
+                )
             else:
                 out.append(self.assistant_prefix + turn_text(turn) + self.assistant_suffix)
         if add_generation_prompt:
@@ -144,7 +157,12 @@ class Template:
         return self.system_prefix + system + self.system_suffix if system else ""
 
     def user_segments(
-        self, turn: Turn, *, first: bool, media_modalities: Sequence[str] | None = None
+        self,
+        turn: Turn,
+        *,
+        first: bool,
+        media_modalities: Sequence[str] | None = None,
+        media_times: Sequence[Sequence[float]] | None = None,
     ) -> list[Segment]:
         """A user turn with its prefix and suffix, parts joined, media wrapped.
 
@@ -152,6 +170,7 @@ class Template:
             turn: The user turn.
             first: Whether it is the conversation's first user turn.
             media_modalities: As in `render`.
+            media_times: As in `render`.
         """
         prefix = self.user_prefix
         if first and self.first_user_prefix is not None:
@@ -164,9 +183,32 @@ class Template:
                 out.append(part.text)
                 continue
             before, after = self._media_wrapper(part.index, media_modalities)
-            out += [before, MediaRef(part.index), after]
+            out += [
+                before,
+                MediaRef(part.index),
+                after,
+                self._frame_note(part.index, media_modalities, media_times),
+            ]
         out.append(self.user_suffix)
         return out
+
+    def _frame_note(
+        self,
+        index: int,
+        media_modalities: Sequence[str] | None,
+        media_times: Sequence[Sequence[float]] | None,
+    ) -> str:
+        if not self.frame_notes or media_modalities is None or media_times is None:
+            return ""
+        if not (0 <= index < len(media_modalities) and index < len(media_times)) or not media_times[index]:
+            return ""
+        note = self.frame_notes.get(media_modalities[index])
+        if note is None:
+            return ""
+        times = media_times[index]
+        return note.replace("{count}", str(len(times))).replace(
+            "{times}", ", ".join(str(round(float(t), 1)) for t in times)
+        )
 
     def _media_wrapper(self, index: int, media_modalities: Sequence[str] | None) -> tuple[str, str]:
         if not self.media_wrappers:
@@ -262,7 +304,7 @@ LLAVA_SYSTEM = (
 )
 
 
-def _two_style(name: str, system: str) -> Template:
+def _two_style(name: str, system: str, **extra: Any) -> Template:
     # LLaVA SeparatorStyle.TWO, sep=" ", sep2="</s>".
     return Template(
         name=name,
@@ -273,6 +315,7 @@ def _two_style(name: str, system: str) -> Template:
         assistant_prefix="ASSISTANT: ",
         assistant_suffix="</s>",
         generation_prompt="ASSISTANT:",
+        **extra,
     )
 
 
@@ -317,11 +360,12 @@ TEMPLATES: dict[str, Template] = {
     # 381-385; conversation.py: system "", sep "###", get_prompt = system + sep + sum of
     # role + ": " + message + sep; upload_video/upload_img add the media as a Human message of
     # its own, ask() adds text + "\n", a reply is stored stripped):
-    #   "###Human: <Video>" + media + "</Video>\n###Human: {q1}\n###Assistant: {a1}###Human: {q2}\n###Assistant:"
+    #   "###Human: <Video>" + media + "</Video> The video contains 8 frames sampled at 0.5, 1.6,
+    #   ... seconds.\n###Human: {q1}\n###Assistant: {a1}###Human: {q2}\n###Assistant:"
     # Each part of a user message is a Human message of its own (part_separator), as the
     # demo's uploads and questions are. Images are wrapped in <Image></Image>, videos in
-    # <Video></Video>. Not rendered: the demo's frame message after "</Video>" (" The video
-    # contains N frames sampled at ... seconds."), which needs the sampled frame times.
+    # <Video></Video>; a video's frame message (load_video: str(round(t, 1)) joined by ", ")
+    # follows "</Video>" after one space when the item's frame times are known.
     "videochat": Template(
         name="videochat",
         system="",
@@ -335,6 +379,7 @@ TEMPLATES: dict[str, Template] = {
         part_separator="\n###Human: ",
         media_wrappers={"image": ("<Image>", "</Image>"), "video": ("<Video>", "</Video>")},
         stop=("###",),
+        frame_notes={"video": " The video contains {count} frames sampled at {times} seconds."},
     ),
     # E.T. Chat's phi3 (SEEDS_SPEC 5, lines 439-443; etchat/conversation.py: system
     # "<|system|>\nYou are a helpful AI assistant.", roles "\n<|user|>\n"/"\n<|assistant|>\n",
@@ -354,6 +399,13 @@ TEMPLATES: dict[str, Template] = {
         assistant_suffix="<|end|>",
         generation_prompt="<|assistant|>\n",
         stop=("<|end|>",),
+    ),
+    # EventGPT (SEEDS_SPEC 6; LLaVA v1 style with the "human" system prompt, USER/ASSISTANT,
+    # sep " ", sep2 "</s>"); prepare_event_prompt's user message "<ev_start><event><ev_end>\n{query}":
+    #   "{system} USER: <ev_start>" + media + "<ev_end>\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT:"
+    # <ev_start>/<ev_end> are plain text unless the checkpoint's tokenizer has them as tokens.
+    "eventgpt_v1": _two_style(
+        "eventgpt_v1", LLAVA_SYSTEM, media_wrappers={ANY_MODALITY: ("<ev_start>", "<ev_end>")}
     ),
 }
 

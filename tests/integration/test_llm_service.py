@@ -134,7 +134,15 @@ def bad_requests() -> dict[str, tuple[llm_pb2.GenerateRequest, grpc.StatusCode, 
         cases[name] = (request, code, message)
 
     short = features(tokens=15)
-    case("wrong shape", invalid, "image features: expected (16, 64), got (15, 64)", media=[short])
+    case(
+        "wrong shape",
+        invalid,
+        "image features: expected (16, 64) = 1 frame(s) x 16 rows, got (15, 64)",
+        media=[short],
+    )
+    two_times = features()
+    two_times.frame_times.extend([0.0, 1.0])
+    case("frame times", invalid, "image frame times: expected 1 (one per frame), got 2", media=[two_times])
     case("wrong dtype", invalid, "expected a floating-point dtype", media=[features(dtype="<i4")])
     bad_bytes = features()
     bad_bytes.features.data = bad_bytes.features.data[:-4]

@@ -169,7 +169,10 @@ async def test_bad_request_then_good_request(engine: Engine) -> None:
         media=[MediaItem("image", torch.zeros(15, 64))],
         sampling=SamplingParams(max_tokens=4),
     )
-    with pytest.raises(InvalidArgumentError, match=r"image features: expected \(16, 64\), got \(15, 64\)"):
+    with pytest.raises(
+        InvalidArgumentError,
+        match=r"image features: expected \(16, 64\) = 1 frame\(s\) x 16 rows, got \(15, 64\)",
+    ):
         await run(engine, bad)
     assert (await run(engine, request(max_tokens=4)))[-1].usage is not None
 

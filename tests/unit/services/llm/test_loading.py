@@ -12,6 +12,7 @@ from services.common.presets import AdapterSpec, Preset
 from services.llm.adapters import write_bundle
 from services.llm.connectors import build_connector
 from services.llm.loading import LoadedModel, load_connectors, load_model
+from services.llm.model import FeatureLayout
 
 
 def test_tiny_preset_loads_frozen(loaded: LoadedModel) -> None:
@@ -19,7 +20,7 @@ def test_tiny_preset_loads_frozen(loaded: LoadedModel) -> None:
     assert not model.training and not model.lm.training
     assert not any(p.requires_grad for p in model.parameters())
     assert set(model.connectors) == {"image"}
-    assert model.feature_shapes == {"image": (16, 64)}
+    assert model.layouts == {"image": FeatureLayout("image", 16, 64, 1, None)}
     assert loaded.bundle.ref == "tiny@1"
     assert loaded.eos_ids == {loaded.tokenizer.eos_token_id}
     assert loaded.prompt_builder.modalities["image"].placeholder_id == loaded.tokenizer.convert_tokens_to_ids(
@@ -74,3 +75,79 @@ def test_context_is_capped_by_the_lm_positions(tiny_preset: Preset) -> None:
     loaded = load_model(tiny_preset.model_copy(update={"llm": llm}))
     assert loaded.max_context_tokens == 1024
     assert loaded.prompt_builder.max_context_tokens == 1024
+
+
+def test_qformer_connector_is_base_plus_bundle(twin) -> None:  # type: ignore[no-untyped-def]
+    from safetensors.torch import load_file
+
+    preset = twin("tiny-videochat")
+    loaded = load_model(preset)
+    conn = loaded.model.connectors["qformer"]
+    base = load_file(str(preset.modalities["video"].connector.base))
+    trained = loaded.bundle.connectors["qformer"]
+    assert set(base) & set(trained) == set()
+    assert set(base) | set(trained) == set(conn.state_dict())
+    for key, value in {**base, **trained}.items():
+        assert torch.equal(conn.state_dict()[key], value), key
+    # a bundle that also holds trained base tensors overrides the base
+    override = dict(trained) | {"ln_vision.weight": torch.full_like(base["ln_vision.weight"], 2.0)}
+    conns = load_connectors(preset, {"qformer": override}, llm_dim=32, dtype=torch.float32)
+    assert torch.equal(conns["qformer"].state_dict()["ln_vision.weight"], override["ln_vision.weight"])
+
+
+def test_qformer_base_problems_are_named(twin, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from safetensors.torch import save_file
+
+    preset = twin("tiny-videochat")
+    weights = {"qformer": load_model(preset).bundle.connectors["qformer"]}
+    bad = tmp_path / "bad.safetensors"
+    save_file({"query_tokens": torch.zeros(1, 3, 32)}, str(bad))
+    for base, message in [
+        (tmp_path / "missing.safetensors", "its base file"),
+        (bad, "query_tokens: expected shape (1, 4, 32), got (1, 3, 32)"),
+    ]:
+        conn = preset.modalities["video"].connector.model_copy(update={"base": base})
+        mods = {m: s.model_copy(update={"connector": conn}) for m, s in preset.modalities.items()}
+        with pytest.raises(FailedPreconditionError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            load_connectors(
+                preset.model_copy(update={"modalities": mods}), weights, llm_dim=32, dtype=torch.float32
+            )
+    with pytest.raises(
+        FailedPreconditionError, match=r"'video\.proj\.weight' is no connector of preset tiny-videochat"
+    ):
+        load_connectors(
+            preset, weights | {"video": {"proj.weight": torch.zeros(1)}}, llm_dim=32, dtype=torch.float32
+        )
+
+
+def test_phi3_takes_lora_on_qkv_proj_and_o_proj(twin, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from peft import LoraConfig, get_peft_model
+
+    from services.llm.adapter_manager import AdapterManager
+    from services.llm.adapters import base_fingerprint
+
+    preset = twin("tiny-etchat")
+    loaded = load_model(preset)
+    assert type(loaded.model.lm).__name__ == "Phi3ForCausalLM"
+    assert loaded.tokenizer.convert_tokens_to_ids("<|end|>") in loaded.eos_ids
+    lm = load_model(preset).model.lm  # a second copy: PEFT wraps it
+    peft_lm = get_peft_model(lm, LoraConfig(r=4, lora_alpha=8, target_modules=["qkv_proj", "o_proj"]))
+    for name, p in peft_lm.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    bundle = tmp_path / "2"
+    peft_lm.save_pretrained(bundle / "lora")
+    write_bundle(
+        bundle, name=preset.adapter.name, version="2", preset=preset.name,
+        base_fingerprint=base_fingerprint(preset.llm.checkpoint), connectors=dict(loaded.bundle.connectors),
+    )  # fmt: skip
+    manager = AdapterManager(loaded)
+    version = manager.load(bundle)
+    assert version.lora_name is not None
+    ids = torch.tensor([[1, 5, 6, 7]])
+    with torch.inference_mode():
+        manager.select(manager.start)
+        plain = loaded.model.lm(input_ids=ids).logits
+        manager.select(version)
+        tuned = loaded.model.lm(input_ids=ids).logits
+    assert not torch.allclose(plain, tuned)

@@ -57,7 +57,7 @@ LAYOUTS: dict[str, tuple[list[Segment], int]] = {
 def test_scatter_matches_reference_loop(loaded: LoadedModel, layout: str) -> None:
     segments, n_media = LAYOUTS[layout]
     media = [image(seed) for seed in range(n_media)]
-    prompt = loaded.prompt_builder.build(segments, [MediaSlot("image", 16)] * n_media)
+    prompt = loaded.prompt_builder.build(segments, [MediaSlot("image", 1)] * n_media)
     with torch.inference_mode():
         got = loaded.model.embed(prompt.input_ids, prompt.media_spans, media)  # (1, L, D)
         expected = reference_embed(loaded.model, prompt, media)
@@ -66,7 +66,7 @@ def test_scatter_matches_reference_loop(loaded: LoadedModel, layout: str) -> Non
 
 
 def test_text_positions_keep_their_token_embeddings(loaded: LoadedModel) -> None:
-    prompt = loaded.prompt_builder.build(["x", MediaRef(0), "y"], [MediaSlot("image", 16)])
+    prompt = loaded.prompt_builder.build(["x", MediaRef(0), "y"], [MediaSlot("image", 1)])
     with torch.inference_mode():
         got = loaded.model.embed(prompt.input_ids, prompt.media_spans, [image(0)])[0]  # (L, D)
         plain = loaded.model.lm.get_input_embeddings()(torch.tensor(prompt.input_ids))  # (L, D)
@@ -77,7 +77,7 @@ def test_text_positions_keep_their_token_embeddings(loaded: LoadedModel) -> None
 
 
 def test_lower_precision_features_are_cast(loaded: LoadedModel) -> None:
-    prompt = loaded.prompt_builder.build([MediaRef(0)], [MediaSlot("image", 16)])
+    prompt = loaded.prompt_builder.build([MediaRef(0)], [MediaSlot("image", 1)])
     half = MediaItem("image", image(0).features.to(torch.bfloat16))
     with torch.inference_mode():
         out = loaded.model.embed(prompt.input_ids, prompt.media_spans, [half])
@@ -87,8 +87,14 @@ def test_lower_precision_features_are_cast(loaded: LoadedModel) -> None:
 @pytest.mark.parametrize(
     ("item", "message"),
     [
-        (image(0, tokens=15), "media[0]: image features: expected (16, 64), got (15, 64)"),
-        (MediaItem("image", torch.zeros(16, 64, 1)), "expected (16, 64), got (16, 64, 1)"),
+        (
+            image(0, tokens=15),
+            "media[0]: image features: expected (16, 64) = 1 frame(s) x 16 rows, got (15, 64)",
+        ),
+        (
+            MediaItem("image", torch.zeros(16, 64, 1)),
+            "expected (16, 64) = 1 frame(s) x 16 rows, got (16, 64, 1)",
+        ),
         (MediaItem("image", torch.zeros(16, 64, dtype=torch.int32)), "expected a floating-point dtype"),
         (MediaItem("image", torch.full((16, 64), float("nan"))), "contain NaN or infinity"),
         (

@@ -13,7 +13,7 @@ from services.llm.prompt import MediaSlot, ModalitySlots, PromptBuilder, placeho
 from services.llm.templates import MediaRef, get_template
 
 VICUNA = get_template("vicuna_v1")
-IMAGE = MediaSlot("image", 16)
+IMAGE = MediaSlot("image", 1)
 # The tiny tokenizer's ids for the vicuna_v1 system prompt followed by " USER:" and " ".
 SYSTEM_IDS = [37, 381, 371, 261, 346, 309, 308, 267, 375, 369, 310, 18, 409, 310, 384, 379, 16]
 SYSTEM_IDS += [359, 16, 308, 377, 370, 315, 376, 309, 410, 333, 18, 372, 30, 225]
@@ -22,7 +22,7 @@ SYSTEM_IDS += [359, 16, 308, 377, 370, 315, 376, 309, 410, 333, 18, 372, 30, 225
 def builder(
     loaded: LoadedModel, *, max_context: int = 1024, max_per_prompt: int = 4, **kw: Any
 ) -> PromptBuilder:
-    slots = ModalitySlots("<image>", 4, max_per_prompt, kw.get("num_tokens", lambda n: n))
+    slots = ModalitySlots("<image>", 4, max_per_prompt, kw.get("num_tokens", lambda frames: 16 * frames))
     return PromptBuilder(loaded.tokenizer, {"image": slots}, max_context_tokens=max_context)
 
 
@@ -64,16 +64,16 @@ def test_ids_are_bos_plus_each_segment_tokenized_alone(loaded: LoadedModel, toke
 
 
 def test_spans_follow_request_order_not_prompt_order(loaded: LoadedModel) -> None:
-    prompt = builder(loaded).build(["a", MediaRef(1), MediaRef(0)], [IMAGE, MediaSlot("image", 8)])
+    prompt = builder(loaded).build(["a", MediaRef(1), MediaRef(0)], [IMAGE, MediaSlot("image", 2)])
     (s0, n0), (s1, n1) = prompt.media_spans
-    assert (n0, n1) == (16, 8)
-    assert s1 < s0 == s1 + 8
+    assert (n0, n1) == (16, 32)
+    assert s1 < s0 == s1 + 32
     for start, length in prompt.media_spans:
         assert prompt.input_ids[start : start + length] == [4] * length
 
 
 def test_item_length_comes_from_the_connector(loaded: LoadedModel) -> None:
-    prompt = builder(loaded, num_tokens=lambda n: n // 4).build([MediaRef(0)], [IMAGE])
+    prompt = builder(loaded, num_tokens=lambda frames: 4 * frames).build([MediaRef(0)], [IMAGE])
     assert prompt.input_ids == [1, 4, 4, 4, 4]
     assert prompt.media_spans == [(1, 4)]
 

@@ -134,3 +134,14 @@ async def test_servicer_in_process() -> None:
 async def _drain(call: AsyncIterator[llm_pb2.GenerateChunk]) -> None:
     async for _ in call:
         pass
+
+
+def test_frame_times_and_timestamps_cross_the_wire() -> None:
+    from services.llm.domain import Timestamp
+
+    msg = proto_request()
+    msg.media[0].frame_times.extend([0.0, 0.5])
+    assert request_from_proto(msg).media[0].times == (0.0, 0.5)
+    assert request_from_proto(proto_request()).media[0].times == ()
+    chunk = chunk_from_event(GenerationEvent(text="at 3", timestamps=(Timestamp(0, 3, 3.0, 3),)))
+    assert [(t.media_index, t.frame, t.seconds, t.char_offset) for t in chunk.timestamps] == [(0, 3, 3.0, 3)]

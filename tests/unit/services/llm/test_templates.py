@@ -253,3 +253,31 @@ def test_template_stop_strings(name: str, stop: tuple[str, ...]) -> None:
 def test_every_assistant_prefix_starts_with_the_generation_prompt(template: Template) -> None:
     # Training relies on it: the prompt part of each round ends where serving's prompt ends.
     assert template.assistant_prefix.startswith(template.generation_prompt)
+
+
+def test_eventgpt_v1_golden() -> None:
+    from services.llm.templates import LLAVA_SYSTEM
+
+    turns = [
+        Turn("user", [MediaPart(0), TextPart("What moves?")]),
+        Turn("assistant", [TextPart("A bar.")]),
+        Turn("user", [TextPart("Where?")]),
+    ]
+    got = get_template("eventgpt_v1").render(turns, media_modalities=["event"])
+    assert got == [
+        f"{LLAVA_SYSTEM} USER: <ev_start>",
+        MediaRef(0),
+        "<ev_end>\nWhat moves? ASSISTANT: A bar.</s>USER: Where? ASSISTANT:",
+    ]
+
+
+def test_videochat_frame_note_needs_the_times() -> None:
+    turns = [Turn("user", [MediaPart(0), TextPart("What happens?")])]
+    template = get_template("videochat")
+    with_times = template.render(turns, media_modalities=["video"], media_times=[(0.54, 12.0)])
+    assert with_times[-1] == (
+        "</Video> The video contains 2 frames sampled at 0.5, 12.0 seconds.\n###Human: What happens?\n###Assistant:"
+    )
+    assert template.render(turns, media_modalities=["video"])[-1].startswith("</Video>\n###Human:")
+    image = template.render(turns, media_modalities=["image"], media_times=[(0.0,)])
+    assert image[-1].startswith("</Image>\n###Human:")
