@@ -72,10 +72,28 @@ class ChatRequest:
 
 
 @dataclass(frozen=True)
+class Timestamp:
+    """A time the model pointed at (E.T. Chat's `<vid>` token matched to a frame).
+
+    Attributes:
+        media_index: Which media item of the request, counting every media part in order.
+        frame: The frame of that item whose embedding the token matched.
+        seconds: That frame's time in the source file.
+        char_offset: Where the time was written, as a character index into the whole reply.
+    """
+
+    media_index: int
+    frame: int
+    seconds: float
+    char_offset: int
+
+
+@dataclass(frozen=True)
 class TextDelta:
-    """A piece of generated text."""
+    """A piece of generated text, and the timestamps written in it (time-aware presets)."""
 
     text: str
+    timestamps: tuple[Timestamp, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -88,6 +106,7 @@ class Finished:
     prompt_tokens: int
     completion_tokens: int
     adapter: str | None = None  # the "name@version" that served it (OpenAI's system_fingerprint)
+    timestamps: tuple[Timestamp, ...] = ()  # those written in `text`
 
 
 Event = TextDelta | Finished

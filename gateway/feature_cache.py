@@ -1,10 +1,11 @@
 """The encoder-feature cache in Redis: features of a media item, keyed by its content.
 
 Key: "mm:feat:" + encoder id (`Preset.encoder_id`: the Triton model name and a digest of the
-encoder spec) + ":" + sha256 hex of the encoded file. Value: a one-line
-JSON header {"dtype": "FP32", "shape": [tokens, dim]} then a newline, then the raw
-little-endian array bytes (FP32 for every shipped encoder). Entries expire after
-`feature_cache_ttl_s`.
+encoder spec) + ":" + sha256 hex of the encoded file. Value: a one-line JSON header
+{"dtype": "FP32", "shape": [rows, dim], "frames": F} then a newline, then the raw
+little-endian feature bytes, then the F frame times (float32 little-endian seconds of each
+frame in the source; an image or an ImageBind embedding is one frame). Entries expire after
+`feature_cache_ttl_s`; an entry in another layout (no "frames") reads as a miss.
 
 The cache is an optimisation only: any Redis failure is logged and read as a miss (or a
 skipped store), and after a failure Redis is left alone for a short back-off so that a down
@@ -37,18 +38,21 @@ def content_digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def encode_features(array: np.ndarray) -> bytes:
-    """Header line + raw bytes, as stored in Redis."""
+def encode_features(array: np.ndarray, times: np.ndarray) -> bytes:
+    """Header line + raw feature bytes + float32 frame times, as stored in Redis."""
     name = dtype_name(array.dtype)
-    header = json.dumps({"dtype": name, "shape": list(array.shape)}).encode()
-    return header + b"\n" + np.ascontiguousarray(array, dtype=NUMPY_DTYPES[name]).tobytes()
+    frames = np.ascontiguousarray(times, dtype="<f4").reshape(-1)  # (F,)
+    header = json.dumps({"dtype": name, "shape": list(array.shape), "frames": int(frames.size)}).encode()
+    body = np.ascontiguousarray(array, dtype=NUMPY_DTYPES[name]).tobytes()
+    return header + b"\n" + body + frames.tobytes()
 
 
-def decode_features(value: bytes) -> np.ndarray:
-    """Inverse of `encode_features`.
+def decode_features(value: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse of `encode_features`: (features, float32 (F,) frame times).
 
     Raises:
         ValueError: The value is not a well-formed entry.
+        KeyError: The header lacks a field (an entry of an older layout).
     """
     header, sep, data = value.partition(b"\n")
     if not sep:
@@ -56,9 +60,15 @@ def decode_features(value: bytes) -> np.ndarray:
     meta = json.loads(header)
     dtype = NUMPY_DTYPES[meta["dtype"]]
     shape = tuple(int(d) for d in meta["shape"])
-    if len(data) != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
-        raise ValueError(f"{len(data)} bytes do not fill {meta['dtype']}{list(shape)}")
-    return np.frombuffer(data, dtype=dtype).reshape(shape)
+    frames = int(meta["frames"])
+    size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if frames < 0 or len(data) != size + 4 * frames:
+        raise ValueError(
+            f"{len(data)} bytes do not hold {meta['dtype']}{list(shape)} and {frames} frame times"
+        )
+    features = np.frombuffer(data, dtype=dtype, count=size // dtype.itemsize).reshape(shape)
+    times = np.frombuffer(data, dtype="<f4", offset=size).astype(np.float32)  # (F,)
+    return features, times
 
 
 class FeatureCache:
@@ -101,8 +111,8 @@ class FeatureCache:
         self._down_until = time.monotonic() + _BACKOFF_S
         logger.warning("feature cache %s failed (treated as a miss for %.0fs): %s", what, _BACKOFF_S, error)
 
-    async def get(self, encoder_id: str, digest: str) -> np.ndarray | None:
-        """The cached features of one item, or None on a miss or any Redis problem."""
+    async def get(self, encoder_id: str, digest: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """(features, frame times) of one item, or None on a miss or any Redis problem."""
         client = self._redis()
         if client is None:
             return None
@@ -121,13 +131,13 @@ class FeatureCache:
             )
             return None
 
-    async def put(self, encoder_id: str, digest: str, features: np.ndarray) -> None:
-        """Store one item's features; failures are logged and otherwise ignored."""
+    async def put(self, encoder_id: str, digest: str, features: np.ndarray, times: np.ndarray) -> None:
+        """Store one item's features and frame times; failures are logged and otherwise ignored."""
         client = self._redis()
         if client is None:
             return
         try:
-            await client.set(self.key(encoder_id, digest), encode_features(features), ex=self.ttl_s)
+            await client.set(self.key(encoder_id, digest), encode_features(features, times), ex=self.ttl_s)
         except (RedisError, OSError) as e:
             self._failed("store", e)
 

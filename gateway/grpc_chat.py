@@ -1,8 +1,9 @@
 """The gRPC chat API, modalmesh.v1.Chat/Complete, on the same serving logic as the REST API.
 
 The servicer only translates ChatRequest (proto) -> `gateway.domain.ChatRequest` and events ->
-ChatChunk messages. Errors end the stream with the status of `services.common.grpc_errors`
-(INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE...). A client that cancels cancels the generation.
+ChatChunk messages (with the timestamps a time-aware preset wrote). Errors end the stream with
+the status of `services.common.grpc_errors` (INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE...). A
+client that cancels cancels the generation.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from typing import Any
 import grpc
 
 from gateway._middleware import new_request_id, valid_request_id
-from gateway.domain import ChatRequest, Finished, MediaItem, Part, Turn
+from gateway.domain import ChatRequest, Finished, MediaItem, Part, Timestamp, Turn
+from gateway.protocol import INLINE_FORMATS
 from gateway.serving import ChatService
 from modalmesh.v1 import chat_pb2, chat_pb2_grpc
-from services.common.errors import ModalmeshError
+from services.common.errors import InvalidArgumentError, ModalmeshError
 from services.common.grpc_errors import abort_with
 from services.common.log import bound_request_id, request_id_from_metadata
 
@@ -29,8 +31,28 @@ CHAT_SERVICE_NAME = chat_pb2.DESCRIPTOR.services_by_name["Chat"].full_name
 _ROUTE = "grpc:Complete"
 
 
+_MEDIA_PARTS = ("image", "video", "audio", "event")
+
+
+def _media(modality: str, media: chat_pb2.MediaInput, param: str) -> MediaItem:
+    fmt = media.format.strip().lower() or None
+    allowed = INLINE_FORMATS.get(modality)
+    if fmt is not None and (allowed is None or fmt not in allowed):
+        expected = f"one of {list(allowed)}" if allowed else f"no format for {modality} (read from the bytes)"
+        raise InvalidArgumentError(
+            f"{param}.{modality}.format: expected {expected}, got {media.format!r}", param=param
+        )
+    if media.WhichOneof("source") == "data":
+        return MediaItem(modality, data=media.data, fmt=fmt, param=param)
+    return MediaItem(modality, url=media.url, param=param)
+
+
 def to_domain(request: chat_pb2.ChatRequest, request_id: str) -> ChatRequest:
-    """The transport-independent request of a proto ChatRequest."""
+    """The transport-independent request of a proto ChatRequest.
+
+    Raises:
+        InvalidArgumentError: An inline media format that its modality does not have.
+    """
     turns = []
     for i, message in enumerate(request.messages):
         parts: list[Part] = []
@@ -38,13 +60,8 @@ def to_domain(request: chat_pb2.ChatRequest, request_id: str) -> ChatRequest:
             kind = part.WhichOneof("part")
             if kind == "text":
                 parts.append(part.text)
-            elif kind == "image":
-                param = f"messages[{i}].content[{j}]"
-                source = part.image.WhichOneof("source")
-                if source == "data":
-                    parts.append(MediaItem("image", data=part.image.data, param=param))
-                else:
-                    parts.append(MediaItem("image", url=part.image.url, param=param))
+            elif kind in _MEDIA_PARTS:
+                parts.append(_media(kind, getattr(part, kind), f"messages[{i}].content[{j}]"))
         turns.append(Turn(message.role, tuple(parts)))
     return ChatRequest(
         model=request.model or None,
@@ -101,9 +118,19 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
     async def _complete(self, chat: ChatRequest) -> AsyncGenerator[chat_pb2.ChatChunk, None]:
         prepared = await self.service.prepare(chat)
 
-        def chunk(delta: str, **last: Any) -> chat_pb2.ChatChunk:
+        def chunk(delta: str, timestamps: tuple[Timestamp, ...], **last: Any) -> chat_pb2.ChatChunk:
             return chat_pb2.ChatChunk(
-                id=prepared.id, model=prepared.model, created=prepared.created, delta=delta, **last
+                id=prepared.id,
+                model=prepared.model,
+                created=prepared.created,
+                delta=delta,
+                timestamps=[
+                    chat_pb2.ChatTimestamp(
+                        media_index=t.media_index, frame=t.frame, seconds=t.seconds, char_offset=t.char_offset
+                    )
+                    for t in timestamps
+                ],
+                **last,
             )
 
         events = self.service.generate(prepared, transport="grpc")
@@ -115,6 +142,6 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
                         completion_tokens=event.completion_tokens,
                         total_tokens=event.prompt_tokens + event.completion_tokens,
                     )
-                    yield chunk(event.text, finish_reason=event.finish_reason, usage=usage)
+                    yield chunk(event.text, event.timestamps, finish_reason=event.finish_reason, usage=usage)
                     return
-                yield chunk(event.text)
+                yield chunk(event.text, event.timestamps)

@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway._middleware import GatewayMiddleware, valid_request_id
-from gateway.domain import ChatRequest, Event, Finished, TextDelta
+from gateway.domain import ChatRequest, Event, Finished, TextDelta, Timestamp
 from gateway.protocol import (
     AssistantMessage,
     ChatCompletionChoice,
@@ -36,6 +36,7 @@ from gateway.protocol import (
     content_chunk,
     parse_chat_request,
     role_chunk,
+    timestamp_list,
     usage_chunk,
     validation_error,
 )
@@ -118,12 +119,17 @@ async def _read_request(request: Request) -> ChatCompletionRequest:
 
 async def _collect(prepared: PreparedChat, events: AsyncGenerator[Event, None]) -> dict[str, Any]:
     pieces: list[str] = []
+    timestamps: list[Timestamp] = []
     async for event in events:
         pieces.append(event.text)
+        timestamps.extend(event.timestamps)
         if isinstance(event, Finished):
+            message = AssistantMessage(content="".join(pieces))
+            if prepared.timestamps or timestamps:
+                message.timestamps = timestamp_list(timestamps)
             choice = ChatCompletionChoice(
                 index=0,
-                message=AssistantMessage(content="".join(pieces)),
+                message=message,
                 finish_reason=event.finish_reason,
                 stop_reason=event.stop_reason,
             )
@@ -134,7 +140,7 @@ async def _collect(prepared: PreparedChat, events: AsyncGenerator[Event, None]) 
                 choices=[choice],
                 usage=UsageInfo.of(event.prompt_tokens, event.completion_tokens),
                 system_fingerprint=event.adapter,
-            ).model_dump()
+            ).to_json()
     raise ModalmeshError("the reply ended without a finish reason")
 
 
@@ -148,11 +154,18 @@ async def _stream(
         try:
             event = first
             while isinstance(event, TextDelta):
-                yield _sse(content_chunk(cid, created, model, event.text))
+                yield _sse(content_chunk(cid, created, model, event.text, timestamps=event.timestamps))
                 event = await anext(events)
             yield _sse(
                 content_chunk(
-                    cid, created, model, event.text, event.finish_reason, event.stop_reason, event.adapter
+                    cid,
+                    created,
+                    model,
+                    event.text,
+                    event.finish_reason,
+                    event.stop_reason,
+                    event.adapter,
+                    timestamps=event.timestamps,
                 )
             )
             if include_usage:

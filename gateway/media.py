@@ -4,7 +4,10 @@ Accepted sources are base64 `data:` URLs and http(s) URLs. A fetch has one total
 (`image_fetch_timeout_s`, connect + headers + body together) and a byte cap enforced while the
 body streams in, so a slow or huge remote file cannot hold a request or the gateway's memory.
 Every failure is a client error that says what was wrong with the URL; the bytes themselves are
-not decoded here (the encoder service validates the image).
+not decoded here (the encoder service validates the image, video, audio or event file). One
+byte limit (`media_max_bytes`) holds for every modality; a data URL must declare a media type
+of its modality (`DATA_URL_TYPES`: image/*, video/*, audio/*; events, which have no registered
+type, application/octet-stream, application/x-npy, application/npy or application/x-npz).
 
 Security note: there is no SSRF guard yet (an allow-list of domains, refusing private and
 loopback addresses, no redirects to them); it comes in a later issue. Until then, deploy the
@@ -137,43 +140,43 @@ class MediaFetcher:
             )
         try:
             async with asyncio.timeout(self.timeout_s):
-                return await self._fetch(url)
+                return await self._fetch(url, modality)
         except TimeoutError:
             raise InvalidArgumentError(
                 f"could not fetch {modality} from {_shown(url)}: no complete answer within {self.timeout_s:g} s"
             ) from None
 
-    async def _fetch(self, url: str) -> bytes:
+    async def _fetch(self, url: str, modality: str) -> bytes:
         try:
             async with self._http().stream("GET", url) as response:
                 if not 200 <= response.status_code < 300:
                     raise InvalidArgumentError(
-                        f"could not fetch image from {_shown(url)}: the server answered HTTP "
+                        f"could not fetch {modality} from {_shown(url)}: the server answered HTTP "
                         f"{response.status_code}"
                     )
                 declared = response.headers.get("content-length", "")
                 if declared.isdigit() and int(declared) > self.max_bytes:
                     raise PayloadTooLargeError(
-                        f"image at {_shown(url)} is {int(declared)} bytes, over the limit of "
+                        f"{modality} at {_shown(url)} is {int(declared)} bytes, over the limit of "
                         f"{self.max_bytes} bytes"
                     )
-                return await self._read_capped(url, response)
+                return await self._read_capped(url, response, modality)
         except (httpx.HTTPError, httpx.InvalidURL) as e:
             reason = str(e) or type(e).__name__
             logger.info("fetch of %s failed: %s", _shown(url), reason)
-            raise InvalidArgumentError(f"could not fetch image from {_shown(url)}: {reason}") from e
+            raise InvalidArgumentError(f"could not fetch {modality} from {_shown(url)}: {reason}") from e
 
-    async def _read_capped(self, url: str, response: httpx.Response) -> bytes:
+    async def _read_capped(self, url: str, response: httpx.Response, modality: str) -> bytes:
         body = bytearray()
         async for chunk in response.aiter_bytes():
             body += chunk
             if len(body) > self.max_bytes:
                 raise PayloadTooLargeError(
-                    f"image at {_shown(url)} is over the limit of {self.max_bytes} bytes "
+                    f"{modality} at {_shown(url)} is over the limit of {self.max_bytes} bytes "
                     f"(read at least {len(body)} bytes)"
                 )
         if not body:
-            raise InvalidArgumentError(f"image at {_shown(url)} is empty")
+            raise InvalidArgumentError(f"{modality} at {_shown(url)} is empty")
         return bytes(body)
 
     async def aclose(self) -> None:

@@ -5,6 +5,27 @@ Request models validate what a client sends to POST /v1/chat/completions and con
 `chat.completion`, `chat.completion.chunk` (serialized with exclude_unset, so fields set to
 None appear as null), the usage-only final chunk (exclude_none), the model list and the error
 body. Unknown request fields are ignored, as OpenAI and vLLM do.
+
+Media parts (request): `image_url`, `video_url` (data:video/...;base64 or http(s); mp4, mov,
+webm, mkv, avi), `audio_url` and `input_audio` ({"data": <base64>, "format": "wav" | "mp3" |
+"flac" | "ogg"}), and modalmesh's `event_url` and `input_event` ({"data": <base64>, "format":
+"npy" | "npz"}; an EventGPT .npy dict of x, y, t, p, a plain .npy structured or (N, 4) array, or
+an .npz; see services/encoders/events.py). Any number of them, of any kinds the preset has an
+encoder for, in any message.
+
+One extra field beyond OpenAI's (for presets with a timestamp head, E.T. Chat): the times the
+model pointed at, matched to frames of a video of the request,
+
+    choices[0].message.timestamps = [
+        {"media_index": 0, "frame": 3, "seconds": 3.0, "char_offset": 17}, ...]
+
+`media_index` counts the request's media parts in order (all kinds), `frame` is the matched
+frame of that item, `seconds` its time in the file, `char_offset` where the time is written in
+the reply's text (a character index into the whole content). The list is present, possibly
+empty, on every non-streamed reply of such a preset and absent otherwise; a streamed reply sets
+`choices[0].delta.timestamps` on the chunks whose text holds them (offsets still index the
+whole reply). OpenAI clients ignore the field (the `openai` package keeps it as an extra
+attribute: `message.model_extra["timestamps"]`).
 """
 
 from __future__ import annotations
@@ -25,7 +46,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from gateway.domain import ChatRequest, MediaItem, ModelEntry, Part, Turn
+from gateway.domain import ChatRequest, MediaItem, ModelEntry, Part, Timestamp, Turn
 from services.common.errors import InvalidArgumentError
 
 # Media part types -> modality. video_url / audio_url / input_audio follow vLLM's and OpenAI's
@@ -319,8 +340,29 @@ class UsageInfo(BaseModel):
         )
 
 
+class TimestampInfo(BaseModel):
+    """One time the model pointed at (see the module docstring)."""
+
+    media_index: int
+    frame: int
+    seconds: float
+    char_offset: int
+
+    @classmethod
+    def of(cls, t: Timestamp) -> TimestampInfo:
+        """The JSON form of a domain timestamp (seconds rounded to microseconds)."""
+        return cls(
+            media_index=t.media_index, frame=t.frame, seconds=round(t.seconds, 6), char_offset=t.char_offset
+        )
+
+
+def timestamp_list(timestamps: tuple[Timestamp, ...] | list[Timestamp]) -> list[TimestampInfo]:
+    """The JSON forms of domain timestamps, in order."""
+    return [TimestampInfo.of(t) for t in timestamps]
+
+
 class AssistantMessage(BaseModel):
-    """The reply message of a non-streamed response."""
+    """The reply message of a non-streamed response (`timestamps`: modalmesh's extra field)."""
 
     role: Literal["assistant"] = "assistant"
     content: str | None = None
@@ -329,6 +371,7 @@ class AssistantMessage(BaseModel):
     audio: Any | None = None
     function_call: Any | None = None
     reasoning: str | None = None
+    timestamps: list[TimestampInfo] | None = None
 
 
 class ChatCompletionChoice(BaseModel):
@@ -357,12 +400,21 @@ class ChatCompletionResponse(BaseModel):
     prompt_token_ids: list[int] | None = None
     kv_transfer_params: dict[str, Any] | None = None
 
+    def to_json(self) -> dict[str, Any]:
+        """The JSON body: every field, except a message's `timestamps` where it is None."""
+        body = self.model_dump()
+        for choice in body["choices"]:
+            if choice["message"].get("timestamps") is None:
+                choice["message"].pop("timestamps", None)
+        return body
+
 
 class DeltaMessage(BaseModel):
     """The `delta` of a streamed chunk; only the fields that were set are sent."""
 
     role: str | None = None
     content: str | None = None
+    timestamps: list[TimestampInfo] | None = None
 
 
 class ChatCompletionStreamChoice(BaseModel):
@@ -410,12 +462,17 @@ def content_chunk(
     finish_reason: str | None = None,
     stop_reason: str | None = None,
     system_fingerprint: str | None = None,
+    timestamps: tuple[Timestamp, ...] = (),
 ) -> dict[str, Any]:
     """A text chunk; with `finish_reason` it is the last chunk of the choice (and names the
-    adapter version that served the reply in `system_fingerprint`)."""
+    adapter version that served the reply in `system_fingerprint`). `timestamps` written in
+    `text` go into `delta.timestamps` (left out when there are none)."""
+    delta = DeltaMessage(content=text)
+    if timestamps:
+        delta.timestamps = timestamp_list(timestamps)
     fields: dict[str, Any] = {
         "index": 0,
-        "delta": DeltaMessage(content=text),
+        "delta": delta,
         "logprobs": None,
         "finish_reason": finish_reason,
     }

@@ -1,10 +1,15 @@
 """The chat logic shared by the REST and gRPC front ends, independent of either transport.
 
-`ChatService.prepare` validates a `gateway.domain.ChatRequest`, loads every media item
-concurrently (fetch or inline bytes -> sha256 -> Redis feature cache -> encoder service on a
-miss -> cache store) and builds the LLM service's `GenerateRequest`; every client error is
-raised there, before a reply starts. `ChatService.generate` then streams `TextDelta` events
-and one closing `Finished` from LLM.Generate. Closing that iterator cancels the generation.
+`ChatService.prepare` validates a `gateway.domain.ChatRequest` (against the preset: each
+modality needs an encoder, at most `max_per_prompt` items of each), loads every media item
+concurrently (fetch or inline bytes -> sha256 -> Redis feature cache -> the Triton model of
+the item's modality on a miss -> cache store) and builds the LLM service's `GenerateRequest`
+(features and frame times per item); every client error is raised there, before a reply
+starts, and names the item ("messages[0].content[1] (video 0): not a video: ...", the
+request's first video).
+`ChatService.generate` then streams `TextDelta` events and one closing `Finished` from
+LLM.Generate, with the timestamps a time-aware model (E.T. Chat) wrote. Closing that
+iterator cancels the generation.
 """
 
 from __future__ import annotations
@@ -14,13 +19,22 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
-from gateway.domain import ROLES, ChatRequest, Event, Finished, MediaItem, ModelEntry, TextDelta
+from gateway.domain import (
+    ROLES,
+    ChatRequest,
+    Event,
+    Finished,
+    MediaItem,
+    ModelEntry,
+    TextDelta,
+    Timestamp,
+)
 from gateway.feature_cache import FeatureCache, content_digest
 from gateway.llm_client import LLMClient
 from gateway.media import MediaFetcher
@@ -42,12 +56,22 @@ _FINISH_REASONS = {llm_pb2.FINISH_REASON_STOP: "stop", llm_pb2.FINISH_REASON_LEN
 _UINT32_MAX = 2**32 - 1
 
 
+class Encoded(Protocol):
+    """One encoded item as the encoder client returns it (services.encoders.protocol.EncodedItem)."""
+
+    @property
+    def features(self) -> np.ndarray: ...  # (frames * tokens_per_frame, dim)
+
+    @property
+    def times(self) -> np.ndarray: ...  # (frames,) seconds
+
+
 class Encoder(Protocol):
     """What serving needs of the encoder service's client (services.encoders.client)."""
 
     async def encode(
-        self, model: str, items: list[bytes], *, request_id: str | None, timeout_s: float
-    ) -> list[np.ndarray]: ...
+        self, model: str, items: list[bytes], *, request_id: str | None, timeout_s: float, modality: str
+    ) -> Sequence[Encoded]: ...
 
     async def ready(self, model: str) -> bool: ...
 
@@ -64,6 +88,8 @@ class PreparedChat:
         model: The model name echoed in the reply (as the client named it).
         generate_request: What goes to LLM.Generate.
         started: time.monotonic() when the request arrived (for latency metrics).
+        timestamps: Whether the preset writes timestamps (a timestamp head): replies then
+            always carry a `timestamps` list, empty or not.
     """
 
     id: str
@@ -71,6 +97,7 @@ class PreparedChat:
     model: str
     generate_request: llm_pb2.GenerateRequest
     started: float
+    timestamps: bool = False
 
 
 class ChatService:
@@ -180,8 +207,9 @@ class ChatService:
         """Check a request against the preset and limits: (echo name, adapter, sampling).
 
         Raises:
-            InvalidArgumentError: Empty conversation, bad role, bad sampling value, too many
-                images, or images for a preset without an image encoder.
+            InvalidArgumentError: Empty conversation, bad role, bad sampling value, more items
+                of a modality than the preset's max_per_prompt, or a modality the preset has
+                no encoder for.
             NotFoundError: Unknown model.
         """
         if not request.turns:
@@ -201,19 +229,22 @@ class ChatService:
 
     def _check_media_counts(self, media: list[MediaItem]) -> None:
         for modality in sorted({m.modality for m in media}):
-            count = sum(1 for m in media if m.modality == modality)
+            items = [m for m in media if m.modality == modality]
             spec = self.preset.modalities.get(modality)  # type: ignore[call-overload]
             if spec is None:
-                first = next(m for m in media if m.modality == modality)
+                first = items[0]
                 accepted = ", ".join(sorted(self.preset.modalities)) or "text only"
                 raise InvalidArgumentError(
                     f"{first.param}: preset {self.preset.name} has no {modality} encoder; it accepts "
-                    f"{accepted} (got {count} {modality} item{'s' if count > 1 else ''})",
+                    f"{accepted} (got {_count(len(items), modality)})",
                     param=first.param or "messages",
                 )
-            if count > spec.max_per_prompt:
+            if len(items) > spec.max_per_prompt:
+                extra = items[spec.max_per_prompt]
                 raise InvalidArgumentError(
-                    f"at most {spec.max_per_prompt} {modality}s per request, got {count}", param="messages"
+                    f"preset {self.preset.name} accepts at most {_count(spec.max_per_prompt, modality)} "
+                    f"per request, got {len(items)}",
+                    param=extra.param or "messages",
                 )
 
     # -- media -----------------------------------------------------------------------------------
@@ -235,8 +266,13 @@ class ChatService:
         self.metrics.stage_latency.labels(stage="fetch").observe(time.monotonic() - started)
         return data
 
-    async def _features_of(self, item: MediaItem, request_id: str) -> np.ndarray:
-        """One item's encoder features: from the cache, or from the encoder (then cached)."""
+    async def _features_of(
+        self, item: MediaItem, number: int, request_id: str
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """One item's (features, frame times): from the cache, or from the encoder (then cached).
+
+        `number` counts the item among the request's items of its modality, for messages.
+        """
         try:
             data = await self._bytes_of(item)
             model = self.preset.triton_model(item.modality)
@@ -247,22 +283,36 @@ class ChatService:
             if cached is not None:
                 return cached
             started = time.monotonic()
-            (features,) = await self.encoder.encode(
-                model, [data], request_id=request_id, timeout_s=self.settings.encoder_timeout_s
+            (encoded,) = await self.encoder.encode(
+                model,
+                [data],
+                request_id=request_id,
+                timeout_s=self.settings.encoder_timeout_s,
+                modality=item.modality,
             )
             self.metrics.stage_latency.labels(stage="encode").observe(time.monotonic() - started)
-            await self.cache.put(encoder_id, digest, features)
-            return features
+            features = np.ascontiguousarray(encoded.features, dtype=np.float32)  # (rows, dim)
+            times = np.ascontiguousarray(encoded.times, dtype=np.float32).reshape(-1)  # (frames,)
+            await self.cache.put(encoder_id, digest, features, times)
+            return features, times
         except InvalidArgumentError as e:
-            raise _about(item, e) from e
+            raise _about(item, number, e) from e
 
-    async def _all_features(self, request: ChatRequest) -> list[np.ndarray]:
+    async def _all_features(self, request: ChatRequest) -> list[tuple[np.ndarray, np.ndarray]]:
         media = request.media()
         if not media:
             return []
+        seen: dict[str, int] = {}
+        numbers = []
+        for m in media:
+            numbers.append(seen.get(m.modality, 0))
+            seen[m.modality] = numbers[-1] + 1
         try:
             async with asyncio.TaskGroup() as group:
-                tasks = [group.create_task(self._features_of(m, request.request_id)) for m in media]
+                tasks = [
+                    group.create_task(self._features_of(m, n, request.request_id))
+                    for m, n in zip(media, numbers, strict=True)
+                ]
         except BaseExceptionGroup as eg:
             raise _first_error(eg) from None
         return [t.result() for t in tasks]
@@ -290,9 +340,11 @@ class ChatService:
                     parts.append(llm_pb2.TurnPart(media_index=index))
                     index += 1
             generate.turns.append(llm_pb2.Turn(role=turn.role, parts=parts))
-        for item, array in zip(media_items, features, strict=True):
+        for item, (array, times) in zip(media_items, features, strict=True):
             generate.media.append(
-                llm_pb2.MediaFeatures(modality=item.modality, features=array_to_tensor(array))
+                llm_pb2.MediaFeatures(
+                    modality=item.modality, features=array_to_tensor(array), frame_times=times.tolist()
+                )
             )
         return PreparedChat(
             id=f"chatcmpl-{request.request_id}",
@@ -300,6 +352,7 @@ class ChatService:
             model=model,
             generate_request=generate,
             started=started,
+            timestamps=self.preset.heads.timestamps is not None,
         )
 
     async def generate(
@@ -323,8 +376,8 @@ class ChatService:
                 if chunk.finish_reason != llm_pb2.FINISH_REASON_UNSPECIFIED:
                     yield self._finished(prepared, chunk, transport, adapter)
                     return
-                if chunk.text:
-                    yield TextDelta(chunk.text)
+                if chunk.text or chunk.timestamps:
+                    yield TextDelta(chunk.text, _timestamps(chunk))
         raise ModalmeshError("the llm service ended the reply without a finish reason")
 
     def _finished(
@@ -341,6 +394,7 @@ class ChatService:
             prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens,
             adapter=adapter,
+            timestamps=_timestamps(chunk),
         )
 
     # -- models and health -----------------------------------------------------------------------
@@ -404,18 +458,35 @@ class ChatService:
         await self.encoder.close()
 
 
-def _about(item: MediaItem, error: InvalidArgumentError) -> InvalidArgumentError:
-    """The client error naming the part it is about, e.g. "messages[0].content[1]: ..."."""
-    if not item.param or error.param is not None:
+_NOUNS = {"audio": ("audio clip", "audio clips"), "event": ("event stream", "event streams")}
+
+
+def _count(n: int, modality: str) -> str:
+    """How many items of a modality, in words: 1 video, 4 images, 2 audio clips."""
+    one, many = _NOUNS.get(modality, (modality, modality + "s"))
+    return f"{n} {one if n == 1 else many}"
+
+
+def _timestamps(chunk: llm_pb2.GenerateChunk) -> tuple[Timestamp, ...]:
+    return tuple(
+        Timestamp(media_index=t.media_index, frame=t.frame, seconds=t.seconds, char_offset=t.char_offset)
+        for t in chunk.timestamps
+    )
+
+
+def _about(item: MediaItem, number: int, error: InvalidArgumentError) -> InvalidArgumentError:
+    """The client error naming the item, e.g. "messages[0].content[1] (video 0): not a video ..."."""
+    if error.param is not None:
         return error
     detail = error.message
     index = getattr(error, "index", None)  # the encoder client's EncoderItemError
     if index is not None:
-        # "image 0: not an image ..." numbers the item within that encode call; the part's
-        # place in the request says more.
+        # The client numbers the item within its one-item encode call; the request's own
+        # numbering and the part's place say more.
         detail = detail.removeprefix(f"{item.modality} {index}: ")
+    where = f"{item.param} ({item.modality} {number})" if item.param else f"{item.modality} {number}"
     cls = PayloadTooLargeError if isinstance(error, PayloadTooLargeError) else InvalidArgumentError
-    return cls(f"{item.param}: {detail}", param=item.param)
+    return cls(f"{where}: {detail}", param=item.param or None)
 
 
 def _first_error(group: BaseExceptionGroup) -> BaseException:

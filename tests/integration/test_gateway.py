@@ -255,12 +255,12 @@ def _bad_inputs() -> list[tuple[str, Any, int, str]]:
             400,
             "accepted schemes are http, https and data",
         ),
-        ("unreachable url", with_image(dead), 400, f"could not fetch image from {dead}"),
+        ("unreachable url", with_image(dead), 400, f"(image 0): could not fetch image from {dead}"),
         (
             "too many images",
             {"model": "tiny", "messages": [{"role": "user", "content": many}]},
             400,
-            "at most 4 images per request, got 5",
+            "preset tiny accepts at most 4 images per request, got 5",
         ),
         (
             "empty messages",
@@ -280,6 +280,36 @@ def _bad_inputs() -> list[tuple[str, Any, int, str]]:
             {"model": "tiny", "messages": [{"role": "user", "content": "what is <image> here?"}]},
             400,
             "message text contains '<image>', which is reserved",
+        ),
+        (
+            "a modality the preset has no encoder for",
+            {
+                "model": "tiny",
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "video_url", "video_url": {"url": data_url(png, "video/mp4")}}],
+                    }
+                ],
+            },
+            400,
+            "messages[0].content[0]: preset tiny has no video encoder; it accepts image (got 1 video)",
+        ),
+        (
+            "an audio format that is not accepted",
+            {
+                "model": "tiny",
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "aac"}}
+                        ],
+                    }
+                ],
+            },
+            400,
+            "input_audio.format: expected one of ['wav', 'mp3', 'flac', 'ogg'], got 'aac'",
         ),
         (
             "max_tokens <= 0",

@@ -65,7 +65,8 @@ async def llm_server(settings: Settings) -> AsyncIterator[tuple[FakeLLM, str]]:
 
 @pytest.fixture
 async def make_service(settings: Settings, preset: Preset) -> AsyncIterator[ServiceFactory]:
-    """Factory of ChatServices over stand-ins: make_service(llm_address, encoder=, cache=).
+    """Factory of ChatServices over stand-ins: make_service(llm_address, encoder=, cache=,
+    preset_=<another shipped preset's name>).
 
     Every service it made is closed after the test.
     """
@@ -77,11 +78,12 @@ async def make_service(settings: Settings, preset: Preset) -> AsyncIterator[Serv
         encoder: FakeEncoder | None = None,
         cache: FeatureCache | None = None,
         settings_: Settings | None = None,
+        preset_: str | None = None,
     ) -> ChatService:
         s = settings_ or settings
         svc = ChatService(
             s,
-            preset,
+            load_preset(preset_, cache_dir=s.cache_dir) if preset_ else preset,
             encoder=encoder or FakeEncoder(),
             llm=LLMClient(llm_address, settings=s),
             cache=cache or FeatureCache(None, ttl_s=60),

@@ -25,6 +25,7 @@ from modalmesh.v1 import llm_pb2, llm_pb2_grpc
 from services.common.errors import UnavailableError
 from services.common.log import request_id_from_metadata
 from services.encoders.client import EncoderItemError
+from services.encoders.protocol import EncodedItem
 from tests.helpers.media import png_bytes
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -47,25 +48,38 @@ REFUSED = "127.0.0.1:1"  # nothing listens on port 1: connections are refused at
 
 
 class FakeEncoder:
-    """Stands in for services.encoders.client.EncoderClient: PNG in, (16, 64) float32 out."""
+    """Stands in for services.encoders.client.EncoderClient: PNG in, (16, 64) float32 per frame
+    out, one frame at 0.0 s unless `times` names a modality's frame times; other bytes are
+    refused as the real encoder refuses them."""
 
-    def __init__(self) -> None:
+    def __init__(self, times: dict[str, list[float]] | None = None) -> None:
         self.calls: list[tuple[str, int, str | None]] = []
+        self.modalities: list[str] = []
+        self.times = times or {}
         self.down = False
         self.is_ready = True
 
     async def encode(
-        self, model: str, items: list[bytes], *, request_id: str | None = None, timeout_s: float | None = None
-    ) -> list[np.ndarray]:
+        self,
+        model: str,
+        items: list[bytes],
+        *,
+        request_id: str | None = None,
+        timeout_s: float | None = None,
+        modality: str = "image",
+    ) -> list[EncodedItem]:
         self.calls.append((model, len(items), request_id))
+        self.modalities.append(modality)
         if self.down:
             raise UnavailableError("the encoder service is unavailable at fake: down")
         out = []
         for i, data in enumerate(items):
             if not data.startswith(PNG_MAGIC):
-                raise EncoderItemError(f"image {i}: not an image: cannot identify image file", index=i)
+                raise EncoderItemError(f"{modality} {i}: not an image: cannot identify image file", index=i)
             seed = int.from_bytes(hashlib.sha256(data).digest()[:4], "little")
-            out.append(np.random.default_rng(seed).standard_normal((16, 64)).astype(np.float32))
+            times = np.array(self.times.get(modality, [0.0]), dtype=np.float32)  # (F,)
+            features = np.random.default_rng(seed).standard_normal((16 * len(times), 64))
+            out.append(EncodedItem(features.astype(np.float32), times))
         return out
 
     async def ready(self, model: str) -> bool:
@@ -87,6 +101,7 @@ class FakeLLM(llm_pb2_grpc.LLMServicer):
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
     info_fails: bool = False
     fail_after: int | None = None  # abort with INTERNAL after this many chunks
+    timestamps: dict[int, list[llm_pb2.Timestamp]] = field(default_factory=dict)  # by piece index
 
     async def Generate(
         self, request: llm_pb2.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -101,10 +116,13 @@ class FakeLLM(llm_pb2_grpc.LLMServicer):
                 if i == self.fail_after:
                     await context.abort(grpc.StatusCode.INTERNAL, "scripted failure mid-stream")
                 await asyncio.sleep(self.delay_s)
-                yield llm_pb2.GenerateChunk(text=piece, adapter=adapter if i == 0 else "")
+                yield llm_pb2.GenerateChunk(
+                    text=piece, adapter=adapter if i == 0 else "", timestamps=self.timestamps.get(i, [])
+                )
             await asyncio.sleep(self.delay_s)
             yield llm_pb2.GenerateChunk(
                 text=self.pieces[-1],
+                timestamps=self.timestamps.get(len(self.pieces) - 1, []),
                 finish_reason=llm_pb2.FINISH_REASON_STOP,
                 usage=llm_pb2.Usage(
                     prompt_tokens=10 + 16 * len(request.media), completion_tokens=len(self.pieces)

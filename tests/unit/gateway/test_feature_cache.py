@@ -1,4 +1,5 @@
-"""The Redis feature cache: against the real Redis at 127.0.0.1:6379 and an unreachable one."""
+"""The Redis feature cache: features and frame times, against the real Redis at 127.0.0.1:6379
+and an unreachable one."""
 
 from __future__ import annotations
 
@@ -39,25 +40,45 @@ def features(seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((16, 64)).astype(np.float32)
 
 
+TIMES = np.array([0.0, 0.5, 1.0, 1.5], dtype=np.float32)
+
+
 def test_value_round_trip() -> None:
-    array = features()
-    value = encode_features(array)
-    assert value.startswith(b'{"dtype": "FP32", "shape": [16, 64]}\n')
-    assert len(value.split(b"\n", 1)[1]) == 16 * 64 * 4
-    np.testing.assert_array_equal(decode_features(value), array)
+    array = features()  # 4 frames of 4 tokens
+    value = encode_features(array, TIMES)
+    assert value.startswith(b'{"dtype": "FP32", "shape": [16, 64], "frames": 4}\n')
+    assert len(value.split(b"\n", 1)[1]) == 16 * 64 * 4 + 4 * 4
+    out, times = decode_features(value)
+    np.testing.assert_array_equal(out, array)
+    np.testing.assert_array_equal(times, TIMES)
+    assert times.dtype == np.float32
 
 
 def test_value_keeps_fp16() -> None:
     array = features().astype(np.float16)
-    out = decode_features(encode_features(array))
+    out, times = decode_features(encode_features(array, np.zeros(1, np.float32)))
     assert out.dtype == np.float16
     np.testing.assert_array_equal(out, array)
+    np.testing.assert_array_equal(times, [0.0])
 
 
-@pytest.mark.parametrize("value", [b"no header", b'{"dtype": "FP32", "shape": [2]}\nabc'])
+@pytest.mark.parametrize(
+    "value",
+    [
+        b"no header",
+        b'{"dtype": "FP32", "shape": [2], "frames": 0}\nabc',
+        b'{"dtype": "FP32", "shape": [1], "frames": 2}\n\0\0\0\0\0\0\0\0',  # times cut short
+    ],
+)
 def test_malformed_values_raise(value: bytes) -> None:
     with pytest.raises(ValueError):
         decode_features(value)
+
+
+def test_an_entry_without_frame_times_is_refused() -> None:
+    old = b'{"dtype": "FP32", "shape": [1]}\n\0\0\0\0'  # the layout before frame times
+    with pytest.raises(KeyError):
+        decode_features(old)
 
 
 def test_key_layout() -> None:
@@ -73,8 +94,11 @@ async def test_store_and_hit_in_real_redis(prefix: str) -> None:
     digest = content_digest(b"image bytes")
     try:
         assert await cache.get("m", digest) is None
-        await cache.put("m", digest, features(1))
-        np.testing.assert_array_equal(await cache.get("m", digest), features(1))
+        await cache.put("m", digest, features(1), TIMES)
+        hit = await cache.get("m", digest)
+        assert hit is not None
+        np.testing.assert_array_equal(hit[0], features(1))
+        np.testing.assert_array_equal(hit[1], TIMES)
         raw = aioredis.Redis.from_url(REDIS_URL)
         ttl = await raw.ttl(cache.key("m", digest))
         await raw.aclose()
@@ -91,6 +115,8 @@ async def test_malformed_entry_reads_as_miss(prefix: str) -> None:
     try:
         await raw.set(cache.key("m", "d"), b"garbage", ex=60)
         assert await cache.get("m", "d") is None
+        await raw.set(cache.key("m", "d"), b'{"dtype": "FP32", "shape": [1]}\n\0\0\0\0', ex=60)
+        assert await cache.get("m", "d") is None  # the layout before frame times
     finally:
         await raw.aclose()
         await cache.aclose()
@@ -101,7 +127,7 @@ async def test_unreachable_redis_is_a_miss_and_backs_off() -> None:
     try:
         started = time.monotonic()
         assert await cache.get("m", "d") is None
-        await cache.put("m", "d", features())  # logged, not raised
+        await cache.put("m", "d", features(), TIMES)  # logged, not raised
         assert await cache.get("m", "d") is None
         assert time.monotonic() - started < 2.0
         assert cache._redis() is None  # backing off: no further connection attempts for now
@@ -111,6 +137,6 @@ async def test_unreachable_redis_is_a_miss_and_backs_off() -> None:
 
 async def test_disabled_cache() -> None:
     cache = FeatureCache("", ttl_s=60)
-    await cache.put("m", "d", features())
+    await cache.put("m", "d", features(), TIMES)
     assert await cache.get("m", "d") is None
     await cache.aclose()

@@ -6,16 +6,17 @@ import asyncio
 import base64
 import os
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import pytest
 
 from gateway.grpc_chat import CHAT_SERVICE_NAME, ChatServicer, to_domain
 from gateway.serving import ChatService
-from modalmesh.v1 import chat_pb2, chat_pb2_grpc
+from modalmesh.v1 import chat_pb2, chat_pb2_grpc, llm_pb2
 from services.common.grpc_server import GrpcServer
 from services.common.settings import Settings
-from tests.unit.gateway.support import FakeLLM
+from tests.unit.gateway.support import FakeEncoder, FakeLLM
 
 
 async def start_chat_server(settings: Settings, service: ChatService) -> tuple[GrpcServer, str]:
@@ -119,7 +120,7 @@ async def test_invalid_argument(stub: chat_pb2_grpc.ChatStub) -> None:
     assert e.details() == "max_tokens: expected a positive integer, got 0"
     e = await failure(stub, request(image(data=os.urandom(200))))
     assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert e.details() == "messages[0].content[0]: not an image: cannot identify image file"
+    assert e.details() == "messages[0].content[0] (image 0): not an image: cannot identify image file"
     e = await failure(stub, request(image(url="ftp://x/y.png")))
     assert e.details().endswith("accepted schemes are http, https and data")
 
@@ -161,3 +162,80 @@ async def test_client_cancel_cancels_generation(
         break
     call.cancel()
     await asyncio.wait_for(fake.cancelled.wait(), timeout=5)
+
+
+def part(kind: str, data: bytes = b"x", fmt: str = "") -> chat_pb2.ChatContentPart:
+    return chat_pb2.ChatContentPart(**{kind: chat_pb2.MediaInput(data=data, format=fmt)})
+
+
+def test_to_domain_every_media_kind() -> None:
+    req = request(
+        part("video"),
+        chat_pb2.ChatContentPart(audio=chat_pb2.MediaInput(url="https://e/a.wav")),
+        part("audio", fmt="FLAC"),
+        part("event", fmt="npy"),
+        text("what?"),
+    )
+    media = to_domain(req, "rid").media()
+    assert [(m.modality, m.fmt, m.url) for m in media] == [
+        ("video", None, None),
+        ("audio", None, "https://e/a.wav"),
+        ("audio", "flac", None),
+        ("event", "npy", None),
+    ]
+
+
+@pytest.mark.parametrize(
+    "kind,fmt,message",
+    [
+        (
+            "audio",
+            "aac",
+            "messages[0].content[0].audio.format: expected one of ['wav', 'mp3', 'flac', 'ogg'], got 'aac'",
+        ),
+        (
+            "video",
+            "mp4",
+            "messages[0].content[0].video.format: expected no format for video (read from the bytes), got 'mp4'",
+        ),
+    ],
+)
+async def test_a_format_the_modality_lacks(
+    stub: chat_pb2_grpc.ChatStub, kind: str, fmt: str, message: str
+) -> None:
+    e = await failure(stub, request(part(kind, fmt=fmt)))
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.details() == message
+
+
+async def test_a_modality_the_preset_lacks(stub: chat_pb2_grpc.ChatStub) -> None:
+    e = await failure(stub, request(part("event", fmt="npz")))
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (
+        e.details()
+        == "messages[0].content[0]: preset tiny has no event encoder; it accepts image (got 1 event stream)"
+    )
+
+
+async def test_timestamps_in_the_chunks(
+    make_service: Any, llm_server: tuple[FakeLLM, str], settings: Settings, png: bytes
+) -> None:
+    fake = llm_server[0]
+    fake.pieces = ["At ", "<vid> 1.0s", "."]
+    fake.timestamps = {1: [llm_pb2.Timestamp(media_index=0, frame=1, seconds=1.0, char_offset=3)]}
+    service = make_service(
+        llm_server[1], encoder=FakeEncoder(times={"video": [0.0, 1.0]}), preset_="tiny-etchat"
+    )
+    server, address = await start_chat_server(settings, service)
+    try:
+        async with grpc.aio.insecure_channel(address) as channel:
+            req = request(part("video", png), text("when?"), model="tiny-etchat")
+            chunks = [c async for c in chat_pb2_grpc.ChatStub(channel).Complete(req)]
+    finally:
+        await server.server.stop(None)
+    assert [c.delta for c in chunks] == ["At ", "<vid> 1.0s", "."]
+    assert [len(c.timestamps) for c in chunks] == [0, 1, 0]
+    t = chunks[1].timestamps[0]
+    assert (t.media_index, t.frame, t.seconds, t.char_offset) == (0, 1, 1.0, 3)
+    assert fake.requests[0].media[0].modality == "video"
+    assert list(fake.requests[0].media[0].frame_times) == [0.0, 1.0]

@@ -157,7 +157,7 @@ async def test_unsupported_part(down_client: httpx.AsyncClient) -> None:
     assert_error(
         r,
         400,
-        "messages[0].content[0]: preset tiny has no video encoder; it accepts image (got 1 video item)",
+        "messages[0].content[0]: preset tiny has no video encoder; it accepts image (got 1 video)",
     )
 
 
@@ -171,12 +171,12 @@ async def test_unsupported_scheme_and_too_many_images(down_client: httpx.AsyncCl
     assert_error(
         r,
         400,
-        "messages[0].content[0]: unsupported image URL scheme 'file' in "
+        "messages[0].content[0] (image 0): unsupported image URL scheme 'file' in "
         "file:///etc/passwd: accepted schemes are http, https and data",
     )
     parts = [{"type": "image_url", "image_url": "https://example.com/a.png"}] * 5
     r = await down_client.post(URL, json=body(parts))
-    assert_error(r, 400, "at most 4 images per request, got 5")
+    assert_error(r, 400, "preset tiny accepts at most 4 images per request, got 5")
 
 
 async def test_unknown_route_and_method(down_client: httpx.AsyncClient) -> None:
@@ -461,5 +461,81 @@ async def test_inline_audio_on_a_preset_without_audio_is_a_clear_400(down_client
     assert_error(
         r,
         400,
-        "messages[0].content[1]: preset tiny has no audio encoder; it accepts image (got 1 audio item)",
+        "messages[0].content[1]: preset tiny has no audio encoder; it accepts image (got 1 audio clip)",
     )
+
+
+# ---- other modalities and timestamps ---------------------------------------------------------
+
+
+@pytest.fixture
+async def etchat_client(
+    make_service: Any, llm_server: tuple[FakeLLM, str]
+) -> AsyncIterator[tuple[httpx.AsyncClient, FakeLLM]]:
+    """A client of the REST app on tiny-etchat (video only, a timestamp head)."""
+    from tests.unit.gateway.support import FakeEncoder
+
+    service = make_service(
+        llm_server[1], encoder=FakeEncoder(times={"video": [0.0, 1.0, 2.0]}), preset_="tiny-etchat"
+    )
+    transport = httpx.ASGITransport(app=create_app(service))
+    async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as c:
+        yield c, llm_server[0]
+
+
+def video_body(png: bytes, **fields: Any) -> dict[str, Any]:
+    url = "data:video/mp4;base64," + base64.b64encode(png).decode()  # the stand-in encoder reads PNGs
+    content = [{"type": "video_url", "video_url": {"url": url}}, {"type": "text", "text": "when?"}]
+    return body(content, model="tiny-etchat", **fields)
+
+
+async def test_timestamps_in_the_reply(etchat_client: tuple[httpx.AsyncClient, FakeLLM], png: bytes) -> None:
+    from modalmesh.v1 import llm_pb2
+
+    client, fake = etchat_client
+    r = await client.post(URL, json=video_body(png))
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["timestamps"] == []  # a time-aware preset: always a list
+
+    fake.pieces = ["At ", "<vid> 1.0s", "."]
+    fake.timestamps = {1: [llm_pb2.Timestamp(media_index=0, frame=1, seconds=1.0, char_offset=3)]}
+    r = await client.post(URL, json=video_body(png))
+    message = r.json()["choices"][0]["message"]
+    assert message["content"] == "At <vid> 1.0s."
+    assert message["timestamps"] == [{"media_index": 0, "frame": 1, "seconds": 1.0, "char_offset": 3}]
+
+    r = await client.post(URL, json=video_body(png, stream=True))
+    chunks = [e for e in sse_events(r.text) if isinstance(e, dict) and e.get("choices")]
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    assert [d.get("timestamps") for d in deltas] == [
+        None,
+        None,
+        [{"media_index": 0, "frame": 1, "seconds": 1.0, "char_offset": 3}],
+        None,
+    ]
+
+
+async def test_no_timestamps_field_without_a_timestamp_head(client: httpx.AsyncClient, png: bytes) -> None:
+    r = await client.post(URL, json=body([{"type": "image_url", "image_url": {"url": data_url(png)}}]))
+    assert "timestamps" not in r.json()["choices"][0]["message"]
+
+
+@pytest.mark.parametrize(
+    "part,message",
+    [
+        (
+            {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "aac"}},
+            "messages[0].content[0]: input_audio.format: expected one of ['wav', 'mp3', 'flac', 'ogg'], got 'aac'",
+        ),
+        (
+            {"type": "video_url", "video_url": {"url": "data:image/png;base64,AAAA"}},
+            "messages[0].content[0] (video 0): data URL media type: expected video/*, got 'image/png'",
+        ),
+    ],
+)
+async def test_media_format_errors(
+    etchat_client: tuple[httpx.AsyncClient, FakeLLM], part: dict[str, Any], message: str
+) -> None:
+    client, _ = etchat_client
+    r = await client.post(URL, json=body([part], model="tiny-etchat"))
+    assert_error(r, 400, message)

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import redis.asyncio as aioredis
 
-from gateway.domain import ChatRequest, Finished, MediaItem, TextDelta, Turn
-from gateway.feature_cache import FeatureCache
+from gateway.domain import ChatRequest, Finished, MediaItem, TextDelta, Timestamp, Turn
+from gateway.feature_cache import FeatureCache, content_digest
 from gateway.serving import ChatService
 from modalmesh.v1 import llm_pb2
 from services.common.errors import (
@@ -134,7 +134,7 @@ def test_sampling_defaults_and_pass_through(down_service: ChatService) -> None:
 
 def test_too_many_images(down_service: ChatService, png: bytes) -> None:
     e = error_of(down_service, chat(*[image(png, i) for i in range(5)]))
-    assert (e.status, e.message) == (400, "at most 4 images per request, got 5")
+    assert (e.status, e.message) == (400, "preset tiny accepts at most 4 images per request, got 5")
     down_service.validate(chat(*[image(png, i) for i in range(4)]))
 
 
@@ -180,7 +180,9 @@ async def test_media_is_fetched_over_http(service: ChatService, media_server: st
 async def test_bad_image_names_the_part(service: ChatService) -> None:
     with pytest.raises(InvalidArgumentError) as info:
         await service.prepare(chat("x", image(os.urandom(300), 1)))
-    assert info.value.message == ("messages[0].content[1]: not an image: cannot identify image file")
+    assert info.value.message == (
+        "messages[0].content[1] (image 0): not an image: cannot identify image file"
+    )
     assert info.value.param == "messages[0].content[1]"
 
 
@@ -189,7 +191,7 @@ async def test_fetch_errors_name_the_part(service: ChatService, media_server: st
     with pytest.raises(InvalidArgumentError) as info:
         await service.prepare(chat(MediaItem("image", url=url, param="messages[0].content[0]")))
     assert info.value.message == (
-        f"messages[0].content[0]: could not fetch image from {url}: the server answered HTTP 404"
+        f"messages[0].content[0] (image 0): could not fetch image from {url}: the server answered HTTP 404"
     )
 
 
@@ -198,7 +200,7 @@ async def test_inline_data_over_the_limit(service: ChatService) -> None:
     with pytest.raises(PayloadTooLargeError) as info:
         await service.prepare(chat(image(b"\x89PNG" + b"\0" * limit)))
     assert info.value.message == (
-        f"messages[0].content[0]: image is {limit + 4} bytes, over the limit of {limit} bytes"
+        f"messages[0].content[0] (image 0): image is {limit + 4} bytes, over the limit of {limit} bytes"
     )
 
 
@@ -333,3 +335,150 @@ async def test_readiness(service: ChatService, down_service: ChatService) -> Non
 
 def test_generate_request_is_a_proto(down_service: ChatService) -> None:
     assert llm_pb2.GenerateRequest.DESCRIPTOR.full_name == "modalmesh.v1.GenerateRequest"
+
+
+# ---- every modality -------------------------------------------------------------------------
+
+
+def media(modality: str, data: bytes, n: int, turn: int = 0) -> MediaItem:
+    return MediaItem(modality, data=data, param=f"messages[{turn}].content[{n}]")
+
+
+VIDEO_TIMES = [0.0, 1.0, 2.0, 3.0]
+
+
+async def test_each_modality_goes_to_its_encoder_with_frame_times(
+    make_service: ServiceFactory, llm_server: tuple[FakeLLM, str], png: bytes
+) -> None:
+    encoder = FakeEncoder(times={"video": VIDEO_TIMES})
+    service = make_service(llm_server[1], encoder=encoder, preset_="tiny-pandagpt")
+    request = ChatRequest(
+        model="tiny-pandagpt",
+        turns=[
+            Turn("user", (media("video", png, 0), "what happens?")),
+            Turn("assistant", ("a dog runs",)),
+            Turn("user", (media("audio", png + b"a", 0, 2), media("image", png + b"i", 1, 2), "and now?")),
+        ],
+        request_id="req-mm",
+    )
+    prepared = await service.prepare(request)
+    assert sorted(zip(encoder.modalities, [c[0] for c in encoder.calls], strict=True)) == [
+        ("audio", "audio_imagebind"),
+        ("image", "image_imagebind"),
+        ("video", "video_imagebind"),
+    ]
+    sent = prepared.generate_request
+    assert [m.modality for m in sent.media] == ["video", "audio", "image"]  # the request's order
+    assert list(sent.media[0].frame_times) == VIDEO_TIMES
+    assert tensor_to_array(sent.media[0].features).shape == (16 * 4, 64)
+    assert [list(m.frame_times) for m in sent.media[1:]] == [[0.0], [0.0]]
+    parts = [[p.WhichOneof("part") for p in t.parts] for t in sent.turns]
+    assert parts == [["media_index", "text"], ["text"], ["media_index", "media_index", "text"]]
+    assert [p.media_index for p in sent.turns[2].parts[:2]] == [1, 2]
+    assert prepared.timestamps is False
+
+
+@pytest.mark.parametrize(
+    "preset_name,items,param,message",
+    [
+        (
+            "tiny-pandagpt",
+            [("video", 0), ("video", 1)],
+            "messages[0].content[1]",
+            "preset tiny-pandagpt accepts at most 1 video per request, got 2",
+        ),
+        (
+            "tiny-pandagpt",
+            [("audio", 0), ("audio", 1), ("audio", 2)],
+            "messages[0].content[1]",
+            "preset tiny-pandagpt accepts at most 1 audio clip per request, got 3",
+        ),
+        (
+            "tiny-eventgpt",
+            [("event", 0), ("image", 1)],
+            "messages[0].content[1]",
+            "messages[0].content[1]: preset tiny-eventgpt has no image encoder; it accepts event (got 1 image)",
+        ),
+        (
+            "tiny-videochat",
+            [("audio", 0), ("audio", 1)],
+            "messages[0].content[0]",
+            "messages[0].content[0]: preset tiny-videochat has no audio encoder; it accepts image, video "
+            "(got 2 audio clips)",
+        ),
+    ],
+)
+def test_media_the_preset_does_not_take(
+    make_service: ServiceFactory,
+    png: bytes,
+    preset_name: str,
+    items: list[tuple[str, int]],
+    param: str,
+    message: str,
+) -> None:
+    service = make_service(preset_=preset_name)
+    e = error_of(service, chat(*[media(m, png, n) for m, n in items], model=preset_name))
+    assert (e.status, e.message, e.error.param) == (400, message, param)
+
+
+async def test_an_encoder_refusal_names_the_item(
+    make_service: ServiceFactory, llm_server: tuple[FakeLLM, str], png: bytes
+) -> None:
+    service = make_service(llm_server[1], preset_="tiny-videochat")
+    request = ChatRequest(
+        model="tiny-videochat",
+        turns=[
+            Turn("user", (media("video", png, 0), "what happens?")),
+            Turn("assistant", ("a dog runs",)),
+            Turn("user", (media("image", b"not a png", 0, 2), "and here?")),
+        ],
+        request_id="req-bad",
+    )
+    with pytest.raises(InvalidArgumentError) as info:
+        await service.prepare(request)
+    assert info.value.message == "messages[2].content[0] (image 0): not an image: cannot identify image file"
+    assert info.value.param == "messages[2].content[0]"
+
+
+@needs_redis
+async def test_frame_times_come_back_from_the_cache(
+    make_service: ServiceFactory, llm_server: tuple[FakeLLM, str], png: bytes
+) -> None:
+    prefix = f"mmtest:{uuid.uuid4().hex}:"
+    encoder = FakeEncoder(times={"video": VIDEO_TIMES})
+    cache = FeatureCache(REDIS_URL, ttl_s=60, key_prefix=prefix)
+    service = make_service(llm_server[1], encoder=encoder, cache=cache, preset_="tiny-etchat")
+    try:
+        video = chat(media("video", png, 0), "when?", model="tiny-etchat")
+        first = await service.prepare(video)
+        second = await service.prepare(video)
+        assert len(encoder.calls) == 1
+        assert list(second.generate_request.media[0].frame_times) == VIDEO_TIMES
+        assert first.generate_request.media[0] == second.generate_request.media[0]
+    finally:
+        raw = aioredis.Redis.from_url(REDIS_URL)
+        keys = [k async for k in raw.scan_iter(match=prefix + "*")]
+        assert [k.decode() for k in keys] == [
+            f"{prefix}{service.preset.encoder_id('video')}:{content_digest(png)}"
+        ]
+        await raw.delete(*keys)
+        await raw.aclose()
+
+
+async def test_timestamps_of_the_llm_reach_the_events(
+    make_service: ServiceFactory, llm_server: tuple[FakeLLM, str], png: bytes
+) -> None:
+    fake = llm_server[0]
+    fake.pieces = ["At ", "<vid> 2.0s", " it jumps."]
+    fake.timestamps = {1: [llm_pb2.Timestamp(media_index=0, frame=2, seconds=2.0, char_offset=3)]}
+    service = make_service(
+        llm_server[1], encoder=FakeEncoder(times={"video": VIDEO_TIMES}), preset_="tiny-etchat"
+    )
+    prepared = await service.prepare(chat(media("video", png, 0), "when?", model="tiny-etchat"))
+    assert prepared.timestamps is True
+    events = [e async for e in service.generate(prepared)]
+    assert events[0] == TextDelta("At ")
+    assert events[1] == TextDelta(
+        "<vid> 2.0s", (Timestamp(media_index=0, frame=2, seconds=2.0, char_offset=3),)
+    )
+    assert isinstance(events[2], Finished) and events[2].timestamps == ()

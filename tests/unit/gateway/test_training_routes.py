@@ -187,7 +187,9 @@ async def test_no_training_client_no_routes(down_service: ChatService) -> None:
         assert (await c.get(JOBS)).status_code == 404
 
 
-async def test_job_routes_have_their_own_metrics_labels(api: httpx.AsyncClient, down_service: ChatService) -> None:
+async def test_job_routes_have_their_own_metrics_labels(
+    api: httpx.AsyncClient, down_service: ChatService
+) -> None:
     await api.get(JOBS)
     await api.get(f"{JOBS}/no-such-job")
     metrics = down_service.metrics.render()[0].decode()
