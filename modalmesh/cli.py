@@ -6,6 +6,7 @@
     modalmesh train submit JOB.yaml [--wait] | status ID | list | cancel ID
     modalmesh data synth OUT_DIR [--train N] [--heldout N] [--seed S]
     modalmesh adapters list [NAME] | rollback NAME VERSION   the adapter registry in Redis
+    modalmesh import SYSTEM PATH [--preset NAME] [--out DIR] [--version V]   a seed checkpoint -> bundle
 
 Every flag has a MODALMESH_* environment variable (see services.common.settings.Settings);
 a flag wins over the variable.
@@ -22,6 +23,7 @@ from typing import Any, NoReturn
 
 from modalmesh import train_cli
 from modalmesh.adapters_cli import add_parser as add_adapters_parser
+from modalmesh.import_cli import add_parser as add_import_parser
 from services.common.errors import ModalmeshError
 
 # flag -> Settings field
@@ -140,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     presets.set_defaults(func=cmd_presets)
     train_cli.add_commands(sub)
     add_adapters_parser(sub, _settings)
+    add_import_parser(sub)
     return parser
 
 
