@@ -61,8 +61,6 @@ LLM: dict[str, Any] = {
     # demo's fine-tuning could not fit its answers. Trained LLMs have heads of this scale.
     "initializer_range": 0.1,
 }
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 _WORD_LIST = (
     "a an the this that is are was be of in on at to with and or not what which where how many "
@@ -115,30 +113,6 @@ def build_tokenizer(placeholders: list[str]):  # -> PreTrainedTokenizerFast
     )
 
 
-def _write_vision(path: Path, spec_tokens: int, spec_dim: int, select_feature: str) -> None:
-    import torch
-    from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel
-
-    patches = (VISION["image_size"] // VISION["patch_size"]) ** 2
-    tokens = patches + (1 if select_feature == "cls_patch" else 0)
-    if (spec_tokens, spec_dim) != (tokens, VISION["hidden_size"]):
-        raise InvalidArgumentError(
-            f"tiny vision tower: preset expects {spec_tokens} tokens of width {spec_dim}, the "
-            f"generator makes {tokens} of width {VISION['hidden_size']}"
-        )
-    torch.manual_seed(SEED)
-    CLIPVisionModel(CLIPVisionConfig(**VISION)).save_pretrained(path)
-    size = VISION["image_size"]
-    CLIPImageProcessorPil(
-        size={"shortest_edge": size},
-        crop_size={"height": size, "width": size},
-        image_mean=CLIP_MEAN,
-        image_std=CLIP_STD,
-        resample=3,
-        do_convert_rgb=True,
-    ).save_pretrained(path)
-
-
 def _write_llm(path: Path, preset: Preset) -> int:
     from services.llm.tiny_weights import write_tiny_lm
 
@@ -181,10 +155,7 @@ def _write_media_parts(preset: Preset, tmp: Path) -> None:
         enc, conn = spec.encoder, spec.connector
         if enc.checkpoint not in done:
             done.add(enc.checkpoint)
-            if enc.backbone == "clip_vision" and not enc.config:
-                _write_vision(tmp / f"enc-{i}", enc.tokens, enc.dim, enc.select_feature)
-            else:
-                write_tiny_backbone(enc, tmp / f"enc-{i}", seed=SEED + 10 + i)
+            write_tiny_backbone(enc, tmp / f"enc-{i}", seed=SEED + 10 * i)
             _publish(tmp / f"enc-{i}", enc.checkpoint)
         if conn.tokenizer is not None and conn.tokenizer not in done:
             done.add(conn.tokenizer)

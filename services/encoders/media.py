@@ -51,8 +51,8 @@ logger = logging.getLogger(__name__)
 
 EncodeResult = EncodedItem | ModalmeshError
 FRAMES_PER_FORWARD = 64  # frame backbones run at most this many frames at once
-_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's normalisation, as the seeds use
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _ZERO_TIME = np.zeros(1, dtype=np.float32)
 
 
@@ -102,7 +102,7 @@ def frame_sampling(spec: EncoderSpec) -> FrameSampling:
 def clip_preprocessor(size: int) -> ClipImagePreprocessor:
     """Resize the shortest edge to `size` (bicubic), centre crop `size`, CLIP mean/std."""
     return ClipImagePreprocessor.from_dict(
-        {"size": {"shortest_edge": size}, "crop_size": size, "image_mean": _CLIP_MEAN, "image_std": _CLIP_STD}
+        {"size": {"shortest_edge": size}, "crop_size": size, "image_mean": CLIP_MEAN, "image_std": CLIP_STD}
     )
 
 
@@ -122,8 +122,8 @@ def imagebind_video(frames: np.ndarray, *, clips: int, crops: int, size: int) ->
     else:
         new_h, new_w = size, int(np.floor(width / height * size))
     x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False)  # (N, 3, h, w)
-    mean = torch.tensor(_CLIP_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(_CLIP_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
     x = ((x - mean) / std).reshape(clips, m, 3, new_h, new_w).transpose(1, 2)  # (K, 3, m, h, w)
     top, left = -(-(new_h - size) // 2), -(-(new_w - size) // 2)  # ceil, as uniform_crop
     out = []

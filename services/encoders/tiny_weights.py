@@ -22,9 +22,7 @@ import torch
 
 from services.common.errors import InvalidArgumentError
 from services.common.presets import EncoderSpec
-
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+from services.encoders.media import CLIP_MEAN, CLIP_STD
 
 
 def _check(spec: EncoderSpec, tokens: int, dim: int, sizes: dict[str, Any]) -> None:

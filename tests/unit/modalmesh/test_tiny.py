@@ -70,7 +70,7 @@ def test_a_preset_that_disagrees_with_the_generator_is_refused(tmp_path):
 
     preset = load_preset("tiny", cache_dir=tmp_path, presets_dir=tmp_path)
     with pytest.raises(
-        InvalidArgumentError, match="preset expects 17 tokens of width 64, the generator makes 16"
+        InvalidArgumentError, match=r"preset expects 17 tokens of width 64 per frame .* give 16 of width 64"
     ):
         generate(preset)
 
@@ -87,3 +87,19 @@ def test_a_cache_from_another_generator_version_is_regenerated(tmp_path) -> None
     assert not is_generated(preset)
     assert generate(preset) and is_generated(preset)
     assert not generate(preset)  # now current: nothing to do
+
+
+def test_a_twin_with_every_kind_of_part_is_deterministic_and_complete(tmp_path):
+    """tiny-etchat: EVA backbone, Q-Former base, Q-Former tokenizer, Phi-3 with <vid>."""
+    from transformers import AutoTokenizer
+
+    first = load_preset("tiny-etchat", cache_dir=tmp_path / "a")
+    second = load_preset("tiny-etchat", cache_dir=tmp_path / "b")
+    assert generate(first) and generate(second)
+    assert is_generated(first)
+    assert _digest(tmp_path / "a" / "tiny-etchat") == _digest(tmp_path / "b" / "tiny-etchat")
+    connector = first.modalities["video"].connector
+    assert connector.base.is_file() and (connector.tokenizer / "tokenizer.json").is_file()
+    tok = AutoTokenizer.from_pretrained(first.llm.checkpoint)
+    for token in ("<vid>", "<image>", "<|end|>", "<|user|>"):
+        assert len(tok.encode(token, add_special_tokens=False)) == 1, token
