@@ -1,9 +1,19 @@
-"""Dataset records -> Samples: LLaVA conversations and caption pairs, each record checked alone.
+"""Dataset records -> Samples: LLaVA conversations, caption pairs and E.T. Instruct records,
+each record checked alone.
 
 A record that breaks a rule raises `BadSampleError` with a short reason kind ("media_missing",
 "roles", ...); the loader in `services.trainer.datasets` counts and logs those instead of
 failing the whole dataset. Media files are only checked to exist, be readable and non-empty
 here; their bytes are read later, by the trainer.
+
+Media keys: the modality's name ("image", "video", "audio", "event"), "media", NExT-GPT's
+"<modality>_name" (`{"video_name": ..., "caption": ...}`) or its new code base's
+"input_<modality>"; one of them per record. PandaGPT's "conversation" is read as
+"conversations".
+
+Time tokens (E.T. Chat's "<vid>", when the preset has timestamp heads): a record in the
+`etinstruct` format gives the seconds of each one, "src" for those in user turns and "tgt" for
+those in assistant replies, in text order; a time token in any other record is a bad sample.
 
 Placeholders: each occurrence of the modality's placeholder (e.g. "<image>") in a user message
 marks where the next media item goes. Text around a placeholder is stripped, and a message's
@@ -13,10 +23,11 @@ parts render joined by "\\n" (the serving convention of `services.llm.templates`
 
 from __future__ import annotations
 
+import math
 import os
 import stat
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -64,11 +75,13 @@ class Sample:
         turns: An optional system turn, then user/assistant turns alternating, ending with
             the assistant's. MediaPart.index indexes `media`.
         media: The media items, in placeholder order.
+        times: Seconds of each time token ("<vid>") in the text, in text order.
     """
 
     id: str
     turns: tuple[Turn, ...]
     media: tuple[MediaFile, ...]
+    times: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -80,12 +93,14 @@ class RecordRules:
         placeholder: That modality's placeholder string in the preset, e.g. "<image>".
         max_per_prompt: Most items one sample may hold.
         media_root: Relative media paths are resolved against this folder.
+        time_token: The preset's time token (E.T. Chat's "<vid>"), or None without timestamp heads.
     """
 
     modality: str
     placeholder: str
     max_per_prompt: int
     media_root: Path
+    time_token: str | None = None
 
     def __post_init__(self) -> None:
         if not self.placeholder:
@@ -120,10 +135,17 @@ def _kind(value: Any) -> str:
     return names.get(type(value), f"a {type(value).__name__}")
 
 
+def media_keys(modality: str) -> tuple[str, ...]:
+    """The record keys that may hold a modality's media path(s)."""
+    return tuple(dict.fromkeys((modality, "media", f"{modality}_name", f"input_{modality}")))
+
+
 def _media_paths(record: dict[str, Any], modality: str) -> list[str]:
-    keys = [k for k in dict.fromkeys((modality, "media")) if record.get(k) is not None]
+    keys = [k for k in media_keys(modality) if record.get(k) is not None]
     if len(keys) > 1:
-        raise BadSampleError("bad_field", f"expected one of {keys[0]!r} or {keys[1]!r}, got both")
+        raise BadSampleError(
+            "bad_field", f"expected only one of {list(media_keys(modality))}, got several: {keys}"
+        )
     if not keys:
         return []
     key, value = keys[0], record[keys[0]]
@@ -178,7 +200,7 @@ def parse_llava(record: Any, rules: RecordRules, *, index: int) -> Sample:
     """
     obj = _object(record)
     media = _media(_media_paths(obj, rules.modality), rules)
-    convs = obj.get("conversations")
+    convs = obj.get("conversations", obj.get("conversation"))
     if not isinstance(convs, list):
         kind = "missing_field" if convs is None else "bad_field"
         raise BadSampleError(kind, f"conversations: expected a list of messages, got {_kind(convs)}")
@@ -210,7 +232,92 @@ def parse_llava(record: Any, rules: RecordRules, *, index: int) -> Sample:
             f"item, got {refs}",
         )
     _check_turns(turns)
-    return Sample(id=record_id(obj) or str(index), turns=tuple(turns), media=media)
+    sample = Sample(id=record_id(obj) or str(index), turns=tuple(turns), media=media)
+    if rules.time_token is not None:
+        in_user, in_replies = _time_tokens(sample, rules.time_token)
+        if in_user + in_replies:
+            raise BadSampleError(
+                "time_token_count",
+                f"the text holds {in_user + in_replies} {rules.time_token!r} token(s) but the record "
+                "gives no times (use format etinstruct with src/tgt)",
+            )
+    return sample
+
+
+def _time_tokens(sample: Sample, token: str) -> tuple[int, int]:
+    """(time tokens in user turns, in assistant turns) of a sample's text."""
+    counts = {"user": 0, "assistant": 0, "system": 0}
+    for turn in sample.turns:
+        for part in turn.parts:
+            if isinstance(part, TextPart):
+                counts[turn.role] += part.text.count(token)
+    if counts["system"]:
+        raise BadSampleError("time_token_count", f"the system message holds {token!r}; only turns may")
+    return counts["user"], counts["assistant"]
+
+
+def _seconds(obj: dict[str, Any], key: str, duration: float | None) -> list[float]:
+    value = obj.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in value
+    ):
+        raise BadSampleError("bad_field", f"{key}: expected a list of seconds, got {_kind(value)} {value!r}")
+    for v in value:
+        if not math.isfinite(v) or v < 0 or (duration is not None and v > duration):
+            limit = f"[0, {duration:g}] (the duration)" if duration is not None else ">= 0"
+            raise BadSampleError("time_out_of_range", f"{key}: expected seconds in {limit}, got {v!r}")
+    return [float(v) for v in value]
+
+
+def parse_etinstruct(record: Any, rules: RecordRules, *, index: int) -> Sample:
+    """Parse one E.T. Instruct record: {"video", "duration", "src", "tgt", "conversations"}.
+
+    The conversation is read as LLaVA's; "src" gives the seconds of the time tokens in user
+    turns and "tgt" those in assistant replies, each in text order (E.T. Chat adds the frame at
+    each of them to the token's embedding, and learns to match the replies' ones).
+
+    Raises:
+        BadSampleError: As `parse_llava`, or "time_token_count" (tokens and times disagree),
+            "time_out_of_range" (a time outside [0, duration]) or "bad_field".
+    """
+    if rules.time_token is None:
+        raise InvalidArgumentError(
+            "format etinstruct: the preset has no timestamp heads (heads.timestamps), so its "
+            "time tokens mean nothing to it"
+        )
+    obj = _object(record)
+    duration = obj.get("duration")
+    if duration is not None and (
+        not isinstance(duration, int | float) or isinstance(duration, bool) or not duration > 0
+    ):
+        raise BadSampleError("bad_field", f"duration: expected seconds > 0, got {duration!r}")
+    src = _seconds(obj, "src", duration)
+    tgt = _seconds(obj, "tgt", duration)
+    sample = parse_llava(
+        {k: v for k, v in obj.items() if k not in ("src", "tgt")},
+        replace(rules, time_token=None),
+        index=index,
+    )
+    in_user, in_replies = _time_tokens(sample, rules.time_token)
+    if (in_user, in_replies) != (len(src), len(tgt)):
+        raise BadSampleError(
+            "time_token_count",
+            f"expected one {rules.time_token!r} per time: {len(src)} in user turns (src) and "
+            f"{len(tgt)} in replies (tgt), got {in_user} and {in_replies}",
+        )
+    return replace(sample, times=tuple(_text_order_times(sample, rules.time_token, src, tgt)))
+
+
+def _text_order_times(sample: Sample, token: str, src: list[float], tgt: list[float]) -> list[float]:
+    user, reply = iter(src), iter(tgt)
+    out = []
+    for turn in sample.turns:
+        for part in turn.parts:
+            if isinstance(part, TextPart):
+                out += [next(user if turn.role == "user" else reply) for _ in range(part.text.count(token))]
+    return out
 
 
 def _media_first(turns: list[Turn], count: int) -> list[Turn]:
@@ -241,7 +348,8 @@ def _check_turns(turns: list[Turn]) -> None:
 
 
 def parse_caption(record: Any, rules: RecordRules, *, index: int) -> Sample:
-    """Parse one caption pair {"image" (or "media"): path, "caption": text}.
+    """Parse one caption pair {"image" (or "video", "audio", "event", "media",
+    "<modality>_name", "input_<modality>"): path, "caption": text}.
 
     The pair becomes a user turn holding the media item and an assistant turn with the caption.
 

@@ -26,16 +26,16 @@ text, so that a model we train sees at serving what it saw in training:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TypedDict
 
 import torch
 
 from services.common.errors import InvalidArgumentError
 from services.common.presets import Preset
-from services.llm.domain import Turn
-from services.llm.prompt import placeholder_token_id
+from services.llm.domain import MediaPart, TextPart, Turn
+from services.llm.prompt import combine_turn_media, placeholder_token_id
 from services.llm.templates import Segment, Template, check_roles, merge_text, turn_text
 from services.trainer._samples import BadSampleError, MediaFile, Sample
 
@@ -99,38 +99,65 @@ class MediaSlots:
     Attributes:
         placeholder: The preset's placeholder string, e.g. "<image>".
         placeholder_id: The id each of an item's positions holds.
-        num_tokens: LLM tokens one item becomes (after the connector).
+        num_tokens: LLM tokens one item becomes (after the connector) at its usual frames.
         max_per_prompt: Most items of this modality one sample may hold.
+        tokens_for_frames: Frames -> LLM tokens, for items whose frames vary (fps sampling;
+            the encoder passes each item's frames); None: always `num_tokens`.
     """
 
     placeholder: str
     placeholder_id: int
     num_tokens: int
     max_per_prompt: int
+    tokens_for_frames: Callable[[int], int] | None = field(default=None, compare=False)
+
+    def tokens(self, frames: int | None) -> int:
+        """LLM tokens of an item with `frames` frames (None: unknown, the usual count)."""
+        if frames is None or self.tokens_for_frames is None:
+            return self.num_tokens
+        return self.tokens_for_frames(frames)
 
 
 def modality_slots(
-    preset: Preset, tokenizer: Any, *, llm_tokens: Mapping[str, int] | None = None
+    preset: Preset,
+    tokenizer: Any,
+    *,
+    llm_tokens: Mapping[str, int] | None = None,
+    tokens_for_frames: Mapping[str, Callable[[int], int]] | None = None,
 ) -> dict[str, MediaSlots]:
     """Per modality of the preset, its slots, with ids as serving's loader computes them.
 
     Args:
         preset: The preset being trained.
         tokenizer: The LLM's tokenizer.
-        llm_tokens: Per modality, LLM tokens an item becomes (the connector's
-            `num_tokens(encoder.tokens)`); defaults to the encoder's token count, which is
-            what the current connectors keep.
+        llm_tokens: Per modality, LLM tokens an item becomes at its usual frames; default the
+            encoder's rows per item (what linear and mlp2x_gelu connectors keep).
+        tokens_for_frames: Per modality, frames -> LLM tokens (the connector's `num_tokens`).
     """
     llm_tokens = llm_tokens or {}
+    per_frames = tokens_for_frames or {}
     return {
         m: MediaSlots(
             placeholder=s.placeholder,
             placeholder_id=placeholder_token_id(tokenizer, s.placeholder),
-            num_tokens=llm_tokens.get(m, s.encoder.tokens),
+            num_tokens=llm_tokens.get(m, s.encoder.tokens_per_frame()),
             max_per_prompt=s.max_per_prompt,
+            tokens_for_frames=per_frames.get(m),
         )
         for m, s in preset.modalities.items()
     }
+
+
+def instruction_texts(turns: Sequence[Turn], count: int) -> list[str]:
+    """Per media item, the text of the user turn holding it (what E.T. Chat's Q-Former reads:
+    the message without its placeholder), its text parts joined by "\n"."""
+    out = [""] * count
+    for turn in turns:
+        text = "\n".join(p.text for p in turn.parts if isinstance(p, TextPart)).strip()
+        for p in turn.parts:
+            if isinstance(p, MediaPart) and 0 <= p.index < count:
+                out[p.index] = text
+    return out
 
 
 @dataclass(frozen=True)
@@ -141,8 +168,11 @@ class EncodedSample:
         id: The sample's id.
         input_ids: Token ids with placeholders expanded, (L,).
         labels: Targets aligned with input_ids, IGNORE_INDEX outside assistant replies, (L,).
-        media_spans: (start, length) in input_ids per media item, in the order of `media`.
+        media_spans: (start, length) in input_ids per media item, in the order of `media`;
+            items summed into one token (media_combine sum) share a span.
         media: The media files, read later.
+        instructions: Per media item, the text of the user turn holding it.
+        time_tokens: Per time token ("<vid>"), (its position, its seconds).
     """
 
     id: str
@@ -150,6 +180,8 @@ class EncodedSample:
     labels: list[int]
     media_spans: list[tuple[int, int]]
     media: list[MediaFile]
+    instructions: list[str] = field(default_factory=list)
+    time_tokens: list[tuple[int, float]] = field(default_factory=list)
 
 
 class SupervisedEncoder:
@@ -160,10 +192,24 @@ class SupervisedEncoder:
         template: The conversation format of the stage ("plain" for caption pretraining).
         slots: Per modality, how its items appear (see `modality_slots`).
         max_length: Longest sequence allowed; longer samples are bad ("too_long"), never cut.
+        combine: media_combine sum: the items of one user turn share one span (PandaGPT).
+        time_token: The preset's time token (E.T. Chat's "<vid>", one token of the tokenizer), or None.
+        frames: Frames of each media file (from the encoder) where items' frames vary; a
+            file missing here is a bad sample ("media_undecodable", with its `errors` entry).
+        errors: Why each file that failed to decode did.
     """
 
     def __init__(
-        self, tokenizer: Any, template: Template, slots: Mapping[str, MediaSlots], *, max_length: int
+        self,
+        tokenizer: Any,
+        template: Template,
+        slots: Mapping[str, MediaSlots],
+        *,
+        max_length: int,
+        combine: bool = False,
+        time_token: str | None = None,
+        frames: Mapping[Any, int] | None = None,
+        errors: Mapping[Any, str] | None = None,
     ) -> None:
         if max_length < 2:
             raise InvalidArgumentError(f"max_length: expected at least 2, got {max_length}")
@@ -171,6 +217,11 @@ class SupervisedEncoder:
         self.template = template
         self.slots = dict(slots)
         self.max_length = max_length
+        self.combine = combine
+        self.time_token = time_token
+        self.time_token_id = None if time_token is None else _one_token(tokenizer, time_token)
+        self.frames = frames
+        self.errors = dict(errors or {})
         self.bos_id: int | None = tokenizer.bos_token_id
         unk = tokenizer.unk_token_id
         # As PromptBuilder: placeholder ids that are real tokens must not come from text.
@@ -183,11 +234,13 @@ class SupervisedEncoder:
 
         Raises:
             BadSampleError: "roles", "unknown_modality", "placeholder_count",
-                "reserved_placeholder" or "too_long" (message: expected at most N tokens, got M).
+                "reserved_placeholder", "time_token_count", "media_undecodable" or "too_long"
+                (message: expected at most N tokens, got M).
         """
+        turns, combined = combine_turn_media(sample.turns) if self.combine else (sample.turns, {})
         try:
             pieces = render_supervised(
-                self.template, sample.turns, media_modalities=[m.modality for m in sample.media]
+                self.template, turns, media_modalities=[m.modality for m in sample.media]
             )
         except InvalidArgumentError as e:
             # A media modality the template has no wrapper for, else turns out of order.
@@ -204,9 +257,12 @@ class SupervisedEncoder:
                 labels += tokens if supervised else [IGNORE_INDEX] * len(tokens)
                 continue
             slot = self._slot(sample, seg.index, spans)
-            spans[seg.index] = (len(ids), slot.num_tokens)
-            ids += [slot.placeholder_id] * slot.num_tokens
-            labels += [IGNORE_INDEX] * slot.num_tokens
+            length = slot.tokens(self._frames(sample, seg.index))
+            spans[seg.index] = (len(ids), length)
+            ids += [slot.placeholder_id] * length
+            labels += [IGNORE_INDEX] * length
+        for i, j in combined.items():
+            self._combine(sample, spans, i, j)
         done = [s for s in spans if s is not None]
         if len(done) != len(spans):
             raise BadSampleError(
@@ -215,7 +271,47 @@ class SupervisedEncoder:
             )
         if len(ids) > self.max_length:
             raise BadSampleError("too_long", f"expected at most {self.max_length} tokens, got {len(ids)}")
-        return EncodedSample(sample.id, ids, labels, done, list(sample.media))
+        return EncodedSample(
+            sample.id,
+            ids,
+            labels,
+            done,
+            list(sample.media),
+            instruction_texts(sample.turns, len(sample.media)),
+            self._time_tokens(sample, ids),
+        )
+
+    def _frames(self, sample: Sample, index: int) -> int | None:
+        if self.frames is None or not 0 <= index < len(sample.media):
+            return None
+        path = sample.media[index].path
+        if path not in self.frames:
+            why = self.errors.get(path, "not decoded")
+            raise BadSampleError("media_undecodable", f"media[{index}]: {path}: {why}")
+        return self.frames[path]
+
+    def _combine(self, sample: Sample, spans: list[tuple[int, int] | None], i: int, j: int) -> None:
+        target = spans[j]
+        if target is None or spans[i] is not None or not 0 <= i < len(sample.media):
+            raise BadSampleError("placeholder_count", f"media[{i}]: expected one reference, with media[{j}]")
+        own = self.slots[sample.media[i].modality].tokens(self._frames(sample, i))
+        if own != target[1]:
+            raise BadSampleError(
+                "placeholder_count",
+                f"media[{i}]: summing with media[{j}] needs the same token count, expected {target[1]}, got {own}",
+            )
+        spans[i] = target
+
+    def _time_tokens(self, sample: Sample, ids: list[int]) -> list[tuple[int, float]]:
+        if self.time_token_id is None:
+            return []
+        positions = [i for i, t in enumerate(ids) if t == self.time_token_id]
+        if len(positions) != len(sample.times):
+            raise BadSampleError(
+                "time_token_count",
+                f"expected {len(sample.times)} time token(s) (one per time given), got {len(positions)}",
+            )
+        return list(zip(positions, sample.times, strict=True))
 
     def _tokenize(self, texts: list[str]) -> list[list[int]]:
         if not texts:
@@ -242,6 +338,15 @@ class SupervisedEncoder:
                 "unknown_modality", f"media[{index}]: expected one of {sorted(self.slots)}, got {modality!r}"
             )
         return self.slots[modality]
+
+
+def _one_token(tokenizer: Any, token: str) -> int:
+    ids = tokenizer([token], add_special_tokens=False)["input_ids"][0]
+    if len(ids) != 1:
+        raise InvalidArgumentError(
+            f"time token {token!r}: expected one token of the tokenizer, got ids {ids}"
+        )
+    return int(ids[0])
 
 
 class MediaRow(NamedTuple):

@@ -11,7 +11,10 @@ than "image" is asked for, so image-only runs never load PyAV or soundfile.
   short silence;
 - event: EventGPT's pickled-dict .npy of a bright bar sweeping left or right across the
   sensor: its leading edge fires positive events, its trailing edge negative ones, plus a
-  little noise.
+  little noise;
+- timed video (`write_timed_videos`, for the E.T. Instruct-style set): an 8 s mp4 at 2 fps of
+  an empty background on which one coloured shape appears at a whole second `start`, moves
+  right, and is gone from a later whole second `end` on.
 
 The same seed writes the same bytes (x264 is run single-threaded for that).
 """
@@ -27,6 +30,7 @@ from pathlib import Path
 # loaded after it binds libvpx's unversioned symbols to that copy.
 import av
 import numpy as np
+from PIL import Image
 
 from services.trainer.synth import BACKGROUNDS, COLORS, DIRECTIONS, PITCHES, SHAPES, Scene, draw
 
@@ -39,6 +43,9 @@ EVENT_SENSOR = (64, 48)  # (width, height)
 EVENT_SPAN_US = 50_000  # EventGPT refuses streams of 100 ms or more
 EVENT_BAR = 6  # bar width in pixels
 EXTENSIONS = {"video": "mp4", "audio": "wav", "event": "npy"}
+TIMED_SECONDS = 8  # timed videos: length, frames per second, visible span of the shape
+TIMED_FPS = 2
+TIMED_MIN_VISIBLE = 2
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,13 @@ def settings() -> dict[str, dict[str, object]]:
         "video": {"frames": VIDEO_FRAMES, "fps": VIDEO_FPS, "size": VIDEO_SIZE, "codec": _video_codec()},
         "audio": {"sample_rate": AUDIO_RATE, "seconds": AUDIO_SECONDS, "pitches_hz": dict(PITCHES)},
         "event": {"width": EVENT_SENSOR[0], "height": EVENT_SENSOR[1], "span_us": EVENT_SPAN_US},
+        "timestamps": {
+            "seconds": TIMED_SECONDS,
+            "fps": TIMED_FPS,
+            "size": VIDEO_SIZE,
+            "min_visible_s": TIMED_MIN_VISIBLE,
+            "codec": _video_codec(),
+        },
     }
 
 
@@ -76,6 +90,57 @@ def _video_codec() -> str:
     return "libx264" if "libx264" in av.codecs_available else "mpeg4"
 
 
+def _write_mp4(path: Path, frames: list[np.ndarray], fps: int) -> None:
+    codec = _video_codec()
+    with av.open(str(path), "w", format="mp4") as container:
+        stream = container.add_stream(codec, rate=fps)
+        assert isinstance(stream, av.video.stream.VideoStream)  # a video codec gives a video stream
+        stream.width = stream.height = VIDEO_SIZE
+        stream.pix_fmt = "yuv420p"
+        stream.options = (
+            {"crf": "18", "preset": "ultrafast", "threads": "1"}
+            if codec == "libx264"
+            else {"qscale": "2", "threads": "1"}
+        )
+        for frame in frames:  # (H, W, 3) uint8
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode(None))
+
+
+def write_timed_videos(out_dir: Path, prefix: str, count: int, rng: random.Random) -> list[MediaItem]:
+    """Write `count` timed videos as `timestamps/<prefix>_00000.mp4` ... under `out_dir`.
+
+    Each item's answer holds "color", "shape", "start" and "end" (whole seconds; the shape is
+    visible in [start, end)).
+    """
+    (out_dir / "timestamps").mkdir(parents=True, exist_ok=True)
+    items = []
+    for i in range(count):
+        rel = f"timestamps/{prefix}_{i:05d}.mp4"
+        color, shape, background = rng.choice(list(COLORS)), rng.choice(SHAPES), rng.choice(list(BACKGROUNDS))
+        start = rng.randint(0, TIMED_SECONDS - TIMED_MIN_VISIBLE)
+        end = rng.randint(start + TIMED_MIN_VISIBLE, TIMED_SECONDS)
+        side = rng.randint(VIDEO_SIZE * 4 // 10, VIDEO_SIZE * 5 // 10)
+        top = (VIDEO_SIZE - side) // 2
+        shown = (end - start) * TIMED_FPS
+        lefts = np.linspace(0, VIDEO_SIZE - side, shown).round().astype(int)
+        empty = np.asarray(Image.new("RGB", (VIDEO_SIZE, VIDEO_SIZE), BACKGROUNDS[background]))
+        frames = []
+        for k in range(TIMED_SECONDS * TIMED_FPS):
+            j = k - start * TIMED_FPS
+            if 0 <= j < shown:
+                scene = Scene(color, shape, background, (int(lefts[j]), top, side))
+                frames.append(np.asarray(draw(scene, VIDEO_SIZE)))
+            else:
+                frames.append(empty)
+        _write_mp4(out_dir / rel, frames, TIMED_FPS)
+        words = f"{color} {shape}"
+        items.append(
+            MediaItem(rel, words, {"color": color, "shape": shape, "start": str(start), "end": str(end)})
+        )
+    return items
+
+
 def _video(path: Path, rng: random.Random) -> tuple[str, dict[str, str]]:
     color, shape, background = rng.choice(list(COLORS)), rng.choice(SHAPES), rng.choice(list(BACKGROUNDS))
     direction = rng.choice(DIRECTIONS)
@@ -88,20 +153,7 @@ def _video(path: Path, rng: random.Random) -> tuple[str, dict[str, str]]:
         np.asarray(draw(Scene(color, shape, background, (int(left), top, side)), VIDEO_SIZE))
         for left in lefts
     ]
-    codec = _video_codec()
-    with av.open(str(path), "w", format="mp4") as container:
-        stream = container.add_stream(codec, rate=VIDEO_FPS)
-        assert isinstance(stream, av.video.stream.VideoStream)  # a video codec gives a video stream
-        stream.width = stream.height = VIDEO_SIZE
-        stream.pix_fmt = "yuv420p"
-        stream.options = (
-            {"crf": "18", "preset": "ultrafast", "threads": "1"}
-            if codec == "libx264"
-            else {"qscale": "2", "threads": "1"}
-        )
-        for frame in frames:  # (H, W, 3) uint8
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode(None))
+    _write_mp4(path, frames, VIDEO_FPS)
     return f"{color} {shape} moving {direction}", {"color": color, "shape": shape, "direction": direction}
 
 

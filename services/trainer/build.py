@@ -1,9 +1,11 @@
 """Builders the recipes share: the frozen LLM, the starting connectors, the training examples.
 
 Encoder features are computed here, once, before training: the encoders are frozen and the
-preprocessing deterministic, so each media file is encoded once per run (batched) instead of
-every epoch. Every rank computes the same examples in the same order (the schedule then
-shards them), so a file that fails to decode is skipped and counted identically everywhere.
+preprocessing deterministic, so each media file is encoded once per run (batched, with
+`services.encoders.media.MediaEncoder`; modalities of one checkpoint share one backbone)
+instead of every epoch. Features come before tokenizing: an item's LLM tokens follow its frame
+count (fps sampling), and its frame times place E.T. Chat's `<vid>` targets. Every rank
+computes the same examples in the same order (the schedule then shards them), so a file that fails to decode is skipped and counted identically everywhere.
 The features of the whole data set are held in memory; data sets larger than memory need a
 feature store (sharded precompute) that this first version leaves out.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,24 +23,35 @@ import torch
 from services.common.errors import FailedPreconditionError, InvalidArgumentError, ModalmeshError
 from services.common.presets import Preset, load_preset
 from services.common.settings import Settings
-from services.encoders.model import ImageEncoder
-from services.llm.adapters import base_fingerprint, load_bundle
-from services.llm.connectors import Connector
-from services.llm.loading import DTYPES, load_connectors
+from services.encoders.backbones import Backbone, build_backbone
+from services.encoders.media import EncoderLimits, MediaEncoder, preprocessor_for
+from services.encoders.protocol import EncodedItem
+from services.llm.adapters import Bundle, base_fingerprint, load_bundle
+from services.llm.connectors import Connector, bundle_state
+from services.llm.loading import DTYPES, check_added_tokens, load_connectors
+from services.llm.model import FeatureLayout
 from services.llm.templates import get_template
-from services.trainer.datasets import EncodedSample, SupervisedEncoder, load_supervised, modality_slots
+from services.llm.timestamps import HEAD_NAME, TimestampHeads, load_timestamp_heads, seconds_to_frames
+from services.trainer.datasets import (
+    IGNORE_INDEX,
+    EncodedSample,
+    SupervisedEncoder,
+    load_supervised,
+    media_files,
+    modality_slots,
+)
 from services.trainer.jobs import STAGE_DEFAULTS
-from services.trainer.loop import TrainExample
+from services.trainer.loop import TrainExample, TrainMedia, TrainTime
 from services.trainer.runconfig import RunConfig
 
 logger = logging.getLogger(__name__)
 
-ENCODE_BATCH = 64
+ENCODE_BATCH = 16
 
 
-def feature_shapes(preset: Preset) -> dict[str, tuple[int, int]]:
-    """Per modality, the (tokens, dim) of its encoder features."""
-    return {str(m): (s.encoder.tokens, s.encoder.dim) for m, s in preset.modalities.items()}
+def feature_layouts(preset: Preset) -> dict[str, FeatureLayout]:
+    """Per modality, how its features are laid out and which connector reads them."""
+    return {str(m): FeatureLayout.from_spec(m, s) for m, s in preset.modalities.items()}
 
 
 def load_run_preset(cfg: RunConfig) -> Preset:
@@ -49,6 +63,7 @@ def load_llm(preset: Preset) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(preset.llm.checkpoint)
+    check_added_tokens(preset, tokenizer)
     dtype = DTYPES[preset.llm.dtype] if torch.cuda.is_available() else torch.float32
     lm = AutoModelForCausalLM.from_pretrained(preset.llm.checkpoint, dtype=dtype)
     lm.config.use_cache = False
@@ -56,103 +71,199 @@ def load_llm(preset: Preset) -> tuple[Any, Any]:
     return tokenizer, lm
 
 
-def initial_connectors(preset: Preset, bundle_dir: Path, *, llm_dim: int) -> dict[str, Connector]:
-    """Connectors loaded from the bundle the job starts from (checked against this base LLM)."""
+def load_start_bundle(preset: Preset, bundle_dir: Path) -> Bundle:
+    """The bundle the job starts from, checked against this base LLM."""
     bundle = load_bundle(bundle_dir, expected_fingerprint=base_fingerprint(preset.llm.checkpoint))
+    logger.info("starting from %s (%s)", bundle.ref, bundle_dir)
+    return bundle
+
+
+def initial_connectors(preset: Preset, bundle: Bundle, *, llm_dim: int) -> dict[str, Connector]:
+    """Per connector name, the connector: its frozen base (`connector.base`) under the bundle's
+    tensors; in train mode, every parameter frozen (`select_trainable` picks)."""
     connectors = load_connectors(preset, bundle.connectors, llm_dim=llm_dim, dtype=torch.float32)
-    logger.info("connectors start from %s (%s)", bundle.ref, bundle_dir)
-    return {m: c.train() for m, c in connectors.items()}
+    return {name: c.train() for name, c in connectors.items()}
 
 
-def _encode_media(
-    preset: Preset, files: dict[str, list[Path]]
-) -> tuple[dict[Path, torch.Tensor], dict[Path, str]]:
-    """Features per media file, and the error of each file that failed to decode."""
-    features: dict[Path, torch.Tensor] = {}
-    errors: dict[Path, str] = {}
-    settings = Settings()
-    for modality, paths in files.items():
-        encoder = ImageEncoder.from_spec(
-            preset.modalities[modality].encoder,  # type: ignore[index]
-            max_pixels=settings.image_max_pixels,
-            decode_workers=1,
+def trainable_connector_params(connectors: Mapping[str, Connector]) -> tuple[str, ...]:
+    """Names (under the TrainingModel) of the connectors' trained parameters: all but the frozen
+    pretrained parts that come from `connector.base` (the Q-Former, its queries, ln_vision)."""
+    return tuple(
+        f"connectors.{name}.{key}"
+        for name, c in connectors.items()
+        for key, _ in c.named_parameters()
+        if not c.is_base_key(key)
+    )
+
+
+def initial_heads(preset: Preset, bundle: Bundle, *, llm_dim: int) -> TimestampHeads | None:
+    """The timestamp heads of a preset that has them: from the bundle, else freshly initialised."""
+    if preset.heads.timestamps is None:
+        return None
+    if any(k.startswith(f"{HEAD_NAME}.") for k in bundle.heads):
+        heads = load_timestamp_heads(bundle.heads, hidden_size=llm_dim)
+        logger.info("timestamp heads start from %s", bundle.ref)
+    else:
+        heads = TimestampHeads(llm_dim)
+        logger.info("timestamp heads start from a fresh initialisation (the bundle has none)")
+    return heads.train()
+
+
+def connector_states(connectors: Mapping[str, Any]) -> dict[str, dict[str, torch.Tensor]]:
+    """What a bundle holds per connector name (`bundle_state`: no frozen base), as float32 CPU."""
+    return {
+        name: {k: v.detach().float().cpu().clone() for k, v in bundle_state(c).items()}
+        for name, c in connectors.items()
+    }
+
+
+def _backbones(preset: Preset, modalities: list[str]) -> dict[str, Backbone]:
+    """One backbone per distinct checkpoint and architecture, shared by its modalities."""
+    keys = {
+        m: preset.modalities[m].encoder.model_dump_json(  # type: ignore[index]
+            exclude={"sampling", "max_batch_size", "batch_delay_us", "triton_model", "tokens"}
         )
+        for m in modalities
+    }
+    built: dict[str, Backbone] = {}
+    out: dict[str, Backbone] = {}
+    for m, key in keys.items():
+        if key not in built:
+            users = [other for other, k in keys.items() if k == key]
+            spec = preset.modalities[m].encoder  # type: ignore[index]
+            built[key] = build_backbone(spec, modalities=users, device="cpu")
+        out[m] = built[key]
+    return out
+
+
+def encode_media(
+    preset: Preset, files: Mapping[str, list[Path]]
+) -> tuple[dict[Path, EncodedItem], dict[Path, str]]:
+    """Per media file, its features and frame times, and the error of each file that failed."""
+    encoded: dict[Path, EncodedItem] = {}
+    errors: dict[Path, str] = {}
+    limits = EncoderLimits.from_settings(Settings())
+    backbones = _backbones(preset, [m for m, paths in files.items() if paths])
+    for modality, backbone in backbones.items():
+        spec = preset.modalities[modality].encoder  # type: ignore[index]
+        encoder = MediaEncoder(
+            modality, spec, backbone, preprocessor_for(spec, backbone), limits=limits, decode_workers=1
+        )
+        paths = files[modality]
         try:
-            with torch.inference_mode():
-                for i in range(0, len(paths), ENCODE_BATCH):
-                    chunk = paths[i : i + ENCODE_BATCH]
-                    for path, result in zip(
-                        chunk, encoder.encode([p.read_bytes() for p in chunk]), strict=True
-                    ):
-                        if isinstance(result, ModalmeshError):
-                            errors[path] = result.message
-                        else:
-                            features[path] = torch.from_numpy(result).clone()  # (T_in, D_in)
+            for i in range(0, len(paths), ENCODE_BATCH):
+                chunk = []
+                for path in paths[i : i + ENCODE_BATCH]:  # missing files are reported by the readers
+                    try:
+                        chunk.append((path, path.read_bytes()))
+                    except OSError as e:
+                        errors[path] = f"cannot read ({e.strerror})"
+                results = encoder.encode([data for _, data in chunk]) if chunk else []
+                for (path, _), result in zip(chunk, results, strict=True):
+                    if isinstance(result, ModalmeshError):
+                        errors[path] = result.message
+                    else:
+                        encoded[path] = result
         finally:
             encoder.close()
-    return features, errors
+    return encoded, errors
 
 
 def build_examples(
-    cfg: RunConfig, preset: Preset, tokenizer: Any, connectors: dict[str, Connector]
+    cfg: RunConfig, preset: Preset, tokenizer: Any, connectors: Mapping[str, Connector]
 ) -> tuple[list[TrainExample], dict[str, Any]]:
-    """Load, check, tokenize (with label masking) and encode every dataset of the job.
+    """Load, check, encode (features first: the token count of an item follows its frames),
+    tokenize (with label masking) every dataset of the job.
 
     Raises:
         InvalidArgumentError: A dataset is unusable or has too many bad samples.
     """
     hp = cfg.spec.hyperparameters
     defaults = STAGE_DEFAULTS[cfg.spec.stage]
-    template = get_template(defaults.template or preset.llm.template)
-    llm_tokens = {m: c.num_tokens(preset.modalities[m].encoder.tokens) for m, c in connectors.items()}  # type: ignore[index]
+    layouts = feature_layouts(preset)
+    files: dict[str, dict[Path, None]] = {}
+    for ds in cfg.spec.datasets:
+        files.setdefault(ds.modality, {}).update(dict.fromkeys(media_files(ds)))
+    encoded, errors = encode_media(preset, {m: list(paths) for m, paths in files.items()})
+    by_modality = {m: connectors[lay.connector] for m, lay in layouts.items()}
+    ts = preset.heads.timestamps
     encoder = SupervisedEncoder(
         tokenizer,
-        template,
-        modality_slots(preset, tokenizer, llm_tokens=llm_tokens),
+        get_template(defaults.template or preset.llm.template),
+        modality_slots(
+            preset,
+            tokenizer,
+            llm_tokens={m: c.num_tokens(layouts[m].typical_frames) for m, c in by_modality.items()},
+            tokens_for_frames={m: c.num_tokens for m, c in by_modality.items()},
+        ),
         max_length=hp.max_length,
+        combine=preset.media_combine == "sum",
+        time_token=ts.token if ts is not None else None,
+        frames={p: item.frames for p, item in encoded.items()},
+        errors=errors,
     )
-    encoded: list[EncodedSample] = []
+    samples: list[EncodedSample] = []
     reports = []
     for ds in cfg.spec.datasets:
         data = load_supervised(ds, encoder, max_bad_ratio=hp.max_bad_ratio)
-        encoded += data.encoded
+        samples += data.encoded
         reports.append(data.report)
-    files: dict[str, dict[Path, None]] = {}  # per modality, each file once, in first-seen order
-    for e in encoded:
-        for f in e.media:
-            files.setdefault(f.modality, {})[f.path] = None
-    features, errors = _encode_media(preset, {m: list(paths) for m, paths in files.items()})
-    examples = []
-    undecodable: Counter[str] = Counter()
-    for e in encoded:
-        broken = [f.path for f in e.media if f.path in errors]
-        if broken:
-            undecodable["media_undecodable"] += 1
-            logger.warning("skipping sample %s: %s: %s", e.id, broken[0], errors[broken[0]])
+    examples, skipped = [], Counter[str]()
+    for e in samples:
+        example = _example(e, encoded, ts.modality if ts is not None else None)
+        if example is None:
+            skipped["time_token_without_media"] += 1
+            logger.warning(
+                "skipping sample %s: time tokens but no %s item to match", e.id, ts and ts.modality
+            )
             continue
-        media = [
-            (start, f.modality, features[f.path])
-            for (start, _), f in zip(e.media_spans, e.media, strict=True)
+        examples.append(example)
+    return examples, _summary(reports, examples, skipped, hp.max_bad_ratio)
+
+
+def _example(
+    e: EncodedSample, encoded: Mapping[Path, EncodedItem], time_modality: str | None
+) -> TrainExample | None:
+    media = [
+        TrainMedia(start, length, f.modality, torch.from_numpy(encoded[f.path].features).clone(), text)
+        for (start, length), f, text in zip(e.media_spans, e.media, e.instructions, strict=True)
+    ]
+    times: list[TrainTime] = []
+    if e.time_tokens:
+        # E.T. Chat matches against the last video of the sample (its last visual span).
+        which = [i for i, f in enumerate(e.media) if f.modality == time_modality]
+        if not which:
+            return None
+        item = encoded[e.media[which[-1]].path]
+        positions = seconds_to_frames([s for _, s in e.time_tokens], item.times)
+        times = [
+            TrainTime(pos, which[-1], float(frame), e.labels[pos] != IGNORE_INDEX)
+            for (pos, _), frame in zip(e.time_tokens, positions, strict=True)
         ]
-        examples.append(TrainExample(e.input_ids, e.labels, media))
+    return TrainExample(e.input_ids, e.labels, media, times)
+
+
+def _summary(
+    reports: list[Any], examples: list[TrainExample], skipped: Counter[str], max_bad_ratio: float
+) -> dict[str, Any]:
     total = sum(r.total for r in reports)
-    bad = sum(r.bad for r in reports) + sum(undecodable.values())
-    if total and bad / total > hp.max_bad_ratio:
+    bad = sum(r.bad for r in reports) + sum(skipped.values())
+    if total and bad / total > max_bad_ratio:
         raise InvalidArgumentError(
             f"datasets: {bad} of {total} samples are bad ({bad / total:.1%}), expected at most "
-            f"{hp.max_bad_ratio:.1%} (max_bad_ratio); undecodable media: {undecodable['media_undecodable']}"
+            f"{max_bad_ratio:.1%} (max_bad_ratio); skipped after loading: {dict(skipped)}"
         )
-    reasons: Counter[str] = Counter(undecodable)
+    reasons: Counter[str] = Counter(skipped)
     for r in reports:
         reasons.update(r.reasons)
-    summary = {
+    if not examples:
+        raise FailedPreconditionError("datasets: no usable sample")
+    return {
         "total": total,
         "kept": len(examples),
         "bad": bad,
         "reasons": dict(reasons),
         "examples": [x for r in reports for x in r.examples][:5],
-        "supervised_tokens": sum(sum(1 for t in e.labels if t != -100) for e in examples),
+        "supervised_tokens": sum(sum(1 for t in e.labels if t != IGNORE_INDEX) for e in examples),
+        "time_tokens": sum(len(e.times) for e in examples),
     }
-    if not examples:
-        raise FailedPreconditionError("datasets: no usable sample")
-    return examples, summary

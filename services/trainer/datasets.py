@@ -1,10 +1,19 @@
-"""Training datasets: the spec jobs name, reading LLaVA JSON and caption pairs, skip-and-count.
+"""Training datasets: the spec jobs name, reading LLaVA JSON, caption pairs and E.T. Instruct,
+skip-and-count.
 
-Two formats, each a JSON list or JSONL (one object per line):
+Three formats, each a JSON list or JSONL (one object per line); the media key is the
+dataset's modality ("image", "video", "audio", "event"), "media", "<modality>_name"
+(NExT-GPT) or "input_<modality>" (NExT-GPT's new code base):
 
 - `llava`: {"id", "image": path | [paths] | absent, "conversations": [{"from": "human",
-  "value": "<image>\\nWhat is ...?"}, {"from": "gpt", "value": "..."}, ...]}.
-- `captions`: {"image" (or "media"): path, "caption": text}, e.g. CC3M pairs.
+  "value": "<image>\\nWhat is ...?"}, {"from": "gpt", "value": "..."}, ...]}; PandaGPT's
+  "conversation" is accepted too; EventGPT-style event chat is this with "event": "x.npy" and
+  the preset's event placeholder.
+- `captions`: {"image" | "video" | "audio" | "event" | "media" | "video_name" ...: path,
+  "caption": text}, e.g. CC3M, WebVid, AudioCaps pairs.
+- `etinstruct`: E.T. Instruct, {"video": path, "duration": s, "src": [s, ...], "tgt": [s, ...],
+  "conversations": [...]} with the preset's time token ("<vid>") in the text, src for the
+  user turns' ones and tgt for the replies' ones (needs a preset with heads.timestamps).
 
 A file that cannot be read as a list of records is a dataset-level error. A record that breaks
 a rule is logged, counted by reason and skipped; only when more than `max_bad_ratio` of the
@@ -29,8 +38,11 @@ from services.trainer._samples import (
     MediaFile,
     RecordRules,
     Sample,
+    _media_paths,
     check_media_files,
+    media_keys,
     parse_caption,
+    parse_etinstruct,
     parse_llava,
     record_id,
 )
@@ -42,6 +54,7 @@ from services.trainer._supervised import (
     MediaSlots,
     SupervisedEncoder,
     collate,
+    instruction_texts,
     modality_slots,
     render_supervised,
 )
@@ -61,8 +74,11 @@ __all__ = [
     "SupervisedDataset",
     "SupervisedEncoder",
     "collate",
+    "instruction_texts",
     "load_samples",
     "load_supervised",
+    "media_files",
+    "media_keys",
     "modality_slots",
     "render_supervised",
     "sniff",
@@ -146,6 +162,7 @@ def load_samples(
     max_per_prompt: int = 4,
     max_bad_ratio: float = 0.05,
     name: str | None = None,
+    time_token: str | None = None,
 ) -> tuple[list[Sample], LoadReport]:
     """Read and check a dataset's records, skipping and counting bad ones.
 
@@ -155,6 +172,7 @@ def load_samples(
         max_per_prompt: Most media items one sample may hold.
         max_bad_ratio: Largest share of bad records tolerated.
         name: The dataset's name in logs and messages; default the file name.
+        time_token: The preset's time token (E.T. Chat's "<vid>"), or None.
 
     Returns:
         The kept samples and the report.
@@ -163,7 +181,7 @@ def load_samples(
         InvalidArgumentError: The file is missing, empty, not JSON/JSONL or not a list; or
             more than `max_bad_ratio` of its records (or all of them) are bad.
     """
-    rules = RecordRules(spec.modality, placeholder, max_per_prompt, spec.root)
+    rules = RecordRules(spec.modality, placeholder, max_per_prompt, spec.root, time_token)
     samples, _, report = _load(spec, rules, None, max_bad_ratio, name)
     return samples, report
 
@@ -188,9 +206,30 @@ def load_supervised(
             f"dataset {spec.path}: modality: expected one of {sorted(encoder.slots)}, got {spec.modality!r}",
             param="modality",
         )
-    rules = RecordRules(spec.modality, slots.placeholder, slots.max_per_prompt, spec.root)
+    rules = RecordRules(spec.modality, slots.placeholder, slots.max_per_prompt, spec.root, encoder.time_token)
     samples, encoded, report = _load(spec, rules, encoder.encode, max_bad_ratio, name)
     return SupervisedDataset(spec=spec, samples=samples, encoded=encoded, report=report)
+
+
+def media_files(spec: DatasetSpec) -> list[Path]:
+    """The media files a dataset's records name, each once, in first-seen order.
+
+    A quiet first pass, before the features are computed: records that are malformed are
+    skipped here without a word (`load_supervised` counts and reports them afterwards).
+
+    Raises:
+        InvalidArgumentError: The file is not a JSON list or JSONL.
+    """
+    found: dict[Path, None] = {}
+    for record in _records(spec.path):
+        if not isinstance(record, dict):
+            continue
+        try:
+            paths = _media_paths(record, spec.modality)
+        except BadSampleError:
+            continue
+        found.update({spec.root / p: None for p in paths})
+    return list(found)
 
 
 def _load(
@@ -203,7 +242,13 @@ def _load(
     if not 0.0 <= max_bad_ratio <= 1.0:
         raise InvalidArgumentError(f"max_bad_ratio: expected a value in [0, 1], got {max_bad_ratio}")
     report = LoadReport(name or spec.path.name)
-    parse = parse_llava if spec.format == "llava" else parse_caption
+    parse = {"llava": parse_llava, "captions": parse_caption, "etinstruct": parse_etinstruct}[spec.format]
+    if spec.format == "etinstruct" and rules.time_token is None:
+        raise InvalidArgumentError(
+            f"dataset {spec.path}: format etinstruct needs a preset with timestamp heads "
+            "(heads.timestamps), whose time token its text holds",
+            param="format",
+        )
     seen: dict[Path, BadSampleError | None] = {}
     samples: list[Sample] = []
     encoded: list[EncodedSample] = []

@@ -17,7 +17,8 @@ class DatasetSpec(BaseModel):
     """A dataset as a job names it.
 
     Attributes:
-        format: "llava" (conversations) or "captions" (media + caption pairs).
+        format: "llava" (conversations), "captions" (media + caption pairs) or "etinstruct"
+            (E.T. Instruct: conversations with "<vid>" times, src/tgt in seconds).
         path: The JSON or JSONL file.
         media_root: Folder relative media paths are resolved against; default the file's folder.
         modality: The modality of every media item.
@@ -25,7 +26,7 @@ class DatasetSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    format: Literal["llava", "captions"]
+    format: Literal["llava", "captions", "etinstruct"]
     path: Path
     media_root: Path | None = None
     modality: str = "image"

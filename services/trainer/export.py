@@ -1,9 +1,11 @@
 """Export a trained model as an adapter bundle (ARCHITECTURE section 5).
 
 Every rank calls `export_bundle` (under ZeRO-3 the trainable parameters are partitioned and
-must be gathered collectively); rank 0 writes: the connectors to `connectors.safetensors`, the
-LoRA adapter (if any) in PEFT format under `lora/`, then the manifest with every file's
-sha256. The bundle's version is stamped when it is published.
+must be gathered collectively); rank 0 writes: the connectors to `connectors.safetensors`
+(keyed by connector name, without their frozen base from `connector.base`), the timestamp
+heads to `heads.safetensors` (trained here, or carried over from the start bundle), the LoRA
+adapter (if any) in PEFT format under `lora/`, then the manifest with every file's sha256.
+The bundle's version is stamped when it is published.
 """
 
 from __future__ import annotations
@@ -14,10 +16,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from services.common.presets import Preset
-from services.llm.adapters import base_fingerprint, write_bundle
+from services.llm.adapters import Bundle, base_fingerprint, write_bundle
+from services.llm.timestamps import HEAD_NAME
+from services.trainer.build import connector_states
 from services.trainer.model import TrainingModel
 from services.trainer.runconfig import RunConfig
 
@@ -36,9 +41,19 @@ def _gathered(model: TrainingModel, zero3: bool) -> contextlib.AbstractContextMa
 
 
 def export_bundle(
-    cfg: RunConfig, model: TrainingModel, *, preset: Preset, metrics: dict[str, float]
+    cfg: RunConfig,
+    model: TrainingModel,
+    *,
+    preset: Preset,
+    metrics: dict[str, float],
+    start: Bundle | None = None,
 ) -> Path | None:
-    """Write the bundle to `cfg.bundle_dir` (rank 0); returns its path on rank 0, else None."""
+    """Write the bundle to `cfg.bundle_dir` (rank 0); returns its path on rank 0, else None.
+
+    Args:
+        start: The bundle the job started from: heads this stage did not train (stage 1 of
+            E.T. Chat) are carried over from it.
+    """
     zero3 = cfg.spec.deepspeed.zero_stage == 3
     rank = dist.get_rank() if dist.is_initialized() else 0
     out = cfg.bundle_dir
@@ -47,10 +62,8 @@ def export_bundle(
             if out.exists():
                 shutil.rmtree(out)
             out.mkdir(parents=True)
-            connectors = {
-                m: {k: v.detach().float().cpu().clone() for k, v in c.state_dict().items()}
-                for m, c in model.connectors.items()
-            }
+            connectors = connector_states(dict(model.connectors.items()))
+            heads = _heads(model, start)
             lm: Any = model.lm
             if hasattr(lm, "peft_config"):
                 lora_state = {
@@ -64,6 +77,7 @@ def export_bundle(
                 preset=preset.name,
                 base_fingerprint=base_fingerprint(preset.llm.checkpoint),
                 connectors=connectors,
+                heads=heads,
                 stage=cfg.spec.stage,
                 metrics={k: float(v) for k, v in metrics.items()},
             )
@@ -71,3 +85,15 @@ def export_bundle(
     if dist.is_initialized():
         dist.barrier()
     return out if rank == 0 else None
+
+
+def _heads(model: TrainingModel, start: Bundle | None) -> dict[str, dict[str, torch.Tensor]] | None:
+    if model.heads is not None:
+        return {HEAD_NAME: {k: v.detach().float().cpu().clone() for k, v in model.heads.state_dict().items()}}
+    if start is not None and start.heads:
+        carried: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in start.heads.items():
+            head, _, param = key.partition(".")
+            carried.setdefault(head, {})[param] = value
+        return carried
+    return None

@@ -222,6 +222,22 @@ def validate_job(spec: JobSpec, settings: Settings) -> ValidatedJob:
             f"for every dataset, got {[d.format for d in spec.datasets]}",
             param="datasets",
         )
+    ts = preset.heads.timestamps
+    for i, ds in enumerate(spec.datasets):
+        if ds.format != "etinstruct":
+            continue
+        if ts is None:
+            raise InvalidArgumentError(
+                f"job.datasets[{i}].format: etinstruct needs a preset with timestamp heads "
+                f"(heads.timestamps); preset {preset.name} has none",
+                param=f"datasets[{i}].format",
+            )
+        if ds.modality != ts.modality:
+            raise InvalidArgumentError(
+                f"job.datasets[{i}].modality: etinstruct matches {ts.modality} frames "
+                f"(heads.timestamps.modality), got {ds.modality!r}",
+                param=f"datasets[{i}].modality",
+            )
     hostfile = spec.deepspeed.hostfile
     if hostfile is not None and not hostfile.is_file():
         raise InvalidArgumentError(

@@ -24,19 +24,41 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from services.trainer.model import MediaInBatch
+from services.trainer.model import MediaInBatch, TimeInBatch
 from services.trainer.runconfig import RunConfig
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class TrainMedia:
+    """One media item of an example: its span, modality, features and the text it may read."""
+
+    start: int
+    length: int
+    modality: str
+    features: torch.Tensor  # (frames * tokens_per_frame, D_in)
+    instruction: str = ""
+
+
+@dataclass(frozen=True)
+class TrainTime:
+    """One time token of an example: position, the item it names, its true frame position."""
+
+    position: int
+    media: int  # index into the example's media
+    frame: float
+    supervised: bool
+
+
+@dataclass(frozen=True)
 class TrainExample:
-    """One encoded sample: ids, labels (-100 = not supervised) and its media spans with features."""
+    """One encoded sample: ids, labels (-100 = not supervised), its media and its time tokens."""
 
     input_ids: list[int]
     labels: list[int]
-    media: list[tuple[int, str, torch.Tensor]]  # (span start, modality, features (T_in, D_in))
+    media: list[TrainMedia]
+    times: list[TrainTime] = field(default_factory=list)
 
 
 @dataclass
@@ -85,17 +107,24 @@ def collate(examples: Sequence[TrainExample], pad_id: int, device: torch.device)
     labels = torch.full((len(examples), length), -100, dtype=torch.long)  # (B, L)
     mask = torch.zeros((len(examples), length), dtype=torch.long)  # (B, L)
     media: list[MediaInBatch] = []
+    times: list[TimeInBatch] = []
     for row, e in enumerate(examples):
         n = len(e.input_ids)
         ids[row, :n] = torch.tensor(e.input_ids)
         labels[row, :n] = torch.tensor(e.labels)
         mask[row, :n] = 1
-        media += [MediaInBatch(row, start, m, f.to(device)) for start, m, f in e.media]
+        first = len(media)
+        media += [
+            MediaInBatch(row, m.start, m.length, m.modality, m.features.to(device), m.instruction)
+            for m in e.media
+        ]
+        times += [TimeInBatch(row, t.position, first + t.media, t.frame, t.supervised) for t in e.times]
     return {
         "input_ids": ids.to(device),
         "labels": labels.to(device),
         "attention_mask": mask.to(device),
         "media": media,
+        "times": times,
     }
 
 

@@ -1,11 +1,17 @@
-"""The model being trained: connectors + the LLM (optionally with LoRA), composed.
+"""The model being trained: connectors + the LLM (optionally with LoRA and timestamp heads), composed.
 
 Frozen encoders are not part of it: their features are computed once before training (they
-are frozen and deterministic) and arrive in the batch. `TrainingModel.forward` writes each
-item's projected features at its span and returns the LM's loss. A trainable connector whose
-modality is absent from this rank's batch still takes part through a zero-weighted dummy
-forward: ZeRO needs every rank to produce a gradient for every trainable parameter, or the
-ranks' reduce buckets disagree (a crash on gloo, a hang on NCCL).
+are frozen and deterministic) and arrive in the batch. `TrainingModel.forward` runs each item
+through its modality's connector (modalities may share one, PandaGPT's `llama_proj`), writes
+the outputs at the items' spans (items of one span, `media_combine: sum`, are summed there)
+and returns the LM's loss, plus E.T. Chat's frame-matching loss when it has timestamp heads
+(`services.llm.timestamps`): each time token's embedding gets the frame it names added (its
+true frame, teacher-forced), and the heads learn to match the replies' time tokens.
+
+A trainable connector that no item of this rank's batch uses still takes part through a
+zero-weighted dummy forward: ZeRO needs every rank to produce a gradient for every trainable
+parameter, or the ranks' reduce buckets disagree (a crash on gloo, a hang on NCCL). The heads
+likewise add 0 x their parameters when the batch has nothing to match.
 
 Trainable parameters are chosen in one place (`select_trainable`), by name patterns, after
 LoRA injection, with a learning rate per group; the result is checked to be non-empty.
@@ -24,27 +30,62 @@ from torch import nn
 
 from services.common.presets import LoraSpec
 from services.llm.connectors import Connector
+from services.llm.model import FeatureLayout
+from services.llm.timestamps import TimestampHeads, capture_norm_input, frame_matching_loss
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class MediaInBatch:
-    """One media item of a batch: its row, where its span starts, and its encoder features."""
+    """One media item of a batch.
+
+    Attributes:
+        row: Its row in the batch.
+        start: Where its span starts.
+        length: Positions its span holds.
+        modality: Its modality.
+        features: Encoder features (frames * tokens_per_frame, D_in).
+        instruction: The text of the user turn holding it (for text-reading connectors).
+    """
 
     row: int
     start: int
+    length: int
     modality: str
-    features: torch.Tensor  # (T_in, D_in)
+    features: torch.Tensor  # (F*T, D_in)
+    instruction: str = ""
+
+
+@dataclass(frozen=True)
+class TimeInBatch:
+    """One time token ("<vid>") of a batch.
+
+    Attributes:
+        row: Its row.
+        position: Its position in the row.
+        media: The item (index into the batch's media) whose frames it names.
+        frame: The true frame position (fractional; clamped to the item's frames).
+        supervised: Whether it is in a reply (its predicting position is matched, as E.T. Chat
+            matches the `tgt` times) rather than a question.
+    """
+
+    row: int
+    position: int
+    media: int
+    frame: float
+    supervised: bool
 
 
 class TrainingModel(nn.Module):
-    """Connectors per modality + a causal LM.
+    """Connectors (by name) + a causal LM [+ timestamp heads].
 
     Args:
         lm: A Hugging Face causal LM, possibly wrapped by PEFT.
-        connectors: Per modality, encoder features -> LLM embeddings.
-        feature_shapes: Per modality, the (tokens, dim) of the encoder features (for the dummy).
+        connectors: Per connector name, encoder features -> LLM embeddings.
+        layouts: Per modality, its features' layout and its connector's name.
+        heads: E.T. Chat's timestamp heads, trained with the frame-matching loss.
+        alpha: The soft-target base of that loss.
     """
 
     lm: Any  # a transformers PreTrainedModel or its PEFT wrapper; typed loosely as HF annotates
@@ -53,12 +94,20 @@ class TrainingModel(nn.Module):
         self,
         lm: nn.Module,
         connectors: Mapping[str, Connector],
-        feature_shapes: Mapping[str, tuple[int, int]],
+        layouts: Mapping[str, FeatureLayout],
+        *,
+        heads: TimestampHeads | None = None,
+        alpha: float = 2.0,
     ) -> None:
         super().__init__()
+        missing = sorted({m for m, lay in layouts.items() if lay.connector not in connectors})
+        if missing:
+            raise ValueError(f"no connector for modalities {missing}")
         self.lm = lm
         self.connectors = nn.ModuleDict(dict(connectors))
-        self.feature_shapes = dict(feature_shapes)
+        self.layouts = dict(layouts)
+        self.heads = heads
+        self.alpha = alpha
 
     def forward(
         self,
@@ -66,33 +115,115 @@ class TrainingModel(nn.Module):
         attention_mask: torch.Tensor,
         labels: torch.Tensor,
         media: Sequence[MediaInBatch] = (),
+        times: Sequence[TimeInBatch] = (),
     ) -> torch.Tensor:
-        """The mean token loss over supervised positions (labels != -100)."""
-        embed = self.lm.get_input_embeddings()
-        embeds = embed(input_ids)  # (B, L, D)
-        for modality, connector in self.connectors.items():
-            items = [m for m in media if m.modality == modality]
-            trainable = any(p.requires_grad for p in connector.parameters())
-            if not items:
-                if trainable:  # dummy forward: a zero-weighted gradient path on every rank
-                    tokens, dim = self.feature_shapes[modality]
-                    dummy = connector(embeds.new_zeros((1, tokens, dim)))  # (1, T, D)
+        """The mean token loss over supervised positions (labels != -100) [+ the matching loss]."""
+        embeds = self.lm.get_input_embeddings()(input_ids)  # (B, L, D)
+        projected, dummy = self._project(media, embeds)
+        embeds = embeds + dummy
+        if media:
+            rows, cols, values = [], [], []
+            for item, out in zip(media, projected, strict=True):
+                if out.shape[0] != item.length:
+                    raise ValueError(
+                        f"{item.modality} item: span of {item.length}, connector gave {out.shape[0]}"
+                    )
+                cols.append(torch.arange(item.start, item.start + item.length, device=embeds.device))
+                rows.append(torch.full_like(cols[-1], item.row))
+                values.append(out)
+            index = (torch.cat(rows), torch.cat(cols))  # (sum T_i,) each
+            # Zero the spans, then add: items sharing a span (media_combine sum) are summed.
+            embeds = embeds.index_put(index, embeds.new_zeros(())).index_put(
+                index, torch.cat(values).to(embeds.dtype), accumulate=True
+            )
+        if times:
+            embeds = self._add_frames(embeds, media, projected, times)
+        if self.heads is None:
+            out = self.lm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, use_cache=False)
+            return out.loss
+        with capture_norm_input(self.lm) as norm_in:
+            out = self.lm(
+                inputs_embeds=embeds,
+                attention_mask=attention_mask,
+                labels=labels,
+                use_cache=False,
+                output_hidden_states=True,
+            )
+        assert norm_in.value is not None
+        return out.loss + self._matching_loss(norm_in.value, out.hidden_states[-2], media, times)
+
+    def _project(
+        self, media: Sequence[MediaInBatch], embeds: torch.Tensor
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Per item its connector output (T_out, D), and the dummies' zero-weighted sum."""
+        out: list[torch.Tensor | None] = [None] * len(media)
+        dummy = embeds.new_zeros(())
+        for name, module in self.connectors.items():
+            connector: Connector = module  # type: ignore[assignment]
+            mine = [i for i, m in enumerate(media) if self.layouts[m.modality].connector == name]
+            if not mine:
+                if any(p.requires_grad for p in connector.parameters()):
                     # Added to the embeddings, not the loss, so that its gradient arrives in the
-                    # same backward order as a real item's: ZeRO-3 reduces gradients in the order
-                    # they become ready, and ranks must agree on it.
-                    embeds = embeds + 0.0 * dummy.sum()
+                    # same backward order as a real item's: ZeRO-3 reduces gradients in the
+                    # order they become ready, and ranks must agree on it.
+                    dummy = dummy + 0.0 * self._dummy(name, connector, embeds).sum()
                 continue
-            feats = torch.stack([m.features for m in items]).to(embeds.dtype)  # (N, T_in, D_in)
-            projected = connector(feats)  # (N, T, D)
-            n, t, _ = projected.shape
-            rows = torch.tensor([m.row for m in items], device=embeds.device).repeat_interleave(t)  # (N*T,)
-            cols = (
-                torch.tensor([m.start for m in items], device=embeds.device)[:, None]
-                + torch.arange(t, device=embeds.device)[None, :]
-            ).reshape(-1)  # (N*T,)
-            embeds = embeds.index_put((rows, cols), projected.reshape(n * t, -1))
-        out = self.lm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, use_cache=False)
-        return out.loss
+            groups: dict[tuple[int, int], list[int]] = {}
+            for i in mine:
+                frames = media[i].features.shape[0] // connector.tokens_per_frame
+                groups.setdefault((frames, i if connector.reads_text else -1), []).append(i)
+            for (frames, single), idx in groups.items():
+                x = torch.stack([media[i].features for i in idx]).to(embeds.dtype)  # (N, F*T, D_in)
+                x = x.view(len(idx), frames, connector.tokens_per_frame, -1)  # (N, F, T, D_in)
+                instruction = (
+                    connector.encode_instructions([media[single].instruction]) if single >= 0 else None
+                )
+                projected = connector(x, instruction)  # (N, T_out, D)
+                for j, i in enumerate(idx):
+                    out[i] = projected[j]
+        return [t for t in out if t is not None], dummy
+
+    def _dummy(self, name: str, connector: Connector, embeds: torch.Tensor) -> torch.Tensor:
+        layout = next(lay for lay in self.layouts.values() if lay.connector == name)
+        x = embeds.new_zeros((1, layout.frames or 1, layout.tokens_per_frame, layout.dim))  # (1, F, T, D)
+        instruction = connector.encode_instructions([""]) if connector.reads_text else None
+        return connector(x, instruction)
+
+    def _add_frames(
+        self,
+        embeds: torch.Tensor,
+        media: Sequence[MediaInBatch],
+        projected: Sequence[torch.Tensor],
+        times: Sequence[TimeInBatch],
+    ) -> torch.Tensor:
+        """E.T. Chat: each time token's embedding + the connector output of its (true) frame."""
+        rows = torch.tensor([t.row for t in times], device=embeds.device)
+        cols = torch.tensor([t.position for t in times], device=embeds.device)
+        frames = []
+        for t in times:
+            tokens = projected[t.media]  # (F, D): one token per frame
+            frames.append(tokens[min(max(round(t.frame), 0), tokens.shape[0] - 1)])
+        return embeds.index_put((rows, cols), torch.stack(frames).to(embeds.dtype), accumulate=True)
+
+    def _matching_loss(
+        self,
+        norm_in: torch.Tensor,
+        hidden_m2: torch.Tensor,
+        media: Sequence[MediaInBatch],
+        times: Sequence[TimeInBatch],
+    ) -> torch.Tensor:
+        assert self.heads is not None
+        queries, keys, targets = [], [], []
+        for row in sorted({t.row for t in times if t.supervised}):
+            mine = [t for t in times if t.row == row and t.supervised]
+            item = media[mine[-1].media]
+            keys.append(self.heads.keys(norm_in[row, item.start : item.start + item.length]))  # (F, h)
+            states = hidden_m2[row, [t.position - 1 for t in mine]]  # (N, h): the predicting positions
+            queries.append(self.heads.queries(states))
+            targets.append(torch.tensor([t.frame for t in mine], device=norm_in.device))
+        if not queries:  # nothing to match on this rank: keep the heads in the graph
+            return sum((p.sum() for p in self.heads.parameters()), norm_in.new_zeros(())) * 0.0
+        return frame_matching_loss(queries, keys, targets, self.alpha)
 
 
 def lora_target_names(lm: nn.Module, suffixes: Sequence[str]) -> list[str]:

@@ -21,6 +21,18 @@ With `modalities` naming "video", "audio" or "event" as well, each of those also
 - `heldout_<modality>.json`: LLaVA conversations on new files with `"kind"` and `"answer"`,
   which `score_reply_for` checks replies against.
 
+With "timestamps" among `modalities`, an E.T. Instruct-style set for the timestamp heads
+(format `etinstruct`, modality video):
+
+- `timestamps/`: 8 s videos at 2 fps in which one coloured shape appears at a known whole
+  second and is gone from a later one;
+- `etinstruct.json`: {"id", "video", "duration", "src", "tgt", "conversations"} asking when the
+  shape appears ("At <vid> seconds.", tgt [start]), when it is visible ("From <vid> to <vid>
+  seconds.", tgt [start, end]) or what is shown at a time ("... at <vid> seconds?", src [t]);
+- `heldout_etinstruct.json`: the same on new videos, with "kind" and "answer" {"color",
+  "shape", "start", "end"};
+- `captions_timestamps.json`: caption pairs {"video", "caption"} of the same training videos.
+
 Words come from the tiny preset's tokenizer word list where possible, so sequences stay short.
 Two runs with the same arguments write the same bytes.
 """
@@ -61,6 +73,9 @@ QUESTIONS: dict[str, tuple[str, ...]] = {
     "describe": ("Describe the image.", "Tell me about the image."),
 }
 MODALITIES = ("image", "video", "audio", "event")
+TIMESTAMPS = "timestamps"  # the E.T. Instruct-style set, asked for among `modalities`
+TIME_TOKEN = "<vid>"
+TIMED_KINDS = ("appear", "span", "at")
 DIRECTIONS = ("left", "right")
 PITCHES: dict[str, float] = {"low": 220.0, "medium": 440.0, "high": 880.0}  # Hz
 VOCABULARY: dict[str, tuple[str, ...]] = {
@@ -231,9 +246,9 @@ def synthesize(
             unknown or "image" is missing.
     """
     wanted = list(dict.fromkeys(modalities))
-    if "image" not in wanted or not set(wanted) <= set(MODALITIES):
+    if "image" not in wanted or not set(wanted) <= {*MODALITIES, TIMESTAMPS}:
         raise InvalidArgumentError(
-            f"synth: modalities: expected 'image' and any of {list(MODALITIES)}, got {wanted}"
+            f"synth: modalities: expected 'image' and any of {[*MODALITIES[1:], TIMESTAMPS]}, got {wanted}"
         )
     if train < 1 or heldout < 0:
         raise InvalidArgumentError(f"synth: expected train >= 1 and heldout >= 0, got {train} and {heldout}")
@@ -276,6 +291,8 @@ def synthesize(
         train_samples=len(conversations),
     )
     media = {m: _synthesize_media(out_dir, m, train, heldout, seed) for m in MODALITIES if m in wanted[1:]}
+    if TIMESTAMPS in wanted:
+        media[TIMESTAMPS] = _synthesize_timestamps(out_dir, train, heldout, seed)
     report = dataclasses.replace(report, media=media)
     _dump(report.captions, captions)
     _dump(report.train, conversations)
@@ -319,7 +336,7 @@ def _media_meta(report: SynthReport) -> dict[str, Any]:
                 "train": media.train.name,
                 "heldout": media.heldout.name,
             },
-            "kinds": list(MEDIA_KINDS[name]),
+            "kinds": list(MEDIA_KINDS[name]) if name in MEDIA_KINDS else list(TIMED_KINDS),
             "settings": settings()[name],
         }
     return meta
@@ -461,3 +478,63 @@ def score_reply_for(modality: str, reply: str, sample: Mapping[str, Any]) -> boo
         )
     words = set(_WORD.findall(reply.lower()))
     return all(answer[f] in words and not words & (set(VOCABULARY[f]) - {answer[f]}) for f in fields)
+
+
+def _timed_conversation(rng: random.Random, kind: str, answer: Mapping[str, str]) -> dict[str, Any]:
+    """One E.T. Instruct record's question, reply and times for a timed video."""
+    what = f"{answer['color']} {answer['shape']}"
+    start, end = int(answer["start"]), int(answer["end"])
+    src: list[float] = []
+    tgt: list[float] = []
+    if kind == "appear":
+        question, reply, tgt = f"When does the {what} appear?", f"At {TIME_TOKEN} seconds.", [start]
+    elif kind == "span":
+        question = f"When is the {what} visible?"
+        reply, tgt = f"From {TIME_TOKEN} to {TIME_TOKEN} seconds.", [start, end]
+    else:
+        from services.trainer._synth_media import TIMED_SECONDS
+
+        at = rng.randrange(TIMED_SECONDS)
+        question, src = f"What is shown at {TIME_TOKEN} seconds?", [at]
+        reply = f"A {what}." if start <= at < end else "Nothing is shown."
+    return {
+        "src": [float(t) for t in src] or None,
+        "tgt": [float(t) for t in tgt] or None,
+        "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": reply}],
+    }
+
+
+def _synthesize_timestamps(out_dir: Path, train: int, heldout: int, seed: int) -> MediaReport:
+    """Write the E.T. Instruct-style set (see the module docstring)."""
+    from services.trainer._synth_media import TIMED_SECONDS, write_timed_videos
+
+    def records(items: list[Any], rng: random.Random, prefix: str, held: bool) -> list[dict[str, Any]]:
+        out = []
+        for i, it in enumerate(items):
+            kind = TIMED_KINDS[i % len(TIMED_KINDS)] if held else rng.choice(TIMED_KINDS)
+            record = {"id": f"{prefix}-{i:05d}", "video": it.rel, "duration": float(TIMED_SECONDS)}
+            record |= _timed_conversation(rng, kind, it.answer)
+            if held:
+                record |= {"kind": kind, "answer": dict(it.answer)}
+            out.append(record)
+        return out
+
+    rng = random.Random(f"{seed}:{TIMESTAMPS}")
+    items = write_timed_videos(out_dir, "train", train, rng)
+    held_rng = random.Random(f"{seed + HELDOUT_SEED_OFFSET}:{TIMESTAMPS}")
+    held_items = write_timed_videos(out_dir, "heldout", heldout, held_rng)
+    report = MediaReport(
+        captions=out_dir / f"captions_{TIMESTAMPS}.json",
+        train=out_dir / "etinstruct.json",
+        heldout=out_dir / "heldout_etinstruct.json",
+        train_items=len(items),
+        heldout_items=len(held_items),
+    )
+    captions = [
+        {"video": it.rel, "caption": f"a {it.words} from {it.answer['start']} to {it.answer['end']} seconds"}
+        for it in items
+    ]
+    _dump(report.captions, captions)
+    _dump(report.train, records(items, rng, "etinstruct-train", held=False))
+    _dump(report.heldout, records(held_items, held_rng, "etinstruct-heldout", held=True))
+    return report

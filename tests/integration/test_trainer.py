@@ -67,7 +67,9 @@ def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
 
 
 def start_worker(settings: Settings, log: Path, **extra: str) -> Process:
-    proc = start_process([sys.executable, "-m", "services.trainer"], log_path=log, env=worker_env(settings, **extra))
+    proc = start_process(
+        [sys.executable, "-m", "services.trainer"], log_path=log, env=worker_env(settings, **extra)
+    )
     wait_until(lambda: " ready." in proc.log_text(), timeout=60, what="the trainer worker", proc=proc)
     return proc
 
@@ -102,7 +104,9 @@ def job(data: Path, stage: str = "stage1", **hyper: Any) -> dict[str, Any]:
     }
 
 
-def wait_state(settings: Settings, job_id: str, states: set[str], *, timeout: float, proc: Process | None = None) -> JobRecord:
+def wait_state(
+    settings: Settings, job_id: str, states: set[str], *, timeout: float, proc: Process | None = None
+) -> JobRecord:
     c = client(settings)
 
     def reached() -> JobRecord | None:
@@ -135,7 +139,9 @@ def group_gone(pgid: int) -> bool:
     return not group_alive(pgid)
 
 
-def test_stage1_through_the_queue_lowers_the_loss_and_publishes(settings: Settings, worker: Process, data: Path) -> None:
+def test_stage1_through_the_queue_lowers_the_loss_and_publishes(
+    settings: Settings, worker: Process, data: Path
+) -> None:
     from services.common.adapter_registry import AdapterRegistry
     from services.llm.adapters import load_bundle
 
@@ -155,7 +161,9 @@ def test_stage1_through_the_queue_lowers_the_loss_and_publishes(settings: Settin
     assert "step 24/24" in worker.log_text()  # progress reaches the worker log
 
 
-def test_stage3_zero3_mixed_text_only_batches_lora_bundle(settings: Settings, worker: Process, data: Path) -> None:
+def test_stage3_zero3_mixed_text_only_batches_lora_bundle(
+    settings: Settings, worker: Process, data: Path
+) -> None:
     """Text-only samples mixed with image samples, micro-batch 1: ranks see different modalities."""
     import json
 
@@ -249,14 +257,18 @@ def test_task_sent_by_name_from_plain_celery(settings: Settings, worker: Process
 
     sender = Celery(broker=settings.redis_url)
     good = sender.send_task(TASK_NAME, kwargs={"job": job(data, epochs=1)}, queue="train.cpu")
-    bad = sender.send_task(TASK_NAME, kwargs={"job": {**job(data), "preset": "no-such-preset"}}, queue="train.cpu")
+    bad = sender.send_task(
+        TASK_NAME, kwargs={"job": {**job(data), "preset": "no-such-preset"}}, queue="train.cpu"
+    )
     done = wait_state(settings, good.id, {"SUCCEEDED", "FAILED"}, timeout=240, proc=worker)
     assert done.state == "SUCCEEDED", done.error
     failed = wait_state(settings, bad.id, {"FAILED"}, timeout=60, proc=worker)
     assert failed.error is not None and "no-such-preset" in failed.error
 
 
-def test_bad_samples_fail_the_job_with_counts(settings: Settings, worker: Process, data: Path, tmp_path: Path) -> None:
+def test_bad_samples_fail_the_job_with_counts(
+    settings: Settings, worker: Process, data: Path, tmp_path: Path
+) -> None:
     import json
 
     rows = json.loads((data / "captions.json").read_text())[:32]
@@ -276,3 +288,122 @@ def test_worker_survives_sigterm_of_nothing(worker: Process) -> None:
     """A worker with no job stops cleanly on SIGTERM (warm shutdown)."""
     worker.send_signal(signal.SIGTERM)
     wait_until(lambda: not worker.alive(), timeout=30, what="the worker to stop")
+
+
+# -- every tiny twin: a short stage-1 run on its modalities (2 DeepSpeed ranks, CPU, gloo) ---------
+
+# Per twin, the synthetic caption files of its modalities (`synthesize(modalities=...)`).
+TWIN_CAPTIONS = {
+    "tiny-pandagpt": [
+        ("captions.json", "image"),
+        ("captions_video.json", "video"),
+        ("captions_audio.json", "audio"),
+    ],
+    "tiny-nextgpt": [
+        ("captions.json", "image"),
+        ("captions_video.json", "video"),
+        ("captions_audio.json", "audio"),
+    ],
+    "tiny-videochat": [("captions.json", "image"), ("captions_video.json", "video")],
+    "tiny-etchat": [("captions_timestamps.json", "video")],
+    "tiny-eventgpt": [("captions_event.json", "event")],
+}
+
+
+@pytest.fixture(scope="module")
+def media_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from services.trainer.synth import synthesize
+
+    out = tmp_path_factory.mktemp("synth-media")
+    synthesize(
+        out, train=16, heldout=2, seed=5, modalities=["image", "video", "audio", "event", "timestamps"]
+    )
+    return out
+
+
+def run_ranks(cache: Path, job_dir: Path, spec: dict[str, Any], *, timeout: float = 120) -> dict[str, Any]:
+    """Launch the job's ranks directly (no queue) and return the final "done" event."""
+    import json
+
+    from modalmesh.tiny import ensure_generated
+    from services.common.presets import load_preset
+    from services.trainer import launcher
+    from services.trainer.jobs import parse_job
+    from services.trainer.runconfig import RunConfig
+
+    preset = load_preset(spec["preset"], cache_dir=cache)
+    ensure_generated(preset)
+    cfg = RunConfig(
+        job_id=job_dir.name,
+        spec=parse_job(spec),
+        job_dir=job_dir,
+        cache_dir=cache,
+        adapter_name=preset.adapter.name,
+        init_bundle=preset.adapter.path,
+    )
+    cfg.write()
+    launch = launcher.start(cfg)
+    try:
+        wait_until(
+            lambda: launch.poll() is not None, timeout=timeout, interval=0.3, what="the ranks to finish"
+        )
+    finally:
+        if launch.poll() is None:
+            launch.stop(grace_s=5)
+    events = [json.loads(line) for line in cfg.progress_path.read_text().splitlines()]
+    assert launch.poll() == 0, [e for e in events if e["event"] == "error"] or launcher.last_error(
+        job_dir / "train.log"
+    )
+    return next(e for e in events if e["event"] == "done")
+
+
+@pytest.mark.parametrize("preset", sorted(TWIN_CAPTIONS))
+def test_stage1_on_every_tiny_twin_lowers_the_loss(
+    preset: str, tiny_cache_dir: Path, media_data: Path, tmp_path: Path
+) -> None:
+    from services.common.presets import load_preset
+    from services.llm.adapters import load_bundle
+    from services.llm.loading import load_connectors
+
+    spec = {
+        "preset": preset,
+        "stage": "stage1",
+        "datasets": [
+            {"format": "captions", "path": str(media_data / name), "modality": modality}
+            for name, modality in TWIN_CAPTIONS[preset]
+        ],
+        "hyperparameters": {"max_steps": 12, "micro_batch_size": 4, "lr": 5e-3, "warmup_ratio": 0.0},
+        "deepspeed": {"world_size": 2, "zero_stage": 2},
+    }
+    done = run_ranks(tiny_cache_dir, tmp_path / "job", spec)
+    metrics = done["metrics"]
+    assert metrics["steps"] == 12
+    assert metrics["loss_last10"] < metrics["loss_first"] - 0.1, metrics
+    bundle = load_bundle(Path(done["bundle"]))
+    loaded = load_preset(preset, cache_dir=tiny_cache_dir)
+    assert sorted(bundle.connectors) == sorted(set(loaded.connector_names().values()))
+    load_connectors(
+        loaded, bundle.connectors, llm_dim=64, dtype=__import__("torch").float32
+    )  # serving loads it
+
+
+def test_stage3_etchat_trains_the_timestamp_heads_on_etinstruct(
+    tiny_cache_dir: Path, media_data: Path, tmp_path: Path
+) -> None:
+    from services.llm.adapters import load_bundle
+    from services.llm.timestamps import load_timestamp_heads
+
+    spec = {
+        "preset": "tiny-etchat",
+        "stage": "stage3",
+        "datasets": [{"format": "etinstruct", "path": str(media_data / "etinstruct.json"), "modality": "video"}],
+        "hyperparameters": {
+            "max_steps": 12, "micro_batch_size": 4, "lr": 5e-3, "connector_lr": 5e-3, "warmup_ratio": 0.0,
+        },
+        "deepspeed": {"world_size": 2, "zero_stage": 2},
+    }  # fmt: skip
+    done = run_ranks(tiny_cache_dir, tmp_path / "job", spec)
+    assert done["metrics"]["loss_last10"] < done["metrics"]["loss_first"] - 0.1, done["metrics"]
+    bundle = load_bundle(Path(done["bundle"]))
+    assert bundle.lora_dir is not None and bundle.stage == "stage3"
+    load_timestamp_heads(bundle.heads, hidden_size=64)  # the heads part, as serving reads it

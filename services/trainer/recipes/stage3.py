@@ -1,18 +1,23 @@
-"""Stage 3: instruction tuning, LoRA on the LLM plus the connectors (LLaVA's finetune_lora).
+"""Stage 3: instruction tuning, LoRA on the LLM plus the connectors [+ timestamp heads].
 
 LoRA r/alpha/targets come from the preset (overridable per job); the conversation uses the
 preset's template with only assistant replies supervised; LoRA trains at 2e-4 and the
-connectors at 2e-5 by default. Trainable parameters are selected after LoRA injection.
+connectors at 2e-5 by default. A preset with timestamp heads (E.T. Chat) trains them too, with
+the frame-matching loss, at the connectors' LR (E.T. Chat's non-LoRA group), on E.T.
+Instruct-format data. Trainable parameters are selected after LoRA injection.
 """
 
 from __future__ import annotations
 
 from services.trainer.build import (
     build_examples,
-    feature_shapes,
+    feature_layouts,
     initial_connectors,
+    initial_heads,
     load_llm,
     load_run_preset,
+    load_start_bundle,
+    trainable_connector_params,
 )
 from services.trainer.export import export_bundle
 from services.trainer.jobs import STAGE_DEFAULTS
@@ -26,22 +31,29 @@ def run(cfg: RunConfig) -> None:
     preset = load_run_preset(cfg)
     lora = preset.lora.model_copy(update=cfg.spec.lora.model_dump(exclude_none=True))
     tokenizer, lm = load_llm(preset)
-    connectors = initial_connectors(preset, cfg.init_bundle, llm_dim=lm.config.hidden_size)
+    bundle = load_start_bundle(preset, cfg.init_bundle)
+    connectors = initial_connectors(preset, bundle, llm_dim=lm.config.hidden_size)
+    heads = initial_heads(preset, bundle, llm_dim=lm.config.hidden_size)
     examples, data_report = build_examples(cfg, preset, tokenizer, connectors)
-    model = TrainingModel(add_lora(lm, lora), connectors, feature_shapes(preset))
-    groups, counts = select_trainable(
-        model,
-        [
-            ParamGroup("lora", ("lm.*.lora_A.*", "lm.*.lora_B.*"), hp.lr or defaults.lr),
-            ParamGroup(
-                "connectors", ("connectors.*",), hp.connector_lr or defaults.connector_lr or defaults.lr
-            ),
-        ],
-        weight_decay=hp.weight_decay,
+    ts = preset.heads.timestamps
+    model = TrainingModel(
+        add_lora(lm, lora),
+        connectors,
+        feature_layouts(preset),
+        heads=heads,
+        alpha=ts.alpha if ts is not None else 2.0,
     )
+    connector_lr = hp.connector_lr or defaults.connector_lr or defaults.lr
+    groups = [
+        ParamGroup("lora", ("lm.*.lora_A.*", "lm.*.lora_B.*"), hp.lr or defaults.lr),
+        ParamGroup("connectors", trainable_connector_params(connectors), connector_lr),
+    ]
+    if heads is not None:
+        groups.append(ParamGroup("heads", ("heads.*",), connector_lr))
+    param_groups, counts = select_trainable(model, groups, weight_decay=hp.weight_decay)
     _, result = fit(
-        cfg, model, groups, examples, pad_id=tokenizer.pad_token_id or 0,
+        cfg, model, param_groups, examples, pad_id=tokenizer.pad_token_id or 0,
         on_start=lambda: {"data": data_report, "trainable": counts, "lora": lora.model_dump()},
     )  # fmt: skip
     if result.completed:
-        export_bundle(cfg, model, preset=preset, metrics=result.metrics)
+        export_bundle(cfg, model, preset=preset, metrics=result.metrics, start=bundle)

@@ -200,7 +200,7 @@ LLAVA_BAD: list[tuple[str, Any, str]] = [
     ("bad_field", {"conversations": 3}, "expected a list of messages, got an integer"),
     ("bad_field", qa(image=7), "expected a path or a list of paths"),
     ("bad_field", {"conversations": [_human(["x"]), _gpt("y")]}, "value: expected a string, got a list"),
-    ("bad_field", qa(image="a.png", media="a.png"), "got both"),
+    ("bad_field", qa(image="a.png", media="a.png"), "got several: ['image', 'media']"),
     ("missing_field", {"image": "a.png"}, "conversations: expected a list"),
     ("reserved_placeholder", qa("Hi", "see <image>"), "contains '<image>'"),
     ("not_object", ["not", "an", "object"], "expected a JSON object, got a list"),

@@ -12,7 +12,16 @@ import torch
 
 from services.trainer import loop
 from services.trainer.jobs import parse_job
-from services.trainer.loop import Progress, Schedule, TrainExample, collate, deepspeed_config, use_bf16
+from services.trainer.loop import (
+    Progress,
+    Schedule,
+    TrainExample,
+    TrainMedia,
+    TrainTime,
+    collate,
+    deepspeed_config,
+    use_bf16,
+)
 from services.trainer.runconfig import RunConfig
 
 
@@ -109,11 +118,12 @@ def test_a_data_set_smaller_than_one_global_batch_is_refused() -> None:
 def test_collate_right_pads_masks_and_keeps_media_positions() -> None:
     feats_a, feats_b, feats_c = torch.randn(4, 16), torch.randn(4, 16), torch.randn(4, 16)
     examples = [
-        TrainExample(input_ids=[5, 6, 7], labels=[-100, 6, 7], media=[(0, "image", feats_a)]),
+        TrainExample(input_ids=[5, 6, 7], labels=[-100, 6, 7], media=[TrainMedia(0, 1, "image", feats_a)]),
         TrainExample(
             input_ids=[1, 2, 3, 4, 9],
             labels=[-100, -100, -100, 4, 9],
-            media=[(1, "image", feats_b), (3, "audio", feats_c)],
+            media=[TrainMedia(1, 1, "image", feats_b), TrainMedia(3, 1, "audio", feats_c, "hi")],
+            times=[TrainTime(4, 1, 2.5, True)],
         ),
         TrainExample(input_ids=[8], labels=[8], media=[]),
     ]
@@ -133,6 +143,9 @@ def test_collate_right_pads_masks_and_keeps_media_positions() -> None:
         (1, 3, "audio"),
     ]
     assert all(torch.equal(m.features, f) for m, f in zip(media, (feats_a, feats_b, feats_c), strict=True))
+    assert [m.instruction for m in media] == ["", "", "hi"]
+    [time] = batch["times"]  # its media index is into the batch's media list
+    assert (time.row, time.position, time.media, time.frame, time.supervised) == (1, 4, 2, 2.5, True)
 
 
 def test_collate_pads_with_the_given_pad_id() -> None:

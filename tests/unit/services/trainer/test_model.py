@@ -14,7 +14,8 @@ from torch import nn
 
 from services.common.presets import LoraSpec
 from services.llm.connectors import build_connector
-from services.trainer.loop import TrainExample, collate
+from services.llm.model import FeatureLayout
+from services.trainer.loop import TrainExample, TrainMedia, TrainTime, collate
 from services.trainer.model import ParamGroup, TrainingModel, add_lora, lora_target_names, select_trainable
 
 CPU = torch.device("cpu")
@@ -41,13 +42,15 @@ def base_lm() -> nn.Module:
 def make_model(base_lm: nn.Module, modalities: tuple[str, ...] = ("image",), seed: int = 1) -> TrainingModel:
     torch.manual_seed(seed)
     connectors = {m: build_connector("mlp2x_gelu", in_dim=FEAT_DIM, out_dim=WIDTH) for m in modalities}
-    return TrainingModel(copy.deepcopy(base_lm), connectors, {m: (TOKENS, FEAT_DIM) for m in modalities})
+    layouts = {m: FeatureLayout(m, tokens_per_frame=1, dim=FEAT_DIM, frames=TOKENS) for m in modalities}
+    return TrainingModel(copy.deepcopy(base_lm), connectors, layouts)
 
 
 def example(length: int = 12, media: list[tuple[int, str, torch.Tensor]] | None = None) -> TrainExample:
     ids = [(7 * i + 3) % VOCAB for i in range(length)]
     labels = [-100] * 6 + ids[6:]  # the prompt (with its media span) is not supervised
-    return TrainExample(input_ids=ids, labels=labels, media=media or [])
+    items = [TrainMedia(start, TOKENS, m, f) for start, m, f in media or []]
+    return TrainExample(input_ids=ids, labels=labels, media=items)
 
 
 def batch(*examples: TrainExample) -> dict[str, Any]:
@@ -226,3 +229,68 @@ def test_a_parameter_in_two_groups_is_refused(base_lm: nn.Module) -> None:
             [ParamGroup("all", ("*",), 1e-4), ParamGroup("connectors", ("connectors.*",), 1e-3)],
             weight_decay=0.0,
         )
+
+
+# -- media_combine sum and E.T. Chat's time tokens -------------------------------------------------
+
+
+def test_items_sharing_a_span_are_summed_there(base_lm: nn.Module) -> None:
+    model = make_model(base_lm, modalities=("image", "audio"))
+    fa, fb = torch.randn(TOKENS, FEAT_DIM), torch.randn(TOKENS, FEAT_DIM)
+    ex = TrainExample(
+        input_ids=[3] * 10, labels=[-100] * 6 + [3] * 4,
+        media=[TrainMedia(1, TOKENS, "image", fa), TrainMedia(1, TOKENS, "audio", fb)],
+    )  # fmt: skip
+    seen: dict[str, torch.Tensor] = {}
+    handle = model.lm.register_forward_pre_hook(
+        lambda _m, _a, kw: seen.__setitem__("e", kw["inputs_embeds"].detach()), with_kwargs=True
+    )
+    try:
+        with torch.no_grad():
+            model(**batch(ex))
+            summed = model.connectors["image"](fa[None]) + model.connectors["audio"](fb[None])  # (1, T, D)
+    finally:
+        handle.remove()
+    assert torch.allclose(seen["e"][0, 1 : 1 + TOKENS], summed[0], atol=1e-6)
+
+
+def test_time_tokens_get_their_frame_and_train_the_heads(base_lm: nn.Module) -> None:
+    from services.llm.timestamps import TimestampHeads
+
+    torch.manual_seed(3)
+    model = make_model(base_lm)  # mlp2x_gelu over 1 row per frame: one token per frame, like E.T. Chat
+    model.heads = TimestampHeads(WIDTH)
+    feats = torch.randn(TOKENS, FEAT_DIM)
+    ids = [5] * 12
+    ex = TrainExample(
+        input_ids=ids, labels=[-100] * 8 + ids[8:], media=[TrainMedia(1, TOKENS, "image", feats)],
+        times=[TrainTime(6, 0, 2.0, False), TrainTime(9, 0, 3.4, True)],
+    )  # fmt: skip
+    seen: dict[str, torch.Tensor] = {}
+    handle = model.lm.register_forward_pre_hook(
+        lambda _m, _a, kw: seen.__setitem__("e", kw["inputs_embeds"].detach()), with_kwargs=True
+    )
+    try:
+        loss = model(**batch(ex))
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        frames = model.connectors["image"](feats[None])[0]  # (F, D)
+        text = model.lm.get_input_embeddings()(torch.tensor(ids))
+    assert torch.allclose(seen["e"][0, 6], text[6] + frames[2], atol=1e-6)  # the question's time: frame 2
+    assert torch.allclose(seen["e"][0, 9], text[9] + frames[3], atol=1e-6)  # 3.4 rounds to frame 3
+    plain = copy.deepcopy(model)
+    plain.heads = None
+    with torch.no_grad():
+        assert loss.item() > plain(**batch(ex)).item()  # + the matching loss
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.heads.parameters())
+
+
+def test_heads_without_targets_get_zero_gradients(base_lm: nn.Module) -> None:
+    from services.llm.timestamps import TimestampHeads
+
+    model = make_model(base_lm)
+    model.heads = TimestampHeads(WIDTH)
+    model(**batch(example(media=[(1, "image", torch.randn(TOKENS, FEAT_DIM))]))).backward()
+    assert all(p.grad is not None and not p.grad.any() for p in model.heads.parameters())
