@@ -250,11 +250,14 @@ def cmd_synth(args: argparse.Namespace) -> int:
     _say(f"  {report.heldout}  (format llava, held-out questions with answers)")
     for name, media in report.media.items():
         _say(
-            f"wrote {media.train_items} training and {media.heldout_items} held-out {name} files under {report.out_dir / name}"
+            f"wrote {media.train_items} training and {media.heldout_items} held-out {name} files "
+            f"under {report.out_dir / name}"
         )
-        _say(f"  {media.captions}  (format captions, modality {name}, stage1)")
-        _say(f"  {media.train}  (format llava, modality {name}, stage3)")
-        _say(f"  {media.heldout}  (format llava, modality {name}, held-out questions with answers)")
+        # the timestamps set is E.T. Instruct-style video data for the time-token heads
+        fmt, modality = ("etinstruct", "video") if name == "timestamps" else ("llava", name)
+        _say(f"  {media.captions}  (format captions, modality {modality}, stage1)")
+        _say(f"  {media.train}  (format {fmt}, modality {modality}, stage3)")
+        _say(f"  {media.heldout}  (format {fmt}, modality {modality}, held-out questions with answers)")
     _say(f"  {report.meta}")
     return EXIT_OK
 
@@ -294,6 +297,7 @@ def add_commands(sub: Any) -> None:
     synth.add_argument(
         "--modalities",
         default="image",
-        help="comma-separated, image plus any of video,audio,event (default image)",
+        help="comma-separated, image plus any of video,audio,event,timestamps (timestamps: an "
+        "E.T. Instruct-style video set for E.T. Chat's time token; default image)",
     )
     synth.set_defaults(func=cmd_synth)
