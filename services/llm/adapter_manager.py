@@ -1,7 +1,7 @@
 """The adapter versions one LLM replica serves: loading, verifying, the current pointer, eviction.
 
-An `AdapterVersion` is one bundle made servable: its connectors (an nn.ModuleDict of its own)
-and, if the bundle has LoRA, a PEFT adapter on the shared LM (`services.llm.lora`). The
+An `AdapterVersion` is one bundle made servable: its connectors (an nn.ModuleDict of its own),
+its timestamp heads where the preset has them, and, if the bundle has LoRA, a PEFT adapter on the shared LM (`services.llm.lora`). The
 manager keeps several versions loaded at once and a pointer to the current one:
 
 - A request resolves its version when it is prepared ("" or the adapter name = current,
@@ -36,8 +36,9 @@ from torch import nn
 
 from services.common.errors import FailedPreconditionError, NotFoundError, UnavailableError
 from services.llm.adapters import Bundle, base_fingerprint, load_bundle, read_manifest
-from services.llm.loading import DTYPES, LoadedModel, load_connectors
+from services.llm.loading import DTYPES, LoadedModel, load_connectors, load_heads
 from services.llm.lora import LoraHost, check_lora, linear_shapes, peft_adapter_name
+from services.llm.timestamps import TimestampHeads
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class AdapterVersion:
         load_seconds: How long loading and verifying it took.
         users: Requests holding it.
         last_used: time.monotonic() of its last acquire or release.
+        heads: Its timestamp heads (presets with `heads.timestamps`), else None.
     """
 
     bundle: Bundle
@@ -67,6 +69,7 @@ class AdapterVersion:
     load_seconds: float
     users: int = 0
     last_used: float = field(default_factory=time.monotonic)
+    heads: TimestampHeads | None = field(default=None, repr=False)
 
     @property
     def ref(self) -> str:
@@ -195,7 +198,9 @@ class AdapterManager:
             check_lora(start.lora_dir, self._linears)
             lora_name = peft_adapter_name(start.ref)
             self._lora.add(lora_name, start.lora_dir)  # nothing runs yet: safe on this thread
-        self.start = AdapterVersion(_without_tensors(start), loaded.model.connectors, lora_name, 0.0)
+        self.start = AdapterVersion(
+            _without_tensors(start), loaded.model.connectors, lora_name, 0.0, heads=loaded.heads
+        )
         self._versions: dict[str, AdapterVersion] = {start.version: self.start}
         self._current = self.start
 
@@ -366,11 +371,14 @@ class AdapterManager:
     def _build(self, path: Path) -> AdapterVersion:
         start = time.perf_counter()
         bundle = load_bundle(path, expected_fingerprint=self.fingerprint)
-        lm = self._model.lm
+        lm, dtype = self._model.lm, DTYPES[self.preset.llm.dtype]
         connectors = load_connectors(
-            self.preset, bundle.connectors, llm_dim=lm.config.hidden_size, dtype=DTYPES[self.preset.llm.dtype]
+            self.preset, bundle.connectors, llm_dim=lm.config.hidden_size, dtype=dtype
         )
         modules = nn.ModuleDict(connectors).to(self._model.device)
+        heads = load_heads(self.preset, bundle.heads, llm_dim=lm.config.hidden_size, dtype=dtype)
+        if heads is not None:
+            heads = heads.to(self._model.device)
         lora_name = None
         lora_dir = bundle.lora_dir
         if lora_dir is not None:
@@ -382,7 +390,7 @@ class AdapterManager:
         logger.info(
             "loaded adapter %s from %s in %.2fs%s", bundle.ref, path, seconds, " (LoRA)" if lora_name else ""
         )
-        return AdapterVersion(_without_tensors(bundle), modules, lora_name, seconds)
+        return AdapterVersion(_without_tensors(bundle), modules, lora_name, seconds, heads=heads)
 
     def _make_current(self, target: AdapterVersion, *, fresh: bool = False) -> None:
         if target is self._current:

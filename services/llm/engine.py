@@ -12,12 +12,18 @@ before it queues and decodes with that version's connectors and LoRA to the end,
 the current pointer does meanwhile. Model mutations for new versions (LoRA injection) run on
 the same worker thread, between requests or between two tokens of one (`run_pending`), after
 which the running request's LoRA selection is re-applied.
+
+Time tokens (presets with `heads.timestamps`, `services.llm.time_matching`): a request with
+media of the heads' modality decodes through a `TimedDecode`, which matches every position
+against the frames; a sampled time token is written into the reply as the matched frame's
+time in seconds ("12", "12.5") and reported as a `Timestamp` on the event carrying that text.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 import logging
 import threading
 import time
@@ -41,6 +47,7 @@ from services.llm.domain import (
     ModelInfo,
     Part,
     TextPart,
+    Timestamp,
     Turn,
     Usage,
 )
@@ -48,6 +55,8 @@ from services.llm.loading import LoadedModel, load_model
 from services.llm.prompt import MediaSlot, Prompt, combine_turn_media
 from services.llm.sampling import Sampler, SamplingParams
 from services.llm.templates import check_roles, get_template, turn_text
+from services.llm.time_matching import TimedDecode
+from services.llm.timestamps import format_seconds
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +96,7 @@ def media_instructions(turns: Sequence[Turn], count: int) -> tuple[str, ...]:
 
 
 class _Stream:
-    """Per-request text state: detokenizer, stop strings, token counts, finish reason."""
+    """Per-request text state: detokenizer, stop strings, token counts, finish reason, timestamps."""
 
     def __init__(self, loaded: LoadedModel, job: PreparedRequest) -> None:
         self.job = job
@@ -98,15 +107,22 @@ class _Stream:
         self.unsent: list[int] = []
         self.adapter_sent = False
         self.finish: FinishReason | None = None
+        self.sent_chars = 0  # characters of reply text sent so far
+        self.stamps: list[Timestamp] = []  # written into the text, not yet sent
 
-    def push(self, token: int) -> GenerationEvent | None:
-        """Account for one sampled token; returns the event to send, if any."""
+    def push(self, token: int, stamp: Timestamp | None = None) -> GenerationEvent | None:
+        """Account for one sampled token; returns the event to send, if any.
+
+        Args:
+            token: The token.
+            stamp: For a time token, its match: the token's text is then the matched time.
+        """
         self.count += 1
         self.unsent.append(token)
         if token in self.eos_ids:
             text, self.finish = self._final_text(), FinishReason.STOP
         else:
-            text = self.stops.feed(self.detok.add(token))
+            text = self.stops.feed(self._token_text(token, stamp))
             if self.stops.matched is not None:
                 self.finish = FinishReason.STOP
             elif self.count >= self.job.budget:
@@ -116,6 +132,15 @@ class _Stream:
             return None
         return self._event(text)
 
+    def _token_text(self, token: int, stamp: Timestamp | None) -> str:
+        """The token's text delta; a time token's is the held-back text then the time."""
+        if stamp is None:
+            return self.detok.add(token)
+        before = self.detok.flush()  # the time token itself stays out of the decoded text
+        offset = self.sent_chars + len(self.stops.pending) + len(before)
+        self.stamps.append(dataclasses.replace(stamp, char_offset=offset))
+        return before + format_seconds(stamp.seconds)
+
     def _final_text(self) -> str:
         text = self.stops.feed(self.detok.flush())
         if self.stops.matched is None:
@@ -123,6 +148,9 @@ class _Stream:
         return text
 
     def _event(self, text: str) -> GenerationEvent:
+        self.sent_chars += len(text)
+        stamps = tuple(t for t in self.stamps if t.char_offset < self.sent_chars)
+        self.stamps = [t for t in self.stamps if t.char_offset >= self.sent_chars]  # or cut by a stop
         event = GenerationEvent(
             text=text,
             token_ids=tuple(self.unsent),
@@ -130,6 +158,7 @@ class _Stream:
             finish_reason=self.finish,
             usage=Usage(len(self.job.prompt.input_ids), self.count) if self.finish else None,
             stop_reason=self.stops.matched if self.finish else None,
+            timestamps=stamps,
         )
         self.unsent, self.adapter_sent = [], True
         return event
@@ -313,11 +342,15 @@ class Engine:
         embeds = model.embed(
             job.prompt.input_ids, job.prompt.media_spans, job.request.media, connectors, job.instructions
         )  # (1, L, D)
-        out = lm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1)
+        timed = self._timed(job, embeds)
+        if timed is None:
+            out = lm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1)
+        else:
+            out = timed.prefill(embeds)
         first = time.perf_counter()
         while True:
             token = sampler(out.logits[0, -1])  # logits (V,)
-            event = stream.push(token)
+            event = stream.push(token, None if timed is None else timed.on_token(token))
             if event is not None:
                 emit(event)
             if stream.finish is not None:
@@ -329,8 +362,11 @@ class Engine:
                 raise CancelledError(f"request cancelled after {stream.count} tokens")
             if adapters.run_pending():  # a new version was injected: re-apply this one's LoRA
                 adapters.select(job.version)
-            ids = torch.tensor([[token]], device=model.device)  # (1, 1)
-            out = lm(input_ids=ids, past_key_values=out.past_key_values, use_cache=True)
+            if timed is None:
+                ids = torch.tensor([[token]], device=model.device)  # (1, 1)
+                out = lm(input_ids=ids, past_key_values=out.past_key_values, use_cache=True)
+            else:  # a time token goes in as its embedding + the matched frame's
+                out = timed.step(token, out.past_key_values)
         end = time.perf_counter()
         logger.info(
             "generated %s tokens (prompt %s) in %.3fs: prefill %.3fs, %.1f tokens/s, finish %s",
@@ -340,6 +376,21 @@ class Engine:
             first - start,
             (stream.count - 1) / (end - first) if stream.count > 1 and end > first else 0.0,
             stream.finish.value,
+        )
+
+    def _timed(self, job: PreparedRequest, embeds: torch.Tensor) -> TimedDecode | None:
+        """The time-token decode state of a request, or None (no heads, or no media to match)."""
+        spec = self.loaded.preset.heads.timestamps
+        if spec is None:
+            return None
+        return TimedDecode.for_request(
+            self.loaded.model.lm,
+            job.version.heads,
+            self.loaded.time_token_id,
+            spec.modality,
+            job.request.media,
+            job.prompt.media_spans,
+            embeds,
         )
 
     async def warmup(self) -> None:

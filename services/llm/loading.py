@@ -5,7 +5,8 @@ a real Hugging Face Llama/Vicuna/Phi-3 folder would. The LM is put in eval mode 
 here, and nowhere else. A bundle whose connector weights do not fit the preset is refused,
 naming the key and the expected vs. found shapes. Connectors are keyed by connector name
 (modalities may share one); the Q-Former types load their frozen part from `connector.base`
-and the bundle's tensors over it.
+and the bundle's tensors over it. A preset with `heads.timestamps` also gets its timestamp
+heads from the bundle (`load_heads`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from services.llm.adapters import Bundle, base_fingerprint, load_bundle
 from services.llm.connectors import Connector, connector_from_spec
 from services.llm.model import FeatureLayout, MultimodalLM
 from services.llm.prompt import ModalitySlots, PromptBuilder, placeholder_token_id
+from services.llm.time_matching import check_frame_tokens, time_token_id
+from services.llm.timestamps import HEAD_NAME, TimestampHeads, init_timestamp_heads, load_timestamp_heads
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +36,7 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
 }
+HEADS_SEED = 0  # the initialisation of timestamp heads a bundle lacks
 
 
 @dataclass
@@ -47,6 +51,8 @@ class LoadedModel:
         prompt_builder: Builds prompts for this tokenizer and these connectors.
         max_context_tokens: The preset's context size, capped by the LM's positions.
         eos_ids: Token ids that end a generation.
+        heads: The bundle's timestamp heads (presets with `heads.timestamps`), else None.
+        time_token_id: The id of the heads' time token (`<vid>`), else None.
     """
 
     preset: Preset
@@ -56,6 +62,8 @@ class LoadedModel:
     prompt_builder: PromptBuilder
     max_context_tokens: int
     eos_ids: frozenset[int]
+    heads: TimestampHeads | None = None
+    time_token_id: int | None = None
 
 
 def load_connectors(
@@ -109,6 +117,33 @@ def load_connectors(
         connector.load_state_dict(state, strict=True)
         connectors[name] = connector.to(dtype=dtype).eval().requires_grad_(False)
     return connectors
+
+
+def load_heads(
+    preset: Preset, flat: Mapping[str, torch.Tensor], *, llm_dim: int, dtype: torch.dtype
+) -> TimestampHeads | None:
+    """The timestamp heads of a preset that has them, from a bundle's flat heads.
+
+    A bundle without them (a tiny twin's initial bundle, a stage-1 or stage-2 bundle) gets
+    heads initialised from `HEADS_SEED`, the same at every load: timestamps are then matched
+    but mean nothing until stage 3 trains the heads (a warning says so).
+
+    Raises:
+        FailedPreconditionError: A heads key is missing, unexpected or of the wrong shape.
+    """
+    if preset.heads.timestamps is None:
+        return None
+    if any(k.startswith(f"{HEAD_NAME}.") for k in flat):
+        heads = load_timestamp_heads(flat, hidden_size=llm_dim)
+    else:
+        logger.warning(
+            "preset %s has timestamp heads but the adapter bundle holds none: serving an untrained "
+            "initialisation (seed %s); its timestamps are meaningless until stage 3 trains them",
+            preset.name,
+            HEADS_SEED,
+        )
+        heads = init_timestamp_heads(llm_dim, seed=HEADS_SEED)
+    return heads.to(dtype=dtype).eval().requires_grad_(False)
 
 
 def _base_state(name: str, spec: ConnectorSpec, connector: Connector) -> dict[str, torch.Tensor]:
@@ -199,6 +234,10 @@ def load_model(preset: Preset) -> LoadedModel:
     connectors = load_connectors(preset, bundle.connectors, llm_dim=lm.config.hidden_size, dtype=dtype)
     layouts = {m: FeatureLayout.from_spec(m, s) for m, s in preset.modalities.items()}
     model = MultimodalLM(lm, connectors, layouts).eval()
+    ts = preset.heads.timestamps
+    if ts is not None:
+        check_frame_tokens(preset, model.connector(ts.modality).num_tokens)
+    heads = load_heads(preset, bundle.heads, llm_dim=lm.config.hidden_size, dtype=dtype)
     max_context = preset.llm.max_context_tokens
     positions = getattr(lm.config, "max_position_embeddings", None)
     if positions is not None and positions < max_context:
@@ -224,4 +263,6 @@ def load_model(preset: Preset) -> LoadedModel:
         prompt_builder=PromptBuilder(tokenizer, slots, max_context_tokens=max_context),
         max_context_tokens=max_context,
         eos_ids=_eos_ids(lm, tokenizer),
+        heads=None if heads is None else heads.to(model.device),
+        time_token_id=time_token_id(preset, tokenizer),
     )

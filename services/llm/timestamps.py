@@ -362,3 +362,14 @@ class TimestampMatcher:
     @property
     def _dtype(self) -> torch.dtype:
         return next(self.heads.parameters()).dtype
+
+
+def init_timestamp_heads(hidden_size: int, *, seed: int = 0) -> TimestampHeads:
+    """Freshly initialised heads, the same for the same seed and size (the global RNG is untouched).
+
+    For a bundle without trained heads (a tiny twin's initial bundle, a stage-1/2 bundle):
+    the matching then runs, but its frames mean nothing until stage 3 trains the heads.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return TimestampHeads(hidden_size)

@@ -10,6 +10,8 @@ seeds (the same seed writes the same bytes):
   transformers' `AutoTokenizer` loads as `BertTokenizerFast` (E.T. Chat's instruction text);
 - `initial_connectors`: per connector name, the trainable tensors of a fresh connector, i.e.
   what the initial adapter bundle holds (`adapters.write_bundle(connectors=...)`);
+- `initial_heads`: the fresh timestamp heads of a preset with `heads.timestamps`, for the
+  same bundle (`adapters.write_bundle(heads=...)`);
 - `write_tiny_lm`: a tiny Llama or Phi-3 causal LM with its tokenizer and generation config.
 """
 
@@ -25,6 +27,7 @@ from safetensors.torch import save_file
 from services.common.errors import InvalidArgumentError
 from services.common.presets import ConnectorSpec, EncoderSpec, Preset
 from services.llm.connectors import bundle_state, connector_from_spec
+from services.llm.timestamps import HEAD_NAME, init_timestamp_heads
 
 QFORMER_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 DEC_TOKEN = "[DEC]"
@@ -84,6 +87,15 @@ def initial_connectors(preset: Preset, llm_dim: int, *, seed: int = 0) -> dict[s
         connector = _fresh(spec.connector, spec.encoder, llm_dim, seed + k)
         out[name] = {key: v.clone().contiguous() for key, v in bundle_state(connector).items()}
     return out
+
+
+def initial_heads(preset: Preset, llm_dim: int, *, seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
+    """The heads an initial adapter bundle holds: {"timestamps": state dict} for a preset with
+    `heads.timestamps` (fresh, fixed by `seed`), else {}."""
+    if preset.heads.timestamps is None:
+        return {}
+    heads = init_timestamp_heads(llm_dim, seed=seed)
+    return {HEAD_NAME: {k: v.clone().contiguous() for k, v in heads.state_dict().items()}}
 
 
 def _wordpiece_vocab(size: int) -> dict[str, int]:

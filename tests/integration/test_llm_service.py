@@ -1,4 +1,5 @@
-"""`python -m services.llm` as a real process: health, streaming, refusals, concurrency, drain."""
+"""`python -m services.llm` as a real process: health, streaming, refusals, concurrency, drain,
+and E.T. Chat timestamps from the tiny-etchat twin."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -40,11 +42,11 @@ def serving(target: str) -> bool:
         return bool(status == health_pb2.HealthCheckResponse.SERVING)
 
 
-def start_service(cache_dir: Path, log_path: Path) -> Service:
+def start_service(cache_dir: Path, log_path: Path, preset: str = "tiny") -> Service:
     port = free_port()
     started = time.monotonic()
     proc = start_process(
-        [sys.executable, "-m", "services.llm", "--preset", "tiny", "--port", str(port)],
+        [sys.executable, "-m", "services.llm", "--preset", preset, "--port", str(port)],
         log_path=log_path,
         env={
             "MODALMESH_CACHE_DIR": str(cache_dir),
@@ -93,7 +95,7 @@ async def generate(
     target: str, request: llm_pb2.GenerateRequest, **kw: object
 ) -> list[llm_pb2.GenerateChunk]:
     async with grpc.aio.insecure_channel(target) as channel:
-        return [chunk async for chunk in llm_pb2_grpc.LLMStub(channel).Generate(request, **kw)]  # type: ignore[arg-type]
+        return [chunk async for chunk in llm_pb2_grpc.LLMStub(channel).Generate(request, **kw)]
 
 
 async def test_generate_streams_deltas_usage_and_finish(llm_service: Service) -> None:
@@ -127,9 +129,9 @@ def bad_requests() -> dict[str, tuple[llm_pb2.GenerateRequest, grpc.StatusCode, 
         request = good_request()
         for key, value in fields.items():
             if key == "sampling":
-                request.sampling.CopyFrom(value)  # type: ignore[arg-type]
+                request.sampling.CopyFrom(value)
             else:
-                request.ClearField(key)  # type: ignore[arg-type]
+                request.ClearField(key)
                 getattr(request, key).extend(value)
         cases[name] = (request, code, message)
 
@@ -264,3 +266,98 @@ def test_unknown_preset_exits_2(tmp_path: Path) -> None:
     finally:
         proc.kill_group()
     assert "preset 'no-such-preset' not found" in proc.log_text()
+
+
+FRAME_TIMES = [0.5, 1.5, 2.5, 3.5, 4.5, 5.5]
+
+
+def etchat_request(max_tokens: int = 8) -> llm_pb2.GenerateRequest:
+    array = np.random.default_rng(7).standard_normal((len(FRAME_TIMES) * 4, 32)).astype("<f4")
+    media = llm_pb2.MediaFeatures(modality="video", features=array_to_tensor(array), frame_times=FRAME_TIMES)
+    return llm_pb2.GenerateRequest(
+        turns=[user(0, "When does the dog move?")],
+        media=[media],
+        sampling=llm_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0),
+    )
+
+
+def emit_time_token_first(preset: object) -> None:
+    """Rewrite the twin's LM so that greedy decoding of `etchat_request` starts with `<vid>`.
+
+    Its lm_head row becomes twice the row of the token greedy decoding would pick (whose
+    logit is positive), wherever that token would win. Only a tensor's values change, so the
+    base fingerprint (names and sizes of the weight files) and the bundle stay valid.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from services.llm.adapters import base_fingerprint
+    from services.llm.engine import Engine
+    from services.llm.loading import load_model
+    from services.llm.servicer import request_from_proto
+
+    loaded = load_model(preset)  # type: ignore[arg-type]
+    engine = Engine(loaded)
+    try:
+        request = request_from_proto(etchat_request())
+        job = engine.prepare(request)
+        with torch.inference_mode():
+            embeds = loaded.model.embed(
+                job.prompt.input_ids, job.prompt.media_spans, request.media, None, job.instructions
+            )
+            logits = loaded.model.lm(inputs_embeds=embeds).logits[0, -1]  # (V,)
+    finally:
+        engine.close()
+    first = int(logits.argmax())
+    assert float(logits[first]) > 0
+    folder = loaded.preset.llm.checkpoint
+    fingerprint = base_fingerprint(folder)
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        metadata = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
+    tensors["lm_head.weight"][loaded.time_token_id] = 2 * tensors["lm_head.weight"][first]
+    save_file(tensors, str(folder / "model.safetensors"), metadata=metadata)
+    assert base_fingerprint(folder) == fingerprint
+
+
+@pytest.fixture(scope="module")
+def etchat_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache with the tiny-etchat twin whose LM starts its reply to `etchat_request` with `<vid>`."""
+    from modalmesh.tiny import generate
+    from services.common.presets import load_preset
+
+    cache = tmp_path_factory.mktemp("etchat-cache")
+    generate(load_preset("tiny-etchat", cache_dir=cache))
+    emit_time_token_first(load_preset("tiny-etchat", cache_dir=cache))
+    return cache
+
+
+async def test_etchat_replies_carry_matched_times_in_text_and_timestamps(
+    etchat_cache: Path, tmp_path: Path
+) -> None:
+    from services.common.presets import load_preset
+    from services.llm.engine import Engine
+    from services.llm.loading import load_model
+    from services.llm.servicer import chunk_from_event, request_from_proto
+    from services.llm.timestamps import format_seconds
+
+    service = start_service(etchat_cache, tmp_path / "llm.log", preset="tiny-etchat")
+    try:
+        chunks = await generate(service.target, etchat_request())
+    finally:
+        service.proc.kill_group()
+    text = "".join(c.text for c in chunks)
+    stamps = [t for c in chunks for t in c.timestamps]
+    assert stamps and stamps[0].char_offset == 0  # the first token was the time token
+    for stamp in stamps:
+        assert stamp.media_index == 0 and 0 <= stamp.frame < len(FRAME_TIMES)
+        assert stamp.seconds == pytest.approx(FRAME_TIMES[stamp.frame])
+        written = format_seconds(stamp.seconds)
+        assert text[stamp.char_offset : stamp.char_offset + len(written)] == written
+    # The same request in this process, through the engine and the servicer's mapping.
+    engine = Engine(load_model(load_preset("tiny-etchat", cache_dir=etchat_cache)))
+    try:
+        local = [chunk_from_event(e) async for e in engine.generate(request_from_proto(etchat_request()))]
+    finally:
+        engine.close()
+    assert [(c.text, list(c.timestamps)) for c in local] == [(c.text, list(c.timestamps)) for c in chunks]

@@ -266,7 +266,7 @@ def test_one_version_loaded_by_two_threads_is_built_once(
     gate = threading.Event()
     original = manager._build
 
-    def slow_build(path: Path):  # type: ignore[no-untyped-def]
+    def slow_build(path: Path):
         builds.append(path)
         gate.wait(5)
         return original(path)

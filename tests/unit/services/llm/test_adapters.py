@@ -119,29 +119,36 @@ def test_stamp_manifest_keeps_the_hashes_valid(tmp_path: Path) -> None:
         stamp_manifest(tmp_path / "b", files={})
 
 
-def _truncate(path: Path) -> None:
+def _truncate(path: Path) -> Path:
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def _rehash(path: Path, rel: str) -> Path:
+    """`rehash`, returning the folder (the damage lambdas chain steps in a tuple)."""
+    rehash(path, rel)
+    return path
 
 
 BROKEN = {
     # name: (damage(bundle folder), message)
     "truncated connectors, hash updated": (
-        lambda b: (_truncate(b / "connectors.safetensors"), rehash(b, "connectors.safetensors")),
+        lambda b: (_truncate(b / "connectors.safetensors"), _rehash(b, "connectors.safetensors")),
         r"connectors\.safetensors is not a valid safetensors file: .*incomplete metadata",
     ),
     "garbage lora weights, hash updated": (
         lambda b: ((b / "lora/adapter_model.safetensors").write_bytes(b"\x00" * 64),
-                   rehash(b, "lora/adapter_model.safetensors")),
+                   _rehash(b, "lora/adapter_model.safetensors")),
         r"lora/adapter_model\.safetensors is not a valid safetensors file",
     ),
     "lora config not JSON, hash updated": (
-        lambda b: ((b / "lora/adapter_config.json").write_text("{nope"), rehash(b, "lora/adapter_config.json")),
+        lambda b: ((b / "lora/adapter_config.json").write_text("{nope"), _rehash(b, "lora/adapter_config.json")),
         r"lora/adapter_config\.json is not valid JSON",
     ),
     "lora config of another PEFT type": (
         lambda b: ((b / "lora/adapter_config.json").write_text('{"peft_type": "IA3"}'),
-                   rehash(b, "lora/adapter_config.json")),
+                   _rehash(b, "lora/adapter_config.json")),
         r"lora/adapter_config\.json: expected peft_type 'LORA', got 'IA3'",
     ),
     "lora weights changed": (
@@ -184,10 +191,11 @@ BROKEN = {
 }  # fmt: skip
 
 
-def _edit_manifest(path: Path, edit) -> None:
+def _edit_manifest(path: Path, edit) -> Path:
     manifest = json.loads((path / "manifest.json").read_text())
     edit(manifest)
     (path / "manifest.json").write_text(json.dumps(manifest))
+    return path
 
 
 @pytest.mark.parametrize("kind", list(BROKEN))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 import torch
@@ -20,6 +21,18 @@ from services.llm.connectors import (
 from services.llm.tiny_weights import write_tiny_qformer_tokenizer
 
 QSIZES = {"width": 32, "layers": 2, "heads": 2, "mlp_dim": 64, "num_query_tokens": 4}
+
+
+def connector_spec(**kw: object) -> ConnectorSpec:
+    """A ConnectorSpec from keyword fields (validated; the defaults of the others apply)."""
+    return ConnectorSpec.model_validate(kw)
+
+
+def linears(module: torch.nn.Module, *names: str) -> list[torch.nn.Linear]:
+    """A module's named nn.Linear children."""
+    found = [getattr(module, n) for n in names]
+    assert all(isinstance(m, torch.nn.Linear) for m in found)
+    return found
 
 
 def encoder(**kw: object) -> EncoderSpec:
@@ -43,7 +56,8 @@ def test_simple_connectors_map_frames_into_the_llm_width(kind: str, frames: int,
 def test_mlp2x_gelu_is_linear_gelu_linear() -> None:
     conn = build_connector("mlp2x_gelu", in_dim=8, out_dim=16)
     x = torch.randn(1, 3, 8)
-    expected = conn.fc2(torch.nn.functional.gelu(conn.fc1(x)))
+    fc1, fc2 = linears(conn, "fc1", "fc2")
+    expected = fc2(torch.nn.functional.gelu(fc1(x)))
     assert torch.allclose(conn(x), expected)
     assert [n for n, _ in conn.named_parameters()] == ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]
 
@@ -53,7 +67,8 @@ def test_event_adaptor_is_eventgpts_mlp_adaptor_and_spatio_temporal_means() -> N
     names = [n for n, _ in conn.named_parameters()]
     assert names == ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias", "adaptor.weight", "adaptor.bias"]
     x = torch.randn(1, 5, 3, 8)  # 5 event frames of 3 tokens
-    per_frame = [conn.adaptor(conn.fc2(torch.nn.functional.gelu(conn.fc1(x[0, f])))) for f in range(5)]
+    fc1, fc2, adaptor = linears(conn, "fc1", "fc2", "adaptor")
+    per_frame = [adaptor(fc2(torch.nn.functional.gelu(fc1(x[0, f])))) for f in range(5)]
     stacked = torch.stack(per_frame)  # (5, 3, 16), EventGPT's loop then stack
     expected = torch.cat([stacked.mean(1), stacked.mean(0)])  # temporal (5) then spatial (3)
     assert torch.allclose(conn(x)[0], expected, atol=1e-6)
@@ -61,7 +76,7 @@ def test_event_adaptor_is_eventgpts_mlp_adaptor_and_spatio_temporal_means() -> N
 
 
 def test_videochat_qformer_reads_taps_and_gives_the_query_count() -> None:
-    spec = ConnectorSpec(
+    spec = connector_spec(
         type="qformer", qformer=QFormerSpec(**QSIZES, num_extra_query_tokens=8, gmhra_layers=2, gmhra_heads=2)
     )
     conn = connector_from_spec(spec, encoder(taps=2, select_feature="cls_patch"), 48)
@@ -78,13 +93,13 @@ def test_videochat_qformer_reads_taps_and_gives_the_query_count() -> None:
 
 
 def test_image_through_videochat_qformer_is_one_frame() -> None:
-    spec = ConnectorSpec(type="qformer", qformer=QFormerSpec(**QSIZES, num_extra_query_tokens=2))
+    spec = connector_spec(type="qformer", qformer=QFormerSpec(**QSIZES, num_extra_query_tokens=2))
     conn = connector_from_spec(spec, encoder(), 48)  # no temporal layers: plain frame tokens
     assert conn(torch.randn(2, 1, 5, 32)).shape == (2, 6, 48)
 
 
 def test_qformer_bundle_holds_only_the_trained_tensors() -> None:
-    spec = ConnectorSpec(type="qformer", qformer=QFormerSpec(**QSIZES, gmhra_layers=2, gmhra_heads=2))
+    spec = connector_spec(type="qformer", qformer=QFormerSpec(**QSIZES, gmhra_layers=2, gmhra_heads=2))
     conn = connector_from_spec(spec, encoder(taps=2, select_feature="cls_patch"), 48)
     kept = bundle_state(conn)
     assert {k.split(".")[0] for k in kept} == {"extra_query_tokens", "gmhra", "proj"}
@@ -106,7 +121,7 @@ def instruct_spec(tokenizer: Path, **kw: int) -> ConnectorSpec:
     q = QFormerSpec(
         **QSIZES, vocab_size=512, max_text_positions=64, max_text_tokens=kw.get("max_text_tokens", 32)
     )
-    return ConnectorSpec(type="instruct_qformer", qformer=q, tokenizer=tokenizer)
+    return connector_spec(type="instruct_qformer", qformer=q, tokenizer=tokenizer)
 
 
 def test_instruct_qformer_reads_the_instruction_and_gives_one_token_per_frame(
@@ -133,7 +148,7 @@ def test_instruct_qformer_reads_the_instruction_and_gives_one_token_per_frame(
 def test_instruct_qformer_truncates_the_instruction_from_the_left(qformer_tokenizer: Path) -> None:
     conn = connector_from_spec(instruct_spec(qformer_tokenizer, max_text_tokens=6), encoder(tokens=4), 48)
     ids, _ = conn.encode_instructions(["a b c d e f g h the end"])
-    tokens = conn.tokenizer.convert_ids_to_tokens(ids[0])
+    tokens = cast(Any, conn).tokenizer.convert_ids_to_tokens(ids[0])
     assert ids.shape == (1, 6) and tokens[0] == "[CLS]" and tokens[-3:] == ["the", "end", "[SEP]"]
 
 

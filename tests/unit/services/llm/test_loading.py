@@ -77,7 +77,7 @@ def test_context_is_capped_by_the_lm_positions(tiny_preset: Preset) -> None:
     assert loaded.prompt_builder.max_context_tokens == 1024
 
 
-def test_qformer_connector_is_base_plus_bundle(twin) -> None:  # type: ignore[no-untyped-def]
+def test_qformer_connector_is_base_plus_bundle(twin) -> None:
     from safetensors.torch import load_file
 
     preset = twin("tiny-videochat")
@@ -95,7 +95,7 @@ def test_qformer_connector_is_base_plus_bundle(twin) -> None:  # type: ignore[no
     assert torch.equal(conns["qformer"].state_dict()["ln_vision.weight"], override["ln_vision.weight"])
 
 
-def test_qformer_base_problems_are_named(twin, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_qformer_base_problems_are_named(twin, tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
     preset = twin("tiny-videochat")
@@ -120,7 +120,7 @@ def test_qformer_base_problems_are_named(twin, tmp_path: Path) -> None:  # type:
         )
 
 
-def test_phi3_takes_lora_on_qkv_proj_and_o_proj(twin, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_phi3_takes_lora_on_qkv_proj_and_o_proj(twin, tmp_path: Path) -> None:
     from peft import LoraConfig, get_peft_model
 
     from services.llm.adapter_manager import AdapterManager
@@ -136,7 +136,7 @@ def test_phi3_takes_lora_on_qkv_proj_and_o_proj(twin, tmp_path: Path) -> None:  
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.5)
     bundle = tmp_path / "2"
-    peft_lm.save_pretrained(bundle / "lora")
+    peft_lm.save_pretrained(str(bundle / "lora"))
     write_bundle(
         bundle, name=preset.adapter.name, version="2", preset=preset.name,
         base_fingerprint=base_fingerprint(preset.llm.checkpoint), connectors=dict(loaded.bundle.connectors),

@@ -48,7 +48,7 @@ def test_golden_vicuna_v1_with_image(loaded: LoadedModel) -> None:
 
 
 def test_ids_are_bos_plus_each_segment_tokenized_alone(loaded: LoadedModel, tokenizer: Any) -> None:
-    segments = ["Describe ", MediaRef(0), " and ", MediaRef(1), "</s>then"]
+    segments: list[str | MediaRef] = ["Describe ", MediaRef(0), " and ", MediaRef(1), "</s>then"]
     prompt = builder(loaded).build(segments, [IMAGE, IMAGE])
 
     def tok(s: str) -> list[int]:
