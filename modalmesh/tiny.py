@@ -131,9 +131,10 @@ def _write_llm(path: Path, preset: Preset) -> int:
 
 def _write_adapter(preset: Preset, path: Path, llm_dir: Path, llm_dim: int) -> None:
     from services.llm.adapters import base_fingerprint, write_bundle
-    from services.llm.tiny_weights import initial_connectors
+    from services.llm.tiny_weights import initial_connectors, initial_heads
 
     connectors = initial_connectors(preset, llm_dim, seed=SEED + 2)
+    heads = initial_heads(preset, llm_dim, seed=SEED + 3) or None
     write_bundle(
         path,
         name=preset.adapter.name,
@@ -141,6 +142,7 @@ def _write_adapter(preset: Preset, path: Path, llm_dir: Path, llm_dim: int) -> N
         preset=preset.name,
         base_fingerprint=base_fingerprint(llm_dir),
         connectors=connectors,
+        heads=heads,
         stage="init",
     )
 

@@ -107,7 +107,9 @@ class EncoderSpec(_Strict):
     dtype: DType = "float32"
     max_batch_size: PositiveInt = 8
     batch_delay_us: Annotated[int, Field(ge=0)] = 5000
-    triton_model: str | None = Field(None, description="Triton model name; default <modality>_<backbone>.")
+    triton_model: str | None = Field(
+        default=None, description="Triton model name; default <modality>_<backbone>."
+    )
 
     def tokens_per_frame(self) -> int:
         """Feature rows one frame contributes (taps included)."""
@@ -143,18 +145,18 @@ class ConnectorSpec(_Strict):
 
     type: Literal["linear", "mlp2x_gelu", "qformer", "instruct_qformer", "event_adaptor"]
     name: Name | None = Field(
-        None,
+        default=None,
         description="Connector key in the bundle; modalities naming the same one share it "
         "(PandaGPT's one llama_proj for image, video and audio). Default: the modality.",
     )
     qformer: QFormerSpec | None = None
     base: Path | None = Field(
-        None,
+        default=None,
         description="Frozen weights of the connector (the pretrained Q-Former and its "
         "queries), a safetensors file loaded under the bundle's trained tensors.",
     )
     tokenizer: Path | None = Field(
-        None,
+        default=None,
         description="instruct_qformer: the Q-Former's text tokenizer folder (bert-base-uncased + [DEC]).",
     )
 

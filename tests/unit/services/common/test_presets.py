@@ -226,5 +226,5 @@ def test_shared_connectors_must_agree_and_sum_needs_one_token_each(tmp_path):
     with pytest.raises(InvalidArgumentError, match="share connector 'llama_proj'"):
         parse_preset(mixed, cache_dir=tmp_path)
     chat = (PRESETS / "tiny-videochat.yaml").read_text() + "\nmedia_combine: sum\n"
-    with pytest.raises(InvalidArgumentError, match="media_combine sum: .*one LLM token"):
+    with pytest.raises(InvalidArgumentError, match=r"media_combine sum: .*one LLM token"):
         parse_preset(chat, cache_dir=tmp_path)

@@ -157,10 +157,12 @@ def test_matcher_matches_predicting_positions_and_feeds_the_frame_back():
     assert matcher.prefill(norm_input, hidden) == 2
     assert matcher.on_token(5) is None and matcher.embedding_offset(5) is None
     stamp = matcher.on_token(7)
-    assert (stamp.index, stamp.frame, stamp.seconds) == (0, 2, 4.0)
-    assert torch.equal(matcher.embedding_offset(7), torch.tensor([4.0, 5.0]))
+    assert stamp is not None and (stamp.index, stamp.frame, stamp.seconds) == (0, 2, 4.0)
+    offset = matcher.embedding_offset(7)
+    assert offset is not None and torch.equal(offset, torch.tensor([4.0, 5.0]))
     assert matcher.step(eye[0][None, None]) == 0
-    assert matcher.on_token(7).seconds == 0.0
+    again = matcher.on_token(7)
+    assert again is not None and again.seconds == 0.0
     assert [t.frame for t in matcher.timestamps] == [2, 0] and matcher.matches == [2, 0]
 
 
