@@ -17,8 +17,6 @@ Library (no grpc or PyTriton imports; the trainer uses these):
     media       MediaEncoder (every modality: decode -> preprocess -> backbone -> EncodedItem
                 features + frame times), EncoderLimits.from_settings
     tiny_weights write_tiny_backbone(spec, folder, seed=...): random checkpoints for tiny twins
-    model       ImageEncoder: the image-only encoder (bytes -> (tokens, dim) or error), kept
-                for callers not yet on MediaEncoder
     protocol    the Triton models' tensor names (media -> features, times, error), EncodedItem
 
 Server and client:

@@ -1,6 +1,8 @@
 """MediaEncoder per modality on generated media: feature shapes and times of every tiny twin,
 items failing alone in a batch, results equal to the parts called directly, ImageBind's video
-crops, and the limits from settings."""
+crops, and the limits from settings. The image modality in detail: per-item errors inside a
+batch, batched results equal to single ones, all-bad and empty batches, size limits, internal
+preprocessing failures kept to their item, warm-up, and the preprocessor/backbone size check."""
 
 from __future__ import annotations
 
@@ -12,12 +14,15 @@ import torch
 from PIL import Image
 
 from services.common.errors import InvalidArgumentError, ModalmeshError, PayloadTooLargeError
-from services.common.presets import Preset
+from services.common.presets import EncoderSpec, Preset
 from services.common.settings import Settings
+from services.encoders._dummies import dummy_png
+from services.encoders.backbones import build_backbone
 from services.encoders.events import EventLimits, event_frames, parse_events
 from services.encoders.media import EncoderLimits, MediaEncoder, event_times, imagebind_video
+from services.encoders.preprocess import ClipImagePreprocessor, decode_image
 from services.encoders.protocol import EncodedItem
-from tests.helpers.media import make_audio, make_events, make_video, png_bytes
+from tests.helpers.media import jpeg_bytes, make_audio, make_events, make_video, png_bytes
 
 CASES = {
     # (preset, modality): (media, features shape, frames)
@@ -171,3 +176,102 @@ def test_imagebind_video_needs_its_clip_length(twins: dict[str, Preset]) -> None
     three = spec.model_copy(update={"sampling": spec.sampling.model_copy(update={"frames_per_clip": 3})})
     with pytest.raises(InvalidArgumentError, match=r"frames_per_clip = 2 .* got 3"):
         MediaEncoder.from_spec("video", three, device="cpu")
+
+
+# --- the image modality in detail (the `tiny` preset: clip_vision, 32x32 -> (16, 64)) ---------
+
+
+@pytest.fixture(scope="module")
+def image_spec(twins: dict[str, Preset]) -> EncoderSpec:
+    return twins["tiny"].modalities["image"].encoder
+
+
+@pytest.fixture
+def image_encoder(encoders) -> MediaEncoder:
+    return encoders["tiny", "image"]  # decode_workers=2, default limits
+
+
+def test_image_one_bad_item_does_not_fail_its_batch(image_encoder: MediaEncoder) -> None:
+    good = [png_bytes(48, 40, seed=1), jpeg_bytes(30, 70, seed=2), png_bytes(33, 33, seed=3)]
+    truncated = good[0][: len(good[0]) // 2]
+    batch = [good[0], b"not an image at all", good[1], truncated, good[2], b""]
+    results = image_encoder.encode(batch)
+    assert len(results) == len(batch)
+    for i, why in [(1, "not an image"), (3, "corrupt or truncated image"), (5, "empty image")]:
+        assert isinstance(results[i], InvalidArgumentError), results[i]
+        assert results[i].message.startswith(why)  # type: ignore[union-attr]
+    for i, data in [(0, good[0]), (2, good[1]), (4, good[2])]:
+        got = _ok(results[i])
+        assert got.features.shape == (16, 64) and got.features.dtype == np.float32
+        assert got.features.flags.c_contiguous
+        np.testing.assert_array_equal(got.times, np.zeros(1, dtype=np.float32))
+        (alone,) = image_encoder.encode([data])
+        np.testing.assert_allclose(got.features, _ok(alone).features, atol=1e-5, rtol=0)
+
+
+def test_image_matches_preprocessor_and_backbone_called_directly(
+    image_encoder: MediaEncoder, image_spec: EncoderSpec
+) -> None:
+    data = jpeg_bytes(50, 20, seed=4)
+    pre = ClipImagePreprocessor.from_pretrained(image_spec.checkpoint)
+    backbone = build_backbone(image_spec, modalities=["image"], device="cpu")
+    pixels = torch.from_numpy(pre([decode_image(data, max_pixels=10**6)]))  # (1, 3, 32, 32)
+    want = backbone.encode("image", pixels)[0].numpy()  # (16, 64)
+    np.testing.assert_allclose(_ok(image_encoder.encode([data])[0]).features, want, atol=1e-6, rtol=0)
+
+
+def test_image_all_bad_batch_and_empty_batch(image_encoder: MediaEncoder) -> None:
+    assert image_encoder.encode([]) == []
+    results = image_encoder.encode([b"x", b"y"])
+    assert len(results) == 2 and all(isinstance(r, InvalidArgumentError) for r in results)
+
+
+def test_image_too_large_is_an_item_error(image_spec: EncoderSpec) -> None:
+    small = MediaEncoder.from_spec(
+        "image", image_spec, limits=EncoderLimits(image_max_pixels=1000), device="cpu", decode_workers=1
+    )
+    try:
+        big, ok = small.encode([png_bytes(64, 64), png_bytes(20, 20)])
+        assert isinstance(big, InvalidArgumentError) and "image too large" in big.message
+        assert _ok(ok).features.shape == (16, 64)
+    finally:
+        small.close()
+
+
+def test_image_unexpected_preprocessing_failure_stays_with_its_item(
+    image_encoder: MediaEncoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert image_encoder.preprocessor is not None
+    real = image_encoder.preprocessor.preprocess_one
+    calls = {"n": 0}
+
+    def flaky(image: Image.Image) -> np.ndarray:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("boom")
+        return real(image)
+
+    stub = type("FlakyPreprocessor", (), {"preprocess_one": staticmethod(flaky)})()
+    monkeypatch.setattr(image_encoder, "preprocessor", stub)  # MediaEncoder._frames calls it per frame
+    monkeypatch.setattr(image_encoder, "_pool", None)  # sequential, so the first item is the one failing
+    first, second = image_encoder.encode([png_bytes(seed=5), png_bytes(seed=6)])
+    assert type(first) is ModalmeshError and "RuntimeError" in first.message
+    assert _ok(second).features.shape == (16, 64)
+
+
+def test_image_warmup_and_properties(image_encoder: MediaEncoder) -> None:
+    image_encoder.warmup()
+    assert (image_encoder.tokens_per_frame, image_encoder.dim) == (16, 64)
+    assert (image_encoder.backbone.tokens, image_encoder.backbone.dim) == (16, 64)
+    assert decode_image(dummy_png(32), max_pixels=10**4).size == (32, 32)
+
+
+def test_image_preprocessor_and_backbone_sizes_must_agree(image_encoder: MediaEncoder, image_spec) -> None:
+    pre = ClipImagePreprocessor.from_dict({"size": 64, "crop_size": 64})
+    with pytest.raises(
+        InvalidArgumentError,
+        match=r"image encoder: the preprocessor makes \(64, 64\) images, the backbone expects \(32, 32\)",
+    ):
+        MediaEncoder("image", image_spec, image_encoder.backbone, pre, limits=EncoderLimits())
+    with pytest.raises(InvalidArgumentError, match=r"makes None images"):
+        MediaEncoder("image", image_spec, image_encoder.backbone, None, limits=EncoderLimits())
