@@ -23,9 +23,15 @@ def start_llm(env: dict[str, str], log_path: Path, *, port: int) -> Process:
     )
 
 
-def start_gateway(env: dict[str, str], log_path: Path) -> tuple[Process, str, str]:
-    """`python -m gateway` on free ports; returns the process, its base URL and its gRPC address."""
-    http_port, grpc_port = free_ports(2)
+def start_gateway(
+    env: dict[str, str], log_path: Path, *, ports: tuple[int, int] | None = None
+) -> tuple[Process, str, str]:
+    """`python -m gateway` on free ports; returns the process, its base URL and its gRPC address.
+
+    Pass `ports` (http, grpc) picked together with the other services' ports: ports picked
+    later can collide with a port another service picked but has not bound yet.
+    """
+    http_port, grpc_port = ports or free_ports(2)
     args = ["--http-port", str(http_port), "--grpc-port", str(grpc_port)]
     proc = start_process([sys.executable, "-m", "gateway", *args], log_path=log_path, env=env)
     return proc, f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}"

@@ -373,9 +373,15 @@ def test_every_modality_matches_the_library(service, client, preset, libraries, 
     before = service.metrics(model)
     with cf.ThreadPoolExecutor(len(items)) as pool:  # concurrent: batched with differing frames
         results = list(pool.map(lambda d: _infer_all(client, [d], model), items))
-    after = service.metrics(model)
-    inferences = after["nv_inference_count"] - before["nv_inference_count"]
-    executions = after["nv_inference_exec_count"] - before["nv_inference_exec_count"]
+    counts: dict[str, float] = {}
+
+    def counted() -> bool:  # Triton refreshes its metrics periodically, not per request
+        after = service.metrics(model)
+        counts.update({k: after[k] - before[k] for k in ("nv_inference_count", "nv_inference_exec_count")})
+        return counts["nv_inference_count"] >= 8
+
+    wait_until(counted, timeout=30, what=f"{model}: Triton's metrics count the 8 inferences")
+    inferences, executions = counts["nv_inference_count"], counts["nv_inference_exec_count"]
     assert inferences == 8 and executions < inferences, f"{executions} executions for {inferences} inferences"
     for data, (features, times, errors) in zip(items, results, strict=True):
         assert errors == [""]

@@ -48,15 +48,17 @@ def _healthy(url: str) -> bool:
     return gateway_healthy(url)
 
 
-def _gateway(env: dict[str, str], log_dir: Path, name: str) -> tuple[Process, str, str]:
-    return start_gateway(env, log_dir / f"{name}.log")
+def _gateway(
+    env: dict[str, str], log_dir: Path, name: str, ports: tuple[int, int] | None = None
+) -> tuple[Process, str, str]:
+    return start_gateway(env, log_dir / f"{name}.log", ports=ports)
 
 
 @pytest.fixture(scope="module")
 def stack(tiny_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """Encoders, LLM and gateway on free ports, healthy."""
     logs = tmp_path_factory.mktemp("gateway-e2e-logs")
-    enc_http, enc_grpc, enc_metrics, llm_port = free_ports(4)
+    enc_http, enc_grpc, enc_metrics, llm_port, gw_http, gw_grpc = free_ports(6)
     env = {
         "MODALMESH_CACHE_DIR": str(tiny_cache_dir),
         "MODALMESH_LOG_JSON": "true",
@@ -70,7 +72,7 @@ def stack(tiny_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
         start_encoders(env, logs / "encoders.log", http=enc_http, grpc=enc_grpc, metrics=enc_metrics),
         start_llm(env, logs / "llm.log", port=llm_port),
     ]
-    gateway, base_url, grpc_address = _gateway(env, logs, "gateway")
+    gateway, base_url, grpc_address = _gateway(env, logs, "gateway", (gw_http, gw_grpc))
     procs.append(gateway)
     try:
         for proc in procs:

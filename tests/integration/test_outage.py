@@ -43,7 +43,7 @@ class Outage:
 @pytest.fixture(scope="module")
 def outage(tiny_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Outage]:
     logs = tmp_path_factory.mktemp("outage-logs")
-    enc_http, enc_grpc, enc_metrics, llm_port = free_ports(4)
+    enc_http, enc_grpc, enc_metrics, llm_port, gw_http, gw_grpc = free_ports(6)
     env = {
         "MODALMESH_CACHE_DIR": str(tiny_cache_dir),
         "MODALMESH_LLM_ADDRESS": f"127.0.0.1:{llm_port}",
@@ -55,7 +55,7 @@ def outage(tiny_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         "encoders": start_encoders(env, logs / "encoders.log", **encoder_ports),
         "llm": start_llm(env, logs / "llm.log", port=llm_port),
     }
-    gateway, base_url, grpc_address = start_gateway(env, logs / "gateway.log")
+    gateway, base_url, grpc_address = start_gateway(env, logs / "gateway.log", ports=(gw_http, gw_grpc))
     procs["gateway"] = gateway
     state = Outage(env, logs, base_url, grpc_address, encoder_ports, llm_port, procs)
     try:

@@ -101,7 +101,7 @@ class Stacks:
         from services.common.presets import load_preset
 
         ensure_generated(load_preset(preset, cache_dir=self.cache_dir))
-        enc_http, enc_grpc, enc_metrics, llm_port = free_ports(4)
+        enc_http, enc_grpc, enc_metrics, llm_port, gw_http, gw_grpc = free_ports(6)
         env = {
             "MODALMESH_PRESET": preset,
             "MODALMESH_CACHE_DIR": str(self.cache_dir),
@@ -119,7 +119,9 @@ class Stacks:
                 start_encoders(env, logs / "encoders.log", http=enc_http, grpc=enc_grpc, metrics=enc_metrics)
             )
             stack.procs.append(start_llm(env, logs / "llm.log", port=llm_port))
-            gateway, stack.base_url, stack.grpc_address = start_gateway(env, logs / "gateway.log")
+            gateway, stack.base_url, stack.grpc_address = start_gateway(
+                env, logs / "gateway.log", ports=(gw_http, gw_grpc)
+            )
             stack.procs.append(gateway)
 
             def healthy() -> bool:
