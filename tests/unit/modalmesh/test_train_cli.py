@@ -110,7 +110,7 @@ def test_wait_follows_progress_until_the_end(job_file: Path, flags: list[str], c
             }
             record = record.model_copy(update={"state": "RUNNING", "progress": progress})
             client.store.save(record)
-            time.sleep(0.15)
+            time.sleep(0.5)  # long enough for the 0.02 s poll to see each step on a loaded machine
         published = {"name": "tiny-lora", "version": 2, "path": "/x", "ref": "tiny-lora@2"}
         client.store.save(record.model_copy(update={"state": "SUCCEEDED", "published": published}))
         submitted.set()
