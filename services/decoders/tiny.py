@@ -42,6 +42,14 @@ _SCHEDULER: dict[str, Any] = {
     "set_alpha_to_one": False,
     "steps_offset": 1,
 }
+# Sizes every tiny UNet shares (4 latent channels, two blocks of width 16 and 32).
+_UNET: dict[str, Any] = {
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": (16, 32),
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+}
 
 
 def _byte_alphabet() -> list[str]:
@@ -156,15 +164,11 @@ def write_tiny_sd(folder: Path, seed: int = SEED) -> Path:
         text_encoder, tokenizer = _clip_text(Path(tmp), hidden)
     unet = UNet2DConditionModel(
         sample_size=8,
-        in_channels=4,
-        out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        norm_num_groups=8,
         cross_attention_dim=hidden,
         attention_head_dim=8,
+        **_UNET,
     )
     pipe = StableDiffusionPipeline(
         vae=_vae(3, blocks=4),
@@ -212,13 +216,9 @@ def write_tiny_audioldm(folder: Path, seed: int = SEED) -> Path:
     )
     unet = UNet2DConditionModel(
         sample_size=16,
-        in_channels=4,
-        out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        norm_num_groups=8,
+        **_UNET,
         # AudioLDM: the text embedding enters as a class embedding concatenated to the time
         # embedding; the cross-attention layers attend to nothing (encoder_hidden_states=None).
         cross_attention_dim=(16, 32),
@@ -259,15 +259,11 @@ def write_tiny_text_to_video(folder: Path, seed: int = SEED) -> Path:
         text_encoder, tokenizer = _clip_text(Path(tmp), hidden)
     unet = UNet3DConditionModel(
         sample_size=8,
-        in_channels=4,
-        out_channels=4,
         down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
         up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        norm_num_groups=8,
         cross_attention_dim=hidden,
         attention_head_dim=8,
+        **_UNET,
     )
     pipe = TextToVideoSDPipeline(
         vae=_vae(3, blocks=4),

@@ -34,6 +34,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -326,3 +327,42 @@ def load_bundle(path: Path, *, expected_fingerprint: str | None = None) -> Bundl
         lora_dir=_check_lora(path),
         stage=manifest["stage"],
     )
+
+
+def check_state_dict(
+    what: str,
+    expected: Mapping[str, torch.Tensor],
+    got: Mapping[str, torch.Tensor],
+    *,
+    prefix: str = "",
+    shape_note: str = "",
+) -> None:
+    """Refuse a bundle part whose keys or shapes differ from the module it is loaded into.
+
+    Args:
+        what: Names the part in the message, e.g. "image connector", "timestamps heads".
+        expected: The module's state dict.
+        got: The part's tensors, keys relative to the module.
+        prefix: Written before each key in messages (the key as the bundle spells it); without
+            one a missing or unexpected key is quoted.
+        shape_note: Added after an expected shape, e.g. " (LLM hidden size 16)".
+
+    Raises:
+        FailedPreconditionError: Naming the first missing key, unexpected key or wrong shape.
+    """
+
+    def name(key: str) -> str:
+        return f"{prefix}{key}" if prefix else repr(key)
+
+    missing = sorted(set(expected) - set(got))
+    if missing:
+        raise FailedPreconditionError(f"adapter bundle: {what}: missing key {name(missing[0])}")
+    unexpected = sorted(set(got) - set(expected))
+    if unexpected:
+        raise FailedPreconditionError(f"adapter bundle: {what}: unexpected key {name(unexpected[0])}")
+    for key, tensor in expected.items():
+        if tuple(got[key].shape) != tuple(tensor.shape):
+            raise FailedPreconditionError(
+                f"adapter bundle: {what}: {prefix}{key}: expected shape {tuple(tensor.shape)}{shape_note}, "
+                f"got {tuple(got[key].shape)}"
+            )

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from services.common.errors import InvalidArgumentError
-from services.common.presets import ConnectorSpec, EncoderSpec
+from services.common.presets import ConnectorSpec, EncoderSpec, QFormerSpec
 from services.encoders._qformer import InstructQFormerPooler, QFormerCompressor
 
 # (input_ids, attention_mask), each (B, L): the instruction in a connector's own tokenizer.
@@ -262,21 +262,28 @@ class InstructQFormerConnector(InstructQFormerPooler, Connector):
         return InstructQFormerPooler.forward(self, x, ids, mask)  # (B, F, D_out)
 
 
+def _qformer_sizes(q: QFormerSpec, encoder: EncoderSpec, llm_dim: int) -> dict[str, Any]:
+    """The builder arguments both Q-Former connectors take from the spec."""
+    return {
+        "vision_width": encoder.dim,
+        "out_dim": llm_dim,
+        "num_query_tokens": q.num_query_tokens,
+        "width": q.width,
+        "layers": q.layers,
+        "heads": q.heads,
+        "mlp_dim": q.mlp_dim,
+        "cross_attention_every": q.cross_attention_every,
+    }
+
+
 def _qformer_connector(spec: ConnectorSpec, encoder: EncoderSpec, llm_dim: int, **kw: Any) -> Connector:
     from services.encoders.eva_qformer import videochat_qformer
 
     q = spec.qformer
     assert q is not None  # ConnectorSpec validates it
     core = videochat_qformer(
-        vision_width=encoder.dim,
-        out_dim=llm_dim,
-        num_query_tokens=q.num_query_tokens,
+        **_qformer_sizes(q, encoder, llm_dim),
         num_extra_query_tokens=q.num_extra_query_tokens,
-        width=q.width,
-        layers=q.layers,
-        heads=q.heads,
-        mlp_dim=q.mlp_dim,
-        cross_attention_every=q.cross_attention_every,
         gmhra_layers=q.gmhra_layers,
         gmhra_heads=q.gmhra_heads,
     )
@@ -296,14 +303,7 @@ def _instruct_qformer_connector(
     if tokenizer is None and kw.get("load_tokenizer", True):
         tokenizer = load_qformer_tokenizer(spec)
     core = etchat_qformer(
-        vision_width=encoder.dim,
-        out_dim=llm_dim,
-        num_query_tokens=q.num_query_tokens,
-        width=q.width,
-        layers=q.layers,
-        heads=q.heads,
-        mlp_dim=q.mlp_dim,
-        cross_attention_every=q.cross_attention_every,
+        **_qformer_sizes(q, encoder, llm_dim),
         vocab_size=q.vocab_size,
         max_text_positions=q.max_text_positions,
     )

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from services.common.errors import FailedPreconditionError
 from services.common.presets import ConnectorSpec, Preset
-from services.llm.adapters import Bundle, base_fingerprint, load_bundle
+from services.llm.adapters import Bundle, base_fingerprint, check_state_dict, load_bundle
 from services.llm.connectors import Connector, connector_from_spec
 from services.llm.model import FeatureLayout, MultimodalLM
 from services.llm.prompt import ModalitySlots, PromptBuilder, placeholder_token_id
@@ -113,7 +113,7 @@ def load_connectors(
                 f"adapter bundle: no connector weights for {name!r}; it has {sorted(weights)}"
             )
         state = {**_base_state(name, spec.connector, connector), **trained}
-        _check_state_dict(f"{name} connector", connector.state_dict(), state)
+        check_state_dict(f"{name} connector", connector.state_dict(), state)
         connector.load_state_dict(state, strict=True)
         connectors[name] = connector.to(dtype=dtype).eval().requires_grad_(False)
     return connectors
@@ -168,23 +168,6 @@ def _base_state(name: str, spec: ConnectorSpec, connector: Connector) -> dict[st
                 f"got {tuple(tensor.shape)}"
             )
     return base
-
-
-def _check_state_dict(
-    what: str, expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor]
-) -> None:
-    missing = sorted(set(expected) - set(got))
-    if missing:
-        raise FailedPreconditionError(f"adapter bundle: {what}: missing key {missing[0]!r}")
-    unexpected = sorted(set(got) - set(expected))
-    if unexpected:
-        raise FailedPreconditionError(f"adapter bundle: {what}: unexpected key {unexpected[0]!r}")
-    for key, tensor in expected.items():
-        if tuple(got[key].shape) != tuple(tensor.shape):
-            raise FailedPreconditionError(
-                f"adapter bundle: {what}: {key}: expected shape {tuple(tensor.shape)}, "
-                f"got {tuple(got[key].shape)}"
-            )
 
 
 def check_added_tokens(preset: Preset, tokenizer: Any) -> None:

@@ -55,6 +55,7 @@ import torch
 from torch import nn
 
 from services.common.errors import FailedPreconditionError, InvalidArgumentError
+from services.llm.adapters import check_state_dict
 
 Position = Literal["at", "before"]
 POSITIONS: tuple[Position, ...] = ("at", "before")
@@ -472,17 +473,6 @@ def load_output_projector(
         raise FailedPreconditionError(
             f"adapter bundle: {head} heads: unexpected key {stray[0]} (one projector per modality, slot {SEED_SLOT})"
         )
-    expected = projector.state_dict()
-    missing = sorted(set(expected) - set(got))
-    if missing:
-        raise FailedPreconditionError(f"adapter bundle: {head} heads: missing key {prefix}{missing[0]}")
-    unexpected = sorted(set(got) - set(expected))
-    if unexpected:
-        raise FailedPreconditionError(f"adapter bundle: {head} heads: unexpected key {prefix}{unexpected[0]}")
-    for key, value in expected.items():
-        if tuple(got[key].shape) != tuple(value.shape):
-            raise FailedPreconditionError(
-                f"adapter bundle: {prefix}{key}: expected shape {tuple(value.shape)}, got {tuple(got[key].shape)}"
-            )
+    check_state_dict(f"{head} heads", projector.state_dict(), got, prefix=prefix)
     projector.load_state_dict(dict(got), strict=True)
     return projector.eval().requires_grad_(False)

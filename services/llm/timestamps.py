@@ -56,7 +56,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from services.common.errors import FailedPreconditionError, InvalidArgumentError
+from services.common.errors import InvalidArgumentError
+from services.llm.adapters import check_state_dict
 
 HEAD_NAME = "timestamps"  # the heads' key in a bundle's heads.safetensors ("timestamps.frm_head.0.weight")
 
@@ -211,22 +212,14 @@ def load_timestamp_heads(
         FailedPreconditionError: A key is missing or unexpected, or a shape does not fit the LM.
     """
     heads = TimestampHeads(hidden_size)
-    expected = heads.state_dict()
     got = {k[len(prefix) + 1 :]: v for k, v in flat.items() if k.startswith(prefix + ".")}
-    missing = sorted(set(expected) - set(got))
-    if missing:
-        raise FailedPreconditionError(f"adapter bundle: {prefix} heads: missing key {prefix}.{missing[0]}")
-    unexpected = sorted(set(got) - set(expected))
-    if unexpected:
-        raise FailedPreconditionError(
-            f"adapter bundle: {prefix} heads: unexpected key {prefix}.{unexpected[0]}"
-        )
-    for key, value in expected.items():
-        if tuple(got[key].shape) != tuple(value.shape):
-            raise FailedPreconditionError(
-                f"adapter bundle: {prefix}.{key}: expected shape {tuple(value.shape)} (LLM hidden "
-                f"size {hidden_size}), got {tuple(got[key].shape)}"
-            )
+    check_state_dict(
+        f"{prefix} heads",
+        heads.state_dict(),
+        got,
+        prefix=f"{prefix}.",
+        shape_note=f" (LLM hidden size {hidden_size})",
+    )
     heads.load_state_dict(dict(got), strict=True)
     return heads.eval().requires_grad_(False)
 
