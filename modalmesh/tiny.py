@@ -3,10 +3,11 @@
 For `tiny` and every seed system's tiny twin (`tiny-pandagpt`, `tiny-videochat`, ...) it
 writes, under the paths the preset names: each encoder backbone (CLIP vision tower, EVA-ViT,
 ImageBind towers; `services.encoders.tiny_weights`), each connector's frozen base weights and
-text tokenizer where it has them (Q-Formers; `services.llm.tiny_weights`), the LLM (a Llama
+text tokenizer where it has them (Q-Formers; `services.llm.tiny_weights`), each output modality's
+diffusers decoder (`services.decoders.tiny`), the LLM (a Llama
 or a Phi-3) with a byte-level BPE tokenizer trained here with `tokenizers` on a generated
 corpus, holding the preset's placeholders and added tokens, and an initial adapter bundle
-holding the connectors. The sizes come from the preset (`encoder.config`, `connector.qformer`),
+holding the connectors and heads (timestamp heads, output projectors). The sizes come from the preset (`encoder.config`, `connector.qformer`),
 so a twin is built by the same builders as its real preset. Everything comes from fixed seeds,
 so two runs write the same bytes; serving loads these folders through the same code that
 loads real checkpoints.
@@ -33,7 +34,7 @@ logger = logging.getLogger(__name__)
 SEED = 1234
 # Bumped whenever the generator writes different models; a cache written by another version
 # is regenerated (adapters trained on the old base then no longer match its fingerprint).
-GENERATOR_VERSION = "3"  # 2: LLM initializer_range 0.1; 3: every modality, phi3, twins
+GENERATOR_VERSION = "4"  # 2: LLM initializer_range 0.1; 3: every modality, phi3, twins; 4: decoders
 VERSION_FILE = ".generator-version"
 VOCAB_SIZE = 512
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
@@ -173,10 +174,25 @@ def _write_media_parts(preset: Preset, tmp: Path) -> None:
         logger.debug("tiny %s: %s parts written", preset.name, modality)
 
 
+def _write_decoders(preset: Preset, tmp: Path) -> None:
+    """Each output modality's tiny diffusers pipeline (`services.decoders.tiny`)."""
+    from services.decoders.tiny import TINY_CONDITIONING, write_tiny_decoder
+
+    for i, (modality, out) in enumerate(preset.outputs.items()):
+        if tuple(out.conditioning) != TINY_CONDITIONING[modality]:
+            raise InvalidArgumentError(
+                f"preset {preset.name}: outputs.{modality}.conditioning expected the tiny decoder's "
+                f"{TINY_CONDITIONING[modality]}, got {tuple(out.conditioning)}"
+            )
+        write_tiny_decoder(modality, tmp / f"dec-{i}", seed=SEED + 30 + i)
+        _publish(tmp / f"dec-{i}", out.decoder.checkpoint)
+
+
 def _targets(preset: Preset) -> list[Path]:
     out = [preset.llm.checkpoint, preset.adapter.path]
     for spec in preset.modalities.values():
         out += [spec.encoder.checkpoint, *(p for p in (spec.connector.base, spec.connector.tokenizer) if p)]
+    out += [o.decoder.checkpoint for o in preset.outputs.values()]
     return out
 
 
@@ -234,6 +250,7 @@ def generate(preset: Preset, *, force: bool = False) -> bool:
         with tempfile.TemporaryDirectory(dir=anchor, prefix=".tmp-") as tmp_root:
             tmp = Path(tmp_root)
             _write_media_parts(preset, tmp)
+            _write_decoders(preset, tmp)
             llm_dim = _write_llm(tmp / "llm", preset)
             _publish(tmp / "llm", preset.llm.checkpoint)
             _write_adapter(preset, tmp / "adapter" / preset.adapter.path.name, preset.llm.checkpoint, llm_dim)

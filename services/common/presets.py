@@ -215,6 +215,95 @@ class HeadsSpec(_Strict):
     timestamps: TimestampHeadSpec | None = None
 
 
+OutputModality = Literal["image", "audio", "video"]
+OUTPUT_MODALITIES: tuple[str, ...] = ("image", "audio", "video")
+OUTPUT_FORMATS: dict[str, tuple[str, ...]] = {"image": ("png",), "audio": ("wav",), "video": ("mp4", "gif")}
+
+
+class ProjectorSpec(_Strict):
+    """The transformer output projector's hidden sizes (NExT-GPT's TextFcLayer; seed defaults)."""
+
+    hidden_dim: PositiveInt = 512
+    num_heads: PositiveInt = 4
+    encoder_layers: PositiveInt = 4
+    decoder_layers: PositiveInt = 4
+    ffn_dim: PositiveInt | None = Field(
+        default=None, description="Feed-forward width; 4 x hidden_dim when unset."
+    )
+    query_init: Literal["randn", "zeros"] = "randn"
+
+
+class DecodeDefaults(_Strict):
+    """Per-decoder defaults over the pipeline's own; a request's values override them."""
+
+    steps: PositiveInt | None = None
+    guidance_scale: Annotated[float, Field(ge=0.0)] | None = None
+    height: PositiveInt | None = None
+    width: PositiveInt | None = None
+    duration_s: PositiveFloat | None = None
+    num_frames: PositiveInt | None = None
+    fps: PositiveInt | None = None
+
+
+class DecodeLimits(_Strict):
+    """What one request may ask of a decoder (the defaults suit SD 1.5 / ZeroScope / AudioLDM)."""
+
+    max_steps: PositiveInt = 100
+    max_guidance_scale: PositiveFloat = 30.0
+    min_side: PositiveInt = 8
+    max_side: PositiveInt = 1024
+    min_duration_s: PositiveFloat = 0.5
+    max_duration_s: PositiveFloat = 10.24
+    max_frames: PositiveInt = 32
+    max_fps: PositiveInt = 30
+
+
+class DecoderSpec(_Strict):
+    """A diffusion decoder: a diffusers pipeline folder and how requests to it are served."""
+
+    checkpoint: Path = Field(description="A diffusers pipeline folder (save_pretrained layout).")
+    dtype: DType = "float32"
+    format: Literal["png", "wav", "mp4", "gif"] | None = Field(
+        default=None, description="Media format of the replies; png, wav or mp4 when unset."
+    )
+    negative: Literal["empty_prompt", "zeros"] = Field(
+        default="empty_prompt",
+        description="The unconditional embedding for guidance: the pipeline's text encoder on "
+        "'' (NExT-GPT) or zeros.",
+    )
+    defaults: DecodeDefaults = Field(default_factory=DecodeDefaults)
+    limits: DecodeLimits = Field(default_factory=DecodeLimits)
+    max_batch_size: PositiveInt = Field(default=4, description="Triton dynamic batching bound.")
+    triton_model: Name | None = Field(default=None, description="Default: '<modality>_decoder'.")
+
+
+class OutputSpec(_Strict):
+    """An output modality (NExT-GPT): signal tokens -> output projector -> decoder.
+
+    `position` says which hidden states feed the projector at inference: "at" the signal
+    tokens (how it is trained; NExT-GPT's new code base) or one position "before" them (legacy
+    NExT-GPT's `generate`, SEEDS_SPEC 2.A "Surprise"). Training always uses "at".
+    """
+
+    signal_tokens: list[str] = Field(min_length=1, description="In order; each one of llm.added_tokens.")
+    head: Name = Field(description="The adapter bundle's head name of this projector.")
+    conditioning: tuple[PositiveInt, PositiveInt] = Field(
+        description="The decoder's conditioning per item, (rows, width): (77, 768) for SD 1.5."
+    )
+    position: Literal["at", "before"]
+    hidden_layer: int = Field(default=-1, description="Which hidden layer feeds the projector (-1: last).")
+    projector: ProjectorSpec = Field(default_factory=ProjectorSpec)
+    loss_weight: Annotated[float, Field(ge=0.0)] = 1.0
+    stage3_loss_weight: Annotated[float, Field(ge=0.0)] | None = Field(
+        default=None, description="The distance loss weight in stage 3; loss_weight when unset."
+    )
+    decoder: DecoderSpec
+
+    def media_format(self, modality: str) -> str:
+        """The format replies are encoded in."""
+        return self.decoder.format or OUTPUT_FORMATS[modality][0]
+
+
 class AdapterSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     path: Path = Field(description="The adapter bundle folder served at start.")
@@ -244,6 +333,9 @@ class Preset(_Strict):
     adapter: AdapterSpec
     lora: LoraSpec = Field(default_factory=LoraSpec)
     heads: HeadsSpec = Field(default_factory=HeadsSpec)
+    outputs: dict[OutputModality, OutputSpec] = Field(
+        default_factory=dict, description="What the LLM can produce besides text (NExT-GPT)."
+    )
     media_combine: Literal["separate", "sum"] = Field(
         "separate",
         description="sum: the media items of one user turn become one token, the sum of their "
@@ -285,6 +377,7 @@ class Preset(_Strict):
                 raise ValueError(
                     f"heads.timestamps.modality {ts.modality!r}: the preset has no such modality"
                 )
+        _check_outputs(self)
         return self
 
     def connector_names(self) -> dict[str, str]:
@@ -296,6 +389,10 @@ class Preset(_Strict):
         enc = self.modalities[modality].encoder  # type: ignore[index]
         return enc.triton_model or f"{modality}_{enc.backbone}"
 
+    def decoder_model(self, modality: str) -> str:
+        """The Triton model name of an output modality's decoder."""
+        return self.outputs[modality].decoder.triton_model or f"{modality}_decoder"  # type: ignore[index]
+
     def encoder_id(self, modality: str) -> str:
         """Identity of a modality's encoder output, for caching features by content.
 
@@ -306,6 +403,42 @@ class Preset(_Strict):
         spec = self.modalities[modality].encoder  # type: ignore[index]
         digest = hashlib.sha256(spec.model_dump_json().encode()).hexdigest()[:16]
         return f"{self.triton_model(modality)}-{digest}"
+
+
+def _check_outputs(preset: Preset) -> None:
+    seen_tokens: dict[str, str] = {}
+    heads: dict[str, str] = {}
+    for modality, out in preset.outputs.items():
+        where = f"outputs.{modality}"
+        if len(set(out.signal_tokens)) != len(out.signal_tokens):
+            raise ValueError(f"{where}.signal_tokens: expected distinct tokens, got {out.signal_tokens}")
+        for token in out.signal_tokens:
+            if token not in preset.llm.added_tokens:
+                raise ValueError(f"{where}.signal_tokens: {token!r} is not one of llm.added_tokens")
+            if token in seen_tokens:
+                raise ValueError(
+                    f"{where}.signal_tokens: {token!r} is already a signal token of {seen_tokens[token]}"
+                )
+            seen_tokens[token] = modality
+        if out.head in heads or out.head == "timestamps":
+            raise ValueError(
+                f"{where}.head {out.head!r}: expected a head name no other part of the bundle uses"
+            )
+        heads[out.head] = modality
+        if out.projector.hidden_dim % out.projector.num_heads:
+            raise ValueError(
+                f"{where}.projector: hidden_dim {out.projector.hidden_dim} must divide into "
+                f"num_heads {out.projector.num_heads}"
+            )
+        fmt = out.decoder.format
+        if fmt is not None and fmt not in OUTPUT_FORMATS[modality]:
+            raise ValueError(
+                f"{where}.decoder.format: expected one of {OUTPUT_FORMATS[modality]}, got {fmt!r}"
+            )
+        if modality == "audio" and out.conditioning[0] != 1:
+            raise ValueError(
+                f"{where}.conditioning: AudioLDM takes one row (1, width), got {out.conditioning}"
+            )
 
 
 def _one_token(spec: ModalitySpec) -> bool:

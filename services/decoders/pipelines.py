@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from services.common.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
+from services.common.presets import DecodeLimits
 
 logger = logging.getLogger(__name__)
 
@@ -38,20 +39,6 @@ _PIPELINES = {
 _DEFAULT_STEPS = {"image": 50, "audio": 10, "video": 50}
 _DEFAULT_GUIDANCE = {"image": 7.5, "audio": 2.5, "video": 9.0}
 SIZE_MULTIPLE = 8  # the latent grid of every SD-family VAE
-
-
-@dataclass(frozen=True)
-class DecodeLimits:
-    """What one request may ask of a decoder (the defaults suit SD 1.5 / ZeroScope / AudioLDM)."""
-
-    max_steps: int = 100
-    max_guidance_scale: float = 30.0
-    min_side: int = 8
-    max_side: int = 1024
-    min_duration_s: float = 0.5
-    max_duration_s: float = 10.24
-    max_frames: int = 32
-    max_fps: int = 30
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ from services.common.errors import FailedPreconditionError, NotFoundError, Unava
 from services.llm.adapters import Bundle, base_fingerprint, load_bundle, read_manifest
 from services.llm.loading import DTYPES, LoadedModel, load_connectors, load_heads
 from services.llm.lora import LoraHost, check_lora, linear_shapes, peft_adapter_name
+from services.llm.output_projector import OutputProjector, load_projectors
 from services.llm.timestamps import TimestampHeads
 
 logger = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ class AdapterVersion:
         users: Requests holding it.
         last_used: time.monotonic() of its last acquire or release.
         heads: Its timestamp heads (presets with `heads.timestamps`), else None.
+        projectors: Its output projectors per output modality (presets with `outputs`).
     """
 
     bundle: Bundle
@@ -70,6 +72,7 @@ class AdapterVersion:
     users: int = 0
     last_used: float = field(default_factory=time.monotonic)
     heads: TimestampHeads | None = field(default=None, repr=False)
+    projectors: dict[str, OutputProjector] = field(default_factory=dict, repr=False)
 
     @property
     def ref(self) -> str:
@@ -199,7 +202,12 @@ class AdapterManager:
             lora_name = peft_adapter_name(start.ref)
             self._lora.add(lora_name, start.lora_dir)  # nothing runs yet: safe on this thread
         self.start = AdapterVersion(
-            _without_tensors(start), loaded.model.connectors, lora_name, 0.0, heads=loaded.heads
+            _without_tensors(start),
+            loaded.model.connectors,
+            lora_name,
+            0.0,
+            heads=loaded.heads,
+            projectors=loaded.projectors,
         )
         self._versions: dict[str, AdapterVersion] = {start.version: self.start}
         self._current = self.start
@@ -379,6 +387,12 @@ class AdapterManager:
         heads = load_heads(self.preset, bundle.heads, llm_dim=lm.config.hidden_size, dtype=dtype)
         if heads is not None:
             heads = heads.to(self._model.device)
+        projectors = {
+            m: p.to(self._model.device)
+            for m, p in load_projectors(
+                self.preset, bundle.heads, llm_dim=lm.config.hidden_size, dtype=dtype
+            ).items()
+        }
         lora_name = None
         lora_dir = bundle.lora_dir
         if lora_dir is not None:
@@ -390,7 +404,9 @@ class AdapterManager:
         logger.info(
             "loaded adapter %s from %s in %.2fs%s", bundle.ref, path, seconds, " (LoRA)" if lora_name else ""
         )
-        return AdapterVersion(_without_tensors(bundle), modules, lora_name, seconds, heads=heads)
+        return AdapterVersion(
+            _without_tensors(bundle), modules, lora_name, seconds, heads=heads, projectors=projectors
+        )
 
     def _make_current(self, target: AdapterVersion, *, fresh: bool = False) -> None:
         if target is self._current:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -25,6 +25,7 @@ from services.common.presets import ConnectorSpec, Preset
 from services.llm.adapters import Bundle, base_fingerprint, check_state_dict, load_bundle
 from services.llm.connectors import Connector, connector_from_spec
 from services.llm.model import FeatureLayout, MultimodalLM
+from services.llm.output_projector import OutputProjector, load_projectors
 from services.llm.prompt import ModalitySlots, PromptBuilder, placeholder_token_id
 from services.llm.time_matching import check_frame_tokens, time_token_id
 from services.llm.timestamps import HEAD_NAME, TimestampHeads, init_timestamp_heads, load_timestamp_heads
@@ -63,6 +64,7 @@ class LoadedModel:
     max_context_tokens: int
     eos_ids: frozenset[int]
     heads: TimestampHeads | None = None
+    projectors: dict[str, OutputProjector] = field(default_factory=dict)
     time_token_id: int | None = None
 
 
@@ -221,6 +223,7 @@ def load_model(preset: Preset) -> LoadedModel:
     if ts is not None:
         check_frame_tokens(preset, model.connector(ts.modality).num_tokens)
     heads = load_heads(preset, bundle.heads, llm_dim=lm.config.hidden_size, dtype=dtype)
+    projectors = load_projectors(preset, bundle.heads, llm_dim=lm.config.hidden_size, dtype=dtype)
     max_context = preset.llm.max_context_tokens
     positions = getattr(lm.config, "max_position_embeddings", None)
     if positions is not None and positions < max_context:
@@ -248,4 +251,5 @@ def load_model(preset: Preset) -> LoadedModel:
         eos_ids=_eos_ids(lm, tokenizer),
         heads=None if heads is None else heads.to(model.device),
         time_token_id=time_token_id(preset, tokenizer),
+        projectors={m: p.to(model.device) for m, p in projectors.items()},
     )

@@ -46,6 +46,7 @@ that layout, which is the one `modalmesh import nextgpt` already produces.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -55,7 +56,10 @@ import torch
 from torch import nn
 
 from services.common.errors import FailedPreconditionError, InvalidArgumentError
+from services.common.presets import OutputSpec, Preset
 from services.llm.adapters import check_state_dict
+
+logger = logging.getLogger(__name__)
 
 Position = Literal["at", "before"]
 POSITIONS: tuple[Position, ...] = ("at", "before")
@@ -476,3 +480,75 @@ def load_output_projector(
     check_state_dict(f"{head} heads", projector.state_dict(), got, prefix=prefix)
     projector.load_state_dict(dict(got), strict=True)
     return projector.eval().requires_grad_(False)
+
+
+# ---- from a preset ---------------------------------------------------------------------------
+
+PROJECTORS_SEED = 0  # the initialisation of projectors a bundle lacks
+
+
+def build_projector(spec: OutputSpec, llm_dim: int) -> OutputProjector:
+    """A fresh projector with the sizes an output spec of the preset names."""
+    rows, width = spec.conditioning
+    p = spec.projector
+    return OutputProjector(
+        llm_dim,
+        width,
+        len(spec.signal_tokens),
+        rows,
+        hidden_dim=p.hidden_dim,
+        num_heads=p.num_heads,
+        num_encoder_layers=p.encoder_layers,
+        num_decoder_layers=p.decoder_layers,
+        ffn_dim=p.ffn_dim,
+        query_init=p.query_init,
+    )
+
+
+def initial_projectors(
+    preset: Preset, llm_dim: int, *, seed: int = PROJECTORS_SEED
+) -> dict[str, OutputProjector]:
+    """Per output modality, a fresh projector fixed by `seed` (the same at every call)."""
+    out = {}
+    for k, (modality, spec) in enumerate(preset.outputs.items()):
+        torch.manual_seed(seed + k)
+        out[modality] = build_projector(spec, llm_dim)
+    return out
+
+
+def load_projectors(
+    preset: Preset, flat: Mapping[str, torch.Tensor], *, llm_dim: int, dtype: torch.dtype
+) -> dict[str, OutputProjector]:
+    """The output projectors of a preset with `outputs`, from a bundle's flat heads.
+
+    A bundle without a modality's head (a stage-1 bundle) gets that projector initialised from
+    `PROJECTORS_SEED`, the same at every load: the decoders then get conditioning that means
+    nothing until stage 2 trains it (a warning says so).
+
+    Raises:
+        FailedPreconditionError: A head key is missing, unexpected or of the wrong shape.
+    """
+    fresh = initial_projectors(preset, llm_dim)
+    out = {}
+    for modality, spec in preset.outputs.items():
+        projector = fresh[modality]
+        if any(k.startswith(f"{spec.head}.") for k in flat):
+            load_output_projector(flat, spec.head, projector)
+        else:
+            logger.warning(
+                "preset %s outputs %s but the adapter bundle has no %s head: serving an untrained "
+                "projector (seed %s) until stage 2 trains it",
+                preset.name,
+                modality,
+                spec.head,
+                PROJECTORS_SEED,
+            )
+        out[modality] = projector.to(dtype=dtype).eval().requires_grad_(False)
+    return out
+
+
+def preset_heads(
+    preset: Preset, projectors: Mapping[str, OutputProjector]
+) -> dict[str, dict[str, torch.Tensor]]:
+    """`bundle_heads` with the preset's head names."""
+    return bundle_heads(projectors, {m: s.head for m, s in preset.outputs.items()})

@@ -10,8 +10,8 @@ seeds (the same seed writes the same bytes):
   transformers' `AutoTokenizer` loads as `BertTokenizerFast` (E.T. Chat's instruction text);
 - `initial_connectors`: per connector name, the trainable tensors of a fresh connector, i.e.
   what the initial adapter bundle holds (`adapters.write_bundle(connectors=...)`);
-- `initial_heads`: the fresh timestamp heads of a preset with `heads.timestamps`, for the
-  same bundle (`adapters.write_bundle(heads=...)`);
+- `initial_heads`: the fresh timestamp heads of a preset with `heads.timestamps` and output
+  projectors of one with `outputs`, for the same bundle (`adapters.write_bundle(heads=...)`);
 - `write_tiny_lm`: a tiny Llama or Phi-3 causal LM with its tokenizer and generation config.
 """
 
@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from services.common.errors import InvalidArgumentError
 from services.common.presets import ConnectorSpec, EncoderSpec, Preset
 from services.llm.connectors import bundle_state, connector_from_spec
+from services.llm.output_projector import initial_projectors, preset_heads
 from services.llm.timestamps import HEAD_NAME, init_timestamp_heads
 
 QFORMER_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -90,12 +91,18 @@ def initial_connectors(preset: Preset, llm_dim: int, *, seed: int = 0) -> dict[s
 
 
 def initial_heads(preset: Preset, llm_dim: int, *, seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
-    """The heads an initial adapter bundle holds: {"timestamps": state dict} for a preset with
-    `heads.timestamps` (fresh, fixed by `seed`), else {}."""
-    if preset.heads.timestamps is None:
-        return {}
-    heads = init_timestamp_heads(llm_dim, seed=seed)
-    return {HEAD_NAME: {k: v.clone().contiguous() for k, v in heads.state_dict().items()}}
+    """The heads an initial adapter bundle holds, fresh and fixed by `seed`: {"timestamps": state
+    dict} for a preset with `heads.timestamps`, and one output projector per `outputs` entry
+    under its head name."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    if preset.heads.timestamps is not None:
+        heads = init_timestamp_heads(llm_dim, seed=seed)
+        out[HEAD_NAME] = {k: v.clone().contiguous() for k, v in heads.state_dict().items()}
+    if preset.outputs:
+        projectors = initial_projectors(preset, llm_dim, seed=seed + 1)
+        for head, state in preset_heads(preset, projectors).items():
+            out[head] = {k: v.clone().contiguous() for k, v in state.items()}
+    return out
 
 
 def _wordpiece_vocab(size: int) -> dict[str, int]:
