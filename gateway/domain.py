@@ -2,12 +2,13 @@
 
 `gateway.protocol` (OpenAI JSON) and `gateway.grpc_chat` (modalmesh.v1.Chat) translate their
 wire forms into a `ChatRequest`; `gateway.serving.ChatService` turns it into a stream of
-`TextDelta` events closed by one `Finished`. Nothing here knows HTTP, JSON or gRPC.
+`TextDelta` (and, for presets with outputs, `MediaOutput`) events closed by one `Finished`. Nothing here knows HTTP, JSON or gRPC.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 ROLES = ("system", "user", "assistant")
 
@@ -53,6 +54,10 @@ class ChatRequest:
         max_tokens: Upper bound on generated tokens; None = the settings' default.
         max_tokens_param: The request field max_tokens came from, for error messages.
         temperature, top_p, top_k, seed, stop: Sampling parameters (None = service default).
+        modalities: What the reply should hold ("text", "image", "audio", "video"); empty =
+            text, plus whatever media the model emits on its own (presets with outputs).
+        decoding: Per output modality, its decoding parameters (steps, guidance_scale, height,
+            width, seed, duration_s, num_frames, fps; unset = the decoder's defaults).
     """
 
     model: str | None
@@ -65,6 +70,8 @@ class ChatRequest:
     top_k: int | None = None
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    modalities: tuple[str, ...] = ()
+    decoding: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def media(self) -> list[MediaItem]:
         """Every media item of the request, in the order it appears."""
@@ -109,7 +116,32 @@ class Finished:
     timestamps: tuple[Timestamp, ...] = ()  # those written in `text`
 
 
-Event = TextDelta | Finished
+@dataclass(frozen=True)
+class MediaOutput:
+    """A generated image, sound or clip of the reply, or why it could not be made.
+
+    Attributes:
+        modality: "image", "audio" or "video".
+        index: 0, 1, ... in the order of the reply.
+        char_offset: Where it belongs in the reply's text (a character index).
+        data: The encoded file (PNG, WAV, MP4 or GIF), None on error.
+        mime_type: E.g. "image/png".
+        seed: The seed the decoder used (to reproduce it).
+        error: None, or what went wrong (that item alone fails; the text still arrives).
+        error_code: The HTTP status the error maps to (400, 503, 504...).
+    """
+
+    modality: str
+    index: int
+    char_offset: int
+    data: bytes | None = None
+    mime_type: str = ""
+    seed: int | None = None
+    error: str | None = None
+    error_code: int | None = None
+
+
+Event = TextDelta | MediaOutput | Finished
 
 
 @dataclass(frozen=True)

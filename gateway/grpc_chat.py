@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 
 from gateway._middleware import new_request_id, valid_request_id
-from gateway.domain import ChatRequest, Finished, MediaItem, Part, Timestamp, Turn
+from gateway.domain import ChatRequest, Finished, MediaItem, MediaOutput, Part, Timestamp, Turn
 from gateway.protocol import INLINE_FORMATS
 from gateway.serving import ChatService
 from modalmesh.v1 import chat_pb2, chat_pb2_grpc
@@ -32,6 +32,7 @@ _ROUTE = "grpc:Complete"
 
 
 _MEDIA_PARTS = ("image", "video", "audio", "event")
+_OUTPUTS = ("image", "audio", "video")
 
 
 def _media(modality: str, media: chat_pb2.MediaInput, param: str) -> MediaItem:
@@ -73,6 +74,25 @@ def to_domain(request: chat_pb2.ChatRequest, request_id: str) -> ChatRequest:
         top_k=request.top_k if request.HasField("top_k") else None,
         seed=request.seed if request.HasField("seed") else None,
         stop=list(request.stop),
+        modalities=tuple(request.modalities),
+        decoding={m: _options(getattr(request, m)) for m in _OUTPUTS if request.HasField(m)},
+    )
+
+
+def _options(msg: chat_pb2.DecodeOptions) -> dict[str, Any]:
+    return {f.name: value for f, value in msg.ListFields()}
+
+
+def _media_out(item: MediaOutput) -> chat_pb2.ChatMedia:
+    return chat_pb2.ChatMedia(
+        modality=item.modality,
+        index=item.index,
+        char_offset=item.char_offset,
+        data=item.data or b"",
+        mime_type=item.mime_type,
+        seed=item.seed or 0,
+        error=item.error or "",
+        error_code=item.error_code or 0,
     )
 
 
@@ -144,4 +164,7 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
                     )
                     yield chunk(event.text, event.timestamps, finish_reason=event.finish_reason, usage=usage)
                     return
+                if isinstance(event, MediaOutput):
+                    yield chunk("", (), media=[_media_out(event)])
+                    continue
                 yield chunk(event.text, event.timestamps)

@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway._middleware import GatewayMiddleware, valid_request_id
-from gateway.domain import ChatRequest, Event, Finished, TextDelta, Timestamp
+from gateway.domain import ChatRequest, Event, Finished, MediaOutput, Timestamp
 from gateway.protocol import (
     AssistantMessage,
     ChatCompletionChoice,
@@ -34,6 +34,8 @@ from gateway.protocol import (
     ModelList,
     UsageInfo,
     content_chunk,
+    media_chunk,
+    media_entry,
     parse_chat_request,
     role_chunk,
     timestamp_list,
@@ -120,13 +122,19 @@ async def _read_request(request: Request) -> ChatCompletionRequest:
 async def _collect(prepared: PreparedChat, events: AsyncGenerator[Event, None]) -> dict[str, Any]:
     pieces: list[str] = []
     timestamps: list[Timestamp] = []
+    media: list[dict[str, Any]] = []
     async for event in events:
+        if isinstance(event, MediaOutput):
+            media.append(media_entry(event))
+            continue
         pieces.append(event.text)
         timestamps.extend(event.timestamps)
         if isinstance(event, Finished):
             message = AssistantMessage(content="".join(pieces))
             if prepared.timestamps or timestamps:
                 message.timestamps = timestamp_list(timestamps)
+            if media:
+                message.media = media
             choice = ChatCompletionChoice(
                 index=0,
                 message=message,
@@ -153,8 +161,11 @@ async def _stream(
         yield _sse(role_chunk(cid, created, model))
         try:
             event = first
-            while isinstance(event, TextDelta):
-                yield _sse(content_chunk(cid, created, model, event.text, timestamps=event.timestamps))
+            while not isinstance(event, Finished):
+                if isinstance(event, MediaOutput):
+                    yield _sse(media_chunk(cid, created, model, event))
+                else:
+                    yield _sse(content_chunk(cid, created, model, event.text, timestamps=event.timestamps))
                 event = await anext(events)
             yield _sse(
                 content_chunk(

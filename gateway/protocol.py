@@ -26,6 +26,31 @@ empty, on every non-streamed reply of such a preset and absent otherwise; a stre
 `choices[0].delta.timestamps` on the chunks whose text holds them (offsets still index the
 whole reply). OpenAI clients ignore the field (the `openai` package keeps it as an extra
 attribute: `message.model_extra["timestamps"]`).
+
+Output media (presets with `outputs`, NExT-GPT). Request: OpenAI's `modalities` ("text" plus
+any of "image", "audio", "video" the preset can produce; a listed modality is always produced,
+the model may also produce others on its own) and, per output modality, its decoding
+parameters as a top-level object like OpenAI's `audio`:
+
+    {"modalities": ["text", "image"], "image": {"height": 64, "width": 64, "steps": 4, "seed": 7},
+     "audio": {"duration_s": 2.0}, "video": {"num_frames": 8, "fps": 8}}
+
+(steps, guidance_scale and seed for every kind; height/width for image and video; duration_s
+for audio; num_frames/fps for video; unset = the decoder's default; out of the preset's limits
+= 400). Reply: `choices[0].message.media`, a list in the reply's order whose entries have the
+shapes of the request's content parts, so they can be sent back in a later turn:
+
+    {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}, "modality": "image",
+     "index": 0, "char_offset": 12, "seed": 7}
+    {"type": "input_audio", "input_audio": {"data": "<base64 WAV>", "format": "wav"}, ...}
+    {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,..."}, ...}
+    {"type": "error", "modality": "video", "index": 2, "char_offset": 12,
+     "error": {"message": "...", "type": "ServiceUnavailableError", "code": 503}}
+
+`char_offset` is where the item belongs in the text. An item whose decoder failed or was down
+is an `error` entry; the text and the other items still arrive. Streamed replies carry each
+entry in `choices[0].delta.media` of a chunk after the last text and before the chunk with the
+finish reason. `media` is absent when the reply has none.
 """
 
 from __future__ import annotations
@@ -46,8 +71,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from gateway.domain import ChatRequest, MediaItem, ModelEntry, Part, Timestamp, Turn
-from services.common.errors import InvalidArgumentError
+from gateway.domain import ChatRequest, MediaItem, MediaOutput, ModelEntry, Part, Timestamp, Turn
+from services.common.errors import InvalidArgumentError, ModalmeshError
 
 # Media part types -> modality. video_url / audio_url / input_audio follow vLLM's and OpenAI's
 # shapes; input_event / event_url are modalmesh's own, shaped like input_audio / audio_url.
@@ -207,6 +232,21 @@ def _stop_form(value: Any) -> Any:
     return [value] if isinstance(value, str) else value
 
 
+class DecodeOptions(BaseModel):
+    """Decoding parameters of one output modality (`image`, `audio`, `video` of the request)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int | None = None
+    guidance_scale: float | None = None
+    seed: int | None = None
+    height: int | None = None
+    width: int | None = None
+    duration_s: float | None = None
+    num_frames: int | None = None
+    fps: int | None = None
+
+
 class ChatCompletionRequest(_Lenient):
     """The body of POST /v1/chat/completions (the fields modalmesh uses; others are ignored)."""
 
@@ -224,6 +264,10 @@ class ChatCompletionRequest(_Lenient):
     stream_options: StreamOptions | None = None
     user: str | None = None
     request_id: str | None = None
+    modalities: list[str] | None = None
+    image: DecodeOptions | None = None
+    audio: DecodeOptions | None = None
+    video: DecodeOptions | None = None
 
     @field_validator("n")
     @classmethod
@@ -261,6 +305,12 @@ class ChatCompletionRequest(_Lenient):
             top_k=self.top_k,
             seed=self.seed,
             stop=list(self.stop or []),
+            modalities=tuple(self.modalities or ()),
+            decoding={
+                m: o.model_dump(exclude_none=True)
+                for m, o in (("image", self.image), ("audio", self.audio), ("video", self.video))
+                if o is not None
+            },
         )
 
 
@@ -356,6 +406,29 @@ class TimestampInfo(BaseModel):
         )
 
 
+def media_entry(item: MediaOutput) -> dict[str, Any]:
+    """The JSON form of one generated item (see the module docstring)."""
+    entry: dict[str, Any] = {"modality": item.modality, "index": item.index, "char_offset": item.char_offset}
+    if item.error is not None or item.data is None:
+        error = ModalmeshError(item.error or "no data")
+        code = item.error_code or 500
+        kind = {400: "BadRequestError", 503: "ServiceUnavailableError", 504: "TimeoutError"}.get(
+            code, error.error_type
+        )
+        return {"type": "error", **entry, "error": {"message": error.message, "type": kind, "code": code}}
+    b64 = base64.b64encode(item.data).decode("ascii")
+    if item.modality == "audio":
+        fmt = item.mime_type.rsplit("/", 1)[-1].removeprefix("x-")
+        return {
+            "type": "input_audio",
+            "input_audio": {"data": b64, "format": fmt},
+            **entry,
+            "seed": item.seed,
+        }
+    kind = "image_url" if item.modality == "image" else "video_url"
+    return {"type": kind, kind: {"url": f"data:{item.mime_type};base64,{b64}"}, **entry, "seed": item.seed}
+
+
 def timestamp_list(timestamps: tuple[Timestamp, ...] | list[Timestamp]) -> list[TimestampInfo]:
     """The JSON forms of domain timestamps, in order."""
     return [TimestampInfo.of(t) for t in timestamps]
@@ -372,6 +445,7 @@ class AssistantMessage(BaseModel):
     function_call: Any | None = None
     reasoning: str | None = None
     timestamps: list[TimestampInfo] | None = None
+    media: list[dict[str, Any]] | None = None
 
 
 class ChatCompletionChoice(BaseModel):
@@ -404,8 +478,9 @@ class ChatCompletionResponse(BaseModel):
         """The JSON body: every field, except a message's `timestamps` where it is None."""
         body = self.model_dump()
         for choice in body["choices"]:
-            if choice["message"].get("timestamps") is None:
-                choice["message"].pop("timestamps", None)
+            for extra in ("timestamps", "media"):
+                if choice["message"].get(extra) is None:
+                    choice["message"].pop(extra, None)
         return body
 
 
@@ -415,6 +490,7 @@ class DeltaMessage(BaseModel):
     role: str | None = None
     content: str | None = None
     timestamps: list[TimestampInfo] | None = None
+    media: list[dict[str, Any]] | None = None
 
 
 class ChatCompletionStreamChoice(BaseModel):
@@ -488,6 +564,15 @@ def content_chunk(
     )
     if system_fingerprint is not None:
         chunk.system_fingerprint = system_fingerprint
+    return chunk.model_dump(exclude_unset=True)
+
+
+def media_chunk(completion_id: str, created: int, model: str, item: MediaOutput) -> dict[str, Any]:
+    """A chunk carrying one generated item in `delta.media` (no text)."""
+    choice = ChatCompletionStreamChoice(
+        index=0, delta=DeltaMessage(media=[media_entry(item)]), finish_reason=None
+    )
+    chunk = ChatCompletionStreamResponse(id=completion_id, created=created, model=model, choices=[choice])
     return chunk.model_dump(exclude_unset=True)
 
 

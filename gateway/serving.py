@@ -10,18 +10,26 @@ request's first video).
 `ChatService.generate` then streams `TextDelta` events and one closing `Finished` from
 LLM.Generate, with the timestamps a time-aware model (E.T. Chat) wrote. Closing that
 iterator cancels the generation.
+
+Output media (presets with `outputs`, NExT-GPT): the request's `modalities` and per-modality
+decoding parameters are checked in `validate` against the preset's decoders and limits. Each
+output signal the LLM streams (a decoder conditioning) is sent to the decoder service at once,
+while the text goes on streaming; after the LLM's last chunk the gateway waits for them and
+yields one `MediaOutput` per item, in order, before the `Finished`. A decoder that fails or is
+down gives that item an error (`MediaOutput.error`); the text and the other items still arrive.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -31,6 +39,7 @@ from gateway.domain import (
     Event,
     Finished,
     MediaItem,
+    MediaOutput,
     ModelEntry,
     TextDelta,
     Timestamp,
@@ -48,7 +57,8 @@ from services.common.errors import (
 )
 from services.common.presets import Preset
 from services.common.settings import Settings
-from services.common.tensor_codec import array_to_tensor
+from services.common.tensor_codec import array_to_tensor, tensor_to_array
+from services.decoders.params import check_params
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +88,31 @@ class Encoder(Protocol):
     async def close(self) -> None: ...
 
 
+class Decoded(Protocol):
+    """What the decoder client returns for one item."""
+
+    data: bytes
+    mime_type: str
+    seed: int
+
+
+class Decoder(Protocol):
+    """The decoder service client (services.decoders.client.DecoderClient)."""
+
+    async def decode(
+        self,
+        modality: str,
+        conditioning: np.ndarray,
+        params: Mapping[str, Any] | None = None,
+        *,
+        request_id: str | None = None,
+    ) -> Decoded: ...
+
+    async def ready(self, model: str) -> bool: ...
+
+    async def close(self) -> None: ...
+
+
 @dataclass
 class PreparedChat:
     """A validated request whose media are encoded, ready for `ChatService.generate`.
@@ -98,6 +133,7 @@ class PreparedChat:
     generate_request: llm_pb2.GenerateRequest
     started: float
     timestamps: bool = False
+    decoding: Mapping[str, Mapping[str, Any]] | None = None
 
 
 class ChatService:
@@ -123,6 +159,7 @@ class ChatService:
         cache: FeatureCache,
         fetcher: MediaFetcher,
         metrics: GatewayMetrics | None = None,
+        decoder: Decoder | None = None,
     ) -> None:
         self.settings = settings
         self.preset = preset
@@ -130,15 +167,25 @@ class ChatService:
         self.llm = llm
         self.cache = cache
         self.fetcher = fetcher
+        self.decoder = decoder
         self.metrics = metrics if metrics is not None else GatewayMetrics()
         self.created = int(time.time())
 
     @classmethod
     def from_settings(cls, settings: Settings, preset: Preset) -> ChatService:
         """The service with real clients for the addresses in `settings`."""
-        # Imported here: the encoder service's package is only needed by a running gateway.
+        # Imported here: the services' client packages are only needed by a running gateway.
+        from services.decoders.client import DecoderClient
+
         from services.encoders.client import EncoderClient
 
+        decoder = None
+        if preset.outputs:
+            decoder = DecoderClient(
+                settings.decoder_target(),
+                timeout_s=settings.decoder_timeout_s,
+                models={m: preset.decoder_model(m) for m in preset.outputs},
+            )
         return cls(
             settings,
             preset,
@@ -148,6 +195,7 @@ class ChatService:
             fetcher=MediaFetcher(
                 max_bytes=settings.media_max_bytes, timeout_s=settings.image_fetch_timeout_s
             ),
+            decoder=decoder,
         )
 
     # -- validation ----------------------------------------------------------------------------
@@ -225,7 +273,27 @@ class ChatService:
         model, adapter = self.resolve_model(request.model)
         sampling = self._sampling(request)
         self._check_media_counts(request.media())
+        self._check_outputs(request)
         return model, adapter, sampling
+
+    def _check_outputs(self, request: ChatRequest) -> None:
+        """The requested output modalities and their decoding parameters, against the preset."""
+        can = ["text", *self.preset.outputs]
+        for i, modality in enumerate(request.modalities):
+            if modality not in can:
+                raise InvalidArgumentError(
+                    f"modalities[{i}]: preset {self.preset.name} can produce {', '.join(can)}; got {modality!r}",
+                    param=f"modalities[{i}]",
+                )
+        for modality, values in request.decoding.items():
+            spec = self.preset.outputs.get(modality)  # type: ignore[call-overload]
+            if spec is None:
+                raise InvalidArgumentError(
+                    f"{modality}: decoding parameters for {modality}, which preset {self.preset.name} "
+                    f"cannot produce (it can produce {', '.join(can)})",
+                    param=modality,
+                )
+            check_params(modality, values, spec.decoder.limits, where=f"{modality}.")
 
     def _check_media_counts(self, media: list[MediaItem]) -> None:
         for modality in sorted({m.modality for m in media}):
@@ -329,7 +397,12 @@ class ChatService:
         model, adapter, sampling = self.validate(request)
         features = await self._all_features(request)
         media_items = request.media()
-        generate = llm_pb2.GenerateRequest(request_id=request.request_id, adapter=adapter, sampling=sampling)
+        generate = llm_pb2.GenerateRequest(
+            request_id=request.request_id,
+            adapter=adapter,
+            sampling=sampling,
+            output_modalities=[m for m in dict.fromkeys(request.modalities) if m != "text"],
+        )
         index = 0
         for turn in request.turns:
             parts = []
@@ -353,6 +426,7 @@ class ChatService:
             generate_request=generate,
             started=started,
             timestamps=self.preset.heads.timestamps is not None,
+            decoding=request.decoding,
         )
 
     async def generate(
@@ -367,18 +441,54 @@ class ChatService:
         """
         first = True
         adapter: str | None = None
-        async with contextlib.aclosing(self.llm.generate(prepared.generate_request)) as chunks:
-            async for chunk in chunks:
-                adapter = adapter or chunk.adapter or None
-                if chunk.text and first:
-                    first = False
-                    self.metrics.ttft.labels(transport=transport).observe(time.monotonic() - prepared.started)
-                if chunk.finish_reason != llm_pb2.FINISH_REASON_UNSPECIFIED:
-                    yield self._finished(prepared, chunk, transport, adapter)
-                    return
-                if chunk.text or chunk.timestamps:
-                    yield TextDelta(chunk.text, _timestamps(chunk))
+        decodes: list[asyncio.Task[MediaOutput]] = []
+        try:
+            async with contextlib.aclosing(self.llm.generate(prepared.generate_request)) as chunks:
+                async for chunk in chunks:
+                    adapter = adapter or chunk.adapter or None
+                    if chunk.text and first:
+                        first = False
+                        self.metrics.ttft.labels(transport=transport).observe(
+                            time.monotonic() - prepared.started
+                        )
+                    for signal in chunk.outputs:  # decode while the text goes on streaming
+                        decodes.append(asyncio.create_task(self._decode(prepared, signal)))
+                    if chunk.finish_reason != llm_pb2.FINISH_REASON_UNSPECIFIED:
+                        for task in decodes:
+                            yield await task
+                        yield self._finished(prepared, chunk, transport, adapter)
+                        return
+                    if chunk.text or chunk.timestamps:
+                        yield TextDelta(chunk.text, _timestamps(chunk))
+        finally:
+            for task in decodes:
+                task.cancel()
         raise ModalmeshError("the llm service ended the reply without a finish reason")
+
+    async def _decode(self, prepared: PreparedChat, signal: llm_pb2.OutputSignal) -> MediaOutput:
+        """One output item through the decoder service; a failure becomes the item's error."""
+        modality = signal.modality
+        where = MediaOutput(modality=modality, index=signal.index, char_offset=signal.char_offset)
+        if self.decoder is None:
+            return dataclasses.replace(
+                where,
+                error=f"preset {self.preset.name} has no {modality} decoder",
+                error_code=400,
+            )
+        started = time.monotonic()
+        request_id = prepared.generate_request.request_id
+        try:
+            conditioning = tensor_to_array(signal.conditioning, what=f"{modality} output {signal.index}")
+            params = dict((prepared.decoding or {}).get(modality, {}))
+            out = await self.decoder.decode(modality, conditioning, params, request_id=request_id or None)
+        except ModalmeshError as e:
+            logger.warning("%s output %s failed: %s", modality, signal.index, e.message)
+            return dataclasses.replace(where, error=e.message, error_code=e.http_status)
+        except Exception as e:  # the text reply must still arrive
+            logger.error("%s output %s failed", modality, signal.index, exc_info=e)
+            return dataclasses.replace(where, error=f"internal error ({type(e).__name__})", error_code=500)
+        self.metrics.stage_latency.labels(stage=f"decode_{modality}").observe(time.monotonic() - started)
+        return dataclasses.replace(where, data=out.data, mime_type=out.mime_type, seed=int(out.seed))
 
     def _finished(
         self, prepared: PreparedChat, chunk: llm_pb2.GenerateChunk, transport: str, adapter: str | None
@@ -435,13 +545,16 @@ class ChatService:
             return False
 
     async def readiness(self) -> dict[str, str | None]:
-        """Each dependency -> None when ready, else why not ("llm", "encoder")."""
+        """Each dependency -> None when ready, else why not ("llm", "encoder", "decoder")."""
         models = [self.preset.triton_model(m) for m in self.preset.modalities]
-        llm_ok, *encoders_ok = await asyncio.gather(
-            self.llm.ready(), *(self._encoder_ready(m) for m in models)
+        decoders = [self.preset.decoder_model(m) for m in self.preset.outputs] if self.decoder else []
+        llm_ok, *ok = await asyncio.gather(
+            self.llm.ready(),
+            *(self._encoder_ready(m) for m in models),
+            *(self._decoder_ready(m) for m in decoders),
         )
-        down = [m for m, ok in zip(models, encoders_ok, strict=True) if not ok]
-        return {
+        down = [m for m, up in zip(models, ok[: len(models)], strict=True) if not up]
+        out = {
             "llm": None if llm_ok else f"the llm service at {self.llm.target} is not ready",
             "encoder": None
             if not down
@@ -449,6 +562,22 @@ class ChatService:
                 f"the encoder service at {self.settings.encoder_target()} is not ready for {', '.join(down)}"
             ),
         }
+        if decoders:
+            down = [m for m, up in zip(decoders, ok[len(models) :], strict=True) if not up]
+            out["decoder"] = (
+                None
+                if not down
+                else f"the decoder service at {self.settings.decoder_target()} is not ready for {', '.join(down)}"
+            )
+        return out
+
+    async def _decoder_ready(self, model: str) -> bool:
+        assert self.decoder is not None
+        try:
+            return bool(await asyncio.wait_for(self.decoder.ready(model), timeout=2.0))
+        except Exception as e:  # a health probe must answer, whatever the client raises
+            logger.debug("decoder readiness check of %s failed: %s", model, e)
+            return False
 
     async def aclose(self) -> None:
         """Close every client."""
@@ -456,6 +585,8 @@ class ChatService:
         await self.cache.aclose()
         await self.llm.close()
         await self.encoder.close()
+        if self.decoder is not None:
+            await self.decoder.close()
 
 
 _NOUNS = {"audio": ("audio clip", "audio clips"), "event": ("event stream", "event streams")}

@@ -70,6 +70,8 @@ class GenerationRequest:
         sampling: Decoding parameters (validated on construction).
         adapter: "" (current), "name" or "name@version".
         request_id: For logs only.
+        outputs: Output modalities asked for besides text; one the model has not emitted by
+            the end of the reply is appended (see `services.llm.signals`).
     """
 
     turns: Sequence[Turn]
@@ -77,6 +79,7 @@ class GenerationRequest:
     sampling: SamplingParams
     adapter: str = ""
     request_id: str = ""
+    outputs: tuple[str, ...] = ()
 
 
 class FinishReason(enum.Enum):
@@ -118,6 +121,25 @@ class Timestamp:
 
 
 @dataclass(frozen=True)
+class OutputSignal:
+    """An item to generate: a decoder's conditioning from the output projector (NExT-GPT).
+
+    Attributes:
+        modality: "image", "audio" or "video".
+        conditioning: (rows, width) float32 on the CPU, e.g. (77, 768) for SD 1.5.
+        index: 0, 1, ... in the order of the reply.
+        char_offset: Where its signal tokens were in the whole reply's text.
+        appended: Appended because the request asked for it (not emitted by the model).
+    """
+
+    modality: str
+    conditioning: torch.Tensor = field(repr=False)
+    index: int = 0
+    char_offset: int = 0
+    appended: bool = False
+
+
+@dataclass(frozen=True)
 class GenerationEvent:
     """One streamed piece of a generation.
 
@@ -129,6 +151,7 @@ class GenerationEvent:
         usage: Set on the last event only.
         stop_reason: The stop string that ended generation (last event only).
         timestamps: Times matched for the time tokens whose text is in this event.
+        outputs: Output signals completed since the previous event.
     """
 
     text: str = ""
@@ -138,6 +161,7 @@ class GenerationEvent:
     usage: Usage | None = None
     stop_reason: str | None = None
     timestamps: tuple[Timestamp, ...] = ()
+    outputs: tuple[OutputSignal, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -165,6 +189,15 @@ class ModalityInfo:
 
 
 @dataclass(frozen=True)
+class OutputInfo:
+    """An output modality: its signal-token count and decoder conditioning shape."""
+
+    modality: str
+    signal_tokens: int
+    conditioning_shape: tuple[int, int]
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     """What a replica serves."""
 
@@ -174,6 +207,7 @@ class ModelInfo:
     max_context_tokens: int
     modalities: tuple[ModalityInfo, ...]
     created: int
+    outputs: tuple[OutputInfo, ...] = ()
 
 
 class GenerationEngine(Protocol):

@@ -30,6 +30,7 @@ import time
 from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -45,6 +46,8 @@ from services.llm.domain import (
     MediaPart,
     ModalityInfo,
     ModelInfo,
+    OutputInfo,
+    OutputSignal,
     Part,
     TextPart,
     Timestamp,
@@ -54,6 +57,7 @@ from services.llm.domain import (
 from services.llm.loading import LoadedModel, load_model
 from services.llm.prompt import MediaSlot, Prompt, combine_turn_media
 from services.llm.sampling import Sampler, SamplingParams
+from services.llm.signals import SignalCapture, check_requested, output_signal_ids
 from services.llm.templates import check_roles, get_template, turn_text
 from services.llm.time_matching import TimedDecode
 from services.llm.timestamps import format_seconds
@@ -73,6 +77,7 @@ class PreparedRequest:
     budget: int  # tokens it may generate: max_tokens capped by the context left
     stop: tuple[str, ...] = ()  # the request's stop strings, then the template's end-of-turn ones
     instructions: tuple[str, ...] = ()  # per media item, the text of the user turn holding it
+    outputs: tuple[str, ...] = ()  # output modalities asked for (appended if not emitted)
     cancel: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -109,31 +114,50 @@ class _Stream:
         self.finish: FinishReason | None = None
         self.sent_chars = 0  # characters of reply text sent so far
         self.stamps: list[Timestamp] = []  # written into the text, not yet sent
+        self.outputs: list[OutputSignal] = []  # completed, not yet sent
+        self.signal_offset = 0  # where the text stood at the last signal token
 
-    def push(self, token: int, stamp: Timestamp | None = None) -> GenerationEvent | None:
+    @property
+    def text_length(self) -> int:
+        """Characters of reply text so far (sent or held back by the stop matcher)."""
+        return self.sent_chars + len(self.stops.pending)
+
+    def push(
+        self, token: int, stamp: Timestamp | None = None, *, signal: bool = False
+    ) -> GenerationEvent | None:
         """Account for one sampled token; returns the event to send, if any.
 
         Args:
             token: The token.
             stamp: For a time token, its match: the token's text is then the matched time.
+            signal: A signal token (NExT-GPT): it adds no text; `signal_offset` records where
+                the text stands.
         """
         self.count += 1
         self.unsent.append(token)
         if token in self.eos_ids:
             text, self.finish = self._final_text(), FinishReason.STOP
         else:
-            text = self.stops.feed(self._token_text(token, stamp))
+            text = self.stops.feed(self._token_text(token, stamp, signal))
             if self.stops.matched is not None:
                 self.finish = FinishReason.STOP
             elif self.count >= self.job.budget:
                 text += self._final_text()
                 self.finish = FinishReason.STOP if self.stops.matched else FinishReason.LENGTH
-        if not text and self.finish is None:
+        if not text and self.finish is None and not self.outputs:
             return None
         return self._event(text)
 
-    def _token_text(self, token: int, stamp: Timestamp | None) -> str:
+    def final_event(self) -> GenerationEvent:
+        """An event with no new text (outputs completed after the last token's event)."""
+        return self._event("")
+
+    def _token_text(self, token: int, stamp: Timestamp | None, signal: bool = False) -> str:
         """The token's text delta; a time token's is the held-back text then the time."""
+        if signal:  # a signal token stays out of the text; its media go where the text stands
+            before = self.detok.flush()
+            self.signal_offset = self.text_length + len(before)
+            return before
         if stamp is None:
             return self.detok.add(token)
         before = self.detok.flush()  # the time token itself stays out of the decoded text
@@ -159,8 +183,9 @@ class _Stream:
             usage=Usage(len(self.job.prompt.input_ids), self.count) if self.finish else None,
             stop_reason=self.stops.matched if self.finish else None,
             timestamps=stamps,
+            outputs=tuple(self.outputs),
         )
-        self.unsent, self.adapter_sent = [], True
+        self.unsent, self.adapter_sent, self.outputs = [], True, []
         return event
 
 
@@ -184,6 +209,7 @@ class Engine:
         self._active: set[PreparedRequest] = set()  # queued or running; cancelled by close()
         self._closed = False
         self._created = int(loaded.bundle.manifest.get("created", time.time()))
+        self.signal_ids = output_signal_ids(loaded.preset, loaded.tokenizer)
 
     @classmethod
     def from_preset(cls, preset: Preset, *, max_loaded_adapters: int = 4) -> Engine:
@@ -221,6 +247,10 @@ class Engine:
             max_context_tokens=self.loaded.max_context_tokens,
             modalities=modalities,
             created=current.bundle.created or self._created,
+            outputs=tuple(
+                OutputInfo(m, len(o.signal_tokens), (o.conditioning[0], o.conditioning[1]))
+                for m, o in preset.outputs.items()
+            ),
         )
 
     def resolve_adapter(self, ref: str) -> str:
@@ -245,6 +275,7 @@ class Engine:
         if version is None:
             version = self.adapters.resolve(request.adapter)
         model, media = self.loaded.model, request.media
+        outputs = check_requested(self.loaded.preset, request.outputs)
         model.check_media(media)
         check_roles(request.turns)
         turns, combined = request.turns, dict[int, int]()
@@ -264,6 +295,7 @@ class Engine:
             budget=budget,
             stop=stop,
             instructions=media_instructions(request.turns, len(media)),
+            outputs=outputs,
         )
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
@@ -343,14 +375,33 @@ class Engine:
             job.prompt.input_ids, job.prompt.media_spans, job.request.media, connectors, job.instructions
         )  # (1, L, D)
         timed = self._timed(job, embeds)
+        capture = self._capture(job)
+        hidden = capture is not None  # keep hidden states for the output projectors
         if timed is None:
-            out = lm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1)
+            out = lm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1, output_hidden_states=hidden)
         else:
             out = timed.prefill(embeds)
+        if capture is not None:
+            capture.on_states(out.hidden_states)
         first = time.perf_counter()
         while True:
-            token = sampler(out.logits[0, -1])  # logits (V,)
-            event = stream.push(token, None if timed is None else timed.on_token(token))
+            forced = None if capture is None else capture.next_forced()
+            token = sampler(out.logits[0, -1]) if forced is None else forced  # logits (V,)
+            if capture is not None and capture.is_signal(token):
+                event = stream.push(token, signal=True)
+                capture.on_token(token, stream.signal_offset)
+            else:
+                event = stream.push(token, None if timed is None else timed.on_token(token))
+                if capture is not None:
+                    capture.on_token(token, stream.text_length)
+            if stream.finish is not None and capture is not None:
+                out = self._finish_signals(capture, stream, out)
+                event = (
+                    stream.final_event()
+                    if event is None
+                    else dataclasses.replace(event, outputs=event.outputs + tuple(stream.outputs))
+                )
+                stream.outputs = []
             if event is not None:
                 emit(event)
             if stream.finish is not None:
@@ -364,9 +415,17 @@ class Engine:
                 adapters.select(job.version)
             if timed is None:
                 ids = torch.tensor([[token]], device=model.device)  # (1, 1)
-                out = lm(input_ids=ids, past_key_values=out.past_key_values, use_cache=True)
+                out = lm(
+                    input_ids=ids,
+                    past_key_values=out.past_key_values,
+                    use_cache=True,
+                    output_hidden_states=hidden,
+                )
             else:  # a time token goes in as its embedding + the matched frame's
                 out = timed.step(token, out.past_key_values)
+            if capture is not None:
+                capture.on_states(out.hidden_states)
+                stream.outputs += capture.ready()
         end = time.perf_counter()
         logger.info(
             "generated %s tokens (prompt %s) in %.3fs: prefill %.3fs, %.1f tokens/s, finish %s",
@@ -377,6 +436,37 @@ class Engine:
             (stream.count - 1) / (end - first) if stream.count > 1 and end > first else 0.0,
             stream.finish.value,
         )
+
+    def _capture(self, job: PreparedRequest) -> SignalCapture | None:
+        """The output-signal state of a request, or None (the preset has no outputs)."""
+        if not self.loaded.preset.outputs:
+            return None
+        lm = self.loaded.model.lm
+        return SignalCapture(
+            self.loaded.preset,
+            self.signal_ids,
+            job.version.projectors,
+            lm.get_input_embeddings(),
+            job.outputs,
+        )
+
+    def _finish_signals(self, capture: SignalCapture, stream: _Stream, out: Any) -> Any:
+        """Complete the request's signals after its last token; their events go with the last one."""
+        lm, device = self.loaded.model.lm, self.loaded.model.device
+        state = {"out": out}
+
+        def feed(token: int) -> Any:
+            ids = torch.tensor([[token]], device=device)  # (1, 1)
+            state["out"] = lm(
+                input_ids=ids,
+                past_key_values=state["out"].past_key_values,
+                use_cache=True,
+                output_hidden_states=True,
+            )
+            return state["out"].hidden_states
+
+        stream.outputs += capture.finish(feed, stream.text_length)
+        return state["out"]
 
     def _timed(self, job: PreparedRequest, embeds: torch.Tensor) -> TimedDecode | None:
         """The time-token decode state of a request, or None (no heads, or no media to match)."""

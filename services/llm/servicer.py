@@ -17,7 +17,7 @@ from modalmesh.v1 import llm_pb2, llm_pb2_grpc
 from services.common.errors import InvalidArgumentError, ModalmeshError
 from services.common.grpc_errors import abort_with
 from services.common.log import bound_request_id, request_id_from_metadata
-from services.common.tensor_codec import tensor_to_torch
+from services.common.tensor_codec import tensor_to_torch, torch_to_tensor
 from services.llm.domain import (
     FinishReason,
     GenerationEngine,
@@ -85,6 +85,7 @@ def request_from_proto(msg: llm_pb2.GenerateRequest) -> GenerationRequest:
         sampling=sampling_from_proto(msg.sampling),
         adapter=msg.adapter,
         request_id=msg.request_id,
+        outputs=tuple(msg.output_modalities),
     )
 
 
@@ -98,6 +99,16 @@ def chunk_from_event(event: GenerationEvent) -> llm_pb2.GenerateChunk:
                 media_index=t.media_index, frame=t.frame, seconds=t.seconds, char_offset=t.char_offset
             )
             for t in event.timestamps
+        ],
+        outputs=[
+            llm_pb2.OutputSignal(
+                modality=o.modality,
+                conditioning=torch_to_tensor(o.conditioning),
+                index=o.index,
+                char_offset=o.char_offset,
+                appended=o.appended,
+            )
+            for o in event.outputs
         ],
     )
     if event.finish_reason is not None:
@@ -126,6 +137,14 @@ def info_to_proto(info: ModelInfo) -> llm_pb2.ModelInfo:
                 llm_tokens=m.llm_tokens,
             )
             for m in info.modalities
+        ],
+        outputs=[
+            llm_pb2.OutputInfo(
+                modality=o.modality,
+                signal_tokens=o.signal_tokens,
+                conditioning_shape=list(o.conditioning_shape),
+            )
+            for o in info.outputs
         ],
     )
 
