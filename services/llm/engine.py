@@ -448,6 +448,7 @@ class Engine:
             job.version.projectors,
             lm.get_input_embeddings(),
             job.outputs,
+            eos_ids=self.loaded.eos_ids,
         )
 
     def _finish_signals(self, capture: SignalCapture, stream: _Stream, out: Any) -> Any:

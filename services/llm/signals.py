@@ -78,6 +78,7 @@ class SignalCapture:
         projectors: The request's adapter version's projectors, per modality.
         embed: The LM's input embedding table (the projector adds the signal tokens' rows).
         requested: Output modalities the request asks for (`check_requested`).
+        eos_ids: End-of-sequence ids: one that ended the reply is not fed before an appended span.
     """
 
     def __init__(
@@ -87,7 +88,9 @@ class SignalCapture:
         projectors: Mapping[str, OutputProjector],
         embed: nn.Module,
         requested: Sequence[str] = (),
+        eos_ids: frozenset[int] = frozenset(),
     ) -> None:
+        self.eos_ids = eos_ids
         self.specs = preset.outputs
         self.ids = dict(signal_ids)
         self.projectors = projectors
@@ -163,8 +166,8 @@ class SignalCapture:
         if self._forcing:  # a span cut off by the token budget or the context
             self.tokens += self._forcing
             self._forcing = []
-        elif len(self.tokens) > fed and self.tokens[-1] not in self.members:
-            self.tokens.pop()  # the token that ended the reply (end of sequence, stop): not fed
+        elif len(self.tokens) > fed and self.tokens[-1] in self.eos_ids:
+            self.tokens.pop()  # the end of sequence that ended the reply is not fed
         for modality in self.requested:
             if modality not in self.emitted:
                 self._spans.append(_Span(modality, len(self.tokens) + 1, char_offset, appended=True))
