@@ -242,11 +242,20 @@ async def list_models(request: Request) -> JSONResponse:
 
 
 async def health(request: Request) -> JSONResponse:
-    """GET /health: 200 when the LLM service and the encoders are ready, else 503 naming them."""
+    """GET /health: 200 when the LLM service and the encoders are ready, else 503 naming them.
+
+    The decoders (presets with outputs) do not gate it: without them text replies still work
+    and each media item is an error entry, so a decoder that is down gives 200 with status
+    "degraded" and names it.
+    """
     service: ChatService = request.app.state.service
     checks = await service.readiness()
-    down = {name: why for name, why in checks.items() if why}
+    down = {name: why for name, why in checks.items() if why and name != "decoder"}
     if not down:
+        if checks.get("decoder"):
+            return JSONResponse(
+                {"status": "degraded", "checks": {"decoder": "down"}, "warning": checks["decoder"]}
+            )
         return JSONResponse({"status": "ok"})
     error = UnavailableError("not ready: " + "; ".join(down.values()))
     body = {

@@ -1,4 +1,4 @@
-"""Start the real modalmesh services as test processes (encoders, LLM, gateway) on given ports."""
+"""Start the real modalmesh services as test processes (encoders, decoders, LLM, gateway) on given ports."""
 
 from __future__ import annotations
 
@@ -14,6 +14,12 @@ def start_encoders(env: dict[str, str], log_path: Path, *, http: int, grpc: int,
     """`python -m services.encoders` on the given Triton ports."""
     args = ["--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)]
     return start_process([sys.executable, "-m", "services.encoders", *args], log_path=log_path, env=env)
+
+
+def start_decoders(env: dict[str, str], log_path: Path, *, http: int, grpc: int, metrics: int) -> Process:
+    """`python -m services.decoders` on the given Triton ports."""
+    args = ["--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)]
+    return start_process([sys.executable, "-m", "services.decoders", *args], log_path=log_path, env=env)
 
 
 def start_llm(env: dict[str, str], log_path: Path, *, port: int) -> Process:
