@@ -72,7 +72,7 @@ class GatewayMetrics:
         )
         self.stage_latency = Histogram(
             "modalmesh_gateway_stage_latency_seconds",
-            "Latency of one media stage (fetch, encode) per item.",
+            "Latency of one media stage per item: fetch, encode, decode_<modality> (generated media).",
             ["stage"],
             buckets=_LATENCY_BUCKETS,
             registry=r,

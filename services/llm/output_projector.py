@@ -509,7 +509,7 @@ def initial_projectors(
     preset: Preset, llm_dim: int, *, seed: int = PROJECTORS_SEED
 ) -> dict[str, OutputProjector]:
     """Per output modality, a fresh projector fixed by `seed` (the same at every call)."""
-    out = {}
+    out: dict[str, OutputProjector] = {}
     for k, (modality, spec) in enumerate(preset.outputs.items()):
         torch.manual_seed(seed + k)
         out[modality] = build_projector(spec, llm_dim)
@@ -529,7 +529,7 @@ def load_projectors(
         FailedPreconditionError: A head key is missing, unexpected or of the wrong shape.
     """
     fresh = initial_projectors(preset, llm_dim)
-    out = {}
+    out: dict[str, OutputProjector] = {}
     for modality, spec in preset.outputs.items():
         projector = fresh[modality]
         if any(k.startswith(f"{spec.head}.") for k in flat):
