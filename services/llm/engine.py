@@ -456,8 +456,8 @@ class Engine:
         lm, device = self.loaded.model.lm, self.loaded.model.device
         state = {"out": out}
 
-        def feed(token: int) -> Any:
-            ids = torch.tensor([[token]], device=device)  # (1, 1)
+        def feed(tokens: list[int]) -> Any:
+            ids = torch.tensor([tokens], device=device)  # (1, n)
             state["out"] = lm(
                 input_ids=ids,
                 past_key_values=state["out"].past_key_values,

@@ -135,11 +135,11 @@ class SignalCapture:
             self.emitted.add(modality)
             self._forcing = list(self.ids[modality][1:])
 
-    def on_states(self, hidden_states: Sequence[torch.Tensor]) -> None:
-        """Keep the last position's state of a forward (Hugging Face `hidden_states`, per layer
-        (1, L, D)) at each layer the outputs use."""
+    def on_states(self, hidden_states: Sequence[torch.Tensor], count: int = 1) -> None:
+        """Keep the states of the last `count` positions of a forward (Hugging Face
+        `hidden_states`, per layer (1, L, D)) at each layer the outputs use."""
         for layer in self.layers:
-            self.states[layer].append(hidden_states[layer][0, -1].detach())  # (D,)
+            self.states[layer].extend(hidden_states[layer][0, -count:].detach().unbind(0))  # count x (D,)
 
     def ready(self) -> list[OutputSignal]:
         """Project every span whose states are all computed; each is reported once."""
@@ -153,12 +153,16 @@ class SignalCapture:
         self._spans = waiting
         return out
 
-    def finish(self, feed: Callable[[int], Sequence[torch.Tensor]], char_offset: int) -> list[OutputSignal]:
+    def finish(
+        self, feed: Callable[[list[int]], Sequence[torch.Tensor]], char_offset: int
+    ) -> list[OutputSignal]:
         """After the last sampled token: complete a cut-off span, append the requested
-        modalities the model did not emit, feed what their states need, project the rest.
+        modalities the model did not emit, feed what their states need (in one forward),
+        project the rest.
 
         Args:
-            feed: Feeds one token after the last fed one and returns its `hidden_states`.
+            feed: Feeds tokens after the last fed one (one forward with the KV cache) and
+                returns its `hidden_states`.
             char_offset: The whole reply's text length (where appended media go).
         """
         first = self.states[self.layers[0]]
@@ -174,8 +178,9 @@ class SignalCapture:
                 self.tokens += self.ids[modality]
                 self.emitted.add(modality)
         need = max((self._window(s)[1] for s in self._spans), default=0)  # states needed
-        while len(first) < need:
-            self.on_states(feed(self.tokens[len(first) - 1]))  # generated token number len(first)
+        if len(first) < need:  # generated tokens len(first) .. need - 1 are not fed yet
+            todo = self.tokens[len(first) - 1 : need - 1]
+            self.on_states(feed(todo), len(todo))
         return self.ready()
 
     def _window(self, span: _Span) -> tuple[int, int]:
