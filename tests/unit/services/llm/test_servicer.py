@@ -13,7 +13,7 @@ from modalmesh.v1 import llm_pb2, llm_pb2_grpc
 from services.common.errors import InvalidArgumentError, NotFoundError
 from services.common.log import request_id_var
 from services.common.settings import Settings
-from services.common.tensor_codec import array_to_tensor
+from services.common.tensor_codec import array_to_tensor, tensor_to_torch
 from services.llm.domain import (
     FinishReason,
     GenerationEvent,
@@ -21,6 +21,8 @@ from services.llm.domain import (
     MediaPart,
     ModalityInfo,
     ModelInfo,
+    OutputInfo,
+    OutputSignal,
     TextPart,
     Usage,
 )
@@ -145,3 +147,28 @@ def test_frame_times_and_timestamps_cross_the_wire() -> None:
     assert request_from_proto(proto_request()).media[0].times == ()
     chunk = chunk_from_event(GenerationEvent(text="at 3", timestamps=(Timestamp(0, 3, 3.0, 3),)))
     assert [(t.media_index, t.frame, t.seconds, t.char_offset) for t in chunk.timestamps] == [(0, 3, 3.0, 3)]
+
+
+def test_output_signals_and_output_info_cross_the_wire() -> None:
+    cond = torch.randn(77, 32)
+    request = request_from_proto(
+        llm_pb2.GenerateRequest(
+            sampling=llm_pb2.SamplingParams(max_tokens=2), output_modalities=["image", "audio"]
+        )
+    )
+    assert request.outputs == ("image", "audio")
+    chunk = chunk_from_event(
+        GenerationEvent(
+            text="", outputs=(OutputSignal("image", cond, index=1, char_offset=7, appended=True),)
+        )
+    )
+    (signal,) = chunk.outputs
+    assert (signal.modality, signal.index, signal.char_offset, signal.appended) == ("image", 1, 7, True)
+    assert signal.conditioning.dtype == "FP32" and list(signal.conditioning.shape) == [77, 32]
+    assert torch.equal(tensor_to_torch(signal.conditioning), cond)
+    info = info_to_proto(
+        ModelInfo("tiny-nextgpt", "a@1", ("a@1",), 512, (), 5, outputs=(OutputInfo("audio", 8, (1, 16)),))
+    )
+    assert [(o.modality, o.signal_tokens, list(o.conditioning_shape)) for o in info.outputs] == [
+        ("audio", 8, [1, 16])
+    ]
