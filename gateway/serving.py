@@ -176,7 +176,6 @@ class ChatService:
         """The service with real clients for the addresses in `settings`."""
         # Imported here: the services' client packages are only needed by a running gateway.
         from services.decoders.client import DecoderClient
-
         from services.encoders.client import EncoderClient
 
         decoder = None

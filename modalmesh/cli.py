@@ -7,6 +7,7 @@
     modalmesh data synth OUT_DIR [--train N] [--heldout N] [--seed S]
     modalmesh adapters list [NAME] | rollback NAME VERSION   the adapter registry in Redis
     modalmesh import SYSTEM PATH [--preset NAME] [--out DIR] [--version V]   a seed checkpoint -> bundle
+    modalmesh embed-captions --preset P --modality M --captions FILE --out DIR   stage-2 caption embeddings
 
 Every flag has a MODALMESH_* environment variable (see services.common.settings.Settings);
 a flag wins over the variable.
@@ -23,6 +24,7 @@ from typing import Any, NoReturn
 
 from modalmesh import train_cli
 from modalmesh.adapters_cli import add_parser as add_adapters_parser
+from modalmesh.embed_cli import add_parser as add_embed_parser
 from modalmesh.import_cli import add_parser as add_import_parser
 from services.common.errors import ModalmeshError
 
@@ -143,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_cli.add_commands(sub)
     add_adapters_parser(sub, _settings)
     add_import_parser(sub)
+    add_embed_parser(sub)
     return parser
 
 

@@ -94,6 +94,8 @@ def progress_line(progress: dict[str, Any]) -> str:
         parts.append(f"epoch {progress['epoch']:.2f}")
     if progress.get("loss") is not None:
         parts.append(f"loss {progress['loss']:.4f}")
+    if progress.get("distance") is not None:  # stage 2: the output projectors' distance term
+        parts.append(f"distance {progress['distance']:.4f}")
     if progress.get("samples_per_s") is not None:
         parts.append(f"{progress['samples_per_s']:.1f} samples/s")
     if progress.get("eta_s") is not None:
@@ -233,13 +235,25 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 def cmd_synth(args: argparse.Namespace) -> int:
     from services.trainer.synth import synthesize
 
+    modalities = [m.strip() for m in args.modalities.split(",") if m.strip()]
+    output_preset = None
+    if "t2x" in modalities:
+        from modalmesh.tiny import ensure_generated
+        from services.common.presets import load_preset
+
+        settings = _settings(args)
+        output_preset = load_preset(
+            args.preset, cache_dir=settings.cache_dir, presets_dir=settings.presets_dir
+        )
+        ensure_generated(output_preset)
     report = synthesize(
         args.out_dir,
         train=args.train,
         heldout=args.heldout,
         seed=args.seed,
         image_size=args.image_size,
-        modalities=[m.strip() for m in args.modalities.split(",") if m.strip()],
+        modalities=modalities,
+        output_preset=output_preset,
     )
     _say(
         f"wrote {report.train_images} training and {report.heldout_images} held-out images "
@@ -258,6 +272,12 @@ def cmd_synth(args: argparse.Namespace) -> int:
         _say(f"  {media.captions}  (format captions, modality {modality}, stage1)")
         _say(f"  {media.train}  (format {fmt}, modality {modality}, stage3)")
         _say(f"  {media.heldout}  (format {fmt}, modality {modality}, held-out questions with answers)")
+    if output_preset is not None:
+        _say(
+            f"wrote text-to-X captions and {sorted(output_preset.outputs)} caption embeddings under {report.out_dir / 't2x'}"
+        )
+        _say(f"  {report.out_dir / 't2x.jsonl'}  (format t2x, stage2)")
+        _say(f"  {report.out_dir / 't2x_heldout.jsonl'}  (format t2x, held-out)")
     _say(f"  {report.meta}")
     return EXIT_OK
 
@@ -297,7 +317,11 @@ def add_commands(sub: Any) -> None:
     synth.add_argument(
         "--modalities",
         default="image",
-        help="comma-separated, image plus any of video,audio,event,timestamps (timestamps: an "
-        "E.T. Instruct-style video set for E.T. Chat's time token; default image)",
+        help="comma-separated, image plus any of video,audio,event,timestamps,t2x (timestamps: an "
+        "E.T. Instruct-style video set for E.T. Chat's time token; t2x: text-to-X captions with "
+        "--preset's decoder caption embeddings, stage-2 data; default image)",
+    )
+    synth.add_argument(
+        "--preset", default="tiny-nextgpt", help="the preset whose decoders embed t2x captions"
     )
     synth.set_defaults(func=cmd_synth)

@@ -8,7 +8,9 @@ then writes a bundle (`adapters.write_bundle`) fingerprinted with the preset's L
     pandagpt, nextgpt  pytorch_model.pt: llama_proj.* -> connector (linear) proj.*;
                        llama_model.base_model.model.<m>.lora_{A,B}[.default].weight -> lora/
                        (PEFT, with the preset's r/alpha/dropout/targets); NExT-GPT's output
-                       projectors gen_text_hidden_fcs{,_video,_audio}.* -> heads (unused here)
+                       projectors gen_text_hidden_fcs{,_video,_audio}.* -> heads, each checked
+                       against the projector the preset's `outputs` builds (head name,
+                       conditioning rows/width, projector sizes)
     videochat          .pth {'model': ...}: visual_encoder.gmhra.{j}.* -> gmhra.layers.{j}.*,
                        visual_encoder.gmhra_cls_token -> gmhra.cls_token, ln_vision.*,
                        extra_query_tokens, llama_proj.* -> proj.* (connector qformer)
@@ -106,6 +108,8 @@ class SeedLayout:
         files: The file names read from a folder (default: its *.safetensors and pytorch_model*.bin).
         timestamp_heads: The heads are E.T. Chat's frm_head/vid_head: checked against the LLM
             width and stored as the bundle head `timestamps` (services/llm/timestamps.py).
+        output_heads: The heads are NExT-GPT's output projectors: checked against the preset's
+            `outputs` (services/llm/output_projector.py).
     """
 
     connector_types: tuple[str, ...]
@@ -119,6 +123,7 @@ class SeedLayout:
     peft_dir: bool = False
     files: tuple[str, ...] = ()
     timestamp_heads: bool = False
+    output_heads: bool = False
 
 
 _EMBED_REASON = (
@@ -132,6 +137,7 @@ LAYOUTS: dict[str, SeedLayout] = {
         _LINEAR_PROJ,
         lora_prefix="llama_model.",
         heads=("gen_text_hidden_fcs.", "gen_text_hidden_fcs_video.", "gen_text_hidden_fcs_audio."),
+        output_heads=True,
         skip=(
             ("llama_model.base_model.model.model.embed_tokens.", _EMBED_REASON),
             ("llama_model.base_model.model.lm_head.", _EMBED_REASON),
@@ -437,6 +443,44 @@ def compare(
     return problems
 
 
+def _check_output_heads(split: _Split, preset: Preset, hidden: int) -> list[str]:
+    """Problems of NExT-GPT's output projector heads against the preset's `outputs`.
+
+    Each head the checkpoint holds must be one of the preset's outputs and hold exactly the
+    tensors `build_projector` makes for it (so the conditioning rows and width, the LLM width
+    and the projector's hidden sizes and layer counts all fit). The signal-token count has no
+    tensor of its own (the projector takes any N); serving checks it per request. A preset
+    without outputs keeps none of them (reported as skipped).
+    """
+    from services.llm.output_projector import SEED_SLOT, build_projector
+
+    present = sorted({k.split(".", 1)[0] for k in split.heads})
+    if not present:
+        return []
+    if not preset.outputs:
+        split.skipped.setdefault("the preset has no outputs", []).extend(sorted(split.heads))
+        split.heads = {}
+        return []
+    by_head = {spec.head: (str(m), spec) for m, spec in preset.outputs.items()}
+    problems = []
+    unknown = [h for h in present if h not in by_head]
+    if unknown:
+        names = ", ".join(f"{m}: {h}" for h, (m, _) in by_head.items())
+        problems.append(f"output projectors: heads {unknown} are none of the preset's outputs ({names})")
+    for head in (h for h in present if h in by_head):
+        modality, spec = by_head[head]
+        with torch.device("meta"):
+            projector = build_projector(spec, hidden)
+        expected = {f"{head}.{SEED_SLOT}.{k}": tuple(v.shape) for k, v in projector.state_dict().items()}
+        got = {k: tuple(v.shape) for k, v in split.heads.items() if k.startswith(f"{head}.")}
+        what = (
+            f"output projector {modality} ({head}: {len(spec.signal_tokens)} signal tokens x {hidden} -> "
+            f"conditioning {tuple(spec.conditioning)}, hidden {spec.projector.hidden_dim})"
+        )
+        problems += compare(got, expected, expected, str, what)
+    return problems
+
+
 def lora_expected(
     linears: dict[str, tuple[int, int]], targets: list[str], r: int
 ) -> dict[str, tuple[int, ...]]:
@@ -621,6 +665,8 @@ def import_checkpoint(
         elif split.heads:
             split.skipped.setdefault("the preset has no timestamp head", []).extend(sorted(split.heads))
             split.heads = {}
+    if layout.output_heads:
+        problems += _check_output_heads(split, preset, hidden)
 
     lora_config: dict[str, Any] = {}
     if split.lora or peft_folder is not None:

@@ -30,8 +30,10 @@ from services.llm.adapters import Bundle, base_fingerprint, load_bundle
 from services.llm.connectors import Connector, bundle_state
 from services.llm.loading import DTYPES, check_added_tokens, load_connectors
 from services.llm.model import FeatureLayout
+from services.llm.output_projector import OutputProjector, load_projectors, signal_token_ids
 from services.llm.templates import get_template
 from services.llm.timestamps import HEAD_NAME, TimestampHeads, load_timestamp_heads, seconds_to_frames
+from services.trainer._t2x import load_t2x
 from services.trainer.datasets import (
     IGNORE_INDEX,
     EncodedSample,
@@ -109,6 +111,14 @@ def initial_heads(preset: Preset, bundle: Bundle, *, llm_dim: int) -> TimestampH
     return heads.train()
 
 
+def initial_output_projectors(preset: Preset, bundle: Bundle, *, llm_dim: int) -> dict[str, OutputProjector]:
+    """Per output modality of the preset, its projector from the bundle's heads (a bundle that
+    lacks one gets the fixed fresh initialisation serving uses too), in train mode, frozen
+    (`select_trainable` picks)."""
+    projectors = load_projectors(preset, bundle.heads, llm_dim=llm_dim, dtype=torch.float32)
+    return {m: p.train() for m, p in projectors.items()}
+
+
 def connector_states(connectors: Mapping[str, Any]) -> dict[str, dict[str, torch.Tensor]]:
     """What a bundle holds per connector name (`bundle_state`: no frozen base), as float32 CPU."""
     return {
@@ -183,7 +193,8 @@ def build_examples(
     layouts = feature_layouts(preset)
     files: dict[str, dict[Path, None]] = {}
     for ds in cfg.spec.datasets:
-        files.setdefault(ds.modality, {}).update(dict.fromkeys(media_files(ds)))
+        if ds.format != "t2x":  # t2x records hold no input media
+            files.setdefault(ds.modality, {}).update(dict.fromkeys(media_files(ds)))
     encoded, errors = encode_media(preset, {m: list(paths) for m, paths in files.items()})
     by_modality = {m: connectors[lay.connector] for m, lay in layouts.items()}
     ts = preset.heads.timestamps
@@ -204,11 +215,23 @@ def build_examples(
     )
     samples: list[EncodedSample] = []
     reports = []
+    t2x: list[TrainExample] = []
     for ds in cfg.spec.datasets:
+        if ds.format == "t2x":
+            out = load_t2x(
+                ds,
+                encoder,
+                {str(m): s for m, s in preset.outputs.items()},
+                _signal_ids(preset, tokenizer),
+                max_bad_ratio=hp.max_bad_ratio,
+            )
+            t2x += out.examples
+            reports.append(out.report)
+            continue
         data = load_supervised(ds, encoder, max_bad_ratio=hp.max_bad_ratio)
         samples += data.encoded
         reports.append(data.report)
-    examples, skipped = [], Counter[str]()
+    examples, skipped = list(t2x), Counter[str]()
     for e in samples:
         example = _example(e, encoded, ts.modality if ts is not None else None)
         if example is None:
@@ -219,6 +242,10 @@ def build_examples(
             continue
         examples.append(example)
     return examples, _summary(reports, examples, skipped, hp.max_bad_ratio)
+
+
+def _signal_ids(preset: Preset, tokenizer: Any) -> dict[str, tuple[int, ...]]:
+    return {str(m): tuple(signal_token_ids(tokenizer, s.signal_tokens)) for m, s in preset.outputs.items()}
 
 
 def _example(

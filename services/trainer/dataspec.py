@@ -17,16 +17,19 @@ class DatasetSpec(BaseModel):
     """A dataset as a job names it.
 
     Attributes:
-        format: "llava" (conversations), "captions" (media + caption pairs) or "etinstruct"
-            (E.T. Instruct: conversations with "<vid>" times, src/tgt in seconds).
+        format: "llava" (conversations), "captions" (media + caption pairs), "etinstruct"
+            (E.T. Instruct: conversations with "<vid>" times, src/tgt in seconds) or "t2x"
+            (NExT-GPT text-to-X: caption + output modality + the decoder's caption embedding,
+            as `modalmesh embed-captions` writes).
         path: The JSON or JSONL file.
         media_root: Folder relative media paths are resolved against; default the file's folder.
-        modality: The modality of every media item.
+        modality: The modality of every media item; for "t2x", the output modality of
+            records that name none.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    format: Literal["llava", "captions", "etinstruct"]
+    format: Literal["llava", "captions", "etinstruct", "t2x"]
     path: Path
     media_root: Path | None = None
     modality: str = "image"

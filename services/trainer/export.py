@@ -3,7 +3,8 @@
 Every rank calls `export_bundle` (under ZeRO-3 the trainable parameters are partitioned and
 must be gathered collectively); rank 0 writes: the connectors to `connectors.safetensors`
 (keyed by connector name, without their frozen base from `connector.base`), the timestamp
-heads to `heads.safetensors` (trained here, or carried over from the start bundle), the LoRA
+heads and the output projectors to `heads.safetensors` (trained here, or carried over from the
+start bundle), the LoRA
 adapter (if any) in PEFT format under `lora/`, then the manifest with every file's sha256.
 The bundle's version is stamped when it is published.
 """
@@ -21,6 +22,7 @@ import torch.distributed as dist
 
 from services.common.presets import Preset
 from services.llm.adapters import Bundle, base_fingerprint, write_bundle
+from services.llm.output_projector import bundle_heads
 from services.llm.timestamps import HEAD_NAME
 from services.trainer.build import connector_states
 from services.trainer.model import TrainingModel
@@ -36,7 +38,9 @@ def _gathered(model: TrainingModel, zero3: bool) -> contextlib.AbstractContextMa
         return contextlib.nullcontext()
     import deepspeed
 
-    params = [p for p in model.parameters() if p.requires_grad]
+    # The trained parameters, and the connectors even when frozen (stage 2 carries them over):
+    # under ZeRO-3 every parameter is partitioned, frozen ones included.
+    params = [p for n, p in model.named_parameters() if p.requires_grad or n.startswith("connectors.")]
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
@@ -52,7 +56,8 @@ def export_bundle(
 
     Args:
         start: The bundle the job started from: heads this stage did not train (stage 1 of
-            E.T. Chat) are carried over from it.
+            E.T. Chat) are carried over from it, and so is its LoRA when this stage applied
+            it frozen (stage 2).
     """
     zero3 = cfg.spec.deepspeed.zero_stage == 3
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -65,11 +70,14 @@ def export_bundle(
             connectors = connector_states(dict(model.connectors.items()))
             heads = _heads(model, start)
             lm: Any = model.lm
+            carried_lora = None
             if hasattr(lm, "peft_config"):
-                lora_state = {
-                    n: p.detach().float().cpu().clone() for n, p in lm.named_parameters() if "lora_" in n
-                }
-                lm.save_pretrained(str(out / "lora"), state_dict=lora_state)
+                lora = {n: p for n, p in lm.named_parameters() if "lora_" in n}
+                if any(p.requires_grad for p in lora.values()) or start is None or start.lora_dir is None:
+                    lora_state = {n: p.detach().float().cpu().clone() for n, p in lora.items()}
+                    lm.save_pretrained(str(out / "lora"), state_dict=lora_state)
+                else:  # applied frozen (stage 2): the start bundle's adapter, byte for byte
+                    carried_lora = start.lora_dir
             write_bundle(
                 out,
                 name=cfg.adapter_name,
@@ -78,6 +86,7 @@ def export_bundle(
                 base_fingerprint=base_fingerprint(preset.llm.checkpoint),
                 connectors=connectors,
                 heads=heads,
+                lora_dir=carried_lora,
                 stage=cfg.spec.stage,
                 metrics={k: float(v) for k, v in metrics.items()},
             )
@@ -88,12 +97,17 @@ def export_bundle(
 
 
 def _heads(model: TrainingModel, start: Bundle | None) -> dict[str, dict[str, torch.Tensor]] | None:
-    if model.heads is not None:
-        return {HEAD_NAME: {k: v.detach().float().cpu().clone() for k, v in model.heads.state_dict().items()}}
-    if start is not None and start.heads:
-        carried: dict[str, dict[str, torch.Tensor]] = {}
+    """The start bundle's heads, with the ones this model trains (timestamp heads, output
+    projectors) replaced by their trained values."""
+    heads: dict[str, dict[str, torch.Tensor]] = {}
+    if start is not None:
         for key, value in start.heads.items():
             head, _, param = key.partition(".")
-            carried.setdefault(head, {})[param] = value
-        return carried
-    return None
+            heads.setdefault(head, {})[param] = value
+    if model.heads is not None:
+        heads[HEAD_NAME] = {k: v.detach().float().cpu().clone() for k, v in model.heads.state_dict().items()}
+    if model.outputs is not None:
+        projectors = dict(model.outputs.projectors.items())
+        trained = bundle_heads(projectors, model.outputs.head_names)  # type: ignore[arg-type]
+        heads |= {h: {k: v.float().cpu().clone() for k, v in sd.items()} for h, sd in trained.items()}
+    return heads or None

@@ -46,8 +46,14 @@ class Hyperparameters(_Strict):
     max_steps: PositiveInt | None = Field(default=None, description="Optimizer steps; overrides epochs.")
     micro_batch_size: PositiveInt = 8
     grad_accum: PositiveInt = 1
-    lr: PositiveFloat | None = Field(default=None, description="Stage 1: connector LR. Stage 3: LoRA LR.")
+    lr: PositiveFloat | None = Field(
+        default=None,
+        description="Stage 1: connector LR. Stage 2: output projectors' LR. Stage 3: LoRA LR.",
+    )
     connector_lr: PositiveFloat | None = Field(default=None, description="Stage 3: the connectors' LR.")
+    projector_lr: PositiveFloat | None = Field(
+        default=None, description="Stage 3: the output projectors' LR (default connector_lr)."
+    )
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
     warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.03
     max_grad_norm: PositiveFloat = 1.0
@@ -123,6 +129,9 @@ class StageDefaults:
 STAGE_DEFAULTS: dict[str, StageDefaults] = {
     # LLaVA / NExT-GPT: stage 1 trains the connector alone at 1e-3 on caption pairs, plain template.
     "stage1": StageDefaults(template="plain", lr=1e-3, connector_lr=None, lora=False),
+    # Stage 2 (NExT-GPT pretrain_dec.sh): the output projectors alone at 2e-4 on text-to-X
+    # captions, the preset's template (vicuna_v0 for NExT-GPT).
+    "stage2": StageDefaults(template=None, lr=2e-4, connector_lr=None, lora=False),
     # Stage 3: LoRA at 2e-4, connectors at 2e-5 (LLaVA's mm_projector_lr), the preset's template.
     "stage3": StageDefaults(template=None, lr=2e-4, connector_lr=2e-5, lora=True),
 }
@@ -179,6 +188,42 @@ def read_job_file(path: Path) -> JobSpec:
     return resolve_paths(parse_job(text, source=str(path)), path.resolve().parent)
 
 
+def _check_outputs(spec: JobSpec, preset: Preset) -> None:
+    """Stage 2 needs a preset with outputs and t2x data only; t2x data needs outputs."""
+    if spec.stage == "stage2":
+        if not preset.outputs:
+            raise InvalidArgumentError(
+                f"job.stage: stage2 aligns the output projectors; preset {preset.name} has no outputs "
+                "(image/audio/video generation), expected a preset such as nextgpt",
+                param="stage",
+            )
+        if any(d.format != "t2x" for d in spec.datasets):
+            raise InvalidArgumentError(
+                "job.datasets: stage2 trains on caption embeddings; expected format 't2x' for every "
+                f"dataset, got {[d.format for d in spec.datasets]}",
+                param="datasets",
+            )
+    for i, ds in enumerate(spec.datasets):
+        if ds.format != "t2x":
+            continue
+        if spec.stage == "stage1":
+            raise InvalidArgumentError(
+                f"job.datasets[{i}].format: t2x data trains output projectors (stage2, stage3), not stage1",
+                param=f"datasets[{i}].format",
+            )
+        if not preset.outputs:
+            raise InvalidArgumentError(
+                f"job.datasets[{i}].format: t2x needs a preset with outputs; preset {preset.name} has none",
+                param=f"datasets[{i}].format",
+            )
+        if ds.modality not in preset.outputs and "modality" in ds.model_fields_set:
+            raise InvalidArgumentError(
+                f"job.datasets[{i}].modality: preset {preset.name} produces {sorted(preset.outputs)}, "
+                f"got {ds.modality!r}",
+                param=f"datasets[{i}].modality",
+            )
+
+
 @dataclass(frozen=True)
 class ValidatedJob:
     spec: JobSpec
@@ -199,14 +244,10 @@ def validate_job(spec: JobSpec, settings: Settings) -> ValidatedJob:
         raise InvalidArgumentError(f"job.preset: {e.message}", param="preset") from e
     except ModalmeshError as e:
         raise InvalidArgumentError(f"job.preset: {e.message}", param="preset") from e
-    if spec.stage not in STAGE_DEFAULTS:
-        raise InvalidArgumentError(
-            f"job.stage: {spec.stage} (output-projector alignment) arrives with the any-to-any presets; "
-            f"this trainer runs {sorted(STAGE_DEFAULTS)}",
-            param="stage",
-        )
+    _check_outputs(spec, preset)
     for i, ds in enumerate(spec.datasets):
-        if ds.modality not in preset.modalities:
+        # a t2x dataset's modality is an output modality (checked by _check_outputs)
+        if ds.format != "t2x" and ds.modality not in preset.modalities:
             raise InvalidArgumentError(
                 f"job.datasets[{i}].modality: preset {preset.name} has {sorted(preset.modalities)}, "
                 f"got {ds.modality!r}",

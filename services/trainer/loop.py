@@ -24,7 +24,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from services.trainer.model import MediaInBatch, TimeInBatch
+from services.trainer._outputs import SignalInBatch
+from services.trainer.model import MediaInBatch, TimeInBatch, TrainingModel
 from services.trainer.runconfig import RunConfig
 
 logger = logging.getLogger(__name__)
@@ -52,13 +53,23 @@ class TrainTime:
 
 
 @dataclass(frozen=True)
+class TrainSignal:
+    """The caption embedding an example's signal tokens are aligned to (NExT-GPT stage 2)."""
+
+    modality: str
+    target: torch.Tensor  # (n_out, D_out)
+
+
+@dataclass(frozen=True)
 class TrainExample:
-    """One encoded sample: ids, labels (-100 = not supervised), its media and its time tokens."""
+    """One encoded sample: ids, labels (-100 = not supervised), its media, its time tokens and
+    the caption embedding of its signal tokens."""
 
     input_ids: list[int]
     labels: list[int]
     media: list[TrainMedia]
     times: list[TrainTime] = field(default_factory=list)
+    signal: TrainSignal | None = None
 
 
 @dataclass
@@ -108,6 +119,7 @@ def collate(examples: Sequence[TrainExample], pad_id: int, device: torch.device)
     mask = torch.zeros((len(examples), length), dtype=torch.long)  # (B, L)
     media: list[MediaInBatch] = []
     times: list[TimeInBatch] = []
+    signals: list[SignalInBatch] = []
     for row, e in enumerate(examples):
         n = len(e.input_ids)
         ids[row, :n] = torch.tensor(e.input_ids)
@@ -119,13 +131,18 @@ def collate(examples: Sequence[TrainExample], pad_id: int, device: torch.device)
             for m in e.media
         ]
         times += [TimeInBatch(row, t.position, first + t.media, t.frame, t.supervised) for t in e.times]
-    return {
+        if e.signal is not None:
+            signals.append(SignalInBatch(row, e.signal.modality, e.signal.target.to(device)))
+    batch: dict[str, Any] = {
         "input_ids": ids.to(device),
         "labels": labels.to(device),
         "attention_mask": mask.to(device),
         "media": media,
         "times": times,
     }
+    if signals:
+        batch["signals"] = signals
+    return batch
 
 
 class Schedule:
@@ -233,6 +250,8 @@ def fit(
         logger.info("resumed from %s at step %s", ckpt_dir, start_step)
     first_loss: float | None = None
     losses: list[float] = []
+    part_names = model.part_names if isinstance(model, TrainingModel) else ()  # loss parts to log
+    part_series: dict[str, list[float]] = {name: [] for name in part_names}
     progress.emit(
         "start",
         step=start_step,
@@ -249,17 +268,25 @@ def fit(
     cancelled = False
     while step < total:
         step_loss = 0.0
+        step_parts = [0.0] * len(part_names)
         for idx in sched.micro_batches(step):
             batch = collate([examples[i] for i in idx], pad_id, device)
             loss = engine(**batch)
             engine.backward(loss)
             engine.step()
             step_loss += float(loss.detach()) / hp.grad_accum
+            parts = engine.module.parts if part_names else {}
+            step_parts = [v + parts[n] / hp.grad_accum for v, n in zip(step_parts, part_names, strict=True)]
         step += 1
-        flags = torch.tensor([step_loss, float(rank == 0 and cfg.cancel_path.exists())], device=device)
-        dist.all_reduce(flags)  # sum of losses; any rank's cancel
+        flags = torch.tensor(
+            [step_loss, float(rank == 0 and cfg.cancel_path.exists()), *step_parts], device=device
+        )
+        dist.all_reduce(flags)  # sum of losses (and loss parts); any rank's cancel
         mean_loss = float(flags[0]) / world
         cancelled = bool(flags[1] > 0)
+        means = {n: float(v) / world for n, v in zip(part_names, flags[2:].tolist(), strict=True)}
+        for n, v in means.items():
+            part_series[n].append(v)
         losses.append(mean_loss)
         first_loss = mean_loss if first_loss is None else first_loss
         if step % hp.log_every == 0 or step == total or cancelled:
@@ -275,6 +302,7 @@ def fit(
                 lr=scheduler.get_last_lr()[-1],
                 samples_per_s=round(rate, 2),
                 eta_s=round(elapsed / done * (total - step), 1),
+                **{n: round(v, 5) for n, v in means.items()},
             )
         if cancelled:
             break
@@ -292,6 +320,10 @@ def fit(
         "steps": float(step),
         "seconds": time.perf_counter() - started,
     }
+    for n, series in part_series.items():  # e.g. distance_first, distance_last10
+        if series:
+            last = series[-min(len(series), 10) :]
+            metrics |= {f"{n}_first": series[0], f"{n}_last10": sum(last) / len(last)}
     if cancelled:
         progress.emit("cancelled", step=step)
     return engine, FitResult(

@@ -1,4 +1,5 @@
-"""The model being trained: connectors + the LLM (optionally with LoRA and timestamp heads), composed.
+"""The model being trained: connectors + the LLM (optionally with LoRA, timestamp heads and
+output projectors), composed.
 
 Frozen encoders are not part of it: their features are computed once before training (they
 are frozen and deterministic) and arrive in the batch. `TrainingModel.forward` runs each item
@@ -11,7 +12,9 @@ true frame, teacher-forced), and the heads learn to match the replies' time toke
 A trainable connector that no item of this rank's batch uses still takes part through a
 zero-weighted dummy forward: ZeRO needs every rank to produce a gradient for every trainable
 parameter, or the ranks' reduce buckets disagree (a crash on gloo, a hang on NCCL). The heads
-likewise add 0 x their parameters when the batch has nothing to match.
+likewise add 0 x their parameters when the batch has nothing to match. The output projectors
+(NExT-GPT, `services.trainer._outputs`) add their distance loss to the LM loss, with a
+zero-weighted dummy forward for a projector the batch does not use.
 
 Trainable parameters are chosen in one place (`select_trainable`), by name patterns, after
 LoRA injection, with a learning rate per group; the result is checked to be non-empty.
@@ -32,6 +35,7 @@ from services.common.presets import LoraSpec
 from services.llm.connectors import Connector
 from services.llm.model import FeatureLayout
 from services.llm.timestamps import TimestampHeads, capture_norm_input, frame_matching_loss
+from services.trainer._outputs import OutputHeads, SignalInBatch
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +82,7 @@ class TimeInBatch:
 
 
 class TrainingModel(nn.Module):
-    """Connectors (by name) + a causal LM [+ timestamp heads].
+    """Connectors (by name) + a causal LM [+ timestamp heads] [+ output projectors].
 
     Args:
         lm: A Hugging Face causal LM, possibly wrapped by PEFT.
@@ -86,6 +90,11 @@ class TrainingModel(nn.Module):
         layouts: Per modality, its features' layout and its connector's name.
         heads: E.T. Chat's timestamp heads, trained with the frame-matching loss.
         alpha: The soft-target base of that loss.
+        outputs: NExT-GPT's output projectors, trained with the signal distance loss.
+
+    Attributes:
+        parts: After each forward, the loss parts worth logging (`part_names`), as floats:
+            "lm_loss" and "distance" (the weighted distance term) when there are outputs.
     """
 
     lm: Any  # a transformers PreTrainedModel or its PEFT wrapper; typed loosely as HF annotates
@@ -98,6 +107,7 @@ class TrainingModel(nn.Module):
         *,
         heads: TimestampHeads | None = None,
         alpha: float = 2.0,
+        outputs: OutputHeads | None = None,
     ) -> None:
         super().__init__()
         missing = sorted({m for m, lay in layouts.items() if lay.connector not in connectors})
@@ -108,6 +118,9 @@ class TrainingModel(nn.Module):
         self.layouts = dict(layouts)
         self.heads = heads
         self.alpha = alpha
+        self.outputs = outputs
+        self.part_names: tuple[str, ...] = ("lm_loss", "distance") if outputs is not None else ()
+        self.parts: dict[str, float] = {}
 
     def forward(
         self,
@@ -116,8 +129,10 @@ class TrainingModel(nn.Module):
         labels: torch.Tensor,
         media: Sequence[MediaInBatch] = (),
         times: Sequence[TimeInBatch] = (),
+        signals: Sequence[SignalInBatch] = (),
     ) -> torch.Tensor:
-        """The mean token loss over supervised positions (labels != -100) [+ the matching loss]."""
+        """The mean token loss over supervised positions (labels != -100) [+ the matching loss]
+        [+ the weighted signal distances]."""
         embeds = self.lm.get_input_embeddings()(input_ids)  # (B, L, D)
         projected, dummy = self._project(media, embeds)
         embeds = embeds + dummy
@@ -138,6 +153,8 @@ class TrainingModel(nn.Module):
             )
         if times:
             embeds = self._add_frames(embeds, media, projected, times)
+        if self.outputs is not None:
+            return self._with_outputs(input_ids, embeds, attention_mask, labels, signals)
         if self.heads is None:
             out = self.lm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, use_cache=False)
             return out.loss
@@ -151,6 +168,29 @@ class TrainingModel(nn.Module):
             )
         assert norm_in.value is not None
         return out.loss + self._matching_loss(norm_in.value, out.hidden_states[-2], media, times)
+
+    def _with_outputs(
+        self,
+        input_ids: torch.Tensor,
+        embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        signals: Sequence[SignalInBatch],
+    ) -> torch.Tensor:
+        assert self.outputs is not None
+        if self.heads is not None:
+            raise ValueError("a preset with both timestamp heads and outputs is not trained yet")
+        out = self.lm(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            labels=labels,
+            use_cache=False,
+            output_hidden_states=True,
+        )
+        total, _ = self.outputs.loss(out.loss, out.hidden_states, embeds, input_ids, signals)
+        lm_loss = float(out.loss.detach())
+        self.parts = {"lm_loss": lm_loss, "distance": float(total.detach()) - lm_loss}
+        return total
 
     def _project(
         self, media: Sequence[MediaInBatch], embeds: torch.Tensor

@@ -26,6 +26,10 @@ from services.trainer.jobs import JobRecord, ValidatedJob, parse_job, queue_for,
 from services.trainer.runconfig import RunConfig
 from services.trainer.store import JobStore
 
+# Loss parts a recipe logs beside the loss (stage 2: the LM loss and the signal distance term);
+# they reach the record's progress, and their first values its metrics.
+LOSS_PARTS = ("lm_loss", "distance")
+
 logger = logging.getLogger(__name__)
 
 Report = Callable[[dict[str, Any]], None]
@@ -209,11 +213,16 @@ class JobRunner:
         elif kind == "step":
             update["progress"] = {
                 k: event[k]
-                for k in ("step", "total_steps", "epoch", "loss", "lr", "samples_per_s", "eta_s")
+                for k in ("step", "total_steps", "epoch", "loss", *LOSS_PARTS, "lr", "samples_per_s", "eta_s")
                 if k in event
             }
-            if "loss_first" not in record.metrics and "loss" in event:
-                update["metrics"] = record.metrics | {"loss_first": event["loss"]}
+            firsts = {
+                f"{k}_first": event[k]
+                for k in ("loss", *LOSS_PARTS)
+                if k in event and f"{k}_first" not in record.metrics
+            }
+            if firsts:
+                update["metrics"] = record.metrics | firsts
             self.report(update["progress"])
         elif kind == "checkpoint":
             update["checkpoint"] = event.get("path")

@@ -33,6 +33,10 @@ With "timestamps" among `modalities`, an E.T. Instruct-style set for the timesta
   "shape", "start", "end"};
 - `captions_timestamps.json`: caption pairs {"video", "caption"} of the same training videos.
 
+With "t2x" among `modalities` and an `output_preset` with outputs (NExT-GPT), text-to-X
+captions per output modality and their caption embeddings from the preset's decoders (see
+`_synth_outputs`): `t2x.jsonl` and `t2x_heldout.jsonl` (format t2x, stage 2) and `t2x/`.
+
 Words come from the tiny preset's tokenizer word list where possible, so sequences stay short.
 Two runs with the same arguments write the same bytes.
 """
@@ -51,6 +55,7 @@ from typing import Any
 from PIL import Image, ImageDraw
 
 from services.common.errors import InvalidArgumentError
+from services.common.presets import Preset
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -74,6 +79,7 @@ QUESTIONS: dict[str, tuple[str, ...]] = {
 }
 MODALITIES = ("image", "video", "audio", "event")
 TIMESTAMPS = "timestamps"  # the E.T. Instruct-style set, asked for among `modalities`
+T2X = "t2x"  # text-to-X captions + caption embeddings (output side), asked for among `modalities`
 TIME_TOKEN = "<vid>"
 TIMED_KINDS = ("appear", "span", "at")
 DIRECTIONS = ("left", "right")
@@ -228,6 +234,7 @@ def synthesize(
     seed: int = 0,
     image_size: int = 64,
     modalities: Iterable[str] = ("image",),
+    output_preset: Preset | None = None,
 ) -> SynthReport:
     """Write the synthetic dataset under `out_dir` (files there with the same names are replaced).
 
@@ -239,16 +246,23 @@ def synthesize(
         image_size: Image side in pixels.
         modalities: What to write: "image" (always needed) and any of "video", "audio",
             "event", each with `train` training and `heldout` held-out files drawn from seeds
-            of its own.
+            of its own; "timestamps"; "t2x" (needs `output_preset`).
+        output_preset: The preset whose decoders embed the t2x captions (its checkpoints
+            generated).
 
     Raises:
         InvalidArgumentError: A count or the image size is out of range, or a modality is
             unknown or "image" is missing.
     """
     wanted = list(dict.fromkeys(modalities))
-    if "image" not in wanted or not set(wanted) <= {*MODALITIES, TIMESTAMPS}:
+    if "image" not in wanted or not set(wanted) <= {*MODALITIES, TIMESTAMPS, T2X}:
         raise InvalidArgumentError(
-            f"synth: modalities: expected 'image' and any of {[*MODALITIES[1:], TIMESTAMPS]}, got {wanted}"
+            f"synth: modalities: expected 'image' and any of {[*MODALITIES[1:], TIMESTAMPS, T2X]}, got {wanted}"
+        )
+    if T2X in wanted and (output_preset is None or not output_preset.outputs):
+        raise InvalidArgumentError(
+            "synth: modalities: t2x needs a preset with outputs (image/audio/video generation), "
+            f"got {output_preset.name if output_preset else 'none'}"
         )
     if train < 1 or heldout < 0:
         raise InvalidArgumentError(f"synth: expected train >= 1 and heldout >= 0, got {train} and {heldout}")
@@ -294,6 +308,12 @@ def synthesize(
     if TIMESTAMPS in wanted:
         media[TIMESTAMPS] = _synthesize_timestamps(out_dir, train, heldout, seed)
     report = dataclasses.replace(report, media=media)
+    outputs_meta = None
+    if T2X in wanted:
+        from services.trainer._synth_outputs import write_t2x
+
+        assert output_preset is not None  # checked above
+        outputs_meta = write_t2x(out_dir, output_preset, train, heldout, seed)
     _dump(report.captions, captions)
     _dump(report.train, conversations)
     _dump(report.heldout, held)
@@ -313,6 +333,7 @@ def synthesize(
             "backgrounds": list(BACKGROUNDS),
             "files": {"captions": "captions.json", "train": "train.json", "heldout": "heldout.json"},
             "modalities": _media_meta(report),
+            **({T2X: outputs_meta} if outputs_meta else {}),
         },
     )
     return report

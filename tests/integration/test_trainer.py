@@ -321,7 +321,9 @@ def media_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def run_ranks(cache: Path, job_dir: Path, spec: dict[str, Any], *, timeout: float = 120) -> dict[str, Any]:
+def run_ranks(
+    cache: Path, job_dir: Path, spec: dict[str, Any], *, timeout: float = 120, init_bundle: Path | None = None
+) -> dict[str, Any]:
     """Launch the job's ranks directly (no queue) and return the final "done" event."""
     import json
 
@@ -339,7 +341,7 @@ def run_ranks(cache: Path, job_dir: Path, spec: dict[str, Any], *, timeout: floa
         job_dir=job_dir,
         cache_dir=cache,
         adapter_name=preset.adapter.name,
-        init_bundle=preset.adapter.path,
+        init_bundle=init_bundle or preset.adapter.path,
     )
     cfg.write()
     launch = launcher.start(cfg)
@@ -407,3 +409,158 @@ def test_stage3_etchat_trains_the_timestamp_heads_on_etinstruct(
     bundle = load_bundle(Path(done["bundle"]))
     assert bundle.lora_dir is not None and bundle.stage == "stage3"
     load_timestamp_heads(bundle.heads, hidden_size=64)  # the heads part, as serving reads it
+
+
+# -- NExT-GPT stage 2: the output projectors on synthetic text-to-X caption embeddings ---------------
+
+
+@pytest.fixture(scope="module")
+def t2x_data(tiny_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from modalmesh.tiny import ensure_generated
+    from services.common.presets import load_preset
+    from services.trainer.synth import synthesize
+
+    preset = load_preset("tiny-nextgpt", cache_dir=tiny_cache_dir)
+    ensure_generated(preset)
+    out = tmp_path_factory.mktemp("synth-t2x")
+    synthesize(out, train=16, heldout=2, seed=7, modalities=["image", "t2x"], output_preset=preset)
+    return out
+
+
+def stage2_job(path: Path, **hyper: Any) -> dict[str, Any]:
+    return {
+        "preset": "tiny-nextgpt",
+        "stage": "stage2",
+        "datasets": [{"format": "t2x", "path": str(path)}],
+        "hyperparameters": {
+            "max_steps": 16, "micro_batch_size": 4, "lr": 2e-3, "warmup_ratio": 0.0, **hyper,
+        },
+        "deepspeed": {"world_size": 2, "zero_stage": 2},
+    }  # fmt: skip
+
+
+def test_stage2_nextgpt_trains_the_output_projectors(
+    tiny_cache_dir: Path, t2x_data: Path, tmp_path: Path
+) -> None:
+    """2 ranks, gloo: the distance loss goes down; the bundle's heads hold three trained
+    projectors that serving's loader reads; the connectors are carried over unchanged."""
+    import json
+
+    import torch
+
+    from services.common.presets import load_preset
+    from services.llm.adapters import load_bundle
+    from services.llm.output_projector import load_projectors
+
+    preset = load_preset("tiny-nextgpt", cache_dir=tiny_cache_dir)
+    done = run_ranks(tiny_cache_dir, tmp_path / "job", stage2_job(t2x_data / "t2x.jsonl"))
+    events = [json.loads(line) for line in (tmp_path / "job" / "progress.jsonl").read_text().splitlines()]
+    distances = [e["distance"] for e in events if e["event"] == "step"]
+    assert len(distances) == 16
+    first, last = sum(distances[:3]) / 3, sum(distances[-3:]) / 3
+    assert last < first, distances
+    metrics = done["metrics"]
+    assert metrics["distance_first"] == pytest.approx(distances[0], abs=1e-4)
+    assert metrics["distance_last10"] < metrics["distance_first"], metrics
+    print(
+        f"stage-2 distance: step 1 {distances[0]:.4f}, step {len(distances)} {distances[-1]:.4f}; mean of the "
+        f"first 3 {first:.4f}, last 3 {last:.4f}, last 10 {metrics['distance_last10']:.4f}; "
+        f"{metrics['seconds']:.1f} s of training"
+    )
+
+    bundle = load_bundle(Path(done["bundle"]))
+    start = load_bundle(preset.adapter.path)
+    assert bundle.stage == "stage2"
+    heads = {k.split(".", 1)[0] for k in bundle.heads}
+    assert heads == {s.head for s in preset.outputs.values()}
+    trained = load_projectors(preset, bundle.heads, llm_dim=64, dtype=torch.float32)
+    before = load_projectors(preset, start.heads, llm_dim=64, dtype=torch.float32)
+    for modality in preset.outputs:
+        a, b = trained[modality].state_dict(), before[modality].state_dict()
+        assert any(not torch.equal(a[k], b[k]) for k in a), f"{modality} projector did not change"
+    for name, state in start.connectors.items():  # the frozen connectors, carried over
+        for key, value in state.items():
+            assert torch.equal(bundle.connectors[name][key], value), f"{name}.{key} changed"
+
+
+def test_stage2_bad_caption_embeddings_fail_the_job_with_reasons(
+    tiny_cache_dir: Path, t2x_data: Path, tmp_path: Path
+) -> None:
+    """A wrong-shaped embedding, a missing one and an unknown output modality are bad samples,
+    counted by reason; too many of them fail the job with the counts and examples."""
+    import json
+
+    import numpy as np
+
+    from services.trainer import launcher
+    from services.trainer.runconfig import RunConfig
+
+    rows = [json.loads(line) for line in (t2x_data / "t2x.jsonl").read_text().splitlines()][:16]
+    np.save(tmp_path / "wrong.npy", np.zeros((77, 31), dtype=np.float32))
+    rows[0]["embedding"] = str(tmp_path / "wrong.npy")
+    rows[1]["embedding"] = "t2x/image/missing.npy"
+    rows[2]["output_modality"] = "smell"
+    path = tmp_path / "bad.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = stage2_job(path, max_steps=1)
+    spec["datasets"][0]["media_root"] = str(t2x_data)
+    with pytest.raises(AssertionError):
+        run_ranks(tiny_cache_dir, tmp_path / "job", spec)
+    cfg = RunConfig.read(tmp_path / "job")
+    errors = [
+        json.loads(line)["message"]
+        for line in cfg.progress_path.read_text().splitlines()
+        if json.loads(line)["event"] == "error"
+    ]
+    assert errors, launcher.last_error(tmp_path / "job" / "train.log")
+    message = errors[0]
+    assert "3 of 16" in message
+    for reason in ("embedding_invalid 1", "embedding_missing 1", "unknown_output_modality 1"):
+        assert reason in message, message
+    assert "expected shape (77, 32)" in message and "got (77, 31)" in message
+
+
+def test_stage3_nextgpt_mix_trains_lora_connector_and_projectors(
+    tiny_cache_dir: Path, t2x_data: Path, tmp_path: Path
+) -> None:
+    """Image conversations mixed with t2x records (micro-batch 1: a rank's batch may lack
+    either): LoRA, the connector and the output projectors all train and are exported."""
+    import torch
+    from safetensors.torch import load_file
+
+    from services.common.presets import load_preset
+    from services.llm.adapters import load_bundle
+    from services.llm.output_projector import load_projectors
+
+    spec = stage2_job(t2x_data / "t2x.jsonl", max_steps=4, micro_batch_size=1)
+    spec["stage"] = "stage3"
+    spec["datasets"].insert(0, {"format": "llava", "path": str(t2x_data / "train.json")})
+    spec["hyperparameters"] |= {"connector_lr": 1e-3, "projector_lr": 2e-3}
+    done = run_ranks(tiny_cache_dir, tmp_path / "job", spec)
+    assert done["metrics"]["steps"] == 4
+    preset = load_preset("tiny-nextgpt", cache_dir=tiny_cache_dir)
+    bundle = load_bundle(Path(done["bundle"]))
+    start = load_bundle(preset.adapter.path)
+    assert bundle.stage == "stage3" and bundle.lora_dir is not None
+    trained = load_projectors(preset, bundle.heads, llm_dim=64, dtype=torch.float32)
+    before = load_projectors(preset, start.heads, llm_dim=64, dtype=torch.float32)
+    changed = [
+        m
+        for m in preset.outputs
+        if any(not torch.equal(v, before[m].state_dict()[k]) for k, v in trained[m].state_dict().items())
+    ]
+    assert changed, "no output projector changed in stage 3"
+
+    # Stage 2 under ZeRO-3 from that bundle: its LoRA is applied (frozen) and carried over as is.
+    stage2 = stage2_job(t2x_data / "t2x.jsonl", max_steps=2)
+    stage2["deepspeed"]["zero_stage"] = 3
+    again = run_ranks(tiny_cache_dir, tmp_path / "job2", stage2, init_bundle=bundle.path)
+    carried = load_bundle(Path(again["bundle"]))
+    assert carried.lora_dir is not None and carried.stage == "stage2"
+    lora_before = load_file(str(bundle.lora_dir / "adapter_model.safetensors"))
+    lora_after = load_file(str(carried.lora_dir / "adapter_model.safetensors"))
+    assert lora_before.keys() == lora_after.keys()
+    assert all(torch.equal(lora_before[k], lora_after[k]) for k in lora_before)
+    assert any(not torch.equal(carried.heads[k], bundle.heads[k]) for k in bundle.heads)
+    for name, state in bundle.connectors.items():  # frozen in stage 2, gathered under ZeRO-3
+        assert all(torch.equal(carried.connectors[name][k], v) for k, v in state.items())

@@ -1,7 +1,7 @@
 """Training recipes, one short linear file per stage, and their registry.
 
-Stage 2 (output-projector alignment, NExT-GPT) arrives with the any-to-any presets; its slot
-is named here so a job asking for it gets a clear refusal (jobs.validate_job).
+stage1: connectors on caption pairs; stage2: output projectors on text-to-X caption
+embeddings (NExT-GPT); stage3: LoRA + connectors (+ timestamp heads, + output projectors).
 """
 
 from __future__ import annotations
@@ -17,6 +17,12 @@ def _stage1(cfg: RunConfig) -> None:
     stage1.run(cfg)
 
 
+def _stage2(cfg: RunConfig) -> None:
+    from services.trainer.recipes import stage2
+
+    stage2.run(cfg)
+
+
 def _stage3(cfg: RunConfig) -> None:
     from services.trainer.recipes import stage3
 
@@ -25,6 +31,6 @@ def _stage3(cfg: RunConfig) -> None:
 
 RECIPES: dict[str, Callable[[RunConfig], None] | None] = {
     "stage1": _stage1,
-    "stage2": None,  # output projectors: the any-to-any issue
+    "stage2": _stage2,
     "stage3": _stage3,
 }

@@ -1,19 +1,26 @@
-"""Stage 3: instruction tuning, LoRA on the LLM plus the connectors [+ timestamp heads].
+"""Stage 3: instruction tuning, LoRA on the LLM plus the connectors [+ timestamp heads]
+[+ output projectors].
 
 LoRA r/alpha/targets come from the preset (overridable per job); the conversation uses the
 preset's template with only assistant replies supervised; LoRA trains at 2e-4 and the
 connectors at 2e-5 by default. A preset with timestamp heads (E.T. Chat) trains them too, with
 the frame-matching loss, at the connectors' LR (E.T. Chat's non-LoRA group), on E.T.
-Instruct-format data. Trainable parameters are selected after LoRA injection.
+Instruct-format data. A preset with outputs (NExT-GPT) trains its output projectors too, at
+`projector_lr` (default the connectors' LR; NExT-GPT's mm_output_projector_lr 2e-5), with
+each modality's `stage3_loss_weight` on the distance of t2x records mixed into the data
+(`format: t2x`); batches without such records keep the projectors in the graph with a
+zero-weighted dummy forward. Trainable parameters are selected after LoRA injection.
 """
 
 from __future__ import annotations
 
+from services.trainer._outputs import OutputHeads, signal_specs
 from services.trainer.build import (
     build_examples,
     feature_layouts,
     initial_connectors,
     initial_heads,
+    initial_output_projectors,
     load_llm,
     load_run_preset,
     load_start_bundle,
@@ -34,6 +41,10 @@ def run(cfg: RunConfig) -> None:
     bundle = load_start_bundle(preset, cfg.init_bundle)
     connectors = initial_connectors(preset, bundle, llm_dim=lm.config.hidden_size)
     heads = initial_heads(preset, bundle, llm_dim=lm.config.hidden_size)
+    outputs = None
+    if preset.outputs:
+        projectors = initial_output_projectors(preset, bundle, llm_dim=lm.config.hidden_size)
+        outputs = OutputHeads(projectors, signal_specs(preset, tokenizer, "stage3"))
     examples, data_report = build_examples(cfg, preset, tokenizer, connectors)
     ts = preset.heads.timestamps
     model = TrainingModel(
@@ -42,6 +53,7 @@ def run(cfg: RunConfig) -> None:
         feature_layouts(preset),
         heads=heads,
         alpha=ts.alpha if ts is not None else 2.0,
+        outputs=outputs,
     )
     connector_lr = hp.connector_lr or defaults.connector_lr or defaults.lr
     groups = [
@@ -50,6 +62,8 @@ def run(cfg: RunConfig) -> None:
     ]
     if heads is not None:
         groups.append(ParamGroup("heads", ("heads.*",), connector_lr))
+    if outputs is not None:
+        groups.append(ParamGroup("projectors", ("outputs.projectors.*",), hp.projector_lr or connector_lr))
     param_groups, counts = select_trainable(model, groups, weight_decay=hp.weight_decay)
     _, result = fit(
         cfg, model, param_groups, examples, pad_id=tokenizer.pad_token_id or 0,

@@ -212,4 +212,5 @@ def test_progress_line_leaves_out_what_is_missing() -> None:
         {"step": 12, "total_steps": 370, "epoch": 0.32, "loss": 2.31, "samples_per_s": 812.34, "eta_s": 4.2}
     ) == ("step 12/370 epoch 0.32 loss 2.3100 812.3 samples/s ETA 4s")
     assert progress_line({"step": 5, "eta_s": 125}) == "step 5 ETA 2m05s"
+    assert progress_line({"step": 3, "loss": 9.5, "distance": 6.25}) == "step 3 loss 9.5000 distance 6.2500"
     assert progress_line({}) == ""

@@ -128,11 +128,7 @@ def test_nextgpt_keeps_output_projectors_as_heads_and_newer_peft_names(tmp_path:
     preset = _preset("tiny-nextgpt", tmp_path)
     delta = {"llama_proj.weight": _rand(H, 32), "llama_proj.bias": _rand(H)}
     delta.update(_llama_lora("llama_model.", 32, adapter=".default"))
-    fcs = {
-        "gen_text_hidden_fcs.0.fc.weight": _rand(16, H),
-        "gen_text_hidden_fcs_video.0.query_embs": _rand(1, 77, 16),
-        "gen_text_hidden_fcs_audio.0.fc.bias": _rand(16),
-    }
+    fcs = _nextgpt_projectors(preset)
     torch.save({**delta, **fcs}, tmp_path / "pytorch_model.pt")
     report = import_checkpoint("nextgpt", [tmp_path / "pytorch_model.pt"], preset, tmp_path / "out" / "7")
     bundle = _bundle(tmp_path / "out" / "7", preset)
@@ -143,6 +139,14 @@ def test_nextgpt_keeps_output_projectors_as_heads_and_newer_peft_names(tmp_path:
     assert "heads: gen_text_hidden_fcs, gen_text_hidden_fcs_audio, gen_text_hidden_fcs_video" in "\n".join(
         report.lines()
     )
+
+
+def _nextgpt_projectors(preset: Preset) -> dict[str, torch.Tensor]:
+    """The seed's gen_text_hidden_fcs{,_video,_audio}.0.* tensors for the preset's outputs."""
+    from services.llm.output_projector import initial_projectors, preset_heads
+
+    heads = preset_heads(preset, initial_projectors(preset, H))
+    return {f"{h}.{k}": v.clone() for h, sd in heads.items() for k, v in sd.items()}
 
 
 # -- bad inputs ----------------------------------------------------------------------------------
@@ -540,3 +544,46 @@ def test_eventgpt_reads_only_its_keys_from_a_hf_folder_and_separate_bins(tmp_pat
         match=r"missing 2 key.*model\.feature_adaptor\.bias, model\.feature_adaptor\.weight",
     ):
         import_checkpoint("eventgpt", [tmp_path / "only_projector.bin"], preset, tmp_path / "d")
+
+
+def test_nextgpt_output_projectors_that_do_not_fit_the_preset_are_named(tmp_path: Path) -> None:
+    preset = _preset("tiny-nextgpt", tmp_path)
+    delta = {"llama_proj.weight": _rand(H, 32), "llama_proj.bias": _rand(H)}
+    fcs = _nextgpt_projectors(preset)
+    fcs["gen_text_hidden_fcs.0.model.weight"] = _rand(768, 32)  # SD 1.5's width, preset (77, 32)
+    fcs["gen_text_hidden_fcs_audio.0.query_embs"] = _rand(1, 2, 32)  # 2 rows, preset (1, 16)
+    del fcs["gen_text_hidden_fcs_video.0.model.bias"]
+    fcs["gen_text_hidden_fcs_video.0.tfm.encoder.layers.1.linear1.weight"] = _rand(64, 32)  # 2 layers
+    fcs["gen_text_hidden_fcs_3d.0.fc.weight"] = _rand(32, H)
+    message = _import_error(tmp_path, {**delta, **fcs}, system="nextgpt", preset="tiny-nextgpt")
+    assert (
+        "output projector image (gen_text_hidden_fcs: 4 signal tokens x 64 -> conditioning (77, 32), "
+        "hidden 32): 1 shape mismatch(es): gen_text_hidden_fcs.0.model.weight: expected (32, 32), got (768, 32)"
+    ) in message
+    assert "gen_text_hidden_fcs_audio.0.query_embs: expected (1, 1, 32), got (1, 2, 32)" in message
+    assert "missing 1 key(s) the target needs: gen_text_hidden_fcs_video.0.model.bias" in message
+    assert "unexpected key(s): gen_text_hidden_fcs_video.0.tfm.encoder.layers.1.linear1.weight" in message
+    assert "key(s) this layout does not know: gen_text_hidden_fcs_3d.0.fc.weight" in message
+
+
+def test_nextgpt_output_projectors_the_preset_does_not_produce_are_named(tmp_path: Path) -> None:
+    full = _preset("tiny-nextgpt", tmp_path)
+    image_only = full.model_copy(update={"outputs": {"image": full.outputs["image"]}})
+    delta = {"llama_proj.weight": _rand(H, 32), "llama_proj.bias": _rand(H), **_nextgpt_projectors(full)}
+    torch.save(delta, tmp_path / "ckpt.pt")
+    with pytest.raises(InvalidArgumentError) as e:
+        import_checkpoint("nextgpt", [tmp_path / "ckpt.pt"], image_only, tmp_path / "b")
+    assert (
+        "heads ['gen_text_hidden_fcs_audio', 'gen_text_hidden_fcs_video'] are none of the preset's outputs "
+        "(image: gen_text_hidden_fcs)"
+    ) in e.value.message
+
+
+def test_nextgpt_output_projectors_for_a_preset_without_outputs_are_skipped(tmp_path: Path) -> None:
+    nextgpt = _preset("tiny-nextgpt", tmp_path / "a")
+    panda = _preset("tiny-pandagpt", tmp_path / "b")
+    delta = {"llama_proj.weight": _rand(H, 32), "llama_proj.bias": _rand(H), **_nextgpt_projectors(nextgpt)}
+    torch.save(delta, tmp_path / "pytorch_model.pt")
+    report = import_checkpoint("nextgpt", [tmp_path / "pytorch_model.pt"], panda, tmp_path / "out" / "1")
+    assert _bundle(tmp_path / "out" / "1", panda).heads == {}
+    assert "the preset has no outputs" in "\n".join(report.lines())

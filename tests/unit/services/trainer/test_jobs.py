@@ -146,7 +146,8 @@ def test_stage_defaults_follow_the_llava_recipe() -> None:
     assert (s1.template, s1.lora, s1.connector_lr) == ("plain", False, None)
     assert (s3.template, s3.lora) == (None, True)
     assert s1.lr > s3.lr > s3.connector_lr  # type: ignore[operator]
-    assert "stage2" not in STAGE_DEFAULTS
+    s2 = STAGE_DEFAULTS["stage2"]  # NExT-GPT pretrain_dec.sh: projectors at 2e-4, the preset's template
+    assert (s2.template, s2.lora, s2.lr) == (None, False, 2e-4)
 
 
 # -- validate_job ---------------------------------------------------------------------------------
@@ -176,11 +177,39 @@ def test_a_broken_preset_file_is_an_invalid_argument(tmp_path: Path) -> None:
     assert info.value.param == "preset"
 
 
-def test_a_stage_without_defaults_is_refused_naming_the_stages_it_runs(
-    tmp_path: Path, settings: Settings
-) -> None:
-    with pytest.raises(InvalidArgumentError, match=r"stage2 .*this trainer runs \['stage1', 'stage3'\]"):
-        validate_job(parse_job(job(tmp_path, stage="stage2")), settings)
+def t2x(folder: Path, name: str = "t2x.jsonl") -> Path:
+    path = folder / name
+    record = {"caption": "a red circle", "output_modality": "image", "embedding": "a.npy"}
+    path.write_text(json.dumps(record) + "\n")
+    return path
+
+
+def test_stage2_for_a_preset_without_outputs_is_refused(tmp_path: Path, settings: Settings) -> None:
+    datasets = [{"format": "t2x", "path": str(t2x(tmp_path))}]
+    with pytest.raises(
+        InvalidArgumentError, match=r"stage2 aligns the output projectors; preset tiny has no outputs"
+    ) as info:
+        validate_job(parse_job(job(tmp_path, stage="stage2", datasets=datasets)), settings)
+    assert info.value.param == "stage"
+
+
+def test_stage2_takes_t2x_data_only_and_t2x_needs_outputs(tmp_path: Path, settings: Settings) -> None:
+    nextgpt = job(tmp_path, preset="tiny-nextgpt", stage="stage2")
+    with pytest.raises(
+        InvalidArgumentError, match=r"expected format 't2x' for every dataset, got \['captions'\]"
+    ):
+        validate_job(parse_job(nextgpt), settings)
+    ok = nextgpt | {"datasets": [{"format": "t2x", "path": str(t2x(tmp_path))}]}
+    assert validate_job(parse_job(ok), settings).preset.name == "tiny-nextgpt"
+    smell = ok | {"datasets": [{"format": "t2x", "path": str(t2x(tmp_path)), "modality": "smell"}]}
+    with pytest.raises(InvalidArgumentError, match=r"produces \['audio', 'image', 'video'\], got 'smell'"):
+        validate_job(parse_job(smell), settings)
+    on_tiny = job(tmp_path, stage="stage3", datasets=ok["datasets"])
+    with pytest.raises(InvalidArgumentError, match=r"t2x needs a preset with outputs; preset tiny has none"):
+        validate_job(parse_job(on_tiny), settings)
+    in_stage1 = nextgpt | {"stage": "stage1", "datasets": ok["datasets"]}
+    with pytest.raises(InvalidArgumentError, match=r"t2x data trains output projectors \(stage2, stage3\)"):
+        validate_job(parse_job(in_stage1), settings)
 
 
 def test_a_modality_the_preset_lacks_is_refused(tmp_path: Path, settings: Settings) -> None:

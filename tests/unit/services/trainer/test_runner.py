@@ -169,7 +169,7 @@ def test_an_invalid_job_is_recorded_failed_and_raises(
 ) -> None:
     spec = job(tmp_path, stage="stage2")
     queued(store, "j2", spec)
-    with pytest.raises(InvalidArgumentError, match=r"job.stage: stage2 .*this trainer runs") as info:
+    with pytest.raises(InvalidArgumentError, match=r"job.stage: stage2 .*preset tiny has no outputs") as info:
         runner.run(spec, "j2")
     stored = store.get("j2")
     assert stored.state == "FAILED"

@@ -154,6 +154,8 @@ def test_arguments_are_checked(tmp_path: Path) -> None:
         synthesize(tmp_path, train=0)
     with pytest.raises(InvalidArgumentError, match="image_size: expected 16 to 1024 pixels, got 8"):
         synthesize(tmp_path, image_size=8)
+    with pytest.raises(InvalidArgumentError, match=r"t2x needs a preset with outputs .*got none"):
+        synthesize(tmp_path, modalities=["image", "t2x"])
 
 
 # Video, audio and event modalities.
