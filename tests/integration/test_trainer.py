@@ -483,6 +483,30 @@ def test_stage2_nextgpt_trains_the_output_projectors(
             assert torch.equal(bundle.connectors[name][key], value), f"{name}.{key} changed"
 
 
+def test_stage2_through_the_queue_publishes_projectors(
+    settings: Settings, worker: Process, t2x_data: Path
+) -> None:
+    """The same job submitted to the Celery queue: a worker runs it, the distance goes down, and
+    the published version (current in the registry) holds the three projector heads."""
+    from services.common.adapter_registry import AdapterRegistry
+    from services.llm.adapters import load_bundle
+
+    record = client(settings).submit(stage2_job(t2x_data / "t2x.jsonl", max_steps=8))
+    done = wait_state(settings, record.id, {"SUCCEEDED", "FAILED"}, timeout=240, proc=worker)
+    assert done.state == "SUCCEEDED", done.error
+    assert done.progress["step"] == 8 and "distance" in done.progress
+    assert done.metrics["distance_last10"] < done.metrics["distance_first"], done.metrics
+    assert done.published is not None
+    assert AdapterRegistry.from_url(settings.redis_url).current("tiny-nextgpt") == done.published["version"]
+    bundle = load_bundle(Path(done.published["path"]))
+    assert bundle.stage == "stage2"
+    assert {k.split(".", 1)[0] for k in bundle.heads} == {
+        "gen_text_hidden_fcs",
+        "gen_text_hidden_fcs_video",
+        "gen_text_hidden_fcs_audio",
+    }
+
+
 def test_stage2_bad_caption_embeddings_fail_the_job_with_reasons(
     tiny_cache_dir: Path, t2x_data: Path, tmp_path: Path
 ) -> None:
