@@ -1,7 +1,9 @@
 """`modalmesh up`: run the whole stack as separate processes on loopback and supervise them.
 
-Start order: Redis (only if none answers at the configured URL), then the encoder service and
-the LLM service side by side, then the gateway once both report ready. Each service runs in
+Start order: Redis (only if none answers at the configured URL), then the encoder service, the
+LLM service and the trainer side by side; once the encoders are ready, the decoder service (only
+for presets with `outputs`, e.g. NExT-GPT: it is the second Triton server, started alone so the
+two do not load at once); then the gateway once every backend reports ready. Each service runs in
 its own process group with its log in a file; the stack is ready when every health check
 passes. On SIGINT/SIGTERM the services are stopped in reverse order (SIGTERM, which drains,
 then SIGKILL after a grace period). If a service dies while the stack runs, the others are
@@ -171,9 +173,11 @@ class Stack:
         self.services: list[Service] = []
         self.redis_dir: tempfile.TemporaryDirectory[str] | None = None
         self.started_redis = False
+        self.decoder_models: list[str] = []  # the decoder service's Triton models, if it runs
 
     # -- start -------------------------------------------------------------------------
-    def _check_ports(self) -> None:
+    def _check_ports(self, *, decoders: bool = False) -> None:
+        """Raise StackError naming every port that is taken (the decoder's only if it will run)."""
         s = self.settings
         wanted = {
             "gateway HTTP (--gateway-port, MODALMESH_GATEWAY_HTTP_PORT)": s.gateway_http_port,
@@ -183,6 +187,12 @@ class Stack:
             "encoder gRPC (--encoder-grpc-port, MODALMESH_ENCODER_GRPC_PORT)": s.encoder_grpc_port,
             "encoder metrics (--encoder-metrics-port, MODALMESH_ENCODER_METRICS_PORT)": s.encoder_metrics_port,
         }
+        if decoders:
+            wanted |= {
+                "decoder HTTP (MODALMESH_DECODER_HTTP_PORT)": s.decoder_http_port,
+                "decoder gRPC (MODALMESH_DECODER_GRPC_PORT)": s.decoder_grpc_port,
+                "decoder metrics (MODALMESH_DECODER_METRICS_PORT)": s.decoder_metrics_port,
+            }
         taken = [f"{port} for {what}" for what, port in wanted.items() if not port_is_free(s.host, port)]
         if taken:
             raise StackError("ports already in use on " + s.host + ": " + "; ".join(taken))
@@ -257,10 +267,10 @@ class Stack:
 
         self.log_dir.mkdir(parents=True, exist_ok=True)
         try:
-            self._check_ports()
             preset = load_preset(
                 self.settings.preset, cache_dir=self.settings.cache_dir, presets_dir=self.settings.presets_dir
             )
+            self._check_ports(decoders=bool(preset.outputs))
             if ensure_generated(preset):
                 self.out(f"generated the {preset.name} preset's models under {preset.llm.checkpoint.parent}")
             self._ensure_redis()
@@ -269,12 +279,13 @@ class Stack:
                 f"http://{s.host}:{s.encoder_http_port}/v2/models/{preset.triton_model(m)}/ready"
                 for m in preset.modalities
             ]
+            encoders = self._python_service(
+                "encoders",
+                "services.encoders",
+                lambda: all(http_ok(u) for u in encoder_ready_urls),
+            )
             backends = [
-                self._python_service(
-                    "encoders",
-                    "services.encoders",
-                    lambda: all(http_ok(u) for u in encoder_ready_urls),
-                ),
+                encoders,
                 self._python_service(
                     "llm", "services.llm", lambda: grpc_serving(s.llm_target(), "modalmesh.v1.LLM")
                 ),
@@ -290,6 +301,10 @@ class Stack:
             for svc in backends:
                 svc.start(env)
                 self.services.append(svc)
+            if preset.outputs:
+                self.decoder_models = [preset.decoder_model(m) for m in preset.outputs]
+                self._wait([encoders], timeout_s)
+                backends.append(self._start_decoders(env))
             self._wait(backends, timeout_s)
             gateway.start(env)
             self.services.append(gateway)
@@ -297,6 +312,15 @@ class Stack:
         except BaseException:
             self.stop()
             raise
+
+    def _start_decoders(self, env: dict[str, str]) -> Service:
+        """Start the decoder service; it is ready when every decoder model is."""
+        s = self.settings
+        urls = [f"http://{s.host}:{s.decoder_http_port}/v2/models/{m}/ready" for m in self.decoder_models]
+        svc = self._python_service("decoders", "services.decoders", lambda: all(http_ok(u) for u in urls))
+        svc.start(env)
+        self.services.append(svc)
+        return svc
 
     # -- run and stop ------------------------------------------------------------------
     def dead(self) -> Service | None:
@@ -326,6 +350,14 @@ class Stack:
                 f"  LLM service    {s.llm_target()}  (modalmesh.v1.LLM)",
                 f"  encoders       grpc {s.encoder_target()}  http {s.host}:{s.encoder_http_port}  "
                 f"metrics {s.host}:{s.encoder_metrics_port}  (KServe v2 / Triton)",
+                *(
+                    [
+                        f"  decoders       grpc {s.decoder_target()}  http {s.host}:{s.decoder_http_port}  "
+                        f"metrics {s.host}:{s.decoder_metrics_port}  ({', '.join(self.decoder_models)})"
+                    ]
+                    if self.decoder_models
+                    else []
+                ),
                 f"  training jobs  http://{s.host}:{s.gateway_http_port}/v1/training/jobs  "
                 f"(Celery queue train.{s.trainer_hardware}; job folders in {s.jobs_root()})",
                 f"  adapters       {s.artifact_root()}  (modalmesh adapters list)",

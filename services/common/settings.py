@@ -41,8 +41,12 @@ class Settings(BaseSettings):
     encoder_http_port: int = 8100
     encoder_grpc_port: int = 8101
     encoder_metrics_port: int = 8102
+    decoder_http_port: int = 8110
+    decoder_grpc_port: int = 8111
+    decoder_metrics_port: int = 8112
     llm_address: str | None = None
     encoder_address: str | None = None
+    decoder_address: str | None = None
     redis_url: str = "redis://127.0.0.1:6379/0"
 
     # Transport.
@@ -54,6 +58,7 @@ class Settings(BaseSettings):
     media_max_bytes: int = 20 * 1024 * 1024
     image_fetch_timeout_s: float = 5.0
     encoder_timeout_s: float = 30.0
+    decoder_timeout_s: float = Field(default=120.0, description="One media item's decode, queue included.")
     llm_timeout_s: float = 300.0
     default_max_tokens: int = 256
     feature_cache_ttl_s: int = 3600
@@ -68,6 +73,13 @@ class Settings(BaseSettings):
     audio_max_seconds: float = 300.0
     event_max_bytes: int = 64 * 1024 * 1024
     event_max_events: int = 2_000_000
+
+    # Decoder service (any-to-any presets).
+    decoder_batch_delay_us: int = Field(
+        default=20_000,
+        ge=0,
+        description="How long Triton's dynamic batcher holds a decode request for compatible ones.",
+    )
 
     # Trainer (Celery worker + DeepSpeed launcher).
     jobs_dir: Path | None = Field(
@@ -116,6 +128,10 @@ class Settings(BaseSettings):
     def encoder_target(self) -> str:
         """host:port the gateway dials for the encoder service's KServe v2 gRPC endpoint."""
         return self.encoder_address or f"{self.host}:{self.encoder_grpc_port}"
+
+    def decoder_target(self) -> str:
+        """host:port the gateway dials for the decoder service's KServe v2 gRPC endpoint."""
+        return self.decoder_address or f"{self.host}:{self.decoder_grpc_port}"
 
     def grpc_options(self) -> list[tuple[str, int]]:
         """Channel/server options with the raised message limits; use on every server and channel."""

@@ -6,7 +6,8 @@ conditioning shape and dtype the pipeline takes (NExT-GPT's output projectors pr
 place of the text encoder), the parameter limits, and the negative embedding used for
 classifier-free guidance. `load_decoder` is called once per process by the owner of the
 decoder (never per request); `decode` runs one item and returns raw media (`media_out`
-encodes it). Nothing here knows about transports.
+encodes it) and `decode_batch` runs several, one pipeline call per group of compatible
+items. Nothing here knows about transports.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import dataclasses
 import logging
 import secrets
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -25,6 +27,7 @@ from PIL import Image
 
 from services.common.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from services.common.presets import DecodeLimits
+from services.decoders.params import FIELDS_BY_KIND, check_params
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +41,6 @@ _PIPELINES = {
 # Each pipeline's own defaults for steps and guidance (diffusers' `__call__` defaults).
 _DEFAULT_STEPS = {"image": 50, "audio": 10, "video": 50}
 _DEFAULT_GUIDANCE = {"image": 7.5, "audio": 2.5, "video": 9.0}
-SIZE_MULTIPLE = 8  # the latent grid of every SD-family VAE
 
 
 @dataclass(frozen=True)
@@ -57,14 +59,6 @@ class DecodeParams:
     duration_s: float | None = None
     num_frames: int | None = None
     fps: int | None = None
-
-
-_FIELDS_BY_KIND: dict[str, frozenset[str]] = {
-    "image": frozenset({"height", "width"}),
-    "audio": frozenset({"duration_s"}),
-    "video": frozenset({"height", "width", "num_frames", "fps"}),
-}
-_KIND_FIELDS = frozenset().union(*_FIELDS_BY_KIND.values())
 
 
 @dataclass(frozen=True)
@@ -94,7 +88,7 @@ Media = ImageOut | AudioOut | VideoOut
 class Decoder:
     """One loaded pipeline and what requests to it are validated against.
 
-    `decode` holds `lock` for the whole generation: a diffusers scheduler keeps per-call state,
+    Generation holds `lock` for the whole pipeline call: a diffusers scheduler keeps per-call state,
     so one pipeline runs one generation at a time.
     """
 
@@ -200,53 +194,30 @@ def _defaults(kind: str, pipe: Any) -> DecodeParams:
 def resolve_params(decoder: Decoder, params: DecodeParams) -> DecodeParams:
     """The request's parameters over the decoder's defaults, checked against its limits.
 
+    The checks are `params.check_params`, the gateway's own, so a request gets the same message
+    wherever it is refused.
+
     Raises:
         InvalidArgumentError: A parameter that does not apply to this kind, or one out of
             range; the message names the field, the allowed range and the value.
     """
-    kind, lim = decoder.kind, decoder.limits
-    for name in sorted(_KIND_FIELDS - _FIELDS_BY_KIND[kind]):
-        if getattr(params, name) is not None:
-            raise InvalidArgumentError(
-                f"{name}: does not apply to {kind} decoding (got {getattr(params, name)})", param=name
-            )
     merged = DecodeParams(
         **{
             f.name: _first(getattr(params, f.name), getattr(decoder.defaults, f.name))
             for f in dataclasses.fields(params)
         }
     )
-    _check_range("steps", merged.steps, 1, lim.max_steps)
-    _check_range("guidance_scale", merged.guidance_scale, 0.0, lim.max_guidance_scale)
-    if merged.seed is not None:
-        _check_range("seed", merged.seed, 0, 2**63 - 1)
-    if kind in ("image", "video"):
-        for name in ("height", "width"):
-            value = getattr(merged, name)
-            _check_range(name, value, lim.min_side, lim.max_side)
-            if value % SIZE_MULTIPLE:
-                raise InvalidArgumentError(
-                    f"{name}: expected a multiple of {SIZE_MULTIPLE}, got {value}", param=name
-                )
-    if kind == "audio":
-        _check_range("duration_s", merged.duration_s, lim.min_duration_s, lim.max_duration_s)
-    if kind == "video":
-        _check_range("num_frames", merged.num_frames, 1, lim.max_frames)
-        _check_range("fps", merged.fps, 1, lim.max_fps)
+    values = dataclasses.asdict(merged)
+    check_params(decoder.kind, values, decoder.limits)
+    # The kind's own fields must be set (from the defaults when the request leaves them out).
+    for name in ("steps", "guidance_scale", *sorted(FIELDS_BY_KIND[decoder.kind])):
+        if values[name] is None:
+            raise InvalidArgumentError(f"{name}: expected a value, got none (no default either)", param=name)
     return merged
 
 
 def _first(value: Any, default: Any) -> Any:
     return default if value is None else value
-
-
-def _check_range(name: str, value: Any, low: float, high: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
-        raise InvalidArgumentError(f"{name}: expected a number in [{low}, {high}], got {value!r}", param=name)
-    if isinstance(low, int) and isinstance(high, int) and not isinstance(value, int):
-        raise InvalidArgumentError(
-            f"{name}: expected an integer in [{low}, {high}], got {value!r}", param=name
-        )
 
 
 def check_conditioning(decoder: Decoder, embeds: torch.Tensor, name: str = "prompt_embeds") -> torch.Tensor:
@@ -274,6 +245,110 @@ def check_conditioning(decoder: Decoder, embeds: torch.Tensor, name: str = "prom
     return embeds.reshape(1, *shape).to(decoder.device)  # (1, *shape)
 
 
+Outcome = Media | InvalidArgumentError
+
+
+def decode_batch(
+    decoder: Decoder,
+    embeds_list: Sequence[Any],
+    params_list: Sequence[DecodeParams | None],
+    *,
+    negative_embeds: torch.Tensor | None = None,
+) -> list[Outcome]:
+    """Generate several items, one pipeline call per group of compatible items.
+
+    Items whose resolved parameters are equal apart from the seed form a group and go through
+    the pipeline together: a batch of `prompt_embeds` and one CPU `torch.Generator` per item,
+    so each item starts from the noise its own seed gives and comes out as it would alone
+    (up to float rounding of batched kernels). An item whose parameters or conditioning are
+    refused gets its `InvalidArgumentError` in its place; the others still run.
+
+    Args:
+        decoder: From `load_decoder`.
+        embeds_list: Per item, its conditioning (see `decode`).
+        params_list: Per item, its parameters (None: every default); as long as `embeds_list`.
+        negative_embeds: The unconditional embedding of every item; the decoder's by default.
+
+    Returns:
+        Per item, in order, `ImageOut` / `AudioOut` / `VideoOut` with the seed used, or the
+        `InvalidArgumentError` that refused it.
+
+    Raises:
+        InvalidArgumentError: The lists differ in length, or `negative_embeds` is refused.
+    """
+    if len(embeds_list) != len(params_list):
+        raise InvalidArgumentError(
+            f"decode_batch: expected as many params as embeds, got {len(params_list)} and {len(embeds_list)}"
+        )
+    neg = (
+        decoder.negative
+        if negative_embeds is None
+        else check_conditioning(decoder, negative_embeds, "negative_embeds")
+    )  # (1, *shape)
+    results: list[Outcome | None] = [None] * len(embeds_list)
+    groups: dict[DecodeParams, list[tuple[int, torch.Tensor, int]]] = {}
+    for index, (embeds, params) in enumerate(zip(embeds_list, params_list, strict=True)):
+        try:
+            p = resolve_params(decoder, params or DecodeParams())
+            cond = check_conditioning(decoder, embeds)  # (1, *shape)
+        except InvalidArgumentError as e:
+            results[index] = e
+            continue
+        seed = p.seed if p.seed is not None else secrets.randbits(63)
+        groups.setdefault(dataclasses.replace(p, seed=None), []).append((index, cond, seed))
+    for p, items in groups.items():
+        outs = _generate(decoder, p, torch.cat([c for _, c, _ in items]), neg, [s for _, _, s in items])
+        for (index, _, _), out in zip(items, outs, strict=True):
+            results[index] = out
+    return [r for r in results if r is not None]
+
+
+def _generate(
+    decoder: Decoder, p: DecodeParams, cond: torch.Tensor, neg: torch.Tensor, seeds: list[int]
+) -> list[Media]:
+    """One pipeline call for `len(seeds)` items sharing the parameters `p` (seed aside)."""
+    n = len(seeds)
+    # CPU generators: the same seed gives the same initial noise on every device.
+    generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+    negs = neg.expand(n, *neg.shape[1:])  # (B, *shape)
+    common: dict[str, Any] = {
+        "num_inference_steps": p.steps,
+        "guidance_scale": p.guidance_scale,
+        "generator": generators,
+        "output_type": "np",
+    }
+    if decoder.kind == "audio":  # AudioLDM takes (B, D)
+        common |= {
+            "prompt_embeds": cond[:, 0],
+            "negative_prompt_embeds": negs[:, 0],
+            "audio_length_in_s": p.duration_s,
+        }
+    else:
+        common |= {
+            "prompt_embeds": cond,
+            "negative_prompt_embeds": negs,
+            "height": p.height,
+            "width": p.width,
+        }
+    if decoder.kind == "video":
+        common["num_frames"] = p.num_frames
+    with decoder.lock, torch.inference_mode():
+        out = decoder.pipe(**common)
+    if decoder.kind == "image":
+        return [
+            ImageOut(Image.fromarray(_to_uint8(out.images[i])), s) for i, s in enumerate(seeds)
+        ]  # (H, W, 3)
+    if decoder.kind == "audio":
+        rate = int(decoder.pipe.vocoder.config.sampling_rate)
+        return [
+            AudioOut(np.clip(np.asarray(out.audios[i], dtype=np.float32), -1.0, 1.0), rate, s)  # (samples,)
+            for i, s in enumerate(seeds)
+        ]
+    assert p.fps is not None  # resolved from the defaults
+    frames = np.asarray(out.frames)  # (B, F, H, W, 3)
+    return [VideoOut(_to_uint8(frames[i]), p.fps, s) for i, s in enumerate(seeds)]
+
+
 def decode(
     decoder: Decoder,
     prompt_embeds: torch.Tensor,
@@ -297,41 +372,10 @@ def decode(
     Raises:
         InvalidArgumentError: Bad parameters or conditioning (nothing is generated).
     """
-    p = resolve_params(decoder, params or DecodeParams())
-    cond = check_conditioning(decoder, prompt_embeds)
-    neg = (
-        decoder.negative
-        if negative_embeds is None
-        else check_conditioning(decoder, negative_embeds, "negative_embeds")
-    )
-    seed = p.seed if p.seed is not None else secrets.randbits(63)
-    # A CPU generator: the same seed gives the same initial noise on every device.
-    generator = torch.Generator("cpu").manual_seed(seed)
-    common: dict[str, Any] = {
-        "num_inference_steps": p.steps,
-        "guidance_scale": p.guidance_scale,
-        "generator": generator,
-        "output_type": "np",
-    }
-    if decoder.kind == "audio":  # AudioLDM takes (B, D)
-        common |= {
-            "prompt_embeds": cond[:, 0],
-            "negative_prompt_embeds": neg[:, 0],
-            "audio_length_in_s": p.duration_s,
-        }
-    else:
-        common |= {"prompt_embeds": cond, "negative_prompt_embeds": neg, "height": p.height, "width": p.width}
-    if decoder.kind == "video":
-        common["num_frames"] = p.num_frames
-    with decoder.lock, torch.inference_mode():
-        out = decoder.pipe(**common)
-    if decoder.kind == "image":
-        return ImageOut(Image.fromarray(_to_uint8(out.images[0])), seed)  # (H, W, 3)
-    if decoder.kind == "audio":
-        wave = np.asarray(out.audios[0], dtype=np.float32)  # (samples,)
-        return AudioOut(np.clip(wave, -1.0, 1.0), int(decoder.pipe.vocoder.config.sampling_rate), seed)
-    assert p.fps is not None  # resolved from the defaults
-    return VideoOut(_to_uint8(np.asarray(out.frames[0])), p.fps, seed)  # (F, H, W, 3)
+    (out,) = decode_batch(decoder, [prompt_embeds], [params], negative_embeds=negative_embeds)
+    if isinstance(out, InvalidArgumentError):
+        raise out
+    return out
 
 
 def _to_uint8(array: np.ndarray) -> np.ndarray:

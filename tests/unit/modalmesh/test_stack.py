@@ -12,7 +12,13 @@ from services.common.settings import Settings
 
 
 def test_settings_round_trip_through_the_environment(tmp_path):
-    original = Settings(preset="tiny", cache_dir=tmp_path, llm_port=6001, llm_address="10.0.0.1:7")
+    original = Settings(
+        preset="tiny",
+        cache_dir=tmp_path,
+        llm_port=6001,
+        llm_address="10.0.0.1:7",
+        decoder_address="10.0.0.1:8",
+    )
     env = settings_env(original)
     code = "from services.common.settings import Settings; print(Settings().model_dump_json())"
     clean = {k: v for k, v in os.environ.items() if not k.startswith("MODALMESH_")}
@@ -59,3 +65,40 @@ def test_ports_in_use_are_named_with_the_flag_that_moves_them(tmp_path):
             StackError, match=rf"{port} for gateway gRPC \(--grpc-port, MODALMESH_GATEWAY_GRPC_PORT\)"
         ):
             stack._check_ports()
+
+
+def test_decoder_ports_are_checked_only_when_the_decoder_service_runs(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        stack = Stack(Settings(decoder_grpc_port=port), log_dir=tmp_path, out=lambda _: None)
+        stack._check_ports()
+        with pytest.raises(StackError, match=rf"{port} for decoder gRPC \(MODALMESH_DECODER_GRPC_PORT\)"):
+            stack._check_ports(decoders=True)
+
+
+def test_the_summary_shows_the_decoder_service_when_it_runs(tmp_path):
+    settings = Settings(decoder_grpc_port=9111, decoder_http_port=9110, decoder_metrics_port=9112)
+    stack = Stack(settings, log_dir=tmp_path, out=lambda _: None)
+    assert "decoders" not in stack.describe()
+    stack.decoder_models = ["image_decoder", "audio_decoder"]
+    line = next(x for x in stack.describe().splitlines() if "decoders" in x)
+    assert (
+        "grpc 127.0.0.1:9111" in line and "http 127.0.0.1:9110" in line and "metrics 127.0.0.1:9112" in line
+    )
+    assert "(image_decoder, audio_decoder)" in line
+
+
+def test_decoder_target_and_its_override():
+    assert Settings(decoder_grpc_port=9111).decoder_target() == "127.0.0.1:9111"
+    assert Settings(decoder_address="10.0.0.2:81").decoder_target() == "10.0.0.2:81"
+    defaults = Settings()
+    assert (defaults.decoder_http_port, defaults.decoder_grpc_port, defaults.decoder_metrics_port) == (
+        8110,
+        8111,
+        8112,
+    )
+    assert defaults.decoder_timeout_s == 120.0

@@ -1,0 +1,118 @@
+"""Run the decoder service: `python -m services.decoders [--preset NAME] [--host H] [ports]`.
+
+Flags override `Settings()` (MODALMESH_* environment variables). The service loads the preset
+(generating the tiny checkpoints on first use), loads every output modality's decoder once
+(on CUDA when there is one, else the CPU), warms each one up, starts Triton through PyTriton on
+the HTTP/gRPC/metrics ports, serves until SIGTERM or SIGINT, then stops Triton and its child
+processes and exits 0. It exits 1 if Triton fails to start or dies on its own, and 2 if the
+preset or decoders cannot be loaded (also when the preset has no `outputs`).
+
+The service's own log lines (JSON unless MODALMESH_LOG_JSON=false) go to stderr; Triton's
+server log (plain text, from the tritonserver child) goes to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+
+from services.common.errors import ModalmeshError
+from services.common.log import setup_logging
+from services.common.settings import Settings
+
+logger = logging.getLogger("services.decoders")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line; every flag defaults to the MODALMESH_* setting."""
+    parser = argparse.ArgumentParser(prog="python -m services.decoders", description=__doc__)
+    parser.add_argument("--preset", metavar="NAME", help="preset name or YAML path (MODALMESH_PRESET)")
+    parser.add_argument("--host", metavar="H", help="bind address (MODALMESH_HOST)")
+    for flag, dest, what in (
+        ("--http-port", "decoder_http_port", "Triton HTTP port"),
+        ("--grpc-port", "decoder_grpc_port", "Triton gRPC port"),
+        ("--metrics-port", "decoder_metrics_port", "Triton metrics port"),
+    ):
+        parser.add_argument(flag, type=int, dest=dest, metavar="N", help=f"{what} (MODALMESH_{dest.upper()})")
+    return parser.parse_args(argv)
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    """Settings from the environment, with the flags that were given on top."""
+    return Settings(**{k: v for k, v in vars(args).items() if v is not None})
+
+
+def serve(settings: Settings) -> int:
+    """Load, start, serve until a stop signal, stop; returns the exit code."""
+    from modalmesh.tiny import ensure_generated
+    from services.common.presets import load_preset
+    from services.decoders.server import DecoderServer, load_decoders
+
+    # Shared with the encoder service: the Triton stub needs this interpreter's libpython.
+    from services.encoders.__main__ import ensure_libpython_on_path
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        logger.info("received %s", signal.Signals(signum).name)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+
+    try:
+        preset = load_preset(settings.preset, cache_dir=settings.cache_dir, presets_dir=settings.presets_dir)
+        ensure_generated(preset)
+        decoders = load_decoders(preset)
+    except ModalmeshError as e:
+        logger.error("cannot load the decoders: %s", e.message)
+        return 2
+    ensure_libpython_on_path()
+    server = DecoderServer(decoders, settings)
+    try:
+        if stop.is_set():
+            return 0
+        try:
+            server.start()
+        except Exception:
+            logger.exception("Triton failed to start")
+            return 1
+        while not stop.wait(1.0):
+            if not server.is_alive():
+                logger.error("Triton stopped on its own; exiting")
+                return 1
+        return 0
+    finally:
+        server.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `python -m services.decoders`."""
+    args = parse_args(argv)
+    settings = settings_from(args)
+    setup_logging("decoders", level=settings.log_level, json_lines=settings.log_json)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    diffusers_logging.disable_progress_bar()
+    logger.info(
+        "starting decoders: preset %s, host %s, ports http %d grpc %d metrics %d",
+        settings.preset,
+        settings.host,
+        settings.decoder_http_port,
+        settings.decoder_grpc_port,
+        settings.decoder_metrics_port,
+    )
+    return serve(settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

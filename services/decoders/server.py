@@ -1,0 +1,152 @@
+"""The decoder service: load the preset's decoders once, warm them up, serve them with Triton.
+
+`load_decoders` loads each output modality's pipeline (the spec's dtype, defaults, limits and
+negative embedding) on the given device; `DecoderServer` warms each one up, then starts Triton
+with one model per output modality (see `services.decoders.triton`) and stops it on request.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from services.common.errors import FailedPreconditionError
+from services.common.presets import Preset
+from services.common.settings import Settings
+from services.decoders.media_out import encode_media
+from services.decoders.pipelines import DecodeParams, decode, load_decoder
+from services.decoders.triton import BoundDecoder, bind_decoder, triton_config
+
+logger = logging.getLogger(__name__)
+
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def default_device() -> torch.device:
+    """The first CUDA device when there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_decoders(preset: Preset, *, device: str | torch.device | None = None) -> list[BoundDecoder]:
+    """Load every output modality's decoder of the preset (once per process).
+
+    On the CPU a float16 spec is loaded in float32 (CPU half-precision convolutions are slow or
+    missing); the Triton input stays FP32 either way.
+
+    Raises:
+        FailedPreconditionError: The preset has no `outputs`, or a folder holds the wrong pipeline.
+        NotFoundError: A decoder folder does not exist.
+    """
+    if not preset.outputs:
+        raise FailedPreconditionError(f"preset {preset.name} has no outputs: no decoder to serve")
+    device = torch.device(device) if device is not None else default_device()
+    bound = []
+    for modality, out in preset.outputs.items():
+        spec = out.decoder
+        dtype = TORCH_DTYPES[spec.dtype]
+        if device.type == "cpu" and dtype == torch.float16:
+            logger.warning("%s decoder: float16 on the CPU; loading it in float32", modality)
+            dtype = torch.float32
+        defaults = DecodeParams(**spec.defaults.model_dump())
+        decoder = load_decoder(
+            modality,
+            spec.checkpoint,
+            dtype=dtype,
+            device=device,
+            limits=spec.limits,
+            negative=spec.negative,
+            defaults=defaults,
+        )
+        if decoder.conditioning_shape != tuple(out.conditioning):
+            raise FailedPreconditionError(
+                f"outputs.{modality}.conditioning: the preset says {tuple(out.conditioning)}, the decoder "
+                f"at {spec.checkpoint} takes {decoder.conditioning_shape}",
+                param=f"outputs.{modality}.conditioning",
+            )
+        bound.append(
+            BoundDecoder(modality, preset.decoder_model(modality), spec, decoder, out.media_format(modality))
+        )
+    return bound
+
+
+def warmup(bound: BoundDecoder) -> None:
+    """Decode and encode one item of zeros (one step, default size); raises if it fails."""
+    decoder = bound.decoder
+    start = time.perf_counter()
+    embeds = torch.zeros(decoder.conditioning_shape, dtype=decoder.dtype)
+    media = decode(decoder, embeds, DecodeParams(steps=1, seed=0))
+    encoded = encode_media(media, bound.media_format)
+    logger.info(
+        "%s warm-up done: %d bytes of %s in %.2fs",
+        bound.model_name,
+        len(encoded.data),
+        encoded.mime_type,
+        time.perf_counter() - start,
+    )
+
+
+class DecoderServer:
+    """Triton serving the preset's decoders: load -> warm up -> start -> serve -> stop.
+
+    Args:
+        decoders: The loaded decoders, one per output modality.
+        settings: Addresses, ports (`host`, `decoder_{http,grpc,metrics}_port`) and the
+            dynamic batcher's queue delay (`decoder_batch_delay_us`).
+    """
+
+    def __init__(self, decoders: list[BoundDecoder], settings: Settings) -> None:
+        self.decoders = decoders
+        self.settings = settings
+        self._triton: Any = None
+        self._lock = threading.Lock()
+
+    @property
+    def models(self) -> Mapping[str, BoundDecoder]:
+        """The served Triton model names and their decoders."""
+        return {b.model_name: b for b in self.decoders}
+
+    def start(self) -> None:
+        """Warm every decoder up, then start Triton (it accepts requests only after this)."""
+        from pytriton.triton import Triton
+
+        for bound in self.decoders:
+            warmup(bound)
+        started = time.perf_counter()
+        triton = Triton(config=triton_config(self.settings))
+        for bound in self.decoders:
+            bind_decoder(triton, bound, batch_delay_us=self.settings.decoder_batch_delay_us)
+        with self._lock:
+            self._triton = triton
+        triton.run()
+        logger.info(
+            "Triton serving %s on %s (http %d, grpc %d, metrics %d) after %.1fs",
+            ", ".join(self.models),
+            self.settings.host,
+            self.settings.decoder_http_port,
+            self.settings.decoder_grpc_port,
+            self.settings.decoder_metrics_port,
+            time.perf_counter() - started,
+        )
+
+    def is_alive(self) -> bool:
+        """Whether Triton and every model's proxy are still running."""
+        with self._lock:
+            return self._triton is not None and bool(self._triton.is_alive())
+
+    def stop(self) -> None:
+        """Stop Triton (in-flight requests finish, child processes exit)."""
+        with self._lock:
+            triton, self._triton = self._triton, None
+        if triton is not None:
+            logger.info("stopping Triton")
+            triton.stop()
+        logger.info("stopped")
