@@ -40,6 +40,9 @@ _STACK_FLAGS: dict[str, tuple[str, type, str]] = {
     "--encoder-http-port": ("encoder_http_port", int, "encoder Triton HTTP port (default 8100)"),
     "--encoder-grpc-port": ("encoder_grpc_port", int, "encoder Triton gRPC port (default 8101)"),
     "--encoder-metrics-port": ("encoder_metrics_port", int, "encoder Triton metrics port (default 8102)"),
+    "--decoder-http-port": ("decoder_http_port", int, "decoder Triton HTTP port (default 8110)"),
+    "--decoder-grpc-port": ("decoder_grpc_port", int, "decoder Triton gRPC port (default 8111)"),
+    "--decoder-metrics-port": ("decoder_metrics_port", int, "decoder Triton metrics port (default 8112)"),
     "--redis-url": ("redis_url", str, "Redis URL; started locally if none answers"),
 }
 

@@ -189,9 +189,9 @@ class Stack:
         }
         if decoders:
             wanted |= {
-                "decoder HTTP (MODALMESH_DECODER_HTTP_PORT)": s.decoder_http_port,
-                "decoder gRPC (MODALMESH_DECODER_GRPC_PORT)": s.decoder_grpc_port,
-                "decoder metrics (MODALMESH_DECODER_METRICS_PORT)": s.decoder_metrics_port,
+                "decoder HTTP (--decoder-http-port, MODALMESH_DECODER_HTTP_PORT)": s.decoder_http_port,
+                "decoder gRPC (--decoder-grpc-port, MODALMESH_DECODER_GRPC_PORT)": s.decoder_grpc_port,
+                "decoder metrics (--decoder-metrics-port, MODALMESH_DECODER_METRICS_PORT)": s.decoder_metrics_port,
             }
         taken = [f"{port} for {what}" for what, port in wanted.items() if not port_is_free(s.host, port)]
         if taken:

@@ -407,7 +407,9 @@ class Preset(_Strict):
 
 def _check_outputs(preset: Preset) -> None:
     if preset.outputs and preset.heads.timestamps is not None:
-        raise ValueError("outputs and heads.timestamps together: expected one of them (no seed system has both)")
+        raise ValueError(
+            "outputs and heads.timestamps together: expected one of them (no seed system has both)"
+        )
     seen_tokens: dict[str, str] = {}
     heads: dict[str, str] = {}
     for modality, out in preset.outputs.items():

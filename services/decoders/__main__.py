@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from services.common.errors import ModalmeshError
 from services.common.log import setup_logging
 from services.common.settings import Settings
+from services.common.triton_env import ensure_libpython_on_path
 
 logger = logging.getLogger("services.decoders")
 
@@ -52,9 +53,6 @@ def serve(settings: Settings) -> int:
     from modalmesh.tiny import ensure_generated
     from services.common.presets import load_preset
     from services.decoders.server import DecoderServer, load_decoders
-
-    # Shared with the encoder service: the Triton stub needs this interpreter's libpython.
-    from services.encoders.__main__ import ensure_libpython_on_path
 
     stop = threading.Event()
 

@@ -17,13 +17,13 @@ import logging
 import os
 import signal
 import sys
-import sysconfig
 import threading
 from collections.abc import Sequence
 
 from services.common.errors import ModalmeshError
 from services.common.log import setup_logging
 from services.common.settings import Settings
+from services.common.triton_env import ensure_libpython_on_path
 
 logger = logging.getLogger("services.encoders")
 
@@ -60,21 +60,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def settings_from(args: argparse.Namespace) -> Settings:
     """Settings from the environment, with the flags that were given on top."""
     return Settings(**{k: v for k, v in vars(args).items() if v is not None})
-
-
-def ensure_libpython_on_path() -> None:
-    """Put this interpreter's libpython folder first on LD_LIBRARY_PATH for Triton's children.
-
-    PyTriton's Python-backend stub links libpython dynamically; without this it may load the
-    system's libpython of another patch release and fail at model load (pytriton #51). The
-    tritonserver process gets a copy of os.environ when it starts, so setting it here suffices.
-    """
-    libdir = sysconfig.get_config_var("LIBDIR")
-    if not libdir:
-        return
-    current = os.environ.get("LD_LIBRARY_PATH", "")
-    if libdir not in current.split(os.pathsep):
-        os.environ["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, current) if p)
 
 
 def serve(settings: Settings) -> int:

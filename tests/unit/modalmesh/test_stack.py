@@ -76,7 +76,9 @@ def test_decoder_ports_are_checked_only_when_the_decoder_service_runs(tmp_path):
         port = s.getsockname()[1]
         stack = Stack(Settings(decoder_grpc_port=port), log_dir=tmp_path, out=lambda _: None)
         stack._check_ports()
-        with pytest.raises(StackError, match=rf"{port} for decoder gRPC \(MODALMESH_DECODER_GRPC_PORT\)"):
+        with pytest.raises(
+            StackError, match=rf"{port} for decoder gRPC \(--decoder-grpc-port, MODALMESH_DECODER_GRPC_PORT\)"
+        ):
             stack._check_ports(decoders=True)
 
 

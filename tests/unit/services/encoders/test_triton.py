@@ -13,7 +13,8 @@ from pytriton.proxy.types import Request
 
 from services.common.log import JsonFormatter
 from services.common.settings import Settings
-from services.encoders.__main__ import ensure_libpython_on_path, parse_args, settings_from
+from services.common.triton_env import ensure_libpython_on_path
+from services.encoders.__main__ import parse_args, settings_from
 from services.encoders.media import MediaEncoder
 from services.encoders.triton import load_encoders, make_infer_fn, triton_config
 from tests.helpers.media import make_video, png_bytes
