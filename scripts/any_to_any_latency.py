@@ -91,13 +91,13 @@ def main() -> None:
             rows.append((modalities[-1], statistics.median(chat(modalities) for _ in range(RUNS))))
         metrics = httpx.get(f"{base}/metrics").text
         text_alone = rows[0][1]
-        sys.stdout.write(f"tiny-nextgpt through the gateway, median of {RUNS} warm requests (max_tokens 8):")
-        sys.stdout.write(f"  text only: {text_alone:.3f} s")
+        sys.stdout.write(f"tiny-nextgpt through the gateway, median of {RUNS} warm requests (max_tokens 8):\n")
+        sys.stdout.write(f"  text only: {text_alone:.3f} s\n")
         for modality, seconds in rows[1:]:
             decode = _mean(metrics, f"decode_{modality}")
             sys.stdout.write(
                 f"  text + {modality:5s}: {seconds:.3f} s  -> {seconds - text_alone:.3f} s per {modality} "
-                f"(decoder service call, mean: {decode:.3f} s)"
+                f"(decoder service call, mean: {decode:.3f} s)\n"
             )
     finally:
         for proc in reversed(procs):
