@@ -15,15 +15,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
-import threading
 from collections.abc import Sequence
 
-from services.common.errors import ModalmeshError
 from services.common.log import setup_logging
 from services.common.settings import Settings
-from services.common.triton_env import ensure_libpython_on_path
+from services.common.triton_env import serve_triton
 
 logger = logging.getLogger("services.encoders")
 
@@ -64,43 +61,11 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 def serve(settings: Settings) -> int:
     """Load, start, serve until a stop signal, stop; returns the exit code."""
-    from modalmesh.tiny import ensure_generated
-    from services.common.presets import load_preset
     from services.encoders.triton import EncoderServer, load_encoders
 
-    stop = threading.Event()
-
-    def on_signal(signum: int, _frame: object) -> None:
-        logger.info("received %s", signal.Signals(signum).name)
-        stop.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, on_signal)
-
-    try:
-        preset = load_preset(settings.preset, cache_dir=settings.cache_dir, presets_dir=settings.presets_dir)
-        ensure_generated(preset)
-        encoders = load_encoders(preset, settings)
-    except ModalmeshError as e:
-        logger.error("cannot load the encoders: %s", e.message)
-        return 2
-    ensure_libpython_on_path()
-    server = EncoderServer(encoders, settings)
-    try:
-        if stop.is_set():
-            return 0
-        try:
-            server.start()
-        except Exception:
-            logger.exception("Triton failed to start")
-            return 1
-        while not stop.wait(1.0):
-            if not server.is_alive():
-                logger.error("Triton stopped on its own; exiting")
-                return 1
-        return 0
-    finally:
-        server.stop()
+    return serve_triton(
+        settings, "encoders", lambda p: EncoderServer(load_encoders(p, settings), settings), logger
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
