@@ -8,7 +8,6 @@ with one model per output modality (see `services.decoders.triton`) and stops it
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -18,9 +17,10 @@ import torch
 from services.common.errors import FailedPreconditionError
 from services.common.presets import Preset
 from services.common.settings import Settings
+from services.common.triton_env import TritonServer
 from services.decoders.media_out import encode_media
 from services.decoders.pipelines import DecodeParams, decode, load_decoder
-from services.decoders.triton import BoundDecoder, bind_decoder, triton_config
+from services.decoders.triton import BoundDecoder, bind_decoder
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def warmup(bound: BoundDecoder) -> None:
     )
 
 
-class DecoderServer:
+class DecoderServer(TritonServer):
     """Triton serving the preset's decoders: load -> warm up -> start -> serve -> stop.
 
     Args:
@@ -104,49 +104,22 @@ class DecoderServer:
     """
 
     def __init__(self, decoders: list[BoundDecoder], settings: Settings) -> None:
+        ports = (settings.decoder_http_port, settings.decoder_grpc_port, settings.decoder_metrics_port)
+        super().__init__(settings, ports, logger)
         self.decoders = decoders
-        self.settings = settings
-        self._triton: Any = None
-        self._lock = threading.Lock()
 
     @property
     def models(self) -> Mapping[str, BoundDecoder]:
         """The served Triton model names and their decoders."""
         return {b.model_name: b for b in self.decoders}
 
-    def start(self) -> None:
-        """Warm every decoder up, then start Triton (it accepts requests only after this)."""
-        from pytriton.triton import Triton
+    def model_names(self) -> list[str]:
+        return list(self.models)
 
+    def warmup(self) -> None:
         for bound in self.decoders:
             warmup(bound)
-        started = time.perf_counter()
-        triton = Triton(config=triton_config(self.settings))
+
+    def bind(self, triton: Any) -> None:
         for bound in self.decoders:
             bind_decoder(triton, bound, batch_delay_us=self.settings.decoder_batch_delay_us)
-        with self._lock:
-            self._triton = triton
-        triton.run()
-        logger.info(
-            "Triton serving %s on %s (http %d, grpc %d, metrics %d) after %.1fs",
-            ", ".join(self.models),
-            self.settings.host,
-            self.settings.decoder_http_port,
-            self.settings.decoder_grpc_port,
-            self.settings.decoder_metrics_port,
-            time.perf_counter() - started,
-        )
-
-    def is_alive(self) -> bool:
-        """Whether Triton and every model's proxy are still running."""
-        with self._lock:
-            return self._triton is not None and bool(self._triton.is_alive())
-
-    def stop(self) -> None:
-        """Stop Triton (in-flight requests finish, child processes exit)."""
-        with self._lock:
-            triton, self._triton = self._triton, None
-        if triton is not None:
-            logger.info("stopping Triton")
-            triton.stop()
-        logger.info("stopped")

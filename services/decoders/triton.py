@@ -35,7 +35,6 @@ import torch
 from services.common.errors import InvalidArgumentError
 from services.common.log import REQUEST_ID_HEADER, bound_request_id
 from services.common.presets import DecoderSpec
-from services.common.settings import Settings
 from services.decoders.media_out import FORMATS, EncodedMedia, encode_media
 from services.decoders.pipelines import DecodeParams, Decoder, Media, decode_batch
 from services.decoders.protocol import (
@@ -211,24 +210,6 @@ def _request_id(request: Any) -> str | None:
     params = getattr(request, "parameters", None) or {}
     value = params.get(REQUEST_ID_HEADER)
     return str(value) if value else None
-
-
-def triton_config(settings: Settings) -> Any:
-    """Triton's server settings: the decoder addresses and ports, request-id forwarding."""
-    from pytriton.triton import TritonConfig
-
-    forward = f"^{REQUEST_ID_HEADER}$"
-    return TritonConfig(
-        http_address=settings.host,
-        http_port=settings.decoder_http_port,
-        grpc_address=settings.host,
-        grpc_port=settings.decoder_grpc_port,
-        metrics_address=settings.host,
-        metrics_port=settings.decoder_metrics_port,
-        grpc_header_forward_pattern=forward,
-        http_header_forward_pattern=forward,
-        exit_timeout_secs=max(1, int(settings.drain_seconds)),
-    )
 
 
 def bind_decoder(triton: Any, bound: BoundDecoder, *, batch_delay_us: int) -> None:

@@ -30,7 +30,6 @@ the log lines of that request.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from services.common.errors import ModalmeshError
 from services.common.log import REQUEST_ID_HEADER, bound_request_id
 from services.common.presets import EncoderSpec, Preset
 from services.common.settings import Settings
+from services.common.triton_env import TritonServer
 from services.encoders.media import EncoderLimits, MediaEncoder
 from services.encoders.protocol import ERROR_OUTPUT, FEATURES_OUTPUT, MEDIA_INPUT, TIMES_OUTPUT
 
@@ -169,28 +169,6 @@ def _request_id(request: Any) -> str | None:
     return str(value) if value else None
 
 
-def triton_config(settings: Settings) -> Any:
-    """Triton's server settings: addresses and ports from `settings`, request-id forwarding.
-
-    Triton's own gRPC server already accepts messages up to 2 GiB (INT32_MAX); TritonConfig has
-    no message-size option to raise.
-    """
-    from pytriton.triton import TritonConfig
-
-    forward = f"^{REQUEST_ID_HEADER}$"
-    return TritonConfig(
-        http_address=settings.host,
-        http_port=settings.encoder_http_port,
-        grpc_address=settings.host,
-        grpc_port=settings.encoder_grpc_port,
-        metrics_address=settings.host,
-        metrics_port=settings.encoder_metrics_port,
-        grpc_header_forward_pattern=forward,
-        http_header_forward_pattern=forward,
-        exit_timeout_secs=max(1, int(settings.drain_seconds)),
-    )
-
-
 def bind_encoder(triton: Any, bound: BoundEncoder) -> None:
     """Bind one encoder to a (not yet running) `pytriton.triton.Triton` as a batched model."""
     from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
@@ -212,7 +190,7 @@ def bind_encoder(triton: Any, bound: BoundEncoder) -> None:
     )
 
 
-class EncoderServer:
+class EncoderServer(TritonServer):
     """Triton serving the preset's encoders: load -> warm up -> start -> serve -> stop.
 
     Args:
@@ -221,51 +199,27 @@ class EncoderServer:
     """
 
     def __init__(self, encoders: list[BoundEncoder], settings: Settings) -> None:
+        ports = (settings.encoder_http_port, settings.encoder_grpc_port, settings.encoder_metrics_port)
+        super().__init__(settings, ports, logger)
         self.encoders = encoders
-        self.settings = settings
-        self._triton: Any = None
-        self._lock = threading.Lock()
 
     @property
     def models(self) -> Mapping[str, BoundEncoder]:
         """The served Triton model names and their encoders."""
         return {b.model_name: b for b in self.encoders}
 
-    def start(self) -> None:
-        """Warm every encoder up, then start Triton (it accepts requests only after this)."""
-        from pytriton.triton import Triton
+    def model_names(self) -> list[str]:
+        return list(self.models)
 
+    def warmup(self) -> None:
         for bound in self.encoders:
             bound.encoder.warmup()
-        started = time.perf_counter()
-        triton = Triton(config=triton_config(self.settings))
+
+    def bind(self, triton: Any) -> None:
         for bound in self.encoders:
             bind_encoder(triton, bound)
-        with self._lock:
-            self._triton = triton
-        triton.run()
-        logger.info(
-            "Triton serving %s on %s (http %d, grpc %d, metrics %d) after %.1fs",
-            ", ".join(self.models),
-            self.settings.host,
-            self.settings.encoder_http_port,
-            self.settings.encoder_grpc_port,
-            self.settings.encoder_metrics_port,
-            time.perf_counter() - started,
-        )
 
-    def is_alive(self) -> bool:
-        """Whether Triton and every model's proxy are still running."""
-        with self._lock:
-            return self._triton is not None and bool(self._triton.is_alive())
-
-    def stop(self) -> None:
-        """Stop Triton (in-flight requests finish, child processes exit) and the encoders' threads."""
-        with self._lock:
-            triton, self._triton = self._triton, None
-        if triton is not None:
-            logger.info("stopping Triton")
-            triton.stop()
+    def close(self) -> None:
+        """The encoders' decode threads."""
         for bound in self.encoders:
             bound.encoder.close()
-        logger.info("stopped")

@@ -13,10 +13,10 @@ from pytriton.proxy.types import Request
 
 from services.common.log import JsonFormatter
 from services.common.settings import Settings
-from services.common.triton_env import ensure_libpython_on_path
+from services.common.triton_env import ensure_libpython_on_path, triton_config
 from services.encoders.__main__ import parse_args, settings_from
 from services.encoders.media import MediaEncoder
-from services.encoders.triton import load_encoders, make_infer_fn, triton_config
+from services.encoders.triton import EncoderServer, load_encoders, make_infer_fn
 from tests.helpers.media import make_video, png_bytes
 
 
@@ -124,7 +124,8 @@ def test_flags_override_the_environment(monkeypatch) -> None:
     settings = settings_from(parse_args(["--grpc-port", "7001", "--host", "0.0.0.0", "--preset", "x"]))
     assert (settings.encoder_grpc_port, settings.encoder_http_port) == (7001, 9100)
     assert (settings.host, settings.preset) == ("0.0.0.0", "x")
-    config = triton_config(settings)
+    http, grpc, metrics = EncoderServer([], settings).ports
+    config = triton_config(settings, http_port=http, grpc_port=grpc, metrics_port=metrics)
     assert (config.grpc_port, config.http_port, config.grpc_address) == (7001, 9100, "0.0.0.0")
     assert config.grpc_header_forward_pattern == "^x-request-id$"
 
