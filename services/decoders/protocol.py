@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from services.decoders.params import FIELDS
+
 EMBEDS_INPUT = "prompt_embeds"
 PARAMS_INPUT = "params"
 MEDIA_OUTPUT = "media"
@@ -31,17 +33,7 @@ OUTPUTS = (MEDIA_OUTPUT, MIME_OUTPUT, SEED_OUTPUT, ERROR_OUTPUT)
 
 # The keys `params` may hold: the fields of `pipelines.DecodeParams`, and `format` (one of the
 # modality's media formats: png; wav; mp4 or gif) over the preset's choice.
-PARAM_FIELDS = (
-    "steps",
-    "guidance_scale",
-    "height",
-    "width",
-    "seed",
-    "duration_s",
-    "num_frames",
-    "fps",
-    "format",
-)
+PARAM_FIELDS = (*FIELDS, "format")
 NO_SEED = -1
 
 
