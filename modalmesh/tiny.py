@@ -34,7 +34,9 @@ logger = logging.getLogger(__name__)
 SEED = 1234
 # Bumped whenever the generator writes different models; a cache written by another version
 # is regenerated (adapters trained on the old base then no longer match its fingerprint).
-GENERATOR_VERSION = "4"  # 2: LLM initializer_range 0.1; 3: every modality, phi3, twins; 4: decoders
+GENERATOR_VERSION = (
+    "5"  # 2: initializer_range 0.1; 3: every modality, phi3, twins; 4: decoders; 5: signal replies
+)
 VERSION_FILE = ".generator-version"
 VOCAB_SIZE = 512
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
@@ -119,7 +121,7 @@ def _write_llm(path: Path, preset: Preset) -> int:
 
     phi3 = preset.llm.architecture == "phi3"
     tokens = _llm_tokens(preset) + [t for t in PHI3_TOKENS if phi3 and t not in _llm_tokens(preset)]
-    return write_tiny_lm(
+    dim = write_tiny_lm(
         path,
         build_tokenizer(tokens),
         architecture=preset.llm.architecture,
@@ -128,6 +130,12 @@ def _write_llm(path: Path, preset: Preset) -> int:
         seed=SEED + 1,
         eos_tokens=["<|end|>"] if phi3 else [],
     )
+    if preset.outputs:  # the any-to-any twin answers draw/play/show with signal tokens
+        from services.llm.tiny_weights import teach_signal_replies
+
+        loss = teach_signal_replies(path, preset, seed=SEED + 4)
+        logger.info("tiny %s: taught the signal replies (final loss %.4f)", preset.name, loss)
+    return dim
 
 
 def _write_adapter(preset: Preset, path: Path, llm_dir: Path, llm_dim: int) -> None:

@@ -214,3 +214,79 @@ def write_tiny_lm(
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return int(config.hidden_size)
+
+
+# What the tiny any-to-any twin learns to answer with signal tokens (a trained NExT-GPT emits
+# them when asked to draw, play or show; a random-weight LM never would).
+SIGNAL_ASKS: dict[str, tuple[str, ...]] = {
+    "image": ("draw a {x}", "draw me a {x}", "paint a {x}", "make a picture of a {x}"),
+    "audio": ("play the sound of a {x}", "play a {x}", "make the sound of a {x}"),
+    "video": ("show a clip of a {x}", "show me a video of a {x}", "make a video of a {x}"),
+}
+SIGNAL_OBJECTS = ("cat", "dog", "car", "tree", "house", "sun", "red square", "blue circle", "sky", "bird")
+SIGNAL_REPLY = "Here is a {x}."
+PLAIN_ASKS = ("tell me about a {x}", "what is a {x}?", "describe a {x}")
+PLAIN_REPLY = "A {x} is nice."
+
+
+def signal_examples(preset: Preset) -> list[tuple[str, str, str | None]]:
+    """(user text, reply text, output modality or None) the twin is taught, for every object."""
+    out: list[tuple[str, str, str | None]] = []
+    for x in SIGNAL_OBJECTS:
+        for modality in preset.outputs:
+            out += [(ask.format(x=x), SIGNAL_REPLY.format(x=x), modality) for ask in SIGNAL_ASKS[modality]]
+        out += [(ask.format(x=x), PLAIN_REPLY.format(x=x), None) for ask in PLAIN_ASKS]
+    return out
+
+
+def teach_signal_replies(path: Path, preset: Preset, *, seed: int, steps: int = 60) -> float:
+    """Fine-tune the tiny LM at `path` (in place) to answer draw/play/show with signal tokens.
+
+    The sequences are what serving builds: the preset's template around one user turn, then
+    the reply, the modality's signal tokens and the template's stop string; only the reply
+    part is supervised. Greedy decoding of the taught asks then emits the span itself, so the
+    model-emitted path of the any-to-any stack runs end to end on the twin.
+
+    Returns:
+        The last step's loss.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from services.llm.domain import TextPart, Turn
+    from services.llm.prompt import PromptBuilder
+    from services.llm.templates import get_template
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    template = get_template(preset.llm.template)
+    builder = PromptBuilder(tokenizer, {}, max_context_tokens=preset.llm.max_context_tokens)
+    stop = template.stop[0] if template.stop else tokenizer.eos_token
+    rows: list[tuple[list[int], list[int]]] = []
+    for ask, reply, modality in signal_examples(preset):
+        segments = template.render([Turn("user", [TextPart(ask)])], media_modalities=[], media_times=[])
+        prompt = list(builder.build(segments, []).input_ids)
+        signals = "".join(preset.outputs[modality].signal_tokens) if modality else ""  # type: ignore[index]
+        answer = tokenizer(reply + signals + "\n" + stop, add_special_tokens=False)["input_ids"]
+        rows.append((prompt, answer))
+    width = max(len(p) + len(a) for p, a in rows)
+    ids = torch.full((len(rows), width), int(tokenizer.pad_token_id))
+    labels = torch.full((len(rows), width), -100)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (p, a) in enumerate(rows):
+        seq = p + a
+        ids[i, : len(seq)] = torch.tensor(seq)
+        labels[i, len(p) : len(seq)] = torch.tensor(a)
+        mask[i, : len(seq)] = 1
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+        loss = torch.tensor(0.0)
+        for _ in range(steps):
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    model.eval()
+    model.save_pretrained(path)
+    return float(loss.detach())

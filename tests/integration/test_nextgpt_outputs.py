@@ -1,9 +1,10 @@
 """Any-to-any on the tiny-nextgpt twin, end to end: Redis, the encoder, LLM and decoder
 services and the gateway, all real processes.
 
-"draw ..." asks for an image, "play ..." for a sound, "show a clip ..." for a video (the
-request's `modalities`; the twin's random-weight LLM would not emit the signal tokens by
-itself, so the engine appends the asked ones). Each reply carries the text and the media as
+"draw ..." asks for an image, "play ..." for a sound, "show a clip ..." for a video: the twin's
+LLM was taught at generation to answer such asks with the signal tokens (as a trained NExT-GPT
+does), and the request's `modalities` makes sure (the engine appends an asked modality the
+model did not emit). Each reply carries the text and the media as
 OpenAI-shaped entries in `message.media` (and as bytes in the gRPC Chat API); the files are
 decoded and checked (PNG size, WAV length and rate, MP4 frames and size). Then the bad inputs
 through the gateway, and last the decoder killed in the middle of a streamed request: the text
@@ -141,6 +142,25 @@ def test_draw_gives_a_png_of_the_requested_size(stack: Stack) -> None:
         "image",
     )
     assert again["image_url"] == entry["image_url"]  # the same seed and conditioning: the same image
+
+
+@pytest.mark.parametrize(
+    ("ask", "modality", "kind"),
+    [
+        ("draw a cat", "image", "image_url"),
+        ("play the sound of a dog", "audio", "input_audio"),
+        ("show a clip of a car", "video", "video_url"),
+    ],
+)
+def test_the_model_emits_the_signal_tokens_on_its_own(
+    stack: Stack, ask: str, modality: str, kind: str
+) -> None:
+    """No `modalities` in the request: the media come from the span the model sampled."""
+    message = stack.ok(ask, max_tokens=48)
+    (entry,) = message["media"]
+    assert (entry["modality"], entry["type"]) == (modality, kind), entry
+    assert message["content"].startswith("Here is a ") and "[IMG" not in message["content"]
+    assert entry["char_offset"] <= len(message["content"])
 
 
 def test_play_gives_a_wav(stack: Stack) -> None:

@@ -103,3 +103,18 @@ def test_a_twin_with_every_kind_of_part_is_deterministic_and_complete(tmp_path):
     tok = AutoTokenizer.from_pretrained(first.llm.checkpoint)
     for token in ("<vid>", "<image>", "<|end|>", "<|user|>"):
         assert len(tok.encode(token, add_special_tokens=False)) == 1, token
+
+
+def test_the_any_to_any_twin_is_deterministic_with_decoders_projectors_and_taught_replies(tmp_path):
+    """tiny-nextgpt: three diffusers decoders, fresh projectors in the bundle, and an LLM taught
+    to answer draw/play/show with signal tokens, the same bytes on every run."""
+    from services.llm.adapters import load_bundle
+
+    first = load_preset("tiny-nextgpt", cache_dir=tmp_path / "a")
+    second = load_preset("tiny-nextgpt", cache_dir=tmp_path / "b")
+    assert generate(first) and generate(second)
+    assert _digest(tmp_path / "a" / "tiny-nextgpt") == _digest(tmp_path / "b" / "tiny-nextgpt")
+    for out in first.outputs.values():
+        assert (out.decoder.checkpoint / "model_index.json").is_file()
+    heads = {k.split(".", 1)[0] for k in load_bundle(first.adapter.path).heads}
+    assert heads == {"gen_text_hidden_fcs", "gen_text_hidden_fcs_video", "gen_text_hidden_fcs_audio"}
