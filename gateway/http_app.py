@@ -70,7 +70,9 @@ def error_response(error: BaseException) -> JSONResponse:
         logger.warning("request failed: %s", error.message)
     else:
         logger.info("request rejected (%d): %s", error.http_status, error.message)
-    return JSONResponse(error.to_openai(), status_code=error.http_status)
+    # A full queue is temporary: say when to come back (RFC 9110 Retry-After, in seconds).
+    headers = {"Retry-After": "1"} if error.http_status == 429 else None
+    return JSONResponse(error.to_openai(), status_code=error.http_status, headers=headers)
 
 
 def _sse(payload: dict[str, Any] | str) -> str:

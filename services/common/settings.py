@@ -103,6 +103,12 @@ class Settings(BaseSettings):
         ge=1,
         description="Adapter versions an LLM replica keeps loaded (current and in-use ones stay).",
     )
+    llm_max_queued: int = Field(
+        default=64,
+        ge=1,
+        description="Requests an LLM replica holds, queued or running; one more is refused with "
+        "RESOURCE_EXHAUSTED (HTTP 429) at once instead of waiting.",
+    )
 
     # Logging.
     log_level: str = "INFO"

@@ -22,6 +22,7 @@ time in seconds ("12", "12.5") and reported as a `Timestamp` on the event carryi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import dataclasses
 import logging
@@ -34,7 +35,7 @@ from typing import Any
 
 import torch
 
-from services.common.errors import CancelledError, NotFoundError, UnavailableError
+from services.common.errors import CancelledError, NotFoundError, ResourceExhaustedError, UnavailableError
 from services.common.presets import Preset
 from services.llm.adapter_manager import AdapterManager, AdapterVersion, WorkerCalls
 from services.llm.detokenize import IncrementalDetokenizer, StopMatcher
@@ -195,10 +196,14 @@ class Engine:
     Args:
         loaded: The model, tokenizer and start adapter to serve (see `loading.load_model`).
         max_loaded_adapters: Most adapter versions kept loaded (see AdapterManager).
+        max_queued: Most requests held, queued or running; one more is refused at once
+            (ResourceExhaustedError) rather than left waiting: back-pressure to the gateway.
     """
 
-    def __init__(self, loaded: LoadedModel, *, max_loaded_adapters: int = 4) -> None:
+    def __init__(self, loaded: LoadedModel, *, max_loaded_adapters: int = 4, max_queued: int = 64) -> None:
         self.loaded = loaded
+        self.max_queued = max_queued
+        self._held = 0  # requests between the queue check and their end
         self.template = get_template(loaded.preset.llm.template)
         self._worker = worker = WorkerCalls()
         self.adapters = AdapterManager(loaded, max_loaded=max_loaded_adapters, worker=worker)
@@ -212,9 +217,9 @@ class Engine:
         self.signal_ids = output_signal_ids(loaded.preset, loaded.tokenizer)
 
     @classmethod
-    def from_preset(cls, preset: Preset, *, max_loaded_adapters: int = 4) -> Engine:
+    def from_preset(cls, preset: Preset, *, max_loaded_adapters: int = 4, max_queued: int = 64) -> Engine:
         """Load the preset's model and adapter and wrap them in an engine."""
-        return cls(load_model(preset), max_loaded_adapters=max_loaded_adapters)
+        return cls(load_model(preset), max_loaded_adapters=max_loaded_adapters, max_queued=max_queued)
 
     def close(self) -> None:
         """Cancel the requests still queued or running and wait for the worker thread to end."""
@@ -305,11 +310,26 @@ class Engine:
         gone) stops the decode loop before its next token.
 
         Raises:
-            ModalmeshError: The request is invalid (before any event is produced), or the
-                engine is closed (UnavailableError).
+            ModalmeshError: The request is invalid (before any event is produced), the engine
+                holds `max_queued` requests already (ResourceExhaustedError), or it is closed
+                (UnavailableError).
         """
         if self._closed:
             raise UnavailableError("the LLM engine is shutting down")
+        if self._held >= self.max_queued:
+            raise ResourceExhaustedError(
+                f"the LLM service holds {self._held} requests (queued or running), its limit "
+                f"(MODALMESH_LLM_MAX_QUEUED={self.max_queued}); retry later"
+            )
+        self._held += 1  # counted from here, so requests between the check and the queue count too
+        try:
+            async with contextlib.aclosing(self._generate(request)) as events:
+                async for event in events:
+                    yield event
+        finally:
+            self._held -= 1
+
+    async def _generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
         version = await self._acquire(request.adapter)
         try:
             job = self.prepare(request, version)

@@ -39,7 +39,10 @@ async def serve(preset: Preset, settings: Settings, *, host: str, port: int) -> 
     registry's current adapter version (if Redis answers) is loaded.
     """
     engine = await asyncio.to_thread(
-        Engine.from_preset, preset, max_loaded_adapters=settings.max_loaded_adapters
+        Engine.from_preset,
+        preset,
+        max_loaded_adapters=settings.max_loaded_adapters,
+        max_queued=settings.llm_max_queued,
     )
     sync = AdapterSync(engine.adapters, AdapterRegistry.from_url(settings.redis_url, timeout_s=2.0))
     try:

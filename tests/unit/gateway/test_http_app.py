@@ -539,3 +539,15 @@ async def test_media_format_errors(
     client, _ = etchat_client
     r = await client.post(URL, json=body([part], model="tiny-etchat"))
     assert_error(r, 400, message)
+
+
+async def test_a_full_llm_queue_answers_429_with_retry_after(
+    client: httpx.AsyncClient, llm_server: tuple[FakeLLM, str]
+) -> None:
+    import grpc
+
+    llm_server[0].fail_with = grpc.StatusCode.RESOURCE_EXHAUSTED
+    for stream in (False, True):
+        r = await client.post(URL, json=body(stream=stream))
+        assert_error(r, 429, "scripted failure RESOURCE_EXHAUSTED")
+        assert r.headers["retry-after"] == "1"

@@ -482,3 +482,18 @@ async def test_timestamps_of_the_llm_reach_the_events(
         "<vid> 2.0s", (Timestamp(media_index=0, frame=2, seconds=2.0, char_offset=3),)
     )
     assert isinstance(events[2], Finished) and events[2].timestamps == ()
+
+
+async def test_a_full_llm_queue_is_resource_exhausted_429(
+    service: ChatService, llm_server: tuple[FakeLLM, str]
+) -> None:
+    import grpc
+
+    from services.common.errors import ResourceExhaustedError
+
+    llm_server[0].fail_with = grpc.StatusCode.RESOURCE_EXHAUSTED
+    prepared = await service.prepare(chat("hi"))
+    with pytest.raises(ResourceExhaustedError, match="scripted failure RESOURCE_EXHAUSTED") as info:
+        async for _ in service.generate(prepared):
+            pass
+    assert info.value.http_status == 429

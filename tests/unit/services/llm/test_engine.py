@@ -269,3 +269,28 @@ def test_the_templates_end_of_turn_strings_join_the_requests_stops(engine: Engin
     assert engine.prepare(request()).stop == ("###",)
     monkeypatch.setattr(engine, "template", TEMPLATES["vicuna_v1"])
     assert engine.prepare(request()).stop == ()
+
+
+async def test_a_full_queue_refuses_at_once_and_frees_as_requests_end(loaded: LoadedModel) -> None:
+    """max_queued 2: two long generations hold the engine; a third is refused at once with
+    RESOURCE_EXHAUSTED (no waiting), and once one ends a new request is served."""
+    from services.common.errors import ResourceExhaustedError
+
+    engine = Engine(loaded, max_queued=2)
+    try:
+        first = engine.generate(request(max_tokens=200))
+        assert isinstance(await anext(first), GenerationEvent)  # running
+        second = engine.generate(request(max_tokens=200, image_seed=1))
+        waiting = asyncio.create_task(anext(second))  # admitted, queued behind the first
+        await asyncio.sleep(0.05)
+        refused_at = time.perf_counter()
+        with pytest.raises(ResourceExhaustedError, match=r"holds 2 requests.*MODALMESH_LLM_MAX_QUEUED=2"):
+            await run(engine, request(max_tokens=2))
+        assert time.perf_counter() - refused_at < 1.0
+        await first.aclose()  # the client goes away: its place frees
+        assert isinstance(await waiting, GenerationEvent)
+        await second.aclose()
+        events = await run(engine, request(max_tokens=2))
+        assert events[-1].finish_reason is not None
+    finally:
+        engine.close()
