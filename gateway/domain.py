@@ -15,7 +15,7 @@ ROLES = ("system", "user", "assistant")
 
 @dataclass(frozen=True)
 class MediaItem:
-    """One media part of a message: a URL (http(s) or data:) or the encoded file's bytes.
+    """One media part of a message: a URL (http(s) or data:), the encoded file's bytes, or a uuid.
 
     Attributes:
         modality: "image", "video", "audio" or "event".
@@ -23,6 +23,9 @@ class MediaItem:
         data: The encoded file (PNG, MP4, WAV, NPY...), when it came inline.
         fmt: The format the client declared for inline data (input_audio's "wav", ...).
         param: Where the part sits in the request, e.g. "messages[0].content[1]", for errors.
+        uuid: A client-chosen id of the item (vLLM's `uuid` on a content part): its features
+            are cached under it instead of the content's hash, and a part with a uuid and no
+            media reuses what that uuid cached.
     """
 
     modality: str
@@ -30,6 +33,7 @@ class MediaItem:
     data: bytes | None = None
     param: str = ""
     fmt: str | None = None
+    uuid: str | None = None
 
 
 Part = str | MediaItem

@@ -1,7 +1,8 @@
 """The encoder-feature cache in Redis: features of a media item, keyed by its content.
 
 Key: "mm:feat:" + encoder id (`Preset.encoder_id`: the Triton model name and a digest of the
-encoder spec) + ":" + sha256 hex of the encoded file. Value: a one-line JSON header
+encoder spec) + ":" + sha256 hex of the encoded file, or "uuid:" + the client's uuid for a
+part that names one (vLLM's `uuid`: the client vouches that equal uuids mean equal media). Value: a one-line JSON header
 {"dtype": "FP32", "shape": [rows, dim], "frames": F} then a newline, then the raw
 little-endian feature bytes, then the F frame times (float32 little-endian seconds of each
 frame in the source; an image or an ImageBind embedding is one frame). Entries expire after
@@ -36,6 +37,11 @@ _BACKOFF_S = 5.0
 def content_digest(data: bytes) -> str:
     """sha256 hex digest of an encoded media file."""
     return hashlib.sha256(data).hexdigest()
+
+
+def uuid_key(uuid: str) -> str:
+    """The key part of an item the client named (vLLM's content-part `uuid`) instead of its hash."""
+    return f"uuid:{uuid}"
 
 
 def encode_features(array: np.ndarray, times: np.ndarray) -> bytes:

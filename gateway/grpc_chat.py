@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
@@ -32,6 +33,7 @@ _ROUTE = "grpc:Complete"
 
 
 _MEDIA_PARTS = ("image", "video", "audio", "event")
+_UUID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _OUTPUTS = ("image", "audio", "video")
 
 
@@ -43,9 +45,20 @@ def _media(modality: str, media: chat_pb2.MediaInput, param: str) -> MediaItem:
         raise InvalidArgumentError(
             f"{param}.{modality}.format: expected {expected}, got {media.format!r}", param=param
         )
-    if media.WhichOneof("source") == "data":
-        return MediaItem(modality, data=media.data, fmt=fmt, param=param)
-    return MediaItem(modality, url=media.url, param=param)
+    uuid = media.uuid or None
+    if uuid is not None and not _UUID.fullmatch(uuid):
+        raise InvalidArgumentError(
+            f"{param}.{modality}.uuid: expected 1-128 characters of A-Z a-z 0-9 . _ : -, got {uuid!r}",
+            param=param,
+        )
+    source = media.WhichOneof("source")
+    if source == "data":
+        return MediaItem(modality, data=media.data, fmt=fmt, param=param, uuid=uuid)
+    if source is None and uuid is None:
+        raise InvalidArgumentError(
+            f"{param}.{modality}: expected a url, data or a uuid, got none", param=param
+        )
+    return MediaItem(modality, url=media.url if source else None, param=param, uuid=uuid)
 
 
 def to_domain(request: chat_pb2.ChatRequest, request_id: str) -> ChatRequest:

@@ -13,6 +13,11 @@ webm, mkv, avi), `audio_url` and `input_audio` ({"data": <base64>, "format": "wa
 an .npz; see services/encoders/events.py). Any number of them, of any kinds the preset has an
 encoder for, in any message.
 
+Any media part may carry vLLM's `uuid` (1-128 characters of A-Z a-z 0-9 . _ : -): the item's
+features are cached under it instead of under the hash of its bytes, and a later part that
+names the uuid without media (`{"type": "image_url", "image_url": null, "uuid": "sku-1"}`)
+reuses them without sending, fetching or encoding anything (400 if nothing is cached under it).
+
 One extra field beyond OpenAI's (for presets with a timestamp head, E.T. Chat): the times the
 model pointed at, matched to frames of a video of the request,
 
@@ -135,6 +140,7 @@ class ContentPart(_Lenient):
     event_url: _URL = None
     input_audio: InlineMedia | None = None
     input_event: InlineMedia | None = None
+    uuid: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -157,13 +163,17 @@ class ContentPart(_Lenient):
     def _has_payload(self) -> ContentPart:
         if self.type == "text" and self.text is None:
             raise _invalid("content_part", "a 'text' part needs a 'text' string")
-        if self.type in URL_PARTS and getattr(self, self.type) is None:
+        if self.type in URL_PARTS and getattr(self, self.type) is None and self.uuid is None:
             raise _invalid(
-                "content_part", f"{_a(self.type)} part needs {self.type!r}: {{'url': '...'}} or a URL string"
+                "content_part",
+                f"{_a(self.type)} part needs {self.type!r}: {{'url': '...'}} or a URL string "
+                "(or a 'uuid' of an item sent before)",
             )
         if self.type in INLINE_PARTS:
             inline = getattr(self, self.type)
             modality = INLINE_PARTS[self.type]
+            if inline is None and self.uuid is not None:
+                return self
             if inline is None:
                 raise _invalid(
                     "content_part",
@@ -184,9 +194,12 @@ class ContentPart(_Lenient):
         """
         if self.type in URL_PARTS:
             link = getattr(self, self.type)
-            return MediaItem(URL_PARTS[self.type], url=link.url, param=param)
+            url = None if link is None else link.url
+            return MediaItem(URL_PARTS[self.type], url=url, param=param, uuid=self.uuid)
         if self.type in INLINE_PARTS:
-            inline: InlineMedia = getattr(self, self.type)
+            inline: InlineMedia | None = getattr(self, self.type)
+            if inline is None:  # a uuid alone: the features it cached
+                return MediaItem(INLINE_PARTS[self.type], param=param, uuid=self.uuid)
             try:
                 data = base64.b64decode(inline.data, validate=True)
             except (binascii.Error, ValueError) as e:
@@ -197,7 +210,9 @@ class ContentPart(_Lenient):
                 raise InvalidArgumentError(
                     f"{param}.{self.type}.data: expected base64 of a file, got nothing", param=param
                 )
-            return MediaItem(INLINE_PARTS[self.type], data=data, fmt=inline.format.lower(), param=param)
+            return MediaItem(
+                INLINE_PARTS[self.type], data=data, fmt=inline.format.lower(), param=param, uuid=self.uuid
+            )
         return None
 
 

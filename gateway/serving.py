@@ -44,7 +44,7 @@ from gateway.domain import (
     TextDelta,
     Timestamp,
 )
-from gateway.feature_cache import FeatureCache, content_digest
+from gateway.feature_cache import FeatureCache, content_digest, uuid_key
 from gateway.llm_client import LLMClient
 from gateway.media import MediaFetcher
 from gateway.metrics import GatewayMetrics
@@ -341,14 +341,27 @@ class ChatService:
         `number` counts the item among the request's items of its modality, for messages.
         """
         try:
-            data = await self._bytes_of(item)
             model = self.preset.triton_model(item.modality)
             encoder_id = self.preset.encoder_id(item.modality)
-            digest = content_digest(data)
-            cached = await self.cache.get(encoder_id, digest)
-            self.metrics.feature_cache.labels(result="hit" if cached is not None else "miss").inc()
-            if cached is not None:
-                return cached
+            if item.uuid is not None:  # the client's id: a hit needs no fetch and no hashing
+                digest = uuid_key(item.uuid)
+                cached = await self.cache.get(encoder_id, digest)
+                self.metrics.feature_cache.labels(result="hit" if cached is not None else "miss").inc()
+                if cached is not None:
+                    return cached
+                if item.url is None and item.data is None:
+                    raise InvalidArgumentError(
+                        f"uuid {item.uuid!r}: no {item.modality} features are cached under it (never "
+                        "sent with this preset's encoder, or expired); send the media with the uuid"
+                    )
+                data = await self._bytes_of(item)
+            else:
+                data = await self._bytes_of(item)
+                digest = content_digest(data)
+                cached = await self.cache.get(encoder_id, digest)
+                self.metrics.feature_cache.labels(result="hit" if cached is not None else "miss").inc()
+                if cached is not None:
+                    return cached
             started = time.monotonic()
             (encoded,) = await self.encoder.encode(
                 model,
