@@ -226,6 +226,12 @@ class Stack:
                 "no",
                 "--daemonize",
                 "no",
+                # Bounded: past the limit Redis evicts the least recently used keys that have a
+                # TTL (the feature cache's), never the Celery queue or the adapter registry.
+                "--maxmemory",
+                f"{self.settings.redis_maxmemory_mb}mb",
+                "--maxmemory-policy",
+                "volatile-lru",
             ],
             ready=lambda: redis_answers(f"redis://{self.settings.host}:{port}/0"),
             log_path=self.log_dir / "redis.log",

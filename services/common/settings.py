@@ -103,6 +103,12 @@ class Settings(BaseSettings):
         ge=1,
         description="Adapter versions an LLM replica keeps loaded (current and in-use ones stay).",
     )
+    redis_maxmemory_mb: int = Field(
+        default=512,
+        ge=1,
+        description="Memory bound of the Redis `modalmesh up` starts itself (volatile-lru eviction: "
+        "feature-cache entries go first, queue and registry keys never).",
+    )
     llm_max_queued: int = Field(
         default=64,
         ge=1,

@@ -38,6 +38,11 @@ def test_redis_is_started_when_none_answers_and_stopped_with_the_stack(tmp_path)
         url = stack.settings.redis_url
         assert url != dead and redis_answers(url)
         assert stack.started_redis and any("started redis-server" in line for line in lines)
+        import redis
+
+        config = redis.Redis.from_url(url).config_get("maxmemory*")
+        assert config["maxmemory"] == str(512 * 1024 * 1024)  # bounded, feature-cache keys evicted first
+        assert config["maxmemory-policy"] == "volatile-lru"
         data_dir = Path(stack.redis_dir.name)
     finally:
         stack.stop()
