@@ -37,6 +37,11 @@ _STACK_FLAGS: dict[str, tuple[str, type, str]] = {
     "--gateway-port": ("gateway_http_port", int, "gateway HTTP port (default 8000)"),
     "--grpc-port": ("gateway_grpc_port", int, "gateway gRPC Chat port (default 50051)"),
     "--llm-port": ("llm_port", int, "LLM service port (default 50052)"),
+    "--llm-metrics-port": (
+        "llm_metrics_port",
+        int,
+        "LLM service Prometheus /metrics port (default 8120; 0: off)",
+    ),
     "--encoder-http-port": ("encoder_http_port", int, "encoder Triton HTTP port (default 8100)"),
     "--encoder-grpc-port": ("encoder_grpc_port", int, "encoder Triton gRPC port (default 8101)"),
     "--encoder-metrics-port": ("encoder_metrics_port", int, "encoder Triton metrics port (default 8102)"),

@@ -187,6 +187,8 @@ class Stack:
             "encoder gRPC (--encoder-grpc-port, MODALMESH_ENCODER_GRPC_PORT)": s.encoder_grpc_port,
             "encoder metrics (--encoder-metrics-port, MODALMESH_ENCODER_METRICS_PORT)": s.encoder_metrics_port,
         }
+        if s.llm_metrics_port:
+            wanted["LLM metrics (--llm-metrics-port, MODALMESH_LLM_METRICS_PORT)"] = s.llm_metrics_port
         if decoders:
             wanted |= {
                 "decoder HTTP (--decoder-http-port, MODALMESH_DECODER_HTTP_PORT)": s.decoder_http_port,
@@ -353,7 +355,8 @@ class Stack:
                 f"  OpenAI API     http://{s.host}:{s.gateway_http_port}/v1  (POST /v1/chat/completions)",
                 f"  health/metrics http://{s.host}:{s.gateway_http_port}/health  /metrics",
                 f"  gRPC Chat      {s.host}:{s.gateway_grpc_port}  (modalmesh.v1.Chat)",
-                f"  LLM service    {s.llm_target()}  (modalmesh.v1.LLM)",
+                f"  LLM service    {s.llm_target()}  (modalmesh.v1.LLM)"
+                + (f"  metrics http://{s.host}:{s.llm_metrics_port}/metrics" if s.llm_metrics_port else ""),
                 f"  encoders       grpc {s.encoder_target()}  http {s.host}:{s.encoder_http_port}  "
                 f"metrics {s.host}:{s.encoder_metrics_port}  (KServe v2 / Triton)",
                 *(

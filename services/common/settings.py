@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     gateway_http_port: int = 8000
     gateway_grpc_port: int = 50051
     llm_port: int = 50052
+    llm_metrics_port: int = Field(
+        default=8120, ge=0, description="The LLM service's Prometheus /metrics; 0: off."
+    )
     encoder_http_port: int = 8100
     encoder_grpc_port: int = 8101
     encoder_metrics_port: int = 8102

@@ -35,7 +35,13 @@ from typing import Any
 
 import torch
 
-from services.common.errors import CancelledError, NotFoundError, ResourceExhaustedError, UnavailableError
+from services.common.errors import (
+    CancelledError,
+    ModalmeshError,
+    NotFoundError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
 from services.common.presets import Preset
 from services.llm.adapter_manager import AdapterManager, AdapterVersion, WorkerCalls
 from services.llm.detokenize import IncrementalDetokenizer, StopMatcher
@@ -56,6 +62,7 @@ from services.llm.domain import (
     Usage,
 )
 from services.llm.loading import LoadedModel, load_model
+from services.llm.metrics import LLMMetrics
 from services.llm.prompt import MediaSlot, Prompt, combine_turn_media
 from services.llm.sampling import Sampler, SamplingParams
 from services.llm.signals import SignalCapture, check_requested, output_signal_ids
@@ -80,6 +87,7 @@ class PreparedRequest:
     instructions: tuple[str, ...] = ()  # per media item, the text of the user turn holding it
     outputs: tuple[str, ...] = ()  # output modalities asked for (appended if not emitted)
     cancel: threading.Event = field(default_factory=threading.Event)
+    admitted: float = field(default_factory=time.perf_counter)  # for queue time and TTFT
 
     @property
     def adapter(self) -> str:
@@ -200,8 +208,16 @@ class Engine:
             (ResourceExhaustedError) rather than left waiting: back-pressure to the gateway.
     """
 
-    def __init__(self, loaded: LoadedModel, *, max_loaded_adapters: int = 4, max_queued: int = 64) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        *,
+        max_loaded_adapters: int = 4,
+        max_queued: int = 64,
+        metrics: LLMMetrics | None = None,
+    ) -> None:
         self.loaded = loaded
+        self.metrics = metrics if metrics is not None else LLMMetrics()
         self.max_queued = max_queued
         self._held = 0  # requests between the queue check and their end
         self.template = get_template(loaded.preset.llm.template)
@@ -317,22 +333,37 @@ class Engine:
         if self._closed:
             raise UnavailableError("the LLM engine is shutting down")
         if self._held >= self.max_queued:
+            self.metrics.requests.labels(status="RESOURCE_EXHAUSTED").inc()
             raise ResourceExhaustedError(
                 f"the LLM service holds {self._held} requests (queued or running), its limit "
                 f"(MODALMESH_LLM_MAX_QUEUED={self.max_queued}); retry later"
             )
         self._held += 1  # counted from here, so requests between the check and the queue count too
+        self.metrics.held.set(self._held)
+        admitted, status = time.perf_counter(), "CANCELLED"  # the consumer left, unless set below
         try:
-            async with contextlib.aclosing(self._generate(request)) as events:
+            async with contextlib.aclosing(self._generate(request, admitted)) as events:
                 async for event in events:
                     yield event
+            status = "OK"
+            self.metrics.e2e.observe(time.perf_counter() - admitted)
+        except ModalmeshError as e:
+            status = e.code.value
+            raise
+        except Exception:
+            status = "INTERNAL"
+            raise
         finally:
             self._held -= 1
+            self.metrics.held.set(self._held)
+            self.metrics.requests.labels(status=status).inc()
 
-    async def _generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
+    async def _generate(
+        self, request: GenerationRequest, admitted: float
+    ) -> AsyncGenerator[GenerationEvent, None]:
         version = await self._acquire(request.adapter)
         try:
-            job = self.prepare(request, version)
+            job = dataclasses.replace(self.prepare(request, version), admitted=admitted)
         except BaseException:
             self.adapters.release(version)
             raise
@@ -389,6 +420,8 @@ class Engine:
         sampler = Sampler(job.request.sampling)
         stream = _Stream(self.loaded, job)
         start = time.perf_counter()
+        metrics = self.metrics
+        metrics.queue_time.observe(start - job.admitted)
         adapters.run_pending()
         connectors = adapters.select(job.version)
         embeds = model.embed(
@@ -403,10 +436,20 @@ class Engine:
             out = timed.prefill(embeds)
         if capture is not None:
             capture.on_states(out.hidden_states)
-        first = time.perf_counter()
+        first = last = time.perf_counter()
+        metrics.prefill_time.observe(first - start)
+        metrics.prompt_tokens.inc(len(job.prompt.input_ids))
         while True:
             forced = None if capture is None else capture.next_forced()
             token = sampler(out.logits[0, -1]) if forced is None else forced  # logits (V,)
+            now = time.perf_counter()
+            if stream.count == 0:
+                metrics.ttft.observe(now - job.admitted)
+            else:
+                metrics.inter_token.observe(now - last)
+            last = now
+            metrics.batch_size.observe(1)  # one request per step until the engine batches
+            metrics.generation_tokens.inc()
             if capture is not None and capture.is_signal(token):
                 event = stream.push(token, signal=True)
                 capture.on_token(token, stream.signal_offset)

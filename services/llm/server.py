@@ -51,6 +51,12 @@ async def serve(preset: Preset, settings: Settings, *, host: str, port: int) -> 
         sync.start()
         server = build_server(engine, settings)
         bound = server.bind(host, port)
+        if settings.llm_metrics_port:
+            try:
+                engine.metrics.serve(host, settings.llm_metrics_port)
+                logger.info("metrics on http://%s:%s/metrics", host, settings.llm_metrics_port)
+            except OSError as e:  # metrics are not worth refusing to serve over
+                logger.warning("metrics port %s: %s; serving without /metrics", settings.llm_metrics_port, e)
         logger.info(
             "LLM service for preset %s (adapter %s) listening on %s:%s",
             preset.name,

@@ -23,7 +23,9 @@ def start_decoders(env: dict[str, str], log_path: Path, *, http: int, grpc: int,
 
 
 def start_llm(env: dict[str, str], log_path: Path, *, port: int) -> Process:
-    """`python -m services.llm` on the given port."""
+    """`python -m services.llm` on the given port (its /metrics off unless `env` sets a port:
+    several replicas run at once in some tests)."""
+    env = {"MODALMESH_LLM_METRICS_PORT": "0", **env}
     return start_process(
         [sys.executable, "-m", "services.llm", "--port", str(port)], log_path=log_path, env=env
     )

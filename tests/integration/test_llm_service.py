@@ -33,6 +33,7 @@ class Service:
     proc: Process
     target: str
     seconds_to_serving: float
+    metrics_url: str = ""
 
 
 def serving(target: str) -> bool:
@@ -43,7 +44,7 @@ def serving(target: str) -> bool:
 
 
 def start_service(cache_dir: Path, log_path: Path, preset: str = "tiny") -> Service:
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     started = time.monotonic()
     proc = start_process(
         [sys.executable, "-m", "services.llm", "--preset", preset, "--port", str(port)],
@@ -51,13 +52,14 @@ def start_service(cache_dir: Path, log_path: Path, preset: str = "tiny") -> Serv
         env={
             "MODALMESH_CACHE_DIR": str(cache_dir),
             "MODALMESH_DRAIN_SECONDS": "20",
+            "MODALMESH_LLM_METRICS_PORT": str(metrics_port),
             # No adapter registry: nothing a developer's Redis holds changes what this serves.
             "MODALMESH_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
         },
     )
     target = f"127.0.0.1:{port}"
     wait_until(lambda: serving(target), timeout=120, what="LLM service SERVING", proc=proc)
-    return Service(proc, target, time.monotonic() - started)
+    return Service(proc, target, time.monotonic() - started, f"http://127.0.0.1:{metrics_port}/metrics")
 
 
 @pytest.fixture(scope="module")
@@ -192,6 +194,25 @@ async def test_two_concurrent_requests_complete(llm_service: Service) -> None:
     for chunks in results:
         assert chunks[-1].finish_reason != llm_pb2.FINISH_REASON_UNSPECIFIED
         assert chunks[-1].usage.prompt_tokens == 57
+
+
+async def test_metrics_count_what_was_served(llm_service: Service) -> None:
+    import httpx
+
+    await generate(llm_service.target, good_request(max_tokens=4))
+    text = httpx.get(llm_service.metrics_url, timeout=5).text
+
+    def value(line_start: str) -> float:
+        (line,) = [x for x in text.splitlines() if x.startswith(line_start + " ")]
+        return float(line.split()[-1])
+
+    assert value("modalmesh_llm_time_to_first_token_seconds_count") >= 1
+    assert value("modalmesh_llm_request_queue_time_seconds_count") >= 1
+    assert value("modalmesh_llm_inter_token_latency_seconds_count") >= 3
+    assert value('modalmesh_llm_requests_total{status="OK"}') >= 1
+    assert value("modalmesh_llm_generation_tokens_total") >= 4
+    assert value('modalmesh_llm_batch_size_bucket{le="1.0"}') >= 4
+    assert value("modalmesh_llm_requests_held") == 0
 
 
 async def test_client_cancel_stops_the_decode_loop(llm_service: Service) -> None:

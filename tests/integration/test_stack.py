@@ -81,6 +81,7 @@ def _up_args(cache_dir: Path, log_dir: Path) -> tuple[list[str], dict[str, int]]
             "--gateway-port",
             "--grpc-port",
             "--llm-port",
+            "--llm-metrics-port",
             "--encoder-http-port",
             "--encoder-grpc-port",
             "--encoder-metrics-port",
