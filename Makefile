@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install demo test test-unit test-integration lint format clean
+.PHONY: install demo test test-unit test-integration bench lint format clean
 
 install: $(STAMP)
 
@@ -30,13 +30,19 @@ test-unit: install
 test-integration: install
 	$(BIN)/python -m pytest -q -m integration
 
+# Every benchmark against the seed-style baseline in one run; BENCH_ARGS="--quick --only transport".
+BENCH_OUT  ?= bench-results.json
+BENCH_ARGS ?=
+bench: install
+	$(BIN)/python -m bench --out $(BENCH_OUT) $(BENCH_ARGS)
+
 lint: install
-	$(BIN)/ruff check services gateway modalmesh tests presets
+	$(BIN)/ruff check services gateway modalmesh tests presets bench
 	$(BIN)/mypy
 
 format: install
-	$(BIN)/ruff check --fix services gateway modalmesh tests presets
-	$(BIN)/ruff format services gateway modalmesh tests presets
+	$(BIN)/ruff check --fix services gateway modalmesh tests presets bench
+	$(BIN)/ruff format services gateway modalmesh tests presets bench
 
 clean:
 	rm -rf $(VENV) build *.egg-info modalmesh/v1 .pytest_cache .mypy_cache .ruff_cache
