@@ -125,7 +125,7 @@ def _write_llm(path: Path, preset: Preset) -> int:
         path,
         build_tokenizer(tokens),
         architecture=preset.llm.architecture,
-        sizes=LLM,
+        sizes=LLM | preset.llm.config,
         max_context=preset.llm.max_context_tokens,
         seed=SEED + 1,
         eos_tokens=["<|end|>"] if phi3 else [],

@@ -197,6 +197,11 @@ class LLMSpec(_Strict):
         description="Tokens the system adds to the tokenizer (e.g. E.T. Chat's <vid>); each must "
         "be one token of the checkpoint's tokenizer.",
     )
+    config: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Generated presets only: the LM's config sizes over the tiny generator's "
+        "(hidden_size, intermediate_size, num_hidden_layers, num_attention_heads, ...).",
+    )
 
 
 class TimestampHeadSpec(_Strict):

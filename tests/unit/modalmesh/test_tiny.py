@@ -118,3 +118,25 @@ def test_the_any_to_any_twin_is_deterministic_with_decoders_projectors_and_taugh
         assert (out.decoder.checkpoint / "model_index.json").is_file()
     heads = {k.split(".", 1)[0] for k in load_bundle(first.adapter.path).heads}
     assert heads == {"gen_text_hidden_fcs", "gen_text_hidden_fcs_video", "gen_text_hidden_fcs_audio"}
+
+
+def test_a_generated_preset_can_size_its_llm(tmp_path):
+    """`llm.config` overrides the tiny generator's LM sizes (the bench preset's 12x768 Llama)."""
+    import json
+
+    import yaml
+
+    from services.common.presets import parse_preset
+
+    text = (Path(__file__).parents[3] / "presets" / "tiny.yaml").read_text()
+    data = yaml.safe_load(text)
+    data["llm"]["config"] = {"hidden_size": 96, "num_hidden_layers": 3, "num_key_value_heads": 4}
+    preset = parse_preset(yaml.safe_dump(data), cache_dir=tmp_path)
+    assert generate(preset)
+    config = json.loads((preset.llm.checkpoint / "config.json").read_text())
+    assert (config["hidden_size"], config["num_hidden_layers"], config["num_key_value_heads"]) == (96, 3, 4)
+    assert config["intermediate_size"] == 128  # the rest stays the generator's
+    bench = load_preset(
+        str(Path(__file__).parents[3] / "bench" / "presets" / "bench-small.yaml"), cache_dir=tmp_path
+    )
+    assert bench.llm.config["hidden_size"] == 768 and bench.modalities["image"].encoder.tokens == 196
