@@ -53,6 +53,35 @@ def gateway_healthy(base_url: str) -> bool:
         return False
 
 
+def wait_stack_healthy(base_url: str, procs: list[Process], *, timeout: float, what: str) -> None:
+    """Wait until the gateway at `base_url` is healthy and every process in `procs` runs.
+
+    Raises:
+        AssertionError: A process exited, or the stack was not healthy after `timeout` seconds;
+            the message carries the last /health body and the log tail of every process, so a
+            failure in CI names the service that was not ready.
+    """
+    import time
+
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while True:
+        for proc in procs:
+            if not proc.alive():
+                raise AssertionError(f"{what}: {proc.popen.args!r} exited first; log:\n{proc.log_tail()}")
+        try:
+            r = httpx.get(f"{base_url}/health", timeout=2)
+            if r.status_code == 200:
+                return
+            last = f"{r.status_code} {r.text}"
+        except httpx.HTTPError as e:
+            last = repr(e)
+        if time.monotonic() >= deadline:
+            logs = "\n".join(f"--- {proc.popen.args!r}:\n{proc.log_tail(30)}" for proc in procs)
+            raise AssertionError(f"{what}: not healthy after {timeout}s; last /health: {last}\n{logs}")
+        time.sleep(0.2)
+
+
 def start_redis(data_dir: Path, *, port: int | None = None, appendonly: bool = False) -> tuple[Process, str]:
     """A private `redis-server` on a free loopback port; returns the process and its URL.
 
