@@ -119,6 +119,19 @@ class Settings(BaseSettings):
         "RESOURCE_EXHAUSTED (HTTP 429) at once instead of waiting.",
     )
 
+    llm_max_batch_size: int = Field(
+        default=32,
+        ge=1,
+        description="Requests an LLM replica decodes together (continuous batching); more wait "
+        "for a row to free.",
+    )
+    llm_max_prefill_tokens: int = Field(
+        default=4096,
+        ge=1,
+        description="Prompt tokens an LLM replica prefills between two decode steps (at least one "
+        "request's): bounds how long new requests pause the running ones.",
+    )
+
     # Logging.
     log_level: str = "INFO"
     log_json: bool = True

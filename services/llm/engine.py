@@ -1,17 +1,29 @@
-"""The generation engine: validates a request, builds its prompt, runs a KV-cached decode loop.
+"""The generation engine: validates a request, builds its prompt, decodes with continuous batching.
 
-Requests run one at a time on a single worker thread (the executor's FIFO queue is the
-scheduler); text deltas travel back to the event loop through an asyncio.Queue. A request is
-validated on the event loop before it queues, so a bad request fails at once and never
-touches the model. A cancelled request (the consumer of `generate()` went away) sets a flag
-that the decode loop checks between tokens. A batching engine can replace this one behind
-the same `generate()` / `info()` interface (`services.llm.domain.GenerationEngine`).
+Scheduling is iteration-level (continuous batching, as in Orca and vLLM). One worker thread
+runs the scheduler loop while there is work; each iteration
+- admits waiting requests (FIFO) while the running batch has room (`max_batch_size`) and this
+  iteration's prefill budget lasts (`max_prefill_tokens`, at least one request): each is
+  prefilled alone, takes its first token at once and joins the running batch of its adapter
+  version (`services.llm.batching`: left-padded KV cache, per-row positions and mask);
+- then runs one decode step of every running batch (one forward for all its rows), and each
+  row samples with its own parameters and stop conditions; a finished, failed or cancelled
+  row leaves at once without stalling the others.
+So a request that arrives while others decode streams its first token after one iteration,
+not after they finish. Requests of different adapter versions decode in separate batches,
+stepped in turn every iteration, so none starves.
+
+Text deltas travel back to the event loop through an asyncio.Queue per request. A request is
+validated on the event loop before it queues, so a bad request fails at once and never touches
+the model. A cancelled request (the consumer of `generate()` went away) sets a flag the loop
+checks after each of its tokens. The engine holds at most `max_queued` requests (waiting or
+running); one more is refused at once (back-pressure).
 
 Adapter versions (`services.llm.adapter_manager`): a request resolves and holds its version
 before it queues and decodes with that version's connectors and LoRA to the end, whatever
 the current pointer does meanwhile. Model mutations for new versions (LoRA injection) run on
-the same worker thread, between requests or between two tokens of one (`run_pending`), after
-which the running request's LoRA selection is re-applied.
+the same worker thread between two iterations (`run_pending`); each batch selects its
+version's LoRA before its step.
 
 Time tokens (presets with `heads.timestamps`, `services.llm.time_matching`): a request with
 media of the heads' modality decodes through a `TimedDecode`, which matches every position
@@ -25,12 +37,15 @@ import asyncio
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -44,6 +59,7 @@ from services.common.errors import (
 )
 from services.common.presets import Preset
 from services.llm.adapter_manager import AdapterManager, AdapterVersion, WorkerCalls
+from services.llm.batching import BatchCache
 from services.llm.detokenize import IncrementalDetokenizer, StopMatcher
 from services.llm.domain import (
     FinishReason,
@@ -198,6 +214,47 @@ class _Stream:
         return event
 
 
+@dataclass(eq=False)
+class _Waiting:
+    """A prepared request queued for the scheduler: where its events go, its logging context."""
+
+    job: PreparedRequest
+    emit: Callable[[_Item], None]
+    context: contextvars.Context
+
+
+@dataclass(eq=False)
+class _Row:
+    """A request in a running batch: its text state, sampler and the token to feed next."""
+
+    job: PreparedRequest
+    emit: Callable[[_Item], None]
+    context: contextvars.Context
+    stream: _Stream
+    sampler: Sampler
+    timed: TimedDecode | None = None
+    capture: SignalCapture | None = None
+    token: int = -1  # sampled, not yet fed
+    prefilled: Any = None  # its prefill's KV cache until it joins a batch
+    start: float = 0.0
+    first: float = 0.0
+    last: float = 0.0
+
+
+class _Batch:
+    """The running rows of one adapter version and their left-padded KV cache."""
+
+    def __init__(self, version: AdapterVersion) -> None:
+        self.version = version
+        self.rows: list[_Row] = []
+        self.kv = BatchCache()
+
+    def add(self, row: _Row) -> None:
+        self.kv.add(row.prefilled)
+        row.prefilled = None
+        self.rows.append(row)
+
+
 class Engine:
     """Serves one loaded model, one request at a time, with several adapter versions.
 
@@ -206,6 +263,9 @@ class Engine:
         max_loaded_adapters: Most adapter versions kept loaded (see AdapterManager).
         max_queued: Most requests held, queued or running; one more is refused at once
             (ResourceExhaustedError) rather than left waiting: back-pressure to the gateway.
+        max_batch_size: Most requests decoding together; more wait for a row to free.
+        max_prefill_tokens: Prompt tokens prefilled between two decode steps (at least one
+            request's): bounds the pause a wave of new requests puts on the running ones.
     """
 
     def __init__(
@@ -214,9 +274,16 @@ class Engine:
         *,
         max_loaded_adapters: int = 4,
         max_queued: int = 64,
+        max_batch_size: int = 32,
+        max_prefill_tokens: int = 4096,
         metrics: LLMMetrics | None = None,
     ) -> None:
         self.loaded = loaded
+        self.max_batch_size, self.max_prefill_tokens = max_batch_size, max_prefill_tokens
+        self._lock = threading.Lock()  # guards _waiting and _looping
+        self._waiting: deque[_Waiting] = deque()
+        self._looping = False  # the scheduler loop is submitted or running
+        self._batches: dict[str, _Batch] = {}  # worker thread only: by adapter version
         self.metrics = metrics if metrics is not None else LLMMetrics()
         self.max_queued = max_queued
         self._held = 0  # requests between the queue check and their end
@@ -233,9 +300,10 @@ class Engine:
         self.signal_ids = output_signal_ids(loaded.preset, loaded.tokenizer)
 
     @classmethod
-    def from_preset(cls, preset: Preset, *, max_loaded_adapters: int = 4, max_queued: int = 64) -> Engine:
-        """Load the preset's model and adapter and wrap them in an engine."""
-        return cls(load_model(preset), max_loaded_adapters=max_loaded_adapters, max_queued=max_queued)
+    def from_preset(cls, preset: Preset, **options: Any) -> Engine:
+        """Load the preset's model and adapter and wrap them in an engine (`options`: the
+        constructor's keywords)."""
+        return cls(load_model(preset), **options)
 
     def close(self) -> None:
         """Cancel the requests still queued or running and wait for the worker thread to end."""
@@ -243,6 +311,7 @@ class Engine:
         for job in list(self._active):
             job.cancel.set()
         self._executor.shutdown(wait=True, cancel_futures=True)
+        self._fail_waiting(UnavailableError("the LLM engine is shutting down"))  # a loop never started
         self._worker.close()  # adapter loads waiting for the worker fail instead of hanging
 
     def info(self) -> ModelInfo:
@@ -376,22 +445,17 @@ class Engine:
             except RuntimeError:  # the event loop is closed: nobody is listening
                 job.cancel.set()
 
-        ctx = contextvars.copy_context()  # the worker logs with this request's id
         self._active.add(job)
-        submitted = False  # once it is, the worker releases the version when it is done with it
         try:
-            future = loop.run_in_executor(self._executor, ctx.run, self._run, job, emit)
-            submitted = True
+            # from here the scheduler releases the version when it is done with the request
+            self._submit(_Waiting(job, emit, contextvars.copy_context()))
             while (item := await queue.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
                 yield item
-            await future
         finally:
             job.cancel.set()
             self._active.discard(job)
-            if not submitted:
-                self.adapters.release(version)
 
     async def _acquire(self, ref: str) -> AdapterVersion:
         """Hold the version `ref` selects; a pinned one the registry knows is loaded first."""
@@ -402,102 +466,251 @@ class Engine:
                 raise
         return await asyncio.to_thread(self.adapters.acquire_or_load, ref)
 
-    def _run(self, job: PreparedRequest, emit: Callable[[_Item], None]) -> None:
-        """Worker-thread body: decode, reporting every event, error and the end to `emit`."""
+    # -- the scheduler (worker thread) --------------------------------------------------------
+
+    def _submit(self, waiting: _Waiting) -> None:
+        """Queue a prepared request; start the scheduler loop if it is not running."""
+        with self._lock:
+            self._waiting.append(waiting)
+            if self._looping:
+                return
+            self._looping = True
         try:
-            if not job.cancel.is_set():
-                self._decode(job, emit)
-        except BaseException as e:  # reported to the request's consumer, not the thread
-            emit(e)
-        finally:
-            self.adapters.release(job.version)
-            emit(None)
+            self._executor.submit(self._loop)
+        except RuntimeError:  # the executor is shut down: the engine is closing
+            with self._lock:
+                self._looping = False
+            self._fail_waiting(UnavailableError("the LLM engine is shutting down"))
+
+    def _loop(self) -> None:
+        """Iterations until nothing waits or runs: admit (prefill) waiting requests, then one
+        decode step of every running batch (one per adapter version, in turn)."""
+        try:
+            while True:
+                self.adapters.run_pending()  # new adapter versions go in between two steps
+                with self._lock:
+                    if not self._waiting and not self._batches:
+                        self._looping = False
+                        return
+                self._admit()
+                for key, batch in list(self._batches.items()):
+                    self._step(batch)
+                    if not batch.rows:
+                        del self._batches[key]
+        except BaseException as e:  # a bug in the loop itself: fail everyone rather than hang
+            logger.exception("the decode loop failed")
+            for batch in self._batches.values():
+                for row in batch.rows:
+                    self._retire(row, e)
+            self._batches.clear()
+            with self._lock:
+                self._looping = False
+            self._fail_waiting(e)
+
+    def _fail_waiting(self, error: BaseException) -> None:
+        while True:
+            with self._lock:
+                if not self._waiting:
+                    return
+                waiting = self._waiting.popleft()
+            self.adapters.release(waiting.job.version)
+            waiting.emit(error)
+            waiting.emit(None)
+
+    def _admit(self) -> None:
+        """Prefill waiting requests while the batch has room and this iteration's prefill
+        budget lasts (at least one request per iteration, so none waits forever)."""
+        budget, running = self.max_prefill_tokens, sum(len(b.rows) for b in self._batches.values())
+        while running < self.max_batch_size:
+            with self._lock:
+                if not self._waiting:
+                    return
+                waiting = self._waiting[0]
+                size = len(waiting.job.prompt.input_ids)
+                if budget < self.max_prefill_tokens and size > budget:
+                    return
+                self._waiting.popleft()
+            budget -= size
+            if self._closed:
+                self.adapters.release(waiting.job.version)
+                waiting.emit(UnavailableError("the LLM engine is shutting down"))
+                waiting.emit(None)
+                continue
+            row = waiting.context.run(self._prefill, waiting)
+            if row is not None:
+                self._batches.setdefault(row.job.version.ref, _Batch(row.job.version)).add(row)
+                running += 1
 
     @torch.inference_mode()
-    def _decode(self, job: PreparedRequest, emit: Callable[[_Item], None]) -> None:
-        """Prefill with inputs_embeds, then one token at a time with the KV cache."""
-        model, lm, adapters = self.loaded.model, self.loaded.model.lm, self.adapters
-        sampler = Sampler(job.request.sampling)
-        stream = _Stream(self.loaded, job)
+    def _prefill(self, waiting: _Waiting) -> _Row | None:
+        """Prefill one request alone and take its first token; its row, or None if it ended."""
+        job, model, metrics = waiting.job, self.loaded.model, self.metrics
         start = time.perf_counter()
-        metrics = self.metrics
         metrics.queue_time.observe(start - job.admitted)
-        adapters.run_pending()
-        connectors = adapters.select(job.version)
-        embeds = model.embed(
-            job.prompt.input_ids, job.prompt.media_spans, job.request.media, connectors, job.instructions
-        )  # (1, L, D)
-        timed = self._timed(job, embeds)
-        capture = self._capture(job)
-        hidden = capture is not None  # keep hidden states for the output projectors
-        if timed is None:
-            out = lm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1, output_hidden_states=hidden)
-        else:
-            out = timed.prefill(embeds)
-        if capture is not None:
-            capture.on_states(out.hidden_states)
-        first = last = time.perf_counter()
-        metrics.prefill_time.observe(first - start)
-        metrics.prompt_tokens.inc(len(job.prompt.input_ids))
-        while True:
-            forced = None if capture is None else capture.next_forced()
-            token = sampler(out.logits[0, -1]) if forced is None else forced  # logits (V,)
-            now = time.perf_counter()
-            if stream.count == 0:
-                metrics.ttft.observe(now - job.admitted)
-            else:
-                metrics.inter_token.observe(now - last)
-            last = now
-            metrics.batch_size.observe(1)  # one request per step until the engine batches
-            metrics.generation_tokens.inc()
-            if capture is not None and capture.is_signal(token):
-                event = stream.push(token, signal=True)
-                capture.on_token(token, stream.signal_offset)
-            else:
-                event = stream.push(token, None if timed is None else timed.on_token(token))
-                if capture is not None:
-                    capture.on_token(token, stream.text_length)
-            if stream.finish is not None and capture is not None:
-                out = self._finish_signals(capture, stream, out)
-                event = (
-                    stream.final_event()
-                    if event is None
-                    else dataclasses.replace(event, outputs=event.outputs + tuple(stream.outputs))
-                )
-                stream.outputs = []
-            if event is not None:
-                emit(event)
-            if stream.finish is not None:
-                break
+        row: _Row | None = None
+        try:
             if job.cancel.is_set():
-                logger.info("cancelled after %s tokens", stream.count)
-                if self._closed:
-                    raise UnavailableError("the LLM engine shut down during this request")
-                raise CancelledError(f"request cancelled after {stream.count} tokens")
-            if adapters.run_pending():  # a new version was injected: re-apply this one's LoRA
-                adapters.select(job.version)
+                raise CancelledError("request cancelled before it started")
+            connectors = self.adapters.select(job.version)
+            embeds = model.embed(
+                job.prompt.input_ids, job.prompt.media_spans, job.request.media, connectors, job.instructions
+            )  # (1, L, D)
+            timed = self._timed(job, embeds)
+            capture = self._capture(job)
             if timed is None:
-                ids = torch.tensor([[token]], device=model.device)  # (1, 1)
-                out = lm(
-                    input_ids=ids,
-                    past_key_values=out.past_key_values,
+                out = model.lm(
+                    inputs_embeds=embeds,
                     use_cache=True,
-                    output_hidden_states=hidden,
+                    logits_to_keep=1,
+                    output_hidden_states=capture is not None,
                 )
-            else:  # a time token goes in as its embedding + the matched frame's
-                out = timed.step(token, out.past_key_values)
+            else:
+                out = timed.prefill(embeds)
+            row = _Row(
+                job, waiting.emit, waiting.context, _Stream(self.loaded, job), Sampler(job.request.sampling)
+            )
+            row.timed, row.capture, row.start = timed, capture, start
             if capture is not None:
                 capture.on_states(out.hidden_states)
-                stream.outputs += capture.ready()
-        end = time.perf_counter()
+            metrics.prefill_time.observe(time.perf_counter() - start)
+            metrics.prompt_tokens.inc(len(job.prompt.input_ids))
+            go_on = self._take(row, out.logits[0, -1], lambda: out.past_key_values)
+        except BaseException as e:
+            if row is None:
+                self.adapters.release(job.version)
+                waiting.emit(e)
+                waiting.emit(None)
+            else:
+                self._retire(row, e)
+            return None
+        if not go_on:
+            self._retire(row, None)
+            return None
+        row.prefilled = out.past_key_values
+        return row
+
+    @torch.inference_mode()
+    def _step(self, batch: _Batch) -> None:
+        """One decode step of every row of `batch` (one forward), then each row's next token."""
+        rows, lm = batch.rows, self.loaded.model.lm
+        try:
+            self.adapters.select(batch.version)
+            table = lm.get_input_embeddings()
+            tokens = torch.tensor([[row.token] for row in rows], device=table.weight.device)  # (B, 1)
+            x = table(tokens)  # (B, 1, D)
+            for i, row in enumerate(rows):
+                if row.timed is not None:
+                    x[i : i + 1] = row.timed.step_input(row.token)
+            hidden = any(row.timed is not None or row.capture is not None for row in rows)
+            cache, mask, positions = batch.kv.step_inputs()
+            out = lm(
+                inputs_embeds=x,
+                past_key_values=cache,
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=True,
+                output_hidden_states=hidden,
+            )
+            batch.kv.stepped()
+        except BaseException as e:
+            for row in rows:
+                self._retire(row, e)
+            batch.rows, batch.kv = [], BatchCache()
+            return
+        self.metrics.batch_size.observe(len(rows))
+        keep = [i for i, row in enumerate(rows) if row.context.run(self._advance, batch, i, out, hidden)]
+        batch.rows = [rows[i] for i in keep]
+        batch.kv.keep(keep)
+
+    def _advance(self, batch: _Batch, i: int, out: Any, hidden: bool) -> bool:
+        """Row `i` of a step's output: its states, then its next token; whether it goes on
+        (a row that ends is retired here)."""
+        row = batch.rows[i]
+        try:
+            if hidden:
+                states = tuple(h[i : i + 1] for h in out.hidden_states)
+                if row.timed is not None:
+                    row.timed.after_step(states)
+                if row.capture is not None:
+                    row.capture.on_states(states)
+                    row.stream.outputs += row.capture.ready()
+            go_on = self._take(row, out.logits[i, -1], functools.partial(batch.kv.row_cache, i))
+        except BaseException as e:
+            self._retire(row, e)
+            return False
+        if not go_on:
+            self._retire(row, None)
+        return go_on
+
+    def _take(self, row: _Row, logits: torch.Tensor, row_cache: Callable[[], Any]) -> bool:
+        """Choose and report a row's next token from its logits (V,); whether it goes on.
+
+        Args:
+            row: The row.
+            logits: Its last position's logits.
+            row_cache: Its KV cache alone (batch 1, for the signal tokens fed after the last one).
+
+        Raises:
+            CancelledError, UnavailableError: The request was cancelled (or the engine closed).
+        """
+        stream, capture, metrics = row.stream, row.capture, self.metrics
+        forced = None if capture is None else capture.next_forced()
+        token = row.sampler(logits) if forced is None else forced
+        now = time.perf_counter()
+        if stream.count == 0:
+            metrics.ttft.observe(now - row.job.admitted)
+            row.first = now
+        else:
+            metrics.inter_token.observe(now - row.last)
+        row.last = now
+        metrics.generation_tokens.inc()
+        if capture is not None and capture.is_signal(token):
+            event = stream.push(token, signal=True)
+            capture.on_token(token, stream.signal_offset)
+        else:
+            event = stream.push(token, None if row.timed is None else row.timed.on_token(token))
+            if capture is not None:
+                capture.on_token(token, stream.text_length)
+        if stream.finish is not None and capture is not None:
+            self._finish_signals(capture, stream, SimpleNamespace(past_key_values=row_cache()))
+            event = (
+                stream.final_event()
+                if event is None
+                else dataclasses.replace(event, outputs=event.outputs + tuple(stream.outputs))
+            )
+            stream.outputs = []
+        if event is not None:
+            row.emit(event)
+        if stream.finish is not None:
+            return False
+        if row.job.cancel.is_set():
+            logger.info("cancelled after %s tokens", stream.count)
+            if self._closed:
+                raise UnavailableError("the LLM engine shut down during this request")
+            raise CancelledError(f"request cancelled after {stream.count} tokens")
+        row.token = token
+        return True
+
+    def _retire(self, row: _Row, error: BaseException | None) -> None:
+        """A row leaves: its error (if any) and the end go to its consumer; its version is released."""
+        self.adapters.release(row.job.version)
+        if error is not None:
+            row.emit(error)
+        else:
+            self._log_done(row)
+        row.emit(None)
+
+    @staticmethod
+    def _log_done(row: _Row) -> None:
+        stream, end = row.stream, time.perf_counter()
         logger.info(
             "generated %s tokens (prompt %s) in %.3fs: prefill %.3fs, %.1f tokens/s, finish %s",
             stream.count,
-            len(job.prompt.input_ids),
-            end - start,
-            first - start,
-            (stream.count - 1) / (end - first) if stream.count > 1 and end > first else 0.0,
-            stream.finish.value,
+            len(row.job.prompt.input_ids),
+            end - row.start,
+            row.first - row.start,
+            (stream.count - 1) / (end - row.first) if stream.count > 1 and end > row.first else 0.0,
+            stream.finish.value if stream.finish else "none",
         )
 
     def _capture(self, job: PreparedRequest) -> SignalCapture | None:

@@ -43,6 +43,8 @@ async def serve(preset: Preset, settings: Settings, *, host: str, port: int) -> 
         preset,
         max_loaded_adapters=settings.max_loaded_adapters,
         max_queued=settings.llm_max_queued,
+        max_batch_size=settings.llm_max_batch_size,
+        max_prefill_tokens=settings.llm_max_prefill_tokens,
     )
     sync = AdapterSync(engine.adapters, AdapterRegistry.from_url(settings.redis_url, timeout_s=2.0))
     try:

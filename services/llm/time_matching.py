@@ -136,17 +136,27 @@ class TimedDecode:
             return None
         return Timestamp(self.media_index, stamp.frame, stamp.seconds, char_offset=-1)
 
-    def step(self, token: int, past_key_values: Any) -> Any:
-        """Feed `token` (+ its matched frame for the time token) and match the next position."""
+    def step_input(self, token: int) -> torch.Tensor:
+        """The input embedding (1, 1, D) that feeds `token`: emb(token), + the matched frame's
+        for the time token."""
         table = self.lm.get_input_embeddings()
         x = table(torch.tensor([[token]], device=table.weight.device))  # (1, 1, D)
         offset = self.matcher.embedding_offset(token)  # (D,) or None
-        if offset is not None:
-            x = x + offset.to(x.dtype)
+        return x if offset is None else x + offset.to(x.dtype)
+
+    def after_step(self, hidden_states: Sequence[torch.Tensor]) -> None:
+        """Match the next position from a step's hidden states (this request's row, (1, 1, D) each)."""
+        self.matcher.step(hidden_states[-2])
+
+    def step(self, token: int, past_key_values: Any) -> Any:
+        """Feed `token` (+ its matched frame for the time token) and match the next position."""
         out = self.lm(
-            inputs_embeds=x, past_key_values=past_key_values, use_cache=True, output_hidden_states=True
+            inputs_embeds=self.step_input(token),
+            past_key_values=past_key_values,
+            use_cache=True,
+            output_hidden_states=True,
         )
-        self.matcher.step(out.hidden_states[-2])
+        self.after_step(out.hidden_states)
         return out
 
     @property

@@ -250,3 +250,42 @@ def test_a_new_adapter_version_brings_its_own_projectors(nextgpt: LoadedModel, t
         engine.close()
     a, b = signals(first)[0].conditioning, signals(second)[0].conditioning
     assert a.shape == b.shape and not torch.allclose(a, b)
+
+
+def test_signal_requests_decoded_together_equal_them_alone(
+    nextgpt: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Continuous batching with signal spans: rows forced through a span, rows with outputs
+    appended after the reply (from the row's own KV cache) and plain rows, in one batch."""
+    ids = output_signal_ids(nextgpt.preset, nextgpt.tokenizer)
+    requests = [
+        ask(max_tokens=10, outputs=("image",)),
+        ask(max_tokens=5, outputs=("audio", "video"), text="play a dog barking"),
+        ask(max_tokens=7, text="hello there"),
+    ]
+
+    async def both() -> tuple[list[list[GenerationEvent]], list[list[GenerationEvent]]]:
+        engine = Engine(nextgpt)
+        try:
+            alone = [await collect(engine, r) for r in requests]
+            together = await asyncio.gather(*(collect(engine, r) for r in requests))
+            return alone, list(together)
+        finally:
+            engine.close()
+
+    with scripted(nextgpt, {2: ids["image"][0]}, monkeypatch):
+        alone, together = asyncio.run(both())
+    for a, b in zip(alone, together, strict=True):
+        assert tokens_of(b) == tokens_of(a)
+        assert "".join(e.text for e in b) == "".join(e.text for e in a)
+        assert [(s.modality, s.index, s.char_offset, s.appended) for s in signals(b)] == [
+            (s.modality, s.index, s.char_offset, s.appended) for s in signals(a)
+        ]
+        for x, y in zip(signals(a), signals(b), strict=True):
+            torch.testing.assert_close(y.conditioning, x.conditioning, atol=1e-4, rtol=1e-4)
+    # each emits the scripted image span; the second also gets its two asked-for modalities appended
+    assert [[s.modality for s in signals(a)] for a in alone] == [
+        ["image"],
+        ["image", "audio", "video"],
+        ["image"],
+    ]

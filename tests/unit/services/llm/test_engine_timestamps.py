@@ -311,3 +311,27 @@ def test_an_initial_bundle_can_hold_the_heads(etchat: LoadedModel, tiny_preset: 
     heads = load_heads(etchat.preset, flat, llm_dim=32, dtype=torch.float32)  # the keys the loader wants
     assert heads is not None
     assert all(torch.equal(v, again[HEAD_NAME][k]) for k, v in first[HEAD_NAME].items())
+
+
+async def test_time_token_requests_decoded_together_equal_them_alone(
+    etchat: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Continuous batching: each row feeds its own time-token input (token + matched frame) and
+    matches from its own hidden states, so a batch gives every request its reply alone."""
+    requests = [ask([video(seed=s)], max_tokens=n) for s, n in [(0, 6), (1, 9), (2, 4)]]
+    requests.append(ask([video(frames=3, times=(0.5, 1.0, 1.5), seed=3)], max_tokens=7))
+    engine = Engine(etchat)
+    try:
+        with forcing(etchat, {0, 3}, monkeypatch):
+            alone = [reply([e async for e in engine.generate(r)]) for r in requests]
+
+            async def collect(r: GenerationRequest) -> list[GenerationEvent]:
+                return [e async for e in engine.generate(r)]
+
+            with lm_calls(etchat) as calls:
+                together = [reply(events) for events in await asyncio.gather(*(collect(r) for r in requests))]
+    finally:
+        engine.close()
+    assert together == alone
+    assert all(len(stamps) == 2 for _, _, stamps in alone)  # the forced time tokens were matched
+    assert max(int(c["inputs_embeds"].shape[0]) for c in calls) == len(requests)
