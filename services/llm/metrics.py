@@ -3,8 +3,8 @@
 Names follow vLLM's where one exists (`time_to_first_token_seconds`,
 `inter_token_latency_seconds`, `e2e_request_latency_seconds`, `request_queue_time_seconds`,
 `request_prefill_time_seconds`, prompt and generation token counters), prefixed
-`modalmesh_llm_`. `batch_size` is the number of requests each decode step advances (1 while
-the engine decodes one request at a time); `requests_held` is what the queue bound counts.
+`modalmesh_llm_`. `batch_size` is the number of requests each decode step advances (the rows
+of one continuous batch); `requests_held` is what the queue bound counts.
 `python -m services.llm` serves them at http://<host>:<llm_metrics_port>/metrics.
 """
 
