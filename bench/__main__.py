@@ -21,6 +21,7 @@ from pathlib import Path
 from bench._config import BenchConfig
 from bench._report import Figure, table, write_json
 from bench._stack import Stack, running
+from services.common.procenv import service_env
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "oversubscribe it; 0 leaves the environment as it is)",
     )
     return p.parse_args(argv)
+
+
+def _with_service_env() -> None:
+    """Re-run this process with the allocator settings modalmesh's services get
+    (`services.common.procenv`), so the in-process benchmarks (transport) run as a service
+    would; the processes it starts get them anyway."""
+    if "GLIBC_TUNABLES" not in os.environ:
+        os.execve(sys.executable, [sys.executable, "-m", "bench", *sys.argv[1:]], service_env(os.environ))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -102,6 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "preset": args.preset,
             "quick": args.quick,
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
             "config": asdict(cfg),
             "machine": {
                 "platform": platform.platform(),
@@ -117,4 +127,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    _with_service_env()
     sys.exit(main())

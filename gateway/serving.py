@@ -57,7 +57,7 @@ from services.common.errors import (
 )
 from services.common.presets import Preset
 from services.common.settings import Settings
-from services.common.tensor_codec import array_to_tensor, tensor_to_array
+from services.common.tensor_codec import tensor_fields, tensor_to_array
 from services.decoders.params import check_params
 
 logger = logging.getLogger(__name__)
@@ -426,10 +426,9 @@ class ChatService:
                     index += 1
             generate.turns.append(llm_pb2.Turn(role=turn.role, parts=parts))
         for item, (array, times) in zip(media_items, features, strict=True):
-            generate.media.append(
-                llm_pb2.MediaFeatures(
-                    modality=item.modality, features=array_to_tensor(array), frame_times=times.tolist()
-                )
+            # built in place: a nested or appended message would be copied again (MBs per item)
+            generate.media.add(
+                modality=item.modality, features=tensor_fields(array), frame_times=times.tolist()
             )
         return PreparedChat(
             id=f"chatcmpl-{request.request_id}",

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.common.procenv import service_env
 from services.common.settings import Settings
 
 _PR_SET_PDEATHSIG = 1
@@ -305,7 +306,7 @@ class Stack:
             gateway = self._python_service(
                 "gateway", "gateway", lambda: http_ok(f"http://{s.host}:{s.gateway_http_port}/health")
             )
-            env = os.environ | settings_env(s)
+            env = service_env(os.environ | settings_env(s))
             for svc in backends:
                 svc.start(env)
                 self.services.append(svc)

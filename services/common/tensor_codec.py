@@ -6,7 +6,7 @@ into a torch tensor. Decoding validates the byte count against the shape and dty
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -41,57 +41,76 @@ def dtype_name(dtype: np.dtype) -> str:
         ) from None
 
 
-def array_to_tensor(array: np.ndarray) -> tensor_pb2.Tensor:
-    """Encode a numpy array (any byte order or layout) as a Tensor message."""
+def tensor_fields(array: np.ndarray) -> dict[str, Any]:
+    """A Tensor message's fields for a numpy array (any byte order or layout).
+
+    Give them straight to the enclosing message (`MediaFeatures(features=tensor_fields(a))`):
+    a Tensor built first and then nested is copied once more into its parent.
+    """
     name = dtype_name(array.dtype)
     data = np.ascontiguousarray(array, dtype=NUMPY_DTYPES[name]).tobytes()
-    return tensor_pb2.Tensor(dtype=name, shape=list(array.shape), data=data)
+    return {"dtype": name, "shape": list(array.shape), "data": data}
 
 
-def _check(msg: tensor_pb2.Tensor, what: str) -> None:
+def array_to_tensor(array: np.ndarray) -> tensor_pb2.Tensor:
+    """Encode a numpy array (any byte order or layout) as a Tensor message."""
+    return tensor_pb2.Tensor(**tensor_fields(array))
+
+
+def _checked_data(msg: tensor_pb2.Tensor, what: str) -> bytes:
+    """The message's bytes once checked against its dtype and shape.
+
+    Each read of a bytes field copies it out of the message, so it is read here once.
+    """
     if msg.dtype not in _ITEMSIZE:
         raise InvalidArgumentError(f"{what}: dtype expected one of {sorted(_ITEMSIZE)}, got {msg.dtype!r}")
     if any(d < 0 for d in msg.shape):
         raise InvalidArgumentError(f"{what}: shape must not have negative sizes, got {list(msg.shape)}")
+    data = msg.data
     expected = int(np.prod(msg.shape, dtype=np.int64)) * _ITEMSIZE[msg.dtype]
-    if len(msg.data) != expected:
+    if len(data) != expected:
         raise InvalidArgumentError(
-            f"{what}: expected {expected} bytes for {msg.dtype}{list(msg.shape)}, got {len(msg.data)}"
+            f"{what}: expected {expected} bytes for {msg.dtype}{list(msg.shape)}, got {len(data)}"
         )
+    return data
 
 
 def tensor_to_array(msg: tensor_pb2.Tensor, *, what: str = "tensor") -> np.ndarray:
-    """Decode a Tensor message into a read-only numpy array (no copy). BF16 is refused."""
-    _check(msg, what)
+    """Decode a Tensor message into a read-only numpy array (no copy beyond reading the field).
+    BF16 is refused."""
+    data = _checked_data(msg, what)
     if msg.dtype == "BF16":
         raise InvalidArgumentError(f"{what}: BF16 has no numpy dtype; decode it with tensor_to_torch")
-    return np.frombuffer(msg.data, dtype=NUMPY_DTYPES[msg.dtype]).reshape(tuple(msg.shape))
+    return np.frombuffer(data, dtype=NUMPY_DTYPES[msg.dtype]).reshape(tuple(msg.shape))
 
 
 def tensor_to_torch(msg: tensor_pb2.Tensor, *, what: str = "tensor") -> torch.Tensor:
-    """Decode a Tensor message into a torch tensor (one copy), BF16 included."""
+    """Decode a Tensor message into a writable torch tensor (one copy after reading the field),
+    BF16 included."""
     import torch
 
-    _check(msg, what)
+    data = _checked_data(msg, what)
     shape = tuple(msg.shape)
-    if len(msg.data) == 0:
-        dtype = (
-            torch.bfloat16
-            if msg.dtype == "BF16"
-            else torch.from_numpy(np.empty(0, NUMPY_DTYPES[msg.dtype])).dtype
-        )
-        return torch.empty(shape, dtype=dtype)
     if msg.dtype == "BF16":
-        return torch.frombuffer(bytearray(msg.data), dtype=torch.bfloat16).reshape(shape)
-    return torch.from_numpy(tensor_to_array(msg, what=what).copy())
+        dtype = torch.bfloat16
+    else:
+        dtype = torch.from_numpy(np.empty(0, NUMPY_DTYPES[msg.dtype])).dtype
+    if len(data) == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
 
 
-def torch_to_tensor(t: torch.Tensor) -> tensor_pb2.Tensor:
-    """Encode a torch tensor (BF16 included) as a Tensor message."""
+def torch_tensor_fields(t: torch.Tensor) -> dict[str, Any]:
+    """A Tensor message's fields for a torch tensor, BF16 included (see `tensor_fields`)."""
     import torch
 
     t = t.detach().cpu().contiguous()
     if t.dtype == torch.bfloat16:
         data = t.view(torch.int16).numpy().astype("<i2", copy=False).tobytes()
-        return tensor_pb2.Tensor(dtype="BF16", shape=list(t.shape), data=data)
-    return array_to_tensor(t.numpy())
+        return {"dtype": "BF16", "shape": list(t.shape), "data": data}
+    return tensor_fields(t.numpy())
+
+
+def torch_to_tensor(t: torch.Tensor) -> tensor_pb2.Tensor:
+    """Encode a torch tensor (BF16 included) as a Tensor message."""
+    return tensor_pb2.Tensor(**torch_tensor_fields(t))

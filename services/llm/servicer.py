@@ -17,7 +17,7 @@ from modalmesh.v1 import llm_pb2, llm_pb2_grpc
 from services.common.errors import InvalidArgumentError, ModalmeshError
 from services.common.grpc_errors import abort_with
 from services.common.log import bound_request_id, request_id_from_metadata
-from services.common.tensor_codec import tensor_to_torch, torch_to_tensor
+from services.common.tensor_codec import tensor_to_torch, torch_tensor_fields
 from services.llm.domain import (
     FinishReason,
     GenerationEngine,
@@ -103,7 +103,7 @@ def chunk_from_event(event: GenerationEvent) -> llm_pb2.GenerateChunk:
         outputs=[
             llm_pb2.OutputSignal(
                 modality=o.modality,
-                conditioning=torch_to_tensor(o.conditioning),
+                conditioning=torch_tensor_fields(o.conditioning),
                 index=o.index,
                 char_offset=o.char_offset,
                 appended=o.appended,

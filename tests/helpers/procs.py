@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from modalmesh.stack import free_port  # noqa: F401 - re-exported for the tests
+from services.common.procenv import service_env
 
 T = TypeVar("T")
 
@@ -155,7 +156,7 @@ def start_process(
         cwd: Working directory; default the current one.
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    full_env = {**os.environ, **(env or {})}
+    full_env = service_env({**os.environ, **(env or {})})  # as `modalmesh up` starts services
     with log_path.open("ab") as log:
         popen = subprocess.Popen(
             list(args),
