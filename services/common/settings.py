@@ -119,6 +119,12 @@ class Settings(BaseSettings):
         "RESOURCE_EXHAUSTED (HTTP 429) at once instead of waiting.",
     )
 
+    encoder_decode_workers: int = Field(
+        default=0,
+        ge=0,
+        description="Threads per encoder model that decode and preprocess a batch's media files, "
+        "off Triton's inference thread (0: min(4, CPU count); 1: inline).",
+    )
     llm_max_batch_size: int = Field(
         default=32,
         ge=1,

@@ -70,12 +70,17 @@ def load_encoders(
 ) -> list[BoundEncoder]:
     """Load every modality's encoder of the preset (checkpoints must exist).
 
+    `decode_workers` (default: `settings.encoder_decode_workers`, 0 = min(4, CPU count)) sizes
+    each encoder's decode pool.
+
     Modalities whose encoder specs are equal apart from sampling and serving options share
     one backbone, built with the towers all of them need.
     """
     from services.encoders.backbones import build_backbone
 
     limits = EncoderLimits.from_settings(settings)
+    if decode_workers is None and settings.encoder_decode_workers:
+        decode_workers = settings.encoder_decode_workers
     groups: dict[str, list[str]] = {}
     for modality, mspec in preset.modalities.items():
         groups.setdefault(_shared_key(mspec.encoder), []).append(modality)

@@ -137,3 +137,14 @@ def test_libpython_goes_on_the_library_path(monkeypatch) -> None:
     assert os.environ["LD_LIBRARY_PATH"].split(os.pathsep) == [libdir, "/opt/other"]
     ensure_libpython_on_path()  # idempotent
     assert os.environ["LD_LIBRARY_PATH"].split(os.pathsep) == [libdir, "/opt/other"]
+
+
+def test_the_decode_pool_is_sized_by_the_setting(twins) -> None:
+    for workers, expected in [(3, 3), (1, None)]:
+        bound = load_encoders(twins["tiny-pandagpt"], Settings(encoder_decode_workers=workers), device="cpu")
+        try:
+            pools = [b.encoder._pool for b in bound]
+            assert all((p._max_workers if p is not None else None) == expected for p in pools), pools
+        finally:
+            for b in bound:
+                b.encoder.close()
