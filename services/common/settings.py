@@ -66,6 +66,54 @@ class Settings(BaseSettings):
     default_max_tokens: int = 256
     feature_cache_ttl_s: int = 3600
 
+    # Gateway security (REST and gRPC alike).
+    api_keys: str = Field(
+        default="",
+        description="Comma-separated API keys clients must send (Authorization: Bearer <key>); "
+        "with none here and no api_keys_file the gateway asks for no key.",
+    )
+    api_keys_file: Path | None = Field(
+        default=None, description="File of API keys, one per line ('#' starts a comment); adds to api_keys."
+    )
+    key_rate_limit_rpm: float = Field(
+        default=0.0,
+        ge=0,
+        description="Requests per minute per API key (or per client address without keys); 0: off.",
+    )
+    key_rate_limit_burst: int = Field(
+        default=0,
+        ge=0,
+        description="Requests a key may send at once above the rate; 0: one second's worth, at least 1.",
+    )
+    key_max_concurrent: int = Field(
+        default=0, ge=0, description="Requests in flight per API key (or client address); 0: off."
+    )
+    cors_origins: str = Field(
+        default="", description="Comma-separated origins CORS allows ('*': any); empty: CORS off."
+    )
+    media_max_items: int = Field(
+        default=16, ge=1, description="Media parts in one request, all turns together."
+    )
+
+    # Media fetching (http(s) and file:// URLs in requests).
+    fetch_allow: str = Field(
+        default="",
+        description="Comma-separated host names, IP addresses or CIDR blocks that may be fetched although "
+        "they are loopback, private, link-local or metadata addresses (refused otherwise).",
+    )
+    fetch_file_roots: str = Field(
+        default="", description="Comma-separated folders file:// URLs may read under; empty: file:// refused."
+    )
+    fetch_connect_timeout_s: float = Field(default=3.0, gt=0, description="Connecting to a media URL's host.")
+    video_fetch_timeout_s: float = Field(default=30.0, gt=0, description="Fetching one video, all of it.")
+    audio_fetch_timeout_s: float = Field(
+        default=10.0, gt=0, description="Fetching one audio clip, all of it."
+    )
+    event_fetch_timeout_s: float = Field(
+        default=10.0, gt=0, description="Fetching one event file, all of it."
+    )
+    fetch_max_redirects: int = Field(default=5, ge=0, description="Redirects followed per media URL.")
+
     # Encoder limits (per item; over a limit the item alone is refused).
     image_max_pixels: int = 64 * 1024 * 1024
     video_max_bytes: int = 64 * 1024 * 1024
