@@ -33,7 +33,7 @@ class _Bench:
 
 
 def _benches() -> dict[str, _Bench]:
-    from bench import chat, encoder, transport
+    from bench import ceiling, chat, encoder, transport
 
     return {
         "throughput": _Bench(chat.throughput, modalmesh=True, baseline=True),
@@ -41,6 +41,7 @@ def _benches() -> dict[str, _Bench]:
         "encoder": _Bench(encoder.encoder_throughput, encoders=True),
         "cache": _Bench(chat.feature_cache, modalmesh=True),
         "transport": _Bench(lambda _stack, cfg: transport.transport(cfg)),
+        "ceiling": _Bench(ceiling.ceiling),
     }
 
 

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.integration
 
 def test_quick_transport_writes_figures_with_baselines_and_ratios(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
-    args = ["--quick", "--only", "transport", "--out", str(out), "--workdir", str(tmp_path / "work")]
+    args = ["--quick", "--only", "transport,ceiling", "--out", str(out), "--workdir", str(tmp_path / "work")]
     done = subprocess.run(
         [sys.executable, "-m", "bench", *args], capture_output=True, text=True, timeout=240, check=False
     )
@@ -24,6 +24,10 @@ def test_quick_transport_writes_figures_with_baselines_and_ratios(tmp_path: Path
 
     report = json.loads(out.read_text())
     assert report["meta"]["quick"] is True
+    assert report["meta"]["glibc_tunables"]  # the bench re-ran itself with the services' allocator settings
+    ceiling = {f["name"]: f for f in report["benchmarks"]["ceiling"]}
+    assert set(ceiling) == {"decode tokens/s B=16", "chat tokens/s ceiling @16"}
+    assert all(f["value"] > 0 and f["baseline"] > 0 for f in ceiling.values())
     figures = report["benchmarks"]["transport"]
     assert {f["name"] for f in figures} >= {"MB/s 576x4096 fp16", "MB/s 16x64 fp32"}
     for f in figures:
