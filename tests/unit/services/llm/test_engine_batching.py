@@ -280,3 +280,24 @@ def test_batch_cache_pads_left_selects_rows_and_cuts_shared_padding() -> None:
     assert mask.tolist() == [[0, 1, 1, 1], [1, 1, 1, 1]] and positions.tolist() == [[2], [3]]
     kv.keep([])
     assert kv.size == 0 and kv.cache is None
+
+
+def test_the_batch_cache_grows_in_place_and_holds_what_concatenation_would() -> None:
+    """Steps append a column into spare room; past it the buffers grow, and the cache always
+    reads as the concatenation of everything written."""
+    from transformers.cache_utils import DynamicCache
+
+    torch.manual_seed(0)
+    first = torch.randn(1, 2, 5, 4)
+    kv = BatchCache()
+    kv.add(DynamicCache(ddp_cache_data=[(first, -first)]))
+    expected = first
+    for _ in range(150):  # past the 64 columns of spare room, twice
+        column = torch.randn(1, 2, 1, 4)
+        cache, _, _ = kv.step_inputs()
+        keys, values = cache.layers[0].update(column, -column)
+        kv.stepped()
+        expected = torch.cat([expected, column], dim=2)
+        assert torch.equal(keys, expected) and torch.equal(values, -expected)
+    assert kv.lengths == [155] and kv.columns == 155
+    assert torch.equal(kv.row_cache(0).layers[0].keys, expected)
