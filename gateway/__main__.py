@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import uvicorn
 
+from gateway.auth import Guard
 from gateway.grpc_chat import CHAT_SERVICE_NAME, ChatServicer
 from gateway.http_app import create_app
 from gateway.serving import ChatService
@@ -79,9 +80,9 @@ class _HttpServer(uvicorn.Server):
         yield
 
 
-def _http_server(settings: Settings, service: ChatService) -> _HttpServer:
+def _http_server(settings: Settings, service: ChatService, guard: Guard) -> _HttpServer:
     config = uvicorn.Config(
-        create_app(service, training=training_client(settings)),
+        create_app(service, training=training_client(settings), guard=guard),
         host=settings.host,
         port=settings.gateway_http_port,
         log_config=None,
@@ -91,9 +92,9 @@ def _http_server(settings: Settings, service: ChatService) -> _HttpServer:
     return _HttpServer(config)
 
 
-def _grpc_server(settings: Settings, service: ChatService) -> tuple[GrpcServer, int]:
+def _grpc_server(settings: Settings, service: ChatService, guard: Guard) -> tuple[GrpcServer, int]:
     server = GrpcServer(settings, service_names=[CHAT_SERVICE_NAME])
-    chat_pb2_grpc.add_ChatServicer_to_server(ChatServicer(service), server.server)
+    chat_pb2_grpc.add_ChatServicer_to_server(ChatServicer(service, guard), server.server)
     return server, server.bind(settings.host, settings.gateway_grpc_port)
 
 
@@ -120,8 +121,9 @@ async def serve(
     """
     preset = load_preset(settings.preset, cache_dir=settings.cache_dir, presets_dir=settings.presets_dir)
     service = make_service(settings, preset)
-    grpc_server, grpc_port = _grpc_server(settings, service)
-    http = _http_server(settings, service)
+    guard = Guard.from_settings(settings)  # one set of keys and per-key limits for REST and gRPC
+    grpc_server, grpc_port = _grpc_server(settings, service, guard)
+    http = _http_server(settings, service, guard)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

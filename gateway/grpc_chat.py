@@ -4,6 +4,12 @@ The servicer only translates ChatRequest (proto) -> `gateway.domain.ChatRequest`
 ChatChunk messages (with the timestamps a time-aware preset wrote). Errors end the stream with
 the status of `services.common.grpc_errors` (INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE...). A
 client that cancels cancels the generation.
+
+With API keys configured, each call needs metadata `authorization: Bearer <key>` (or
+`x-api-key: <key>`), else UNAUTHENTICATED; a caller over its limits gets RESOURCE_EXHAUSTED with
+trailing metadata `retry-after` (seconds). The check sits at the top of the Chat handler, so the
+standard health service on the same server stays open. The slot a call holds is given back
+when its stream ends, fails or is cancelled.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from typing import Any
 import grpc
 
 from gateway._middleware import new_request_id, valid_request_id
+from gateway.auth import Guard, Permit, RateLimitedError
 from gateway.domain import ChatRequest, Finished, MediaItem, MediaOutput, Part, Timestamp, Turn
 from gateway.protocol import INLINE_FORMATS
 from gateway.serving import ChatService
@@ -92,6 +99,13 @@ def to_domain(request: chat_pb2.ChatRequest, request_id: str) -> ChatRequest:
     )
 
 
+def _peer_host(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    """The client's address without its port ("ipv4:10.0.0.1:5000" -> "ipv4:10.0.0.1")."""
+    peer = context.peer() or "unknown"
+    host, sep, port = peer.rpartition(":")
+    return host if sep and port.isdigit() and host not in ("ipv4", "ipv6") else peer
+
+
 def _options(msg: chat_pb2.DecodeOptions) -> dict[str, Any]:
     return {f.name: value for f, value in msg.ListFields()}
 
@@ -114,10 +128,20 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
 
     Args:
         service: The serving logic (shared with the REST app).
+        guard: API keys and per-caller limits; pass the REST app's so that a key's limits
+            cover both APIs. Default: one built from `service.settings`.
+
+    Raises:
+        FailedPreconditionError: settings.api_keys_file is missing, unreadable or empty.
     """
 
-    def __init__(self, service: ChatService) -> None:
+    def __init__(self, service: ChatService, guard: Guard | None = None) -> None:
         self.service = service
+        self.guard = guard if guard is not None else Guard.from_settings(service.settings)
+
+    def _admit(self, context: grpc.aio.ServicerContext[Any, Any]) -> Permit:
+        metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+        return self.guard.admit(metadata.get("authorization"), metadata.get("x-api-key"), _peer_host(context))
 
     async def Complete(
         self, request: chat_pb2.ChatRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -129,8 +153,10 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
             or new_request_id()
         )
         status = "OK"
+        permit: Permit | None = None
         with bound_request_id(request_id):
             try:
+                permit = self._admit(context)
                 chunks = self._complete(to_domain(request, request_id))
                 async with contextlib.aclosing(chunks):
                     async for chunk in chunks:
@@ -141,11 +167,15 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
             except ModalmeshError as e:
                 status = e.code.name
                 logger.info("chat failed (%s): %s", status, e.message)
+                if isinstance(e, RateLimitedError):
+                    context.set_trailing_metadata((("retry-after", str(e.retry_after_s)),))
                 await abort_with(context, e)
             except Exception as e:
                 status = "INTERNAL"
                 await abort_with(context, e)
             finally:
+                if permit is not None:
+                    permit.release()
                 self.service.metrics.requests.labels(route=_ROUTE, status=status).inc()
 
     async def _complete(self, chat: ChatRequest) -> AsyncGenerator[chat_pb2.ChatChunk, None]:

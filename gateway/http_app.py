@@ -7,6 +7,11 @@ max_body_bytes -> 413, modalmesh errors -> their http_status, anything else -> 5
 internals. A streamed reply starts only once the first token is there, so failures before it
 still get a proper status; an error after that is sent as `data: {"error": ...}` then
 `data: [DONE]`. A client that disconnects cancels the work, streaming or not.
+
+Security (settings, all off by default): API keys and per-caller limits on /v1/* are checked by
+`GatewayMiddleware` through a `gateway.auth.Guard` (401 / 429 before the body is read);
+/health and /metrics stay open. `cors_origins` turns Starlette's CORSMiddleware on, outermost,
+so that preflights need no key and error replies carry the CORS headers too.
 """
 
 from __future__ import annotations
@@ -22,8 +27,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 
 from gateway._middleware import GatewayMiddleware, valid_request_id
+from gateway.auth import Guard, error_headers
 from gateway.domain import ChatRequest, Event, Finished, MediaOutput, Timestamp
 from gateway.protocol import (
     AssistantMessage,
@@ -70,9 +77,8 @@ def error_response(error: BaseException) -> JSONResponse:
         logger.warning("request failed: %s", error.message)
     else:
         logger.info("request rejected (%d): %s", error.http_status, error.message)
-    # A full queue is temporary: say when to come back (RFC 9110 Retry-After, in seconds).
-    headers = {"Retry-After": "1"} if error.http_status == 429 else None
-    return JSONResponse(error.to_openai(), status_code=error.http_status, headers=headers)
+    # 429 says when to come back (RFC 9110 Retry-After, in seconds); 401 says how to log in.
+    return JSONResponse(error.to_openai(), status_code=error.http_status, headers=error_headers(error))
 
 
 def _sse(payload: dict[str, Any] | str) -> str:
@@ -298,12 +304,25 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, on_modalmesh)
 
 
-def create_app(service: ChatService, training: TrainingClient | None = None) -> FastAPI:
+def create_app(
+    service: ChatService, training: TrainingClient | None = None, *, guard: Guard | None = None
+) -> FastAPI:
     """The REST app over `service`, with the training job API when `training` is given.
 
     The app does not own the service: whoever made it closes it (`ChatService.aclose`) after
     the server stops, since the gRPC Chat server may share it.
+
+    Args:
+        service: The serving logic.
+        training: The training job client, or None for no /v1/training routes.
+        guard: API keys and per-caller limits; pass the gRPC Chat servicer's so that a key's
+            limits cover both APIs. Default: one built from `service.settings`.
+
+    Raises:
+        FailedPreconditionError: settings.api_keys_file is missing, unreadable or empty.
     """
+    if guard is None:
+        guard = Guard.from_settings(service.settings)
     app = FastAPI(title="modalmesh gateway", version="0.1.0")
     app.state.service = service
     app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"], response_model=None)
@@ -314,6 +333,18 @@ def create_app(service: ChatService, training: TrainingClient | None = None) -> 
         add_training_routes(app, training)
     _install_error_handlers(app)
     app.add_middleware(
-        GatewayMiddleware, max_body_bytes=service.settings.max_body_bytes, metrics=service.metrics
+        GatewayMiddleware,
+        max_body_bytes=service.settings.max_body_bytes,
+        metrics=service.metrics,
+        guard=guard,
     )
+    origins = [o.strip() for o in service.settings.cors_origins.split(",") if o.strip()]
+    if origins:  # added last = outermost: answers preflights before the key check
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "X-Api-Key", "X-Request-Id"],
+            expose_headers=["X-Request-Id", "Retry-After"],
+        )
     return app

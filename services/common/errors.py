@@ -24,6 +24,7 @@ class Code(enum.Enum):
     UNIMPLEMENTED = "UNIMPLEMENTED"
     INTERNAL = "INTERNAL"
     UNAVAILABLE = "UNAVAILABLE"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
 
 
 class ModalmeshError(Exception):
@@ -68,6 +69,14 @@ class PayloadTooLargeError(InvalidArgumentError):
 
     http_status = 413
     error_type = "PayloadTooLargeError"
+
+
+class UnauthenticatedError(ModalmeshError):
+    """The request carries no API key, or one that is not configured (401)."""
+
+    code = Code.UNAUTHENTICATED
+    http_status = 401
+    error_type = "AuthenticationError"
 
 
 class NotFoundError(ModalmeshError):
@@ -136,6 +145,7 @@ _BY_CODE: dict[Code, type[ModalmeshError]] = {
     Code.UNIMPLEMENTED: UnimplementedError,
     Code.INTERNAL: ModalmeshError,
     Code.UNAVAILABLE: UnavailableError,
+    Code.UNAUTHENTICATED: UnauthenticatedError,
 }
 
 

@@ -13,6 +13,7 @@ from services.common.grpc_errors import error_from_rpc, grpc_status
         (errors.NotFoundError, 404, grpc.StatusCode.NOT_FOUND),
         (errors.FailedPreconditionError, 409, grpc.StatusCode.FAILED_PRECONDITION),
         (errors.ResourceExhaustedError, 429, grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (errors.UnauthenticatedError, 401, grpc.StatusCode.UNAUTHENTICATED),
         (errors.UnavailableError, 503, grpc.StatusCode.UNAVAILABLE),
         (errors.DeadlineExceededError, 504, grpc.StatusCode.DEADLINE_EXCEEDED),
         (errors.CancelledError, 499, grpc.StatusCode.CANCELLED),
