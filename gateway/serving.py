@@ -191,9 +191,7 @@ class ChatService:
             encoder=EncoderClient(settings.encoder_target(), settings=settings),
             llm=LLMClient(settings.llm_target(), settings=settings),
             cache=FeatureCache(settings.redis_url, ttl_s=settings.feature_cache_ttl_s),
-            fetcher=MediaFetcher(
-                max_bytes=settings.media_max_bytes, timeout_s=settings.image_fetch_timeout_s
-            ),
+            fetcher=MediaFetcher.from_settings(settings),
             decoder=decoder,
         )
 
@@ -254,8 +252,9 @@ class ChatService:
         """Check a request against the preset and limits: (echo name, adapter, sampling).
 
         Raises:
-            InvalidArgumentError: Empty conversation, bad role, bad sampling value, more items
-                of a modality than the preset's max_per_prompt, or a modality the preset has
+            InvalidArgumentError: Empty conversation, bad role, bad sampling value, more media
+                parts than settings.media_max_items, more items of a modality than the
+                preset's max_per_prompt, or a modality the preset has
                 no encoder for.
             NotFoundError: Unknown model.
         """
@@ -295,6 +294,13 @@ class ChatService:
             check_params(modality, values, spec.decoder.limits, where=f"{modality}.")
 
     def _check_media_counts(self, media: list[MediaItem]) -> None:
+        limit = self.settings.media_max_items
+        if len(media) > limit:
+            raise InvalidArgumentError(
+                f"messages: expected at most {limit} media parts per request (all messages together), "
+                f"got {len(media)}",
+                param=media[limit].param or "messages",
+            )
         for modality in sorted({m.modality for m in media}):
             items = [m for m in media if m.modality == modality]
             spec = self.preset.modalities.get(modality)  # type: ignore[call-overload]

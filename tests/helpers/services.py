@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -37,8 +38,12 @@ def start_gateway(
     """`python -m gateway` on free ports; returns the process, its base URL and its gRPC address.
 
     Pass `ports` (http, grpc) picked together with the other services' ports: ports picked
-    later can collide with a port another service picked but has not bound yet.
+    later can collide with a port another service picked but has not bound yet. Media fetches
+    from 127.0.0.1 are allowed (MODALMESH_FETCH_ALLOW) unless `env` or the environment says
+    otherwise: tests serve media from loopback, which the gateway refuses by default.
     """
+    if "MODALMESH_FETCH_ALLOW" not in env and "MODALMESH_FETCH_ALLOW" not in os.environ:
+        env = {**env, "MODALMESH_FETCH_ALLOW": "127.0.0.1"}
     http_port, grpc_port = ports or free_ports(2)
     args = ["--http-port", str(http_port), "--grpc-port", str(grpc_port)]
     proc = start_process([sys.executable, "-m", "gateway", *args], log_path=log_path, env=env)

@@ -29,9 +29,11 @@ from tests.unit.gateway.support import PNG, REFUSED, FakeEncoder, FakeLLM, Media
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    """Settings with a private cache folder, no Redis, and small, fast limits."""
+    """Settings with a private cache folder, no Redis, small, fast limits, and loopback open to
+    media fetches (the media server runs on 127.0.0.1)."""
     return Settings(
         cache_dir=tmp_path / "cache",
+        fetch_allow="127.0.0.1",
         redis_url="",
         media_max_bytes=64 * 1024,
         max_body_bytes=256 * 1024,
@@ -87,7 +89,7 @@ async def make_service(settings: Settings, preset: Preset) -> AsyncIterator[Serv
             encoder=encoder or FakeEncoder(),
             llm=LLMClient(llm_address, settings=s),
             cache=cache or FeatureCache(None, ttl_s=60),
-            fetcher=MediaFetcher(max_bytes=s.media_max_bytes, timeout_s=s.image_fetch_timeout_s),
+            fetcher=MediaFetcher.from_settings(s),
         )
         made.append(svc)
         return svc

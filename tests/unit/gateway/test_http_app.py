@@ -172,7 +172,8 @@ async def test_unsupported_scheme_and_too_many_images(down_client: httpx.AsyncCl
         r,
         400,
         "messages[0].content[0] (image 0): unsupported image URL scheme 'file' in "
-        "file:///etc/passwd: accepted schemes are http, https and data",
+        "file:///etc/passwd: accepted schemes are http, https and data; file:// URLs are off until "
+        "MODALMESH_FETCH_FILE_ROOTS names the folders they may read under",
     )
     parts = [{"type": "image_url", "image_url": "https://example.com/a.png"}] * 5
     r = await down_client.post(URL, json=body(parts))
