@@ -20,6 +20,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.common.errors import FailedPreconditionError
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -91,7 +93,7 @@ class AllowList:
         """The allow-list of a comma-separated `text` ("localhost, 10.0.0.0/8, ::1").
 
         Raises:
-            ValueError: An entry is neither a host name, an IP address nor a CIDR block.
+            FailedPreconditionError: An entry is neither a host name, an IP address nor a CIDR block.
         """
         hosts: set[str] = set()
         networks: list[IPNetwork] = []
@@ -106,7 +108,7 @@ class AllowList:
                 pass
             name = entry.rstrip(".")
             if not _HOST_NAME.match(name):
-                raise ValueError(
+                raise FailedPreconditionError(
                     f"{source} entry {raw.strip()!r}: expected a host name, an IP address or a CIDR "
                     "block (e.g. media.internal, 10.0.0.5, 10.0.0.0/8)"
                 )

@@ -28,7 +28,7 @@ from gateway._fetch_guard import AllowList, IPAddress, classify, ip_literal
 from gateway.http_app import create_app
 from gateway.media import MediaFetcher
 from gateway.serving import ChatService
-from services.common.errors import InvalidArgumentError, PayloadTooLargeError
+from services.common.errors import FailedPreconditionError, InvalidArgumentError, PayloadTooLargeError
 from services.common.settings import Settings
 from tests.helpers.media import png_bytes
 from tests.unit.gateway.support import ServiceFactory
@@ -607,7 +607,7 @@ def test_metadata_addresses_open_only_when_named_themselves() -> None:
 
 @pytest.mark.parametrize("entry", ["http://example.com", "10.0.0.0/33", "a b", "-bad-.example"])
 def test_a_bad_allow_entry_fails_at_start(entry: str) -> None:
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(FailedPreconditionError) as info:
         MediaFetcher(max_bytes=1, timeout_s=1.0, allow=f"localhost,{entry}")
     assert str(info.value) == (
         f"MODALMESH_FETCH_ALLOW entry {entry!r}: expected a host name, an IP address or a CIDR block "
