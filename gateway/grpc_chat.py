@@ -26,6 +26,7 @@ import grpc
 from gateway._middleware import new_request_id, valid_request_id
 from gateway.auth import Guard, Permit, RateLimitedError
 from gateway.domain import ChatRequest, Finished, MediaItem, MediaOutput, Part, Timestamp, Turn
+from gateway.llm_client import client_deadline
 from gateway.protocol import INLINE_FORMATS
 from gateway.serving import ChatService
 from modalmesh.v1 import chat_pb2, chat_pb2_grpc
@@ -154,7 +155,8 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
         )
         status = "OK"
         permit: Permit | None = None
-        with bound_request_id(request_id):
+        # the LLM call's deadline is no later than this call's own
+        with bound_request_id(request_id), client_deadline(context.time_remaining()):
             try:
                 permit = self._admit(context)
                 chunks = self._complete(to_domain(request, request_id))

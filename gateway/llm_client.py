@@ -4,12 +4,20 @@ One grpc.aio channel per client, made on first use inside the serving event loop
 raised message limits of `Settings.grpc_options()`. Every call carries the request id in the
 `x-request-id` metadata and a deadline; failures become modalmesh errors through
 `services.common.grpc_errors` (UNAVAILABLE -> "the llm service is unavailable: ...").
+
+The deadline of a Generate call is the gateway's `llm_timeout_s`, shortened to what is left of
+the caller's own deadline when one is set with `client_deadline` (the gRPC Chat front end's
+`context.time_remaining()`): the LLM service then stops generating a reply nobody waits for,
+and the call ends with DEADLINE_EXCEEDED (DeadlineExceededError, 504).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import AsyncGenerator
+import time
+from collections.abc import AsyncGenerator, Iterator
+from contextvars import ContextVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -23,6 +31,35 @@ logger = logging.getLogger(__name__)
 
 SERVICE = "llm"
 LLM_SERVICE_NAME = llm_pb2.DESCRIPTOR.services_by_name["LLM"].full_name
+_MIN_TIMEOUT_S = 0.001  # an expired deadline still makes the call, which then fails at once
+
+# time.monotonic() by which the current request's caller stops waiting; None: no such deadline.
+_caller_deadline: ContextVar[float | None] = ContextVar("modalmesh_llm_caller_deadline", default=None)
+
+
+@contextlib.contextmanager
+def client_deadline(seconds: float | None) -> Iterator[None]:
+    """Within this block, Generate calls end at the latest `seconds` from now.
+
+    Args:
+        seconds: What is left of the caller's deadline (gRPC: `context.time_remaining()`, which
+            is None when the client set none); None keeps the gateway's own timeout only.
+    """
+    token = _caller_deadline.set(None if seconds is None else time.monotonic() + max(seconds, 0.0))
+    try:
+        yield
+    finally:
+        _caller_deadline.reset(token)
+
+
+def call_timeout(default_s: float, timeout_s: float | None = None) -> float:
+    """The deadline in seconds of one call: the least of `default_s`, `timeout_s` and what is
+    left of the caller's deadline (`client_deadline`)."""
+    timeout = default_s if timeout_s is None else min(default_s, timeout_s)
+    deadline = _caller_deadline.get()
+    if deadline is not None:
+        timeout = min(timeout, deadline - time.monotonic())
+    return max(timeout, _MIN_TIMEOUT_S)
 
 
 class LLMClient:
@@ -51,8 +88,15 @@ class LLMClient:
         assert self._stub is not None
         return self._stub
 
-    async def generate(self, request: llm_pb2.GenerateRequest) -> AsyncGenerator[llm_pb2.GenerateChunk, None]:
+    async def generate(
+        self, request: llm_pb2.GenerateRequest, *, timeout_s: float | None = None
+    ) -> AsyncGenerator[llm_pb2.GenerateChunk, None]:
         """Stream the chunks of one generation; closing the iterator cancels the call.
+
+        Args:
+            request: The generation.
+            timeout_s: The caller's remaining deadline, if it has one; the call's deadline is
+                the least of it, `settings.llm_timeout_s` and a `client_deadline` in force.
 
         Raises:
             ModalmeshError: The call failed (UNAVAILABLE -> UnavailableError naming the llm
@@ -60,7 +104,7 @@ class LLMClient:
         """
         call = self._llm().Generate(
             request,
-            timeout=self.settings.llm_timeout_s,
+            timeout=call_timeout(self.settings.llm_timeout_s, timeout_s),
             metadata=((REQUEST_ID_HEADER, request.request_id),),
         )
         try:

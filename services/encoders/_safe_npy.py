@@ -230,6 +230,8 @@ def read_npz(data: bytes, *, what: str, max_bytes: int) -> dict[str, np.ndarray]
             raise InvalidArgumentError(
                 f"{what}: expected stored or deflated members, got compression {info.compress_type} for {name!r}"
             )
+        if info.flag_bits & 0x1:  # zipfile would ask for a password (RuntimeError)
+            raise InvalidArgumentError(f"{what}: expected unencrypted members, got an encrypted {name!r}")
         try:
             member = _read_member(archive, info)
         except (zipfile.BadZipFile, ValueError, OSError, NotImplementedError, EOFError) as e:

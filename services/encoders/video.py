@@ -17,8 +17,10 @@ behaves on untrusted input:
   temporary file (`tmp_dir`, default the system's) for the length of the call.
 - decord bundles FFmpeg 4.1 and exposes no container name and no frame size before decoding,
   so PyAV (current FFmpeg) reads the header first: only the mov/mp4, matroska/webm and avi
-  demuxers get to decord, and the frame size is checked before any frame is decoded. decord
-  scales every frame to the size in that header, also when the stream changes size midway.
+  demuxers get to decord, and the frame size is checked before any frame is decoded, as is the
+  frame count the header declares (decord sizes its frame index from it, and the std::bad_alloc
+  a damaged count makes it throw aborts the process). decord scales every frame to the size in
+  that header, also when the stream changes size midway.
 - A damaged frame either fails decord's decoder (refused here) or, where the decoder gives no
   picture, is silently replaced by its neighbour unless `fault_tol` is set; here it is
   (`VideoLimits.max_corrupt_frames`, default 0), so such a file is refused too.
@@ -223,14 +225,16 @@ def _decord_reason(error: Exception, path: str) -> str:
     return text[:200]
 
 
-def _probe(path: str, data: bytes) -> tuple[str, int, int]:
-    """(container name, width, height) from the header, via PyAV; nothing is decoded."""
+def _probe(path: str, data: bytes) -> tuple[str, int, int, int]:
+    """(container name, width, height, frames the header declares or 0) via PyAV; nothing is decoded."""
     try:
         with av.open(path) as container:
             demuxer = container.format.name
             kinds = sorted({str(s.type) for s in container.streams}) or ["none"]
             stream = container.streams.best("video")
-            size = (stream.width, stream.height) if isinstance(stream, av.VideoStream) else None
+            video = stream if isinstance(stream, av.VideoStream) else None
+            size = (video.width, video.height) if video is not None else None
+            declared = int(video.frames or 0) if video is not None else 0
     except Exception as e:  # av.error.FFmpegError mostly; PyAV raises a few others
         why = getattr(e, "strerror", None) or type(e).__name__
     else:
@@ -241,7 +245,7 @@ def _probe(path: str, data: bytes) -> tuple[str, int, int]:
             raise InvalidArgumentError(
                 f"no video stream: expected {name} with a video stream, got streams: {', '.join(kinds)}"
             )
-        return name, *size
+        return name, *size, declared
     fmt = _sniff(data)
     if fmt is None:
         raise _not_a_video(data)
@@ -341,9 +345,16 @@ def decode_video(
     with tempfile.NamedTemporaryFile(prefix="modalmesh-video-", dir=tmp_dir) as file:
         file.write(data)
         file.flush()
-        fmt, width, height = _probe(file.name, data)
+        fmt, width, height, declared = _probe(file.name, data)
         if width <= 0 or height <= 0:
             raise _corrupt(fmt, data, f"expected a positive frame size, got {width}x{height}")
+        if declared > limits.max_frames:
+            # decord sizes its frame index from this count: a damaged 1.6 kB mp4 declaring 1.7e9
+            # frames made it throw std::bad_alloc, which aborts the process (found by fuzzing).
+            raise InvalidArgumentError(
+                f"video has too many frames: expected at most {limits.max_frames}, got {declared} "
+                f"declared in its {fmt} header"
+            )
         if width * height > limits.max_pixels:
             raise InvalidArgumentError(
                 f"video frames too large: expected at most {limits.max_pixels} pixels, got "

@@ -16,6 +16,7 @@ import torch
 from services.common.errors import InvalidArgumentError
 
 MAX_TEMPERATURE = 2.0
+GREEDY_BELOW = 1e-5  # temperatures under this decode greedily (logits / t would overflow float32)
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,9 @@ class SamplingParams:
 
     Attributes:
         max_tokens: Upper bound on generated tokens, > 0.
-        temperature: In [0, 2]; 0 selects greedy decoding.
+        temperature: In [0, 2]; 0 selects greedy decoding, and so does any temperature below
+            GREEDY_BELOW (as vLLM's _SAMPLING_EPS): dividing float32 logits by 1e-45 makes
+            them infinite and the softmax NaN.
         top_p: Nucleus mass in (0, 1]; 1 disables it.
         top_k: Keep the k most likely tokens; 0 disables it.
         seed: Seed of the request's generator; None draws a fresh one.
@@ -62,8 +65,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        """Whether decoding is greedy (temperature 0)."""
-        return self.temperature == 0.0
+        """Whether decoding is greedy (temperature 0, or below GREEDY_BELOW)."""
+        return self.temperature < GREEDY_BELOW
 
 
 def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:

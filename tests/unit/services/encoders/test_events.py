@@ -473,3 +473,13 @@ def test_frames_match_eventgpt_loop(n: int, frames: int, size: tuple[int, int]) 
     assert len(ours) == frames
     for got, want in zip(ours, reference, strict=True):
         np.testing.assert_array_equal(got, want)
+
+
+def test_an_encrypted_npz_member_is_refused() -> None:
+    """Found by tests/reliability/test_fuzz_decoders.py: zipfile raised RuntimeError ("password
+    required") for a member flagged encrypted."""
+    data = bytearray(make_events(40, 16, 12, form="npz"))
+    central = data.index(b"PK\x01\x02")
+    data[central + 8] |= 0x01  # general purpose flag bit 0: encrypted
+    with pytest.raises(InvalidArgumentError, match="expected unencrypted members"):
+        parse_events(bytes(data), limits=EventLimits())

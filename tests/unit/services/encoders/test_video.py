@@ -441,3 +441,15 @@ def test_too_many_sampled_bytes() -> None:
         )
         == 10
     )
+
+
+def test_a_header_declaring_too_many_frames_is_refused_before_decord_opens_it() -> None:
+    """Found by tests/reliability/test_fuzz_decoders.py: an stts table claiming 5 entries but
+    holding 1 declares 1.7e9 frames; decord's frame index threw std::bad_alloc (process abort)."""
+    data = bytearray(make_video(6, 4, (32, 24), "mp4"))
+    stts = data.index(b"stts")
+    data[stts + 8 : stts + 12] = (5).to_bytes(4, "big")
+    with pytest.raises(
+        InvalidArgumentError, match=r"too many frames: expected at most 36000, got \d+ declared"
+    ):
+        decode_video(bytes(data), sampling=FrameSampling(num_frames=4), limits=VideoLimits())

@@ -67,6 +67,16 @@ def test_greedy_is_argmax() -> None:
     assert Sampler(SamplingParams(max_tokens=1, temperature=0.0))(logits) == int(logits.argmax())
 
 
+@pytest.mark.parametrize("temperature", [1e-45, 1e-38, 1e-6])
+def test_a_temperature_too_small_to_divide_by_is_greedy(temperature: float) -> None:
+    """Found by tests/reliability/test_fuzz_rest.py: temperature 1e-45 made the logits infinite,
+    the softmax NaN and torch.multinomial raise (a 500)."""
+    logits = torch.randn(100, generator=torch.Generator().manual_seed(0)) * 30
+    params = SamplingParams(max_tokens=1, temperature=temperature, seed=1)
+    assert params.greedy
+    assert Sampler(params)(logits) == int(logits.argmax())
+
+
 def test_top_k_one_equals_greedy() -> None:
     gen = torch.Generator().manual_seed(1)
     for seed in range(20):
