@@ -79,7 +79,10 @@ class LLMClient:
     def _connect(self) -> grpc.aio.Channel:
         # Made on first use, inside the event loop that serves requests.
         if self._channel is None:
-            self._channel = grpc.aio.insecure_channel(self.target, options=self.settings.grpc_options())
+            # round_robin: a target naming several replicas ("dns:///llm:50052" resolving to
+            # each, or "ipv4:10.0.0.1:50052,10.0.0.2:50052") gets its calls spread over all of them
+            options = [*self.settings.grpc_options(), ("grpc.lb_policy_name", "round_robin")]
+            self._channel = grpc.aio.insecure_channel(self.target, options=options)
             self._stub = llm_pb2_grpc.LLMStub(self._channel)
         return self._channel
 
