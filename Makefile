@@ -13,6 +13,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml setup.py requirements/cpu.txt $(wildcard protos/modalmesh/v1/*.proto)
 	@scripts/ensure-system-deps
+	@scripts/ensure-browser
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -c requirements/cpu.txt -e '.[dev]'
 	@scripts/prebuild-deepspeed-op $(BIN)/python

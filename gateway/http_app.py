@@ -10,8 +10,9 @@ still get a proper status; an error after that is sent as `data: {"error": ...}`
 
 Security (settings, all off by default): API keys and per-caller limits on /v1/* are checked by
 `GatewayMiddleware` through a `gateway.auth.Guard` (401 / 429 before the body is read);
-/health and /metrics stay open. `cors_origins` turns Starlette's CORSMiddleware on, outermost,
-so that preflights need no key and error replies carry the CORS headers too.
+/health, /metrics and the web UI's static files (/ui/, docs/ui.md) stay open. `cors_origins`
+turns Starlette's CORSMiddleware on, outermost, so that preflights need no key and error replies
+carry the CORS headers too.
 """
 
 from __future__ import annotations
@@ -21,13 +22,15 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncGenerator, Awaitable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
+from starlette.staticfiles import StaticFiles
 
 from gateway._middleware import GatewayMiddleware, valid_request_id
 from gateway.auth import Guard, error_headers
@@ -304,6 +307,20 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, on_modalmesh)
 
 
+UI_DIR = Path(__file__).parent / "ui"
+
+
+def _add_ui_routes(app: FastAPI) -> None:
+    """The web UI (docs/ui.md): static files at /ui/, open without a key (its API calls carry it)."""
+
+    async def to_ui(_: Request) -> Response:
+        return RedirectResponse("/ui/")
+
+    app.add_api_route("/", to_ui, methods=["GET"], include_in_schema=False)
+    app.add_api_route("/ui", to_ui, methods=["GET"], include_in_schema=False)
+    app.mount("/ui", StaticFiles(directory=UI_DIR, html=True), name="ui")
+
+
 def create_app(
     service: ChatService, training: TrainingClient | None = None, *, guard: Guard | None = None
 ) -> FastAPI:
@@ -331,6 +348,7 @@ def create_app(
     app.add_api_route("/metrics", metrics, methods=["GET"], include_in_schema=False)
     if training is not None:
         add_training_routes(app, training)
+    _add_ui_routes(app)
     _install_error_handlers(app)
     app.add_middleware(
         GatewayMiddleware,

@@ -571,3 +571,13 @@ async def test_grpc_call_in_flight_holds_its_slot_until_cancelled(
             assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert asyncio.get_running_loop().time() < deadline, "the cancelled call kept its slot"
             await asyncio.sleep(0.05)
+
+
+async def test_the_web_ui_page_is_open_while_its_api_calls_need_the_key(
+    rest: Callable[..., httpx.AsyncClient],
+) -> None:
+    c = rest(api_keys=KEY_A)
+    page = await c.get("/ui/")
+    assert page.status_code == 200 and "<html" in page.text.lower()
+    assert (await c.get("/v1/models")).status_code == 401
+    assert (await c.get("/v1/models", headers=bearer(KEY_A))).status_code == 200
