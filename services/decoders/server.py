@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from services.common.devices import default_device
 from services.common.errors import FailedPreconditionError
 from services.common.presets import Preset
 from services.common.settings import Settings
@@ -29,11 +30,6 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
 }
-
-
-def default_device() -> torch.device:
-    """The first CUDA device when there is one, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def load_decoders(preset: Preset, *, device: str | torch.device | None = None) -> list[BoundDecoder]:

@@ -27,6 +27,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from services.common.devices import default_device
 from services.common.errors import InvalidArgumentError, NotFoundError
 from services.common.presets import BACKBONE_MODALITIES, EncoderSpec
 
@@ -227,11 +228,6 @@ def check_output(backbone: Backbone, spec: EncoderSpec, *, modality: str = "imag
             f"of width {got[1]} (select_layer={spec.select_layer}, "
             f"select_feature={spec.select_feature}{taps})"
         )
-
-
-def default_device() -> torch.device:
-    """The first CUDA device when there is one, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def build_backbone(

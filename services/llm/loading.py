@@ -20,6 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from services.common.devices import default_device
 from services.common.errors import FailedPreconditionError
 from services.common.presets import ConnectorSpec, Preset
 from services.llm.adapters import Bundle, base_fingerprint, check_state_dict, load_bundle
@@ -199,8 +200,9 @@ def _eos_ids(lm: Any, tokenizer: Any) -> frozenset[int]:
     return frozenset(ids)
 
 
-def load_model(preset: Preset) -> LoadedModel:
-    """Load the tokenizer, the LM and the preset's adapter bundle, and assemble the model.
+def load_model(preset: Preset, *, device: str | torch.device | None = None) -> LoadedModel:
+    """Load the tokenizer, the LM and the preset's adapter bundle, and assemble the model on
+    `device` (default: the first CUDA device when there is one, else the CPU).
 
     Raises:
         NotFoundError: The adapter bundle does not exist.
@@ -218,7 +220,7 @@ def load_model(preset: Preset) -> LoadedModel:
     bundle = load_bundle(preset.adapter.path, expected_fingerprint=base_fingerprint(checkpoint))
     connectors = load_connectors(preset, bundle.connectors, llm_dim=lm.config.hidden_size, dtype=dtype)
     layouts = {m: FeatureLayout.from_spec(m, s) for m, s in preset.modalities.items()}
-    model = MultimodalLM(lm, connectors, layouts).eval()
+    model = MultimodalLM(lm, connectors, layouts).eval().to(device or default_device())
     ts = preset.heads.timestamps
     if ts is not None:
         check_frame_tokens(preset, model.connector(ts.modality).num_tokens)
