@@ -334,10 +334,19 @@ def read_state_dict(
 
 
 def _unpickler_reason(e: Exception) -> str:
-    for line in str(e).splitlines():
-        if "WeightsUnpickler error:" in line:
-            return line.split("WeightsUnpickler error:", 1)[1].strip().split(". ")[0]
-    return str(e).splitlines()[0] if str(e) else type(e).__name__
+    """The line of torch's refusal that names what was refused (e.g. "Trying to load unsupported
+    GLOBAL posix.getcwd ..."), not its boilerplate."""
+    text = str(e)
+    if "WeightsUnpickler error:" in text:  # the reason follows, on the same line or the next ones
+        after = [line.strip() for line in text.split("WeightsUnpickler error:", 1)[1].splitlines()]
+        reason = next((line for line in after if line), "")
+        if reason:
+            return reason.split(". ")[0]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for line in lines:
+        if "unsupported" in line.lower() or "GLOBAL" in line:
+            return line.split(". ")[0]
+    return lines[0] if lines else type(e).__name__
 
 
 def _state_files(layout: SeedLayout, paths: list[Path]) -> tuple[list[Path], Path | None]:

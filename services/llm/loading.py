@@ -206,12 +206,18 @@ def load_model(preset: Preset, *, device: str | torch.device | None = None) -> L
 
     Raises:
         NotFoundError: The adapter bundle does not exist.
-        FailedPreconditionError: The bundle is damaged, built for another base model, or its
-            connectors do not fit the preset.
+        FailedPreconditionError: The LM folder is missing, the bundle is damaged, built for
+            another base model, or its connectors do not fit the preset.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     checkpoint = preset.llm.checkpoint
+    if not (checkpoint / "config.json").is_file():  # else transformers takes it for a hub repo id
+        raise FailedPreconditionError(
+            f"preset {preset.name}: llm.checkpoint: expected a Hugging Face model folder with config.json, "
+            f"weights and tokenizer, got {'a folder without config.json' if checkpoint.is_dir() else 'no such folder'}"
+            f" at {checkpoint} (docs/presets.md says what each preset needs)"
+        )
     dtype = DTYPES[preset.llm.dtype]
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     check_added_tokens(preset, tokenizer)

@@ -151,3 +151,12 @@ def test_phi3_takes_lora_on_qkv_proj_and_o_proj(twin, tmp_path: Path) -> None:
         manager.select(version)
         tuned = loaded.model.lm(input_ids=ids).logits
     assert not torch.allclose(plain, tuned)
+
+
+def test_a_missing_lm_folder_is_named_not_taken_for_a_hub_id(tiny_preset: Preset, tmp_path: Path) -> None:
+    for folder in (tmp_path / "absent", tmp_path):
+        preset = tiny_preset.model_copy(
+            update={"llm": tiny_preset.llm.model_copy(update={"checkpoint": folder})}
+        )
+        with pytest.raises(FailedPreconditionError, match=r"llm.checkpoint: expected a Hugging Face model folder"):
+            load_model(preset)
