@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -27,11 +28,11 @@ from bench._stack import Stack
 ROWS = 16
 
 
-def _seconds(fn: object, reps: int) -> float:
+def _seconds(fn: Callable[[], object], reps: int) -> float:
     times = []
     for i in range(reps + 1):
         start = time.perf_counter()
-        fn()  # type: ignore[operator]
+        fn()
         if i:
             times.append(time.perf_counter() - start)
     return median(times)

@@ -359,13 +359,8 @@ class MediaFetcher:
         async for chunk in response.aiter_bytes():
             body += chunk
             if len(body) > self.max_bytes:
-                raise PayloadTooLargeError(
-                    f"{modality} at {where} is over the limit of {self.max_bytes} bytes "
-                    f"(read at least {len(body)} bytes)"
-                )
-        if not body:
-            raise InvalidArgumentError(f"{modality} at {where} is empty")
-        return bytes(body)
+                break
+        return self._checked(bytes(body), modality, where)
 
     # -- file:// ---------------------------------------------------------------------------------
 
@@ -423,13 +418,17 @@ class MediaFetcher:
             data = b"".join(chunks)
         finally:
             os.close(fd)
+        return self._checked(data, modality, shown)
+
+    def _checked(self, data: bytes, modality: str, where: str) -> bytes:
+        """`data` read from `where` (at most one byte over the cap), if within the cap and not empty."""
         if len(data) > self.max_bytes:
             raise PayloadTooLargeError(
-                f"{modality} at {shown} is over the limit of {self.max_bytes} bytes "
+                f"{modality} at {where} is over the limit of {self.max_bytes} bytes "
                 f"(read at least {len(data)} bytes)"
             )
         if not data:
-            raise InvalidArgumentError(f"{modality} at {shown} is empty")
+            raise InvalidArgumentError(f"{modality} at {where} is empty")
         return data
 
     async def aclose(self) -> None:
