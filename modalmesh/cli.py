@@ -8,6 +8,7 @@
     modalmesh adapters list [NAME] | rollback NAME VERSION   the adapter registry in Redis
     modalmesh import SYSTEM PATH [--preset NAME] [--out DIR] [--version V]   a seed checkpoint -> bundle
     modalmesh embed-captions --preset P --modality M --captions FILE --out DIR   stage-2 caption embeddings
+    modalmesh add-tokens SRC --preset P [--out DIR] [--rows-from PATH]   base LLM + the preset's new tokens
 
 Every flag has a MODALMESH_* environment variable (see services.common.settings.Settings);
 a flag wins over the variable.
@@ -26,6 +27,7 @@ from modalmesh import train_cli
 from modalmesh.adapters_cli import add_parser as add_adapters_parser
 from modalmesh.embed_cli import add_parser as add_embed_parser
 from modalmesh.import_cli import add_parser as add_import_parser
+from modalmesh.tokens_cli import add_parser as add_tokens_parser
 from services.common.errors import ModalmeshError
 
 # flag -> Settings field
@@ -154,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_adapters_parser(sub, _settings)
     add_import_parser(sub)
     add_embed_parser(sub)
+    add_tokens_parser(sub)
     return parser
 
 

@@ -127,7 +127,8 @@ class SeedLayout:
 
 
 _EMBED_REASON = (
-    "the base LLM's rows are not part of a bundle (serve the checkpoint that holds them as the preset's llm)"
+    "the base LLM's rows are not part of a bundle (`modalmesh add-tokens BASE --preset P --rows-from "
+    "<this checkpoint>` writes them into the preset's LLM folder)"
 )
 _LINEAR_PROJ = {"linear": Rename((("llama_proj.", "proj."),))}
 LAYOUTS: dict[str, SeedLayout] = {

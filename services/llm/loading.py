@@ -184,7 +184,8 @@ def check_added_tokens(preset: Preset, tokenizer: Any) -> None:
         if len(ids) != 1 or tokenizer.convert_ids_to_tokens(ids[0]) != token:
             raise FailedPreconditionError(
                 f"preset {preset.name}: llm.added_tokens {token!r}: expected one token of the tokenizer of "
-                f"{preset.llm.checkpoint}, got {len(ids)} id(s) {ids}"
+                f"{preset.llm.checkpoint}, got {len(ids)} id(s) {ids}; `modalmesh add-tokens <base model folder> "
+                f"--preset {preset.name}` writes an LLM folder that holds the preset's tokens"
             )
 
 

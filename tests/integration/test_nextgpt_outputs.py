@@ -264,6 +264,70 @@ def test_bad_output_requests_fail_alone(
     stack.ok("draw a cat", modalities=["text", "image"])  # the stack still serves
 
 
+def _models(stack: Stack) -> list[str]:
+    return [m["id"] for m in httpx.get(f"{stack.base_url}/v1/models", timeout=10).json()["data"]]
+
+
+def test_a_published_projector_release_is_served_without_a_restart(
+    stack: Stack, tiny_cache_dir: Path, redis_url: str, tmp_path: Path
+) -> None:
+    """What stage 2 publishes: a bundle whose only change is the output projectors. Published
+    to the registry, the running LLM service swaps to it; the same seeded ask now decodes other
+    conditioning into another image while the text stays the same, and a pin to version 1
+    still gives the first image. Rolled back at the end for the tests after it."""
+    import torch
+
+    from services.common.adapter_registry import AdapterRegistry
+    from services.common.presets import load_preset
+    from services.llm.adapters import base_fingerprint, load_bundle, write_bundle
+    from services.trainer.publisher import publish_bundle, rollback
+
+    preset = load_preset(PRESET, cache_dir=tiny_cache_dir)
+    name = preset.adapter.name
+    ask = {"modalities": ["text", "image"], "image": {"height": 32, "width": 32, "seed": 3}}
+
+    def image(model: str) -> tuple[str, str]:
+        message = stack.ok("draw a boat on the sea", model=model, **ask)
+        return message["content"], only_media(message, "image")["image_url"]["url"]
+
+    text1, png1 = image(PRESET)
+    start = load_bundle(preset.adapter.path)
+    generator = torch.Generator().manual_seed(11)
+    heads = {  # every projector tensor moved: a stand-in for trained ones
+        head: {
+            key.split(".", 1)[1]: value + 0.5 * torch.randn(value.shape, generator=generator)
+            for key, value in start.heads.items()
+            if key.startswith(f"{head}.")
+        }
+        for head in {o.head for o in preset.outputs.values()}
+    }
+    fingerprint = base_fingerprint(preset.llm.checkpoint)
+    write_bundle(
+        tmp_path / "release", name=name, version="0", preset=PRESET, base_fingerprint=fingerprint,
+        connectors=start.connectors, heads=heads, stage="stage2",
+    )  # fmt: skip
+    registry = AdapterRegistry.from_url(redis_url)
+    previous = registry.current(name)  # the version the service seeded at start
+    assert previous is not None
+    published = publish_bundle(
+        tmp_path / "release", registry=registry, artifact_dir=tmp_path / "store", name=name,
+        base_fingerprint=fingerprint,
+    )  # fmt: skip
+    try:
+        pinned = f"{PRESET}@{published.version}"
+        wait_until(
+            lambda: pinned in _models(stack), timeout=60, what=f"{pinned} loaded", proc=stack.procs["llm"]
+        )
+        text2, png2 = image(PRESET)
+        assert text2 == text1  # the LLM and its connectors did not change
+        assert png2 != png1  # the projectors did: other conditioning, another image
+        assert image(pinned) == (text2, png2)
+        assert image(f"{PRESET}@{previous}") == (text1, png1)  # the first version is still pinnable
+    finally:
+        rollback(registry, name, previous)
+        wait_until(lambda: image(PRESET)[1] == png1, timeout=60, what="rolled back", proc=stack.procs["llm"])
+
+
 def test_a_decoder_killed_mid_request_fails_only_its_item(stack: Stack) -> None:
     """Last in the module: it kills the decoder service."""
     payload = {
