@@ -5,7 +5,7 @@
     modalmesh presets list | show NAME | generate NAME
     modalmesh train submit JOB.yaml [--wait] | status ID | list | cancel ID
     modalmesh data synth OUT_DIR [--train N] [--heldout N] [--seed S]
-    modalmesh adapters list [NAME] | rollback NAME VERSION   the adapter registry in Redis
+    modalmesh adapters list [NAME] | rollback NAME VERSION | publish BUNDLE   the adapter registry in Redis
     modalmesh import SYSTEM PATH [--preset NAME] [--out DIR] [--version V]   a seed checkpoint -> bundle
     modalmesh embed-captions --preset P --modality M --captions FILE --out DIR   stage-2 caption embeddings
     modalmesh add-tokens SRC --preset P [--out DIR] [--rows-from PATH]   base LLM + the preset's new tokens
