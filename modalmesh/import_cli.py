@@ -3,8 +3,9 @@
     modalmesh import SYSTEM PATH [PATH ...] [--preset NAME] [--out DIR] [--version V] [--name N]
 
 SYSTEM is pandagpt, nextgpt, videochat, llava, etchat or eventgpt (a bundle for the preset:
-connector + LoRA + heads, fingerprinted with the preset's LLM folder), or blip2-qformer (the
-frozen Q-Former base file a qformer connector names as `base:`). The preset defaults to the
+connector + LoRA + heads, fingerprinted with the preset's LLM folder), or blip2-qformer /
+instructblip-qformer (the frozen Q-Former base file a qformer / instruct_qformer connector
+names as `base:`). The preset defaults to the
 system's own (llava has none: pass --preset); the bundle goes to the preset's adapter folder,
 or its sibling folder V with --version, or --out. Keys or shapes that do not fit the preset
 are listed by the seed's names, expected against got, and nothing is written.
@@ -26,6 +27,7 @@ SYSTEM_HELP = {
     "etchat": "folder: pytorch_model.safetensors + adapter_model.safetensors",
     "eventgpt": "Hugging Face folder or .bin files (visual_projector, feature_adaptor)",
     "blip2-qformer": "LAVIS BLIP-2 .pth -> the qformer connector's frozen base file",
+    "instructblip-qformer": "LAVIS InstructBLIP .pth -> the instruct_qformer connector's frozen base file",
 }
 
 

@@ -227,6 +227,21 @@ BASE_LAYOUTS: dict[str, SeedLayout] = {
         unwrap="model",
         only=("Qformer.bert.", "query_tokens", "ln_vision."),
     ),
+    # LAVIS InstructBLIP (instruct_blip_vicuna7b_trimmed.pth): the instruction-aware Q-Former
+    # E.T. Chat starts from; its text parts (word/position embeddings, text FFN) are kept, and
+    # they are what E.T. Chat's release lacks (it holds only the parts it trained).
+    "instructblip-qformer": SeedLayout(
+        ("instruct_qformer",),
+        {
+            "instruct_qformer": _qformer_rename(
+                "Qformer.bert.",
+                instruct=True,
+                extra=(("query_tokens", "query_tokens"), ("ln_vision.", "ln_vision.")),
+            )
+        },
+        unwrap="model",
+        only=("Qformer.bert.", "query_tokens", "ln_vision."),
+    ),
 }
 SYSTEMS: tuple[str, ...] = (*LAYOUTS, *BASE_LAYOUTS)
 DEFAULT_PRESETS: dict[str, str] = {
@@ -236,6 +251,7 @@ DEFAULT_PRESETS: dict[str, str] = {
     "etchat": "etchat",
     "eventgpt": "eventgpt",
     "blip2-qformer": "videochat",
+    "instructblip-qformer": "etchat",
 }
 
 
@@ -755,11 +771,12 @@ def _write(
 def import_qformer_base(
     system: str, paths: list[Path], preset: Preset, out: Path | None = None
 ) -> ImportReport:
-    """Write a qformer connector's frozen base file (`connector.base`) from LAVIS BLIP-2 weights.
+    """Write a Q-Former connector's frozen base file (`connector.base`) from LAVIS weights:
+    BLIP-2 for `qformer` (VideoChat), InstructBLIP for `instruct_qformer` (E.T. Chat).
 
     Keeps `Qformer.bert.*` (renamed to transformers' names), `query_tokens` and `ln_vision.*`;
     the text-only parts BLIP-2 ships (word/position embeddings, text FFN, `Qformer.cls`) that a
-    query-only Q-Former lacks are reported as skipped.
+    query-only Q-Former lacks are reported as skipped. The instruction-aware Q-Former keeps them.
     """
     layout = BASE_LAYOUTS[system]
     connector = _pick_connector(layout, preset, system)
@@ -769,7 +786,7 @@ def import_qformer_base(
         raise InvalidArgumentError(
             f"import {system}: preset {preset.name}'s connector has no base: path; pass --out FILE"
         )
-    rename = layout.connector["qformer"]
+    (rename,) = layout.connector.values()
     tensors: dict[str, torch.Tensor] = {}
     for f in _state_files(layout, paths)[0]:
         tensors.update(read_state_dict(f, only=layout.only, unwrap=layout.unwrap))

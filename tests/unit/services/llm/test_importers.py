@@ -588,3 +588,52 @@ def test_nextgpt_output_projectors_for_a_preset_without_outputs_are_skipped(tmp_
     report = import_checkpoint("nextgpt", [tmp_path / "pytorch_model.pt"], panda, tmp_path / "out" / "1")
     assert _bundle(tmp_path / "out" / "1", panda).heads == {}
     assert "the preset has no outputs" in "\n".join(report.lines())
+
+
+def test_instructblip_qformer_becomes_the_etchat_connector_base_file(tmp_path: Path) -> None:
+    """LAVIS InstructBLIP -> E.T. Chat's frozen Q-Former base: the text parts are kept (the
+    Q-Former reads the instruction), and the file is the connector's whole frozen part."""
+    from services.llm.importers import connector_shapes
+
+    preset = _preset("tiny-etchat", tmp_path)
+    bert = _lavis_qformer(instruct_text=True)
+    ckpt = {f"Qformer.bert.{k}": v for k, v in bert.items()}
+    ckpt.update({
+        "query_tokens": _rand(1, 4, 32), "ln_vision.weight": _rand(32), "ln_vision.bias": _rand(32),
+        "llm_proj.weight": _rand(H, 32), "llm_proj.bias": _rand(H),
+    })  # fmt: skip
+    torch.save({"model": ckpt}, tmp_path / "instruct_blip_vicuna7b_trimmed.pth")
+    spec = preset.modalities["video"].connector
+    assert spec.base is not None
+    report = import_qformer_base(
+        "instructblip-qformer", [tmp_path / "instruct_blip_vicuna7b_trimmed.pth"], preset
+    )
+    assert report.output == spec.base and not report.skipped
+    base = load_file(str(spec.base))
+    assert torch.equal(base["qformer.embeddings.layernorm.weight"], bert["embeddings.LayerNorm.weight"])
+    assert torch.equal(
+        base["qformer.embeddings.word_embeddings.weight"], bert["embeddings.word_embeddings.weight"]
+    )
+    assert torch.equal(
+        base["qformer.encoder.layer.1.output.dense.weight"], bert["encoder.layer.1.output.dense.weight"]
+    )
+    assert torch.equal(base["ln_vision.bias"], ckpt["ln_vision.bias"])
+    assert not any(k.startswith("llm_proj") for k in base)
+    # exactly the frozen part of the connector the preset builds, each with its shape
+    expected, base_keys = connector_shapes(preset, preset.modalities["video"].connector_name("video"), H)
+    assert set(base) == base_keys
+    assert all(tuple(base[k].shape) == expected[k] for k in base)
+
+
+def test_instructblip_qformer_that_does_not_fit_is_named(tmp_path: Path) -> None:
+    preset = _preset("tiny-etchat", tmp_path)
+    bert = _lavis_qformer(instruct_text=False)  # a BLIP-2 Q-Former: no text parts
+    torch.save({"model": {f"Qformer.bert.{k}": v for k, v in bert.items()}}, tmp_path / "blip2.pth")
+    with pytest.raises(InvalidArgumentError) as e:
+        import_qformer_base(
+            "instructblip-qformer", [tmp_path / "blip2.pth"], preset, tmp_path / "base.safetensors"
+        )
+    assert (
+        "missing" in e.value.message and "Qformer.bert.embeddings.word_embeddings.weight" in e.value.message
+    )
+    assert not (tmp_path / "base.safetensors").exists()
