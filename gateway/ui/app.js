@@ -502,11 +502,17 @@
     return svg;
   }
 
+  // The record's loss_history is the whole run (thinned past 512 points); the latest progress
+  // point is added when it is newer. Without a history, the points gathered while polling.
   function recordPoint(job) {
+    const valid = (q) => Array.isArray(q) && Number.isFinite(q[0]) && Number.isFinite(q[1]);
+    const history = Array.isArray(job.loss_history) ? job.loss_history.filter(valid) : [];
+    const points = history.length ? history.map((q) => [q[0], q[1]]) : state.jobPoints.get(job.id) || [];
     const p = job.progress || {};
-    if (typeof p.step !== "number" || typeof p.loss !== "number" || !Number.isFinite(p.loss)) return;
-    const points = state.jobPoints.get(job.id) || [];
-    if (!points.length || points[points.length - 1][0] < p.step) points.push([p.step, p.loss]);
+    const step = p.step, loss = p.loss;
+    if (Number.isFinite(step) && Number.isFinite(loss) && (!points.length || points[points.length - 1][0] < step)) {
+      points.push([step, loss]);
+    }
     state.jobPoints.set(job.id, points);
   }
 

@@ -315,6 +315,7 @@ class JobRecord(BaseModel):
     pgid: int | None = None
     job_dir: str | None = None
     progress: dict[str, Any] = Field(default_factory=dict)
+    loss_history: list[tuple[int, float]] = Field(default_factory=list)
     resumed_from_step: int | None = None
     checkpoint: str | None = None
     bundle: str | None = None

@@ -29,6 +29,28 @@ from services.trainer.store import JobStore
 # Loss parts a recipe logs beside the loss (stage 2: the LM loss and the signal distance term);
 # they reach the record's progress, and their first values its metrics.
 LOSS_PARTS = ("lm_loss", "distance")
+# The record keeps at most this many [step, loss] points: past it every other one is dropped
+# and the grain doubles, so the history always spans the whole run evenly (a few KB of JSON).
+HISTORY_POINTS = 512
+
+
+def extend_history(history: list[tuple[int, float]], step: int, loss: float) -> list[tuple[int, float]]:
+    """`history` with (step, loss) appended.
+
+    The points lie on a grain (the gap between the first two: 1 step until the first
+    thinning), except the newest, which stands for the end of the curve until the next point
+    replaces it. A step at or before the last one (a resumed run replaying from its
+    checkpoint) first drops the points it replaces. Past HISTORY_POINTS every other point is
+    dropped (the first and the newest stay), doubling the grain.
+    """
+    kept = [p for p in history if p[0] < step]
+    if len(kept) >= 3 and kept[-1][0] - kept[-2][0] < kept[1][0] - kept[0][0]:
+        kept.pop()  # off the grain: it only stood for the newest step
+    kept.append((step, loss))
+    if len(kept) > HISTORY_POINTS:
+        kept = [*kept[:-1:2], kept[-1]]
+    return kept
+
 
 logger = logging.getLogger(__name__)
 
@@ -223,6 +245,10 @@ class JobRunner:
             }
             if firsts:
                 update["metrics"] = record.metrics | firsts
+            if isinstance(event.get("step"), int) and isinstance(event.get("loss"), (int, float)):
+                update["loss_history"] = extend_history(
+                    record.loss_history, event["step"], float(event["loss"])
+                )
             self.report(update["progress"])
         elif kind == "checkpoint":
             update["checkpoint"] = event.get("path")

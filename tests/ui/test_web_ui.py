@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.helpers.media import make_video, png_bytes
@@ -367,3 +368,16 @@ def test_training_job_progress_and_loss_plot(page: Any, shots: Path, stack: Stac
         timeout=60_000,
     )
     shot(page, shots, "08-training-cancelled")
+
+    # A page opened afterwards draws the whole curve from the record's loss_history, not only
+    # the points it saw itself.
+    history = httpx.get(f"{stack.base_url}/v1/training/jobs/{job_id}", timeout=10).json()["loss_history"]
+    assert len(history) >= 3 and history[0][0] == 1, history[:3]
+    page.reload()
+    page.click("#tab-training")
+    page.wait_for_function(
+        """([id, n]) => Number(document.querySelector(`tr[data-job="${id}"] svg.loss`)?.dataset.points) >= n""",
+        arg=[job_id, len(history)],
+    )
+    title = page.locator(f'tr[data-job="{job_id}"] svg.loss title').text_content() or ""
+    assert f"over steps 1-{history[-1][0]}" in title, title

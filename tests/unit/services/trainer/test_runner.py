@@ -4,6 +4,7 @@ itself is replaced by a fake that leaves what a finished run leaves in the job f
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -308,3 +309,32 @@ def test_an_unpublished_init_version_fails_the_job(
     with pytest.raises(InvalidArgumentError, match="tiny@7 is not published"):
         runner.run(spec, "j9")
     assert store.get("j9").state == "FAILED"
+
+
+def test_apply_keeps_the_loss_history_of_the_whole_run(runner: JobRunner) -> None:
+    from services.trainer.runner import HISTORY_POINTS
+
+    record = JobRecord(id="j", spec={}, queue="train.cpu")
+    for step in range(1, 5):
+        record = runner._apply(record, {"event": "step", "step": step, "loss": 10.0 - step})
+    record = runner._apply(record, {"event": "step", "step": 5})  # no loss: no point
+    assert record.loss_history == [(1, 9.0), (2, 8.0), (3, 7.0), (4, 6.0)]
+    # a resumed attempt replays from its checkpoint at step 2: its points replace the old ones
+    record = runner._apply(record, {"event": "start", "step": 2, "total_steps": 9})
+    record = runner._apply(record, {"event": "step", "step": 3, "loss": 6.5})
+    assert record.loss_history == [(1, 9.0), (2, 8.0), (3, 6.5)]
+    # a long run keeps the whole curve, thinned: first and newest point always there
+    for step in range(4, 5000):
+        record = runner._apply(record, {"event": "step", "step": step, "loss": 1.0 / step})
+    history = record.loss_history
+    assert len(history) <= HISTORY_POINTS and history[0] == (1, 9.0) and history[-1] == (4999, 1.0 / 4999)
+    assert [p[0] for p in history] == sorted({p[0] for p in history})
+    gaps = [b[0] - a[0] for a, b in itertools.pairwise(history)]
+    assert len(history) > HISTORY_POINTS // 2 and max(gaps) <= 2 * min(
+        gaps[:-1]
+    )  # even, not dense at the end
+    again = JobRecord.model_validate_json(record.model_dump_json())
+    assert again.loss_history == history and json.loads(record.model_dump_json())["loss_history"][0] == [
+        1,
+        9.0,
+    ]
