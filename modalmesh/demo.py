@@ -2,7 +2,9 @@
 
 First one question through the gateway's OpenAI-compatible API with the official `openai`
 client, streamed, with the image as a base64 data URL: on the tiny preset the models have
-random weights, so the answer is well-formed but meaningless. Then the training loop
+random weights, so the answer is well-formed but meaningless. A preset with outputs
+(`--preset tiny-nextgpt`) is then asked to draw, play and show something, and the image,
+sound and clip it returns are saved beside the logs. Then the training loop
 (`demo_training`): a synthetic data set, stage 1 and stage 3 through the job queue on 2
 DeepSpeed ranks, each published and hot-swapped into the running LLM service, and the served
 model scored on held-out images. `--no-train` stops after the first question.
@@ -30,7 +32,16 @@ _PORT_FIELDS = (
     "encoder_http_port",
     "encoder_grpc_port",
     "encoder_metrics_port",
+    "decoder_http_port",
+    "decoder_grpc_port",
+    "decoder_metrics_port",
 )
+# What the demo asks a preset with outputs for, per output modality, and the file it saves.
+GENERATE_ASKS = {
+    "image": ("draw a red circle on a blue sky", "png"),
+    "audio": ("play the sound of rain", "wav"),
+    "video": ("show a clip of a boat on the sea", "mp4"),
+}
 
 
 def demo_image_png() -> bytes:
@@ -82,6 +93,12 @@ def _up_argv(settings: Settings, log_dir: Path, start_timeout: float) -> list[st
         str(settings.encoder_grpc_port),
         "--encoder-metrics-port",
         str(settings.encoder_metrics_port),
+        "--decoder-http-port",
+        str(settings.decoder_http_port),
+        "--decoder-grpc-port",
+        str(settings.decoder_grpc_port),
+        "--decoder-metrics-port",
+        str(settings.decoder_metrics_port),
         "--redis-url",
         settings.redis_url,
         "--log-dir",
@@ -132,6 +149,64 @@ def _ask(base_url: str, model: str) -> tuple[str, float, object]:
     return "".join(parts), first if first is not None else time.perf_counter() - t0, usage
 
 
+def _media_bytes(entry: dict[str, object]) -> bytes:
+    """The file of a reply's media entry (image_url / video_url data URL, input_audio base64)."""
+    kind = str(entry["type"])
+    part = entry[kind]
+    assert isinstance(part, dict)
+    data = str(part["data"] if kind == "input_audio" else part["url"].partition(",")[2])
+    return base64.b64decode(data)
+
+
+def _generate(base: str, model: str, modalities: list[str], out_dir: Path) -> int:
+    """Ask for each output modality in turn and save what comes back; returns how many failed."""
+    import httpx
+
+    print(f"\n== any-to-any: the preset produces {', '.join(modalities)}; files go to {out_dir}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    failed = 0
+    for modality in modalities:
+        ask, ext = GENERATE_ASKS[modality]
+        body = {
+            "model": model,
+            "messages": [{"role": "user", "content": ask}],
+            "max_tokens": 16,
+            "temperature": 0.0,
+            "modalities": ["text", modality],
+        }
+        t = time.perf_counter()
+        r = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=300.0)
+        seconds = time.perf_counter() - t
+        if r.status_code != 200:
+            print(f"{modality}: the gateway answered {r.status_code}: {r.text[:300]}", file=sys.stderr)
+            failed += 1
+            continue
+        message = r.json()["choices"][0]["message"]
+        for entry in message.get("media") or []:
+            if entry["type"] == "error":
+                print(f"{modality}: {entry['error']['message']}", file=sys.stderr)
+                failed += 1
+                continue
+            path = out_dir / f"{modality}.{ext}"
+            path.write_bytes(_media_bytes(entry))
+            print(
+                f"{ask!r} -> {path} ({path.stat().st_size} bytes, {seconds:.2f}s); text: {message['content']!r}"
+            )
+    return failed
+
+
+def _outputs(settings: Settings) -> list[str]:
+    """The preset's output modalities ([] when it has none or cannot be read here)."""
+    from services.common.errors import ModalmeshError
+    from services.common.presets import load_preset
+
+    try:
+        preset = load_preset(settings.preset, cache_dir=settings.cache_dir, presets_dir=settings.presets_dir)
+    except ModalmeshError:
+        return []
+    return [m for m in preset.outputs if m in GENERATE_ASKS]
+
+
 def _train(base: str, settings: Settings, t0: float) -> int:
     from modalmesh.demo_training import print_report, run_training_demo
 
@@ -175,6 +250,9 @@ def run_demo(settings: Settings, *, log_dir: Path, start_timeout: float = 300.0,
         )
         if not answer:
             print("the model returned an empty answer", file=sys.stderr)
+        outputs = _outputs(settings)
+        if outputs and _generate(base, settings.preset, outputs, log_dir / "media"):
+            return 1
         if not train:
             return 0
         return _train(base, settings, t0)
