@@ -6,6 +6,7 @@ are opened and checked. The training part of the demo is covered by the trainer'
 from __future__ import annotations
 
 import io
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -51,3 +52,36 @@ def test_demo_answers_then_draws_plays_and_shows(
     with av.open(str(media / "video.mp4")) as container:
         frames = list(container.decode(video=0))
     assert frames and frames[0].width > 0
+
+
+def test_make_demo_trains_publishes_and_scores(tiny_cache_dir: Path, redis_url: str, tmp_path: Path) -> None:
+    """The main job (`make demo`: the tiny preset, stage 1 and stage 3 through the queue on 2
+    DeepSpeed ranks, each published and hot-swapped, the served model scored), end to end."""
+    flags = [
+        "--gateway-port", "--grpc-port", "--llm-port", "--llm-metrics-port", "--encoder-http-port",
+        "--encoder-grpc-port", "--encoder-metrics-port",
+    ]  # fmt: skip
+    ports = [
+        arg for flag, port in zip(flags, free_ports(len(flags)), strict=True) for arg in (flag, str(port))
+    ]
+    argv = [sys.executable, "-m", "modalmesh", "demo", "--cache-dir", str(tiny_cache_dir), "--redis-url",
+            redis_url, "--log-dir", str(tmp_path / "logs"), *ports]  # fmt: skip
+    # the jobs and the published versions go to this test's folders, not the shared cache's
+    env = {
+        **os.environ,
+        "MODALMESH_JOBS_DIR": str(tmp_path / "jobs"),
+        "MODALMESH_ARTIFACT_DIR": str(tmp_path / "store"),
+    }
+    done = subprocess.run(
+        argv, capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL, env=env
+    )
+    out = done.stdout
+    assert done.returncode == 0, f"{out}\n{done.stderr[-3000:]}"
+    assert sorted(p.name for p in (tmp_path / "store" / "tiny").iterdir()) == ["2", "3"]
+    assert "answer: " in out and "any-to-any" not in out  # the tiny preset has no outputs
+    for stage in ("stage1: tiny@", "stage3: tiny@"):
+        assert stage in out, out
+    assert (
+        "held-out accuracy of the served model: " in out
+        and "from `modalmesh up` to the held-out score" in out
+    )
