@@ -10,8 +10,12 @@ this module writes that folder once, from the base model:
 
     add_tokens(src, out, tokens, special=False, init="mean", seed=0, rows_from=[...])
 
-- each token the tokenizer does not hold yet is added (plain `add_tokens`, as legacy NExT-GPT,
-  or as additional special tokens, as E.T. Chat's `<vid>`);
+- each token the tokenizer does not hold yet is added, plain (legacy NExT-GPT) or as an
+  additional special token (E.T. Chat's `<vid>`). A plain token is matched on the raw text,
+  not the normalised one (a Llama fast tokenizer's normaliser prepends "▁", and a normalised
+  "[IMG0]" would then be stored as "▁[IMG0]" and never match after a letter), and it takes
+  the whitespace around it, as the slow tokenizers NExT-GPT trained with did for string
+  tokens: "a cat [IMG0] [IMG1]" is "a cat" + [IMG0] + [IMG1], the seed's 4 consecutive ids;
 - the input and output embeddings grow to the new vocabulary (never shrink: Phi-3's padded
   rows already cover new ids), and the rows of the added ids start at the mean of the
   existing rows (`init="mean"`, the new NExT-GPT code base and E.T. Chat) or are drawn from
@@ -229,6 +233,7 @@ def add_tokens(
             does not become one token, or a `rows_from` matrix does not fit.
         FailedPreconditionError: `out` exists and is not empty.
     """
+    from tokenizers import AddedToken
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if init not in INITS:
@@ -241,9 +246,10 @@ def add_tokens(
     missing = [t for t in dict.fromkeys(tokens) if one_token(tokenizer, t) is None]
     report.present = [t for t in dict.fromkeys(tokens) if t not in missing]
     if missing and special:
-        tokenizer.add_special_tokens({"extra_special_tokens": missing}, replace_extra_special_tokens=False)
+        added = [AddedToken(t, special=True, normalized=False) for t in missing]
+        tokenizer.add_special_tokens({"extra_special_tokens": added}, replace_extra_special_tokens=False)
     elif missing:
-        tokenizer.add_tokens(missing)
+        tokenizer.add_tokens([AddedToken(t, normalized=False, lstrip=True, rstrip=True) for t in missing])
     for token in missing:
         token_id = one_token(tokenizer, token)
         if token_id is None:

@@ -254,3 +254,67 @@ def test_cli_writes_the_presets_llm_folder_which_then_serves(
     ]
     assert main(argv) == 2
     assert "expected llm.added_tokens to add, got none" in capsys.readouterr().err
+
+
+def _llama_style_tokenizer():  # -> LlamaTokenizerFast
+    """A fast tokenizer built the way Llama/Vicuna's is (BPE with byte fallback behind a
+    normaliser that prepends "▁" and turns spaces into "▁"), trained on a small corpus."""
+    import random
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import LlamaTokenizerFast
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    words = [
+        "a",
+        "cat",
+        "dog",
+        "draw",
+        "play",
+        "show",
+        "sound",
+        "image",
+        "of",
+        "the",
+        "red",
+        "blue",
+        "sky",
+        "here",
+        "is",
+    ]
+    rng = random.Random(0)
+    corpus = [" ".join(rng.choice(words) for _ in range(8)) for _ in range(2000)] + ["[]<>/#:0123456789\n"]
+    specials = ["<unk>", "<s>", "</s>"]
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=specials))
+    return LlamaTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="</s>",
+        legacy=True,
+    )
+
+
+def test_plain_tokens_in_a_llama_fast_tokenizer_match_as_the_seed_did(tmp_path: Path) -> None:
+    """Vicuna's normaliser would store a normalised "[IMG0]" as "▁[IMG0]" (never matched after
+    a letter, and not the token the preset names). Added raw and taking the whitespace around
+    them, the signal tokens come out as the seed's slow tokenizer gave them."""
+    from transformers import AutoTokenizer
+
+    src = tmp_path / "vicuna"
+    write_tiny_lm(src, _llama_style_tokenizer(), architecture="llama", sizes=LLM, max_context=64, seed=3)
+    report = add_tokens(src, tmp_path / "out", NEXTGPT)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "out")
+    ids = {t: i for t, i in report.added}
+    assert [one_token(tok, t) for t in NEXTGPT] == [ids[t] for t in NEXTGPT]
+    img = [ids[f"[IMG{i}]"] for i in range(4)]
+    for text in ("a red sky[IMG0] [IMG1] [IMG2] [IMG3]", "a red sky [IMG0][IMG1][IMG2][IMG3]"):
+        got = tok(text, add_special_tokens=False)["input_ids"]
+        assert got[-4:] == img and tok.decode(got[:-4]) == "a red sky", (text, tok.convert_ids_to_tokens(got))
+    got = tok("<Img></Img> draw a cat", add_special_tokens=False)["input_ids"]
+    assert got[:2] == [ids["<Img>"], ids["</Img>"]] and tok.decode(got[2:]) == "draw a cat"
