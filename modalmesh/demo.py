@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from modalmesh.stack import free_port, http_ok, port_is_free
 from services.common.settings import Settings
@@ -145,7 +146,7 @@ def _ask(base_url: str, model: str) -> tuple[str, float, object]:
                 first = first if first is not None else time.perf_counter() - t0
                 parts.append(choice.delta.content)
                 print(choice.delta.content, end="", flush=True)
-    print(f"  (served by adapter {served_by}; tiny@1 is the untrained one)", flush=True)
+    print(f"  (served by adapter {served_by}; {model}@1 is the untrained one)", flush=True)
     return "".join(parts), first if first is not None else time.perf_counter() - t0, usage
 
 
@@ -195,24 +196,40 @@ def _generate(base: str, model: str, modalities: list[str], out_dir: Path) -> in
     return failed
 
 
-def _outputs(settings: Settings) -> list[str]:
-    """The preset's output modalities ([] when it has none or cannot be read here)."""
+def _preset(settings: Settings) -> Any:
+    """The served preset, or None when it cannot be read here."""
     from services.common.errors import ModalmeshError
     from services.common.presets import load_preset
 
     try:
-        preset = load_preset(settings.preset, cache_dir=settings.cache_dir, presets_dir=settings.presets_dir)
+        return load_preset(settings.preset, cache_dir=settings.cache_dir, presets_dir=settings.presets_dir)
     except ModalmeshError:
-        return []
-    return [m for m in preset.outputs if m in GENERATE_ASKS]
+        return None
+
+
+def _outputs(settings: Settings) -> list[str]:
+    """The preset's output modalities ([] when it has none)."""
+    preset = _preset(settings)
+    return [m for m in preset.outputs if m in GENERATE_ASKS] if preset is not None else []
+
+
+def _modalities(settings: Settings) -> list[str]:
+    """The preset's input modalities (image assumed when it cannot be read)."""
+    preset = _preset(settings)
+    return list(preset.modalities) if preset is not None else ["image"]
 
 
 def _train(base: str, settings: Settings, t0: float) -> int:
     from modalmesh.demo_training import print_report, run_training_demo
 
+    if "image" not in _modalities(settings):
+        print(
+            f"\n== training: skipped (the demo trains on pictures; preset {settings.preset} takes no images)"
+        )
+        return 0
     print("\n== training: stage 1 (connector alignment) then stage 3 (LoRA + connector) through the queue")
     try:
-        report = run_training_demo(base, settings.cache_dir / "demo" / "shapes")
+        report = run_training_demo(base, settings.cache_dir / "demo" / "shapes", settings.preset)
     except Exception as e:
         print(f"the training demo failed: {e}", file=sys.stderr)
         return 1

@@ -48,7 +48,7 @@ class DemoReport:
     by_kind: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
-def job_spec(stage: str, data: Path, init_from: str) -> dict[str, Any]:
+def job_spec(stage: str, data: Path, init_from: str, preset: str = "tiny") -> dict[str, Any]:
     """The demo's job for `stage` (absolute paths: the REST API requires them)."""
     dataset = (
         {"format": "captions", "path": str(data / "captions.json")}
@@ -56,7 +56,7 @@ def job_spec(stage: str, data: Path, init_from: str) -> dict[str, Any]:
         else {"format": "llava", "path": str(data / "train.json")}
     )
     return {
-        "preset": "tiny",
+        "preset": preset,
         "stage": stage,
         "datasets": [dataset],
         "hyperparameters": STAGE1_HYPER if stage == "stage1" else STAGE3_HYPER,
@@ -97,9 +97,11 @@ def _question(image: bytes, text: str, model: str = "tiny") -> dict[str, Any]:
     }
 
 
-def _served_by(http: httpx.Client, ref: str, image: bytes, since: float, timeout_s: float = 60.0) -> float:
+def _served_by(
+    http: httpx.Client, ref: str, image: bytes, since: float, model: str, timeout_s: float = 60.0
+) -> float:
     """Seconds from `since` (the publish) until a reply names `ref` as its adapter."""
-    body = _question(image, "What color is the shape?")
+    body = _question(image, "What color is the shape?", model=model)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         reply = http.post("/v1/chat/completions", json=body).raise_for_status().json()
@@ -109,8 +111,10 @@ def _served_by(http: httpx.Client, ref: str, image: bytes, since: float, timeout
     raise TimeoutError(f"no reply from {ref} within {timeout_s:.0f}s of its publication")
 
 
-def train_stage(http: httpx.Client, stage: str, data: Path, init_from: str, probe: bytes) -> StageResult:
-    submitted = http.post("/v1/training/jobs", json=job_spec(stage, data, init_from))
+def train_stage(
+    http: httpx.Client, stage: str, data: Path, init_from: str, probe: bytes, preset: str = "tiny"
+) -> StageResult:
+    submitted = http.post("/v1/training/jobs", json=job_spec(stage, data, init_from, preset))
     if submitted.status_code != 201:
         raise RuntimeError(f"{stage} was refused: {submitted.text}")
     job_id = submitted.json()["id"]
@@ -119,7 +123,7 @@ def train_stage(http: httpx.Client, stage: str, data: Path, init_from: str, prob
     if record["state"] != "SUCCEEDED":
         raise RuntimeError(f"{stage} ended {record['state']}: {record.get('error')}")
     ref = record["published"]["ref"]
-    served_s = _served_by(http, ref, probe, since=record["finished"])
+    served_s = _served_by(http, ref, probe, since=record["finished"], model=preset)
     m = record["metrics"]
     print(f"{stage}: published {ref}; served {served_s:.2f}s after publishing", flush=True)
     return StageResult(
@@ -159,8 +163,9 @@ def evaluate(
     return right / max(total, 1), {k: (c[0], c[1]) for k, c in by_kind.items()}
 
 
-def run_training_demo(base_url: str, data: Path) -> DemoReport:
-    """The loop against a running stack at `base_url`; raises on any failure."""
+def run_training_demo(base_url: str, data: Path, preset: str = "tiny") -> DemoReport:
+    """The loop against a running stack at `base_url` serving `preset` (one with an image
+    modality: the data set is pictures); raises on any failure."""
     from services.trainer.synth import synthesize
 
     if not (data / "meta.json").is_file():
@@ -174,9 +179,9 @@ def run_training_demo(base_url: str, data: Path) -> DemoReport:
     probe = (data / heldout[0]["image"]).read_bytes()
     report = DemoReport()
     with httpx.Client(base_url=base_url, timeout=120.0) as http:
-        stage1 = train_stage(http, "stage1", data, "preset", probe)
+        stage1 = train_stage(http, "stage1", data, "preset", probe, preset)
         report.stages.append(stage1)
-        report.stages.append(train_stage(http, "stage3", data, stage1.ref, probe))
+        report.stages.append(train_stage(http, "stage3", data, stage1.ref, probe, preset))
         print("held-out images, asked through POST /v1/chat/completions:")
         report.accuracy, report.by_kind = evaluate(http, data, report.stages[-1].ref)
     return report

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -173,6 +174,23 @@ def _base_state(name: str, spec: ConnectorSpec, connector: Connector) -> dict[st
     return base
 
 
+def check_llm_folder(preset: Preset) -> Path:
+    """The preset's LM folder, checked to be a Hugging Face model folder (else transformers
+    takes the path for a hub repo id and says so instead).
+
+    Raises:
+        FailedPreconditionError: Naming the folder and what was found there.
+    """
+    checkpoint = preset.llm.checkpoint
+    if not (checkpoint / "config.json").is_file():
+        found = "a folder without config.json" if checkpoint.is_dir() else "no such folder"
+        raise FailedPreconditionError(
+            f"preset {preset.name}: llm.checkpoint: expected a Hugging Face model folder with config.json, "
+            f"weights and tokenizer, got {found} at {checkpoint} (docs/presets.md says what each preset needs)"
+        )
+    return checkpoint
+
+
 def check_added_tokens(preset: Preset, tokenizer: Any) -> None:
     """Each of `llm.added_tokens` must be one token of the LLM's tokenizer.
 
@@ -212,13 +230,7 @@ def load_model(preset: Preset, *, device: str | torch.device | None = None) -> L
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    checkpoint = preset.llm.checkpoint
-    if not (checkpoint / "config.json").is_file():  # else transformers takes it for a hub repo id
-        raise FailedPreconditionError(
-            f"preset {preset.name}: llm.checkpoint: expected a Hugging Face model folder with config.json, "
-            f"weights and tokenizer, got {'a folder without config.json' if checkpoint.is_dir() else 'no such folder'}"
-            f" at {checkpoint} (docs/presets.md says what each preset needs)"
-        )
+    checkpoint = check_llm_folder(preset)
     dtype = DTYPES[preset.llm.dtype]
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     check_added_tokens(preset, tokenizer)

@@ -106,6 +106,7 @@ class JobRunner:
                 self._finish(record, "FAILED", error=e.message)
                 raise InvalidArgumentError(e.message) from e
             try:
+                _ensure_models(validated)
                 return self._run(record, validated)
             except (ModalmeshError, OSError) as e:  # before or at launch: the job must not stay QUEUED
                 message = e.message if isinstance(e, ModalmeshError) else f"{type(e).__name__}: {e}"
@@ -353,3 +354,12 @@ class _Tail:
             except json.JSONDecodeError:
                 logger.warning("progress: not a JSON line: %r", line[:200])
         return out
+
+
+def _ensure_models(job: ValidatedJob) -> None:
+    """A job for a built-in tiny preset whose models were never generated in this cache (the
+    stack serves another one) gets them now, as the services do at start; a no-op otherwise."""
+    from modalmesh.tiny import ensure_generated
+
+    if ensure_generated(job.preset):
+        logger.info("generated the %s preset's models for the job", job.preset.name)

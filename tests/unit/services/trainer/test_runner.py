@@ -52,9 +52,10 @@ def test_tail_skips_a_line_that_is_not_json(tmp_path: Path, caplog: pytest.LogCa
 
 
 @pytest.fixture
-def settings(tmp_path: Path, redis_url: str) -> Settings:
+def settings(tmp_path: Path, redis_url: str, tiny_cache_dir: Path) -> Settings:
+    """The session's generated tiny preset (a job's preset is generated before it runs)."""
     return Settings(
-        cache_dir=tmp_path / "cache", jobs_dir=tmp_path / "jobs", redis_url=redis_url, trainer_lease_s=30
+        cache_dir=tiny_cache_dir, jobs_dir=tmp_path / "jobs", redis_url=redis_url, trainer_lease_s=30
     )
 
 
@@ -338,3 +339,21 @@ def test_apply_keeps_the_loss_history_of_the_whole_run(runner: JobRunner) -> Non
         1,
         9.0,
     ]
+
+
+def test_a_job_for_a_tiny_preset_not_generated_yet_gets_its_models(
+    store: JobStore, redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stack serves one preset; a job names another tiny one whose models this cache never
+    held: the worker generates them before launching (the ranks would fail on a missing LLM)."""
+    from modalmesh.tiny import is_generated
+    from services.common.presets import load_preset
+
+    cache = tmp_path / "fresh-cache"
+    settings = Settings(cache_dir=cache, jobs_dir=tmp_path / "jobs", redis_url=redis_url, trainer_lease_s=30)
+    preset = load_preset("tiny-pandagpt", cache_dir=cache)
+    assert not is_generated(preset)
+    launched = fake_launch(monkeypatch, 0, [*STEPS, {"event": "done", "bundle": "/b", "metrics": {}}])
+    out = JobRunner(settings, store, lambda _: None).run(job(tmp_path, preset="tiny-pandagpt"), "j10")
+    assert out["state"] == "SUCCEEDED" and len(launched) == 1
+    assert is_generated(preset)
