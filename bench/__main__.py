@@ -33,7 +33,7 @@ class _Bench:
 
 
 def _benches() -> dict[str, _Bench]:
-    from bench import ceiling, chat, encoder, transport
+    from bench import ceiling, chat, decoder, encoder, transport
 
     return {
         "throughput": _Bench(chat.throughput, modalmesh=True, baseline=True),
@@ -42,6 +42,7 @@ def _benches() -> dict[str, _Bench]:
         "cache": _Bench(chat.feature_cache, modalmesh=True),
         "transport": _Bench(lambda _stack, cfg: transport.transport(cfg)),
         "ceiling": _Bench(ceiling.ceiling),
+        "decoder": _Bench(decoder.decoder_throughput),
     }
 
 

@@ -18,6 +18,8 @@ class BenchConfig:
         ttft_probes: New requests timed under load (one per round of 8 long generations).
         cache_requests: Chats timed with the image cached and with a fresh image.
         encoder_images: Images sent per encoder concurrency level.
+        decoder_images: Images generated per decoder concurrency level.
+        decoder_seed_calls: Images generated the seed's way (pipeline loaded per call).
         transport_reps: Timed transfers per tensor size.
         warmup: Untimed requests before each measurement.
     """
@@ -30,6 +32,8 @@ class BenchConfig:
     ttft_probes: int = 3
     cache_requests: int = 40
     encoder_images: int = 256
+    decoder_images: int = 64
+    decoder_seed_calls: int = 5
     transport_reps: int = 30
     warmup: int = 3
 
@@ -43,6 +47,8 @@ class BenchConfig:
             ttft_probes=1,
             cache_requests=20,
             encoder_images=128,
+            decoder_images=32,
+            decoder_seed_calls=3,
             transport_reps=30,
             warmup=2,
         )

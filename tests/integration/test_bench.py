@@ -37,6 +37,25 @@ def test_quick_transport_writes_figures_with_baselines_and_ratios(tmp_path: Path
         assert math.isclose(f["gain"], f["ratio"])
 
 
+def test_quick_decoder_benchmark(tmp_path: Path, tiny_cache_dir: Path) -> None:
+    """The decoder service started for tiny-nextgpt (the bench preset has no outputs): images/s
+    at 8 concurrent vs 1, and a request vs the seed's load-the-pipeline-per-call."""
+    out = tmp_path / "bench.json"
+    args = ["--quick", "--only", "decoder", "--out", str(out), "--workdir", str(tiny_cache_dir)]
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", *args], capture_output=True, text=True, timeout=400, check=False
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    figures = {f["name"]: f for f in json.loads(out.read_text())["benchmarks"]["decoder"]}
+    assert set(figures) == {"images/s @8", "s/image, loaded once"}
+    assert (figures["images/s @8"]["unit"], figures["s/image, loaded once"]["better"]) == (
+        "images/s",
+        "lower",
+    )
+    assert all(f["value"] > 0 and f["baseline"] > 0 for f in figures.values())
+    assert "tiny-nextgpt image decoder" in figures["images/s @8"]["note"]
+
+
 def test_unknown_benchmark_is_refused(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "bench", "--only", "nope", "--workdir", str(tmp_path)],
