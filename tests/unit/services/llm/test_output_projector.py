@@ -295,3 +295,26 @@ def test_load_output_projector_refuses() -> None:
         load_output_projector(second, "gen_text_hidden_fcs", tiny())
     with pytest.raises(InvalidArgumentError, match="no head name"):
         bundle_heads({"audio": tiny()}, {})
+
+
+def test_the_real_nextgpt_presets_projectors_have_the_seeds_sizes(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Built on the meta device at Vicuna-7B's width (nothing allocated): each maps its signal
+    tokens' (N, 4096) states to the decoder's conditioning (SEEDS_SPEC 2.A table), through the
+    seed's TextFcLayer sizes (Linear 4096->512, learned (1, n_out, 512) queries)."""
+    from services.common.presets import load_preset
+    from services.llm.output_projector import build_projector
+
+    preset = load_preset("nextgpt", cache_dir=tmp_path)
+    expected = {"image": (4, (77, 768)), "video": (24, (77, 1024)), "audio": (8, (1, 512))}
+    assert {m: (len(s.signal_tokens), tuple(s.conditioning)) for m, s in preset.outputs.items()} == expected
+    assert {m: s.position for m, s in preset.outputs.items()} == dict.fromkeys(expected, "before")
+    for modality, (n_sig, shape) in expected.items():
+        with torch.device("meta"):
+            projector = build_projector(preset.outputs[modality], 4096)
+            states = torch.zeros(2, n_sig, 4096)
+            out = projector(states, states)
+        assert tuple(out.shape) == (2, *shape)
+        state = projector.state_dict()
+        assert tuple(state["fc.weight"].shape) == (512, 4096)
+        assert tuple(state["query_embs"].shape) == (1, shape[0], 512)
+        assert 31e6 < sum(v.numel() for v in state.values()) < 33e6  # ~32M parameters each
