@@ -16,7 +16,7 @@ import httpx
 
 from modalmesh.tiny import ensure_generated
 from services.common.presets import Preset, load_preset
-from tests.helpers.procs import Process, free_ports, start_process, wait_until
+from tests.helpers.procs import Process, free_ports, start_process, stop_all, wait_until
 from tests.helpers.services import (
     gateway_healthy,
     start_encoders,
@@ -118,10 +118,7 @@ def running(
             wait_until(lambda: _ok(base), timeout=STARTUP_TIMEOUT_S, what="baseline ready", proc=procs[-1])
         yield stack
     finally:
-        for proc in reversed(procs):
-            with contextlib.suppress(Exception):
-                proc.terminate(timeout=30)
-            proc.kill_group()
+        stop_all(reversed(procs))
 
 
 def _triton_ready(stack: Stack) -> bool:

@@ -28,7 +28,7 @@ from bench._stack import STARTUP_TIMEOUT_S, Stack
 from modalmesh.tiny import ensure_generated
 from services.common.presets import Preset, load_preset
 from services.common.settings import Settings
-from tests.helpers.procs import free_ports, wait_until
+from tests.helpers.procs import free_ports, stop_all, wait_until
 from tests.helpers.services import start_decoders
 
 CONCURRENCY = (1, 8)
@@ -58,9 +58,7 @@ def _service(stack: Stack) -> Iterator[tuple[Preset, str]]:
         )
         yield preset, target
     finally:
-        with contextlib.suppress(Exception):
-            proc.terminate(timeout=30)
-        proc.kill_group()
+        stop_all([proc])
 
 
 def _ready(target: str, preset: Preset) -> bool:

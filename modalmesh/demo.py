@@ -207,22 +207,10 @@ def _preset(settings: Settings) -> Any:
         return None
 
 
-def _outputs(settings: Settings) -> list[str]:
-    """The preset's output modalities ([] when it has none)."""
-    preset = _preset(settings)
-    return [m for m in preset.outputs if m in GENERATE_ASKS] if preset is not None else []
-
-
-def _modalities(settings: Settings) -> list[str]:
-    """The preset's input modalities (image assumed when it cannot be read)."""
-    preset = _preset(settings)
-    return list(preset.modalities) if preset is not None else ["image"]
-
-
-def _train(base: str, settings: Settings, t0: float) -> int:
+def _train(base: str, settings: Settings, t0: float, preset: Any) -> int:
     from modalmesh.demo_training import print_report, run_training_demo
 
-    if "image" not in _modalities(settings):
+    if preset is not None and "image" not in preset.modalities:  # an unreadable preset: try anyway
         print(
             f"\n== training: skipped (the demo trains on pictures; preset {settings.preset} takes no images)"
         )
@@ -267,12 +255,13 @@ def run_demo(settings: Settings, *, log_dir: Path, start_timeout: float = 300.0,
         )
         if not answer:
             print("the model returned an empty answer", file=sys.stderr)
-        outputs = _outputs(settings)
+        preset = _preset(settings)
+        outputs = [m for m in preset.outputs if m in GENERATE_ASKS] if preset is not None else []
         if outputs and _generate(base, settings.preset, outputs, log_dir / "media"):
             return 1
         if not train:
             return 0
-        return _train(base, settings, t0)
+        return _train(base, settings, t0, preset)
     finally:
         if up.poll() is None:
             up.send_signal(signal.SIGTERM)

@@ -20,7 +20,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -179,6 +179,16 @@ def running_process(
     try:
         yield proc
     finally:
+        proc.kill_group()
+
+
+def stop_all(procs: Iterable[Process], *, timeout: float = 30.0) -> None:
+    """Teardown of several processes, in the order given (pass them newest first): SIGTERM
+    and wait up to `timeout` for each (a failure is ignored: its group is killed next), then
+    SIGKILL what is left of its process group."""
+    for proc in procs:
+        with contextlib.suppress(Exception):
+            proc.terminate(timeout=timeout)
         proc.kill_group()
 
 

@@ -12,7 +12,6 @@ version are printed (run with -s to see them).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import shutil
 import time
 from collections.abc import Iterator
@@ -32,7 +31,7 @@ from services.common.tensor_codec import array_to_tensor
 from services.llm.adapters import base_fingerprint, stamp_manifest
 from services.trainer.publisher import publish_bundle, rollback
 from tests.helpers.bundles import make_bundle
-from tests.helpers.procs import Process, free_port, wait_until
+from tests.helpers.procs import Process, free_port, stop_all, wait_until
 from tests.helpers.services import start_gateway, start_llm, start_redis
 
 pytestmark = pytest.mark.integration
@@ -87,10 +86,7 @@ def swap(
             fingerprint=base_fingerprint(tiny_preset.llm.checkpoint),
         )
     finally:
-        for proc in reversed(procs):
-            with contextlib.suppress(Exception):
-                proc.terminate(timeout=30)
-            proc.kill_group()
+        stop_all(reversed(procs))
 
 
 def request(adapter: str = "", max_tokens: int = 20) -> llm_pb2.GenerateRequest:

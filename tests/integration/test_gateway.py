@@ -9,7 +9,6 @@ cache, adapter pins, and a SIGTERM drain of a gateway with a reply in flight.
 from __future__ import annotations
 
 import base64
-import contextlib
 import os
 import signal
 from collections.abc import Iterator
@@ -25,7 +24,7 @@ from openai import OpenAI
 
 from modalmesh.v1 import chat_pb2, chat_pb2_grpc
 from tests.helpers.media import encode_image, png_bytes, random_image
-from tests.helpers.procs import Process, free_port, free_ports, wait_until
+from tests.helpers.procs import Process, free_port, free_ports, stop_all, wait_until
 from tests.helpers.services import gateway_healthy, start_encoders, start_gateway, start_llm
 
 pytestmark = pytest.mark.integration
@@ -87,12 +86,7 @@ def stack(tiny_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
             env["MODALMESH_ENCODER_ADDRESS"],
         )
     finally:
-        for proc in reversed(procs):
-            if proc.alive():
-                # Teardown: whatever happens, the group is killed next.
-                with contextlib.suppress(Exception):
-                    proc.terminate(timeout=30)
-            proc.kill_group()
+        stop_all(reversed(procs))
         _delete_feature_keys()
 
 

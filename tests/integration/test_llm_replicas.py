@@ -4,7 +4,6 @@ calls over them (round_robin), and when one replica dies the others take every r
 
 from __future__ import annotations
 
-import contextlib
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers.procs import Process, free_port, free_ports, wait_until
+from tests.helpers.procs import Process, free_port, free_ports, stop_all, wait_until
 from tests.helpers.services import start_gateway, start_llm
 
 pytestmark = pytest.mark.integration
@@ -50,10 +49,7 @@ def replicas(
         wait_until(lambda: _chat(base_url, 0).status_code == 200, timeout=60, what="gateway serves")
         yield base_url, procs, paths
     finally:
-        for proc in procs:
-            with contextlib.suppress(Exception):
-                proc.terminate(timeout=30)
-            proc.kill_group()
+        stop_all(procs)
 
 
 def test_calls_are_spread_over_every_replica_and_survive_one_dying(

@@ -14,7 +14,6 @@ still arrives and the item is an error entry.
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
 import json
 import time
@@ -26,7 +25,7 @@ import grpc
 import httpx
 import pytest
 
-from tests.helpers.procs import Process, free_ports, wait_until
+from tests.helpers.procs import Process, free_ports, stop_all, wait_until
 from tests.helpers.services import gateway_healthy, start_decoders, start_encoders, start_gateway, start_llm
 
 pytestmark = pytest.mark.integration
@@ -53,11 +52,7 @@ class Stack:
         return dict(message)
 
     def stop(self) -> None:
-        for proc in reversed(list(self.procs.values())):
-            if proc.alive():
-                with contextlib.suppress(Exception):
-                    proc.terminate(timeout=30)
-            proc.kill_group()
+        stop_all(reversed(list(self.procs.values())))
 
 
 @pytest.fixture(scope="module")

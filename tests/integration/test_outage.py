@@ -6,7 +6,6 @@ never an error, and every image really goes to the encoder service."""
 from __future__ import annotations
 
 import base64
-import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ import pytest
 
 from modalmesh.v1 import chat_pb2, chat_pb2_grpc
 from tests.helpers.media import png_bytes
-from tests.helpers.procs import Process, free_port, free_ports, wait_until
+from tests.helpers.procs import Process, free_port, free_ports, stop_all, wait_until
 from tests.helpers.services import gateway_healthy, start_encoders, start_gateway, start_llm
 
 pytestmark = pytest.mark.integration
@@ -62,10 +61,7 @@ def outage(tiny_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         wait_until(lambda: gateway_healthy(base_url), timeout=180, what="gateway healthy", proc=gateway)
         yield state
     finally:
-        for proc in state.procs.values():
-            with contextlib.suppress(Exception):
-                proc.terminate(timeout=30)
-            proc.kill_group()
+        stop_all(state.procs.values())
 
 
 def _image_chat(base_url: str) -> httpx.Response:

@@ -18,7 +18,6 @@ the over-the-limit videos stay small.
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
 import os
 from collections.abc import Iterator
@@ -31,7 +30,7 @@ import numpy as np
 import pytest
 
 from tests.helpers.media import make_audio, make_events, make_video, png_bytes
-from tests.helpers.procs import Process, free_ports
+from tests.helpers.procs import Process, free_ports, stop_all
 from tests.helpers.services import start_encoders, start_gateway, start_llm, wait_stack_healthy
 
 pytestmark = pytest.mark.integration
@@ -75,11 +74,7 @@ class Stack:
         return int(self.ok(messages)["usage"]["prompt_tokens"])
 
     def stop(self) -> None:
-        for proc in reversed(self.procs):
-            if proc.alive():
-                with contextlib.suppress(Exception):  # teardown: the group is killed next anyway
-                    proc.terminate(timeout=30)
-            proc.kill_group()
+        stop_all(reversed(self.procs))
 
 
 class Stacks:

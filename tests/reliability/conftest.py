@@ -9,7 +9,6 @@ Tests that kill or restart a service bring it back on the same port before they 
 from __future__ import annotations
 
 import base64
-import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ import httpx
 import pytest
 
 from tests.helpers.media import png_bytes
-from tests.helpers.procs import Process, free_ports
+from tests.helpers.procs import Process, free_ports, stop_all
 from tests.helpers.services import (
     start_encoders,
     start_gateway,
@@ -141,14 +140,7 @@ def stack(tiny_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
         state.wait_healthy(timeout=180)
         yield state
     finally:
-        for name in ("gateway", "llm", "encoders", "redis"):
-            proc = state.procs.get(name)
-            if proc is None:
-                continue
-            if proc.alive():
-                with contextlib.suppress(Exception):
-                    proc.terminate(timeout=30)
-            proc.kill_group()
+        stop_all(state.procs[n] for n in ("gateway", "llm", "encoders", "redis") if n in state.procs)
 
 
 @pytest.fixture()

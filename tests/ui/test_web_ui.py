@@ -16,7 +16,6 @@ each step is saved under the test's folder and copied to /tmp/modalmesh-ui-scree
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
 import json
 import os
@@ -31,7 +30,7 @@ import httpx
 import pytest
 
 from tests.helpers.media import make_video, png_bytes
-from tests.helpers.procs import Process, free_ports, start_process, wait_until
+from tests.helpers.procs import Process, free_ports, start_process, stop_all, wait_until
 from tests.helpers.services import (
     start_decoders,
     start_encoders,
@@ -98,11 +97,7 @@ def stack(tiny_cache_dir: Path, redis_url: str, tmp_path_factory: pytest.TempPat
         wait_until(lambda: " ready." in worker.log_text(), timeout=60, what="the trainer worker", proc=worker)
         yield Stack(base_url, root / "data")
     finally:
-        for proc in reversed(procs):
-            if proc.alive():
-                with contextlib.suppress(Exception):
-                    proc.terminate(timeout=30)
-            proc.kill_group()
+        stop_all(reversed(procs))
 
 
 @pytest.fixture(scope="module")

@@ -158,5 +158,7 @@ def test_a_missing_lm_folder_is_named_not_taken_for_a_hub_id(tiny_preset: Preset
         preset = tiny_preset.model_copy(
             update={"llm": tiny_preset.llm.model_copy(update={"checkpoint": folder})}
         )
-        with pytest.raises(FailedPreconditionError, match=r"llm.checkpoint: expected a Hugging Face model folder"):
+        with pytest.raises(
+            FailedPreconditionError, match=r"llm.checkpoint: expected a Hugging Face model folder"
+        ):
             load_model(preset)
