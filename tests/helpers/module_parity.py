@@ -83,13 +83,6 @@ def save_seed_file(path: Path, state: Mapping[str, torch.Tensor], *, wrap: str |
     return path
 
 
-def preset(text: str, tmp_path: Path) -> Any:
-    """A Preset from YAML text (the tests' small presets at a fixture's sizes)."""
-    from services.common.presets import parse_preset
-
-    return parse_preset(text, cache_dir=tmp_path, source="<parity test>")
-
-
 def shipped_preset_dict(name: str) -> dict[str, Any]:
     """The shipped preset `name` as its YAML mapping (${VAR}s unexpanded), to edit sizes in."""
     from importlib import resources
