@@ -28,7 +28,6 @@ import os
 import platform
 import subprocess
 import sys
-import types
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -112,15 +111,6 @@ def patched(obj: Any, name: str, value: Any) -> Iterator[None]:
         yield
     finally:
         setattr(obj, name, old)
-
-
-def stub_module(name: str, **attrs: Any) -> types.ModuleType:
-    """Register an empty module (a package the seed imports but these modules never use)."""
-    mod = types.ModuleType(name)
-    for k, v in attrs.items():
-        setattr(mod, k, v)
-    sys.modules[name] = mod
-    return mod
 
 
 def bert_vocab(folder: Path, words: list[str]) -> Path:

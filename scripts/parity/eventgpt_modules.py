@@ -2,7 +2,12 @@
 the feature adaptor and the spatio-temporal aggregation, run by EventGPT's own `EventChatModel`
 (model/EventChatModel.py) at reduced sizes.
 
-    /work/scratch/venv/bin/python scripts/parity/eventgpt_modules.py --repo /path/to/EventGPT
+    PYTHONPATH=/work/scratch/modules/shims /work/scratch/venv/bin/python \\
+        scripts/parity/eventgpt_modules.py --repo /path/to/EventGPT
+
+`model/EventChatModel.py` imports peft (get_peft_model, LoraConfig, TaskType) but builds and
+runs these modules without it; where the scratch env has no peft, a stand-in package defining
+those three names as None goes on PYTHONPATH (outside the project).
 
 `EventChatModel(config)` is built as `EventChatModel.from_pretrained` builds it for inference
 (inference.py): a config with `mm_visual_tower` (a local tiny CLIP folder: `CLIPVisionModel` +
@@ -33,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _modules_common import parse_args, patched, randn, randomize, state, stub_module, versions, write_fixture
+from _modules_common import parse_args, patched, randn, randomize, state, versions, write_fixture
 
 CLIP = {  # seed: openai/clip-vit-large-patch14-336 (1024 wide, 24 layers, 16 heads, 336 px)
     "hidden_size": 32,
@@ -53,7 +58,6 @@ PROMPTS = [[1, 5, EVENT_TOKEN_INDEX, 7], [1, 9, EVENT_TOKEN_INDEX, 3]]  # ids ar
 
 def build(repo: Path, work: Path) -> tuple[Any, Any]:
     sys.path.insert(0, str(repo))
-    stub_module("peft", get_peft_model=None, LoraConfig=None, TaskType=None)  # imported, never used here
     import model.EventChatModel as ecm
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
@@ -133,7 +137,8 @@ def main() -> None:
                 "EventChatModel.nn seen through a shim while the model is built: nn.Linear widths 1024 "
                 f"(CLIP) and 4096 (LLM), hard-coded at EventChatModel.py:68-69, become {CLIP['hidden_size']} "
                 f"and {LLM_HIDDEN}",
-                "peft stubbed (imported by EventChatModel.py, not used to build or run these modules)",
+                "peft: a stand-in package on PYTHONPATH in the scratch env (EventChatModel.py imports "
+                "get_peft_model, LoraConfig, TaskType and uses none of them here)",
                 "mm_visual_tower: a tiny local CLIP folder (CLIPVisionModel + CLIPImageProcessor)",
             ],
             "weight_files": {
