@@ -10,6 +10,10 @@ Instruct-format data. A preset with outputs (NExT-GPT) trains its output project
 each modality's `stage3_loss_weight` on the distance of t2x records mixed into the data
 (`format: t2x`); batches without such records keep the projectors in the graph with a
 zero-weighted dummy forward. Trainable parameters are selected after LoRA injection.
+Items of a modality with `attention: bidirectional` (E.T. Chat) attend bidirectionally within
+their span, as the seed's stage 3 trains (`scripts/train_stage_3.sh`, `--bi_attention True`);
+stages 1 and 2 stay causal, as its `train_stage_1.sh` / `train_stage_2.sh` (`--bi_attention
+False`).
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ def run(cfg: RunConfig) -> None:
         heads=heads,
         alpha=ts.alpha if ts is not None else 2.0,
         outputs=outputs,
+        bidirectional=preset.bidirectional_modalities(),  # E.T. Chat's stage 3 only (--bi_attention True)
     )
     connector_lr = hp.connector_lr or defaults.connector_lr or defaults.lr
     groups = [
