@@ -1,0 +1,171 @@
+"""E.T. Chat's bidirectional attention over the video span against the seed's own model code.
+
+`tests/fixtures/parity/etchat/biattn.*` holds the outputs of ETBench's `ETChatPhi3ForCausalLM`
+(transformers 4.44.2, eager attention) at tiny sizes with random weights, with `bi_attention` on
+and off (`scripts/parity/etchat_biattn.py` wrote them). Here the same weights are written as a
+Phi-3 Hugging Face folder and loaded as `services.llm.loading` loads an LLM, the prompt's
+attention mask comes from the preset (`etchat`'s video `bidirectional`; a causal copy for off)
+as the engine's prefill builds it, and the time matching runs through `TimedDecode`, the
+engine's path: the prefill's logits, last hidden states, the final norm's input and the frame
+keys, then every generated token, its logits and its matched frame, agree to 1e-5 (fp32).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from services.common.presets import Preset, load_preset
+from services.llm.attention import prefill_attention_mask
+from services.llm.time_matching import TimedDecode
+from services.llm.timestamps import HEAD_NAME, TimestampMatcher, capture_norm_input, load_timestamp_heads
+
+FIXTURE = Path(__file__).parents[2] / "fixtures" / "parity" / "etchat"
+TOL = 1e-5
+IMAGE_TOKEN_INDEX = -200  # where the seed's prompt holds the video
+
+
+@pytest.fixture(scope="module")
+def golden() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    return load_file(str(FIXTURE / "biattn.safetensors")), json.loads((FIXTURE / "biattn.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def llm_folder(
+    golden: tuple[dict[str, torch.Tensor], dict[str, Any]], tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """The fixture's LLM as a Phi-3 Hugging Face folder (config.json + model.safetensors)."""
+    from transformers import Phi3Config
+
+    tensors, meta = golden
+    folder = tmp_path_factory.mktemp("etchat-biattn") / "llm"
+    Phi3Config(**meta["llm_config"]).save_pretrained(folder)
+    save_file(
+        {k: v for k, v in tensors.items() if k.startswith(("model.", "lm_head."))},
+        str(folder / "model.safetensors"),
+    )
+    return folder
+
+
+def load_lm(folder: Path, implementation: str | None = None) -> Any:
+    """As `services.llm.loading.load_model` loads it (its default implementation: SDPA)."""
+    from transformers import AutoModelForCausalLM
+
+    options = {} if implementation is None else {"attn_implementation": implementation}
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **options).eval()
+
+
+def preset(mode: str, tmp_path: Path) -> Preset:
+    """The shipped etchat preset (bidirectional video: the seed's release) or a causal copy."""
+    etchat = load_preset("etchat", cache_dir=tmp_path)
+    if mode == "on":
+        return etchat
+    video = etchat.modalities["video"].model_copy(update={"attention": "causal"})
+    return etchat.model_copy(update={"modalities": {"video": video}})
+
+
+def prompt(lm: Any, tensors: dict[str, torch.Tensor], span: list[int]) -> torch.Tensor:
+    """The prompt's input embeddings (1, L, D): text ids, and the video's tokens at its span."""
+    ids = tensors["input_ids"]
+    at = int((ids == IMAGE_TOKEN_INDEX).nonzero())
+    frames = tensors["span_embeds"]  # (F, D)
+    assert (at, at + frames.shape[0]) == tuple(span)
+    expanded = torch.cat([ids[:at], torch.zeros(frames.shape[0], dtype=torch.long), ids[at + 1 :]])  # (L,)
+    embeds = lm.get_input_embeddings()(expanded[None]).clone()  # (1, L, D)
+    embeds[0, span[0] : span[1]] = frames
+    return embeds
+
+
+def heads(tensors: dict[str, torch.Tensor]) -> Any:
+    flat = {f"{HEAD_NAME}.{k}": v for k, v in tensors.items() if k.startswith(("frm_head.", "vid_head."))}
+    return load_timestamp_heads(flat, hidden_size=tensors["span_embeds"].shape[1])
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape
+    return float((a - b).abs().max())
+
+
+@pytest.mark.parametrize("implementation", [None, "eager"])
+@pytest.mark.parametrize("mode", ["on", "off"])
+def test_the_prefill_matches_the_seed(
+    golden: tuple[dict[str, torch.Tensor], dict[str, Any]],
+    llm_folder: Path,
+    mode: str,
+    implementation: str | None,
+    tmp_path: Path,
+) -> None:
+    tensors, meta = golden
+    lm = load_lm(llm_folder, implementation)
+    span = meta["span"]
+    with torch.no_grad():
+        embeds = prompt(lm, tensors, span)
+        mask = prefill_attention_mask(
+            preset(mode, tmp_path), lm, ["video"], [(span[0], span[1] - span[0])], embeds
+        )
+        assert (mask is None) == (mode == "off")
+        with capture_norm_input(lm) as norm_in:
+            out = lm(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=True)
+        assert norm_in.value is not None
+        keys = heads(tensors).keys(norm_in.value[0, span[0] : span[1]])  # (F, D)
+    assert max_diff(out.logits[0], tensors[f"{mode}.logits"]) <= TOL
+    assert max_diff(out.hidden_states[-1][0], tensors[f"{mode}.last_hidden"]) <= TOL
+    assert max_diff(norm_in.value[0], tensors[f"{mode}.prenorm"]) <= TOL
+    assert max_diff(keys, tensors[f"{mode}.frame_keys"]) <= TOL
+
+
+@pytest.mark.parametrize("mode", ["on", "off"])
+def test_generation_and_its_matched_frames_match_the_seed(
+    golden: tuple[dict[str, torch.Tensor], dict[str, Any]], llm_folder: Path, mode: str, tmp_path: Path
+) -> None:
+    """The engine's time-matching decode (`TimedDecode`) after the preset's prefill: the seed's
+    greedy tokens (the time token forced where the fixture forced it), each step's logits and
+    the frame matched at every position."""
+    tensors, meta = golden
+    lm = load_lm(llm_folder)
+    span, vid, eos = meta["span"], meta["match_token_id"], meta["eos_token_id"]
+    expected = meta["runs"][mode]
+    with torch.no_grad():
+        embeds = prompt(lm, tensors, span)
+        mask = prefill_attention_mask(
+            preset(mode, tmp_path), lm, ["video"], [(span[0], span[1] - span[0])], embeds
+        )
+        frames = tensors["span_embeds"]
+        matcher = TimestampMatcher(
+            heads(tensors), token_id=vid, span=tuple(span), frame_embeds=frames, times=range(frames.shape[0])
+        )
+        timed = TimedDecode(lm, matcher, 0)
+        out = timed.prefill(embeds, mask)
+        tokens = []
+        for step in range(len(expected["tokens"])):
+            logits = out.logits[0, -1]  # (V,)
+            assert max_diff(logits, tensors[f"{mode}.step_logits"][step]) <= TOL
+            banned = logits.clone()
+            banned[[vid, eos]] = -float("inf")
+            token = vid if step in meta["forced_steps"] else int(banned.argmax())
+            tokens.append(token)
+            timed.on_token(token)
+            if step + 1 < len(expected["tokens"]):
+                out = timed.step(token, out.past_key_values)
+    assert tokens == expected["tokens"]
+    assert timed.matches == expected["frames"]
+    assert [s.frame for s in matcher.timestamps] == [expected["frames"][s] for s in meta["forced_steps"]]
+
+
+def test_the_bidirectional_span_changes_the_seed_outputs(
+    golden: tuple[dict[str, torch.Tensor], dict[str, Any]],
+) -> None:
+    """On and off differ from the span on (and agree before it), so the tests above tell them apart."""
+    tensors, meta = golden
+    start, end = meta["span"]
+    on, off = tensors["on.logits"], tensors["off.logits"]
+    assert max_diff(on[:start], off[:start]) <= TOL
+    assert float((on[start : end - 1] - off[start : end - 1]).abs().amax(-1).min()) > 1e-2
+    assert float((on[end:] - off[end:]).abs().amax(-1).min()) > 1e-2
+    assert max_diff(tensors["on.frame_keys"], tensors["off.frame_keys"]) > 1e-2
+    assert meta["runs"]["on"] != meta["runs"]["off"]
