@@ -14,7 +14,9 @@ too, its Phi-3 declaring no SDPA support). Each run is the seed's own inference:
   `<image>` index, `span_embeds`: the video's LLM tokens, one per frame, that the seed's
   `encode_image` returns here); and per run (`on.` / `off.`) the prefill's logits, last hidden
   states (after the final norm), the final norm's input (`prenorm`), the frame keys
-  (`frm_head` over it at the span) and the raw logits of every generated step;
+  (`frm_head` over it at the span) and the raw logits of every generated step; and the seed's
+  training forward (`train.`): a right-padded batch of that sample and a shorter one with fewer
+  frames, their ids, labels and span embeddings, and per run its loss and logits;
 - `biattn.json`: the sizes, the span, the forced steps, the generated tokens and matched frames
   per run, and how it was made (versions, seed commit, command line).
 
@@ -131,6 +133,13 @@ def random_weights(model: torch.nn.Module, generator: torch.Generator) -> None:
                 p.copy_(1.0 + torch.randn(p.shape, generator=generator) * 0.1)
 
 
+def supervise_after_image(ids: torch.Tensor) -> torch.Tensor:
+    """Labels: the tokens after the `<image>` (the answer), -100 up to and at it."""
+    labels = ids.clone()
+    labels[: int((ids == IMAGE_TOKEN_INDEX).nonzero()) + 1] = -100
+    return labels
+
+
 def fixture_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The LLM's weights (Hugging Face Phi-3 names) and the heads, without the seed's
     vision tower and Q-Former."""
@@ -198,6 +207,32 @@ def run(model, input_ids: torch.Tensor, span_embeds: torch.Tensor) -> dict:
     return result
 
 
+def run_training(model, samples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> dict:
+    """The seed's training forward (`model.train()`, labels) on a right-padded batch of
+    samples (ids with one `<image>`, labels, span embeddings), padded as its collator does
+    (`train/train.py` MultimodalDataCollator: pad id 0 here, labels -100, mask = ids != pad)."""
+    from torch.nn.utils.rnn import pad_sequence
+
+    model.train()
+    model.encode_image = lambda image, **kwargs: [e[None] for _, _, e in samples]  # (1, F_i, D) each
+    ids = pad_sequence([i for i, _, _ in samples], batch_first=True, padding_value=0)  # (B, L_ids)
+    labels = pad_sequence([t for _, t, _ in samples], batch_first=True, padding_value=-100)
+    rows = len(samples)
+    with torch.no_grad():
+        out = model(
+            input_ids=ids,
+            attention_mask=ids != 0,
+            labels=labels,
+            image=[torch.zeros(e.shape[0], 3, 2, 2) for _, _, e in samples],
+            query=[["When does it happen?"]] * rows,
+            src=[None] * rows,
+            tgt=[None] * rows,  # no <vid> answers: the LM loss alone
+            tag=[None] * rows,
+        )
+    model.eval()
+    return {"loss": out.loss.reshape(1).float().clone(), "logits": out.logits.float().clone()}  # (B, L, V)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repo", type=Path, required=True, help="an ETBench checkout (holds etchat/)")
@@ -234,11 +269,29 @@ def main() -> None:
     input_ids = torch.cat([text[:PREFIX], torch.tensor([IMAGE_TOKEN_INDEX]), text[PREFIX:]])
     span_embeds = torch.randn(FRAMES, HIDDEN, generator=generator) * 0.5  # (F, D)
     runs = {mode: run(model, input_ids, span_embeds) for mode, model in models.items()}
+    # a second, shorter sample with fewer frames: the batch is right-padded
+    short = torch.randint(3, MATCH_ID, (3 + 6,), generator=generator)
+    short_ids = torch.cat([short[:3], torch.tensor([IMAGE_TOKEN_INDEX]), short[3:]])
+    samples = [
+        (input_ids, supervise_after_image(input_ids), span_embeds),
+        (short_ids, supervise_after_image(short_ids), torch.randn(4, HIDDEN, generator=generator) * 0.5),
+    ]
+    trained = {mode: run_training(model, samples) for mode, model in models.items()}
 
     tensors = {**state, "input_ids": input_ids, "span_embeds": span_embeds}
     for mode, r in runs.items():
         for key in ("logits", "last_hidden", "prenorm", "frame_keys", "step_logits"):
             tensors[f"{mode}.{key}"] = r[key].contiguous()
+    for i, (ids, labels, embeds) in enumerate(samples):
+        tensors.update(
+            {
+                f"train.input_ids.{i}": ids.clone(),
+                f"train.labels.{i}": labels,
+                f"train.span_embeds.{i}": embeds.clone(),
+            }
+        )
+    for mode, r in trained.items():
+        tensors.update({f"train.{mode}.loss": r["loss"], f"train.{mode}.logits": r["logits"].contiguous()})
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "biattn.safetensors"))
     commit = subprocess.run(
@@ -266,11 +319,11 @@ def main() -> None:
         "forced_steps": list(FORCED_STEPS),
         "runs": {m: {"tokens": r["tokens"], "frames": r["frames"]} for m, r in runs.items()},
         "on_vs_off_max_abs_logit_diff": float((runs["on"]["logits"] - runs["off"]["logits"]).abs().max()),
+        "train_loss": {m: float(r["loss"]) for m, r in trained.items()},
     }
     (out / "biattn.json").write_text(json.dumps(meta, indent=2) + "\n")
-    sys.stdout.write(
-        json.dumps({k: meta[k] for k in ("span", "runs", "on_vs_off_max_abs_logit_diff")}) + "\n"
-    )
+    keys = ("span", "runs", "on_vs_off_max_abs_logit_diff", "train_loss")
+    sys.stdout.write(json.dumps({k: meta[k] for k in keys}) + "\n")
 
 
 if __name__ == "__main__":

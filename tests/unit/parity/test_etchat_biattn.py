@@ -7,7 +7,10 @@ Phi-3 Hugging Face folder and loaded as `services.llm.loading` loads an LLM, the
 attention mask comes from the preset (`etchat`'s video `bidirectional`; a causal copy for off)
 as the engine's prefill builds it, and the time matching runs through `TimedDecode`, the
 engine's path: the prefill's logits, last hidden states, the final norm's input and the frame
-keys, then every generated token, its logits and its matched frame, agree to 1e-5 (fp32).
+keys, then every generated token, its logits and its matched frame, agree to 1e-5 (fp32). The
+seed's training forward on a right-padded batch of two samples agrees with the trainer's
+(`TrainingModel` with the preset's bidirectional modalities, as stage 3 builds it): loss and
+logits at every real position.
 """
 
 from __future__ import annotations
@@ -22,8 +25,12 @@ from safetensors.torch import load_file, save_file
 
 from services.common.presets import Preset, load_preset
 from services.llm.attention import prefill_attention_mask
+from services.llm.connectors import build_connector
+from services.llm.model import FeatureLayout
 from services.llm.time_matching import TimedDecode
 from services.llm.timestamps import HEAD_NAME, TimestampMatcher, capture_norm_input, load_timestamp_heads
+from services.trainer.loop import TrainExample, TrainMedia, collate
+from services.trainer.model import TrainingModel
 
 FIXTURE = Path(__file__).parents[2] / "fixtures" / "parity" / "etchat"
 TOL = 1e-5
@@ -169,3 +176,48 @@ def test_the_bidirectional_span_changes_the_seed_outputs(
     assert float((on[end:] - off[end:]).abs().amax(-1).min()) > 1e-2
     assert max_diff(tensors["on.frame_keys"], tensors["off.frame_keys"]) > 1e-2
     assert meta["runs"]["on"] != meta["runs"]["off"]
+
+
+def training_example(tensors: dict[str, torch.Tensor], i: int) -> TrainExample:
+    """Sample i of the seed's batch as the trainer's example: the `<image>` expanded to its
+    frames (placeholder id 0, not supervised), the span's embeddings as the item's features."""
+    ids, labels, frames = (tensors[f"train.{k}.{i}"] for k in ("input_ids", "labels", "span_embeds"))
+    at, count = int((ids == IMAGE_TOKEN_INDEX).nonzero()), frames.shape[0]
+    return TrainExample(
+        input_ids=[*ids[:at].tolist(), *[0] * count, *ids[at + 1 :].tolist()],
+        labels=[*labels[:at].tolist(), *[-100] * count, *labels[at + 1 :].tolist()],
+        media=[TrainMedia(at, count, "video", frames)],
+    )
+
+
+@pytest.mark.parametrize("mode", ["on", "off"])
+def test_the_stage3_training_forward_matches_the_seed(
+    golden: tuple[dict[str, torch.Tensor], dict[str, Any]], llm_folder: Path, mode: str, tmp_path: Path
+) -> None:
+    tensors, _ = golden
+    lm = load_lm(llm_folder)
+    width = tensors["span_embeds"].shape[1]
+    identity = build_connector("linear", in_dim=width, out_dim=width)  # the features are the span's tokens
+    with torch.no_grad():
+        identity.proj.weight.copy_(torch.eye(width))
+        identity.proj.bias.zero_()
+    model = TrainingModel(
+        lm,
+        {"video": identity},
+        {"video": FeatureLayout("video", tokens_per_frame=1, dim=width, frames=None)},
+        bidirectional=preset(mode, tmp_path).bidirectional_modalities(),
+    )
+    examples = [training_example(tensors, i) for i in (0, 1)]
+    logits: list[torch.Tensor] = []
+    handle = model.lm.register_forward_hook(lambda _m, _a, out: logits.append(out.logits))
+    try:
+        with torch.no_grad():
+            loss = model(**collate(examples, pad_id=0, device=torch.device("cpu")))
+    finally:
+        handle.remove()
+    expected = tensors[f"train.{mode}.logits"]  # (B, L, V); the seed pads the embeddings with zeros
+    assert logits[0].shape == expected.shape
+    for row, example in enumerate(examples):
+        real = len(example.input_ids)
+        assert max_diff(logits[0][row, :real], expected[row, :real]) <= TOL
+    assert abs(float(loss) - float(tensors[f"train.{mode}.loss"])) <= TOL
