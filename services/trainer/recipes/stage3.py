@@ -51,6 +51,7 @@ def run(cfg: RunConfig) -> None:
         outputs = OutputHeads(projectors, signal_specs(preset, tokenizer, "stage3"))
     examples, data_report = build_examples(cfg, preset, tokenizer, connectors)
     ts = preset.heads.timestamps
+    bidirectional = preset.bidirectional_modalities()
     model = TrainingModel(
         add_lora(lm, lora),
         connectors,
@@ -58,7 +59,7 @@ def run(cfg: RunConfig) -> None:
         heads=heads,
         alpha=ts.alpha if ts is not None else 2.0,
         outputs=outputs,
-        bidirectional=preset.bidirectional_modalities(),  # E.T. Chat's stage 3 only (--bi_attention True)
+        bidirectional=bidirectional,  # E.T. Chat's stage 3 only (--bi_attention True)
     )
     connector_lr = hp.connector_lr or defaults.connector_lr or defaults.lr
     groups = [
@@ -72,7 +73,10 @@ def run(cfg: RunConfig) -> None:
     param_groups, counts = select_trainable(model, groups, weight_decay=hp.weight_decay)
     _, result = fit(
         cfg, model, param_groups, examples, pad_id=tokenizer.pad_token_id or 0,
-        on_start=lambda: {"data": data_report, "trainable": counts, "lora": lora.model_dump()},
+        on_start=lambda: {
+            "data": data_report, "trainable": counts, "lora": lora.model_dump(),
+            "bidirectional": sorted(bidirectional),
+        },
     )  # fmt: skip
     if result.completed:
         export_bundle(cfg, model, preset=preset, metrics=result.metrics, start=bundle)
