@@ -180,6 +180,13 @@ class ModalitySpec(_Strict):
     connector: ConnectorSpec
     placeholder: str = Field("<image>", description="Token standing for one item in the prompt.")
     max_per_prompt: PositiveInt = 4
+    attention: Literal["causal", "bidirectional"] = Field(
+        "causal",
+        description="How the LLM positions of one item's span attend to each other: causal, or "
+        "bidirectional (every position of the span sees the whole span; E.T. Chat's stage 3 "
+        "`--bi_attention True`). Text and other items stay causal; applied at serving prefill "
+        "and in stage-3 training.",
+    )
 
     def connector_name(self, modality: str) -> str:
         """The bundle key of this modality's connector."""
@@ -389,6 +396,10 @@ class Preset(_Strict):
         """Per modality, the bundle key of its connector."""
         return {m: s.connector_name(m) for m, s in self.modalities.items()}
 
+    def bidirectional_modalities(self) -> frozenset[str]:
+        """The modalities whose items' spans attend bidirectionally (`attention`)."""
+        return frozenset(m for m, s in self.modalities.items() if s.attention == "bidirectional")
+
     def triton_model(self, modality: str) -> str:
         """The Triton model name of a modality's encoder."""
         enc = self.modalities[modality].encoder  # type: ignore[index]
@@ -499,6 +510,11 @@ def _check_modality(modality: str, spec: ModalitySpec) -> None:
         )
     if spec.connector.type == "event_adaptor" and modality != "event":
         raise ValueError(f"{where}.connector.type: event_adaptor pools event frames; {modality} has none")
+    if spec.attention == "bidirectional" and _one_token(spec):
+        raise ValueError(
+            f"{where}.attention: bidirectional attention over a span needs items of several LLM "
+            f"tokens; a {spec.connector.type} connector over one embedding gives one token per item"
+        )
 
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")

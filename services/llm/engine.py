@@ -4,8 +4,10 @@ Scheduling is iteration-level (continuous batching, as in Orca and vLLM). One wo
 runs the scheduler loop while there is work; each iteration
 - admits waiting requests (FIFO) while the running batch has room (`max_batch_size`) and this
   iteration's prefill budget lasts (`max_prefill_tokens`, at least one request): each is
-  prefilled alone, takes its first token at once and joins the running batch of its adapter
-  version (`services.llm.batching`: left-padded KV cache, per-row positions and mask);
+  prefilled alone (causal, or with a 4D mask where the preset's media spans attend
+  bidirectionally, `services.llm.attention`), takes its first token at once and joins the
+  running batch of its adapter version (`services.llm.batching`: left-padded KV cache, per-row
+  positions and mask);
 - then runs one decode step of every running batch (one forward for all its rows), and each
   row samples with its own parameters and stop conditions; a finished, failed or cancelled
   row leaves at once without stalling the others.
@@ -59,6 +61,7 @@ from services.common.errors import (
 )
 from services.common.presets import Preset
 from services.llm.adapter_manager import AdapterManager, AdapterVersion, WorkerCalls
+from services.llm.attention import prefill_attention_mask
 from services.llm.batching import BatchCache
 from services.llm.detokenize import IncrementalDetokenizer, StopMatcher
 from services.llm.domain import (
@@ -557,15 +560,17 @@ class Engine:
             )  # (1, L, D)
             timed = self._timed(job, embeds)
             capture = self._capture(job)
+            mask = self._prefill_mask(job, embeds)  # None: causal
             if timed is None:
                 out = model.lm(
                     inputs_embeds=embeds,
+                    attention_mask=mask,
                     use_cache=True,
                     logits_to_keep=1,
                     output_hidden_states=capture is not None,
                 )
             else:
-                out = timed.prefill(embeds)
+                out = timed.prefill(embeds, mask)
             row = _Row(
                 job, waiting.emit, waiting.context, _Stream(self.loaded, job), Sampler(job.request.sampling)
             )
@@ -744,6 +749,17 @@ class Engine:
 
         stream.outputs += capture.finish(feed, stream.text_length)
         return state["out"]
+
+    def _prefill_mask(self, job: PreparedRequest, embeds: torch.Tensor) -> torch.Tensor | None:
+        """The prompt's 4D attention mask where media spans attend bidirectionally (the preset's
+        `attention`, `services.llm.attention`), or None: causal. Decode steps need none."""
+        return prefill_attention_mask(
+            self.loaded.preset,
+            self.loaded.model.lm,
+            [m.modality for m in job.request.media],
+            job.prompt.media_spans,
+            embeds,
+        )
 
     def _timed(self, job: PreparedRequest, embeds: torch.Tensor) -> TimedDecode | None:
         """The time-token decode state of a request, or None (no heads, or no media to match)."""

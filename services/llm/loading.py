@@ -25,6 +25,7 @@ from services.common.devices import default_device
 from services.common.errors import FailedPreconditionError
 from services.common.presets import ConnectorSpec, Preset
 from services.llm.adapters import Bundle, base_fingerprint, check_state_dict, load_bundle
+from services.llm.attention import check_attention_implementation
 from services.llm.connectors import Connector, connector_from_spec
 from services.llm.model import FeatureLayout, MultimodalLM
 from services.llm.output_projector import OutputProjector, load_projectors
@@ -236,6 +237,7 @@ def load_model(preset: Preset, *, device: str | torch.device | None = None) -> L
     check_added_tokens(preset, tokenizer)
     lm = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype)
     lm.eval().requires_grad_(False)
+    check_attention_implementation(lm, preset.bidirectional_modalities(), preset=preset.name)
     bundle = load_bundle(preset.adapter.path, expected_fingerprint=base_fingerprint(checkpoint))
     connectors = load_connectors(preset, bundle.connectors, llm_dim=lm.config.hidden_size, dtype=dtype)
     layouts = {m: FeatureLayout.from_spec(m, s) for m, s in preset.modalities.items()}

@@ -122,10 +122,22 @@ class TimedDecode:
         )
         return cls(lm, matcher, index)
 
-    def prefill(self, embeds: torch.Tensor) -> Any:
-        """The prefill forward (1, L, D) with the frame keys and the first match taken."""
+    def prefill(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Any:
+        """The prefill forward (1, L, D) with the frame keys and the first match taken.
+
+        Args:
+            embeds: The prompt's input embeddings (1, L, D).
+            attention_mask: Its 4D mask where a span attends bidirectionally
+                (`services.llm.attention`), so the keys come from that prefill; None: causal.
+        """
         with capture_norm_input(self.lm) as norm_in:
-            out = self.lm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1, output_hidden_states=True)
+            out = self.lm(
+                inputs_embeds=embeds,
+                attention_mask=attention_mask,
+                use_cache=True,
+                logits_to_keep=1,
+                output_hidden_states=True,
+            )
         self.matcher.prefill(norm_in.value, out.hidden_states[-2])
         return out
 

@@ -7,7 +7,10 @@ through its modality's connector (modalities may share one, PandaGPT's `llama_pr
 the outputs at the items' spans (items of one span, `media_combine: sum`, are summed there)
 and returns the LM's loss, plus E.T. Chat's frame-matching loss when it has timestamp heads
 (`services.llm.timestamps`): each time token's embedding gets the frame it names added (its
-true frame, teacher-forced), and the heads learn to match the replies' time tokens.
+true frame, teacher-forced), and the heads learn to match the replies' time tokens. Items of
+the `bidirectional` modalities attend bidirectionally within their span (E.T. Chat's stage-3
+`bi_attention`): the LM then gets a 4D mask built per row from the padding mask and that row's
+spans (`services.llm.attention`), as serving's prefill does.
 
 A trainable connector that no item of this rank's batch uses still takes part through a
 zero-weighted dummy forward: ZeRO needs every rank to produce a gradient for every trainable
@@ -32,6 +35,12 @@ import torch
 from torch import nn
 
 from services.common.presets import LoraSpec
+from services.llm.attention import (
+    bidirectional_spans,
+    check_attention_implementation,
+    sliding_window,
+    span_attention_mask,
+)
 from services.llm.connectors import Connector
 from services.llm.model import FeatureLayout
 from services.llm.timestamps import TimestampHeads, capture_norm_input, frame_matching_loss
@@ -91,6 +100,8 @@ class TrainingModel(nn.Module):
         heads: E.T. Chat's timestamp heads, trained with the frame-matching loss.
         alpha: The soft-target base of that loss.
         outputs: NExT-GPT's output projectors, trained with the signal distance loss.
+        bidirectional: Modalities whose items' spans attend bidirectionally (the preset's
+            `attention`; E.T. Chat's stage 3), the rest of every row causal.
 
     Attributes:
         parts: After each forward, the loss parts worth logging (`part_names`), as floats:
@@ -108,6 +119,7 @@ class TrainingModel(nn.Module):
         heads: TimestampHeads | None = None,
         alpha: float = 2.0,
         outputs: OutputHeads | None = None,
+        bidirectional: frozenset[str] = frozenset(),
     ) -> None:
         super().__init__()
         missing = sorted({m for m, lay in layouts.items() if lay.connector not in connectors})
@@ -119,6 +131,8 @@ class TrainingModel(nn.Module):
         self.heads = heads
         self.alpha = alpha
         self.outputs = outputs
+        check_attention_implementation(lm, bidirectional, preset="being trained")
+        self.bidirectional = bidirectional
         self.part_names: tuple[str, ...] = ("lm_loss", "distance") if outputs is not None else ()
         self.parts: dict[str, float] = {}
 
@@ -153,6 +167,7 @@ class TrainingModel(nn.Module):
             )
         if times:
             embeds = self._add_frames(embeds, media, projected, times)
+        attention_mask = self._attention_mask(attention_mask, media, embeds.dtype)
         if self.outputs is not None:
             return self._with_outputs(input_ids, embeds, attention_mask, labels, signals)
         if self.heads is None:
@@ -191,6 +206,25 @@ class TrainingModel(nn.Module):
         lm_loss = float(out.loss.detach())
         self.parts = {"lm_loss": lm_loss, "distance": float(total.detach()) - lm_loss}
         return total
+
+    def _attention_mask(
+        self, padding: torch.Tensor, media: Sequence[MediaInBatch], dtype: torch.dtype
+    ) -> torch.Tensor:
+        """The padding mask (B, L), or the 4D mask (B, 1, L, L) where the batch holds items
+        whose spans attend bidirectionally."""
+        if not self.bidirectional:
+            return padding
+        spans = [
+            bidirectional_spans(
+                [m.modality for m in media if m.row == row],
+                [(m.start, m.length) for m in media if m.row == row],
+                self.bidirectional,
+            )
+            for row in range(padding.shape[0])
+        ]
+        if not any(spans):
+            return padding
+        return span_attention_mask(padding, spans, dtype=dtype, window=sliding_window(self.lm))
 
     def _project(
         self, media: Sequence[MediaInBatch], embeds: torch.Tensor

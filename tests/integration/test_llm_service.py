@@ -313,6 +313,7 @@ def emit_time_token_first(preset: object) -> None:
     from safetensors.torch import save_file
 
     from services.llm.adapters import base_fingerprint
+    from services.llm.attention import prefill_attention_mask
     from services.llm.engine import Engine
     from services.llm.loading import load_model
     from services.llm.servicer import request_from_proto
@@ -326,7 +327,14 @@ def emit_time_token_first(preset: object) -> None:
             embeds = loaded.model.embed(
                 job.prompt.input_ids, job.prompt.media_spans, request.media, None, job.instructions
             )
-            logits = loaded.model.lm(inputs_embeds=embeds).logits[0, -1]  # (V,)
+            mask = prefill_attention_mask(  # the video attends bidirectionally, as the engine's prefill
+                loaded.preset,
+                loaded.model.lm,
+                [m.modality for m in request.media],
+                job.prompt.media_spans,
+                embeds,
+            )
+            logits = loaded.model.lm(inputs_embeds=embeds, attention_mask=mask).logits[0, -1]  # (V,)
     finally:
         engine.close()
     first = int(logits.argmax())

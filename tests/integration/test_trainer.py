@@ -392,6 +392,8 @@ def test_stage1_on_every_tiny_twin_lowers_the_loss(
 def test_stage3_etchat_trains_the_timestamp_heads_on_etinstruct(
     tiny_cache_dir: Path, media_data: Path, tmp_path: Path
 ) -> None:
+    import json
+
     from services.llm.adapters import load_bundle
     from services.llm.timestamps import load_timestamp_heads
 
@@ -409,6 +411,9 @@ def test_stage3_etchat_trains_the_timestamp_heads_on_etinstruct(
     bundle = load_bundle(Path(done["bundle"]))
     assert bundle.lora_dir is not None and bundle.stage == "stage3"
     load_timestamp_heads(bundle.heads, hidden_size=64)  # the heads part, as serving reads it
+    events = [json.loads(line) for line in (tmp_path / "job" / "progress.jsonl").read_text().splitlines()]
+    start = next(e for e in events if e["event"] == "start")
+    assert start["bidirectional"] == ["video"]  # the frames attend both ways, as the seed's stage 3
 
 
 # -- NExT-GPT stage 2: the output projectors on synthetic text-to-X caption embeddings ---------------

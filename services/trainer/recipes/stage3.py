@@ -10,6 +10,10 @@ Instruct-format data. A preset with outputs (NExT-GPT) trains its output project
 each modality's `stage3_loss_weight` on the distance of t2x records mixed into the data
 (`format: t2x`); batches without such records keep the projectors in the graph with a
 zero-weighted dummy forward. Trainable parameters are selected after LoRA injection.
+Items of a modality with `attention: bidirectional` (E.T. Chat) attend bidirectionally within
+their span, as the seed's stage 3 trains (`scripts/train_stage_3.sh`, `--bi_attention True`);
+stages 1 and 2 stay causal, as its `train_stage_1.sh` / `train_stage_2.sh` (`--bi_attention
+False`).
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ def run(cfg: RunConfig) -> None:
         outputs = OutputHeads(projectors, signal_specs(preset, tokenizer, "stage3"))
     examples, data_report = build_examples(cfg, preset, tokenizer, connectors)
     ts = preset.heads.timestamps
+    bidirectional = preset.bidirectional_modalities()
     model = TrainingModel(
         add_lora(lm, lora),
         connectors,
@@ -54,6 +59,7 @@ def run(cfg: RunConfig) -> None:
         heads=heads,
         alpha=ts.alpha if ts is not None else 2.0,
         outputs=outputs,
+        bidirectional=bidirectional,  # E.T. Chat's stage 3 only (--bi_attention True)
     )
     connector_lr = hp.connector_lr or defaults.connector_lr or defaults.lr
     groups = [
@@ -67,7 +73,10 @@ def run(cfg: RunConfig) -> None:
     param_groups, counts = select_trainable(model, groups, weight_decay=hp.weight_decay)
     _, result = fit(
         cfg, model, param_groups, examples, pad_id=tokenizer.pad_token_id or 0,
-        on_start=lambda: {"data": data_report, "trainable": counts, "lora": lora.model_dump()},
+        on_start=lambda: {
+            "data": data_report, "trainable": counts, "lora": lora.model_dump(),
+            "bidirectional": sorted(bidirectional),
+        },
     )  # fmt: skip
     if result.completed:
         export_bundle(cfg, model, preset=preset, metrics=result.metrics, start=bundle)

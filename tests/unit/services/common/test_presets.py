@@ -108,6 +108,7 @@ def test_every_seed_system_has_a_tiny_twin_of_the_same_shape(name, tmp_path):
         assert mine.encoder.select_feature == spec.encoder.select_feature
         assert mine.connector.type == spec.connector.type
         assert mine.placeholder == spec.placeholder
+        assert mine.attention == spec.attention  # the twin runs the real attention path
         assert twin.connector_names()[modality] == real.connector_names()[modality]
 
 
@@ -136,6 +137,11 @@ def test_real_presets_carry_the_seed_systems_numbers(tmp_path):
         350,
     )
     assert et.heads.timestamps.token == "<vid>" and et.lora.targets == ["qkv_proj", "o_proj"]
+    # the frames attend to each other: its stage 3 trains with --bi_attention True and its
+    # released config serves with it; every other seed system is causal
+    assert et.bidirectional_modalities() == {"video"}
+    others = [load_preset(n, cache_dir=tmp_path) for n in SEEDS if n != "etchat"]
+    assert all(p.bidirectional_modalities() == frozenset() for p in others)
     event = load_preset("eventgpt", cache_dir=tmp_path).modalities["event"].encoder
     assert (event.tokens, event.select_layer, event.select_feature, event.sampling.event_frames) == (
         577,
@@ -204,6 +210,17 @@ def test_models_dir_defaults_under_the_cache_and_can_be_set(tmp_path, monkeypatc
             ("connector: {type: event_adaptor}", "connector: {type: event_adaptor, qformer: {}}"),
             "are for the Q-Former types",
         ),
+        (
+            "tiny-etchat",
+            ("attention: bidirectional", "attention: sideways"),
+            r"video\.attention: Input should be",
+        ),
+        (
+            "tiny-pandagpt",  # one token per item: nothing to attend to bidirectionally
+            ('placeholder: "<audio>"', 'placeholder: "<audio>"\n    attention: bidirectional'),
+            r"modalities\.audio\.attention: bidirectional attention over a span needs items of several",
+        ),
+        ("tiny-videochat", ("max_per_prompt:", "attention: bidirectional\n    max_per_prompt:"), None),
     ],
 )
 def test_cross_field_rules_name_what_is_wrong(preset, edit, match, tmp_path):

@@ -1,11 +1,13 @@
 """E.T. Chat timestamps at inference on the tiny-etchat twin: the time token's text and
 structured timestamps, the frame choice against an uncached reference, and the requests and
-presets that must not be matched."""
+presets that must not be matched; the video span attending bidirectionally at the prefill
+(`attention: bidirectional`), alone and in a continuous batch."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -114,6 +116,14 @@ def reply(events: list[GenerationEvent]) -> tuple[str, list[int], list[Any]]:
     return text, tokens, [t for e in events for t in e.timestamps]
 
 
+def span_mask(length: int, start: int, count: int) -> torch.Tensor:
+    """A reference mask (1, 1, L, L): causal, except that the positions of [start, start + count)
+    attend to each other."""
+    allowed = torch.ones(length, length, dtype=torch.bool).tril()
+    allowed[start : start + count, start : start + count] = True
+    return torch.zeros(1, 1, length, length).masked_fill(~allowed, torch.finfo(torch.float32).min)
+
+
 def reference(
     loaded: LoadedModel, request: GenerationRequest, steps: set[int], count: int
 ) -> tuple[list[int], list[int]]:
@@ -121,8 +131,10 @@ def reference(
 
     The frame keys come from a hook on the last decoder block (not the engine's norm hook), the
     queries from hidden_states[-2] at the last position; a time token is fed back as its
-    embedding plus the frame embedding of the frame matched here.
+    embedding plus the frame embedding of the frame matched here. Where the preset's video
+    attends bidirectionally, every forward has the video's span bidirectional (`span_mask`).
     """
+    bidirectional = loaded.preset.modalities["video"].attention == "bidirectional"
     engine = Engine(loaded)
     try:
         job = engine.prepare(request)
@@ -144,7 +156,8 @@ def reference(
             )
             frame_embeds = seq[0, start : start + length]  # (F, D)
             for step in range(count):
-                out = lm(inputs_embeds=seq, output_hidden_states=True)
+                mask = span_mask(seq.shape[1], start, length) if bidirectional else None
+                out = lm(inputs_embeds=seq, attention_mask=mask, output_hidden_states=True)
                 keys = heads.frm_head(last_block[-1][0, start : start + length])  # (F, h)
                 query = heads.vid_head(out.hidden_states[-2][0, -1])  # (h,)
                 frame = int((keys @ query).argmax())
@@ -291,9 +304,11 @@ async def test_an_adapter_version_serves_its_own_heads(
                 version.connectors,
                 job.instructions,
             )
-            with capture_norm_input(etchat.model.lm) as norm_in:
-                etchat.model.lm(inputs_embeds=embeds)
             start, length = job.prompt.media_spans[0]
+            with capture_norm_input(etchat.model.lm) as norm_in:
+                etchat.model.lm(
+                    inputs_embeds=embeds, attention_mask=span_mask(embeds.shape[1], start, length)
+                )
             assert norm_in.value is not None
             keys = version.heads.frm_head(norm_in.value[0, start : start + length])  # (F, h)
         (stamp,) = reply(events)[2]
@@ -335,3 +350,76 @@ async def test_time_token_requests_decoded_together_equal_them_alone(
     assert together == alone
     assert all(len(stamps) == 2 for _, _, stamps in alone)  # the forced time tokens were matched
     assert max(int(c["inputs_embeds"].shape[0]) for c in calls) == len(requests)
+
+
+def with_attention(loaded: LoadedModel, attention: str) -> LoadedModel:
+    """The same loaded model served under a preset whose video has `attention`."""
+    preset = loaded.preset
+    video = preset.modalities["video"].model_copy(update={"attention": attention})
+    return dataclasses.replace(
+        loaded, preset=preset.model_copy(update={"modalities": {**preset.modalities, "video": video}})
+    )
+
+
+async def test_the_video_attends_bidirectionally_at_the_prefill_and_decode_steps_stay_causal(
+    etchat: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    steps = {1, 3}
+    request = ask([video()], max_tokens=6)
+    causal = with_attention(etchat, "causal")
+    assert etchat.preset.bidirectional_modalities() == {"video"}  # the twin, as etchat
+    with forcing(etchat, steps, monkeypatch):
+        with lm_calls(etchat) as calls:
+            bidirectional_reply = reply(await run(etchat, request))
+        causal_reply = reply(await run(causal, request))
+    engine = Engine(etchat)
+    try:
+        start, length = engine.prepare(request).prompt.media_spans[0]
+    finally:
+        engine.close()
+    prefill, *decode = calls
+    mask = prefill["attention_mask"]  # the prefill's 4D mask: the span's block open, the rest causal
+    assert mask.shape[:2] == (1, 1) and torch.equal(mask, span_mask(mask.shape[-1], start, length))
+    assert decode and all(c["attention_mask"].dim() == 2 for c in decode)  # steps: padding only
+    for loaded, (_, tokens, stamps) in [(etchat, bidirectional_reply), (causal, causal_reply)]:
+        assert (tokens, [t.frame for t in stamps]) == reference(loaded, request, steps, len(tokens))
+    assert bidirectional_reply != causal_reply  # the answers (or the matched frames) change
+
+
+async def test_bidirectional_rows_joining_a_running_batch_get_what_they_get_alone(
+    etchat: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One prefill per iteration, so every row joins a batch that is already decoding; among
+    them a text-only row (causal prefill) and rows of a second adapter version."""
+    preset = etchat.preset
+    path = write_bundle(
+        tmp_path / "2",
+        name=preset.adapter.name,
+        version="2",
+        preset=preset.name,
+        base_fingerprint=base_fingerprint(preset.llm.checkpoint),
+        connectors={k: dict(v) for k, v in initial_connectors(preset, 32, seed=303).items()},
+    )
+    text_only = GenerationRequest(
+        [Turn("user", [TextPart("Say something long")])], [], SamplingParams(max_tokens=8, temperature=0.0)
+    )
+    requests = [ask([video(seed=s)], max_tokens=n) for s, n in [(4, 9), (5, 3), (6, 7)]] + [text_only]
+    engine = Engine(etchat, max_prefill_tokens=1)
+    try:
+        version = await asyncio.to_thread(engine.adapters.load, path)
+        requests += [dataclasses.replace(r, adapter=version.ref) for r in requests[:2]]
+        with forcing(etchat, {0, 2}, monkeypatch):
+            alone = [reply([e async for e in engine.generate(r)]) for r in requests]
+
+            async def collect(r: GenerationRequest) -> list[GenerationEvent]:
+                return [e async for e in engine.generate(r)]
+
+            with lm_calls(etchat) as calls:
+                together = [reply(events) for events in await asyncio.gather(*(collect(r) for r in requests))]
+    finally:
+        engine.close()
+    assert together == alone
+    four_d = [c for c in calls if c.get("attention_mask") is not None and c["attention_mask"].dim() == 4]
+    assert len(four_d) == 5  # every video row's prefill, none of the steps
+    assert max(int(c["inputs_embeds"].shape[0]) for c in calls) >= 3  # rows really decoded together
+    assert alone[0] != alone[4]  # the second version answers otherwise

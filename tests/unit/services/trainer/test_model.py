@@ -1,7 +1,7 @@
 """The model being trained: features written at their spans, the zero-weighted dummy forward that
-gives an absent modality's connector a gradient, LoRA targets and injection, and the one place
-that decides what trains (freezing, learning rate per group, refusal of empty or overlapping
-groups)."""
+gives an absent modality's connector a gradient, bidirectional spans (E.T. Chat's stage 3) per
+row of a padded batch, LoRA targets and injection, and the one place that decides what trains
+(freezing, learning rate per group, refusal of empty or overlapping groups)."""
 
 from __future__ import annotations
 
@@ -39,11 +39,16 @@ def base_lm() -> nn.Module:
     return LlamaForCausalLM(config).eval()  # eval: no dropout, so two forwards agree exactly
 
 
-def make_model(base_lm: nn.Module, modalities: tuple[str, ...] = ("image",), seed: int = 1) -> TrainingModel:
+def make_model(
+    base_lm: nn.Module,
+    modalities: tuple[str, ...] = ("image",),
+    seed: int = 1,
+    bidirectional: frozenset[str] = frozenset(),
+) -> TrainingModel:
     torch.manual_seed(seed)
     connectors = {m: build_connector("mlp2x_gelu", in_dim=FEAT_DIM, out_dim=WIDTH) for m in modalities}
     layouts = {m: FeatureLayout(m, tokens_per_frame=1, dim=FEAT_DIM, frames=TOKENS) for m in modalities}
-    return TrainingModel(copy.deepcopy(base_lm), connectors, layouts)
+    return TrainingModel(copy.deepcopy(base_lm), connectors, layouts, bidirectional=bidirectional)
 
 
 def example(length: int = 12, media: list[tuple[int, str, torch.Tensor]] | None = None) -> TrainExample:
@@ -132,6 +137,51 @@ def test_only_the_absent_modality_takes_the_dummy_path(base_lm: nn.Module) -> No
     image, audio = grads(model.connectors["image"]), grads(model.connectors["audio"])
     assert any(g is not None and g.abs().sum() > 0 for g in image)
     assert all(g is not None and torch.count_nonzero(g) == 0 for g in audio)
+
+
+# -- bidirectional spans ---------------------------------------------------------------------------
+
+
+def lm_inputs(model: TrainingModel, b: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The loss and the keyword arguments the LM got."""
+    seen: dict[str, Any] = {}
+    handle = model.lm.register_forward_pre_hook(lambda _m, _a, kw: seen.update(kw), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            loss = model(**b)
+    finally:
+        handle.remove()
+    return loss, seen
+
+
+def test_bidirectional_spans_attend_both_ways_per_row_of_a_padded_batch(base_lm: nn.Module) -> None:
+    """Each row's own span is open both ways, padding stays hidden, and a row's loss is what it
+    is alone (the batch loss is the token-weighted mean of the rows')."""
+    bi = make_model(base_lm, bidirectional=frozenset({"image"}))
+    causal = make_model(base_lm)
+    f0, f1 = torch.randn(TOKENS, FEAT_DIM), torch.randn(TOKENS, FEAT_DIM)
+    rows = [example(12, [(1, "image", f0)]), example(9, [(3, "image", f1)])]
+    loss, seen = lm_inputs(bi, batch(*rows))
+    mask = seen["attention_mask"]
+    assert mask.shape == (2, 1, 12, 12)
+    for row, (length, start) in enumerate([(12, 1), (9, 3)]):
+        allowed = torch.ones(12, 12, dtype=torch.bool).tril()
+        allowed[start : start + TOKENS, start : start + TOKENS] = True
+        allowed[:, length:] = False  # padding columns
+        assert torch.equal(mask[row, 0] == 0, allowed)
+    alone = [lm_inputs(bi, batch(r))[0] for r in rows]
+    supervised = [len(r.labels) - 6 for r in rows]
+    expected = sum(a * n for a, n in zip(alone, supervised, strict=True)) / sum(supervised)
+    assert torch.allclose(loss, expected, atol=1e-6)
+    assert not torch.isclose(loss, lm_inputs(causal, batch(*rows))[0])  # the span's block matters
+
+
+def test_a_batch_without_bidirectional_items_keeps_the_padding_mask(base_lm: nn.Module) -> None:
+    bi = make_model(base_lm, modalities=("image", "audio"), bidirectional=frozenset({"image"}))
+    causal = make_model(base_lm, modalities=("image", "audio"))
+    b = batch(example(10, [(1, "audio", torch.randn(TOKENS, FEAT_DIM))]), example(8))
+    loss, seen = lm_inputs(bi, b)
+    assert seen["attention_mask"].dim() == 2 and torch.equal(loss, lm_inputs(causal, b)[0])
 
 
 # -- LoRA -----------------------------------------------------------------------------------------
