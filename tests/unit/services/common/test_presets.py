@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from services.common.errors import InvalidArgumentError, NotFoundError
-from services.common.presets import load_preset, parse_preset, shipped_presets
+from services.common.presets import GenerationSpec, load_preset, parse_preset, shipped_presets
 
 TINY = Path(__file__).parents[4] / "presets" / "tiny.yaml"
 
@@ -228,3 +228,55 @@ def test_shared_connectors_must_agree_and_sum_needs_one_token_each(tmp_path):
     chat = (PRESETS / "tiny-videochat.yaml").read_text() + "\nmedia_combine: sum\n"
     with pytest.raises(InvalidArgumentError, match=r"media_combine sum: .*one LLM token"):
         parse_preset(chat, cache_dir=tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (
+            "generation: {temperature: 2.5}",
+            r"generation\.temperature: Input should be less than or equal to 2",
+        ),
+        ("generation: {top_p: 0}", r"generation\.top_p: Input should be greater than 0"),
+        ("generation: {top_k: -1}", r"generation\.top_k: Input should be greater than or equal to 0"),
+        ("generation: {max_tokens: 0}", r"generation\.max_tokens: Input should be greater than 0"),
+        (
+            "generation: {repetition_penalty: 0}",
+            r"generation\.repetition_penalty: Input should be greater than 0",
+        ),
+        (
+            "generation: {repetition_penalty: .inf}",
+            r"generation\.repetition_penalty: Input should be a finite",
+        ),
+        (
+            "generation: {presence_penalty: 2.5}",
+            r"generation\.presence_penalty: Input should be less than or equal",
+        ),
+        (
+            "generation: {frequency_penalty: -3}",
+            r"generation\.frequency_penalty: Input should be greater than",
+        ),
+        ("generation: {stop: ['']}", r"generation\.stop\.0: String should have at least 1 character"),
+        (
+            "generation: {stop_token_ids: [-1]}",
+            r"generation\.stop_token_ids\.0: Input should be greater than",
+        ),
+        ("generation: {top_n: 3}", r"generation\.top_n: Extra inputs are not permitted"),
+    ],
+)
+def test_generation_errors_name_the_field(edit, match, tmp_path):
+    with pytest.raises(InvalidArgumentError, match=match):
+        parse_preset(TINY.read_text() + edit + "\n", cache_dir=tmp_path)
+
+
+@pytest.mark.parametrize("twin", ["tiny-nextgpt", "tiny-etchat"])
+def test_drop_last_tokens_is_refused_where_tokens_place_media_or_times(twin, tmp_path):
+    text = (PRESETS / f"{twin}.yaml").read_text() + "generation: {drop_last_tokens: 2}\n"
+    with pytest.raises(InvalidArgumentError, match=r"generation\.drop_last_tokens: only for presets without"):
+        parse_preset(text, cache_dir=tmp_path)
+
+
+def test_twins_keep_the_neutral_generation_defaults(tmp_path):
+    """The twins' tokenizers are not the seeds': no seed stop ids or sampling defaults there."""
+    for name in SEEDS:
+        assert load_preset(f"tiny-{name}", cache_dir=tmp_path).generation == GenerationSpec()
