@@ -280,3 +280,26 @@ def test_twins_keep_the_neutral_generation_defaults(tmp_path):
     """The twins' tokenizers are not the seeds': no seed stop ids or sampling defaults there."""
     for name in SEEDS:
         assert load_preset(f"tiny-{name}", cache_dir=tmp_path).generation == GenerationSpec()
+
+
+def test_real_presets_decode_as_their_seeds_demo_or_inference_script(tmp_path):
+    """Each value is cited in the preset's comment and docs/presets.md (seed file:line)."""
+    rows = {}
+    for name in SEEDS:
+        g = load_preset(name, cache_dir=tmp_path).generation
+        rows[name] = (g.temperature, g.top_p, g.top_k, g.max_tokens, g.repetition_penalty)
+        assert g.decode_reply_alone and (g.presence_penalty, g.frequency_penalty) == (0.0, 0.0)
+    assert rows == {
+        "pandagpt": (1.0, 0.01, 50, 256, 1.0),
+        "nextgpt": (0.4, 1.0, 50, 150, 1.0),
+        "videochat": (1.0, 0.9, 50, 1000, 1.0),
+        "etchat": (0.2, 1.0, 0, 2048, 1.0),
+        "eventgpt": (0.4, 1.0, 50, 512, 1.0),
+    }
+    panda = load_preset("pandagpt", cache_dir=tmp_path).generation
+    assert (panda.stop, panda.stop_token_ids, panda.drop_last_tokens) == ([], [2277], 2)
+    nextgpt = load_preset("nextgpt", cache_dir=tmp_path).generation
+    assert (nextgpt.stop, nextgpt.stop_token_ids, nextgpt.include_stop_str_in_output) == ([], [835], True)
+    for name in ("videochat", "etchat", "eventgpt"):  # the template's stop strings, then .strip()
+        g = load_preset(name, cache_dir=tmp_path).generation
+        assert (g.stop, g.stop_token_ids, g.strip) == (None, [], True)
