@@ -55,10 +55,10 @@ def _optional(msg: llm_pb2.SamplingParams, name: str) -> Any:
 
 def sampling_from_proto(msg: llm_pb2.SamplingParams) -> SamplingParams:
     """Domain sampling parameters (validated) from the wire; unset fields stay unset (None),
-    for the engine to fill from the preset. A max_tokens of 0 is unset too: a peer built
-    before the field had presence sends nothing for 0."""
+    for the engine to fill from the preset. An explicit max_tokens 0 is refused; a peer built
+    before the field had presence sends nothing for 0, which reads as unset."""
     return SamplingParams(
-        max_tokens=msg.max_tokens or None,
+        max_tokens=_optional(msg, "max_tokens"),
         temperature=_optional(msg, "temperature"),
         top_p=_optional(msg, "top_p"),
         top_k=_optional(msg, "top_k"),

@@ -60,6 +60,11 @@ def test_unset_sampling_fields_stay_unset_for_the_preset() -> None:
     assert s == SamplingParams() and s.max_tokens is None and s.repetition_penalty is None
 
 
+def test_an_explicit_zero_max_tokens_is_refused() -> None:
+    with pytest.raises(InvalidArgumentError, match=r"sampling.max_tokens: expected > 0, got 0"):
+        request_from_proto(llm_pb2.GenerateRequest(sampling=llm_pb2.SamplingParams(max_tokens=0)))
+
+
 def test_penalties_and_stop_token_ids_cross_the_wire() -> None:
     s = request_from_proto(
         proto_request(
