@@ -55,9 +55,11 @@ class ChatRequest:
         model: The served name ("tiny", or "tiny@<version>" to pin an adapter); None = default.
         turns: The conversation in order.
         request_id: Id carried into every downstream call and log line.
-        max_tokens: Upper bound on generated tokens; None = the settings' default.
+        max_tokens: Upper bound on generated tokens; None = the preset's (`generation:`).
         max_tokens_param: The request field max_tokens came from, for error messages.
-        temperature, top_p, top_k, seed, stop: Sampling parameters (None = service default).
+        temperature, top_p, top_k, seed, stop: Sampling parameters (None = the preset's).
+        repetition_penalty, presence_penalty, frequency_penalty: Penalties (None = the preset's).
+        stop_token_ids: Token ids that end the reply, besides the preset's.
         modalities: What the reply should hold ("text", "image", "audio", "video"); empty =
             text, plus whatever media the model emits on its own (presets with outputs).
         decoding: Per output modality, its decoding parameters (steps, guidance_scale, height,
@@ -76,6 +78,10 @@ class ChatRequest:
     stop: list[str] = field(default_factory=list)
     modalities: tuple[str, ...] = ()
     decoding: dict[str, dict[str, Any]] = field(default_factory=dict)
+    repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    stop_token_ids: list[int] = field(default_factory=list)
 
     def media(self) -> list[MediaItem]:
         """Every media item of the request, in the order it appears."""
@@ -113,7 +119,7 @@ class Finished:
 
     text: str
     finish_reason: str  # "stop" | "length"
-    stop_reason: str | None
+    stop_reason: str | int | None  # the stop string, or the stop token id, that ended it
     prompt_tokens: int
     completion_tokens: int
     adapter: str | None = None  # the "name@version" that served it (OpenAI's system_fingerprint)
@@ -157,3 +163,4 @@ class ModelEntry:
     parent: str | None
     created: int
     max_model_len: int | None
+    sampling_defaults: dict[str, Any] | None = None  # the preset entry: what unset fields become

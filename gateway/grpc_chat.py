@@ -95,9 +95,17 @@ def to_domain(request: chat_pb2.ChatRequest, request_id: str) -> ChatRequest:
         top_k=request.top_k if request.HasField("top_k") else None,
         seed=request.seed if request.HasField("seed") else None,
         stop=list(request.stop),
+        repetition_penalty=_optional(request, "repetition_penalty"),
+        presence_penalty=_optional(request, "presence_penalty"),
+        frequency_penalty=_optional(request, "frequency_penalty"),
+        stop_token_ids=list(request.stop_token_ids),
         modalities=tuple(request.modalities),
         decoding={m: _options(getattr(request, m)) for m in _OUTPUTS if request.HasField(m)},
     )
+
+
+def _optional(request: chat_pb2.ChatRequest, name: str) -> Any:
+    return getattr(request, name) if request.HasField(name) else None
 
 
 def _peer_host(context: grpc.aio.ServicerContext[Any, Any]) -> str:

@@ -249,7 +249,7 @@ async def list_models(request: Request) -> JSONResponse:
     """GET /v1/models: the preset and its loaded adapter versions."""
     service: ChatService = request.app.state.service
     entries = await service.list_models()
-    return JSONResponse(ModelList(data=[ModelCard.of(e) for e in entries]).model_dump())
+    return JSONResponse(ModelList(data=[ModelCard.of(e) for e in entries]).to_json())
 
 
 async def health(request: Request) -> JSONResponse:

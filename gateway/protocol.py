@@ -274,6 +274,10 @@ class ChatCompletionRequest(_Lenient):
     top_k: int | None = None
     seed: int | None = None
     stop: Annotated[list[str] | None, BeforeValidator(_stop_form)] = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None  # vLLM's extra field
+    stop_token_ids: list[int] | None = None  # vLLM's extra field
     n: int | None = 1
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -297,7 +301,8 @@ class ChatCompletionRequest(_Lenient):
         return bool(self.stream_options and self.stream_options.include_usage)
 
     def to_domain(self, request_id: str) -> ChatRequest:
-        """The transport-independent request (max_completion_tokens wins over max_tokens)."""
+        """The transport-independent request (max_completion_tokens wins over max_tokens); an
+        unset sampling field stays None, for the LLM service to take the preset's value."""
         turns = []
         for i, message in enumerate(self.messages):
             parts: list[Part] = []
@@ -320,6 +325,10 @@ class ChatCompletionRequest(_Lenient):
             top_k=self.top_k,
             seed=self.seed,
             stop=list(self.stop or []),
+            repetition_penalty=self.repetition_penalty,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            stop_token_ids=list(self.stop_token_ids or []),
             modalities=tuple(self.modalities or ()),
             decoding={
                 m: o.model_dump(exclude_none=True)
@@ -551,7 +560,7 @@ def content_chunk(
     model: str,
     text: str,
     finish_reason: str | None = None,
-    stop_reason: str | None = None,
+    stop_reason: str | int | None = None,
     system_fingerprint: str | None = None,
     timestamps: tuple[Timestamp, ...] = (),
 ) -> dict[str, Any]:
@@ -610,6 +619,7 @@ class ModelCard(BaseModel):
     parent: str | None = None
     max_model_len: int | None = None
     permission: list[dict[str, Any]] = Field(default_factory=list)
+    sampling_defaults: dict[str, Any] | None = None  # modalmesh's: the preset's generation defaults
 
     @classmethod
     def of(cls, entry: ModelEntry) -> ModelCard:
@@ -620,6 +630,7 @@ class ModelCard(BaseModel):
             root=entry.root,
             parent=entry.parent,
             max_model_len=entry.max_model_len,
+            sampling_defaults=entry.sampling_defaults,
         )
 
 
@@ -628,3 +639,11 @@ class ModelList(BaseModel):
 
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON body: every field, a card's `sampling_defaults` only where it is known."""
+        body = self.model_dump()
+        for card in body["data"]:
+            if card["sampling_defaults"] is None:
+                del card["sampling_defaults"]
+        return body

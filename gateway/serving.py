@@ -64,6 +64,15 @@ logger = logging.getLogger(__name__)
 
 _FINISH_REASONS = {llm_pb2.FINISH_REASON_STOP: "stop", llm_pb2.FINISH_REASON_LENGTH: "length"}
 _UINT32_MAX = 2**32 - 1
+_DEFAULT_FIELDS = (
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+)
 
 
 class Encoded(Protocol):
@@ -216,11 +225,11 @@ class ChatService:
         )
 
     def _sampling(self, request: ChatRequest) -> llm_pb2.SamplingParams:
+        """The LLM's sampling parameters, range-checked; an unset field stays unset, for the LLM
+        service to fill from the preset's `generation:` section."""
         max_tokens = request.max_tokens
-        if max_tokens is None:
-            max_tokens = self.settings.default_max_tokens
         limit = min(self.preset.llm.max_context_tokens, _UINT32_MAX)
-        if not 0 < max_tokens <= limit:
+        if max_tokens is not None and not 0 < max_tokens <= limit:
             expected = (
                 "a positive integer" if max_tokens <= 0 else (f"at most {limit} (the model's context length)")
             )
@@ -228,6 +237,7 @@ class ChatService:
                 f"{request.max_tokens_param}: expected {expected}, got {max_tokens}",
                 param=request.max_tokens_param,
             )
+        _check_penalties(request)
         t, p, k = request.temperature, request.top_p, request.top_k
         if t is not None and not (math.isfinite(t) and t >= 0):
             raise InvalidArgumentError(f"temperature: expected a number >= 0, got {t}", param="temperature")
@@ -243,9 +253,13 @@ class ChatService:
             max_tokens=max_tokens,
             temperature=t,
             top_p=p,
-            top_k=max(k or 0, 0),
+            top_k=None if k is None else max(k, 0),
             seed=request.seed,
             stop=[s for s in request.stop if s],
+            repetition_penalty=request.repetition_penalty,
+            presence_penalty=request.presence_penalty,
+            frequency_penalty=request.frequency_penalty,
+            stop_token_ids=request.stop_token_ids,
         )
 
     def validate(self, request: ChatRequest) -> tuple[str, str, llm_pb2.SamplingParams]:
@@ -517,7 +531,7 @@ class ChatService:
         return Finished(
             text=chunk.text,
             finish_reason=_FINISH_REASONS.get(chunk.finish_reason, "stop"),
-            stop_reason=chunk.stop_reason or None,
+            stop_reason=chunk.stop_token_id if chunk.HasField("stop_token_id") else chunk.stop_reason or None,
             prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens,
             adapter=adapter,
@@ -541,6 +555,8 @@ class ChatService:
         except ModalmeshError as e:
             logger.info("listing models without adapter versions: %s", e.message)
             return entries
+        if info.HasField("sampling_defaults"):
+            entries[0] = dataclasses.replace(entries[0], sampling_defaults=_defaults(info.sampling_defaults))
         seen = {served}
         for adapter in [info.adapter, *info.adapters]:
             _, sep, version = adapter.partition("@")
@@ -613,6 +629,35 @@ def _count(n: int, modality: str) -> str:
     """How many items of a modality, in words: 1 video, 4 images, 2 audio clips."""
     one, many = _NOUNS.get(modality, (modality, modality + "s"))
     return f"{n} {one if n == 1 else many}"
+
+
+def _check_penalties(request: ChatRequest) -> None:
+    """vLLM's ranges: presence and frequency penalties in [-2, 2], repetition penalty > 0."""
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(request, name)
+        if value is not None and not -2.0 <= value <= 2.0:  # NaN fails too
+            raise InvalidArgumentError(f"{name}: expected a number in [-2, 2], got {value}", param=name)
+    r = request.repetition_penalty
+    if r is not None and not (math.isfinite(r) and r > 0):
+        raise InvalidArgumentError(
+            f"repetition_penalty: expected a number > 0 (1 disables it), got {r}", param="repetition_penalty"
+        )
+    for i, token in enumerate(request.stop_token_ids):
+        if not 0 <= token <= _UINT32_MAX:
+            raise InvalidArgumentError(
+                f"stop_token_ids[{i}]: expected a token id >= 0, got {token}", param="stop_token_ids"
+            )
+
+
+def _defaults(msg: llm_pb2.SamplingParams) -> dict[str, Any]:
+    """The JSON form of the LLM's sampling defaults (floats rounded off their float32 form)."""
+    out: dict[str, Any] = {}
+    for name in _DEFAULT_FIELDS:
+        if msg.HasField(name):
+            value = getattr(msg, name)
+            out[name] = round(value, 6) if isinstance(value, float) else value
+    out["stop"], out["stop_token_ids"] = list(msg.stop), list(msg.stop_token_ids)
+    return out
 
 
 def _timestamps(chunk: llm_pb2.GenerateChunk) -> tuple[Timestamp, ...]:

@@ -54,7 +54,6 @@ FALLBACK_DESCRIPTIONS: dict[str, str] = {
     "image_fetch_timeout_s": "Fetching one image URL, all of it (DNS, connects, redirects, body).",
     "encoder_timeout_s": "Gateway deadline for one encoder call.",
     "llm_timeout_s": "Gateway deadline for one LLM Generate call (the whole generation).",
-    "default_max_tokens": "`max_tokens` of a request that sets none.",
     "feature_cache_ttl_s": "Lifetime of encoder features cached in Redis (by content hash or `uuid`).",
     "image_max_pixels": "Width * height of one image; more: 400.",
     "video_max_bytes": "Size of one video file.",

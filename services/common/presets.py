@@ -316,6 +316,50 @@ class OutputSpec(_Strict):
         return self.decoder.format or OUTPUT_FORMATS[modality][0]
 
 
+class GenerationSpec(_Strict):
+    """The seed's decoding defaults and how it returns its text (the `generation:` section).
+
+    A request's own value of a sampling field wins; an unset field of both takes the engine's
+    neutral default (temperature 1, top_p 1, top_k off, penalties off, max_tokens from
+    MODALMESH_DEFAULT_MAX_TOKENS). The text rules reproduce what a seed's own decode returns
+    (docs/presets.md cites each seed's file and line).
+    """
+
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    top_k: Annotated[int, Field(ge=0)] | None = Field(
+        default=None,
+        description="0: off. Hugging Face's generate samples with top_k 50 unless told otherwise.",
+    )
+    max_tokens: PositiveInt | None = None
+    repetition_penalty: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] = Field(
+        default=1.0,
+        description="Hugging Face's: over the prompt's and the reply's ids (media positions and the "
+        "timestamp token left out), positive logits divided, negative ones multiplied; 1: off.",
+    )
+    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
+    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
+    stop: list[Annotated[str, Field(min_length=1)]] | None = Field(
+        default=None, description="Stop strings; unset: the template's (e.g. '###'), [] : none."
+    )
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] = Field(
+        default_factory=list, description="Ids of the checkpoint's tokenizer that end a reply."
+    )
+    include_stop_str_in_output: bool = Field(
+        default=False, description="Keep the text of the stop string or stop token that ended the reply."
+    )
+    drop_last_tokens: Annotated[int, Field(ge=0)] = Field(
+        default=0,
+        description="Leave the text of the reply's last N tokens out, whatever ended it (PandaGPT: 2).",
+    )
+    decode_reply_alone: bool = Field(
+        default=False,
+        description="Decode the reply without the prompt before it, as the seeds decode their generated "
+        "ids (SentencePiece then drops the first token's leading space).",
+    )
+    strip: bool = Field(default=False, description="Strip whitespace from both ends of the reply.")
+
+
 class AdapterSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     path: Path = Field(description="The adapter bundle folder served at start.")
@@ -352,6 +396,10 @@ class Preset(_Strict):
         "separate",
         description="sum: the media items of one user turn become one token, the sum of their "
         "connector outputs (PandaGPT, NExT-GPT legacy); every connector must give 1 token.",
+    )
+    generation: GenerationSpec = Field(
+        default_factory=GenerationSpec,
+        description="The seed's decoding defaults (a request's values override them) and text rules.",
     )
 
     @model_validator(mode="after")
@@ -390,6 +438,11 @@ class Preset(_Strict):
                     f"heads.timestamps.modality {ts.modality!r}: the preset has no such modality"
                 )
         _check_outputs(self)
+        if self.generation.drop_last_tokens and (self.outputs or ts is not None):
+            raise ValueError(
+                "generation.drop_last_tokens: only for presets without outputs and heads.timestamps "
+                "(their tokens place media and times in the text)"
+            )
         return self
 
     def connector_names(self) -> dict[str, str]:

@@ -63,7 +63,6 @@ class Settings(BaseSettings):
     encoder_timeout_s: float = 30.0
     decoder_timeout_s: float = Field(default=120.0, description="One media item's decode, queue included.")
     llm_timeout_s: float = 300.0
-    default_max_tokens: int = 256
     feature_cache_ttl_s: int = 3600
 
     # Gateway security (REST and gRPC alike).
@@ -184,6 +183,12 @@ class Settings(BaseSettings):
         ge=1,
         description="Prompt tokens an LLM replica prefills between two decode steps (at least one "
         "request's): bounds how long new requests pause the running ones.",
+    )
+    default_max_tokens: int = Field(
+        default=256,
+        gt=0,
+        description="Read by the LLM service: `max_tokens` of a request that sets none, where the preset's "
+        "`generation.max_tokens` is unset too.",
     )
 
     # Logging.

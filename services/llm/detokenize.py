@@ -6,8 +6,10 @@ back while it ends in U+FFFD, i.e. while byte-level BPE has emitted only part of
 Decoding a window that starts inside the prompt keeps the tokenizer's handling of leading
 spaces consistent.
 
-`StopMatcher` sits on top of the text deltas: it emits text up to (not including) the first
-occurrence of any stop string, and holds back a trailing piece that may still become one.
+`StopMatcher` sits on top of the text deltas: it emits text up to (not including, unless
+asked to) the first occurrence of any stop string, and holds back a trailing piece that may
+still become one. `Strip` then drops the reply's leading whitespace and holds back trailing
+whitespace until more text follows, dropping it at the end (a seed's `.strip()`).
 """
 
 from __future__ import annotations
@@ -78,10 +80,12 @@ class StopMatcher:
 
     Args:
         stops: The stop strings (non-empty).
+        include: Emit the stop string that matched too (vLLM's include_stop_str_in_output).
     """
 
-    def __init__(self, stops: Sequence[str]) -> None:
+    def __init__(self, stops: Sequence[str], *, include: bool = False) -> None:
         self.stops = tuple(stops)
+        self.include = include
         self.pending = ""
         self.matched: str | None = None
 
@@ -101,7 +105,7 @@ class StopMatcher:
         if best is not None:
             self.pending = ""
             self.matched = best[1]
-            return buf[: best[0]]
+            return buf[: best[0] + (len(best[1]) if self.include else 0)]
         hold = self._partial_suffix(buf)
         self.pending = buf[len(buf) - hold :] if hold else ""
         return buf[: len(buf) - hold]
@@ -120,3 +124,43 @@ class StopMatcher:
                     longest = n
                     break
         return longest
+
+
+class Strip:
+    """Strips a text stream at both ends, as `str.strip()` does to the whole text.
+
+    `lead` drops whitespace until the first other character; `feed` holds back trailing
+    whitespace (`pending`) until other text follows; `finish` drops what is still held.
+    Disabled, every method passes text through.
+
+    Args:
+        enabled: Whether to strip.
+    """
+
+    def __init__(self, *, enabled: bool) -> None:
+        self.enabled = enabled
+        self.started = False
+        self.pending = ""
+
+    def lead(self, text: str) -> str:
+        """Text with the reply's leading whitespace removed."""
+        if not self.enabled or self.started:
+            return text
+        text = text.lstrip()
+        self.started = bool(text)
+        return text
+
+    def feed(self, text: str) -> str:
+        """The text safe to emit: all but trailing whitespace, which is held."""
+        if not self.enabled:
+            return text
+        buf = self.pending + text
+        body = buf.rstrip()
+        self.pending = buf[len(body) :]
+        return body
+
+    def finish(self, text: str) -> str:
+        """The last text: what `feed` gives, the held whitespace then dropped."""
+        out = self.feed(text)
+        self.pending = ""
+        return out

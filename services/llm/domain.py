@@ -85,7 +85,7 @@ class GenerationRequest:
 class FinishReason(enum.Enum):
     """Why a generation ended."""
 
-    STOP = "stop"  # end-of-sequence token or a stop string
+    STOP = "stop"  # end-of-sequence token, a stop string or a stop token id
     LENGTH = "length"  # max_tokens or the context limit
 
 
@@ -150,6 +150,7 @@ class GenerationEvent:
         finish_reason: Set on the last event only.
         usage: Set on the last event only.
         stop_reason: The stop string that ended generation (last event only).
+        stop_token_id: The stop token id that ended generation (last event only).
         timestamps: Times matched for the time tokens whose text is in this event.
         outputs: Output signals completed since the previous event.
     """
@@ -162,6 +163,7 @@ class GenerationEvent:
     stop_reason: str | None = None
     timestamps: tuple[Timestamp, ...] = ()
     outputs: tuple[OutputSignal, ...] = ()
+    stop_token_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -199,7 +201,12 @@ class OutputInfo:
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What a replica serves."""
+    """What a replica serves.
+
+    Attributes:
+        sampling_defaults: What a request's unset sampling fields become (the preset's
+            `generation:` over the neutral defaults), with the preset's stop strings and ids.
+    """
 
     preset: str
     adapter: str
@@ -208,6 +215,7 @@ class ModelInfo:
     modalities: tuple[ModalityInfo, ...]
     created: int
     outputs: tuple[OutputInfo, ...] = ()
+    sampling_defaults: SamplingParams | None = None
 
 
 class GenerationEngine(Protocol):

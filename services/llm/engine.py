@@ -27,6 +27,13 @@ the current pointer does meanwhile. Model mutations for new versions (LoRA injec
 the same worker thread between two iterations (`run_pending`); each batch selects its
 version's LoRA before its step.
 
+Sampling (`services.llm.sampling`): a request's unset sampling fields take the preset's
+`generation:` values (`prepare`). Each step applies the penalties of the batch's penalised rows
+in one go, then each row samples with its own parameters. A reply ends at end-of-sequence, a
+stop string (the request's, then the preset's or else the template's) or a stop token id (the
+request's and the preset's); the preset's text rules (`GenerationSpec`) decide what of its
+last tokens, the stop included, reaches the text, and whether it is stripped.
+
 Time tokens (presets with `heads.timestamps`, `services.llm.time_matching`): a request with
 media of the heads' modality decodes through a `TimedDecode`, which matches every position
 against the frames; a sampled time token is written into the reply as the matched frame's
@@ -48,12 +55,13 @@ from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from services.common.errors import (
     CancelledError,
+    InvalidArgumentError,
     ModalmeshError,
     NotFoundError,
     ResourceExhaustedError,
@@ -63,7 +71,7 @@ from services.common.presets import Preset
 from services.llm.adapter_manager import AdapterManager, AdapterVersion, WorkerCalls
 from services.llm.attention import prefill_attention_mask
 from services.llm.batching import BatchCache
-from services.llm.detokenize import IncrementalDetokenizer, StopMatcher
+from services.llm.detokenize import IncrementalDetokenizer, StopMatcher, Strip
 from services.llm.domain import (
     FinishReason,
     GenerationEvent,
@@ -83,7 +91,7 @@ from services.llm.domain import (
 from services.llm.loading import LoadedModel, load_model
 from services.llm.metrics import LLMMetrics
 from services.llm.prompt import MediaSlot, Prompt, combine_turn_media
-from services.llm.sampling import Sampler, SamplingParams
+from services.llm.sampling import DEFAULT_MAX_TOKENS, Penalties, Sampler, SamplingParams, apply_penalties
 from services.llm.signals import SignalCapture, check_requested, output_signal_ids
 from services.llm.templates import check_roles, get_template, turn_text
 from services.llm.time_matching import TimedDecode
@@ -102,7 +110,8 @@ class PreparedRequest:
     prompt: Prompt
     version: AdapterVersion  # resolved when prepared; kept to the end
     budget: int  # tokens it may generate: max_tokens capped by the context left
-    stop: tuple[str, ...] = ()  # the request's stop strings, then the template's end-of-turn ones
+    stop: tuple[str, ...] = ()  # the request's stop strings, then the preset's (or the template's)
+    stop_token_ids: frozenset[int] = frozenset()  # the request's and the preset's
     instructions: tuple[str, ...] = ()  # per media item, the text of the user turn holding it
     outputs: tuple[str, ...] = ()  # output modalities asked for (appended if not emitted)
     cancel: threading.Event = field(default_factory=threading.Event)
@@ -129,13 +138,23 @@ def media_instructions(turns: Sequence[Turn], count: int) -> tuple[str, ...]:
 
 
 class _Stream:
-    """Per-request text state: detokenizer, stop strings, token counts, finish reason, timestamps."""
+    """Per-request text state: detokenizer, stop strings and ids, the preset's text rules
+    (`GenerationSpec`: stop text kept, last tokens dropped, strip), token counts, finish
+    reason, timestamps."""
 
     def __init__(self, loaded: LoadedModel, job: PreparedRequest) -> None:
+        rules = loaded.preset.generation
         self.job = job
         self.eos_ids = loaded.eos_ids
-        self.detok = IncrementalDetokenizer(loaded.tokenizer, job.prompt.input_ids)
-        self.stops = StopMatcher(job.stop)
+        self.keep_stop = rules.include_stop_str_in_output
+        self.hold = rules.drop_last_tokens  # the text of this many newest tokens waits (or is dropped)
+        self.held: deque[int] = deque()
+        self.detok = IncrementalDetokenizer(
+            loaded.tokenizer, () if rules.decode_reply_alone else job.prompt.input_ids
+        )
+        self.stops = StopMatcher(job.stop, include=rules.include_stop_str_in_output)
+        self.strip = Strip(enabled=rules.strip)
+        self.stop_token: int | None = None
         self.count = 0
         self.unsent: list[int] = []
         self.adapter_sent = False
@@ -147,8 +166,8 @@ class _Stream:
 
     @property
     def text_length(self) -> int:
-        """Characters of reply text so far (sent or held back by the stop matcher)."""
-        return self.sent_chars + len(self.stops.pending)
+        """Characters of reply text so far (sent, or held back by the stop matcher or strip)."""
+        return self.sent_chars + len(self.stops.pending) + len(self.strip.pending)
 
     def push(
         self, token: int, stamp: Timestamp | None = None, *, signal: bool = False
@@ -163,15 +182,24 @@ class _Stream:
         """
         self.count += 1
         self.unsent.append(token)
-        if token in self.eos_ids:
-            text, self.finish = self._final_text(), FinishReason.STOP
-        else:
-            text = self.stops.feed(self._token_text(token, stamp, signal))
+        eos = token in self.eos_ids
+        if not eos and token in self.job.stop_token_ids:
+            self.stop_token = token
+        text = ""
+        if self.hold:  # drop_last_tokens (no stamps or signals there): a token's text waits
+            self.held.append(token)
+            if len(self.held) > self.hold:
+                text = self._through(self._token_text(self.held.popleft(), None))
+        elif not eos and (self.stop_token is None or self.keep_stop):
+            text = self._through(self._token_text(token, stamp, signal))
+        if eos or self.stop_token is not None or self.stops.matched is not None:
+            self.finish = FinishReason.STOP
+        elif self.count >= self.job.budget:
+            self.finish = FinishReason.LENGTH
+        if self.finish is not None:
+            text += self._final_text()  # the held tokens' text is dropped
             if self.stops.matched is not None:
                 self.finish = FinishReason.STOP
-            elif self.count >= self.job.budget:
-                text += self._final_text()
-                self.finish = FinishReason.STOP if self.stops.matched else FinishReason.LENGTH
         if not text and self.finish is None and not self.outputs:
             return None
         return self._event(text)
@@ -182,22 +210,28 @@ class _Stream:
 
     def _token_text(self, token: int, stamp: Timestamp | None, signal: bool = False) -> str:
         """The token's text delta; a time token's is the held-back text then the time."""
+        lead = self.strip.lead  # leading whitespace is dropped before anything counts it
         if signal:  # a signal token stays out of the text; its media go where the text stands
-            before = self.detok.flush()
+            before = lead(self.detok.flush())
             self.signal_offset = self.text_length + len(before)
             return before
         if stamp is None:
-            return self.detok.add(token)
-        before = self.detok.flush()  # the time token itself stays out of the decoded text
-        offset = self.sent_chars + len(self.stops.pending) + len(before)
+            return lead(self.detok.add(token))
+        before = lead(self.detok.flush())  # the time token itself stays out of the decoded text
+        offset = self.text_length + len(before)
         self.stamps.append(dataclasses.replace(stamp, char_offset=offset))
-        return before + format_seconds(stamp.seconds)
+        return before + lead(format_seconds(stamp.seconds))
+
+    def _through(self, text: str) -> str:
+        """A token's text through the stop matcher and the trailing-whitespace hold."""
+        return self.strip.feed(self.stops.feed(text))
 
     def _final_text(self) -> str:
-        text = self.stops.feed(self.detok.flush())
+        """The rest of the text at the end (held tokens' text dropped, trailing space stripped)."""
+        text = self.stops.feed(self.strip.lead(self.detok.flush()))
         if self.stops.matched is None:
             text += self.stops.flush()
-        return text
+        return self.strip.finish(text)
 
     def _event(self, text: str) -> GenerationEvent:
         self.sent_chars += len(text)
@@ -212,6 +246,7 @@ class _Stream:
             stop_reason=self.stops.matched if self.finish else None,
             timestamps=stamps,
             outputs=tuple(self.outputs),
+            stop_token_id=self.stop_token if self.finish and self.stops.matched is None else None,
         )
         self.unsent, self.adapter_sent, self.outputs = [], True, []
         return event
@@ -235,6 +270,7 @@ class _Row:
     context: contextvars.Context
     stream: _Stream
     sampler: Sampler
+    penalties: Penalties | None = None  # a request with penalties: its token memory
     timed: TimedDecode | None = None
     capture: SignalCapture | None = None
     token: int = -1  # sampled, not yet fed
@@ -269,6 +305,11 @@ class Engine:
         max_batch_size: Most requests decoding together; more wait for a row to free.
         max_prefill_tokens: Prompt tokens prefilled between two decode steps (at least one
             request's): bounds the pause a wave of new requests puts on the running ones.
+        default_max_tokens: max_tokens of a request that sets none, where the preset's
+            `generation.max_tokens` is unset too.
+
+    Raises:
+        InvalidArgumentError: A `generation.stop_token_ids` entry outside the vocabulary.
     """
 
     def __init__(
@@ -279,9 +320,15 @@ class Engine:
         max_queued: int = 64,
         max_batch_size: int = 32,
         max_prefill_tokens: int = 4096,
+        default_max_tokens: int = DEFAULT_MAX_TOKENS,
         metrics: LLMMetrics | None = None,
     ) -> None:
         self.loaded = loaded
+        self.default_max_tokens = default_max_tokens
+        self.vocab_size = int(loaded.model.lm.config.vocab_size)
+        self._check_stop_ids(
+            loaded.preset.generation.stop_token_ids, f"preset {loaded.preset.name}: generation.stop_token_ids"
+        )
         self.max_batch_size, self.max_prefill_tokens = max_batch_size, max_prefill_tokens
         self._lock = threading.Lock()  # guards _waiting and _looping
         self._waiting: deque[_Waiting] = deque()
@@ -344,7 +391,25 @@ class Engine:
                 OutputInfo(m, len(o.signal_tokens), (o.conditioning[0], o.conditioning[1]))
                 for m, o in preset.outputs.items()
             ),
+            sampling_defaults=self.sampling_defaults(),
         )
+
+    def sampling_defaults(self) -> SamplingParams:
+        """What a request's unset sampling fields become, with the preset's own stop strings
+        (its `generation.stop`, else the template's) and stop token ids."""
+        generation = self.loaded.preset.generation
+        stop = self.template.stop if generation.stop is None else tuple(generation.stop)
+        own = SamplingParams(stop=stop, stop_token_ids=tuple(generation.stop_token_ids))
+        return own.resolve(generation, default_max_tokens=self.default_max_tokens)
+
+    def _check_stop_ids(self, ids: Sequence[int], where: str) -> None:
+        for i, token in enumerate(ids):
+            if not 0 <= token < self.vocab_size:
+                raise InvalidArgumentError(
+                    f"{where}[{i}]: expected a token id in [0, {self.vocab_size}) (the LLM's vocabulary), "
+                    f"got {token}",
+                    param="stop_token_ids",
+                )
 
     def resolve_adapter(self, ref: str) -> str:
         """The loaded "name@version" a request's adapter field selects ("" = current).
@@ -361,8 +426,11 @@ class Engine:
             request: The request.
             version: The adapter version it holds (default: resolved from `request.adapter`).
 
+        Unset sampling fields take the preset's `generation:` values (then the neutral ones).
+
         Raises:
-            InvalidArgumentError: Bad turns, media or sampling parameters.
+            InvalidArgumentError: Bad turns, media or sampling parameters (a stop token id
+                outside the vocabulary).
             NotFoundError: Unknown adapter.
         """
         if version is None:
@@ -379,14 +447,20 @@ class Engine:
         )
         slots = [MediaSlot(m.modality, model.frames(m), combined.get(i)) for i, m in enumerate(media)]
         prompt = self.loaded.prompt_builder.build(segments, slots)
-        budget = min(request.sampling.max_tokens, self.loaded.max_context_tokens - len(prompt.input_ids))
-        stop = tuple(dict.fromkeys((*request.sampling.stop, *self.template.stop)))
+        self._check_stop_ids(request.sampling.stop_token_ids, "sampling.stop_token_ids")
+        defaults = self.sampling_defaults()
+        generation = self.loaded.preset.generation
+        sampling = request.sampling.resolve(generation, default_max_tokens=self.default_max_tokens)
+        request = dataclasses.replace(request, sampling=sampling)
+        max_tokens = cast(int, sampling.max_tokens)  # resolved
+        budget = min(max_tokens, self.loaded.max_context_tokens - len(prompt.input_ids))
         return PreparedRequest(
             request=request,
             prompt=prompt,
             version=version,
             budget=budget,
-            stop=stop,
+            stop=tuple(dict.fromkeys((*sampling.stop, *defaults.stop))),
+            stop_token_ids=frozenset((*sampling.stop_token_ids, *defaults.stop_token_ids)),
             instructions=media_instructions(request.turns, len(media)),
             outputs=outputs,
         )
@@ -575,11 +649,15 @@ class Engine:
                 job, waiting.emit, waiting.context, _Stream(self.loaded, job), Sampler(job.request.sampling)
             )
             row.timed, row.capture, row.start = timed, capture, start
+            row.penalties = self._penalties(job, out.logits)
             if capture is not None:
                 capture.on_states(out.hidden_states)
             metrics.prefill_time.observe(time.perf_counter() - start)
             metrics.prompt_tokens.inc(len(job.prompt.input_ids))
-            go_on = self._take(row, out.logits[0, -1], lambda: out.past_key_values)
+            logits = out.logits[:, -1]  # (1, V)
+            if row.penalties is not None:
+                logits = apply_penalties(logits, [row.penalties])
+            go_on = self._take(row, logits[0], lambda: out.past_key_values)
         except BaseException as e:
             if row is None:
                 self.adapters.release(job.version)
@@ -623,13 +701,18 @@ class Engine:
             batch.rows, batch.kv = [], BatchCache()
             return
         self.metrics.batch_size.observe(len(rows))
-        keep = [i for i, row in enumerate(rows) if row.context.run(self._advance, batch, i, out, hidden)]
+        logits = self._penalised(rows, out.logits[:, -1])  # (B, V)
+        keep = [
+            i
+            for i, row in enumerate(rows)
+            if row.context.run(self._advance, batch, i, out, logits[i], hidden)
+        ]
         batch.rows = [rows[i] for i in keep]
         batch.kv.keep(keep)
 
-    def _advance(self, batch: _Batch, i: int, out: Any, hidden: bool) -> bool:
-        """Row `i` of a step's output: its states, then its next token; whether it goes on
-        (a row that ends is retired here)."""
+    def _advance(self, batch: _Batch, i: int, out: Any, logits: torch.Tensor, hidden: bool) -> bool:
+        """Row `i` of a step's output: its states, then its next token from its (penalised)
+        logits (V,); whether it goes on (a row that ends is retired here)."""
         row = batch.rows[i]
         try:
             if hidden:
@@ -639,7 +722,7 @@ class Engine:
                 if row.capture is not None:
                     row.capture.on_states(states)
                     row.stream.outputs += row.capture.ready()
-            go_on = self._take(row, out.logits[i, -1], functools.partial(batch.kv.row_cache, i))
+            go_on = self._take(row, logits, functools.partial(batch.kv.row_cache, i))
         except BaseException as e:
             self._retire(row, e)
             return False
@@ -661,6 +744,8 @@ class Engine:
         stream, capture, metrics = row.stream, row.capture, self.metrics
         forced = None if capture is None else capture.next_forced()
         token = row.sampler(logits) if forced is None else forced
+        if row.penalties is not None:
+            row.penalties.add(token)
         now = time.perf_counter()
         if stream.count == 0:
             metrics.ttft.observe(now - row.job.admitted)
@@ -717,6 +802,34 @@ class Engine:
             (stream.count - 1) / (end - row.first) if stream.count > 1 and end > row.first else 0.0,
             stream.finish.value if stream.finish else "none",
         )
+
+    def _penalties(self, job: PreparedRequest, logits: torch.Tensor) -> Penalties | None:
+        """The token memory of a request with penalties, or None: the prompt's ids outside its
+        media spans, less the timestamp token (as E.T. Chat's processor leaves out -200 and
+        `<vid>`)."""
+        if not job.request.sampling.penalised:
+            return None
+        time_token = self.loaded.time_token_id
+        return Penalties(
+            job.request.sampling,
+            logits.shape[-1],
+            job.prompt.input_ids,
+            skip_spans=set(job.prompt.media_spans),
+            skip_ids=() if time_token is None else (time_token,),
+            device=logits.device,
+        )
+
+    @staticmethod
+    def _penalised(rows: Sequence[_Row], logits: torch.Tensor) -> torch.Tensor:
+        """A step's last-position logits (B, V) with the penalised rows' penalties applied (one
+        vectorised call for all of them); unchanged when no row has penalties."""
+        which = [(i, row.penalties) for i, row in enumerate(rows) if row.penalties is not None]
+        if not which:
+            return logits
+        out = logits.float()  # (B, V)
+        index = torch.tensor([i for i, _ in which], device=logits.device)
+        penalised = apply_penalties(out[index], [p for _, p in which])  # (P, V)
+        return out.index_copy(0, index, penalised)  # (B, V)
 
     def _capture(self, job: PreparedRequest) -> SignalCapture | None:
         """The output-signal state of a request, or None (the preset has no outputs)."""

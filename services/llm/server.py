@@ -45,6 +45,7 @@ async def serve(preset: Preset, settings: Settings, *, host: str, port: int) -> 
         max_queued=settings.llm_max_queued,
         max_batch_size=settings.llm_max_batch_size,
         max_prefill_tokens=settings.llm_max_prefill_tokens,
+        default_max_tokens=settings.default_max_tokens,
     )
     sync = AdapterSync(engine.adapters, AdapterRegistry.from_url(settings.redis_url, timeout_s=2.0))
     try:

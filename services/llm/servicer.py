@@ -49,15 +49,41 @@ def _part(msg: llm_pb2.TurnPart, where: str) -> Part:
     raise InvalidArgumentError(f"{where}: neither text nor media_index is set", param=where)
 
 
+def _optional(msg: llm_pb2.SamplingParams, name: str) -> Any:
+    return getattr(msg, name) if msg.HasField(name) else None
+
+
 def sampling_from_proto(msg: llm_pb2.SamplingParams) -> SamplingParams:
-    """Domain sampling parameters (validated) from the wire; unset fields take their defaults."""
+    """Domain sampling parameters (validated) from the wire; unset fields stay unset (None),
+    for the engine to fill from the preset. An explicit max_tokens 0 is refused; a peer built
+    before the field had presence sends nothing for 0, which reads as unset."""
     return SamplingParams(
-        max_tokens=msg.max_tokens,
-        temperature=msg.temperature if msg.HasField("temperature") else 1.0,
-        top_p=msg.top_p if msg.HasField("top_p") else 1.0,
-        top_k=msg.top_k,
-        seed=msg.seed if msg.HasField("seed") else None,
+        max_tokens=_optional(msg, "max_tokens"),
+        temperature=_optional(msg, "temperature"),
+        top_p=_optional(msg, "top_p"),
+        top_k=_optional(msg, "top_k"),
+        seed=_optional(msg, "seed"),
         stop=tuple(msg.stop),
+        repetition_penalty=_optional(msg, "repetition_penalty"),
+        presence_penalty=_optional(msg, "presence_penalty"),
+        frequency_penalty=_optional(msg, "frequency_penalty"),
+        stop_token_ids=tuple(msg.stop_token_ids),
+    )
+
+
+def sampling_to_proto(params: SamplingParams) -> llm_pb2.SamplingParams:
+    """The wire form of domain sampling parameters (None fields left unset)."""
+    return llm_pb2.SamplingParams(
+        max_tokens=params.max_tokens,
+        temperature=params.temperature,
+        top_p=params.top_p,
+        top_k=params.top_k,
+        seed=params.seed,
+        stop=list(params.stop),
+        repetition_penalty=params.repetition_penalty,
+        presence_penalty=params.presence_penalty,
+        frequency_penalty=params.frequency_penalty,
+        stop_token_ids=list(params.stop_token_ids),
     )
 
 
@@ -114,6 +140,8 @@ def chunk_from_event(event: GenerationEvent) -> llm_pb2.GenerateChunk:
     if event.finish_reason is not None:
         chunk.finish_reason = _FINISH[event.finish_reason]
         chunk.stop_reason = event.stop_reason or ""
+        if event.stop_token_id is not None:
+            chunk.stop_token_id = event.stop_token_id
     if event.usage is not None:
         chunk.usage.prompt_tokens = event.usage.prompt_tokens
         chunk.usage.completion_tokens = event.usage.completion_tokens
@@ -146,6 +174,9 @@ def info_to_proto(info: ModelInfo) -> llm_pb2.ModelInfo:
             )
             for o in info.outputs
         ],
+        sampling_defaults=(
+            None if info.sampling_defaults is None else sampling_to_proto(info.sampling_defaults)
+        ),
     )
 
 

@@ -102,6 +102,8 @@ class FakeLLM(llm_pb2_grpc.LLMServicer):
     info_fails: bool = False
     fail_after: int | None = None  # abort with INTERNAL after this many chunks
     timestamps: dict[int, list[llm_pb2.Timestamp]] = field(default_factory=dict)  # by piece index
+    stop_token_id: int | None = None  # the last chunk says this stop token id ended the reply
+    sampling_defaults: llm_pb2.SamplingParams | None = None  # ModelInfo's
 
     async def Generate(
         self, request: llm_pb2.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -127,6 +129,7 @@ class FakeLLM(llm_pb2_grpc.LLMServicer):
                 usage=llm_pb2.Usage(
                     prompt_tokens=10 + 16 * len(request.media), completion_tokens=len(self.pieces)
                 ),
+                stop_token_id=self.stop_token_id,
             )
         except asyncio.CancelledError:
             self.cancelled.set()
@@ -143,6 +146,7 @@ class FakeLLM(llm_pb2_grpc.LLMServicer):
             adapters=["tiny@1", "tiny@2"],
             max_context_tokens=1024,
             created=1700000000,
+            sampling_defaults=self.sampling_defaults,
         )
 
 

@@ -77,6 +77,24 @@ def test_to_domain() -> None:
     chat = to_domain(req, "rid")
     assert chat.request_id == "rid" and chat.max_tokens == 3 and chat.temperature == 0.0
     assert chat.top_p is None and chat.top_k is None and chat.seed is None
+    assert (chat.repetition_penalty, chat.presence_penalty, chat.frequency_penalty) == (None, None, None)
+    assert chat.stop_token_ids == []
+    penalised = to_domain(
+        request(
+            text("a"),
+            repetition_penalty=1.5,
+            presence_penalty=0.0,
+            frequency_penalty=-1.0,
+            stop_token_ids=[7],
+        ),
+        "rid",
+    )
+    assert (penalised.repetition_penalty, penalised.presence_penalty, penalised.frequency_penalty) == (
+        1.5,
+        0.0,
+        -1.0,
+    )
+    assert penalised.stop_token_ids == [7] and penalised.max_tokens is None
     assert chat.turns[0].parts[0] == "a"
     media = chat.media()
     assert media[0].data == b"x" and media[1].url == "https://e/x.png"
@@ -118,6 +136,11 @@ async def test_invalid_argument(stub: chat_pb2_grpc.ChatStub) -> None:
     e = await failure(stub, request(text("hi"), max_tokens=0))
     assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert e.details() == "max_tokens: expected a positive integer, got 0"
+    e = await failure(stub, request(text("hi"), presence_penalty=3.0))
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.details() == "presence_penalty: expected a number in [-2, 2], got 3.0"
+    e = await failure(stub, request(text("hi"), repetition_penalty=-1.0))
+    assert e.details() == "repetition_penalty: expected a number > 0 (1 disables it), got -1.0"
     e = await failure(stub, request(image(data=os.urandom(200))))
     assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert e.details() == "messages[0].content[0] (image 0): not an image: cannot identify image file"

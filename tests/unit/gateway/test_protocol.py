@@ -139,6 +139,27 @@ def test_sampling_fields_and_unknown_extras() -> None:
     assert req.request_id == "abc"
 
 
+def test_penalties_and_stop_token_ids_as_openai_and_vllm_take_them() -> None:
+    chat = parse_chat_request(
+        {
+            **user("x"),
+            "presence_penalty": 0.5,
+            "frequency_penalty": -1.0,
+            "repetition_penalty": 1.2,
+            "stop_token_ids": [2277, 835],
+        }
+    ).to_domain("r")
+    assert (chat.presence_penalty, chat.frequency_penalty, chat.repetition_penalty) == (0.5, -1.0, 1.2)
+    assert chat.stop_token_ids == [2277, 835]
+    unset = parse_chat_request(user("x")).to_domain("r")  # left to the preset
+    assert unset.presence_penalty is unset.frequency_penalty is unset.repetition_penalty is None
+    assert unset.stop_token_ids == []
+    err = rejected({**user("x"), "repetition_penalty": "strong"})
+    assert err.message.startswith("repetition_penalty: Input should be a valid number")
+    err = rejected({**user("x"), "stop_token_ids": ["###"]})
+    assert err.message.startswith("stop_token_ids[0]: Input should be a valid integer")
+
+
 def test_max_completion_tokens_wins() -> None:
     chat = parse_chat_request({**user("x"), "max_tokens": 7, "max_completion_tokens": 9}).to_domain("r")
     assert (chat.max_tokens, chat.max_tokens_param) == (9, "max_completion_tokens")
@@ -363,7 +384,7 @@ def test_usage_chunk_shape() -> None:
 
 def test_model_list_shape() -> None:
     card = ModelCard(id="tiny", created=1, root="tiny", max_model_len=1024)
-    body = ModelList(data=[card]).model_dump()
+    body = ModelList(data=[card]).to_json()
     assert body["object"] == "list"
     assert body["data"][0] | {"permission": []} == {
         "id": "tiny",
@@ -375,6 +396,17 @@ def test_model_list_shape() -> None:
         "max_model_len": 1024,
         "permission": [],
     }
+
+
+def test_the_presets_sampling_defaults_are_on_its_card_only() -> None:
+    defaults = {"max_tokens": 256, "top_p": 0.01, "stop": [], "stop_token_ids": [2277]}
+    cards = [
+        ModelCard(id="pandagpt", created=1, sampling_defaults=defaults),
+        ModelCard(id="pandagpt@1", created=1, parent="pandagpt"),
+    ]
+    body = ModelList(data=cards).to_json()
+    assert body["data"][0]["sampling_defaults"] == defaults
+    assert "sampling_defaults" not in body["data"][1]
 
 
 def test_request_model_schema_ignores_extras() -> None:

@@ -114,6 +114,16 @@ def test_max_tokens_within_the_context(down_service: ChatService) -> None:
         ("top_p", 1.5, "top_p: expected a number in (0, 1], got 1.5"),
         ("top_k", -2, "top_k: expected 0 or -1 (disabled) or a positive integer, got -2"),
         ("seed", 2**70, f"seed: expected a 64-bit integer, got {2**70}"),
+        ("presence_penalty", 2.5, "presence_penalty: expected a number in [-2, 2], got 2.5"),
+        ("presence_penalty", float("nan"), "presence_penalty: expected a number in [-2, 2], got nan"),
+        ("frequency_penalty", -2.1, "frequency_penalty: expected a number in [-2, 2], got -2.1"),
+        ("repetition_penalty", 0.0, "repetition_penalty: expected a number > 0 (1 disables it), got 0.0"),
+        (
+            "repetition_penalty",
+            float("inf"),
+            "repetition_penalty: expected a number > 0 (1 disables it), got inf",
+        ),
+        ("stop_token_ids", [2, -1], "stop_token_ids[1]: expected a token id >= 0, got -1"),
     ],
 )
 def test_sampling_ranges(down_service: ChatService, field: str, value: object, message: str) -> None:
@@ -121,15 +131,32 @@ def test_sampling_ranges(down_service: ChatService, field: str, value: object, m
     assert (e.status, e.message) == (400, message)
 
 
-def test_sampling_defaults_and_pass_through(down_service: ChatService) -> None:
+def test_unset_sampling_fields_stay_unset_for_the_llm_service(down_service: ChatService) -> None:
+    """The gateway fills in nothing: the LLM service gives unset fields the preset's values."""
     _, _, sampling = down_service.validate(chat("hi"))
-    assert sampling.max_tokens == down_service.settings.default_max_tokens
-    assert not sampling.HasField("temperature") and sampling.top_k == 0
+    unset = ("max_tokens", "temperature", "top_p", "top_k", "seed")
+    assert not any(sampling.HasField(f) for f in unset)
+    assert not any(
+        sampling.HasField(f) for f in ("repetition_penalty", "presence_penalty", "frequency_penalty")
+    )
+    assert list(sampling.stop) == [] and list(sampling.stop_token_ids) == []
+
+
+def test_sampling_pass_through(down_service: ChatService) -> None:
     _, _, sampling = down_service.validate(
         chat("hi", max_tokens=5, temperature=0.0, top_p=0.5, top_k=-1, seed=9, stop=["x", ""])
     )
     assert (sampling.max_tokens, sampling.temperature, sampling.top_p) == (5, 0.0, 0.5)
     assert (sampling.top_k, sampling.seed, list(sampling.stop)) == (0, 9, ["x"])
+    assert sampling.HasField("top_k")  # -1 (off) is sent as 0, a value, not as unset
+    _, _, sampling = down_service.validate(
+        chat(
+            "hi", repetition_penalty=1.2, presence_penalty=-2.0, frequency_penalty=0.0, stop_token_ids=[2277]
+        )
+    )
+    assert sampling.repetition_penalty == pytest.approx(1.2)
+    assert (sampling.presence_penalty, sampling.frequency_penalty) == (-2.0, 0.0)
+    assert sampling.HasField("frequency_penalty") and list(sampling.stop_token_ids) == [2277]
 
 
 def test_too_many_images(down_service: ChatService, png: bytes) -> None:
@@ -272,6 +299,35 @@ async def test_generate_streams_deltas_then_finished(
     metrics = service.metrics.render()[0].decode()
     assert "modalmesh_gateway_prompt_tokens_total 26.0" in metrics
     assert 'modalmesh_gateway_time_to_first_token_seconds_count{transport="http"} 1.0' in metrics
+
+
+async def test_a_stop_token_id_is_the_stop_reason(
+    service: ChatService, llm_server: tuple[FakeLLM, str]
+) -> None:
+    """As vLLM reports it: the id of the stop token that ended the reply."""
+    llm_server[0].stop_token_id = 2277
+    prepared = await service.prepare(chat("hi"))
+    events = [e async for e in service.generate(prepared)]
+    assert isinstance(events[-1], Finished) and events[-1].stop_reason == 2277
+
+
+async def test_the_preset_entry_lists_the_llms_sampling_defaults(
+    service: ChatService, llm_server: tuple[FakeLLM, str]
+) -> None:
+    llm_server[0].sampling_defaults = llm_pb2.SamplingParams(
+        max_tokens=256, temperature=1.0, top_p=0.01, top_k=50, repetition_penalty=1.0, stop_token_ids=[2277]
+    )
+    preset, *versions = await service.list_models()
+    assert preset.sampling_defaults == {
+        "max_tokens": 256,
+        "temperature": 1.0,
+        "top_p": 0.01,
+        "top_k": 50,
+        "repetition_penalty": 1.0,
+        "stop": [],
+        "stop_token_ids": [2277],
+    }
+    assert versions and all(v.sampling_defaults is None for v in versions)
 
 
 async def test_llm_down_is_503(down_service: ChatService) -> None:

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from services.common.errors import InvalidArgumentError, NotFoundError
-from services.common.presets import load_preset, parse_preset, shipped_presets
+from services.common.presets import GenerationSpec, load_preset, parse_preset, shipped_presets
 
 TINY = Path(__file__).parents[4] / "presets" / "tiny.yaml"
 
@@ -245,3 +245,78 @@ def test_shared_connectors_must_agree_and_sum_needs_one_token_each(tmp_path):
     chat = (PRESETS / "tiny-videochat.yaml").read_text() + "\nmedia_combine: sum\n"
     with pytest.raises(InvalidArgumentError, match=r"media_combine sum: .*one LLM token"):
         parse_preset(chat, cache_dir=tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (
+            "generation: {temperature: 2.5}",
+            r"generation\.temperature: Input should be less than or equal to 2",
+        ),
+        ("generation: {top_p: 0}", r"generation\.top_p: Input should be greater than 0"),
+        ("generation: {top_k: -1}", r"generation\.top_k: Input should be greater than or equal to 0"),
+        ("generation: {max_tokens: 0}", r"generation\.max_tokens: Input should be greater than 0"),
+        (
+            "generation: {repetition_penalty: 0}",
+            r"generation\.repetition_penalty: Input should be greater than 0",
+        ),
+        (
+            "generation: {repetition_penalty: .inf}",
+            r"generation\.repetition_penalty: Input should be a finite",
+        ),
+        (
+            "generation: {presence_penalty: 2.5}",
+            r"generation\.presence_penalty: Input should be less than or equal",
+        ),
+        (
+            "generation: {frequency_penalty: -3}",
+            r"generation\.frequency_penalty: Input should be greater than",
+        ),
+        ("generation: {stop: ['']}", r"generation\.stop\.0: String should have at least 1 character"),
+        (
+            "generation: {stop_token_ids: [-1]}",
+            r"generation\.stop_token_ids\.0: Input should be greater than",
+        ),
+        ("generation: {top_n: 3}", r"generation\.top_n: Extra inputs are not permitted"),
+    ],
+)
+def test_generation_errors_name_the_field(edit, match, tmp_path):
+    with pytest.raises(InvalidArgumentError, match=match):
+        parse_preset(TINY.read_text() + edit + "\n", cache_dir=tmp_path)
+
+
+@pytest.mark.parametrize("twin", ["tiny-nextgpt", "tiny-etchat"])
+def test_drop_last_tokens_is_refused_where_tokens_place_media_or_times(twin, tmp_path):
+    text = (PRESETS / f"{twin}.yaml").read_text() + "generation: {drop_last_tokens: 2}\n"
+    with pytest.raises(InvalidArgumentError, match=r"generation\.drop_last_tokens: only for presets without"):
+        parse_preset(text, cache_dir=tmp_path)
+
+
+def test_twins_keep_the_neutral_generation_defaults(tmp_path):
+    """The twins' tokenizers are not the seeds': no seed stop ids or sampling defaults there."""
+    for name in SEEDS:
+        assert load_preset(f"tiny-{name}", cache_dir=tmp_path).generation == GenerationSpec()
+
+
+def test_real_presets_decode_as_their_seeds_demo_or_inference_script(tmp_path):
+    """Each value is cited in the preset's comment and docs/presets.md (seed file:line)."""
+    rows = {}
+    for name in SEEDS:
+        g = load_preset(name, cache_dir=tmp_path).generation
+        rows[name] = (g.temperature, g.top_p, g.top_k, g.max_tokens, g.repetition_penalty)
+        assert g.decode_reply_alone and (g.presence_penalty, g.frequency_penalty) == (0.0, 0.0)
+    assert rows == {
+        "pandagpt": (1.0, 0.01, 50, 256, 1.0),
+        "nextgpt": (0.4, 1.0, 50, 150, 1.0),
+        "videochat": (1.0, 0.9, 50, 1000, 1.0),
+        "etchat": (0.2, 1.0, 0, 2048, 1.0),
+        "eventgpt": (0.4, 1.0, 50, 512, 1.0),
+    }
+    panda = load_preset("pandagpt", cache_dir=tmp_path).generation
+    assert (panda.stop, panda.stop_token_ids, panda.drop_last_tokens) == ([], [2277], 2)
+    nextgpt = load_preset("nextgpt", cache_dir=tmp_path).generation
+    assert (nextgpt.stop, nextgpt.stop_token_ids, nextgpt.include_stop_str_in_output) == ([], [835], True)
+    for name in ("videochat", "etchat", "eventgpt"):  # the template's stop strings, then .strip()
+        g = load_preset(name, cache_dir=tmp_path).generation
+        assert (g.stop, g.stop_token_ids, g.strip) == (None, [], True)

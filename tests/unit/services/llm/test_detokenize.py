@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from services.llm.detokenize import REPLACEMENT_CHAR, IncrementalDetokenizer, StopMatcher
+from services.llm.detokenize import REPLACEMENT_CHAR, IncrementalDetokenizer, StopMatcher, Strip
 
 MULTIBYTE = "héllo 日本 ✓ and 🙂!"
 
@@ -101,3 +101,35 @@ def test_stop_string_spanning_tokens(tokenizer: Any) -> None:
             break
     assert out == "What is the colour of the square? "
     assert matcher.matched == "ASSISTANT: It"
+
+
+def test_include_keeps_the_stop_string_and_drops_what_follows() -> None:
+    matcher = StopMatcher(["###"], include=True)
+    assert feed_all(matcher, ["answer ##", "# Human: more"]) == "answer ###"
+    assert matcher.matched == "###"
+
+
+@pytest.mark.parametrize(
+    ("deltas", "text"),
+    [
+        ([" \n The", " cat ", "\n", " sat.", " \n"], "The cat \n sat."),
+        (["  ", " ", "x"], "x"),
+        (["  ", "\n"], ""),
+        (["a", " ", "b  "], "a b"),
+    ],
+)
+def test_strip_gives_what_str_strip_gives_to_the_whole_text(deltas: list[str], text: str) -> None:
+    strip = Strip(enabled=True)
+    emitted = [strip.feed(strip.lead(d)) for d in deltas]
+    out = "".join(emitted) + strip.finish("")
+    assert out == text == "".join(deltas).strip()
+    sent = ""
+    for piece in emitted:  # nothing sent is taken back: no leading or held trailing whitespace
+        sent += piece
+        assert sent == sent.lstrip() and (not sent or not sent[-1].isspace())
+
+
+def test_strip_disabled_passes_everything_through() -> None:
+    strip = Strip(enabled=False)
+    assert strip.feed(strip.lead(" a ")) + strip.finish(" \n") == " a  \n"
+    assert strip.pending == ""

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from services.common.errors import FailedPreconditionError
-from services.common.presets import Preset
+from services.common.presets import GenerationSpec, Preset
 from services.llm import engine as engine_module
 from services.llm.adapters import base_fingerprint, write_bundle
 from services.llm.domain import (
@@ -199,6 +199,20 @@ async def test_time_tokens_become_matched_times_in_text_and_timestamps(
     ref_tokens, ref_frames = reference(etchat, request, steps, len(tokens))
     assert tokens == ref_tokens
     assert [s.frame for s in stamps] == ref_frames
+
+
+async def test_timestamps_point_at_their_times_in_a_reply_stripped_and_decoded_alone(
+    etchat: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real etchat preset's text rules (E.T. Chat's decode of the reply, then .strip())."""
+    rules = GenerationSpec(decode_reply_alone=True, strip=True)
+    served = dataclasses.replace(etchat, preset=etchat.preset.model_copy(update={"generation": rules}))
+    with forcing(served, {0, 3}, monkeypatch):
+        text, _, stamps = reply(await run(served, ask([video()], max_tokens=8)))
+    assert text == text.strip() and len(stamps) == 2 and stamps[0].char_offset == 0
+    for stamp in stamps:
+        written = format_seconds(stamp.seconds)
+        assert text[stamp.char_offset : stamp.char_offset + len(written)] == written
 
 
 async def test_the_last_video_is_matched_and_unknown_times_are_frame_indices(

@@ -26,6 +26,7 @@ from services.llm.domain import (
     TextPart,
     Usage,
 )
+from services.llm.sampling import SamplingParams
 from services.llm.server import build_server
 from services.llm.servicer import chunk_from_event, info_to_proto, request_from_proto
 
@@ -49,8 +50,68 @@ def test_request_from_proto() -> None:
     assert req.media[0].modality == "image"
     assert req.media[0].features.dtype == torch.float16 and req.media[0].features.shape == (16, 64)
     s = req.sampling
-    assert (s.max_tokens, s.temperature, s.top_p, s.top_k, s.seed, s.stop) == (8, 1.0, 1.0, 5, None, ("x",))
+    assert (s.max_tokens, s.temperature, s.top_p, s.top_k, s.seed, s.stop) == (8, None, None, 5, None, ("x",))
     assert (req.adapter, req.request_id) == ("tiny", "r1")
+
+
+def test_unset_sampling_fields_stay_unset_for_the_preset() -> None:
+    """Nothing is filled in on the way: the engine gives unset fields the preset's values."""
+    s = request_from_proto(llm_pb2.GenerateRequest(sampling=llm_pb2.SamplingParams())).sampling
+    assert s == SamplingParams() and s.max_tokens is None and s.repetition_penalty is None
+
+
+def test_an_explicit_zero_max_tokens_is_refused() -> None:
+    with pytest.raises(InvalidArgumentError, match=r"sampling.max_tokens: expected > 0, got 0"):
+        request_from_proto(llm_pb2.GenerateRequest(sampling=llm_pb2.SamplingParams(max_tokens=0)))
+
+
+def test_penalties_and_stop_token_ids_cross_the_wire() -> None:
+    s = request_from_proto(
+        proto_request(
+            repetition_penalty=1.25,
+            presence_penalty=-0.5,
+            frequency_penalty=2.0,
+            stop_token_ids=[7, 9],
+            top_k=0,
+        )
+    ).sampling
+    assert (s.repetition_penalty, s.presence_penalty, s.frequency_penalty) == (1.25, -0.5, 2.0)
+    assert (s.stop_token_ids, s.top_k) == ((7, 9), 0)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        (
+            "repetition_penalty",
+            0.0,
+            "sampling.repetition_penalty: expected a number > 0 (1 disables it), got 0",
+        ),
+        ("presence_penalty", 2.5, "sampling.presence_penalty: expected in [-2, 2] (0 disables it), got 2.5"),
+        (
+            "frequency_penalty",
+            -3.0,
+            "sampling.frequency_penalty: expected in [-2, 2] (0 disables it), got -3",
+        ),
+    ],
+)
+def test_bad_penalties_are_refused_by_name(field: str, value: float, message: str) -> None:
+    with pytest.raises(InvalidArgumentError) as e:
+        request_from_proto(proto_request(**{field: value}))
+    assert (e.value.message, e.value.param) == (message, field)
+
+
+def test_stop_token_id_and_sampling_defaults_cross_the_wire() -> None:
+    chunk = chunk_from_event(GenerationEvent(finish_reason=FinishReason.STOP, stop_token_id=2277))
+    assert chunk.HasField("stop_token_id") and chunk.stop_token_id == 2277 and chunk.stop_reason == ""
+    assert not chunk_from_event(GenerationEvent(finish_reason=FinishReason.STOP)).HasField("stop_token_id")
+    defaults = SamplingParams(
+        max_tokens=256, temperature=1.0, top_p=0.01, top_k=50, repetition_penalty=1.0, stop_token_ids=(2277,)
+    )
+    info = info_to_proto(ModelInfo("pandagpt", "a@1", ("a@1",), 1024, (), 5, sampling_defaults=defaults))
+    d = info.sampling_defaults
+    assert (d.max_tokens, d.top_k, list(d.stop_token_ids), list(d.stop)) == (256, 50, [2277], [])
+    assert d.top_p == pytest.approx(0.01) and not d.HasField("seed")
 
 
 def test_explicit_zero_temperature_and_seed_are_kept() -> None:
