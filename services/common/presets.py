@@ -369,9 +369,16 @@ class LoraSpec(_Strict):
     """LoRA on the LLM for instruction tuning (stage 3): rank, scale, dropout, target modules.
 
     `targets` are module-name suffixes inside the LLM only (e.g. q_proj): the trainer resolves
-    them to full paths under the LLM, so encoder towers never receive LoRA.
+    them to full paths under the LLM, so encoder towers never receive LoRA. `enabled: false`
+    keeps the LLM frozen in stage 3, as VideoChat's instruction tuning does (a job's
+    `lora: {enabled: true}` still adds it).
     """
 
+    enabled: bool = Field(
+        default=True,
+        description="Whether stage 3 adds LoRA to the LLM by default; false trains the "
+        "connectors (and heads) alone with the LLM frozen (VideoChat).",
+    )
     r: PositiveInt = 16
     alpha: PositiveInt = 32
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.05

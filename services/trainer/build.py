@@ -80,6 +80,16 @@ def load_start_bundle(preset: Preset, bundle_dir: Path) -> Bundle:
     return bundle
 
 
+def with_start_lora(lm: Any, bundle: Bundle) -> Any:
+    """The LM with the start bundle's LoRA applied (frozen), so the signal-token states are
+    the ones serving computes with that bundle; the LM itself when the bundle has none."""
+    if bundle.lora_dir is None:
+        return lm
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(lm, str(bundle.lora_dir), is_trainable=False)
+
+
 def initial_connectors(preset: Preset, bundle: Bundle, *, llm_dim: int) -> dict[str, Connector]:
     """Per connector name, the connector: its frozen base (`connector.base`) under the bundle's
     tensors; in train mode, every parameter frozen (`select_trainable` picks)."""

@@ -93,6 +93,7 @@ class DeepSpeedSpec(_Strict):
 
 
 class LoraOverride(_Strict):
+    enabled: bool | None = None
     r: PositiveInt | None = None
     alpha: PositiveInt | None = None
     dropout: Annotated[float, Field(ge=0, lt=1)] | None = None

@@ -416,6 +416,33 @@ def test_stage3_etchat_trains_the_timestamp_heads_on_etinstruct(
     assert start["bidirectional"] == ["video"]  # the frames attend both ways, as the seed's stage 3
 
 
+def test_stage3_videochat_trains_the_connector_with_the_llm_frozen(
+    tiny_cache_dir: Path, media_data: Path, tmp_path: Path
+) -> None:
+    """VideoChat's instruction tuning adds no LoRA (preset `lora: {enabled: false}`); a job can
+    turn it back on."""
+    import json
+
+    from services.llm.adapters import load_bundle
+
+    spec = {
+        "preset": "tiny-videochat",
+        "stage": "stage3",
+        "datasets": [{"format": "captions", "path": str(media_data / "captions_video.json"), "modality": "video"}],
+        "hyperparameters": {"max_steps": 4, "micro_batch_size": 4, "connector_lr": 5e-3, "warmup_ratio": 0.0},
+        "deepspeed": {"world_size": 1, "zero_stage": 2},
+    }  # fmt: skip
+    done = run_ranks(tiny_cache_dir, tmp_path / "job", spec)
+    bundle = load_bundle(Path(done["bundle"]))
+    assert bundle.lora_dir is None and bundle.stage == "stage3"
+    events = [json.loads(line) for line in (tmp_path / "job" / "progress.jsonl").read_text().splitlines()]
+    start = next(e for e in events if e["event"] == "start")
+    assert set(start["trainable"]) == {"connectors"} and start["lora"]["enabled"] is False
+    spec["lora"] = {"enabled": True, "r": 4}
+    done = run_ranks(tiny_cache_dir, tmp_path / "job-lora", spec)
+    assert load_bundle(Path(done["bundle"])).lora_dir is not None
+
+
 # -- NExT-GPT stage 2: the output projectors on synthetic text-to-X caption embeddings ---------------
 
 

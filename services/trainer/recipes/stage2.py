@@ -13,9 +13,6 @@ LoRA unchanged and the trained projectors as its heads.
 
 from __future__ import annotations
 
-from typing import Any
-
-from services.llm.adapters import Bundle
 from services.trainer._outputs import OutputHeads, signal_specs
 from services.trainer.build import (
     build_examples,
@@ -25,22 +22,13 @@ from services.trainer.build import (
     load_llm,
     load_run_preset,
     load_start_bundle,
+    with_start_lora,
 )
 from services.trainer.export import export_bundle
 from services.trainer.jobs import STAGE_DEFAULTS
 from services.trainer.loop import fit
 from services.trainer.model import ParamGroup, TrainingModel, select_trainable
 from services.trainer.runconfig import RunConfig
-
-
-def with_start_lora(lm: Any, bundle: Bundle) -> Any:
-    """The LM with the start bundle's LoRA applied (frozen), so the signal-token states are
-    the ones serving computes with that bundle; the LM itself when the bundle has none."""
-    if bundle.lora_dir is None:
-        return lm
-    from peft import PeftModel
-
-    return PeftModel.from_pretrained(lm, str(bundle.lora_dir), is_trainable=False)
 
 
 def run(cfg: RunConfig) -> None:

@@ -1,7 +1,11 @@
 """Stage 3: instruction tuning, LoRA on the LLM plus the connectors [+ timestamp heads]
 [+ output projectors].
 
-LoRA r/alpha/targets come from the preset (overridable per job); the conversation uses the
+LoRA r/alpha/targets come from the preset (overridable per job). A preset with `lora:
+{enabled: false}` (VideoChat, whose instruction tuning freezes the LLM: `models/videochat.py`
+freezes every LLaMA parameter and adds no LoRA) trains the connectors alone, the start
+bundle's LoRA (if any) applied frozen and carried over; a job's `lora: {enabled: true}` turns
+LoRA on again. The conversation uses the
 preset's template with only assistant replies supervised; LoRA trains at 2e-4 and the
 connectors at 2e-5 by default. A preset with timestamp heads (E.T. Chat) trains them too, with
 the frame-matching loss, at the connectors' LR (E.T. Chat's non-LoRA group), on E.T.
@@ -29,6 +33,7 @@ from services.trainer.build import (
     load_run_preset,
     load_start_bundle,
     trainable_connector_params,
+    with_start_lora,
 )
 from services.trainer.export import export_bundle
 from services.trainer.jobs import STAGE_DEFAULTS
@@ -53,7 +58,7 @@ def run(cfg: RunConfig) -> None:
     ts = preset.heads.timestamps
     bidirectional = preset.bidirectional_modalities()
     model = TrainingModel(
-        add_lora(lm, lora),
+        add_lora(lm, lora) if lora.enabled else with_start_lora(lm, bundle),
         connectors,
         feature_layouts(preset),
         heads=heads,
@@ -62,10 +67,9 @@ def run(cfg: RunConfig) -> None:
         bidirectional=bidirectional,  # E.T. Chat's stage 3 only (--bi_attention True)
     )
     connector_lr = hp.connector_lr or defaults.connector_lr or defaults.lr
-    groups = [
-        ParamGroup("lora", ("lm.*.lora_A.*", "lm.*.lora_B.*"), hp.lr or defaults.lr),
-        ParamGroup("connectors", trainable_connector_params(connectors), connector_lr),
-    ]
+    groups = [ParamGroup("connectors", trainable_connector_params(connectors), connector_lr)]
+    if lora.enabled:
+        groups.insert(0, ParamGroup("lora", ("lm.*.lora_A.*", "lm.*.lora_B.*"), hp.lr or defaults.lr))
     if heads is not None:
         groups.append(ParamGroup("heads", ("heads.*",), connector_lr))
     if outputs is not None:

@@ -320,3 +320,10 @@ def test_real_presets_decode_as_their_seeds_demo_or_inference_script(tmp_path):
     for name in ("videochat", "etchat", "eventgpt"):  # the template's stop strings, then .strip()
         g = load_preset(name, cache_dir=tmp_path).generation
         assert (g.stop, g.stop_token_ids, g.strip) == (None, [], True)
+
+
+def test_only_videochat_keeps_the_llm_frozen_in_instruction_tuning(tmp_path):
+    """VideoChat freezes the LLM and adds no LoRA (video_chat/models/videochat.py:128-130)."""
+    for name in SEEDS:
+        for preset in (name, f"tiny-{name}"):
+            assert load_preset(preset, cache_dir=tmp_path).lora.enabled is (name != "videochat")
