@@ -115,10 +115,11 @@ def known_model_types() -> list[str]:
 
 def plain_config(raw: dict[str, Any], seed: SeedConfig | None) -> dict[str, Any]:
     """config.json of the base transformers model: the seed's model_type and architectures
-    replaced, its own keys dropped; every other value (sizes, rope, dtype, ids) as written."""
+    replaced, its own keys and `auto_map` (remote code the folder does not hold; Phi-3-mini's
+    config names its own) dropped; every other value (sizes, rope, dtype, ids) as written."""
     if seed is None:
         return dict(raw)
-    out = {k: v for k, v in raw.items() if k not in seed.seed_keys}
+    out = {k: v for k, v in raw.items() if k not in seed.seed_keys and k != "auto_map"}
     out["model_type"] = seed.base
     out["architectures"] = [seed.architecture]
     return out

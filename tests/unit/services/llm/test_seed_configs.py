@@ -15,6 +15,8 @@ from services.common.errors import FailedPreconditionError, InvalidArgumentError
 from services.common.presets import Preset
 from services.llm.seed_configs import apply_load_tokens, plain_config, read_llm_config
 
+AUTO_MAP = {"AutoConfig": "configuration_phi3.Phi3Config"}  # Phi-3-mini's, carried into E.T. Chat's config
+
 
 def _config(folder: Path, **fields: object) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
@@ -34,12 +36,15 @@ def test_seed_model_types_map_to_their_base(tmp_path: Path) -> None:
     assert event.config.model_type == "llama" and event.seed is not None and event.seed.system == "eventgpt"
     assert event.config.hidden_size == 32 and event.raw["mm_use_im_start_end"] is True
     et = read_llm_config(
-        _config(tmp_path / "t", model_type="etchat_phi3", bi_attention=True, match_token_id=99)
+        _config(
+            tmp_path / "t", model_type="etchat_phi3", bi_attention=True, match_token_id=99, auto_map=AUTO_MAP
+        )
     )
     assert et.config.model_type == "phi3"
     plain = plain_config(et.raw, et.seed)
     assert plain["model_type"] == "phi3" and plain["architectures"] == ["Phi3ForCausalLM"]
-    assert "bi_attention" not in plain and "match_token_id" not in plain and plain["vocab_size"] == 100
+    assert "bi_attention" not in plain and "match_token_id" not in plain and "auto_map" not in plain
+    assert plain["vocab_size"] == 100
     assert read_llm_config(_config(tmp_path / "l")).seed is None
 
 
