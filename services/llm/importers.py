@@ -1,56 +1,72 @@
-"""Import the seed systems' released delta checkpoints as modalmesh adapter bundles.
+"""Import the seed systems' releases, as their own save code writes them, for a preset.
 
-One importer per seed layout (SEEDS_SPEC 1.8, 2.A, 3, 4, 5, 6); each renames the seed's keys
-to the preset's connector names, checks every tensor against the connector built from the
-preset (on the meta device) and the LoRA against the preset's LLM (also on the meta device),
-then writes a bundle (`adapters.write_bundle`) fingerprinted with the preset's LLM folder:
+One layout per seed (SEEDS_SPEC 1.8, 2.A, 3, 4, 5, 6); each renames the seed's keys to the
+preset's connector names, checks every tensor against the connector built from the preset (on
+the meta device) and the LoRA against the preset's LLM (also on the meta device), then writes a
+bundle (`adapters.write_bundle`) fingerprinted with the preset's LLM folder. What each seed's
+save code writes (file:line in the seed checkout):
 
-    pandagpt, nextgpt  pytorch_model.pt: llama_proj.* -> connector (linear) proj.*;
-                       llama_model.base_model.model.<m>.lora_{A,B}[.default].weight -> lora/
-                       (PEFT, with the preset's r/alpha/dropout/targets); NExT-GPT's output
-                       projectors gen_text_hidden_fcs{,_video,_audio}.* -> heads, each checked
-                       against the projector the preset's `outputs` builds (head name,
-                       conditioning rows/width, projector sizes)
-    videochat          .pth {'model': ...}: visual_encoder.gmhra.{j}.* -> gmhra.layers.{j}.*,
-                       visual_encoder.gmhra_cls_token -> gmhra.cls_token, ln_vision.*,
-                       extra_query_tokens, llama_proj.* -> proj.* (connector qformer)
-    llava              mm_projector.bin / non_lora_trainables.bin (model.mm_projector.{0,2}.* ->
-                       fc1/fc2, or a single Linear -> proj) + an optional PEFT adapter beside it
-    etchat             a folder: pytorch_model.safetensors (model.qformer_* -> instruct_qformer
-                       names, frm_head/vid_head -> heads) + adapter_model.safetensors (PEFT)
-    eventgpt           model.visual_projector.{0,2}.* -> fc1/fc2, model.feature_adaptor.* ->
-                       adaptor.*, from a Hugging Face folder (only those keys are read) or files
-    blip2-qformer      LAVIS Qformer.bert.*, query_tokens, ln_vision.* -> the frozen base file
-                       of a qformer connector (`connector.base`), not a bundle
+    pandagpt   `{save_path}/pytorch_model.pt` (PandaGPT code/model/agent.py:49-63): every
+               parameter with requires_grad, as nn.Parameters: llama_proj.* and the PEFT 0.3 LoRA
+               llama_model.base_model.model.<m>.lora_{A,B}.default.weight; tokenizer and LLaMA
+               config beside it. -> connector (linear) proj.*, lora/ (the preset's r/alpha/targets)
+    nextgpt    the same file (NExT-GPT-Lagacy code/model/agent.py:71-95) plus the output projectors
+               gen_text_hidden_fcs{,_video,_audio}.* (kept whatever their requires_grad) and the
+               embedding matrices resized after freezing (anyToImageVideoAudio.py:100): PEFT names
+               llama_model.base_model.model.{model.embed_tokens,lm_head}.weight in stage 3, plain
+               llama_model.{model.embed_tokens,lm_head}.weight in stages 1-2 (agent.py:145-160 maps
+               the one to the other). -> heads (checked against the preset's `outputs`); the
+               matrices are skipped (`modalmesh add-tokens --rows-from` takes them)
+    videochat  `ckpt_NN.pth` / `ckpt_latest.pth` (video_chat tasks/train.py:180-203): {'model': the
+               state dict less the frozen parameters, so with every persistent buffer
+               (llama_model...rotary_emb.inv_freq, models/modeling_llama.py:81;
+               Qformer.bert.embeddings.position_ids, models/Qformer.py:70), 'optimizer',
+               'scheduler', 'scaler', 'config' (an EasyDict), 'epoch', 'global_step'}: read with the
+               allow-listed unpickler (checkpoint_files.py), buffers skipped by name ->
+               visual_encoder.gmhra.{j}.* -> gmhra.layers.{j}.*, gmhra_cls_token, ln_vision.*,
+               extra_query_tokens, llama_proj.* -> proj.* (connector qformer)
+    llava      LLaVA (c121f04) llava/train/train.py:185-206 `mm_projector.bin` (stage 1:
+               model.mm_projector.*, model.embed_tokens with use_im_start_end) or :974-984 a PEFT
+               adapter + `non_lora_trainables.bin` (base_model.model.model.mm_projector.*)
+    etchat     a full model folder (the training scripts' --save_full_model, etchat_trainer.py:187-205)
+               or the adapter form (:206-219, with :221-231 in checkpoint-N/): services/llm/import_full.py
+    eventgpt   the EventGPT-7b folder (an EventChatModel's save_pretrained: model.visual_projector.{0,2}.*
+               -> fc1/fc2, model.feature_adaptor.* -> adaptor.*; only those keys are read) or files
+    blip2-qformer, instructblip-qformer
+               LAVIS Qformer.bert.*, query_tokens, ln_vision.* -> the frozen base file of a Q-Former
+               connector (`connector.base`), not a bundle
 
-Every pickle is read with `torch.load(weights_only=True)`: a file that would run code on load
-is refused, never unpickled. Every mismatch is reported by the seed's key name, expected
-against got, all at once.
+Every pickle is read through `checkpoint_files` (torch's weights-only unpickler plus EasyDict as a
+plain dict): a file that needs anything else is refused, naming the global, and never runs. A
+raw DeepSpeed checkpoint is refused by name. Every mismatch is reported by the seed's key name,
+expected against got, all at once, and nothing is written.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import pickle
+import re
 import tempfile
-import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from services.common.errors import InvalidArgumentError, NotFoundError
 from services.common.presets import Preset
 from services.llm.adapters import LORA_CONFIG, LORA_WEIGHTS, base_fingerprint, write_bundle
+from services.llm.checkpoint_files import name_list as _names
+from services.llm.checkpoint_files import read_state_dict, refuse_deepspeed
 from services.llm.lora import check_lora, linear_shapes
+from services.llm.seed_configs import read_llm_config
 from services.llm.timestamps import HEAD_NAME
 
 SHOWN = 8  # names listed per kind of problem
+BASE_SOURCE = "modalmesh_source"  # metadata of a connector base file: "<system>:<release file or folder>"
 PEFT_PREFIX = "base_model.model."
 # LAVIS BERT -> transformers Q-Former names (services/encoders/eva_qformer.py's table).
 _QFORMER_SUBS = (
@@ -102,6 +118,8 @@ class SeedLayout:
         lora_prefix: Seed prefix of LoRA keys before PEFT's `base_model.model.` (embedded LoRA).
         heads: Seed key prefixes kept as bundle heads, the first component naming the head.
         skip: (prefix, reason): seed keys left out of the bundle, reported with the reason.
+        buffers: (regex, reason): persistent buffers the seed's save keeps (state_dict() less
+            the frozen parameters), skipped with the reason.
         only: Read only keys with these prefixes (a full Hugging Face folder: the rest is the
             base model); None reads every key and reports any it cannot place.
         peft_dir: Read a PEFT adapter (adapter_config.json + adapter_model.*) beside the files.
@@ -119,6 +137,7 @@ class SeedLayout:
     lora_prefix: str | None = None
     heads: tuple[str, ...] = ()
     skip: tuple[tuple[str, str], ...] = ()
+    buffers: tuple[tuple[str, str], ...] = ()
     only: tuple[str, ...] | None = None
     peft_dir: bool = False
     files: tuple[str, ...] = ()
@@ -131,8 +150,13 @@ _EMBED_REASON = (
     "<this checkpoint>` writes them into the preset's LLM folder)"
 )
 _LINEAR_PROJ = {"linear": Rename((("llama_proj.", "proj."),))}
+_POSITION_IDS = "a persistent buffer (arange position indices), rebuilt by the connector"
 LAYOUTS: dict[str, SeedLayout] = {
-    "pandagpt": SeedLayout(("linear",), _LINEAR_PROJ, lora_prefix="llama_model."),
+    # PandaGPT code/model/agent.py:49-63: the trainable parameters (llama_proj, PEFT LoRA).
+    "pandagpt": SeedLayout(
+        ("linear",), _LINEAR_PROJ, lora_prefix="llama_model.", files=("pytorch_model.pt",)
+    ),
+    # NExT-GPT-Lagacy code/model/agent.py:71-95, the matrices under either name (:145-160).
     "nextgpt": SeedLayout(
         ("linear",),
         _LINEAR_PROJ,
@@ -142,7 +166,10 @@ LAYOUTS: dict[str, SeedLayout] = {
         skip=(
             ("llama_model.base_model.model.model.embed_tokens.", _EMBED_REASON),
             ("llama_model.base_model.model.lm_head.", _EMBED_REASON),
+            ("llama_model.model.embed_tokens.", _EMBED_REASON),
+            ("llama_model.lm_head.", _EMBED_REASON),
         ),
+        files=("pytorch_model.pt",),
     ),
     "videochat": SeedLayout(
         ("qformer",),
@@ -161,6 +188,15 @@ LAYOUTS: dict[str, SeedLayout] = {
             )
         },
         unwrap="model",
+        # video_chat tasks/train.py:183-190 keeps every buffer of the model
+        buffers=(
+            (
+                r"^llama_model\.(base_model\.model\.)?model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$",
+                "a persistent buffer of the frozen LLaMA (rotary inverse frequencies, "
+                "models/modeling_llama.py:81), recomputed by the LLM",
+            ),
+            (r"^Qformer\.bert\.embeddings\.position_ids$", _POSITION_IDS),
+        ),
     ),
     "llava": SeedLayout(
         ("mlp2x_gelu", "linear"),
@@ -192,10 +228,14 @@ LAYOUTS: dict[str, SeedLayout] = {
         strip=("base_model.model.",),
         heads=("frm_head.", "vid_head."),
         skip=(
-            ("model.qformer_bert.cls.", "the Q-Former's text LM head is not used by E.T. Chat's forward"),
             ("model.embed_tokens.", _EMBED_REASON),
             ("lm_head.", _EMBED_REASON),
+            (
+                "model.vision_tower.",
+                "the frozen EVA-ViT-g (never trained; the preset's encoder reads its own checkpoint)",
+            ),
         ),
+        buffers=((r"^model\.qformer_bert\.bert\.embeddings\.position_ids$", _POSITION_IDS),),
         peft_dir=True,
         files=("pytorch_model.safetensors",),
         timestamp_heads=True,
@@ -267,9 +307,18 @@ class ImportReport:
     lora_tensors: int = 0
     lora_config: dict[str, Any] = field(default_factory=dict)
     skipped: dict[str, list[str]] = field(default_factory=dict)
+    llm_folder: Path | None = None
+    llm_tensors: int = 0
+    base_file: Path | None = None
+    base_tensors: int = 0
+    notes: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
         out = [f"wrote {self.output} ({self.system} -> preset {self.preset})"]
+        if self.llm_folder is not None:
+            out.append(f"  llm folder {self.llm_folder}: {self.llm_tensors} tensors, config, tokenizer")
+        if self.base_file is not None:
+            out.append(f"  connector base {self.base_file}: {self.base_tensors} tensors")
         out += [f"  connector {n}: {len(keys)} tensors" for n, keys in self.connectors.items()]
         if self.lora_tensors:
             c = self.lora_config
@@ -280,12 +329,8 @@ class ImportReport:
         if self.heads:
             out.append(f"  heads: {_names(sorted({k.split('.')[0] for k in self.heads}))}")
         out += [f"  skipped {_names(keys)}: {why}" for why, keys in self.skipped.items()]
+        out += [f"  note: {n}" for n in self.notes]
         return out
-
-
-def _names(keys: list[str], limit: int = SHOWN) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f", ... and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
 def _shape(t: Any) -> tuple[int, ...]:
@@ -295,92 +340,30 @@ def _shape(t: Any) -> tuple[int, ...]:
 # -- reading -------------------------------------------------------------------------------------
 
 
-def read_state_dict(
-    path: Path, *, only: tuple[str, ...] | None = None, unwrap: str | None = None
-) -> dict[str, torch.Tensor]:
-    """Read a safetensors file or a torch pickle without running code.
-
-    Args:
-        path: The file.
-        only: Keep only keys with these prefixes (read lazily from safetensors).
-        unwrap: A top-level key holding the state dict (VideoChat's 'model'), used when present.
+def _state_files(layout: SeedLayout, paths: list[Path]) -> tuple[list[Path], Path | None]:
+    """The state-dict files to read and the folder holding a PEFT adapter, if any.
 
     Raises:
-        NotFoundError: No such file.
-        InvalidArgumentError: Not a checkpoint, a pickle that needs code to load, or not a
-            mapping of names to tensors.
+        NotFoundError: A path is missing, or a folder holds none of the layout's files.
+        InvalidArgumentError: A path is (or holds only) a raw DeepSpeed checkpoint.
     """
-    if not path.is_file():
-        raise NotFoundError(f"checkpoint {path}: no such file")
-    keep = (lambda k: True) if only is None else (lambda k: k.startswith(only))
-    with path.open("rb") as f:
-        magic = f.read(2)
-    is_zip = zipfile.is_zipfile(path)
-    if path.suffix == ".safetensors" or not (is_zip or magic[:1] == b"\x80"):
-        try:
-            with safe_open(str(path), framework="pt") as sf:
-                return {k: sf.get_tensor(k) for k in sf.keys() if keep(k)}  # noqa: SIM118
-        except (SafetensorError, OSError) as e:
-            raise InvalidArgumentError(
-                f"checkpoint {path}: expected a torch checkpoint or a safetensors file, got neither ({e})"
-            ) from None
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
-    except pickle.UnpicklingError as e:
-        raise InvalidArgumentError(
-            f"checkpoint {path}: refused: loading it would run code or build objects other than tensors "
-            f"({_unpickler_reason(e)}); modalmesh reads checkpoints with torch.load(weights_only=True), "
-            "so re-save only the state dict"
-        ) from None
-    except (RuntimeError, EOFError, ValueError, OSError) as e:
-        raise InvalidArgumentError(
-            f"checkpoint {path}: expected a torch checkpoint or a safetensors file, got an unreadable file ({e})"
-        ) from None
-    if unwrap is not None and isinstance(obj, dict) and isinstance(obj.get(unwrap), dict):
-        obj = obj[unwrap]
-    if not isinstance(obj, dict):
-        raise InvalidArgumentError(
-            f"checkpoint {path}: expected a state dict (name -> tensor), got {type(obj).__name__}"
-        )
-    bad = [str(k) for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
-    if bad:
-        raise InvalidArgumentError(
-            f"checkpoint {path}: expected name -> tensor entries, got non-tensor entries {_names(bad)}"
-        )
-    return {k: v for k, v in obj.items() if keep(k)}
-
-
-def _unpickler_reason(e: Exception) -> str:
-    """The line of torch's refusal that names what was refused (e.g. "Trying to load unsupported
-    GLOBAL posix.getcwd ..."), not its boilerplate."""
-    text = str(e)
-    if "WeightsUnpickler error:" in text:  # the reason follows, on the same line or the next ones
-        after = [line.strip() for line in text.split("WeightsUnpickler error:", 1)[1].splitlines()]
-        reason = next((line for line in after if line), "")
-        if reason:
-            return reason.split(". ")[0]
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    for line in lines:
-        if "unsupported" in line.lower() or "GLOBAL" in line:
-            return line.split(". ")[0]
-    return lines[0] if lines else type(e).__name__
-
-
-def _state_files(layout: SeedLayout, paths: list[Path]) -> tuple[list[Path], Path | None]:
-    """The state-dict files to read and the folder holding a PEFT adapter, if any."""
     files: list[Path] = []
     peft: Path | None = None
     for p in paths:
         if p.is_dir():
             named = [p / n for n in layout.files if (p / n).is_file()]
+            found = named or sorted(p.glob("*.safetensors")) + sorted(p.glob("pytorch_model*.bin"))
+            found = [f for f in found if f.name not in (LORA_WEIGHTS, "adapter_model.bin")]
+            has_peft = layout.peft_dir and (p / LORA_CONFIG).is_file()
+            refuse_deepspeed(p, has_weights=bool(found) or has_peft)
             if layout.files and not named and layout.only is None:
                 raise NotFoundError(
                     f"checkpoint folder {p}: expected one of {list(layout.files)}, found none"
                 )
-            found = named or sorted(p.glob("*.safetensors")) + sorted(p.glob("pytorch_model*.bin"))
-            files += [f for f in found if f.name not in (LORA_WEIGHTS, "adapter_model.bin")]
+            files += found
             folder = p
         elif p.is_file():
+            refuse_deepspeed(p)
             files.append(p)
             folder = p.parent
         else:
@@ -396,15 +379,14 @@ def _state_files(layout: SeedLayout, paths: list[Path]) -> tuple[list[Path], Pat
 
 
 def _llm_config(preset: Preset) -> Any:
-    from transformers import AutoConfig
-
+    """The transformers config of the preset's LLM folder (a seed's model_type mapped)."""
     folder = preset.llm.checkpoint
     if not (folder / "config.json").is_file():
         raise NotFoundError(
             f"preset {preset.name}: its LLM folder {folder} has no config.json; the bundle is built for "
             "that base model (its width and fingerprint), so it must be on disk"
         )
-    return AutoConfig.from_pretrained(folder)
+    return read_llm_config(folder, error=InvalidArgumentError).config
 
 
 def connector_shapes(preset: Preset, name: str, llm_dim: int) -> tuple[dict[str, tuple[int, ...]], set[str]]:
@@ -469,7 +451,7 @@ def compare(
     return problems
 
 
-def _check_output_heads(split: _Split, preset: Preset, hidden: int) -> list[str]:
+def _check_output_heads(split: Split, preset: Preset, hidden: int) -> list[str]:
     """Problems of NExT-GPT's output projector heads against the preset's `outputs`.
 
     Each head the checkpoint holds must be one of the preset's outputs and hold exactly the
@@ -523,7 +505,7 @@ def lora_expected(
 
 
 @dataclass
-class _Split:
+class Split:
     connector: dict[str, torch.Tensor] = field(default_factory=dict)
     lora: dict[str, torch.Tensor] = field(default_factory=dict)
     heads: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -531,8 +513,8 @@ class _Split:
     unplaced: list[str] = field(default_factory=list)
 
 
-def _split(layout: SeedLayout, rename: Rename, tensors: dict[str, torch.Tensor]) -> _Split:
-    out = _Split()
+def split_keys(layout: SeedLayout, rename: Rename, tensors: dict[str, torch.Tensor]) -> Split:
+    out = Split()
     for raw, tensor in tensors.items():
         key = raw
         for prefix in layout.strip:
@@ -541,7 +523,8 @@ def _split(layout: SeedLayout, rename: Rename, tensors: dict[str, torch.Tensor])
             peft_key = key[len(layout.lora_prefix) :].replace(".default.weight", ".weight")
             out.lora[peft_key] = tensor
             continue
-        reason = next((why for prefix, why in layout.skip if key.startswith(prefix)), None)
+        reason = next((why for pattern, why in layout.buffers if re.match(pattern, key)), None)
+        reason = reason or next((why for prefix, why in layout.skip if key.startswith(prefix)), None)
         if reason is not None:
             out.skipped.setdefault(reason, []).append(raw)
         elif key.startswith(layout.heads):
@@ -553,7 +536,7 @@ def _split(layout: SeedLayout, rename: Rename, tensors: dict[str, torch.Tensor])
     return out
 
 
-def _pick_connector(layout: SeedLayout, preset: Preset, system: str) -> str:
+def pick_connector(layout: SeedLayout, preset: Preset, system: str) -> str:
     names = {
         s.connector_name(m): s.connector.type for m, s in preset.modalities.items()
         if s.connector.type in layout.connector_types
@@ -629,56 +612,25 @@ def _lora_config(preset: Preset) -> dict[str, Any]:
     return out
 
 
-def import_checkpoint(
-    system: str,
-    paths: list[Path],
+def check_parts(
+    layout: SeedLayout,
     preset: Preset,
-    out: Path,
+    connector: str,
+    split: Split,
+    hidden: int,
     *,
-    version: str | None = None,
-    name: str | None = None,
-) -> ImportReport:
-    """Convert a seed system's released delta checkpoint into an adapter bundle at `out`.
+    whole_connector: bool = False,
+) -> list[str]:
+    """Problems of the connector and head tensors of `split` against the preset.
 
     Args:
-        system: A key of LAYOUTS.
-        paths: The checkpoint file(s) or folder(s).
-        preset: The preset the bundle is for (connector sizes, LoRA settings, LLM folder).
-        out: The bundle folder to create (must not exist).
-        version: Manifest version; default the folder's name.
-        name: Adapter name; default the preset's adapter name.
-
-    Raises:
-        NotFoundError: A checkpoint or the preset's LLM config is missing.
-        InvalidArgumentError: Unknown system, an unreadable or unsafe file, or keys and shapes
-            that do not fit the preset; the message lists each by the seed's name.
+        whole_connector: The release holds the whole connector (its frozen base part too).
     """
-    if system not in LAYOUTS:
-        raise InvalidArgumentError(f"import: expected a system among {list(LAYOUTS)}, got {system!r}")
-    if out.exists():
-        raise InvalidArgumentError(
-            f"import: the bundle folder {out} already exists; pass another --out or --version"
-        )
-    layout = LAYOUTS[system]
-    connector = _pick_connector(layout, preset, system)
     ctype = next(s.connector.type for m, s in preset.modalities.items() if s.connector_name(m) == connector)
     rename = layout.connector[ctype]
-    llm_config = _llm_config(preset)
-    hidden = int(llm_config.hidden_size)
-    files, peft_folder = _state_files(layout, paths)
-    tensors: dict[str, torch.Tensor] = {}
-    for f in files:
-        tensors.update(read_state_dict(f, only=layout.only, unwrap=layout.unwrap))
-    split = _split(layout, rename, tensors)
-
-    problems = (
-        [f"{len(split.unplaced)} key(s) this layout does not know: {_names(sorted(split.unplaced))}"]
-        if split.unplaced
-        else []
-    )
     expected, base = connector_shapes(preset, connector, hidden)
-    required = [k for k in expected if k not in base]
-    problems += compare(
+    required = list(expected) if whole_connector else [k for k in expected if k not in base]
+    problems = compare(
         {k: tuple(v.shape) for k, v in split.connector.items()}, expected, required,
         lambda k: rename.source(k), f"connector {connector} ({ctype})",
     )  # fmt: skip
@@ -693,26 +645,157 @@ def import_checkpoint(
             split.heads = {}
     if layout.output_heads:
         problems += _check_output_heads(split, preset, hidden)
+    return problems
 
-    lora_config: dict[str, Any] = {}
-    if split.lora or peft_folder is not None:
-        if peft_folder is not None:
-            lora_config, lora = _peft_tensors(peft_folder)
-            problems += _check_peft_config(lora_config, preset)
-            split.lora.update(lora)
-        else:
-            lora_config = _lora_config(preset)
-        problems += _check_lora(split.lora, lora_config, llm_config, layout.lora_prefix or "")
+
+def unplaced_problems(split: Split) -> list[str]:
+    """The keys a layout could not place, as one problem."""
+    if not split.unplaced:
+        return []
+    return [f"{len(split.unplaced)} key(s) this layout does not know: {_names(sorted(split.unplaced))}"]
+
+
+def add_peft(
+    split: Split, folder: Path, preset: Preset, llm_config: Any, seed_prefix: str
+) -> tuple[dict[str, Any], list[str]]:
+    """Read the PEFT adapter in `folder` into `split.lora`; its config and the problems found."""
+    lora_config, lora = _peft_tensors(folder)
+    split.lora.update(lora)
+    problems = _check_peft_config(lora_config, preset)
+    return lora_config, problems + _check_lora(split.lora, lora_config, llm_config, seed_prefix)
+
+
+def refuse(system: str, paths: list[Path], preset: Preset, problems: list[str]) -> None:
+    """Raise the one error listing every problem, when there are any."""
     if problems:
         raise InvalidArgumentError(
             f"import {system} {', '.join(map(str, paths))} for preset {preset.name}: the checkpoint does not fit:\n  "
             + "\n  ".join(problems)
         )
+
+
+def import_checkpoint(
+    system: str,
+    paths: list[Path],
+    preset: Preset,
+    out: Path,
+    *,
+    version: str | None = None,
+    name: str | None = None,
+    llm_out: Path | None = None,
+    base_out: Path | None = None,
+) -> ImportReport:
+    """Convert a seed system's release into an adapter bundle at `out` (E.T. Chat's full model
+    folder also into the preset's LLM folder and connector base file).
+
+    Args:
+        system: A key of LAYOUTS.
+        paths: The checkpoint file(s) or folder(s).
+        preset: The preset the bundle is for (connector sizes, LoRA settings, LLM folder).
+        out: The bundle folder to create (must not exist).
+        version: Manifest version; default the folder's name.
+        name: Adapter name; default the preset's adapter name.
+        llm_out: E.T. Chat full folder: the LLM folder to write (default the preset's
+            `llm.checkpoint`); must not exist or be empty.
+        base_out: E.T. Chat full folder: the connector base file to write (default the
+            connector's `base:`); must not exist.
+
+    Raises:
+        NotFoundError: A checkpoint or the preset's LLM config is missing.
+        InvalidArgumentError: Unknown system, an unreadable or unsafe file, or keys and shapes
+            that do not fit the preset; the message lists each by the seed's name.
+    """
+    if system not in LAYOUTS:
+        raise InvalidArgumentError(f"import: expected a system among {list(LAYOUTS)}, got {system!r}")
+    if out.exists():
+        raise InvalidArgumentError(
+            f"import: the bundle folder {out} already exists; pass another --out or --version"
+        )
+    if system == "etchat":
+        from services.llm.import_full import find_full_release, import_full_release
+
+        release = find_full_release(paths)
+        if release is not None:
+            return import_full_release(
+                release, paths, preset, out, version=version, name=name, llm_out=llm_out, base_out=base_out
+            )
+    if llm_out is not None or base_out is not None:
+        raise InvalidArgumentError(
+            "import: --llm-out and --base-out are written only from an E.T. Chat full model folder "
+            f"(config.json and model*.safetensors / pytorch_model*.bin); {system} {', '.join(map(str, paths))} is not one"
+        )
+    layout = LAYOUTS[system]
+    connector = pick_connector(layout, preset, system)
+    ctype = next(s.connector.type for m, s in preset.modalities.items() if s.connector_name(m) == connector)
+    llm_config = _llm_config(preset)
+    hidden = int(llm_config.hidden_size)
+    files, peft_folder = _state_files(layout, paths)
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        tensors.update(read_state_dict(f, only=layout.only, unwrap=layout.unwrap))
+    split = split_keys(layout, layout.connector[ctype], tensors)
+    problems = unplaced_problems(split) + check_parts(layout, preset, connector, split, hidden)
+
+    lora_config: dict[str, Any] = {}
+    if peft_folder is not None:
+        lora_config, more = add_peft(split, peft_folder, preset, llm_config, layout.lora_prefix or "")
+        problems += more
+    elif split.lora:
+        lora_config = _lora_config(preset)
+        problems += _check_lora(split.lora, lora_config, llm_config, layout.lora_prefix or "")
+    notes: list[str] = []
+    if system == "etchat":
+        from services.llm.import_full import adapter_base_problems
+
+        more, notes = adapter_base_problems(paths, preset, connector, split)
+        problems += more
+    refuse(system, paths, preset, problems)
     return _write(
         out, preset, system, connector=connector, split=split, lora_config=lora_config,
         version=version or out.name, name=name or preset.adapter.name, linears_of=llm_config,
-        head_name=HEAD_NAME if layout.timestamp_heads else None,
+        head_name=HEAD_NAME if layout.timestamp_heads else None, notes=notes,
     )  # fmt: skip
+
+
+def stage_bundle(
+    tmp: Path,
+    preset: Preset,
+    system: str,
+    *,
+    connector: str,
+    split: Split,
+    lora_config: dict[str, Any],
+    version: str,
+    name: str,
+    linears_of: Any,
+    head_name: str | None,
+    fingerprint: str,
+) -> None:
+    """Write the bundle into `tmp` (a new folder), checked as the LLM service checks it."""
+    heads: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in split.heads.items():
+        head, _, param = (head_name, "", key) if head_name else key.partition(".")
+        heads.setdefault(head, {})[param] = tensor
+    if split.lora:
+        lora = tmp / "lora"
+        lora.mkdir(parents=True)
+        save_file(
+            {k: v.contiguous() for k, v in split.lora.items()},
+            str(lora / LORA_WEIGHTS),
+            metadata={"format": "pt"},
+        )
+        (lora / LORA_CONFIG).write_text(json.dumps(lora_config, indent=2, sort_keys=True) + "\n")
+        check_lora(lora, _llm_linears(linears_of))  # the serving-time check, before publishing
+    write_bundle(
+        tmp,
+        name=name,
+        version=version,
+        preset=preset.name,
+        base_fingerprint=fingerprint,
+        connectors={connector: split.connector},
+        heads=heads or None,
+        stage=f"import:{system}",
+    )
 
 
 def _write(
@@ -721,40 +804,22 @@ def _write(
     system: str,
     *,
     connector: str,
-    split: _Split,
+    split: Split,
     lora_config: dict[str, Any],
     version: str,
     name: str,
     linears_of: Any,
     head_name: str | None,
+    notes: list[str],
 ) -> ImportReport:
-    heads: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in split.heads.items():
-        head, _, param = (head_name, "", key) if head_name else key.partition(".")
-        heads.setdefault(head, {})[param] = tensor
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.import-") as tmp_root:
         tmp = Path(tmp_root) / out.name
-        if split.lora:
-            lora = tmp / "lora"
-            lora.mkdir(parents=True)
-            save_file(
-                {k: v.contiguous() for k, v in split.lora.items()},
-                str(lora / LORA_WEIGHTS),
-                metadata={"format": "pt"},
-            )
-            (lora / LORA_CONFIG).write_text(json.dumps(lora_config, indent=2, sort_keys=True) + "\n")
-            check_lora(lora, _llm_linears(linears_of))  # the serving-time check, before publishing
-        write_bundle(
-            tmp,
-            name=name,
-            version=version,
-            preset=preset.name,
-            base_fingerprint=base_fingerprint(preset.llm.checkpoint),
-            connectors={connector: split.connector},
-            heads=heads or None,
-            stage=f"import:{system}",
-        )
+        stage_bundle(
+            tmp, preset, system, connector=connector, split=split, lora_config=lora_config,
+            version=version, name=name, linears_of=linears_of, head_name=head_name,
+            fingerprint=base_fingerprint(preset.llm.checkpoint),
+        )  # fmt: skip
         os.replace(tmp, out)
     return ImportReport(
         output=out,
@@ -765,6 +830,7 @@ def _write(
         lora_tensors=len(split.lora),
         lora_config=lora_config,
         skipped=split.skipped,
+        notes=notes,
     )
 
 
@@ -779,7 +845,7 @@ def import_qformer_base(
     query-only Q-Former lacks are reported as skipped. The instruction-aware Q-Former keeps them.
     """
     layout = BASE_LAYOUTS[system]
-    connector = _pick_connector(layout, preset, system)
+    connector = pick_connector(layout, preset, system)
     spec = next(s.connector for m, s in preset.modalities.items() if s.connector_name(m) == connector)
     target = out or spec.base
     if target is None:
@@ -816,7 +882,10 @@ def import_qformer_base(
         )
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp")
-    save_file({k: v.contiguous() for k, v in kept.items()}, str(tmp), metadata={"format": "pt"})
+    source = f"{system}:{','.join(p.name for p in paths)}"
+    save_file(
+        {k: v.contiguous() for k, v in kept.items()}, str(tmp), metadata={"format": "pt", BASE_SOURCE: source}
+    )
     os.replace(tmp, target)
     reason = "text-only parts of the LAVIS Q-Former that the query-only Q-Former lacks"
     return ImportReport(

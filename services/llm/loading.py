@@ -6,7 +6,9 @@ here, and nowhere else. A bundle whose connector weights do not fit the preset i
 naming the key and the expected vs. found shapes. Connectors are keyed by connector name
 (modalities may share one); the Q-Former types load their frozen part from `connector.base`
 and the bundle's tensors over it. A preset with `heads.timestamps` also gets its timestamp
-heads from the bundle (`load_heads`).
+heads from the bundle (`load_heads`). A seed's own `model_type` in config.json (EventGPT's
+`EventChat_llama`) is read as the transformers config it extends, and the tokens that seed's
+inference adds at load are added here too (`seed_configs`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from services.llm.connectors import Connector, connector_from_spec
 from services.llm.model import FeatureLayout, MultimodalLM
 from services.llm.output_projector import OutputProjector, load_projectors
 from services.llm.prompt import ModalitySlots, PromptBuilder, placeholder_token_id
+from services.llm.seed_configs import apply_load_tokens, read_llm_config
 from services.llm.time_matching import check_frame_tokens, time_token_id
 from services.llm.timestamps import HEAD_NAME, TimestampHeads, init_timestamp_heads, load_timestamp_heads
 
@@ -220,6 +223,30 @@ def _eos_ids(lm: Any, tokenizer: Any) -> frozenset[int]:
     return frozenset(ids)
 
 
+def load_lm(preset: Preset, *, dtype: torch.dtype) -> tuple[Any, Any]:
+    """The preset's tokenizer and causal LM, as the seed's inference loads them.
+
+    A seed's own `model_type` in config.json (EventGPT's `EventChat_llama`) is read as the
+    transformers config it extends, and the tokens that seed's inference adds at load, with
+    the embeddings resized to the tokenizer (EventGPT inference.py:33-39), are added here
+    (`seed_configs.apply_load_tokens`); then every `llm.added_tokens` must be one token.
+
+    Raises:
+        FailedPreconditionError: The folder is missing, its config names an unknown
+            model_type, or an added token is not one token.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    checkpoint = check_llm_folder(preset)
+    llm_config = read_llm_config(checkpoint)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint, config=llm_config.config)
+    lm = AutoModelForCausalLM.from_pretrained(checkpoint, config=llm_config.config, dtype=dtype)
+    for token, token_id in apply_load_tokens(llm_config, tokenizer, lm):
+        logger.info("%s: added %s (id %s) as the seed's inference does", checkpoint, token, token_id)
+    check_added_tokens(preset, tokenizer)
+    return tokenizer, lm
+
+
 def load_model(preset: Preset, *, device: str | torch.device | None = None) -> LoadedModel:
     """Load the tokenizer, the LM and the preset's adapter bundle, and assemble the model on
     `device` (default: the first CUDA device when there is one, else the CPU).
@@ -229,13 +256,9 @@ def load_model(preset: Preset, *, device: str | torch.device | None = None) -> L
         FailedPreconditionError: The LM folder is missing, the bundle is damaged, built for
             another base model, or its connectors do not fit the preset.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     checkpoint = check_llm_folder(preset)
     dtype = DTYPES[preset.llm.dtype]
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    check_added_tokens(preset, tokenizer)
-    lm = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype)
+    tokenizer, lm = load_lm(preset, dtype=dtype)
     lm.eval().requires_grad_(False)
     check_attention_implementation(lm, preset.bidirectional_modalities(), preset=preset.name)
     bundle = load_bundle(preset.adapter.path, expected_fingerprint=base_fingerprint(checkpoint))

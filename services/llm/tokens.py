@@ -124,7 +124,7 @@ def _check_tokens(tokens: list[str]) -> None:
 
 def _matrices(paths: list[Path]) -> list[tuple[str, str, torch.Tensor]]:
     """(file: key, input|output, tensor) for each embedding matrix in the seed checkpoints."""
-    from services.llm.importers import read_state_dict
+    from services.llm.checkpoint_files import read_state_dict
 
     found: list[tuple[str, str, torch.Tensor]] = []
     for path in paths:

@@ -28,7 +28,7 @@ from services.encoders.media import EncoderLimits, MediaEncoder, preprocessor_fo
 from services.encoders.protocol import EncodedItem
 from services.llm.adapters import Bundle, base_fingerprint, load_bundle
 from services.llm.connectors import Connector, bundle_state
-from services.llm.loading import DTYPES, check_added_tokens, check_llm_folder, load_connectors
+from services.llm.loading import DTYPES, load_connectors, load_lm
 from services.llm.model import FeatureLayout
 from services.llm.output_projector import OutputProjector, load_projectors, signal_token_ids
 from services.llm.templates import get_template
@@ -62,12 +62,8 @@ def load_run_preset(cfg: RunConfig) -> Preset:
 
 def load_llm(preset: Preset) -> tuple[Any, Any]:
     """The tokenizer and the base LM, frozen, in the preset's dtype (fp32 on CPU)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(check_llm_folder(preset))
-    check_added_tokens(preset, tokenizer)
     dtype = DTYPES[preset.llm.dtype] if torch.cuda.is_available() else torch.float32
-    lm = AutoModelForCausalLM.from_pretrained(preset.llm.checkpoint, dtype=dtype)
+    tokenizer, lm = load_lm(preset, dtype=dtype)  # as the LLM service loads it (seed configs mapped)
     lm.config.use_cache = False
     lm.requires_grad_(False)
     return tokenizer, lm

@@ -63,3 +63,25 @@ def test_import_errors_are_one_message_and_exit_2(tmp_path: Path, capsys: pytest
     assert "expected --preset" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["import", "minigpt4", str(bad)])
+
+
+def test_llm_out_and_base_out_are_only_for_an_etchat_full_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    preset = _tiny_pandagpt(tmp_path)
+    ckpt = _delta(tmp_path / "pytorch_model.pt")
+    argv = ["import", "pandagpt", str(ckpt), "--preset", "tiny-pandagpt", "--cache-dir", str(tmp_path)]
+    assert main([*argv, "--llm-out", str(tmp_path / "llm")]) == 2
+    err = capsys.readouterr().err
+    assert "--llm-out and --base-out are written only from an E.T. Chat full model folder" in err
+    assert not (tmp_path / "llm").exists() and not preset.adapter.path.exists()
+    assert main(["import", "blip2-qformer", str(ckpt), "--base-out", "x", "--cache-dir", str(tmp_path)]) == 2
+    assert "--llm-out and --base-out are for etchat" in capsys.readouterr().err
+
+
+def test_help_names_each_release_format(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["import", "--help"])
+    out = capsys.readouterr().out
+    assert "--llm-out" in out and "'config': EasyDict" in out and "EventChat_llama" in out
+    assert "full model folder (-> LLM folder + Q-Former base + bundle)" in out

@@ -138,6 +138,32 @@ def test_rows_from_a_seed_checkpoint_replace_the_matrices(base: Path, tmp_path: 
     )
 
 
+@pytest.mark.parametrize("lm", ["llama_model.", "llama_model.base_model.model."])
+def test_rows_from_a_nextgpt_delta_in_either_key_form(base: Path, tmp_path: Path, lm: str) -> None:
+    """NExT-GPT-Lagacy agent.py:71-91 saves the resized matrices as nn.Parameters under plain LLaMA
+    names in stages 1-2 and PEFT names in stage 3 (agent.py:145-160 maps the one to the other)."""
+    tok0, lm0 = _model(base)
+    rows, hidden = len(tok0) + len(NEXTGPT), lm0.config.hidden_size
+    embed, head = torch.randn(rows, hidden), torch.randn(rows, hidden)
+    delta = {
+        f"{lm}model.embed_tokens.weight": embed,
+        f"{lm}lm_head.weight": head,
+        "llama_proj.weight": torch.randn(2, 2),
+    }
+    (tmp_path / "7b_tiva_v0").mkdir()
+    torch.save(
+        {k: torch.nn.Parameter(v.clone()) for k, v in delta.items()},
+        tmp_path / "7b_tiva_v0" / "pytorch_model.pt",
+    )
+    report = add_tokens(base, tmp_path / "out", NEXTGPT, rows_from=[tmp_path / "7b_tiva_v0"])
+    weights = load_file(str(tmp_path / "out" / "model.safetensors"))
+    torch.testing.assert_close(weights["model.embed_tokens.weight"], embed, rtol=0, atol=0)
+    torch.testing.assert_close(weights["lm_head.weight"], head, rtol=0, atol=0)
+    assert f"copied pytorch_model.pt: {lm}model.embed_tokens.weight -> input embeddings" in "\n".join(
+        report.lines()
+    )
+
+
 # -- bad inputs: each is refused before anything is written ---------------------------------------
 
 
