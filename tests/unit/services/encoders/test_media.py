@@ -69,9 +69,12 @@ def test_video_times_follow_the_sampling(encoders) -> None:
     videochat = _ok(encoders["tiny-videochat", "video"].encode([make_video(16, 4)])[0])
     # VideoChat: 4 segments of 16 frames, seg 3.75, start 1 -> 1, 5, 9, 12 at 4 fps
     np.testing.assert_allclose(videochat.times, [0.25, 1.25, 2.25, 3.0])
-    short, long = encoders["tiny-etchat", "video"].encode([make_video(8, 4), make_video(48, 4)])
+    short, at_cap, long = encoders["tiny-etchat", "video"].encode(
+        [make_video(8, 4), make_video(32, 4), make_video(48, 4)]
+    )
     np.testing.assert_allclose(_ok(short).times, [0.0, 1.0])  # 1 fps
-    assert _ok(long).frames == 8 and _ok(long).features.shape == (8 * 4, 32)  # max_frames 8
+    assert _ok(at_cap).frames == 8 and _ok(at_cap).features.shape == (8 * 4, 32)  # max_frames 8
+    assert isinstance(long, InvalidArgumentError) and "max_frames = 8" in long.message  # 12 s: refused
 
 
 def test_a_bad_item_fails_alone(encoders) -> None:
