@@ -193,6 +193,12 @@ class ConnectorSpec(_Strict):
         default=None,
         description="instruct_qformer: the Q-Former's text tokenizer folder (bert-base-uncased + [DEC]).",
     )
+    ln_vision_dtype: DType | None = Field(
+        default=None,
+        description="Q-Former types: the dtype ln_vision keeps its weights and computes in, its "
+        "output cast back (VideoChat: float32, its LayerNorm subclass under autocast); None: the "
+        "connector's dtype (E.T. Chat's plain LayerNorm).",
+    )
 
     @model_validator(mode="after")
     def _qformer_options(self) -> ConnectorSpec:
@@ -205,6 +211,10 @@ class ConnectorSpec(_Strict):
         if self.type == "instruct_qformer" and self.tokenizer is None:
             raise ValueError(
                 "connector type instruct_qformer needs tokenizer: (the Q-Former's text tokenizer)"
+            )
+        if self.ln_vision_dtype is not None and self.type not in ("qformer", "instruct_qformer"):
+            raise ValueError(
+                f"connector ln_vision_dtype: only the Q-Former types have ln_vision, not {self.type}"
             )
         return self
 
