@@ -64,6 +64,12 @@ class SamplingSpec(_Strict):
     frames_per_clip: PositiveInt = 2
     crops: Literal[1, 3] = 1
     event_frames: PositiveInt = 5
+    last_clip_at_end: bool = Field(
+        False,
+        description="ImageBind clips: space clip starts by (duration - clip_seconds) / (clips - 1), "
+        "so the last clip ends at the end (pytorchvideo from git, which PandaGPT's video needs), "
+        "instead of / clips (PyPI pytorchvideo 0.1.5, which NExT-GPT pins).",
+    )
 
     def frames_per_item(self, modality: str) -> int | None:
         """Frames an item yields, or None where it depends on the item (fps sampling)."""
@@ -72,6 +78,30 @@ class SamplingSpec(_Strict):
         if modality == "video" and self.num_frames is not None:
             return self.num_frames
         return None
+
+
+class PreprocessSpec(_Strict):
+    """How an item's pictures (images, video frames, event frames) become the backbone's pixels.
+
+    The seeds agree on CLIP's mean/std but not on the rest, and each choice moves pixels:
+    `resize` "shortest_edge" (the shorter side to the backbone's size, then a centre crop) or
+    "squash" (straight to size x size, no crop: VideoChat's image upload); `interpolation`
+    "pil_bicubic" (PIL on uint8; clip_vision: its preprocessor_config's `resample`) or
+    "torch_bilinear_antialias" (float pixels in [0, 1], torch bilinear with antialias: E.T.
+    Chat's torchvision tensor transforms); `crop`, where a centre crop's odd margin goes:
+    "floor" (Hugging Face's CLIPImageProcessor, E.T. Chat), "round" (torchvision CenterCrop:
+    Python's round, halves to even) or "ceil" (ImageBind's video `uniform_crop`);
+    `transparency` "drop" (PIL convert('RGB'), the colour under the alpha: every seed) or
+    "white" (composited onto white, as current Hugging Face processors and vLLM);
+    `negative_polarity`, which events are drawn blue: "zero_only" (EventGPT: p == 0 blue, any
+    other value red, so the -1 of a -1/1 stream is red) or "zero_or_negative" (p <= 0 blue).
+    """
+
+    resize: Literal["shortest_edge", "squash"] = "shortest_edge"
+    interpolation: Literal["pil_bicubic", "torch_bilinear_antialias"] = "pil_bicubic"
+    crop: Literal["floor", "round", "ceil"] = "floor"
+    transparency: Literal["drop", "white"] = "drop"
+    negative_polarity: Literal["zero_only", "zero_or_negative"] = "zero_only"
 
 
 class EncoderSpec(_Strict):
@@ -102,6 +132,10 @@ class EncoderSpec(_Strict):
         "(VideoChat's temporal layers read 8).",
     )
     sampling: SamplingSpec | None = None
+    preprocess: PreprocessSpec = Field(
+        default_factory=PreprocessSpec,
+        description="Resize, crop, transparency and event-colour rules (each seed's in its preset).",
+    )
     tokens: PositiveInt = Field(description="Tokens per frame (per tap) the backbone returns.")
     dim: PositiveInt = Field(description="Width of each returned token.")
     dtype: DType = "float32"
@@ -159,6 +193,12 @@ class ConnectorSpec(_Strict):
         default=None,
         description="instruct_qformer: the Q-Former's text tokenizer folder (bert-base-uncased + [DEC]).",
     )
+    ln_vision_dtype: DType | None = Field(
+        default=None,
+        description="Q-Former types: the dtype ln_vision keeps its weights and computes in, its "
+        "output cast back (VideoChat: float32, its LayerNorm subclass under autocast); None: the "
+        "connector's dtype (E.T. Chat's plain LayerNorm).",
+    )
 
     @model_validator(mode="after")
     def _qformer_options(self) -> ConnectorSpec:
@@ -171,6 +211,10 @@ class ConnectorSpec(_Strict):
         if self.type == "instruct_qformer" and self.tokenizer is None:
             raise ValueError(
                 "connector type instruct_qformer needs tokenizer: (the Q-Former's text tokenizer)"
+            )
+        if self.ln_vision_dtype is not None and self.type not in ("qformer", "instruct_qformer"):
+            raise ValueError(
+                f"connector ln_vision_dtype: only the Q-Former types have ln_vision, not {self.type}"
             )
         return self
 
@@ -554,6 +598,19 @@ def _check_modality(modality: str, spec: ModalitySpec) -> None:
             raise ValueError(f"{where}.encoder.sampling.clips: only the imagebind backbone reads clips")
         if enc.backbone == "imagebind" and sampling.clips is None:
             raise ValueError(f"{where}.encoder.sampling: imagebind reads clips (clips: 5 as ImageBind)")
+    pre = enc.preprocess
+    if (
+        enc.backbone == "imagebind"
+        and modality == "video"
+        and (pre.resize != "shortest_edge" or pre.interpolation != "pil_bicubic")
+    ):
+        raise ValueError(
+            f"{where}.encoder.preprocess: ImageBind video is scaled as pytorchvideo's ShortSideScale "
+            f"and cut into `crops` squares; only crop applies (resize {pre.resize!r}, "
+            f"interpolation {pre.interpolation!r} given)"
+        )
+    if sampling is not None and sampling.last_clip_at_end and sampling.clips is None:
+        raise ValueError(f"{where}.encoder.sampling.last_clip_at_end: only with clips (ImageBind)")
     if modality == "audio" and sampling is not None and sampling.clips is None:
         raise ValueError(f"{where}.encoder.sampling.clips: expected the number of audio clips (ImageBind: 3)")
     if (enc.backbone == "imagebind") != (enc.select_feature == "embedding"):

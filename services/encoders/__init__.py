@@ -14,8 +14,11 @@ Library (no grpc or PyTriton imports; the trainer uses these):
                 structured/(N, 4) .npy, .npz), EventGPT's red/blue event frames
     backbones   Backbone, ClipVisionBackbone, BACKBONES registry (clip_vision, eva_vit,
                 imagebind), build_backbone(spec, modalities=..., device=...)
-    media       MediaEncoder (every modality: decode -> preprocess -> backbone -> EncodedItem
-                features + frame times), EncoderLimits.from_settings
+    prepare     MediaPreprocessor (every modality: bytes -> the backbone's input and frame
+                times, by the spec's sampling and preprocess rules: crop rounding, squash,
+                torch resize, transparency, event colours), EncoderLimits.from_settings
+    media       MediaEncoder (MediaPreprocessor -> backbone -> EncodedItem features + frame
+                times)
     tiny_weights write_tiny_backbone(spec, folder, seed=...): random checkpoints for tiny twins
     protocol    the Triton models' tensor names (media -> features, times, error), EncodedItem
 

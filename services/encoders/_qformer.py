@@ -35,6 +35,16 @@ def _trainable_input(features: torch.Tensor) -> torch.Tensor:
     return features.clone() if features.is_inference() else features
 
 
+def _layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """`norm` computed in its own weights' dtype, the result cast back to x's dtype.
+
+    With ln_vision kept in float32 in a float16 connector this is BLIP-2's / VideoChat's
+    `LayerNorm` subclass (`x.type(float32)`, LayerNorm, `.type(orig_type)`); with one dtype
+    throughout it is the plain LayerNorm.
+    """
+    return norm(x.to(norm.weight.dtype)).to(x.dtype)
+
+
 class QFormerCompressor(nn.Module):
     """VideoChat's visual connector: [Global MHRA] + ln_vision + BLIP-2 Q-Former + extra queries.
 
@@ -114,8 +124,8 @@ class QFormerCompressor(nn.Module):
         Without `gmhra`: (B, N, D) for an image or (B, T, N, D) for T frames, all frames read
         together. With `gmhra`: the backbone's taps (B, T, K, N, D) (`forward_taps`).
         """
-        features = _trainable_input(features).to(self.ln_vision.weight.dtype)
-        tokens = self.ln_vision(self._visual_tokens(features))  # (B, L, D)
+        features = _trainable_input(features).to(self.query_tokens.dtype)
+        tokens = _layer_norm(self.ln_vision, self._visual_tokens(features))  # (B, L, D)
         queries = torch.cat([self.query_tokens, self.extra_query_tokens], dim=1)  # (1, Q, H)
         queries = queries.expand(tokens.shape[0], -1, -1)  # (B, Q, H)
         out = self.qformer(query_embeds=queries, encoder_hidden_states=tokens).last_hidden_state  # (B, Q, H)
@@ -204,7 +214,7 @@ class InstructQFormerPooler(nn.Module):
         Returns:
             (B, T, out_dim).
         """
-        frames = _trainable_input(frames).to(self.ln_vision.weight.dtype)
+        frames = _trainable_input(frames).to(self.query_tokens.dtype)
         if frames.ndim == 3:
             frames = frames[:, None]  # (B, 1, N, D)
         if frames.ndim != 4 or frames.shape[-1] != self.in_dim:
@@ -223,7 +233,7 @@ class InstructQFormerPooler(nn.Module):
             input_ids=ids,
             attention_mask=mask,
             query_embeds=queries,
-            encoder_hidden_states=self.ln_vision(patches),
+            encoder_hidden_states=_layer_norm(self.ln_vision, patches),
         ).last_hidden_state  # (B*T, Q + L, H)
         query_embeds = self.qformer_proj(out[:, : queries.shape[1]])  # (B*T, Q, D)
         scores = self.q_proj(query_embeds) @ self.k_proj(patches).transpose(1, 2)  # (B*T, Q, N)

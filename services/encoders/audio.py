@@ -14,12 +14,15 @@ embedding says nothing about the request.
 `imagebind_audio` reproduces ImageBind's `data.py::load_and_transform_audio_data` as NExT-GPT
 (legacy) and PandaGPT call it (SEEDS_SPEC 2.A and 3): resample to 16 kHz (`resample`, the same
 windowed-sinc filter as torchaudio.functional.resample), cut 3 clips of 2 s
-(`clip_timepoints`), and per clip subtract its mean, take a Kaldi fbank (128 mel bins, 25 ms
-Hanning window, 10 ms shift, dither 0; `_fbank.kaldi_fbank`), transpose, pad with zeros or crop
-to 204 frames and normalise with mean -4.268, std 9.138 -> float32 (3, 1, 128, 204).
-Clip starts follow pytorchvideo 0.1.5 (what NExT-GPT pins and PandaGPT installs) unless
-`last_clip_at_end=True` asks for the later rule ImageBind's own requirements pin; see
-`clip_timepoints`.
+(`clip_timepoints`), and per clip subtract the mean over all channels (in place, so
+overlapping clips see it), take channel 0's Kaldi fbank (128 mel bins, 25 ms Hanning window,
+10 ms shift, dither 0; `_fbank.kaldi_fbank`), transpose, pad with zeros or crop to 204 frames
+and normalise with mean -4.268, std 9.138 -> float32 (3, 1, 128, 204). It computes in float64:
+ImageBind's float32 torchaudio moves weak bins by up to ~1.5e-4 after normalisation, and the
+parity fixtures (tests/unit/parity/test_{pandagpt,nextgpt}_preprocess.py) hold this to the
+seed's code run in float64 within 1e-6. Clip starts follow pytorchvideo 0.1.5 (what NExT-GPT
+pins) unless `last_clip_at_end=True` asks for the later rule (the git pytorchvideo PandaGPT's
+video loader needs, and ImageBind's own requirements pin); see `clip_timepoints`.
 """
 
 from __future__ import annotations
@@ -60,10 +63,16 @@ class AudioLimits:
 
 @dataclass(frozen=True, eq=False)
 class Waveform:
-    """Decoded mono audio: float32 samples (N,) in [-1, 1] at `sample_rate` Hz."""
+    """Decoded mono audio: float32 samples (N,) in [-1, 1] at `sample_rate` Hz.
+
+    `channel_mean` is the average of all channels (N,), kept beside channel 0 by
+    `decode_audio(mix="first_and_mean")` for a file of several channels (None otherwise): ImageBind
+    reads channel 0 but subtracts the mean over all channels (see `imagebind_audio`).
+    """
 
     samples: np.ndarray
     sample_rate: int
+    channel_mean: np.ndarray | None = None
 
     @property
     def seconds(self) -> float:
@@ -151,9 +160,13 @@ def _wav_shortfall(data: bytes) -> str | None:
     return None
 
 
-def _read_mono(data: bytes, fmt: str, limits: AudioLimits, mix: str) -> tuple[np.ndarray, int]:
-    """Decode block by block into float32 mono, stopping as soon as the duration limit is passed."""
+def _read_mono(
+    data: bytes, fmt: str, limits: AudioLimits, mix: str
+) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """Decode block by block into float32 mono (and the channel mean for "first_and_mean"),
+    stopping as soon as the duration limit is passed."""
     blocks: list[np.ndarray] = []
+    means: list[np.ndarray] = []
     total = 0
     try:
         with sf.SoundFile(io.BytesIO(data)) as f:
@@ -170,6 +183,8 @@ def _read_mono(data: bytes, fmt: str, limits: AudioLimits, mix: str) -> tuple[np
                 if len(block) == 0:
                     break
                 blocks.append(block.mean(axis=1) if mix == "mean" else block[:, 0])  # (n,)
+                if mix == "first_and_mean" and channels > 1:
+                    means.append(block.mean(axis=1))  # (n,)
                 total += len(block)
     except InvalidArgumentError:
         raise
@@ -179,7 +194,8 @@ def _read_mono(data: bytes, fmt: str, limits: AudioLimits, mix: str) -> tuple[np
         got = f"{declared / rate:.3f} s" if declared > max_frames else f"more than {limits.max_seconds} s"
         raise InvalidArgumentError(f"audio too long: expected at most {limits.max_seconds} s, got {got}")
     samples = np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.float32)
-    return samples.astype(np.float32, copy=False), rate
+    mean = np.concatenate(means).astype(np.float32, copy=False) if means else None
+    return samples.astype(np.float32, copy=False), mean, rate
 
 
 def decode_audio(
@@ -187,7 +203,7 @@ def decode_audio(
     *,
     fmt_hint: str | None,
     limits: AudioLimits,
-    mix: Literal["mean", "first"] = "mean",
+    mix: Literal["mean", "first", "first_and_mean"] = "mean",
 ) -> Waveform:
     """Decode a wav, mp3, flac or ogg (Vorbis or Opus) file into float32 mono, refusing bad input.
 
@@ -197,7 +213,9 @@ def decode_audio(
             "ogg", any case), or None to go by the bytes alone.
         limits: Largest size in bytes and duration in seconds.
         mix: "mean" averages the channels; "first" keeps channel 0, which is what ImageBind
-            ends up using (torchaudio's kaldi.fbank takes channel 0 of a multi-channel clip).
+            ends up using (torchaudio's kaldi.fbank takes channel 0 of a multi-channel clip);
+            "first_and_mean" keeps channel 0 as `samples` and the channels' average as
+            `channel_mean` (files of one channel: None), what `imagebind_audio` needs.
 
     Returns:
         The samples, float32 (N,) scaled to [-1, 1] (integer PCM / 32768 for 16-bit, as
@@ -209,8 +227,8 @@ def decode_audio(
             or truncated, sample rate or channels out of range, too long, shorter than
             MIN_SECONDS (less than one 400-sample frame once resampled to 16 kHz), or silent.
     """
-    if mix not in ("mean", "first"):
-        raise ValueError(f"mix: expected 'mean' or 'first', got {mix!r}")
+    if mix not in ("mean", "first", "first_and_mean"):
+        raise ValueError(f"mix: expected 'mean', 'first' or 'first_and_mean', got {mix!r}")
     if not data:
         raise InvalidArgumentError(f"empty audio: expected {_expected()}, got 0 bytes")
     if len(data) > limits.max_bytes:
@@ -220,7 +238,7 @@ def decode_audio(
     fmt = _check_format(data, fmt_hint)
     if fmt == "wav" and (why := _wav_shortfall(data)) is not None:
         raise _corrupt(fmt, data, why)
-    samples, rate = _read_mono(data, fmt, limits, mix)
+    samples, channel_mean, rate = _read_mono(data, fmt, limits, mix)
     if len(samples) == 0:
         raise InvalidArgumentError(f"empty audio: expected at least one sample, got a {fmt} file with none")
     if -(-len(samples) * TARGET_RATE // rate) < _FRAME:  # not one frame once at 16 kHz
@@ -233,11 +251,13 @@ def decode_audio(
             f"audio is silent: expected some sound, got {len(samples) / rate:.3f} s in which no "
             f"sample differs from the others by one 16-bit step (2**-15) or more"
         )
-    return Waveform(samples, rate)
+    return Waveform(samples, rate, channel_mean)
 
 
-def _sinc_taps(orig: int, new: int, width: int, rolloff: float) -> tuple[np.ndarray, np.ndarray]:
-    """Per output phase p < new: the first input tap (int64 (new,)) and its weights (float32 (new, K))."""
+def _sinc_taps(
+    orig: int, new: int, width: int, rolloff: float, dtype: type[np.floating] = np.float32
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per output phase p < new: the first input tap (int64 (new,)) and its weights ((new, K), `dtype`)."""
     base = min(orig, new) * rolloff  # cut-off, in cycles per `orig` input samples / 2
     half = width * orig / base  # the filter's half-length in input samples
     phase = np.arange(new)
@@ -246,7 +266,7 @@ def _sinc_taps(orig: int, new: int, width: int, rolloff: float) -> tuple[np.ndar
     t = base * (taps / orig - phase[:, None] / new)  # distance in filter zero crossings
     t = np.clip(t, -width, width)
     window = np.cos(t * math.pi / width / 2) ** 2  # Hann, as torchaudio's sinc_interp_hann
-    return first, (np.sinc(t) * window * (base / orig)).astype(np.float32)
+    return first, (np.sinc(t) * window * (base / orig)).astype(dtype)
 
 
 def resample(
@@ -256,6 +276,7 @@ def resample(
     *,
     lowpass_filter_width: int = 6,
     rolloff: float = 0.99,
+    dtype: type[np.floating] = np.float32,
 ) -> np.ndarray:
     """Band-limited resampling with torchaudio.functional.resample's filter (sinc_interp_hann).
 
@@ -270,11 +291,13 @@ def resample(
         from_rate, to_rate: Integer rates in Hz.
         lowpass_filter_width: Zero crossings on each side of the sinc.
         rolloff: Cut-off as a fraction of the lower Nyquist frequency.
+        dtype: Precision of the work and the result (the filter is computed in float64 and
+            rounded to it once): float32, or float64 for `imagebind_audio`.
 
     Returns:
-        float32 (ceil(N * to_rate / from_rate),).
+        (ceil(N * to_rate / from_rate),) of `dtype`.
     """
-    x = np.asarray(samples, dtype=np.float32)
+    x = np.asarray(samples, dtype=dtype)
     if x.ndim != 1 or from_rate <= 0 or to_rate <= 0:
         raise ValueError(
             f"resample: expected (N,) samples and positive rates, got {x.shape}, {from_rate}, {to_rate}"
@@ -283,15 +306,15 @@ def resample(
         return x
     g = math.gcd(int(from_rate), int(to_rate))
     orig, new = int(from_rate) // g, int(to_rate) // g
-    first, weights = _sinc_taps(orig, new, lowpass_filter_width, rolloff)  # (new,), (new, K)
+    first, weights = _sinc_taps(orig, new, lowpass_filter_width, rolloff, dtype)  # (new,), (new, K)
     n_out = -(-new * len(x) // orig)  # ceil, in integers
     blocks = -(-n_out // new)
     left = max(0, -int(first.min()))
     size = max(left + len(x), left + (blocks - 1) * orig + int(first.max()) + weights.shape[1])
-    padded = np.zeros(size, dtype=np.float32)
+    padded = np.zeros(size, dtype=dtype)
     padded[left : left + len(x)] = x
     windows = sliding_window_view(padded, weights.shape[1])  # (size - K + 1, K), a view
-    out = np.empty(blocks * new, dtype=np.float32)
+    out = np.empty(blocks * new, dtype=dtype)
     step = max(1, (1 << 20) // weights.size)  # blocks per chunk: ~4 MB of gathered taps
     for k0 in range(0, blocks, step):
         k = np.arange(k0, min(blocks, k0 + step))
@@ -307,10 +330,10 @@ def clip_timepoints(
 
     Always `num_clips` clips of `clip_seconds`: start_k = k * max(duration - clip, 0) / d for
     k = 0 .. num_clips - 1, end_k = start_k + clip. The divisor d depends on pytorchvideo's
-    version: d = num_clips in pytorchvideo 0.1.5 from PyPI, which NExT-GPT pins and PandaGPT
-    installs (the last 1/num_clips of the audio is never the start of a clip); d =
+    version: d = num_clips in pytorchvideo 0.1.5 from PyPI, which NExT-GPT pins (the last 1/num_clips of the audio is never the start of a clip); d =
     max(num_clips - 1, 1) from git commit 9368f30 on (ImageBind's requirements pin a commit
-    after it), so the last clip ends at the end (`last_clip_at_end=True`). Audio shorter than a
+    after it, and PandaGPT's video loader needs one: PyPI 0.1.5 refuses its `sample_rate`
+    argument), so the last clip ends at the end (`last_clip_at_end=True`). Audio shorter than a
     clip gives num_clips copies of [0, clip_seconds).
     """
     if num_clips < 1 or clip_seconds <= 0:
@@ -354,11 +377,13 @@ def clips(
     num_clips: int = 3,
     last_clip_at_end: bool = False,
 ) -> list[np.ndarray]:
-    """The clips of `clip_bounds`, as copies: float32 (n_k,) each, n_k <= clip_seconds * rate."""
+    """The clips of `clip_bounds`, as copies: (n_k,) each, n_k <= clip_seconds * rate, float32
+    or float64 as the samples (others become float32)."""
     bounds = clip_bounds(
         len(samples), rate, clip_seconds=clip_seconds, num_clips=num_clips, last_clip_at_end=last_clip_at_end
     )
-    return [np.array(samples[s:e], dtype=np.float32) for s, e in bounds]
+    dtype = np.float64 if np.asarray(samples).dtype == np.float64 else np.float32
+    return [np.array(samples[s:e], dtype=dtype) for s, e in bounds]
 
 
 def imagebind_melspec(
@@ -375,21 +400,29 @@ def imagebind_melspec(
     Subtract the clip's mean, Kaldi fbank (Hanning window, 25 ms / 10 ms, dither 0), transpose
     to (bins, frames), zero-pad on the right or crop to `target_length` frames (a full 2 s clip
     has 198 frames, so 6 frames of padding), then (x - mean) / std, padding included. A clip
-    shorter than one frame gives padding only (ImageBind would divide by zero).
+    shorter than one frame gives padding only (ImageBind would divide by zero). Computed in
+    float64 (see `imagebind_audio`).
     """
-    x = np.asarray(clip, dtype=np.float32)
-    x = x - x.mean(dtype=np.float32) if len(x) else x
-    fbank = kaldi_fbank(x, float(sample_rate), num_mel_bins, 25.0, 10.0, window_type="hanning").T  # (bins, m)
-    out = np.zeros((num_mel_bins, target_length), dtype=np.float32)  # (bins, T)
+    x = np.asarray(clip, dtype=np.float64)
+    x = x - x.mean() if len(x) else x
+    return _melspec(x, sample_rate, num_mel_bins, target_length, mean, std)
+
+
+def _melspec(
+    centred: np.ndarray, sample_rate: int, num_mel_bins: int, target_length: int, mean: float, std: float
+) -> np.ndarray:
+    fbank = kaldi_fbank(centred, float(sample_rate), num_mel_bins, 25.0, 10.0, window_type="hanning").T
+    out = np.zeros((num_mel_bins, target_length), dtype=np.float64)  # (bins, T)
     frames = min(target_length, fbank.shape[1])
     out[:, :frames] = fbank[:, :frames]
-    return ((out - np.float32(mean)) / np.float32(std))[None]  # (1, bins, T)
+    return ((out - mean) / std).astype(np.float32)[None]  # (1, bins, T)
 
 
 def imagebind_audio(
     samples: np.ndarray,
     sample_rate: int,
     *,
+    channel_mean: np.ndarray | None = None,
     clip_seconds: float = 2.0,
     num_clips: int = 3,
     last_clip_at_end: bool = False,
@@ -399,10 +432,20 @@ def imagebind_audio(
     Resample to 16 kHz, cut the clips of `clip_bounds`, `imagebind_melspec` each. As in
     ImageBind, each clip's mean is subtracted in place in the shared waveform before the next
     clip is cut (`waveform -= waveform.mean()` on a tensor view), so overlapping clips (audio
-    under clip_seconds * num_clips) see the earlier clips' offsets; the per-frame DC removal
-    makes this matter only in the few frames that straddle a clip boundary.
+    under clip_seconds * num_clips) see the earlier clips' offsets in the frames that straddle
+    a clip boundary. ImageBind's mean is over all channels of the clip while its fbank reads
+    channel 0: pass the channels' average as `channel_mean` (`decode_audio(mix="first_and_mean")`)
+    for a file of several channels.
+
+    The work is float64 (kernel, resampling, fbank, normalisation), rounded to float32 at the
+    end. ImageBind runs in float32, whose rounding moves its own log-mel values by up to ~1e-3
+    in weak bins; the parity fixture holds both its float32 output and the same code run in
+    float64, which this reproduces to ~1e-6 (tests/unit/parity/test_*_preprocess.py).
     """
-    work = resample(samples, sample_rate, TARGET_RATE).copy()  # (N,), changed in place below
+    work = resample(samples, sample_rate, TARGET_RATE, dtype=np.float64).copy()  # (N,), changed in place
+    reference = work
+    if channel_mean is not None:
+        reference = resample(channel_mean, sample_rate, TARGET_RATE, dtype=np.float64).copy()
     bounds = clip_bounds(
         len(work),
         TARGET_RATE,
@@ -414,6 +457,11 @@ def imagebind_audio(
     for start, end in bounds:
         view = work[start:end]
         if len(view):
-            view -= view.mean(dtype=np.float32)
-        out.append(imagebind_melspec(view, TARGET_RATE))
+            offset = reference[start:end].mean()
+            view -= offset
+            if reference is not work:
+                reference[start:end] -= offset
+        out.append(
+            _melspec(view, TARGET_RATE, IMAGEBIND_MEL_BINS, IMAGEBIND_FRAMES, IMAGEBIND_MEAN, IMAGEBIND_STD)
+        )
     return np.stack(out)  # (num_clips, 1, bins, T)

@@ -2,7 +2,7 @@
 
 An event stream is four 1-D arrays of equal length, one entry per event: `x` (column) and
 `y` (row) pixel coordinates, `t` the timestamp in microseconds (non-decreasing), `p` the
-polarity (1 = brightness went up, 0 = down; -1/1 is accepted and read as 0/1).
+polarity (1 = brightness went up, 0 = down; -1/1 is accepted and kept as it is).
 
 Accepted files (`parse_events`):
 
@@ -25,7 +25,8 @@ file, number of events, sensor size, span of time) has a limit in `EventLimits`.
 
 `event_frames` turns a stream into EventGPT's input frames (`common/common.py`,
 `get_event_images_list` and `generate_event_image`): N chunks of equal event count (the last
-takes the remainder), each drawn on a white canvas, blue where p == 0 and red otherwise, later
+takes the remainder), each drawn on a white canvas, blue where p == 0 and red otherwise (so a
+-1/1 stream is all red, as there; `negative="zero_or_negative"` draws its -1 events blue), later
 events painting over earlier ones. CLIP preprocessing of the frames is not done here.
 """
 
@@ -45,8 +46,9 @@ logger = logging.getLogger(__name__)
 FIELDS: tuple[str, ...] = ("x", "y", "t", "p")
 _WHAT = "event file"
 _WHITE = 255
-_BLUE = np.array([0, 0, 255], dtype=np.uint8)  # p == 0 (negative polarity)
-_RED = np.array([255, 0, 0], dtype=np.uint8)  # p == 1 (positive polarity)
+_BLUE = np.array([0, 0, 255], dtype=np.uint8)  # negative polarity
+_RED = np.array([255, 0, 0], dtype=np.uint8)  # positive polarity (EventGPT: every p != 0)
+NegativePolarity = Literal["zero_only", "zero_or_negative"]
 _MAX_ABS_T = 2**62
 
 
@@ -73,7 +75,7 @@ class EventLimits:
 @dataclass(frozen=True, eq=False)
 class EventStream:
     """A validated event stream: x, y (int64, within the sensor), t (int64 microseconds,
-    non-decreasing), p (uint8, 0 or 1), all of one length >= 1, read-only."""
+    non-decreasing), p (int8, 0/1 or -1/1 as the file has it), all of one length >= 1, read-only."""
 
     x: np.ndarray
     y: np.ndarray
@@ -231,39 +233,49 @@ def _validate(fields: dict[str, Any], size: dict[str, Any], limits: EventLimits)
         raise InvalidArgumentError(
             f"{_WHAT}: expected polarity in {{0, 1}} or {{-1, 1}}, got {sorted(values)}"
         )
-    arrays = (x, y, t, (p > 0).astype(np.uint8))
+    arrays = (x, y, t, p.astype(np.int8))
     for a in arrays:
         a.setflags(write=False)
     logger.debug("parsed %d events, sensor %dx%d, %d us", n, width, height, span)
     return EventStream(*arrays, width=width, height=height)
 
 
-def _draw(x: np.ndarray, y: np.ndarray, p: np.ndarray, height: int, width: int) -> np.ndarray:
-    """One (height, width, 3) uint8 frame: white, blue for p == 0, red for p == 1, last event wins."""
+def _draw(
+    x: np.ndarray, y: np.ndarray, p: np.ndarray, height: int, width: int, negative: NegativePolarity
+) -> np.ndarray:
+    """One (height, width, 3) uint8 frame: white, blue for negative events, red for the others,
+    the last event at a pixel winning."""
     frame = np.full((height, width, 3), _WHITE, dtype=np.uint8)
     pixel = y * width + x
     # The last event at each pixel: numpy leaves the winner of repeated fancy-index writes unspecified.
     reversed_unique, first_in_reversed = np.unique(pixel[::-1], return_index=True)
     last = len(pixel) - 1 - first_in_reversed
     flat = frame.reshape(-1, 3)
-    flat[reversed_unique] = np.where(p[last, None] == 0, _BLUE, _RED)
+    blue = p[last, None] == 0 if negative == "zero_only" else p[last, None] <= 0
+    flat[reversed_unique] = np.where(blue, _BLUE, _RED)
     return frame
 
 
 def event_frames(
-    stream: EventStream, *, num_frames: int = 5, canvas: Literal["chunk", "sensor"] = "chunk"
+    stream: EventStream,
+    *,
+    num_frames: int = 5,
+    canvas: Literal["chunk", "sensor"] = "chunk",
+    negative: NegativePolarity = "zero_only",
 ) -> list[np.ndarray]:
     """EventGPT's event frames: `num_frames` chunks of equal event count drawn as RGB images.
 
     Chunk i holds events [i * k, (i + 1) * k) with k = len(stream) // num_frames; the last chunk
     also takes the remainder. Each frame is white (255, 255, 255); a pixel with an event is blue
-    (0, 0, 255) if that pixel's last event in the chunk has p == 0, red (255, 0, 0) otherwise.
+    (0, 0, 255) if that pixel's last event in the chunk is negative, red (255, 0, 0) otherwise.
 
     Args:
         stream: A parsed stream.
         num_frames: Number of chunks (EventGPT uses 5).
         canvas: "chunk" (EventGPT): each frame is (max(y)+1, max(x)+1) of its own chunk, so the
             sizes may differ; "sensor": every frame is (stream.height, stream.width), so they stack.
+        negative: Which events are negative: "zero_only" (EventGPT's `p_ == 0`: the -1 of a
+            -1/1 stream counts as positive) or "zero_or_negative" (p <= 0).
 
     Returns:
         `num_frames` (H, W, 3) uint8 arrays.
@@ -273,6 +285,8 @@ def event_frames(
     """
     if num_frames < 1:
         raise ValueError(f"num_frames: expected >= 1, got {num_frames}")
+    if negative not in ("zero_only", "zero_or_negative"):
+        raise ValueError(f"negative: expected 'zero_only' or 'zero_or_negative', got {negative!r}")
     n = len(stream)
     if n < num_frames:
         raise InvalidArgumentError(
@@ -287,5 +301,5 @@ def event_frames(
             height, width = int(y.max()) + 1, int(x.max()) + 1
         else:
             height, width = stream.height, stream.width
-        frames.append(_draw(x, y, p, height, width))
+        frames.append(_draw(x, y, p, height, width, negative))
     return frames

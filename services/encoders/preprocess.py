@@ -3,12 +3,18 @@
 `decode_image` turns the compressed bytes a client sent into an RGB `PIL.Image`, checking the
 pixel count from the header before decoding and decoding in full so that truncated or corrupt
 files fail here with a message that says what was expected and what came. Transparency
-(RGBA, LA, P with a transparent colour) is flattened onto white, as the Hugging Face image
-processors do (vLLM does the same for RGBA). EXIF orientation is not applied (neither applies it).
+(RGBA, LA, P with a transparent colour) is either flattened onto white, as current Hugging Face
+image processors and vLLM do, or dropped as PIL's `convert("RGB")` does, which is what every
+seed system runs (`transparency`). EXIF orientation is not applied (none of them applies it).
 
 `ClipImagePreprocessor` reproduces Hugging Face's `CLIPImageProcessor` (its PIL backend) from
 a checkpoint's `preprocessor_config.json`: resize the shortest edge, centre crop, rescale,
-normalise, HWC -> CHW. The unit tests hold it to the reference within 1e-5.
+normalise, HWC -> CHW. The unit tests hold it to the reference within 1e-5. Two options cover
+the seeds that preprocess otherwise (`EncoderSpec.preprocess`): `crop_rounding`, where an odd
+centre-crop margin goes (HF floors, torchvision's CenterCrop rounds halves to even, ImageBind's
+video crop takes the ceiling), and `tensor_resize`, E.T. Chat's float-tensor pipeline (/255,
+torch bilinear resize with antialias, crop, normalise) instead of PIL's resize of uint8 pixels.
+The parity fixtures of tests/unit/parity hold each seed's choice to its own pipeline.
 """
 
 from __future__ import annotations
@@ -17,11 +23,13 @@ import io
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from services.common.errors import InvalidArgumentError, NotFoundError
@@ -31,6 +39,8 @@ logger = logging.getLogger(__name__)
 # Formats PIL may open; anything else is refused before decoding.
 ACCEPTED_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 _WHITE = (255, 255, 255, 255)
+Transparency = Literal["white", "drop"]
+CropRounding = Literal["floor", "round", "ceil"]
 # Longest edge / shortest edge accepted (as Qwen2-VL's processor): resizing the shortest edge of
 # a 1 x 60000 strip up to 336 px would allocate gigabytes.
 MAX_ASPECT_RATIO = 200
@@ -92,23 +102,25 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     return image
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Convert to RGB, compositing any transparency (RGBA, LA, P/L with `transparency`) onto white."""
+def to_rgb(image: Image.Image, transparency: Transparency = "white") -> Image.Image:
+    """Convert to RGB: "white" composites any transparency (RGBA, LA, P/L with `transparency`)
+    onto white; "drop" is PIL's `convert("RGB")`, which keeps the colour under the alpha."""
     if image.mode == "RGB":
         return image
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
+    if transparency == "white" and ("A" in image.getbands() or image.info.get("transparency") is not None):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, _WHITE)
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
 
 
-def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
+def decode_image(data: bytes, *, max_pixels: int, transparency: Transparency = "white") -> Image.Image:
     """Decode the bytes of an image file into an RGB image, fully, refusing bad input.
 
     Args:
         data: The compressed file (PNG, JPEG, WEBP, GIF, BMP or TIFF); GIFs give their first frame.
         max_pixels: Largest width * height accepted; checked on the header, before decoding.
+        transparency: "white" (composite onto white) or "drop" (PIL's convert, the seeds'); see `to_rgb`.
 
     Returns:
         The decoded image in mode RGB.
@@ -127,7 +139,7 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
     fmt = image.format or "image"
     try:
         image.load()
-        rgb = to_rgb(image)
+        rgb = to_rgb(image, transparency)
     except Exception as e:  # OSError, SyntaxError, struct.error, EOFError, ValueError...
         image.close()
         raise _corrupt(fmt, data, str(e) or type(e).__name__) from None
@@ -154,12 +166,28 @@ def _size_dict(value: Any, what: str, *, default_to_square: bool) -> dict[str, i
     )
 
 
-def _center_crop(array: np.ndarray, height: int, width: int) -> np.ndarray:
+def crop_offset(margin: int, rounding: CropRounding) -> int:
+    """Where a centre crop starts when `margin` (>= 0) pixels are left over: margin / 2 rounded.
+
+    "floor": HF's `center_crop` ((h - crop) // 2) and E.T. Chat's int((h - s) / 2); "round":
+    torchvision's `center_crop`, int(round(margin / 2.0)) with Python's halves-to-even, so a
+    margin of 3 starts at 2 but 5 at 2; "ceil": ImageBind's `uniform_crop`, ceil(margin / 2).
+    """
+    if rounding == "floor":
+        return margin // 2
+    if rounding == "ceil":
+        return -(-margin // 2)
+    return round(margin / 2.0)  # Python rounds halves to even, as torchvision relies on
+
+
+def _center_crop(array: np.ndarray, height: int, width: int, rounding: CropRounding = "floor") -> np.ndarray:
     """Centre crop an (H, W, C) array, zero-padding where it is smaller (HF's `center_crop`)."""
     h, w = array.shape[:2]
-    top, left = (h - height) // 2, (w - width) // 2
-    if top >= 0 and left >= 0:
+    if h >= height and w >= width:
+        top, left = crop_offset(h - height, rounding), crop_offset(w - width, rounding)
         return array[top : top + height, left : left + width]
+    # Smaller than the crop (a resize to another size than the crop): pad as HF does.
+    top, left = (h - height) // 2, (w - width) // 2
     new_h, new_w = max(height, h), max(width, w)
     padded = np.zeros((new_h, new_w, array.shape[2]), dtype=array.dtype)  # (H', W', C)
     top_pad, left_pad = -(-(new_h - h) // 2), -(-(new_w - w) // 2)  # ceil
@@ -175,6 +203,13 @@ class ClipImagePreprocessor:
     Build it with `from_pretrained(folder)`; call it on RGB images to get float32 (B, 3, H, W).
     Images are always converted to RGB (the backbones take three channels), whatever
     `do_convert_rgb` says. Images more elongated than `MAX_ASPECT_RATIO` are refused.
+
+    Beyond the Hugging Face keys: `crop_rounding` (see `crop_offset`), `transparency` (see
+    `to_rgb`, for images that are not RGB yet) and `tensor_resize`: instead of PIL resizing
+    uint8 pixels with `resample`, rescale to float32 first and resize with torch's bilinear
+    interpolation with antialias, as torchvision's tensor `Resize(antialias=True)` does (E.T.
+    Chat); its crop, when the picture is smaller than the crop, is E.T. Chat's
+    `CenterResizedCrop` (the largest centred square, resized to the crop size).
     """
 
     size: dict[str, int]
@@ -188,6 +223,9 @@ class ClipImagePreprocessor:
     rescale_factor: float = 1 / 255
     do_normalize: bool = True
     do_convert_rgb: bool = True
+    crop_rounding: CropRounding = "floor"
+    transparency: Transparency = "white"
+    tensor_resize: bool = False
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> ClipImagePreprocessor:
@@ -253,19 +291,26 @@ class ClipImagePreprocessor:
         new_short, new_long = target, int(target * long / short)
         return (new_short, new_long) if width <= height else (new_long, new_short)
 
+    def squashed(self) -> ClipImagePreprocessor:
+        """The same preprocessing resizing straight to the crop size, without a crop (VideoChat's images)."""
+        size = {"height": self.crop_size["height"], "width": self.crop_size["width"]}
+        return replace(self, size=size, do_resize=True, do_center_crop=False)
+
     def preprocess_one(self, image: Image.Image) -> np.ndarray:
         """One RGB image -> float32 (3, H, W)."""
-        image = to_rgb(image)  # always 3 channels; the model takes nothing else
+        image = to_rgb(image, self.transparency)  # always 3 channels; the model takes nothing else
         width, height = image.size
         if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
             raise InvalidArgumentError(
                 f"image aspect ratio: expected at most {MAX_ASPECT_RATIO}:1, got {width}x{height}"
             )
+        if self.tensor_resize:
+            return self._preprocess_tensor(np.array(image, dtype=np.uint8))  # writable, for torch
         if self.do_resize:
             image = image.resize(self._resize_to(*image.size), resample=Image.Resampling(self.resample))
         array = np.asarray(image, dtype=np.uint8)  # (H, W, 3)
         if self.do_center_crop:
-            array = _center_crop(array, self.crop_size["height"], self.crop_size["width"])
+            array = _center_crop(array, self.crop_size["height"], self.crop_size["width"], self.crop_rounding)
         # HF rescales in float64 and casts to float32, then normalises in float32.
         pixels = array.astype(np.float64) * self.rescale_factor if self.do_rescale else array
         pixels = pixels.astype(np.float32)  # (H, W, 3)
@@ -274,6 +319,45 @@ class ClipImagePreprocessor:
             std = np.asarray(self.image_std, dtype=np.float32)
             pixels = (pixels - mean) / std  # (H, W, 3)
         return np.ascontiguousarray(pixels.transpose(2, 0, 1))  # (3, H, W)
+
+    def _preprocess_tensor(self, array: np.ndarray) -> np.ndarray:
+        """E.T. Chat's `clip_center_224` on one (H, W, 3) uint8 picture -> float32 (3, h, w).
+
+        ToTensor (float32 / 255), torchvision `Resize(size, antialias=True)` (bilinear; skipped
+        at the same size), `CenterResizedCrop(size)` (crop at `crop_rounding`, and resize if
+        the square was smaller), `Normalize(mean, std)` in float32.
+        """
+        x = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)[None].float()  # (1, 3, H, W)
+        if self.do_rescale:
+            x = x / (1.0 / self.rescale_factor)  # E.T. Chat divides by 255
+        height, width = x.shape[-2:]
+        if self.do_resize:
+            new_w, new_h = self._resize_to(width, height)
+            if (new_h, new_w) != (height, width):
+                x = F.interpolate(
+                    x, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True
+                )
+        if self.do_center_crop:
+            x = self._tensor_crop(x)
+        if self.do_normalize:
+            mean = torch.tensor(self.image_mean, dtype=torch.float32).view(1, 3, 1, 1)
+            std = torch.tensor(self.image_std, dtype=torch.float32).view(1, 3, 1, 1)
+            x = (x - mean) / std
+        return x[0].numpy()  # (3, h, w)
+
+    def _tensor_crop(self, x: torch.Tensor) -> torch.Tensor:
+        """E.T. Chat's `CenterResizedCrop`: a centred s x s square (s = min(crop, h, w)), resized to the crop."""
+        height, width = x.shape[-2:]
+        crop_h, crop_w = self.crop_size["height"], self.crop_size["width"]
+        side = min(crop_h, height, width)
+        top, left = (
+            crop_offset(height - side, self.crop_rounding),
+            crop_offset(width - side, self.crop_rounding),
+        )
+        x = x[..., top : top + side, left : left + side]  # (1, 3, s, s)
+        if (side, side) != (crop_h, crop_w):
+            x = F.interpolate(x, size=(crop_h, crop_w), mode="bilinear", align_corners=False, antialias=True)
+        return x
 
     def __call__(self, images: Sequence[Image.Image]) -> np.ndarray:
         """RGB images -> float32 (B, 3, H, W); they must come out the same size (crop or fixed size)."""

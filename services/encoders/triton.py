@@ -61,8 +61,11 @@ class BoundEncoder:
 
 
 def _shared_key(spec: EncoderSpec) -> str:
-    """Specs with equal keys can share one loaded backbone (they differ in sampling/serving only)."""
-    return spec.model_dump_json(exclude={"sampling", "max_batch_size", "batch_delay_us", "triton_model"})
+    """Specs with equal keys can share one loaded backbone (they differ in sampling, preprocessing
+    or serving only)."""
+    return spec.model_dump_json(
+        exclude={"sampling", "preprocess", "max_batch_size", "batch_delay_us", "triton_model"}
+    )
 
 
 def load_encoders(

@@ -88,8 +88,9 @@ class FrameSampling:
       'middle', (lo + hi) // 2 of linspace intervals padded with the last frame, is not this.)
     - `fps=F`, E.T. Chat (SEEDS_SPEC 5, `utils/io.py::_load_video`): index = np.arange(0, n, r /
       F).round().clip(0, n - 1), one frame per 1/F s. `max_frames=M` is our cap (E.T. Chat has
-      none; its data filter keeps videos under 350 s): above M frames the `num_frames=M` rule
-      above is used instead, uniform over the whole video.
+      none; its training data filter keeps videos under 350 s): a video that would give more
+      than M frames is refused, naming the limit, before any frame is decoded; below it the
+      seed's rule holds unchanged.
     - `clips=K, clip_seconds=S, frames_per_clip=m`, ImageBind as NExT-GPT (legacy) and PandaGPT
       use it (SEEDS_SPEC 2.A: ConstantClipsPerVideoSampler(2 s, 5 clips), UniformTemporalSubsample(2)):
       clip k spans [start_k, start_k + S) with start_k from `audio.clip_timepoints(n / r, ...)`
@@ -129,13 +130,21 @@ class FrameSampling:
             )
 
     def indices(self, num_frames: int, fps: float) -> np.ndarray:
-        """int64 frame indices to decode from a video of `num_frames` frames at `fps`."""
+        """int64 frame indices to decode from a video of `num_frames` frames at `fps`.
+
+        Raises:
+            InvalidArgumentError: fps sampling would pick more than `max_frames` frames.
+        """
         if self.num_frames is not None:
             return uniform_indices(num_frames, self.num_frames)
         if self.fps is not None:
             picked = np.arange(0, num_frames, fps / self.fps).round().astype(np.int64).clip(0, num_frames - 1)
             if self.max_frames is not None and len(picked) > self.max_frames:
-                return uniform_indices(num_frames, self.max_frames)
+                raise InvalidArgumentError(
+                    f"video too long for this model: expected at most max_frames = {self.max_frames} "
+                    f"frames at {self.fps:g} fps (about {self.max_frames / self.fps:g} s), got "
+                    f"{len(picked)} frames from {num_frames / fps:.3f} s"
+                )
             return picked
         return self._clip_indices(num_frames, fps)
 

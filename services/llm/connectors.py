@@ -316,6 +316,28 @@ def _instruct_qformer_connector(
     )
 
 
+def cast_connector(connector: Connector, spec: ConnectorSpec, dtype: torch.dtype) -> Connector:
+    """Put a connector's weights in `dtype`, keeping `ln_vision` in `spec.ln_vision_dtype` if set.
+
+    VideoChat runs its visual side under CUDA autocast with ln_vision a float32 LayerNorm that
+    casts its input up and its output back (`models/blip2.py` LayerNorm, `videochat.py`
+    `encode_img`); `ln_vision_dtype: float32` keeps that while the rest serves in `dtype`, its
+    weights never passing through `dtype`. The Q-Former connectors cast ln_vision's output back
+    to their own dtype.
+    """
+    ln_vision = getattr(connector, "ln_vision", None)
+    if spec.ln_vision_dtype is None or not isinstance(ln_vision, nn.LayerNorm):
+        return connector.to(dtype=dtype)
+    ln_vision.to(dtype=getattr(torch, spec.ln_vision_dtype))  # "float32" -> torch.float32
+    for child in connector.children():
+        if child is not ln_vision:
+            child.to(dtype=dtype)
+    for tensor in [*connector.parameters(recurse=False), *connector.buffers(recurse=False)]:
+        if tensor.is_floating_point():
+            tensor.data = tensor.data.to(dtype)
+    return connector
+
+
 def load_qformer_tokenizer(spec: ConnectorSpec) -> Any:
     """The instruct_qformer's text tokenizer from `spec.tokenizer` (a Hugging Face folder)."""
     from transformers import AutoTokenizer

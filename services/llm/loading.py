@@ -27,8 +27,12 @@ from services.common.devices import default_device
 from services.common.errors import FailedPreconditionError
 from services.common.presets import ConnectorSpec, Preset
 from services.llm.adapters import Bundle, base_fingerprint, check_state_dict, load_bundle
+<<<<<<< HEAD
 from services.llm.attention import check_attention_implementation
 from services.llm.connectors import Connector, connector_from_spec
+=======
+from services.llm.connectors import Connector, cast_connector, connector_from_spec
+>>>>>>> wp/preprocess
 from services.llm.model import FeatureLayout, MultimodalLM
 from services.llm.output_projector import OutputProjector, load_projectors
 from services.llm.prompt import ModalitySlots, PromptBuilder, placeholder_token_id
@@ -123,7 +127,7 @@ def load_connectors(
         state = {**_base_state(name, spec.connector, connector), **trained}
         check_state_dict(f"{name} connector", connector.state_dict(), state)
         connector.load_state_dict(state, strict=True)
-        connectors[name] = connector.to(dtype=dtype).eval().requires_grad_(False)
+        connectors[name] = cast_connector(connector, spec.connector, dtype).eval().requires_grad_(False)
     return connectors
 
 

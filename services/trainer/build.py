@@ -137,7 +137,7 @@ def _backbones(preset: Preset, modalities: list[str]) -> dict[str, Backbone]:
     """One backbone per distinct checkpoint and architecture, shared by its modalities."""
     keys = {
         m: preset.modalities[m].encoder.model_dump_json(  # type: ignore[index]
-            exclude={"sampling", "max_batch_size", "batch_delay_us", "triton_model", "tokens"}
+            exclude={"sampling", "preprocess", "max_batch_size", "batch_delay_us", "triton_model", "tokens"}
         )
         for m in modalities
     }

@@ -151,6 +151,49 @@ def test_real_presets_carry_the_seed_systems_numbers(tmp_path):
     )
 
 
+def test_real_presets_preprocess_as_their_seeds(tmp_path):
+    """The rules tests/unit/parity/test_*_preprocess.py hold to each seed's own pipeline."""
+    for name, last_clip_at_end in (("pandagpt", True), ("nextgpt", False)):
+        ib = {m: s.encoder for m, s in load_preset(name, cache_dir=tmp_path).modalities.items()}
+        assert ib["image"].preprocess.crop == "round"  # torchvision CenterCrop
+        assert ib["video"].preprocess.crop == "ceil"  # ImageBind's uniform_crop
+        for m in ("video", "audio"):  # git pytorchvideo (PandaGPT's video) vs PyPI 0.1.5 (NExT-GPT)
+            assert ib[m].sampling.last_clip_at_end is last_clip_at_end
+    chat = load_preset("videochat", cache_dir=tmp_path).modalities
+    assert chat["video"].encoder.preprocess.crop == "round"  # GroupCenterCrop
+    assert chat["image"].encoder.preprocess.resize == "squash"  # Resize((224, 224))
+    assert chat["video"].connector.ln_vision_dtype == "float32"
+    et = load_preset("etchat", cache_dir=tmp_path).modalities["video"]
+    assert et.encoder.preprocess.interpolation == "torch_bilinear_antialias"
+    assert et.encoder.preprocess.crop == "floor" and et.connector.ln_vision_dtype is None
+    event = load_preset("eventgpt", cache_dir=tmp_path).modalities["event"].encoder
+    assert event.dtype == "bfloat16" and event.preprocess.negative_polarity == "zero_only"
+    for name in SEEDS:  # every seed decodes with PIL's convert("RGB")
+        for spec in load_preset(name, cache_dir=tmp_path).modalities.values():
+            assert spec.encoder.preprocess.transparency == "drop"
+
+
+@pytest.mark.parametrize("name", SEEDS)
+def test_twins_preprocess_as_their_real_preset(name, tmp_path):
+    real = load_preset(name, cache_dir=tmp_path)
+    twin = load_preset(f"tiny-{name}", cache_dir=tmp_path)
+    for modality, spec in real.modalities.items():
+        mine = twin.modalities[modality]
+        assert mine.encoder.preprocess == spec.encoder.preprocess
+        assert mine.connector.ln_vision_dtype == spec.connector.ln_vision_dtype
+        if spec.encoder.sampling is not None:
+            assert mine.encoder.sampling.last_clip_at_end == spec.encoder.sampling.last_clip_at_end
+
+
+def test_encoder_id_digests_the_preprocess_rules(tmp_path):
+    text = (PRESETS / "tiny-videochat.yaml").read_text()
+    other = parse_preset(
+        text.replace("preprocess: {crop: round}", "preprocess: {crop: floor}"), cache_dir=tmp_path
+    )
+    base = parse_preset(text, cache_dir=tmp_path)
+    assert base.encoder_id("video") != other.encoder_id("video")  # cached features are not reused
+
+
 def test_models_dir_defaults_under_the_cache_and_can_be_set(tmp_path, monkeypatch):
     monkeypatch.delenv("MODALMESH_MODELS_DIR", raising=False)
     monkeypatch.delenv("MODALMESH_CACHE_DIR", raising=False)
@@ -221,6 +264,29 @@ def test_models_dir_defaults_under_the_cache_and_can_be_set(tmp_path, monkeypatc
             r"modalities\.audio\.attention: bidirectional attention over a span needs items of several",
         ),
         ("tiny-videochat", ("max_per_prompt:", "attention: bidirectional\n    max_per_prompt:"), None),
+        (
+            "tiny-eventgpt",
+            (
+                "connector: {type: event_adaptor}",
+                "connector: {type: event_adaptor, ln_vision_dtype: float32}",
+            ),
+            "ln_vision_dtype: only the Q-Former types",
+        ),
+        (
+            "tiny-pandagpt",
+            ("      preprocess: {crop: ceil}\n", "      preprocess: {crop: ceil, resize: squash}\n"),
+            r"ImageBind video is scaled as pytorchvideo's ShortSideScale",
+        ),
+        (
+            "tiny-videochat",
+            ("sampling: {num_frames: 4}", "sampling: {num_frames: 4, last_clip_at_end: true}"),
+            "last_clip_at_end: only with clips",
+        ),
+        (
+            "tiny-etchat",
+            ("crop: floor}", "crop: middle}"),
+            r"preprocess\.crop",
+        ),
     ],
 )
 def test_cross_field_rules_name_what_is_wrong(preset, edit, match, tmp_path):

@@ -86,6 +86,34 @@ def test_stereo_is_averaged_or_first_channel() -> None:
     first = decode_audio(data, fmt_hint="wav", limits=LIMITS, mix="first")
     np.testing.assert_allclose(mean.samples, 0.75 * left, atol=1e-6)
     np.testing.assert_allclose(first.samples, left, atol=1e-7)
+    both = decode_audio(data, fmt_hint="wav", limits=LIMITS, mix="first_and_mean")
+    assert both.channel_mean is not None and mean.channel_mean is None and first.channel_mean is None
+    np.testing.assert_array_equal(both.samples, first.samples)
+    np.testing.assert_array_equal(both.channel_mean, mean.samples)
+    mono = decode_audio(
+        _wav(left, 16000, subtype="FLOAT"), fmt_hint="wav", limits=LIMITS, mix="first_and_mean"
+    )
+    assert mono.channel_mean is None  # one channel: its mean is itself
+
+
+def test_imagebind_subtracts_the_mean_over_all_channels() -> None:
+    """ImageBind's `waveform -= waveform.mean()` averages every channel of the clip, in place on
+    the shared waveform, while its fbank reads channel 0: with channels of different offsets
+    the overlapping clips' boundary frames show which mean was taken."""
+    left = _sine(300, 16000, 3.0) + np.float32(0.05)
+    right = _sine(450, 16000, 3.0) + np.float32(0.4)
+    average = ((left + right) / 2).astype(np.float32)
+    got = imagebind_audio(left, 16000, channel_mean=average, last_clip_at_end=True)
+    work, reference = left.astype(np.float64), average.astype(np.float64)
+    want = []
+    for start, end in clip_bounds(len(left), 16000, last_clip_at_end=True):
+        offset = reference[start:end].mean()
+        work[start:end] -= offset
+        reference[start:end] -= offset
+        want.append(imagebind_melspec(work[start:end]))
+    np.testing.assert_allclose(got, np.stack(want), atol=1e-6)
+    alone = imagebind_audio(left, 16000, last_clip_at_end=True)  # channel 0's own mean
+    assert np.abs(got - alone).max() > 1e-2
 
 
 def test_id3_tagged_mp3_is_sniffed_and_decoded() -> None:
@@ -327,7 +355,8 @@ def test_melspec_of_a_full_clip() -> None:
     clip = _sine(440, 16000, 2.0) + np.random.default_rng(0).normal(0, 0.01, 32000).astype(np.float32)
     got = imagebind_melspec(clip)
     assert got.shape == (1, 128, 204) and got.dtype == np.float32
-    fb = kaldi_fbank(clip - clip.mean(), window_type="hanning").T  # (128, 198)
+    x = clip.astype(np.float64)  # imagebind_melspec computes in float64
+    fb = kaldi_fbank(x - x.mean(), window_type="hanning").T  # (128, 198)
     np.testing.assert_allclose(got[0, :, :198], (fb - IMAGEBIND_MEAN) / IMAGEBIND_STD, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(
         got[0, :, 198:], (0 - IMAGEBIND_MEAN) / IMAGEBIND_STD, rtol=1e-6
@@ -347,7 +376,7 @@ def test_imagebind_audio_end_to_end() -> None:
     x = _sine(523.0, 44100, 10.0)
     got = imagebind_audio(x, 44100)
     assert got.shape == (3, 1, 128, 204) and got.dtype == np.float32
-    at16k = resample(x, 44100)
+    at16k = resample(x, 44100, dtype=np.float64)
     for k, part in enumerate(clips(at16k, 16000)):  # 10 s: the clips do not overlap
         np.testing.assert_allclose(got[k], imagebind_melspec(part), atol=1e-5)
     np.testing.assert_array_equal(x, _sine(523.0, 44100, 10.0))  # the input is left alone
@@ -356,7 +385,7 @@ def test_imagebind_audio_end_to_end() -> None:
 def test_imagebind_audio_mean_subtraction_carries_into_overlapping_clips() -> None:
     x = _sine(300.0, 16000, 3.0) + np.float32(0.2)  # 3 s: clips [0, 2), [1/3, 7/3) ... overlap
     got = imagebind_audio(x, 16000, last_clip_at_end=True)  # starts 0, 0.5, 1.0 s
-    work = x.copy()
+    work = x.astype(np.float64)
     want = []
     for start, end in clip_bounds(len(x), 16000, last_clip_at_end=True):
         work[start:end] -= work[start:end].mean()

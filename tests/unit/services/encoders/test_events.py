@@ -74,7 +74,7 @@ def test_each_form_round_trips(form: str) -> None:
     for name in "xytp":
         np.testing.assert_array_equal(getattr(stream, name), reference[name])
     assert (stream.width, stream.height) == (int(reference["x"].max()) + 1, int(reference["y"].max()) + 1)
-    assert stream.x.dtype == np.int64 and stream.p.dtype == np.uint8 and len(stream) == 500
+    assert stream.x.dtype == np.int64 and stream.p.dtype == np.int8 and len(stream) == 500
     assert not stream.x.flags.writeable
 
 
@@ -89,7 +89,7 @@ def test_integral_floats_bools_and_signed_polarity_are_accepted() -> None:
     n = 6
     events = _events(n, x=np.arange(n, dtype=np.float64), p=np.array([-1, 1] * 3))
     stream = parse_events(_npy(events), limits=LIMITS)
-    np.testing.assert_array_equal(stream.p, [0, 1] * 3)
+    np.testing.assert_array_equal(stream.p, [-1, 1] * 3)  # kept: EventGPT draws -1 red, not blue
     assert stream.x.dtype == np.int64
     stream = parse_events(_npy(_events(n, p=np.array([True, False] * 3))), limits=LIMITS)
     np.testing.assert_array_equal(stream.p, [1, 0] * 3)
@@ -410,7 +410,7 @@ def _stream(x: list[int], y: list[int], p: list[int], width: int = 4, height: in
         np.array(x, np.int64),
         np.array(y, np.int64),
         np.arange(n, dtype=np.int64),
-        np.array(p, np.uint8),
+        np.array(p, np.int8),
         width,
         height,
     )
@@ -444,6 +444,19 @@ def test_frames_known_answer() -> None:
     assert frames[2][:, 0].tolist() == [WHITE, WHITE, BLUE]  # (0, 2): p=1 then p=0
     assert frames[3][0, 3].tolist() == BLUE and frames[3][2, 3].tolist() == RED
     assert frames[4].tolist() == [[WHITE, BLUE]]  # (1, 0) three times: 0, 1, 0
+
+
+def test_minus_one_polarity_is_red_unless_asked() -> None:
+    """EventGPT paints p == 0 blue and every other value red, so a -1/1 stream is all red."""
+    signed = _stream([0, 1, 2, 0, 1], [0, 0, 0, 1, 1], [-1, 1, -1, 1, -1])
+    (seed,) = event_frames(signed, num_frames=1)
+    assert seed[0].tolist() == [RED, RED, RED] and seed[1, :2].tolist() == [RED, RED]
+    (blue,) = event_frames(signed, num_frames=1, negative="zero_or_negative")
+    assert blue[0].tolist() == [BLUE, RED, BLUE] and blue[1, :2].tolist() == [RED, BLUE]
+    (zero_one,) = event_frames(_stream([0, 1, 2, 0, 1], [0, 0, 0, 1, 1], [0, 1, 0, 1, 0]), num_frames=1)
+    np.testing.assert_array_equal(zero_one, blue)  # 0/1 streams: both rules agree
+    with pytest.raises(ValueError, match="negative: expected"):
+        event_frames(signed, num_frames=1, negative="sign")  # type: ignore[arg-type]
 
 
 def test_frames_on_the_sensor_canvas_stack() -> None:

@@ -1,8 +1,9 @@
 """MediaEncoder per modality on generated media: feature shapes and times of every tiny twin,
-items failing alone in a batch, results equal to the parts called directly, ImageBind's video
-crops, and the limits from settings. The image modality in detail: per-item errors inside a
-batch, batched results equal to single ones, all-bad and empty batches, size limits, internal
-preprocessing failures kept to their item, warm-up, and the preprocessor/backbone size check."""
+items failing alone in a batch, results equal to the parts called directly, the limits from
+settings and a bfloat16 CLIP tower (EventGPT's) on the CPU. The image modality in detail:
+per-item errors inside a batch, batched results equal to single ones, all-bad and empty
+batches, size limits, internal preprocessing failures kept to their item, warm-up, and the
+preprocessor/backbone size check."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from services.common.settings import Settings
 from services.encoders._dummies import dummy_png
 from services.encoders.backbones import build_backbone
 from services.encoders.events import EventLimits, event_frames, parse_events
-from services.encoders.media import EncoderLimits, MediaEncoder, event_times, imagebind_video
+from services.encoders.media import EncoderLimits, MediaEncoder
 from services.encoders.preprocess import ClipImagePreprocessor, decode_image
 from services.encoders.protocol import EncodedItem
 from tests.helpers.media import jpeg_bytes, make_audio, make_events, make_video, png_bytes
@@ -69,9 +70,12 @@ def test_video_times_follow_the_sampling(encoders) -> None:
     videochat = _ok(encoders["tiny-videochat", "video"].encode([make_video(16, 4)])[0])
     # VideoChat: 4 segments of 16 frames, seg 3.75, start 1 -> 1, 5, 9, 12 at 4 fps
     np.testing.assert_allclose(videochat.times, [0.25, 1.25, 2.25, 3.0])
-    short, long = encoders["tiny-etchat", "video"].encode([make_video(8, 4), make_video(48, 4)])
+    short, at_cap, long = encoders["tiny-etchat", "video"].encode(
+        [make_video(8, 4), make_video(32, 4), make_video(48, 4)]
+    )
     np.testing.assert_allclose(_ok(short).times, [0.0, 1.0])  # 1 fps
-    assert _ok(long).frames == 8 and _ok(long).features.shape == (8 * 4, 32)  # max_frames 8
+    assert _ok(at_cap).frames == 8 and _ok(at_cap).features.shape == (8 * 4, 32)  # max_frames 8
+    assert isinstance(long, InvalidArgumentError) and "max_frames = 8" in long.message  # 12 s: refused
 
 
 def test_a_bad_item_fails_alone(encoders) -> None:
@@ -117,37 +121,24 @@ def test_event_features_are_the_clip_frames(encoders) -> None:
     np.testing.assert_allclose(
         item.times, (stream.t[[0, per, 2 * per, 3 * per, 4 * per]] - stream.t[0]) / 1e6
     )
-    np.testing.assert_allclose(event_times(np.array([10, 20, 30, 40]), 2), [0.0, 2e-5], rtol=1e-6)
 
 
-def _uniform_crop(x: np.ndarray, size: int, index: int) -> np.ndarray:
-    """ImageBind's `uniform_crop` on (C, T, H, W), written out."""
-    h, w = x.shape[2:]
-    y0, x0 = int(np.ceil((h - size) / 2)), int(np.ceil((w - size) / 2))
-    if h > w:
-        y0 = {0: 0, 1: y0, 2: h - size}[index]
-    else:
-        x0 = {0: 0, 1: x0, 2: w - size}[index]
-    return x[:, :, y0 : y0 + size, x0 : x0 + size]
-
-
-@pytest.mark.parametrize("shape", [(36, 60), (60, 36)], ids=["landscape", "portrait"])
-def test_imagebind_video_crops_match_a_direct_transform(shape: tuple[int, int]) -> None:
-    rng = np.random.default_rng(0)
-    h, w = shape
-    frames = rng.integers(0, 256, (4, h, w, 3), dtype=np.uint8)  # 2 clips x 2 frames
-    out = imagebind_video(frames, clips=2, crops=3, size=28)
-    assert out.shape == (6, 3, 2, 28, 28)
-    mean = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)[:, None, None, None]
-    std = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)[:, None, None, None]
-    for k in range(2):
-        clip = torch.from_numpy(frames[2 * k : 2 * k + 2]).permute(3, 0, 1, 2).float() / 255  # (C, T, H, W)
-        new = (28, int(np.floor(w / h * 28))) if h <= w else (int(np.floor(h / w * 28)), 28)
-        scaled = torch.nn.functional.interpolate(clip, size=new, mode="bilinear", align_corners=False)
-        normed = (scaled.numpy() - mean) / std
-        for c in range(3):
-            np.testing.assert_allclose(out[3 * k + c], _uniform_crop(normed, 28, c), atol=1e-5)
-    assert imagebind_video(frames, clips=2, crops=1, size=28).shape == (2, 3, 2, 28, 28)
+def test_event_tower_in_bfloat16_on_the_cpu(twins: dict[str, Preset], encoders) -> None:
+    """EventGPT runs its CLIP tower in bfloat16; the same spec must serve on a CPU-only host."""
+    spec = twins["tiny-eventgpt"].modalities["event"].encoder
+    bf16 = MediaEncoder.from_spec(
+        "event", spec.model_copy(update={"dtype": "bfloat16"}), device="cpu", decode_workers=1
+    )
+    try:
+        data = make_events(2000, 40, 30, seed=5)
+        got = _ok(bf16.encode([data])[0])
+        assert next(bf16.backbone.parameters()).dtype == torch.bfloat16
+        assert got.features.dtype == np.float32 and np.isfinite(got.features).all()
+        want = _ok(encoders["tiny-eventgpt", "event"].encode([data])[0]).features  # float32 tower
+        scale = float(np.abs(want).max())
+        np.testing.assert_allclose(got.features, want, atol=0.05 * scale, rtol=0)  # bfloat16: 8 bits
+    finally:
+        bf16.close()
 
 
 def test_limits_come_from_settings(twins: dict[str, Preset]) -> None:
@@ -252,7 +243,7 @@ def test_image_unexpected_preprocessing_failure_stays_with_its_item(
         return real(image)
 
     stub = type("FlakyPreprocessor", (), {"preprocess_one": staticmethod(flaky)})()
-    monkeypatch.setattr(image_encoder, "preprocessor", stub)  # MediaEncoder._frames calls it per frame
+    monkeypatch.setattr(image_encoder.media, "frames", stub)  # MediaPreprocessor.pictures calls it per frame
     monkeypatch.setattr(image_encoder, "_pool", None)  # sequential, so the first item is the one failing
     first, second = image_encoder.encode([png_bytes(seed=5), png_bytes(seed=6)])
     assert type(first) is ModalmeshError and "RuntimeError" in first.message

@@ -4,15 +4,18 @@ every kind of bad input."""
 from __future__ import annotations
 
 import io
+import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageFile
 from transformers import CLIPImageProcessorPil
 
 from services.common.errors import InvalidArgumentError, NotFoundError
-from services.encoders.preprocess import ClipImagePreprocessor, decode_image
+from services.encoders.preprocess import ClipImagePreprocessor, crop_offset, decode_image
 from tests.helpers.media import encode_image, jpeg_bytes, png_bytes, random_image
 
 MAX_PIXELS = 10_000_000
@@ -85,7 +88,7 @@ def test_decode_and_preprocess_matches_reference_for_every_mode(processors, mode
     np.testing.assert_allclose(ours([decoded]), want, atol=1e-5, rtol=0)
 
 
-def test_transparency_is_flattened_onto_white() -> None:
+def test_transparency_is_flattened_onto_white_or_dropped() -> None:
     clear = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
     half = Image.new("LA", (8, 8), (0, 128))
     palette = Image.new("P", (8, 8), 0)
@@ -94,6 +97,9 @@ def test_transparency_is_flattened_onto_white() -> None:
         assert out.shape == (8, 8, 3)
         expected = 127 if image.mode == "LA" else 255  # 0 over white at alpha 128 -> 127
         assert abs(int(out.min()) - expected) <= 1 and abs(int(out.max()) - expected) <= 1
+        # "drop" is PIL's convert("RGB"), what every seed runs: the colour under the alpha.
+        dropped = decode_image(encode_image(image, "PNG", **kw), max_pixels=MAX_PIXELS, transparency="drop")
+        np.testing.assert_array_equal(np.asarray(dropped), np.asarray(image.convert("RGB")))
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"])
@@ -205,3 +211,52 @@ def test_extreme_aspect_ratio_is_refused(processors) -> None:
 def test_from_dict_rejects_unknown_resample() -> None:
     with pytest.raises(InvalidArgumentError, match="resample expected a PIL filter 0-5, got 9"):
         ClipImagePreprocessor.from_dict({"resample": 9})
+
+
+def test_crop_offset_rules() -> None:
+    """floor: HF and E.T. Chat; round: torchvision's int(round(margin / 2.0)), halves to even;
+    ceil: ImageBind's uniform_crop."""
+    margins = range(12)
+    assert [crop_offset(m, "floor") for m in margins] == [m // 2 for m in margins]
+    assert [crop_offset(m, "round") for m in margins] == [round(m / 2.0) for m in margins]  # torchvision
+    assert [crop_offset(m, "ceil") for m in margins] == [math.ceil(m / 2) for m in margins]
+    assert [crop_offset(m, "round") for m in (3, 5, 7, 11)] == [2, 2, 4, 6]  # 1.5, 2.5, 3.5, 5.5
+
+
+@pytest.mark.parametrize(("rounding", "top"), [("floor", 5), ("round", 6), ("ceil", 6)])
+def test_crop_rounding_moves_the_crop(rounding: str, top: int) -> None:
+    image = Image.fromarray(np.arange(32 * 43, dtype=np.uint8).reshape(43, 32).repeat(3).reshape(43, 32, 3))
+    pre = ClipImagePreprocessor.from_dict(
+        {"size": 32, "crop_size": 32, "do_normalize": False, "do_rescale": False}
+    )
+    out = replace(pre, crop_rounding=rounding).preprocess_one(image)  # (3, 32, 32), margin 11 rows
+    np.testing.assert_array_equal(out[0], np.asarray(image)[top : top + 32, :, 0])
+
+
+def test_tensor_resize_is_torchvision_on_float_pixels() -> None:
+    """E.T. Chat's clip_center_224 at size 16: /255, Resize(16, antialias=True) (bilinear),
+    centre crop at the floor, normalise, all in torch float32."""
+    array = np.random.default_rng(3).integers(0, 256, (27, 40, 3), dtype=np.uint8)
+    pre = replace(
+        ClipImagePreprocessor.from_dict(
+            {"size": 16, "crop_size": 16, "image_mean": CLIP_MEAN, "image_std": CLIP_STD}
+        ),
+        tensor_resize=True,
+    )
+    got = pre.preprocess_one(Image.fromarray(array))
+    x = torch.from_numpy(array).permute(2, 0, 1)[None].float() / 255
+    x = torch.nn.functional.interpolate(
+        x, size=(16, 23), mode="bilinear", align_corners=False, antialias=True
+    )
+    x = x[..., :, 3:19]  # margin 7: floor 3
+    x = (x - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    np.testing.assert_array_equal(got, x[0].numpy())
+    assert not np.allclose(
+        got, replace(pre, tensor_resize=False).preprocess_one(Image.fromarray(array)), atol=1e-3
+    )
+
+
+def test_squashed_resizes_without_a_crop() -> None:
+    pre = ClipImagePreprocessor.from_dict({"size": 16, "crop_size": 16}).squashed()
+    assert pre.output_size == (16, 16) and not pre.do_center_crop
+    assert pre.preprocess_one(random_image(50, 20)).shape == (3, 16, 16)

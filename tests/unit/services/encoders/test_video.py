@@ -131,12 +131,20 @@ def test_etchat_one_frame_per_second() -> None:
     assert video.timestamps.tolist() == [float(s) for s in range(10)]  # E.T. Chat's tags
 
 
-def test_fps_cap_falls_back_to_uniform() -> None:
+def test_over_the_frame_cap_is_refused_by_name() -> None:
+    """E.T. Chat keeps 1 fps whatever the length; above `max_frames` the request is refused
+    (naming the limit), before any frame is decoded, instead of being resampled."""
     sampling = FrameSampling(fps=1.0, max_frames=4)
-    video = _decode(make_video(95, 10), sampling)
-    assert video.indices.tolist() == uniform_indices(95, 4).tolist() == _shown(video)
-    # Under the cap nothing changes.
+    with pytest.raises(
+        InvalidArgumentError,
+        match=r"video too long for this model: expected at most max_frames = 4 frames at 1 fps "
+        r"\(about 4 s\), got 10 frames from 9\.500 s",
+    ):
+        _decode(make_video(95, 10), sampling)
+    # At the cap and under it the seed's rule holds unchanged.
     assert FrameSampling(fps=1.0, max_frames=10).indices(95, 10.0).tolist() == list(range(0, 95, 10))
+    video = _decode(make_video(35, 10), sampling)
+    assert video.indices.tolist() == [0, 10, 20, 30] == _shown(video)
 
 
 @pytest.mark.parametrize("new", [False, True], ids=["pytorchvideo-0.1.5", "pytorchvideo-git"])
@@ -435,12 +443,7 @@ def test_too_many_sampled_bytes() -> None:
         r"got 100 frames of 64x48 \(921600 bytes\)",
     ):
         _decode(data, FrameSampling(fps=10.0), VideoLimits(max_output_bytes=100_000))
-    assert (
-        len(
-            _decode(data, FrameSampling(fps=10.0, max_frames=10), VideoLimits(max_output_bytes=92_160)).frames
-        )
-        == 10
-    )
+    assert len(_decode(data, FrameSampling(num_frames=10), VideoLimits(max_output_bytes=92_160)).frames) == 10
 
 
 def test_a_header_declaring_too_many_frames_is_refused_before_decord_opens_it() -> None:

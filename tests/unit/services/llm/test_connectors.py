@@ -16,6 +16,7 @@ from services.llm.connectors import (
     CONNECTORS,
     build_connector,
     bundle_state,
+    cast_connector,
     connector_from_spec,
 )
 from services.llm.tiny_weights import write_tiny_qformer_tokenizer
@@ -90,6 +91,42 @@ def test_videochat_qformer_reads_taps_and_gives_the_query_count() -> None:
     assert list(conn.state_dict()) == list(core.state_dict())  # the contract's names
     core.load_state_dict(conn.state_dict())
     assert torch.allclose(conn(taps), core(taps.view(1, 4, 2, 5, 32)), atol=1e-6)  # (B, T, K, N, D)
+
+
+@pytest.mark.parametrize("ln_dtype", ["float32", None])
+def test_videochat_ln_vision_dtype_in_a_half_connector(ln_dtype: str | None) -> None:
+    """VideoChat's ln_vision is a float32 LayerNorm that casts its input up and its output
+    back under autocast (models/blip2.py LayerNorm); `ln_vision_dtype: float32` keeps that in a
+    float16 connector, None gives E.T. Chat's plain LayerNorm in the connector's dtype."""
+    spec = connector_spec(
+        type="qformer", qformer=QFormerSpec(**QSIZES, num_extra_query_tokens=2), ln_vision_dtype=ln_dtype
+    )
+    conn = connector_from_spec(spec, encoder(), 48)
+    torch.nn.init.normal_(conn.ln_vision.weight, 1.0, 0.3)  # weights float16 cannot hold exactly
+    torch.nn.init.normal_(conn.ln_vision.bias, 0.0, 0.3)
+    weight, bias = conn.ln_vision.weight.detach().clone(), conn.ln_vision.bias.detach().clone()
+    cast_connector(conn, spec, torch.float16)
+    assert conn.proj.weight.dtype == conn.query_tokens.dtype == torch.float16
+    assert conn.ln_vision.weight.dtype == (torch.float32 if ln_dtype else torch.float16)
+    seen: dict[str, torch.Tensor] = {}
+
+    def grab(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        seen["tokens"] = kwargs["encoder_hidden_states"]
+
+    conn.qformer.register_forward_pre_hook(grab, with_kwargs=True)
+    x = (torch.randn(1, 1, 5, 32) * 3 + 1).half()
+    assert conn(x).dtype == torch.float16
+    assert seen["tokens"].dtype == torch.float16  # cast back for the float16 Q-Former
+    seeds = torch.nn.functional.layer_norm(x.view(1, 5, 32).float(), (32,), weight, bias).half()
+    if ln_dtype:
+        torch.testing.assert_close(seen["tokens"], seeds, atol=0, rtol=0)
+    else:
+        assert not torch.equal(seen["tokens"], seeds)  # the float16 weights round
+
+
+def test_ln_vision_dtype_is_for_the_qformer_types() -> None:
+    with pytest.raises(ValueError, match="ln_vision_dtype: only the Q-Former types"):
+        connector_spec(type="linear", ln_vision_dtype="float32")
 
 
 def test_image_through_videochat_qformer_is_one_frame() -> None:
