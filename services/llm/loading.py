@@ -27,12 +27,8 @@ from services.common.devices import default_device
 from services.common.errors import FailedPreconditionError
 from services.common.presets import ConnectorSpec, Preset
 from services.llm.adapters import Bundle, base_fingerprint, check_state_dict, load_bundle
-<<<<<<< HEAD
 from services.llm.attention import check_attention_implementation
-from services.llm.connectors import Connector, connector_from_spec
-=======
 from services.llm.connectors import Connector, cast_connector, connector_from_spec
->>>>>>> wp/preprocess
 from services.llm.model import FeatureLayout, MultimodalLM
 from services.llm.output_projector import OutputProjector, load_projectors
 from services.llm.prompt import ModalitySlots, PromptBuilder, placeholder_token_id
