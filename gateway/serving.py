@@ -42,6 +42,7 @@ from gateway.domain import (
     MediaOutput,
     ModelEntry,
     TextDelta,
+    TimeRef,
     Timestamp,
 )
 from gateway.feature_cache import FeatureCache, content_digest, uuid_key
@@ -427,6 +428,8 @@ class ChatService:
             for part in turn.parts:
                 if isinstance(part, str):
                     parts.append(llm_pb2.TurnPart(text=part))
+                elif isinstance(part, TimeRef):
+                    parts.append(llm_pb2.TurnPart(time_seconds=part.seconds))
                 else:
                     parts.append(llm_pb2.TurnPart(media_index=index))
                     index += 1

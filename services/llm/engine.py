@@ -29,6 +29,13 @@ Time tokens (presets with `heads.timestamps`, `services.llm.time_matching`): a r
 media of the heads' modality decodes through a `TimedDecode`, which matches every position
 against the frames; a sampled time token is written into the reply as the matched frame's
 time in seconds ("12", "12.5") and reported as a `Timestamp` on the event carrying that text.
+A request's time parts (E.T. Bench's `<vid>` in a question, with its source time) render as
+the time token, and at the prefill each one's input embedding gets the LLM embedding of the
+frame at that time added (`timestamps.add_source_frames`, shared with training); a preset
+without the heads, or a request without media of their modality, is refused.
+
+Serving renders the preset's `llm.inference_template` where it has one (legacy NExT-GPT's
+demo form), else `llm.template`.
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ import torch
 
 from services.common.errors import (
     CancelledError,
+    InvalidArgumentError,
     ModalmeshError,
     NotFoundError,
     ResourceExhaustedError,
@@ -73,18 +81,19 @@ from services.llm.domain import (
     OutputSignal,
     Part,
     TextPart,
+    TimePart,
     Timestamp,
     Turn,
     Usage,
 )
 from services.llm.loading import LoadedModel, load_model
 from services.llm.metrics import LLMMetrics
-from services.llm.prompt import MediaSlot, Prompt, combine_turn_media
+from services.llm.prompt import MediaSlot, Prompt, PromptBuilder, combine_turn_media
 from services.llm.sampling import Sampler, SamplingParams
 from services.llm.signals import SignalCapture, check_requested, output_signal_ids
-from services.llm.templates import check_roles, get_template, turn_text
+from services.llm.templates import Template, check_roles, get_template, turn_text
 from services.llm.time_matching import TimedDecode
-from services.llm.timestamps import format_seconds
+from services.llm.timestamps import add_source_frames, format_seconds, source_frames
 
 logger = logging.getLogger(__name__)
 
@@ -111,18 +120,102 @@ class PreparedRequest:
         return self.version.ref
 
 
-def media_instructions(turns: Sequence[Turn], count: int) -> tuple[str, ...]:
-    """Per media item, the text parts of the user turn that holds it ("" if none does).
+def media_instructions(turns: Sequence[Turn], count: int, time_token: str = "") -> tuple[str, ...]:
+    """Per media item, the text parts of the user turn that holds it ("" if none does), its
+    time parts written as `time_token`.
 
     That is what an instruction-aware connector reads (E.T. Chat's Q-Former gets the user's
-    query with the image placeholder removed).
+    query with the image placeholder removed, its `<vid>` tokens kept).
     """
     out = [""] * count
     for turn in turns:
         for part in turn.parts:
             if isinstance(part, MediaPart) and 0 <= part.index < count:
-                out[part.index] = turn_text(turn).strip()
+                out[part.index] = turn_text(turn, time_token).strip()
     return tuple(out)
+
+
+def request_times(turns: Sequence[Turn]) -> tuple[list[float], str | None]:
+    """The seconds of the request's time parts in order, and where the first one is."""
+    times: list[float] = []
+    where = None
+    for i, turn in enumerate(turns):
+        for j, part in enumerate(turn.parts):
+            if isinstance(part, TimePart):
+                times.append(float(part.seconds))
+                where = where or f"turns[{i}].parts[{j}]"
+    return times, where
+
+
+def request_prompt(
+    preset: Preset,
+    template: Template,
+    builder: PromptBuilder,
+    turns: Sequence[Turn],
+    media: Sequence[tuple[str, int, Sequence[float]]],
+) -> Prompt:
+    """A request's prompt as the engine serves it: roles checked, time parts checked, media
+    combined as the preset says, rendered with `template` and tokenized.
+
+    Args:
+        preset: The served preset (media_combine, heads.timestamps).
+        template: The template serving renders (`llm.inference_template` or `llm.template`).
+        builder: The prompt builder of the loaded tokenizer.
+        turns: The conversation.
+        media: Per media item of the request, (modality, frames, frame times).
+
+    Raises:
+        InvalidArgumentError: Bad turns or media references, time parts the preset or the
+            request cannot take, or a prompt too long.
+    """
+    check_roles(turns)
+    times, time_token = check_time_parts(preset, turns, [m for m, _, _ in media])
+    combined: dict[int, int] = {}
+    if preset.media_combine != "separate":
+        per_modality = [m for m, _, _ in media] if preset.media_combine == "sum_per_modality" else None
+        turns, combined = combine_turn_media(turns, per_modality)
+    segments = template.render(
+        turns,
+        media_modalities=[m for m, _, _ in media],
+        media_times=[tuple(t) for _, _, t in media],
+        time_token=time_token,
+    )
+    slots = [MediaSlot(m, frames, combined.get(i)) for i, (m, frames, _) in enumerate(media)]
+    return builder.build(segments, slots, bos=template.bos, times=times)
+
+
+def check_time_parts(
+    preset: Preset, turns: Sequence[Turn], modalities: Sequence[str]
+) -> tuple[list[float], str | None]:
+    """The seconds of the request's time parts in order, and the time token they render as
+    (None: the preset has no timestamp heads, and the request may hold no time part).
+
+    Raises:
+        InvalidArgumentError: Time parts for a preset without timestamp heads or for a request
+            without media of the heads' modality, or a time that is not finite and >= 0.
+    """
+    spec = preset.heads.timestamps
+    times, where = request_times(turns)
+    if not times:
+        return times, None if spec is None else spec.token
+    if spec is None:
+        raise InvalidArgumentError(
+            f"{where}: a time part needs a preset with timestamp heads (heads.timestamps, E.T. "
+            f"Chat's <vid>); preset {preset.name} has none",
+            param=where,
+        )
+    if spec.modality not in modalities:
+        raise InvalidArgumentError(
+            f"{where}: a time part names a frame of a {spec.modality} item, and the request has "
+            f"no {spec.modality} media",
+            param=where,
+        )
+    bad = [t for t in times if not (t == t and 0 <= t < float("inf"))]
+    if bad:
+        raise InvalidArgumentError(
+            f"{where}: time parts: expected finite seconds >= 0, got {bad[0]}", param=where
+        )
+    return times, spec.token
 
 
 class _Stream:
@@ -287,7 +380,8 @@ class Engine:
         self.metrics = metrics if metrics is not None else LLMMetrics()
         self.max_queued = max_queued
         self._held = 0  # requests between the queue check and their end
-        self.template = get_template(loaded.preset.llm.template)
+        llm = loaded.preset.llm
+        self.template = get_template(llm.inference_template or llm.template)
         self._worker = worker = WorkerCalls()
         self.adapters = AdapterManager(loaded, max_loaded=max_loaded_adapters, worker=worker)
         self._executor = ThreadPoolExecutor(
@@ -367,15 +461,14 @@ class Engine:
         model, media = self.loaded.model, request.media
         outputs = check_requested(self.loaded.preset, request.outputs)
         model.check_media(media)
-        check_roles(request.turns)
-        turns, combined = request.turns, dict[int, int]()
-        if self.loaded.preset.media_combine == "sum":
-            turns, combined = combine_turn_media(request.turns)
-        segments = self.template.render(
-            turns, media_modalities=[m.modality for m in media], media_times=[m.times for m in media]
+        prompt = request_prompt(
+            self.loaded.preset,
+            self.template,
+            self.loaded.prompt_builder,
+            request.turns,
+            [(m.modality, model.frames(m), m.times) for m in media],
         )
-        slots = [MediaSlot(m.modality, model.frames(m), combined.get(i)) for i, m in enumerate(media)]
-        prompt = self.loaded.prompt_builder.build(segments, slots)
+        spec = self.loaded.preset.heads.timestamps
         budget = min(request.sampling.max_tokens, self.loaded.max_context_tokens - len(prompt.input_ids))
         stop = tuple(dict.fromkeys((*request.sampling.stop, *self.template.stop)))
         return PreparedRequest(
@@ -384,9 +477,21 @@ class Engine:
             version=version,
             budget=budget,
             stop=stop,
-            instructions=media_instructions(request.turns, len(media)),
+            instructions=media_instructions(request.turns, len(media), spec.token if spec else ""),
             outputs=outputs,
         )
+
+    def _add_source_times(self, job: PreparedRequest, embeds: torch.Tensor) -> torch.Tensor:
+        """The prompt's time tokens + the LLM embedding of the frame at their time (1, L, D)."""
+        spec = self.loaded.preset.heads.timestamps
+        if not job.prompt.time_tokens or spec is None:
+            return embeds
+        media = job.request.media
+        items = [i for i, m in enumerate(media) if m.modality == spec.modality]
+        spans = [job.prompt.media_spans[i] for i in items]
+        chosen = source_frames(job.prompt.time_tokens, spans, [media[i].times for i in items])
+        frames = torch.stack([embeds[0, spans[k][0] + frame] for _, k, frame in chosen])  # (N, D)
+        return add_source_frames(embeds, [0] * len(chosen), [pos for pos, _, _ in chosen], frames)
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
         """Stream the events of one generation.
@@ -555,6 +660,7 @@ class Engine:
             embeds = model.embed(
                 job.prompt.input_ids, job.prompt.media_spans, job.request.media, connectors, job.instructions
             )  # (1, L, D)
+            embeds = self._add_source_times(job, embeds)
             timed = self._timed(job, embeds)
             capture = self._capture(job)
             if timed is None:
