@@ -21,6 +21,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -236,6 +237,8 @@ def spm_model(work: Path) -> bytes:
     )
     proto = pb.ModelProto()
     proto.ParseFromString(buf.getvalue())
+    del proto.trainer_spec.input[:]  # a temporary path: keep the file the same from run to run
+    proto.trainer_spec.input.append("corpus.txt")
     for piece in proto.pieces:
         if piece.type == pb.ModelProto.SentencePiece.NORMAL:
             piece.score -= 1.0
@@ -453,8 +456,9 @@ def fresh(folder: Path) -> Path:
 def write_fixture(seed: str, repo: Path, payload: dict[str, Any], argv: Sequence[str]) -> Path:
     """tests/fixtures/parity/<seed>/prompt.json with the provenance."""
     path = out_dir(seed) / "prompt.json"
+    overlay = os.environ.get("PYTHONPATH")
     body = {
-        "made_by": " ".join(["python", *argv]),
+        "made_by": " ".join([*([f"PYTHONPATH={overlay}"] if overlay else []), "python", *argv]),
         "seed_commit": seed_commit(repo),
         "versions": versions(),
         "corpus_seed": CORPUS_SEED,

@@ -6,7 +6,8 @@ Runs VideoChat's own demo code (`video_chat/conversation.py`: `Chat.upload_video
 (`demo.py` lines 41-46), a small Vicuna-style slow tokenizer built here (transformers 4.29's
 slow LlamaTokenizer, as VideoChat), a stand-in for decord's VideoReader (120 frames at 30
 fps of a flat picture), an embedding table that returns ids as values and a marker for the
-video's 96 query tokens (see `_prompt_common`). Writes into tests/fixtures/parity/videochat/:
+video's 96 query tokens (see `_prompt_common`); then the same two turns about an image
+(`Chat.upload_img`, whose message is "<Image><ImageHere></Image>\n"). Writes into tests/fixtures/parity/videochat/:
 prompt.json, prompt.tokenizer-slow/ and prompt.tokenizer-fast/.
 
     /work/scratch/venv/bin/python scripts/parity/videochat_prompt.py --repo /path/to/Ask-Anything
@@ -111,17 +112,35 @@ def main() -> None:
         chat.answer(conv=state, img_list=images, max_new_tokens=1000, num_beams=1, temperature=1.0)
     indices = [int(i) for i in chat.get_index(FRAMES, SEGMENTS)]
 
+    # An image conversation: upload_img writes "<Image><ImageHere></Image>\n" as its own message.
+    from PIL import Image
+
+    replies = iter(t["reply"] for t in TURNS)
+    fake_model.encode_img = lambda image: (common.media_marker(0, QUERY_TOKENS), None)
+    state = easydict.EasyDict({"system": "", "roles": ("Human", "Assistant"), "messages": [], "sep": "###"})
+    images = []
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self  # upload_img moves the pixels to a GPU
+    _, images, state = chat.upload_img(Image.new("RGB", (20, 16), (128, 128, 128)), state, images)
+    image_prompts_from = len(prompts)
+    for turn in TURNS:
+        state = chat.ask(turn["text"].replace("video", "image"), state)
+        chat.answer(conv=state, img_list=images, max_new_tokens=1000, num_beams=1, temperature=1.0)
+    image_prompts = prompts[image_prompts_from:]
+    del prompts[image_prompts_from:]
+
     path = common.write_fixture(
         "videochat",
         args.repo,
         {
-            "seed_code": "video_chat/conversation.py Chat.upload_video (133-150), load_video (95-131), "
+            "seed_code": "video_chat/conversation.py Chat.upload_video (133-150), upload_img (152-173), "
+            "load_video (95-131), "
             "ask (56-58), answer (60-85), get_context_emb (175-193), get_prompt (26-33); demo.py 41-46",
             "tokenizer": "slow LlamaTokenizer (use_fast=False) of prompt.tokenizer-slow",
             "turns": TURNS,
             "media": [{"modality": "video", "frame_indices": indices, "fps": FPS, "tokens": QUERY_TOKENS}],
             "video_message": message,
             "prompts": prompts,
+            "image_prompts": image_prompts,
             "bos_token_id": tokenizer.bos_token_id,
         },
         sys.argv,

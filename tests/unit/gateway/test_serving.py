@@ -171,7 +171,10 @@ async def test_prepare_builds_the_generate_request(service: ChatService, png: by
     assert features.shape == (16, 64) and features.dtype == np.float32
 
 
-async def test_time_parts_become_time_seconds(service: ChatService, png: bytes) -> None:
+async def test_time_parts_become_time_seconds(
+    service: ChatService, png: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(service, "_check_time_parts", lambda request: None)  # `tiny` has no heads
     request = ChatRequest(
         model="tiny",
         request_id="req-t",
@@ -181,6 +184,19 @@ async def test_time_parts_become_time_seconds(service: ChatService, png: bytes) 
     parts = gen.turns[0].parts
     assert [p.WhichOneof("part") for p in parts] == ["media_index", "text", "time_seconds", "text"]
     assert parts[2].time_seconds == 1.5 and parts[0].media_index == 0
+
+
+def test_time_parts_are_refused_before_any_encoding(down_service: ChatService) -> None:
+    # down_service serves `tiny`: no timestamp heads
+    request = ChatRequest(
+        model=None,
+        request_id="r",
+        turns=[Turn("user", ("at ", TimeRef(1.0, param="messages[0].content[1]")))],
+    )
+    with pytest.raises(
+        InvalidArgumentError, match=r"messages\[0\]\.content\[1\]: a time part needs .* has none"
+    ):
+        down_service.validate(request)
 
 
 async def test_media_is_fetched_over_http(service: ChatService, media_server: str) -> None:
