@@ -59,7 +59,6 @@ import torch
 
 from services.common.errors import (
     CancelledError,
-    InvalidArgumentError,
     ModalmeshError,
     NotFoundError,
     ResourceExhaustedError,
@@ -81,17 +80,16 @@ from services.llm.domain import (
     OutputSignal,
     Part,
     TextPart,
-    TimePart,
     Timestamp,
     Turn,
     Usage,
 )
 from services.llm.loading import LoadedModel, load_model
 from services.llm.metrics import LLMMetrics
-from services.llm.prompt import MediaSlot, Prompt, PromptBuilder, combine_turn_media
+from services.llm.prompt import Prompt, request_prompt
 from services.llm.sampling import Sampler, SamplingParams
 from services.llm.signals import SignalCapture, check_requested, output_signal_ids
-from services.llm.templates import Template, check_roles, get_template, turn_text
+from services.llm.templates import get_template, turn_text
 from services.llm.time_matching import TimedDecode
 from services.llm.timestamps import add_source_frames, format_seconds, source_frames
 
@@ -133,89 +131,6 @@ def media_instructions(turns: Sequence[Turn], count: int, time_token: str = "") 
             if isinstance(part, MediaPart) and 0 <= part.index < count:
                 out[part.index] = turn_text(turn, time_token).strip()
     return tuple(out)
-
-
-def request_times(turns: Sequence[Turn]) -> tuple[list[float], str | None]:
-    """The seconds of the request's time parts in order, and where the first one is."""
-    times: list[float] = []
-    where = None
-    for i, turn in enumerate(turns):
-        for j, part in enumerate(turn.parts):
-            if isinstance(part, TimePart):
-                times.append(float(part.seconds))
-                where = where or f"turns[{i}].parts[{j}]"
-    return times, where
-
-
-def request_prompt(
-    preset: Preset,
-    template: Template,
-    builder: PromptBuilder,
-    turns: Sequence[Turn],
-    media: Sequence[tuple[str, int, Sequence[float]]],
-) -> Prompt:
-    """A request's prompt as the engine serves it: roles checked, time parts checked, media
-    combined as the preset says, rendered with `template` and tokenized.
-
-    Args:
-        preset: The served preset (media_combine, heads.timestamps).
-        template: The template serving renders (`llm.inference_template` or `llm.template`).
-        builder: The prompt builder of the loaded tokenizer.
-        turns: The conversation.
-        media: Per media item of the request, (modality, frames, frame times).
-
-    Raises:
-        InvalidArgumentError: Bad turns or media references, time parts the preset or the
-            request cannot take, or a prompt too long.
-    """
-    check_roles(turns)
-    times, time_token = check_time_parts(preset, turns, [m for m, _, _ in media])
-    combined: dict[int, int] = {}
-    if preset.media_combine != "separate":
-        per_modality = [m for m, _, _ in media] if preset.media_combine == "sum_per_modality" else None
-        turns, combined = combine_turn_media(turns, per_modality)
-    segments = template.render(
-        turns,
-        media_modalities=[m for m, _, _ in media],
-        media_times=[tuple(t) for _, _, t in media],
-        time_token=time_token,
-    )
-    slots = [MediaSlot(m, frames, combined.get(i)) for i, (m, frames, _) in enumerate(media)]
-    return builder.build(segments, slots, bos=template.bos, times=times)
-
-
-def check_time_parts(
-    preset: Preset, turns: Sequence[Turn], modalities: Sequence[str]
-) -> tuple[list[float], str | None]:
-    """The seconds of the request's time parts in order, and the time token they render as
-    (None: the preset has no timestamp heads, and the request may hold no time part).
-
-    Raises:
-        InvalidArgumentError: Time parts for a preset without timestamp heads or for a request
-            without media of the heads' modality, or a time that is not finite and >= 0.
-    """
-    spec = preset.heads.timestamps
-    times, where = request_times(turns)
-    if not times:
-        return times, None if spec is None else spec.token
-    if spec is None:
-        raise InvalidArgumentError(
-            f"{where}: a time part needs a preset with timestamp heads (heads.timestamps, E.T. "
-            f"Chat's <vid>); preset {preset.name} has none",
-            param=where,
-        )
-    if spec.modality not in modalities:
-        raise InvalidArgumentError(
-            f"{where}: a time part names a frame of a {spec.modality} item, and the request has "
-            f"no {spec.modality} media",
-            param=where,
-        )
-    bad = [t for t in times if not (t == t and 0 <= t < float("inf"))]
-    if bad:
-        raise InvalidArgumentError(
-            f"{where}: time parts: expected finite seconds >= 0, got {bad[0]}", param=where
-        )
-    return times, spec.token
 
 
 class _Stream:

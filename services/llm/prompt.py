@@ -15,6 +15,9 @@ builder gives them that span and the model sums their connector outputs there. W
 Time tokens (E.T. Chat's `<vid>`, rendered from the request's time parts): after tokenizing,
 the builder finds each time token's position and pairs it with the request's times in order;
 text holding more or fewer time tokens than the request has times is refused.
+
+`request_prompt` is the whole path from a request's turns to its prompt, as the engine serves
+it: roles and time parts checked, media combined as the preset says, rendered, tokenized.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.common.errors import InvalidArgumentError
-from services.llm.domain import MediaPart, Part, Turn
-from services.llm.templates import Bos, MediaRef, Segment
+from services.common.presets import Preset
+from services.llm.domain import MediaPart, Part, TimePart, Turn
+from services.llm.templates import Bos, MediaRef, Segment, Template, check_roles
 
 logger = logging.getLogger(__name__)
 
@@ -318,3 +322,86 @@ class PromptBuilder:
                 "one kept for the reply)",
                 param="turns",
             )
+
+
+def request_times(turns: Sequence[Turn]) -> tuple[list[float], str | None]:
+    """The seconds of the request's time parts in order, and where the first one is."""
+    times: list[float] = []
+    where = None
+    for i, turn in enumerate(turns):
+        for j, part in enumerate(turn.parts):
+            if isinstance(part, TimePart):
+                times.append(float(part.seconds))
+                where = where or f"turns[{i}].parts[{j}]"
+    return times, where
+
+
+def request_prompt(
+    preset: Preset,
+    template: Template,
+    builder: PromptBuilder,
+    turns: Sequence[Turn],
+    media: Sequence[tuple[str, int, Sequence[float]]],
+) -> Prompt:
+    """A request's prompt as the engine serves it: roles checked, time parts checked, media
+    combined as the preset says, rendered with `template` and tokenized.
+
+    Args:
+        preset: The served preset (media_combine, heads.timestamps).
+        template: The template serving renders (`llm.inference_template` or `llm.template`).
+        builder: The prompt builder of the loaded tokenizer.
+        turns: The conversation.
+        media: Per media item of the request, (modality, frames, frame times).
+
+    Raises:
+        InvalidArgumentError: Bad turns or media references, time parts the preset or the
+            request cannot take, or a prompt too long.
+    """
+    check_roles(turns)
+    times, time_token = check_time_parts(preset, turns, [m for m, _, _ in media])
+    combined: dict[int, int] = {}
+    if preset.media_combine != "separate":
+        per_modality = [m for m, _, _ in media] if preset.media_combine == "sum_per_modality" else None
+        turns, combined = combine_turn_media(turns, per_modality)
+    segments = template.render(
+        turns,
+        media_modalities=[m for m, _, _ in media],
+        media_times=[tuple(t) for _, _, t in media],
+        time_token=time_token,
+    )
+    slots = [MediaSlot(m, frames, combined.get(i)) for i, (m, frames, _) in enumerate(media)]
+    return builder.build(segments, slots, bos=template.bos, times=times)
+
+
+def check_time_parts(
+    preset: Preset, turns: Sequence[Turn], modalities: Sequence[str]
+) -> tuple[list[float], str | None]:
+    """The seconds of the request's time parts in order, and the time token they render as
+    (None: the preset has no timestamp heads, and the request may hold no time part).
+
+    Raises:
+        InvalidArgumentError: Time parts for a preset without timestamp heads or for a request
+            without media of the heads' modality, or a time that is not finite and >= 0.
+    """
+    spec = preset.heads.timestamps
+    times, where = request_times(turns)
+    if not times:
+        return times, None if spec is None else spec.token
+    if spec is None:
+        raise InvalidArgumentError(
+            f"{where}: a time part needs a preset with timestamp heads (heads.timestamps, E.T. "
+            f"Chat's <vid>); preset {preset.name} has none",
+            param=where,
+        )
+    if spec.modality not in modalities:
+        raise InvalidArgumentError(
+            f"{where}: a time part names a frame of a {spec.modality} item, and the request has "
+            f"no {spec.modality} media",
+            param=where,
+        )
+    bad = [t for t in times if not (t == t and 0 <= t < float("inf"))]
+    if bad:
+        raise InvalidArgumentError(
+            f"{where}: time parts: expected finite seconds >= 0, got {bad[0]}", param=where
+        )
+    return times, spec.token

@@ -3,7 +3,7 @@
 Each fixture (written by scripts/parity/<seed>_prompt.py from the seed's own prompt code)
 holds the ids the seed built for a two-turn conversation with media, media positions as
 -(sum of 2**item) of the items summed there. `served_ids` builds the same conversation the
-way the engine serves it (`engine.request_prompt`: the preset's template, media combining,
+way the engine serves it (`prompt.request_prompt`: the preset's template, media combining,
 BOS rule, time parts) with the fixture's tokenizer files loaded as serving loads them
 (`services.llm.tokenizer.load_tokenizer`, the preset's `dummy_prefix`), and writes the same
 markers over each media span.
@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from services.common.presets import Preset, load_preset
-from services.llm.engine import request_prompt
-from services.llm.prompt import ModalitySlots, Prompt, PromptBuilder, placeholder_token_id
+from services.llm.prompt import ModalitySlots, Prompt, PromptBuilder, placeholder_token_id, request_prompt
 from services.llm.templates import get_template
 from services.llm.tokenizer import load_tokenizer
 from services.llm.tokens import add_to_tokenizer
