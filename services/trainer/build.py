@@ -28,7 +28,7 @@ from services.encoders.media import EncoderLimits, MediaEncoder, preprocessor_fo
 from services.encoders.protocol import EncodedItem
 from services.llm.adapters import Bundle, base_fingerprint, load_bundle
 from services.llm.connectors import Connector, bundle_state
-from services.llm.loading import DTYPES, check_added_tokens, check_llm_folder, load_connectors
+from services.llm.loading import DTYPES, check_added_tokens, check_llm_folder, load_connectors, load_tokenizer
 from services.llm.model import FeatureLayout
 from services.llm.output_projector import OutputProjector, load_projectors, signal_token_ids
 from services.llm.templates import get_template
@@ -39,7 +39,6 @@ from services.llm.timestamps import (
     seconds_to_frames,
     time_token_item,
 )
-from services.llm.tokenizer import load_tokenizer
 from services.trainer._t2x import load_t2x
 from services.trainer.datasets import (
     IGNORE_INDEX,
