@@ -545,6 +545,21 @@ def test_etchat_one_token_per_second_and_timestamps(stacks: Stacks) -> None:
     turns = [user(video_part(video(3)), text(QUESTION)), assistant("A square moves."), user(text("When?"))]
     assert stack.prompt_tokens(turns) > three
 
+    # E.T. Bench vid style: time parts stand where the question writes <vid>, one token each.
+    def between(*seconds: float) -> list[dict[str, Any]]:
+        parts: list[dict[str, Any]] = [video_part(video(3)), text("Is it moving between ")]
+        for i, t in enumerate(seconds):
+            parts += [
+                {"type": "time", "time": {"seconds": t}},
+                text(" and " if i < len(seconds) - 1 else "?"),
+            ]
+        return [user(*parts)]
+
+    two = stack.prompt_tokens(between(0.5, 2.0))
+    assert stack.prompt_tokens(between(0.5, 2.0, 9.0)) >= two + 2  # one more <vid> and " and "
+    r = stack.chat([user(text("At "), {"type": "time", "time": {"seconds": 1.0}}, text("?"))])
+    assert r.status_code == 400 and "no video media" in r.text, r.text
+
     # The gRPC Chat API: a video part, the same prompt, timestamps as ChatTimestamp messages.
     import grpc
 
