@@ -36,7 +36,20 @@ class MediaItem:
     uuid: str | None = None
 
 
-Part = str | MediaItem
+@dataclass(frozen=True)
+class TimeRef:
+    """A time in the source media (seconds), written where E.T. Bench's questions have `<vid>`.
+
+    Attributes:
+        seconds: The time, >= 0.
+        param: Where the part sits in the request, for errors.
+    """
+
+    seconds: float
+    param: str = ""
+
+
+Part = str | MediaItem | TimeRef
 
 
 @dataclass(frozen=True)

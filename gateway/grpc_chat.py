@@ -25,7 +25,7 @@ import grpc
 
 from gateway._middleware import new_request_id, valid_request_id
 from gateway.auth import Guard, Permit, RateLimitedError
-from gateway.domain import ChatRequest, Finished, MediaItem, MediaOutput, Part, Timestamp, Turn
+from gateway.domain import ChatRequest, Finished, MediaItem, MediaOutput, Part, TimeRef, Timestamp, Turn
 from gateway.llm_client import client_deadline
 from gateway.protocol import INLINE_FORMATS
 from gateway.serving import ChatService
@@ -69,6 +69,14 @@ def _media(modality: str, media: chat_pb2.MediaInput, param: str) -> MediaItem:
     return MediaItem(modality, url=media.url if source else None, param=param, uuid=uuid)
 
 
+def _time(seconds: float, param: str) -> TimeRef:
+    if not (seconds == seconds and 0 <= seconds < float("inf")):
+        raise InvalidArgumentError(
+            f"{param}.time.seconds: expected finite seconds >= 0, got {seconds}", param=param
+        )
+    return TimeRef(seconds, param=param)
+
+
 def to_domain(request: chat_pb2.ChatRequest, request_id: str) -> ChatRequest:
     """The transport-independent request of a proto ChatRequest.
 
@@ -84,6 +92,8 @@ def to_domain(request: chat_pb2.ChatRequest, request_id: str) -> ChatRequest:
                 parts.append(part.text)
             elif kind in _MEDIA_PARTS:
                 parts.append(_media(kind, getattr(part, kind), f"messages[{i}].content[{j}]"))
+            elif kind == "time":
+                parts.append(_time(part.time.seconds, f"messages[{i}].content[{j}]"))
         turns.append(Turn(message.role, tuple(parts)))
     return ChatRequest(
         model=request.model or None,

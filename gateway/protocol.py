@@ -18,6 +18,14 @@ features are cached under it instead of under the hash of its bytes, and a later
 names the uuid without media (`{"type": "image_url", "image_url": null, "uuid": "sku-1"}`)
 reuses them without sending, fetching or encoding anything (400 if nothing is cached under it).
 
+For presets with a timestamp head (E.T. Chat), a user message may hold time parts, each a
+time in seconds in the request's video, standing where E.T. Bench's questions write `<vid>`:
+
+    {"type": "time", "time": {"seconds": 12.5}}
+
+It renders as the `<vid>` token, whose input embedding gets the frame at that time added (a
+preset without the head, or a request without a video, is refused with 400).
+
 One extra field beyond OpenAI's (for presets with a timestamp head, E.T. Chat): the times the
 model pointed at, matched to frames of a video of the request,
 
@@ -76,14 +84,14 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from gateway.domain import ChatRequest, MediaItem, MediaOutput, ModelEntry, Part, Timestamp, Turn
+from gateway.domain import ChatRequest, MediaItem, MediaOutput, ModelEntry, Part, TimeRef, Timestamp, Turn
 from services.common.errors import InvalidArgumentError, ModalmeshError
 
 # Media part types -> modality. video_url / audio_url / input_audio follow vLLM's and OpenAI's
 # shapes; input_event / event_url are modalmesh's own, shaped like input_audio / audio_url.
 URL_PARTS = {"image_url": "image", "video_url": "video", "audio_url": "audio", "event_url": "event"}
 INLINE_PARTS = {"input_audio": "audio", "input_event": "event"}
-ACCEPTED_PARTS = ("text", *URL_PARTS, *INLINE_PARTS)
+ACCEPTED_PARTS = ("text", *URL_PARTS, *INLINE_PARTS, "time")
 INLINE_FORMATS = {"audio": ("wav", "mp3", "flac", "ogg"), "event": ("npy", "npz")}
 # Part types vLLM knows that modalmesh does not take; named in the error so clients see why.
 KNOWN_UNSUPPORTED_PARTS = ("image_embeds", "audio_embeds", "image_pil", "prompt_embeds", "file")
@@ -115,6 +123,12 @@ def _image_url_form(value: Any) -> Any:
     return {"url": value} if isinstance(value, str) else value
 
 
+class SourceTime(_Lenient):
+    """`{"seconds": 12.5}` of a time part: a time in the request's video, >= 0."""
+
+    seconds: Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+
 class InlineMedia(_Lenient):
     """`{"data": <base64>, "format": "wav"}` of an input_audio (or input_event) part."""
 
@@ -132,8 +146,11 @@ def _a(kind: str) -> str:
 class ContentPart(_Lenient):
     """One content part: text, a media URL (image/video/audio/event) or inline audio/event data."""
 
-    type: Literal["text", "image_url", "video_url", "audio_url", "event_url", "input_audio", "input_event"]
+    type: Literal[
+        "text", "image_url", "video_url", "audio_url", "event_url", "input_audio", "input_event", "time"
+    ]
     text: str | None = None
+    time: SourceTime | None = None
     image_url: _URL = None
     video_url: _URL = None
     audio_url: _URL = None
@@ -163,6 +180,8 @@ class ContentPart(_Lenient):
     def _has_payload(self) -> ContentPart:
         if self.type == "text" and self.text is None:
             raise _invalid("content_part", "a 'text' part needs a 'text' string")
+        if self.type == "time" and self.time is None:
+            raise _invalid("content_part", "a 'time' part needs 'time': {'seconds': <number >= 0>}")
         if self.type in URL_PARTS and getattr(self, self.type) is None and self.uuid is None:
             raise _invalid(
                 "content_part",
@@ -186,8 +205,14 @@ class ContentPart(_Lenient):
                 )
         return self
 
+    def time_ref(self, param: str) -> TimeRef | None:
+        """The source time this part carries (a 'time' part), else None."""
+        if self.type != "time" or self.time is None:
+            return None
+        return TimeRef(self.time.seconds, param=param)
+
     def media(self, param: str) -> MediaItem | None:
-        """The media item this part carries (None for text).
+        """The media item this part carries (None for text and time).
 
         Raises:
             InvalidArgumentError: Inline data that is not valid base64, or empty.
@@ -307,9 +332,13 @@ class ChatCompletionRequest(_Lenient):
         for i, message in enumerate(self.messages):
             parts: list[Part] = []
             for j, part in enumerate(message.content):
-                item = part.media(f"messages[{i}].content[{j}]")
+                param = f"messages[{i}].content[{j}]"
+                item = part.media(param)
+                time = part.time_ref(param)
                 if item is not None:
                     parts.append(item)
+                elif time is not None:
+                    parts.append(time)
                 elif part.text is not None:
                     parts.append(part.text)
             turns.append(Turn(message.role, tuple(parts)))

@@ -42,6 +42,7 @@ from gateway.domain import (
     MediaOutput,
     ModelEntry,
     TextDelta,
+    TimeRef,
     Timestamp,
 )
 from gateway.feature_cache import FeatureCache, content_digest, uuid_key
@@ -268,8 +269,8 @@ class ChatService:
         Raises:
             InvalidArgumentError: Empty conversation, bad role, bad sampling value, more media
                 parts than settings.media_max_items, more items of a modality than the
-                preset's max_per_prompt, or a modality the preset has
-                no encoder for.
+                preset's max_per_prompt, a modality the preset has no encoder for, or
+                time parts the preset or the request cannot take.
             NotFoundError: Unknown model.
         """
         if not request.turns:
@@ -285,8 +286,30 @@ class ChatService:
         model, adapter = self.resolve_model(request.model)
         sampling = self._sampling(request)
         self._check_media_counts(request.media())
+        self._check_time_parts(request)
         self._check_outputs(request)
         return model, adapter, sampling
+
+    def _check_time_parts(self, request: ChatRequest) -> None:
+        """Time parts need the preset's timestamp heads and an item of their modality (checked
+        here before any media is encoded; the LLM service checks them again)."""
+        first = next((p for t in request.turns for p in t.parts if isinstance(p, TimeRef)), None)
+        if first is None:
+            return
+        spec = self.preset.heads.timestamps
+        where = first.param or "messages"
+        if spec is None:
+            raise InvalidArgumentError(
+                f"{where}: a time part needs a preset with timestamp heads (E.T. Chat's <vid>); "
+                f"preset {self.preset.name} has none",
+                param=where,
+            )
+        if not any(m.modality == spec.modality for m in request.media()):
+            raise InvalidArgumentError(
+                f"{where}: a time part names a frame of a {spec.modality} item, and the request has "
+                f"no {spec.modality} media",
+                param=where,
+            )
 
     def _check_outputs(self, request: ChatRequest) -> None:
         """The requested output modalities and their decoding parameters, against the preset."""
@@ -441,6 +464,8 @@ class ChatService:
             for part in turn.parts:
                 if isinstance(part, str):
                     parts.append(llm_pb2.TurnPart(text=part))
+                elif isinstance(part, TimeRef):
+                    parts.append(llm_pb2.TurnPart(time_seconds=part.seconds))
                 else:
                     parts.append(llm_pb2.TurnPart(media_index=index))
                     index += 1

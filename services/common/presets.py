@@ -27,7 +27,10 @@ from services.common.errors import InvalidArgumentError, NotFoundError, validati
 
 Modality = Literal["image", "video", "audio", "event"]
 MODALITIES: tuple[str, ...] = ("image", "video", "audio", "event")
-TemplateName = Literal["vicuna_v1", "llava_v1", "plain", "vicuna_v0", "videochat", "phi3", "eventgpt_v1"]
+TemplateName = Literal[
+    "vicuna_v1", "llava_v1", "plain", "vicuna_v0", "nextgpt_demo", "videochat", "phi3", "eventgpt_v1"
+]
+INFERENCE_ONLY_TEMPLATES = ("nextgpt_demo",)  # serving forms a training sample cannot take
 DType = Literal["float32", "float16", "bfloat16"]
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -253,6 +256,31 @@ class LLMSpec(_Strict):
         description="Generated presets only: the LM's config sizes over the tiny generator's "
         "(hidden_size, intermediate_size, num_hidden_layers, num_attention_heads, ...).",
     )
+    inference_template: TemplateName | None = Field(
+        default=None,
+        description="The conversation format serving renders, where the seed's inference text "
+        "differs from its training text (NExT-GPT's demo: nextgpt_demo); training always renders "
+        "`template`. Unset: `template`.",
+    )
+    dummy_prefix: Literal["every_run", "first_run", "none"] | None = Field(
+        default=None,
+        description="SentencePiece tokenizers (Llama, Phi-3): where the word-start mark '▁' is "
+        "written besides the text's own spaces. every_run: before every run of text between "
+        "special or added tokens, as the slow LlamaTokenizer of transformers < 4.31 and Llama's "
+        "legacy tokenizer.json do (PandaGPT, NExT-GPT, VideoChat); first_run: at the start of "
+        "the text only, as transformers >= 4.31 with legacy=False (EventGPT); none: nowhere, as "
+        "E.T. Chat's tokenizer (converted with add_prefix_space=False). Unset: as the tokenizer "
+        "files load. Byte-level tokenizers have no such mark and ignore it.",
+    )
+
+    @model_validator(mode="after")
+    def _training_template(self) -> LLMSpec:
+        if self.template in INFERENCE_ONLY_TEMPLATES:
+            raise ValueError(
+                f"llm.template: {self.template} is an inference form only (training cannot render it); "
+                "set it as llm.inference_template and train with vicuna_v0"
+            )
+        return self
 
 
 class TimestampHeadSpec(_Strict):
@@ -443,10 +471,12 @@ class Preset(_Strict):
     outputs: dict[OutputModality, OutputSpec] = Field(
         default_factory=dict, description="What the LLM can produce besides text (NExT-GPT)."
     )
-    media_combine: Literal["separate", "sum"] = Field(
+    media_combine: Literal["separate", "sum", "sum_per_modality"] = Field(
         "separate",
         description="sum: the media items of one user turn become one token, the sum of their "
-        "connector outputs (PandaGPT, NExT-GPT legacy); every connector must give 1 token.",
+        "connector outputs (PandaGPT); sum_per_modality: the items of each modality of a user "
+        "turn become one token each, in the order the modalities first appear (legacy NExT-GPT "
+        "sums the files of one <Image>/<Video>/<Audio> segment); every connector must give 1 token.",
     )
     generation: GenerationSpec = Field(
         default_factory=GenerationSpec,
@@ -473,11 +503,11 @@ class Preset(_Strict):
                     "same connector settings and encoder width"
                 )
             shared.setdefault(name, (modality, spec.connector, spec.encoder.dim))
-        if self.media_combine == "sum":
+        if self.media_combine != "separate":
             bad = [m for m, s in self.modalities.items() if not _one_token(s)]
             if bad:
                 raise ValueError(
-                    f"media_combine sum: every modality must give one LLM token per item "
+                    f"media_combine {self.media_combine}: every modality must give one LLM token per item "
                     f"(linear/mlp2x_gelu over one embedding), {bad} do not"
                 )
         ts = self.heads.timestamps

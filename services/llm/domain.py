@@ -34,7 +34,18 @@ class MediaPart:
     index: int
 
 
-Part = TextPart | MediaPart
+@dataclass(frozen=True)
+class TimePart:
+    """A time in the source media, in seconds (E.T. Bench's `<vid>` in a question).
+
+    It renders as the preset's time token, whose input embedding gets the LLM embedding of
+    the frame at that time added (`services.llm.timestamps.add_source_frames`).
+    """
+
+    seconds: float
+
+
+Part = TextPart | MediaPart | TimePart
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,13 @@ Time tokens (presets with `heads.timestamps`, `services.llm.time_matching`): a r
 media of the heads' modality decodes through a `TimedDecode`, which matches every position
 against the frames; a sampled time token is written into the reply as the matched frame's
 time in seconds ("12", "12.5") and reported as a `Timestamp` on the event carrying that text.
+A request's time parts (E.T. Bench's `<vid>` in a question, with its source time) render as
+the time token, and at the prefill each one's input embedding gets the LLM embedding of the
+frame at that time added (`timestamps.add_source_frames`, shared with training); a preset
+without the heads, or a request without media of their modality, is refused.
+
+Serving renders the preset's `llm.inference_template` where it has one (legacy NExT-GPT's
+demo form), else `llm.template`.
 """
 
 from __future__ import annotations
@@ -90,12 +97,12 @@ from services.llm.domain import (
 )
 from services.llm.loading import LoadedModel, load_model
 from services.llm.metrics import LLMMetrics
-from services.llm.prompt import MediaSlot, Prompt, combine_turn_media
+from services.llm.prompt import Prompt, request_prompt
 from services.llm.sampling import DEFAULT_MAX_TOKENS, Penalties, Sampler, SamplingParams, apply_penalties
 from services.llm.signals import SignalCapture, check_requested, output_signal_ids
-from services.llm.templates import check_roles, get_template, turn_text
+from services.llm.templates import get_template, turn_text
 from services.llm.time_matching import TimedDecode
-from services.llm.timestamps import format_seconds
+from services.llm.timestamps import add_source_frames, format_seconds, source_frames
 
 logger = logging.getLogger(__name__)
 
@@ -123,17 +130,18 @@ class PreparedRequest:
         return self.version.ref
 
 
-def media_instructions(turns: Sequence[Turn], count: int) -> tuple[str, ...]:
-    """Per media item, the text parts of the user turn that holds it ("" if none does).
+def media_instructions(turns: Sequence[Turn], count: int, time_token: str = "") -> tuple[str, ...]:
+    """Per media item, the text parts of the user turn that holds it ("" if none does), its
+    time parts written as `time_token`.
 
     That is what an instruction-aware connector reads (E.T. Chat's Q-Former gets the user's
-    query with the image placeholder removed).
+    query with the image placeholder removed, its `<vid>` tokens kept).
     """
     out = [""] * count
     for turn in turns:
         for part in turn.parts:
             if isinstance(part, MediaPart) and 0 <= part.index < count:
-                out[part.index] = turn_text(turn).strip()
+                out[part.index] = turn_text(turn, time_token).strip()
     return tuple(out)
 
 
@@ -337,7 +345,8 @@ class Engine:
         self.metrics = metrics if metrics is not None else LLMMetrics()
         self.max_queued = max_queued
         self._held = 0  # requests between the queue check and their end
-        self.template = get_template(loaded.preset.llm.template)
+        llm = loaded.preset.llm
+        self.template = get_template(llm.inference_template or llm.template)
         self._worker = worker = WorkerCalls()
         self.adapters = AdapterManager(loaded, max_loaded=max_loaded_adapters, worker=worker)
         self._executor = ThreadPoolExecutor(
@@ -438,15 +447,14 @@ class Engine:
         model, media = self.loaded.model, request.media
         outputs = check_requested(self.loaded.preset, request.outputs)
         model.check_media(media)
-        check_roles(request.turns)
-        turns, combined = request.turns, dict[int, int]()
-        if self.loaded.preset.media_combine == "sum":
-            turns, combined = combine_turn_media(request.turns)
-        segments = self.template.render(
-            turns, media_modalities=[m.modality for m in media], media_times=[m.times for m in media]
+        prompt = request_prompt(
+            self.loaded.preset,
+            self.template,
+            self.loaded.prompt_builder,
+            request.turns,
+            [(m.modality, model.frames(m), m.times) for m in media],
         )
-        slots = [MediaSlot(m.modality, model.frames(m), combined.get(i)) for i, m in enumerate(media)]
-        prompt = self.loaded.prompt_builder.build(segments, slots)
+        spec = self.loaded.preset.heads.timestamps
         self._check_stop_ids(request.sampling.stop_token_ids, "sampling.stop_token_ids")
         defaults = self.sampling_defaults()
         generation = self.loaded.preset.generation
@@ -461,9 +469,21 @@ class Engine:
             budget=budget,
             stop=tuple(dict.fromkeys((*sampling.stop, *defaults.stop))),
             stop_token_ids=frozenset((*sampling.stop_token_ids, *defaults.stop_token_ids)),
-            instructions=media_instructions(request.turns, len(media)),
+            instructions=media_instructions(request.turns, len(media), spec.token if spec else ""),
             outputs=outputs,
         )
+
+    def _add_source_times(self, job: PreparedRequest, embeds: torch.Tensor) -> torch.Tensor:
+        """The prompt's time tokens + the LLM embedding of the frame at their time (1, L, D)."""
+        spec = self.loaded.preset.heads.timestamps
+        if not job.prompt.time_tokens or spec is None:
+            return embeds
+        media = job.request.media
+        items = [i for i, m in enumerate(media) if m.modality == spec.modality]
+        spans = [job.prompt.media_spans[i] for i in items]
+        chosen = source_frames(job.prompt.time_tokens, spans, [media[i].times for i in items])
+        frames = torch.stack([embeds[0, spans[k][0] + frame] for _, k, frame in chosen])  # (N, D)
+        return add_source_frames(embeds, [0] * len(chosen), [pos for pos, _, _ in chosen], frames)
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
         """Stream the events of one generation.
@@ -632,6 +652,7 @@ class Engine:
             embeds = model.embed(
                 job.prompt.input_ids, job.prompt.media_spans, job.request.media, connectors, job.instructions
             )  # (1, L, D)
+            embeds = self._add_source_times(job, embeds)
             timed = self._timed(job, embeds)
             capture = self._capture(job)
             mask = self._prefill_mask(job, embeds)  # None: causal

@@ -1,7 +1,8 @@
 """Loading what a preset names: tokenizer, causal LM, adapter bundle, connectors.
 
 This is the one path for every checkpoint: the tiny preset's generated folders load exactly as
-a real Hugging Face Llama/Vicuna/Phi-3 folder would. The LM is put in eval mode and frozen
+a real Hugging Face Llama/Vicuna/Phi-3 folder would. The tokenizer loads through
+`services.llm.tokenizer` (slow-only SentencePiece folders, `llm.dummy_prefix`). The LM is put in eval mode and frozen
 here, and nowhere else. A bundle whose connector weights do not fit the preset is refused,
 naming the key and the expected vs. found shapes. Connectors are keyed by connector name
 (modalities may share one); the Q-Former types load their frozen part from `connector.base`
@@ -35,6 +36,7 @@ from services.llm.prompt import ModalitySlots, PromptBuilder, placeholder_token_
 from services.llm.seed_configs import apply_load_tokens, read_llm_config
 from services.llm.time_matching import check_frame_tokens, time_token_id
 from services.llm.timestamps import HEAD_NAME, TimestampHeads, init_timestamp_heads, load_timestamp_heads
+from services.llm.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -235,11 +237,11 @@ def load_lm(preset: Preset, *, dtype: torch.dtype) -> tuple[Any, Any]:
         FailedPreconditionError: The folder is missing, its config names an unknown
             model_type, or an added token is not one token.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     checkpoint = check_llm_folder(preset)
     llm_config = read_llm_config(checkpoint)
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint, config=llm_config.config)
+    tokenizer = load_tokenizer(checkpoint, dummy_prefix=preset.llm.dummy_prefix, config=llm_config.config)
     lm = AutoModelForCausalLM.from_pretrained(checkpoint, config=llm_config.config, dtype=dtype)
     for token, token_id in apply_load_tokens(llm_config, tokenizer, lm):
         logger.info("%s: added %s (id %s) as the seed's inference does", checkpoint, token, token_id)
@@ -287,15 +289,16 @@ def load_model(preset: Preset, *, device: str | torch.device | None = None) -> L
         for m, s in preset.modalities.items()
     }
     logger.info("loaded %s: LM %s (%s), adapter %s", preset.name, checkpoint, preset.llm.dtype, bundle.ref)
+    time_id = time_token_id(preset, tokenizer)
     return LoadedModel(
         preset=preset,
         tokenizer=tokenizer,
         model=model,
         bundle=bundle,
-        prompt_builder=PromptBuilder(tokenizer, slots, max_context_tokens=max_context),
+        prompt_builder=PromptBuilder(tokenizer, slots, max_context_tokens=max_context, time_token_id=time_id),
         max_context_tokens=max_context,
         eos_ids=_eos_ids(lm, tokenizer),
         heads=None if heads is None else heads.to(model.device),
-        time_token_id=time_token_id(preset, tokenizer),
+        time_token_id=time_id,
         projectors={m: p.to(model.device) for m, p in projectors.items()},
     )

@@ -28,6 +28,7 @@ from services.llm.domain import (
     ModelInfo,
     Part,
     TextPart,
+    TimePart,
     Turn,
 )
 from services.llm.sampling import SamplingParams
@@ -46,7 +47,9 @@ def _part(msg: llm_pb2.TurnPart, where: str) -> Part:
         return TextPart(msg.text)
     if kind == "media_index":
         return MediaPart(msg.media_index)
-    raise InvalidArgumentError(f"{where}: neither text nor media_index is set", param=where)
+    if kind == "time_seconds":
+        return TimePart(msg.time_seconds)
+    raise InvalidArgumentError(f"{where}: none of text, media_index, time_seconds is set", param=where)
 
 
 def _optional(msg: llm_pb2.SamplingParams, name: str) -> Any:

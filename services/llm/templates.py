@@ -14,9 +14,21 @@ A template may also write a note after a media part from the item's frame times 
 "The video contains 8 frames sampled at 0.5, 1.6, ... seconds."), which `render` is told
 with `media_times`; an item whose times are unknown gets no note.
 
+A time part (`TimePart`, E.T. Bench's `<vid>` in a question) renders inline as the preset's
+time token, which `render` is told with `time_token`: "from " + `<vid>` + " to " + `<vid>`; no
+part separator is written next to it, so the text reads as the seed's question with its
+`<vid>` tokens. The prompt builder finds the token's positions after tokenizing.
+
+BOS: a template with `bos` starts its prompt with the tokenizer's BOS (the prompt builder writes
+it); Phi-3's E.T. Chat prompt has none. A `Bos` segment asks for one inside the prompt
+(legacy NExT-GPT's demo form writes one before every text segment).
+
 Templates render what the released checkpoints saw at inference; training
 (`services.trainer._supervised`) renders the same text, so a model we train matches serving
-even where a seed's own training text differed from its inference text.
+even where a seed's own training text differed from its inference text. Where a seed's
+inference text cannot be its training text (legacy NExT-GPT's demo splits the prompt around
+its media and writes a BOS before each text piece), the preset names the inference form as
+`llm.inference_template` and trains on `llm.template` (`nextgpt_demo` vs `vicuna_v0`).
 """
 
 from __future__ import annotations
@@ -26,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.common.errors import InvalidArgumentError, ModalmeshError
-from services.llm.domain import ROLES, MediaPart, TextPart, Turn
+from services.llm.domain import ROLES, MediaPart, Part, TextPart, TimePart, Turn
 
 PART_SEPARATOR = "\n"
 ANY_MODALITY = "*"  # media_wrappers key for modalities without their own entry
@@ -39,7 +51,14 @@ class MediaRef:
     index: int
 
 
-Segment = str | MediaRef
+@dataclass(frozen=True)
+class Bos:
+    """A segment standing for the tokenizer's BOS token."""
+
+
+BOS = Bos()
+
+Segment = str | MediaRef | Bos
 
 
 @dataclass(frozen=True)
@@ -82,6 +101,10 @@ class Template:
         frame_notes: Per modality, text written right after a media part of that modality
             (after its wrapper) when the item's frame times are known; "{count}" is replaced
             by the number of frames and "{times}" by the times rounded to 0.1 s, joined by ", ".
+        bos: Whether the prompt starts with the tokenizer's BOS (written by the prompt
+            builder). False for Phi-3 as E.T. Chat tokenizes it (Phi-3's tokenizer_config has
+            add_bos_token false and `etchat/utils/tokenization.py` keeps a BOS only where the
+            tokenizer writes one).
     """
 
     name: str
@@ -98,6 +121,7 @@ class Template:
     media_wrappers: Mapping[str, tuple[str, str]] = field(default_factory=dict, hash=False)
     stop: tuple[str, ...] = ()
     frame_notes: Mapping[str, str] = field(default_factory=dict, hash=False)
+    bos: bool = True
 
     def render(
         self,
@@ -106,6 +130,7 @@ class Template:
         add_generation_prompt: bool = True,
         media_modalities: Sequence[str] | None = None,
         media_times: Sequence[Sequence[float]] | None = None,
+        time_token: str | None = None,
     ) -> list[Segment]:
         """Render a conversation into segments.
 
@@ -117,13 +142,16 @@ class Template:
                 when the template wraps media per modality (see `needs_media_modalities`).
             media_times: The frame times (seconds) of each media item, by index, for the
                 template's `frame_notes`; None or an empty entry: no note for that item.
+            time_token: The text a time part renders as (the preset's `<vid>`); None: the
+                conversation may hold no time part.
 
         Returns:
-            Text strings and media references in order; adjacent texts are merged.
+            Text strings, media references and BOS markers in order; adjacent texts are merged.
 
         Raises:
-            InvalidArgumentError: The roles are out of order, a turn is malformed, or a media
-                item's modality has no wrapper in this template.
+            InvalidArgumentError: The roles are out of order, a turn is malformed, a media
+                item's modality has no wrapper in this template, or a time part comes without
+                a time token.
             ModalmeshError: (internal) The template wraps media per modality and
                 `media_modalities` is None.
         """
@@ -133,7 +161,11 @@ class Template:
         for i, turn in enumerate(turns):
             if turn.role == "user":
                 out += self.user_segments(
-                    turn, first=i == 0, media_modalities=media_modalities, media_times=media_times
+                    turn,
+                    first=i == 0,
+                    media_modalities=media_modalities,
+                    media_times=media_times,
+                    time_token=time_token,
                 )
             else:
                 out.append(self.assistant_prefix + turn_text(turn) + self.assistant_suffix)
@@ -163,6 +195,7 @@ class Template:
         first: bool,
         media_modalities: Sequence[str] | None = None,
         media_times: Sequence[Sequence[float]] | None = None,
+        time_token: str | None = None,
     ) -> list[Segment]:
         """A user turn with its prefix and suffix, parts joined, media wrapped.
 
@@ -171,16 +204,20 @@ class Template:
             first: Whether it is the conversation's first user turn.
             media_modalities: As in `render`.
             media_times: As in `render`.
+            time_token: As in `render`.
         """
         prefix = self.user_prefix
         if first and self.first_user_prefix is not None:
             prefix = self.first_user_prefix
         out: list[Segment] = [prefix]
         for i, part in enumerate(turn.parts):
-            if i:
+            if i and not isinstance(part, TimePart) and not isinstance(turn.parts[i - 1], TimePart):
                 out.append(self.part_separator)
             if isinstance(part, TextPart):
                 out.append(part.text)
+                continue
+            if isinstance(part, TimePart):
+                out.append(time_part_text(part, time_token))
                 continue
             before, after = self._media_wrapper(part.index, media_modalities)
             out += [
@@ -233,9 +270,105 @@ class Template:
         return wrapper
 
 
-def turn_text(turn: Turn) -> str:
-    """The text parts of a turn joined with PART_SEPARATOR (media parts left out)."""
-    return PART_SEPARATOR.join(p.text for p in turn.parts if isinstance(p, TextPart))
+@dataclass(frozen=True)
+class DemoSplitTemplate(Template):
+    """Legacy NExT-GPT's inference form: its Gradio demo's prompt text, split around the media.
+
+    The demo (`NExT-GPT-Lagacy/code/demo_app.py`, `predict`, lines 278-303) writes the first
+    user turn as "### Human: " + "<Image>{path}</Image> " per item + " " + the question, each
+    earlier turn of the history as first/user prefix + "<Image>{path}</Image> " per item + its
+    question + "\n### Assistant: " + reply + "\n###", and the model
+    (`code/model/anyToImageVideoAudio.py`, `prepare_generation_embedding`, lines 675-704)
+    appends "\n### Assistant:", splits the text with `re.split(' <|> ')` and embeds each media
+    segment as emb("<Img>") + the sum of its files' features + emb("</Img>") and each text
+    segment as a BOS + its own tokens. So the text before an item loses its last space, the
+    text after it one space (two were written in the current turn: " " + " question"), and
+    every text segment starts with a BOS:
+
+        <s>"### Human:" <Img>[x]</Img> <s>" q1\n### Assistant:"                  (one turn)
+        <s>"### Human:" <Img>[x]</Img> <s>"q1\n### Assistant: a1\n### Human:  q2\n### Assistant:"
+
+    Media parts of a turn are written before its text, as the demo does. Where the demo breaks
+    (a second item in one turn: "> <" leaves "<Audio>..." unsplit, read as text), each item
+    (each modality, with media_combine sum_per_modality) gets its own <Img>...</Img> right
+    after the previous one, with no text between.
+    """
+
+    def render(
+        self,
+        turns: Sequence[Turn],
+        *,
+        add_generation_prompt: bool = True,
+        media_modalities: Sequence[str] | None = None,
+        media_times: Sequence[Sequence[float]] | None = None,
+        time_token: str | None = None,
+    ) -> list[Segment]:
+        """Render as `Template.render` does, in the demo's split form (see the class)."""
+        check_roles(turns, last_user=add_generation_prompt)
+        system, turns = self.split_system(turns)
+        current = max(i for i, t in enumerate(turns) if t.role == "user") if add_generation_prompt else -1
+        pieces: list[str | MediaRef] = [self.system_text(system)]
+        for i, turn in enumerate(turns):
+            if turn.role != "user":
+                pieces.append(self.assistant_prefix + turn_text(turn) + self.assistant_suffix)
+                continue
+            prefix = self.user_prefix
+            if i == 0 and self.first_user_prefix is not None:
+                prefix = self.first_user_prefix
+            pieces.append(prefix)
+            pieces += [MediaRef(p.index) for p in turn.parts if isinstance(p, MediaPart)]
+            text = self.part_separator.join(
+                p.text if isinstance(p, TextPart) else time_part_text(p, time_token)
+                for p in turn.parts
+                if not isinstance(p, MediaPart)
+            )
+            pieces.append((" " if i == current else "") + text)
+        if add_generation_prompt:
+            pieces.append(self.generation_prompt)
+        out: list[Segment] = []
+        text = ""
+        for piece in pieces:
+            if isinstance(piece, str):
+                text += piece
+                continue
+            if text:  # the split eats the space before " <"
+                out += [BOS, text[:-1] if text.endswith(" ") else text]
+                text = ""
+            before, after = self._media_wrapper(piece.index, media_modalities)
+            out += [before, piece, after]
+        if text:
+            out += [BOS, text]
+        return merge_text(out)
+
+
+def turn_text(turn: Turn, time_token: str = "") -> str:
+    """The text parts of a turn joined with PART_SEPARATOR (media parts left out), each time
+    part written inline as `time_token` (no separator next to it)."""
+    out: list[str] = []
+    previous: Part | None = None
+    for part in turn.parts:
+        if isinstance(part, MediaPart):
+            continue
+        if out and not isinstance(part, TimePart) and not isinstance(previous, TimePart):
+            out.append(PART_SEPARATOR)
+        out.append(part.text if isinstance(part, TextPart) else time_token)
+        previous = part
+    return "".join(out)
+
+
+def time_part_text(part: TimePart, time_token: str | None) -> str:
+    """The text a time part renders as: the time token.
+
+    Raises:
+        InvalidArgumentError: There is no time token (the preset has no timestamp heads).
+    """
+    if time_token is None:
+        raise InvalidArgumentError(
+            f"turns: a time part ({part.seconds} s) needs a preset with timestamp heads "
+            "(heads.timestamps, E.T. Chat's <vid>); this one has none",
+            param="turns",
+        )
+    return time_token
 
 
 def merge_text(segments: Sequence[Segment]) -> list[Segment]:
@@ -275,6 +408,8 @@ def check_roles(turns: Sequence[Turn], *, last_user: bool = True) -> None:
             raise InvalidArgumentError(f"{where}: has no parts", param=where)
         if turn.role != "user" and any(isinstance(p, MediaPart) for p in turn.parts):
             raise InvalidArgumentError(f"{where}: media parts are only allowed in user turns", param=where)
+        if turn.role != "user" and any(isinstance(p, TimePart) for p in turn.parts):
+            raise InvalidArgumentError(f"{where}: time parts are only allowed in user turns", param=where)
         if i < start:
             continue
         expected = "user" if (i - start) % 2 == 0 else "assistant"
@@ -356,6 +491,24 @@ TEMPLATES: dict[str, Template] = {
         media_wrappers={ANY_MODALITY: ("<Img>", "</Img>")},
         stop=("###",),
     ),
+    # Legacy NExT-GPT's inference form (its Gradio demo; see DemoSplitTemplate), served with
+    # `llm.inference_template: nextgpt_demo` while training renders vicuna_v0 (its training
+    # text, `prompt_wrap`: one BOS, "### Human: <Img>" + media + "</Img> " + ...).
+    "nextgpt_demo": DemoSplitTemplate(
+        name="nextgpt_demo",
+        system="",
+        system_suffix="\n",
+        first_user_prefix="### Human: ",
+        user_prefix=" Human: ",
+        user_suffix="",
+        assistant_prefix="\n### Assistant: ",
+        assistant_suffix="\n###",
+        generation_prompt="\n### Assistant:",
+        part_separator=" ",
+        media_wrappers={ANY_MODALITY: ("<Img>", "</Img>")},
+        stop=("###",),
+        bos=False,  # a BOS starts every text segment instead
+    ),
     # VideoChat (Ask-Anything video_chat/), as its demo generates (SEEDS_SPEC 4, lines
     # 381-385; conversation.py: system "", sep "###", get_prompt = system + sep + sum of
     # role + ": " + message + sep; upload_video/upload_img add the media as a Human message of
@@ -386,7 +539,9 @@ TEMPLATES: dict[str, Template] = {
     # sep "<|end|>", leading "\n" stripped), the same text in training and at inference:
     #   "<|system|>\nYou are a helpful AI assistant.<|end|>\n<|user|>\n<image>\n{q1}<|end|>\n"
     #   "<|assistant|>\n{a1}<|end|>\n<|user|>\n{q2}<|end|>\n<|assistant|>\n"
-    # The answer plus "<|end|>" is supervised, as preprocess_multi_row does.
+    # The answer plus "<|end|>" is supervised, as preprocess_multi_row does. No BOS: E.T.
+    # Chat's `tokenize` (etchat/utils/tokenization.py, lines 12-17) keeps a BOS only where the
+    # tokenizer writes one, and Phi-3-mini's tokenizer_config.json has add_bos_token false.
     "phi3": Template(
         name="phi3",
         system="You are a helpful AI assistant.",
@@ -399,6 +554,7 @@ TEMPLATES: dict[str, Template] = {
         assistant_suffix="<|end|>",
         generation_prompt="<|assistant|>\n",
         stop=("<|end|>",),
+        bos=False,
     ),
     # EventGPT (SEEDS_SPEC 6; LLaVA v1 style with the "human" system prompt, USER/ASSISTANT,
     # sep " ", sep2 "</s>"); prepare_event_prompt's user message "<ev_start><event><ev_end>\n{query}":

@@ -197,6 +197,86 @@ def seconds_to_frames(
     return np.interp(s, t, np.arange(t.size, dtype=np.float64)).astype(np.float32)
 
 
+def frame_at(position: float, num_frames: int) -> int:
+    """The frame a (fractional) frame position names: rounded half to even as torch's
+    `round()` (E.T. Chat's `src_ind.round()`), clamped to [0, num_frames - 1]."""
+    return min(max(round(float(position)), 0), num_frames - 1)
+
+
+def time_token_item(position: int, spans: Sequence[tuple[int, int]]) -> int:
+    """Which visual span's frames a time token in the prompt names (an index into `spans`).
+
+    E.T. Chat (`etchat/model/etchat_arch.py`, `prepare_multimodal_data`, lines 241-279): a
+    `<vid>` in the text before a visual span gets that span's frame added, one after the last
+    span the last span's. So: the first span starting after the token, else the last one.
+
+    Args:
+        position: The time token's position in the prompt.
+        spans: (start, length) of each item of the heads' modality, in prompt order.
+
+    Raises:
+        InvalidArgumentError: No spans.
+    """
+    if not spans:
+        raise InvalidArgumentError("time token: expected a media item whose frames it names, got none")
+    after = [k for k, (start, _) in enumerate(spans) if start > position]
+    return after[0] if after else len(spans) - 1
+
+
+def source_frames(
+    time_tokens: Sequence[tuple[int, float]],
+    spans: Sequence[tuple[int, int]],
+    times: Sequence[Sequence[float]],
+) -> list[tuple[int, int, int]]:
+    """The frame each time token of a prompt names, as E.T. Chat adds it at inference.
+
+    Args:
+        time_tokens: (position, seconds) of each time token (`Prompt.time_tokens`).
+        spans: (start, length) of each item of the heads' modality, in prompt order (one token
+            per frame).
+        times: Per such item, its frame times (empty: frame k at k seconds, E.T. Chat's 1 fps).
+
+    Returns:
+        Per token, (its position, the item's index into `spans`, the frame): the item after
+        the token else the last (`time_token_item`), the frame `frame_at(seconds_to_frames)`,
+        i.e. E.T. Chat's `round(src)` clamped to the item where frame k is at k seconds.
+    """
+    out = []
+    for position, seconds in time_tokens:
+        k = time_token_item(position, spans)
+        length = spans[k][1]
+        frame_times = times[k] or tuple(float(j) for j in range(length))
+        out.append((position, k, frame_at(float(seconds_to_frames([seconds], frame_times)[0]), length)))
+    return out
+
+
+def add_source_frames(
+    embeds: torch.Tensor, rows: Sequence[int], positions: Sequence[int], frames: torch.Tensor
+) -> torch.Tensor:
+    """E.T. Chat's time tokens: each token's input embedding plus the LLM embedding of its frame.
+
+    Serving (a question's `<vid>` with its source time) and training (the questions' and the
+    replies' `<vid>`, teacher-forced) both go through here, as E.T. Chat adds
+    `frame_token[round(src)]` in `prepare_multimodal_data` for both.
+
+    Args:
+        embeds: Input embeddings (B, L, D).
+        rows: The batch row of each time token (N,).
+        positions: Its position in the row (N,).
+        frames: The connector output of the frame it names, per token (N, D).
+
+    Returns:
+        The embeddings with the frames added (a new tensor).
+    """
+    if not len(positions):
+        return embeds
+    index = (
+        torch.as_tensor(list(rows), device=embeds.device),
+        torch.as_tensor(list(positions), device=embeds.device),
+    )
+    return embeds.index_put(index, frames.to(embeds.dtype), accumulate=True)
+
+
 def format_seconds(seconds: float) -> str:
     """A timestamp as reply text: "12" for 12.0 s, "12.5" for 12.5 s (one decimal)."""
     text = f"{seconds:.1f}"

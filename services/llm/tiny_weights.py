@@ -242,7 +242,8 @@ def signal_examples(preset: Preset) -> list[tuple[str, str, str | None]]:
 def teach_signal_replies(path: Path, preset: Preset, *, seed: int, steps: int = 60) -> float:
     """Fine-tune the tiny LM at `path` (in place) to answer draw/play/show with signal tokens.
 
-    The sequences are what serving builds: the preset's template around one user turn, then
+    The sequences are what serving builds: the preset's serving template
+    (`llm.inference_template`, else `llm.template`, with its BOS rule) around one user turn, then
     the reply, the modality's signal tokens and the template's stop string; only the reply
     part is supervised. Greedy decoding of the taught asks then emits the span itself, so the
     model-emitted path of the any-to-any stack runs end to end on the twin.
@@ -257,13 +258,13 @@ def teach_signal_replies(path: Path, preset: Preset, *, seed: int, steps: int = 
     from services.llm.templates import get_template
 
     tokenizer = AutoTokenizer.from_pretrained(path)
-    template = get_template(preset.llm.template)
+    template = get_template(preset.llm.inference_template or preset.llm.template)
     builder = PromptBuilder(tokenizer, {}, max_context_tokens=preset.llm.max_context_tokens)
     stop = template.stop[0] if template.stop else tokenizer.eos_token
     rows: list[tuple[list[int], list[int]]] = []
     for ask, reply, modality in signal_examples(preset):
         segments = template.render([Turn("user", [TextPart(ask)])], media_modalities=[], media_times=[])
-        prompt = list(builder.build(segments, []).input_ids)
+        prompt = list(builder.build(segments, [], bos=template.bos).input_ids)
         signals = "".join(preset.outputs[modality].signal_tokens) if modality else ""  # type: ignore[index]
         answer = tokenizer(reply + signals + "\n" + stop, add_special_tokens=False)["input_ids"]
         rows.append((prompt, answer))

@@ -233,31 +233,20 @@ def add_tokens(
             does not become one token, or a `rows_from` matrix does not fit.
         FailedPreconditionError: `out` exists and is not empty.
     """
-    from tokenizers import AddedToken
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    from services.llm.tokenizer import load_tokenizer
 
     if init not in INITS:
         raise InvalidArgumentError(f"init: expected one of {list(INITS)}, got {init!r}")
     _check_tokens(tokens)
     _check_paths(src, out)
     matrices = _matrices(list(rows_from)) if rows_from else []
-    tokenizer = AutoTokenizer.from_pretrained(src)
+    tokenizer = load_tokenizer(src)  # a slow-only folder (Vicuna v0) too
     report = TokenReport(out=out, init="checkpoint" if matrices else init)
-    missing = [t for t in dict.fromkeys(tokens) if one_token(tokenizer, t) is None]
-    report.present = [t for t in dict.fromkeys(tokens) if t not in missing]
-    if missing and special:
-        added = [AddedToken(t, special=True, normalized=False) for t in missing]
-        tokenizer.add_special_tokens({"extra_special_tokens": added}, replace_extra_special_tokens=False)
-    elif missing:
-        tokenizer.add_tokens([AddedToken(t, normalized=False, lstrip=True, rstrip=True) for t in missing])
-    for token in missing:
-        token_id = one_token(tokenizer, token)
-        if token_id is None:
-            ids = tokenizer(token, add_special_tokens=False)["input_ids"]
-            raise InvalidArgumentError(
-                f"token {token!r}: expected one token once added, got {len(ids)} id(s) {ids}"
-            )
-        report.added.append((token, token_id))
+    report.added = add_to_tokenizer(tokenizer, tokens, special=special)
+    added = {t for t, _ in report.added}
+    report.present = [t for t in dict.fromkeys(tokens) if t not in added]
 
     model: Any = AutoModelForCausalLM.from_pretrained(src, dtype="auto", low_cpu_mem_usage=True)
     report.rows_before = int(model.get_input_embeddings().weight.shape[0])
@@ -284,6 +273,36 @@ def add_tokens(
         os.replace(staged, out)
     logger.info("added %d token(s) to %s -> %s", len(report.added), src, out)
     return report
+
+
+def add_to_tokenizer(tokenizer: Any, tokens: list[str], *, special: bool = False) -> list[tuple[str, int]]:
+    """Add each of `tokens` the tokenizer does not hold as one token; (token, id) of each added.
+
+    A plain token (legacy NExT-GPT) is matched on the raw text and takes the whitespace around
+    it, as the slow tokenizer of transformers 4.29 did for added strings; a special one (E.T.
+    Chat's `<vid>`) keeps it, as `add_special_tokens` did.
+
+    Raises:
+        InvalidArgumentError: A token does not become one token.
+    """
+    from tokenizers import AddedToken
+
+    missing = [t for t in dict.fromkeys(tokens) if one_token(tokenizer, t) is None]
+    if missing and special:
+        added = [AddedToken(t, special=True, normalized=False) for t in missing]
+        tokenizer.add_special_tokens({"extra_special_tokens": added}, replace_extra_special_tokens=False)
+    elif missing:
+        tokenizer.add_tokens([AddedToken(t, normalized=False, lstrip=True, rstrip=True) for t in missing])
+    out = []
+    for token in missing:
+        token_id = one_token(tokenizer, token)
+        if token_id is None:
+            ids = tokenizer(token, add_special_tokens=False)["input_ids"]
+            raise InvalidArgumentError(
+                f"token {token!r}: expected one token once added, got {len(ids)} id(s) {ids}"
+            )
+        out.append((token, token_id))
+    return out
 
 
 def copy_extra_files(src: Path, out: Path) -> list[str]:

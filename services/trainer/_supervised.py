@@ -6,9 +6,10 @@ where serving's prompt ends, and the supervised text is the rest of the assistan
 reply and the assistant suffix, i.e. the end-of-turn marker the model must learn to emit:
 " " + reply + "</s>" for vicuna_v1, reply + "\\n" for plain, " " + reply + "\\n###" for
 vicuna_v0, " " + reply + "###" for videochat, reply + "<|end|>" for phi3.
-Ids are made as `services.llm.prompt.PromptBuilder` makes them: BOS once, each text segment
-tokenized alone without special tokens ("</s>" -> the EOS id), each media item expanded to as
-many placeholder ids as its connector emits. Labels are IGNORE_INDEX except on the supervised
+Ids are made as `services.llm.prompt.PromptBuilder` makes them: BOS once where the template
+starts with one (`Template.bos`; not Phi-3's), each text segment tokenized alone without special
+tokens ("</s>" -> the EOS id), each media item expanded to as many placeholder ids as its
+connector emits. Labels are IGNORE_INDEX except on the supervised
 text; they are aligned with input_ids (Hugging Face causal LMs shift them inside).
 
 Where a seed's training text differs from its own inference text, we train on the inference
@@ -22,13 +23,16 @@ text, so that a model we train sees at serving what it saw in training:
   follows an answer directly with "###" (SEEDS_SPEC 4 and 9.8). We use the demo's text and
   supervise " {a}###" only (template videochat).
 - E.T. Chat's phi3 is the same in both; we supervise the answer plus "<|end|>" as it does.
+- Legacy NExT-GPT's demo splits its prompt around the media with a BOS before each text piece
+  (template nextgpt_demo), which a training sample cannot take: its preset serves that form
+  (`llm.inference_template`) and trains on vicuna_v0, as the seed trained on its own text.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, TypedDict
+from typing import Any, Literal, NamedTuple, TypedDict
 
 import torch
 
@@ -36,14 +40,18 @@ from services.common.errors import InvalidArgumentError
 from services.common.presets import Preset
 from services.llm.domain import MediaPart, TextPart, Turn
 from services.llm.prompt import combine_turn_media, placeholder_token_id
-from services.llm.templates import Segment, Template, check_roles, merge_text, turn_text
+from services.llm.templates import Bos, Segment, Template, check_roles, merge_text, turn_text
 from services.trainer._samples import BadSampleError, MediaFile, Sample
 
 IGNORE_INDEX = -100  # labels at positions that carry no loss (torch's cross_entropy default)
 
 
 def render_supervised(
-    template: Template, turns: Sequence[Turn], *, media_modalities: Sequence[str] | None = None
+    template: Template,
+    turns: Sequence[Turn],
+    *,
+    media_modalities: Sequence[str] | None = None,
+    time_token: str | None = None,
 ) -> list[tuple[Segment, bool]]:
     """Render a conversation ending with an assistant turn into (segment, supervised) pairs.
 
@@ -58,6 +66,8 @@ def render_supervised(
             assistant turn.
         media_modalities: The modality of each media item of the sample, by index (for
             templates that wrap media per modality).
+        time_token: What a time part renders as (samples hold time tokens as text; serving's
+            time parts render the same).
 
     Returns:
         Segments in order, adjacent unsupervised texts merged, each with its supervised flag.
@@ -83,7 +93,9 @@ def render_supervised(
     out: list[tuple[Segment, bool]] = []
     for i, turn in enumerate(turns):
         if turn.role == "user":
-            pending += template.user_segments(turn, first=i == 0, media_modalities=media_modalities)
+            pending += template.user_segments(
+                turn, first=i == 0, media_modalities=media_modalities, time_token=time_token
+            )
             continue
         out += [(seg, False) for seg in merge_text([*pending, prompt])]
         reply = template.assistant_prefix[len(prompt) :] + turn_text(turn) + template.assistant_suffix
@@ -192,7 +204,8 @@ class SupervisedEncoder:
         template: The conversation format of the stage ("plain" for caption pretraining).
         slots: Per modality, how its items appear (see `modality_slots`).
         max_length: Longest sequence allowed; longer samples are bad ("too_long"), never cut.
-        combine: media_combine sum: the items of one user turn share one span (PandaGPT).
+        combine: The preset's media_combine: sum, the items of one user turn share one span
+            (PandaGPT); sum_per_modality, the items of each modality of a turn (legacy NExT-GPT).
         time_token: The preset's time token (E.T. Chat's "<vid>", one token of the tokenizer), or None.
         frames: Frames of each media file (from the encoder) where items' frames vary; a
             file missing here is a bad sample ("media_undecodable", with its `errors` entry).
@@ -206,7 +219,7 @@ class SupervisedEncoder:
         slots: Mapping[str, MediaSlots],
         *,
         max_length: int,
-        combine: bool = False,
+        combine: Literal["separate", "sum", "sum_per_modality"] = "separate",
         time_token: str | None = None,
         frames: Mapping[Any, int] | None = None,
         errors: Mapping[Any, str] | None = None,
@@ -237,17 +250,25 @@ class SupervisedEncoder:
                 "reserved_placeholder", "time_token_count", "media_undecodable" or "too_long"
                 (message: expected at most N tokens, got M).
         """
-        turns, combined = combine_turn_media(sample.turns) if self.combine else (sample.turns, {})
+        turns: Sequence[Turn] = sample.turns
+        combined: dict[int, int] = {}
+        if self.combine != "separate":
+            per_modality = [m.modality for m in sample.media] if self.combine == "sum_per_modality" else None
+            turns, combined = combine_turn_media(sample.turns, per_modality)
         try:
             pieces = render_supervised(
-                self.template, turns, media_modalities=[m.modality for m in sample.media]
+                self.template,
+                turns,
+                media_modalities=[m.modality for m in sample.media],
+                time_token=self.time_token,
             )
         except InvalidArgumentError as e:
             # A media modality the template has no wrapper for, else turns out of order.
             reason = "unknown_modality" if (e.param or "").startswith("media[") else "roles"
             raise BadSampleError(reason, e.message) from None
         encoded = iter(self._tokenize([seg for seg, _ in pieces if isinstance(seg, str)]))
-        ids: list[int] = [self.bos_id] if self.bos_id is not None else []
+        bos = [self.bos_id] if self.bos_id is not None else []
+        ids: list[int] = list(bos) if self.template.bos else []
         labels: list[int] = [IGNORE_INDEX] * len(ids)
         spans: list[tuple[int, int] | None] = [None] * len(sample.media)
         for seg, supervised in pieces:
@@ -255,6 +276,10 @@ class SupervisedEncoder:
                 tokens = next(encoded)
                 ids += tokens
                 labels += tokens if supervised else [IGNORE_INDEX] * len(tokens)
+                continue
+            if isinstance(seg, Bos):
+                ids += bos
+                labels += [IGNORE_INDEX] * len(bos)
                 continue
             slot = self._slot(sample, seg.index, spans)
             length = slot.tokens(self._frames(sample, seg.index))

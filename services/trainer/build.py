@@ -32,7 +32,13 @@ from services.llm.loading import DTYPES, load_connectors, load_lm
 from services.llm.model import FeatureLayout
 from services.llm.output_projector import OutputProjector, load_projectors, signal_token_ids
 from services.llm.templates import get_template
-from services.llm.timestamps import HEAD_NAME, TimestampHeads, load_timestamp_heads, seconds_to_frames
+from services.llm.timestamps import (
+    HEAD_NAME,
+    TimestampHeads,
+    load_timestamp_heads,
+    seconds_to_frames,
+    time_token_item,
+)
 from services.trainer._t2x import load_t2x
 from services.trainer.datasets import (
     IGNORE_INDEX,
@@ -214,7 +220,7 @@ def build_examples(
             tokens_for_frames={m: c.num_tokens for m, c in by_modality.items()},
         ),
         max_length=hp.max_length,
-        combine=preset.media_combine == "sum",
+        combine=preset.media_combine,
         time_token=ts.token if ts is not None else None,
         frames={p: item.frames for p, item in encoded.items()},
         errors=errors,
@@ -263,16 +269,16 @@ def _example(
     ]
     times: list[TrainTime] = []
     if e.time_tokens:
-        # E.T. Chat matches against the last video of the sample (its last visual span).
+        # Each time token names a frame of the visual span after it, else of the last one
+        # (E.T. Chat; `time_token_item`, as serving); replies' tokens name the last span's.
         which = [i for i, f in enumerate(e.media) if f.modality == time_modality]
         if not which:
             return None
-        item = encoded[e.media[which[-1]].path]
-        positions = seconds_to_frames([s for _, s in e.time_tokens], item.times)
-        times = [
-            TrainTime(pos, which[-1], float(frame), e.labels[pos] != IGNORE_INDEX)
-            for (pos, _), frame in zip(e.time_tokens, positions, strict=True)
-        ]
+        spans = [e.media_spans[i] for i in which]
+        for pos, seconds in e.time_tokens:
+            item = which[time_token_item(pos, spans)]
+            frame = seconds_to_frames([seconds], encoded[e.media[item].path].times)[0]
+            times.append(TrainTime(pos, item, float(frame), e.labels[pos] != IGNORE_INDEX))
     return TrainExample(e.input_ids, e.labels, media, times)
 
 

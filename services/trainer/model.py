@@ -43,7 +43,13 @@ from services.llm.attention import (
 )
 from services.llm.connectors import Connector
 from services.llm.model import FeatureLayout
-from services.llm.timestamps import TimestampHeads, capture_norm_input, frame_matching_loss
+from services.llm.timestamps import (
+    TimestampHeads,
+    add_source_frames,
+    capture_norm_input,
+    frame_at,
+    frame_matching_loss,
+)
 from services.trainer._outputs import OutputHeads, SignalInBatch
 
 logger = logging.getLogger(__name__)
@@ -270,14 +276,14 @@ class TrainingModel(nn.Module):
         projected: Sequence[torch.Tensor],
         times: Sequence[TimeInBatch],
     ) -> torch.Tensor:
-        """E.T. Chat: each time token's embedding + the connector output of its (true) frame."""
-        rows = torch.tensor([t.row for t in times], device=embeds.device)
-        cols = torch.tensor([t.position for t in times], device=embeds.device)
+        """E.T. Chat: each time token's embedding + the connector output of its (true) frame
+        (`timestamps.add_source_frames`, as serving adds a question's times)."""
         frames = []
         for t in times:
             tokens = projected[t.media]  # (F, D): one token per frame
-            frames.append(tokens[min(max(round(t.frame), 0), tokens.shape[0] - 1)])
-        return embeds.index_put((rows, cols), torch.stack(frames).to(embeds.dtype), accumulate=True)
+            frames.append(tokens[frame_at(t.frame, tokens.shape[0])])
+        rows, positions = [t.row for t in times], [t.position for t in times]
+        return add_source_frames(embeds, rows, positions, torch.stack(frames))  # (B, L, D)
 
     def _matching_loss(
         self,

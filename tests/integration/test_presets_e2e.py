@@ -240,7 +240,8 @@ def assert_media_adds(with_media: int, without: int, expected: int, slack: int =
 
 @pytest.mark.parametrize("preset", ["tiny-nextgpt", "tiny-pandagpt"])
 def test_imagebind_twins_every_modality_mixed_and_multi_turn(stacks: Stacks, preset: str) -> None:
-    """ImageBind twins: one shared Linear; the media of one user turn are summed into ONE token."""
+    """ImageBind twins: one shared Linear; the media of one user turn are summed into ONE token
+    (tiny-pandagpt), or those of each modality of a turn (tiny-nextgpt)."""
     stack = stacks.get(preset)
     assert (
         media_tokens(preset, "image") == media_tokens(preset, "video") == media_tokens(preset, "audio") == 1
@@ -254,9 +255,11 @@ def test_imagebind_twins_every_modality_mixed_and_multi_turn(stacks: Stacks, pre
     assert (
         stack.prompt_tokens([user(audio_url_part(audio("flac"), "audio/flac"), text(QUESTION))]) == one_image
     )
-    # image + video + audio in one message: still one summed token.
+    # image + video + audio in one message: one summed token (PandaGPT), or one token per
+    # modality (legacy NExT-GPT), each in "</Img><Img>" (two added tokens) after the previous.
     mixed = [user(image_part(png_bytes(seed=2)), video_part(video(3)), audio_part(audio()), text(QUESTION))]
-    assert stack.prompt_tokens(mixed) == one_image
+    per_modality = preset == "tiny-nextgpt"  # media_combine: sum_per_modality
+    assert stack.prompt_tokens(mixed) == one_image + (2 * (1 + 2) if per_modality else 0)
     # Several turns, a modality per turn: one token per turn that has media.
     turns = [
         user(video_part(video(fmt="webm"), "video/webm"), text(QUESTION)),
@@ -541,6 +544,21 @@ def test_etchat_one_token_per_second_and_timestamps(stacks: Stacks) -> None:
         assert 0 <= t["char_offset"] <= len(message["content"])
     turns = [user(video_part(video(3)), text(QUESTION)), assistant("A square moves."), user(text("When?"))]
     assert stack.prompt_tokens(turns) > three
+
+    # E.T. Bench vid style: time parts stand where the question writes <vid>, one token each.
+    def between(*seconds: float) -> list[dict[str, Any]]:
+        parts: list[dict[str, Any]] = [video_part(video(3)), text("Is it moving between ")]
+        for i, t in enumerate(seconds):
+            parts += [
+                {"type": "time", "time": {"seconds": t}},
+                text(" and " if i < len(seconds) - 1 else "?"),
+            ]
+        return [user(*parts)]
+
+    two = stack.prompt_tokens(between(0.5, 2.0))
+    assert stack.prompt_tokens(between(0.5, 2.0, 9.0)) >= two + 2  # one more <vid> and " and "
+    r = stack.chat([user(text("At "), {"type": "time", "time": {"seconds": 1.0}}, text("?"))])
+    assert r.status_code == 400 and "no video media" in r.text, r.text
 
     # The gRPC Chat API: a video part, the same prompt, timestamps as ChatTimestamp messages.
     import grpc

@@ -11,9 +11,11 @@ from typing import Any
 import grpc
 import pytest
 
+from gateway.domain import TimeRef
 from gateway.grpc_chat import CHAT_SERVICE_NAME, ChatServicer, to_domain
 from gateway.serving import ChatService
 from modalmesh.v1 import chat_pb2, chat_pb2_grpc, llm_pb2
+from services.common.errors import InvalidArgumentError
 from services.common.grpc_server import GrpcServer
 from services.common.settings import Settings
 from tests.unit.gateway.support import FakeEncoder, FakeLLM
@@ -262,3 +264,13 @@ async def test_timestamps_in_the_chunks(
     assert (t.media_index, t.frame, t.seconds, t.char_offset) == (0, 1, 1.0, 3)
     assert fake.requests[0].media[0].modality == "video"
     assert list(fake.requests[0].media[0].frame_times) == [0.0, 1.0]
+
+
+def test_to_domain_time_parts() -> None:
+    req = request(text("at "), chat_pb2.ChatContentPart(time=chat_pb2.SourceTime(seconds=2.5)))
+    assert to_domain(req, "rid").turns[0].parts == ("at ", TimeRef(2.5, param="messages[0].content[1]"))
+    bad = request(chat_pb2.ChatContentPart(time=chat_pb2.SourceTime(seconds=float("nan"))))
+    with pytest.raises(
+        InvalidArgumentError, match=r"messages\[0\]\.content\[0\]\.time\.seconds: expected finite"
+    ):
+        to_domain(bad, "rid")

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from gateway.domain import MediaItem
+from gateway.domain import MediaItem, TimeRef
 from gateway.protocol import (
     ChatCompletionRequest,
     ModelCard,
@@ -412,3 +412,34 @@ def test_the_presets_sampling_defaults_are_on_its_card_only() -> None:
 def test_request_model_schema_ignores_extras() -> None:
     req = ChatCompletionRequest.model_validate({**user("x"), "whatever": {"a": 1}})
     assert not hasattr(req, "whatever")
+
+
+def test_time_parts_carry_seconds_in_order() -> None:
+    req = parse_chat_request(
+        user(
+            [
+                {"type": "video_url", "video_url": {"url": URL}},
+                {"type": "text", "text": "From "},
+                {"type": "time", "time": {"seconds": 12.5}},
+                {"type": "text", "text": " to "},
+                {"type": "time", "time": {"seconds": 0}},
+            ]
+        )
+    )
+    parts = req.to_domain("r").turns[0].parts
+    assert parts[2] == TimeRef(12.5, param="messages[0].content[2]")
+    assert parts[4] == TimeRef(0.0, param="messages[0].content[4]")
+    assert [type(p).__name__ for p in parts] == ["MediaItem", "str", "TimeRef", "str", "TimeRef"]
+    assert len(req.to_domain("r").media()) == 1
+
+
+@pytest.mark.parametrize(
+    ("part", "fragment"),
+    [
+        ({"type": "time"}, "a 'time' part needs 'time': {'seconds': <number >= 0>}"),
+        ({"type": "time", "time": {"seconds": -1}}, "time.seconds"),
+        ({"type": "time", "time": {"seconds": "soon"}}, "time.seconds"),
+    ],
+)
+def test_bad_time_parts(part: dict, fragment: str) -> None:
+    assert fragment in rejected(user([part])).message

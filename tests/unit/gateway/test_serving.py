@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import redis.asyncio as aioredis
 
-from gateway.domain import ChatRequest, Finished, MediaItem, TextDelta, Timestamp, Turn
+from gateway.domain import ChatRequest, Finished, MediaItem, TextDelta, TimeRef, Timestamp, Turn
 from gateway.feature_cache import FeatureCache, content_digest
 from gateway.serving import ChatService
 from modalmesh.v1 import llm_pb2
@@ -196,6 +196,34 @@ async def test_prepare_builds_the_generate_request(service: ChatService, png: by
     assert [m.modality for m in gen.media] == ["image", "image"]
     features = tensor_to_array(gen.media[0].features)
     assert features.shape == (16, 64) and features.dtype == np.float32
+
+
+async def test_time_parts_become_time_seconds(
+    service: ChatService, png: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(service, "_check_time_parts", lambda request: None)  # `tiny` has no heads
+    request = ChatRequest(
+        model="tiny",
+        request_id="req-t",
+        turns=[Turn("user", (image(png, 0), "from ", TimeRef(1.5), " on"))],
+    )
+    gen = (await service.prepare(request)).generate_request
+    parts = gen.turns[0].parts
+    assert [p.WhichOneof("part") for p in parts] == ["media_index", "text", "time_seconds", "text"]
+    assert parts[2].time_seconds == 1.5 and parts[0].media_index == 0
+
+
+def test_time_parts_are_refused_before_any_encoding(down_service: ChatService) -> None:
+    # down_service serves `tiny`: no timestamp heads
+    request = ChatRequest(
+        model=None,
+        request_id="r",
+        turns=[Turn("user", ("at ", TimeRef(1.0, param="messages[0].content[1]")))],
+    )
+    with pytest.raises(
+        InvalidArgumentError, match=r"messages\[0\]\.content\[1\]: a time part needs .* has none"
+    ):
+        down_service.validate(request)
 
 
 async def test_media_is_fetched_over_http(service: ChatService, media_server: str) -> None:

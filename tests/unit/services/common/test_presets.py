@@ -97,6 +97,7 @@ def test_every_seed_system_has_a_tiny_twin_of_the_same_shape(name, tmp_path):
     assert twin.generate == "tiny" and real.generate is None
     assert set(twin.modalities) == set(real.modalities)
     assert twin.llm.template == real.llm.template
+    assert twin.llm.inference_template == real.llm.inference_template
     assert twin.llm.architecture == real.llm.architecture
     assert twin.llm.added_tokens == real.llm.added_tokens
     assert twin.media_combine == real.media_combine
@@ -311,6 +312,66 @@ def test_shared_connectors_must_agree_and_sum_needs_one_token_each(tmp_path):
     chat = (PRESETS / "tiny-videochat.yaml").read_text() + "\nmedia_combine: sum\n"
     with pytest.raises(InvalidArgumentError, match=r"media_combine sum: .*one LLM token"):
         parse_preset(chat, cache_dir=tmp_path)
+    per_modality = (PRESETS / "tiny-videochat.yaml").read_text() + "\nmedia_combine: sum_per_modality\n"
+    with pytest.raises(InvalidArgumentError, match=r"media_combine sum_per_modality: .*one LLM token"):
+        parse_preset(per_modality, cache_dir=tmp_path)
+
+
+def test_real_presets_default_to_their_seeds_prompts(tmp_path):
+    presets = {
+        n: load_preset(n, cache_dir=tmp_path)
+        for n in ("pandagpt", "nextgpt", "videochat", "etchat", "eventgpt")
+    }
+    assert {n: p.llm.dummy_prefix for n, p in presets.items()} == {
+        "pandagpt": "every_run",
+        "nextgpt": "every_run",
+        "videochat": "every_run",
+        "etchat": "none",
+        "eventgpt": "first_run",
+    }
+    assert {n: p.media_combine for n, p in presets.items()} == {
+        "pandagpt": "sum",
+        "nextgpt": "sum_per_modality",
+        "videochat": "separate",
+        "etchat": "separate",
+        "eventgpt": "separate",
+    }
+    assert {n: p.llm.inference_template for n, p in presets.items()} == {
+        "pandagpt": None,
+        "nextgpt": "nextgpt_demo",
+        "videochat": None,
+        "etchat": None,
+        "eventgpt": None,
+    }
+    decoders = {m: o.decoder.defaults for m, o in presets["nextgpt"].outputs.items()}
+    # NExT-GPT-Lagacy/code/demo_app.py sliders and constants
+    assert (decoders["image"].guidance_scale, decoders["image"].steps) == (7.5, 50)
+    video = decoders["video"]
+    assert (video.guidance_scale, video.steps, video.num_frames, video.height, video.width, video.fps) == (
+        7.5, 50, 24, 320, 576, 8,
+    )  # fmt: skip
+    assert (decoders["audio"].guidance_scale, decoders["audio"].steps, decoders["audio"].duration_s) == (
+        7.5,
+        50,
+        9.0,
+    )
+
+
+def test_an_inference_only_template_cannot_be_trained_on(tmp_path):
+    text = (
+        (PRESETS / "tiny-nextgpt.yaml")
+        .read_text()
+        .replace("  template: vicuna_v0\n", "  template: nextgpt_demo\n")
+    )
+    with pytest.raises(InvalidArgumentError, match=r"llm\.template: nextgpt_demo is an inference form only"):
+        parse_preset(text, cache_dir=tmp_path)
+    bad = (
+        (PRESETS / "tiny.yaml")
+        .read_text()
+        .replace("  template: vicuna_v1\n", "  template: vicuna_v1\n  dummy_prefix: always\n")
+    )
+    with pytest.raises(InvalidArgumentError, match="dummy_prefix"):
+        parse_preset(bad, cache_dir=tmp_path)
 
 
 @pytest.mark.parametrize(

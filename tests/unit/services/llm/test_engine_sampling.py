@@ -23,6 +23,7 @@ from services.llm.domain import (
     MediaItem,
     MediaPart,
     TextPart,
+    TimePart,
     Turn,
 )
 from services.llm.engine import Engine
@@ -300,7 +301,7 @@ def test_the_repetition_penalty_skips_media_positions_and_the_timestamp_token(
     assert time_token is not None
     frames = torch.randn(3 * 4, 32, generator=torch.Generator().manual_seed(1))  # (3 frames x 4, 32)
     request = GenerationRequest(
-        turns=[Turn("user", [MediaPart(0), TextPart("when does <vid> happen?")])],
+        turns=[Turn("user", [MediaPart(0), TextPart("when does"), TimePart(1.0), TextPart("happen?")])],
         media=[MediaItem("video", frames, (0.0, 1.0, 2.0))],
         sampling=SamplingParams(max_tokens=4, repetition_penalty=1.3),
     )

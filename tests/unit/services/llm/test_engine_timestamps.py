@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 
-from services.common.errors import FailedPreconditionError
+from services.common.errors import FailedPreconditionError, InvalidArgumentError
 from services.common.presets import GenerationSpec, Preset
 from services.llm import engine as engine_module
 from services.llm.adapters import base_fingerprint, write_bundle
@@ -27,6 +27,7 @@ from services.llm.domain import (
     MediaPart,
     Part,
     TextPart,
+    TimePart,
     Turn,
 )
 from services.llm.engine import Engine
@@ -251,6 +252,81 @@ async def test_a_request_without_video_is_not_matched(
     assert calls and not any(c.get("output_hidden_states") for c in calls)
 
 
+def timed_question(
+    media: list[MediaItem], times: tuple[float, ...], max_tokens: int = 4
+) -> GenerationRequest:
+    """E.T. Bench vid style: "Is it moving between <vid> and <vid>?" with the times as parts."""
+    parts: list[Part] = [*(MediaPart(i) for i in range(len(media))), TextPart("Is it moving between ")]
+    for i, t in enumerate(times):
+        parts += [TimePart(t), TextPart(" and " if i < len(times) - 1 else "?")]
+    return GenerationRequest(
+        [Turn("user", parts)], media, SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    )
+
+
+async def test_time_parts_add_the_frame_at_their_time_to_the_time_token(etchat: LoadedModel) -> None:
+    """E.T. Chat's prepare_multimodal_data: emb(<vid>) + frame_token[round(src)] clamped; frames
+    at TIMES (0.5 s apart from 0.5 s): 1.4 s -> frame 0.9 -> 1, 9.0 s -> past the end -> 5."""
+    request = timed_question([video()], (1.4, 9.0))
+    engine = Engine(etchat)
+    try:
+        job = engine.prepare(request)
+        with lm_calls(etchat) as calls:
+            [e async for e in engine.generate(request)]
+    finally:
+        engine.close()
+    positions = [p for p, _ in job.prompt.time_tokens]
+    assert [job.prompt.input_ids[p] for p in positions] == [etchat.time_token_id] * 2
+    assert [s for _, s in job.prompt.time_tokens] == [1.4, 9.0]
+    with torch.inference_mode():
+        plain = etchat.model.embed(
+            job.prompt.input_ids, job.prompt.media_spans, request.media, None, job.instructions
+        )
+    start, _ = job.prompt.media_spans[0]
+    want = plain.clone()
+    for position, frame in zip(positions, (1, 5), strict=True):
+        want[0, position] += plain[0, start + frame]
+    got = calls[0]["inputs_embeds"]  # the prefill
+    assert torch.allclose(got, want) and not torch.allclose(got, plain)
+    assert job.instructions == ("Is it moving between <vid> and <vid>?",)  # what the Q-Former reads
+
+
+async def test_time_parts_are_refused_where_they_cannot_be_honoured(
+    etchat: LoadedModel, loaded: LoadedModel
+) -> None:
+    engine, plain = Engine(etchat), Engine(loaded)
+    try:
+        with pytest.raises(InvalidArgumentError, match=r"turns\[0\]\.parts\[1\]: .*heads\.timestamps.*none"):
+            plain.prepare(timed_question([], (1.0,)))
+        with pytest.raises(InvalidArgumentError, match=r"turns\[0\]\.parts\[1\]: .*no video media"):
+            engine.prepare(timed_question([], (1.0,)))
+        with pytest.raises(InvalidArgumentError, match=r"expected finite seconds >= 0, got -1\.0"):
+            engine.prepare(timed_question([video()], (-1.0,)))
+        typed = GenerationRequest(
+            [Turn("user", [MediaPart(0), TextPart("At <vid>?")])], [video()], SamplingParams(max_tokens=2)
+        )
+        with pytest.raises(
+            InvalidArgumentError, match=r"expected one '<vid>' per time part \(0\), the text holds 1"
+        ):
+            engine.prepare(typed)
+        answered = GenerationRequest(
+            [
+                Turn("user", [MediaPart(0), TextPart("When?")]),
+                Turn("assistant", [TimePart(2.0)]),
+                Turn("user", [TextPart("Sure?")]),
+            ],
+            [video()],
+            SamplingParams(max_tokens=2),
+        )
+        with pytest.raises(
+            InvalidArgumentError, match=r"turns\[1\]: time parts are only allowed in user turns"
+        ):
+            engine.prepare(answered)
+    finally:
+        engine.close()
+        plain.close()
+
+
 async def test_a_preset_without_heads_is_unaffected(loaded: LoadedModel) -> None:
     assert loaded.heads is None and loaded.time_token_id is None
     request = GenerationRequest(
@@ -349,6 +425,7 @@ async def test_time_token_requests_decoded_together_equal_them_alone(
     matches from its own hidden states, so a batch gives every request its reply alone."""
     requests = [ask([video(seed=s)], max_tokens=n) for s, n in [(0, 6), (1, 9), (2, 4)]]
     requests.append(ask([video(frames=3, times=(0.5, 1.0, 1.5), seed=3)], max_tokens=7))
+    requests.append(timed_question([video(seed=4)], (1.0, 2.5), max_tokens=5))  # a question's times
     engine = Engine(etchat)
     try:
         with forcing(etchat, {0, 3}, monkeypatch):
@@ -397,7 +474,11 @@ async def test_the_video_attends_bidirectionally_at_the_prefill_and_decode_steps
     assert decode and all(c["attention_mask"].dim() == 2 for c in decode)  # steps: padding only
     for loaded, (_, tokens, stamps) in [(etchat, bidirectional_reply), (causal, causal_reply)]:
         assert (tokens, [t.frame for t in stamps]) == reference(loaded, request, steps, len(tokens))
-    assert bidirectional_reply != causal_reply  # the answers (or the matched frames) change
+    embeds = prefill["inputs_embeds"]
+    with torch.no_grad():  # what follows the span sees another state when the span attends both ways
+        opened = etchat.model.lm(inputs_embeds=embeds, attention_mask=mask).logits[0, -1]
+        closed = etchat.model.lm(inputs_embeds=embeds).logits[0, -1]
+    assert not torch.allclose(opened, closed, atol=1e-4)
 
 
 async def test_bidirectional_rows_joining_a_running_batch_get_what_they_get_alone(

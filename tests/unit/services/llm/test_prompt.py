@@ -9,8 +9,14 @@ import pytest
 from services.common.errors import InvalidArgumentError
 from services.llm.domain import MediaPart, TextPart, Turn
 from services.llm.loading import LoadedModel
-from services.llm.prompt import MediaSlot, ModalitySlots, PromptBuilder, placeholder_token_id
-from services.llm.templates import MediaRef, get_template
+from services.llm.prompt import (
+    MediaSlot,
+    ModalitySlots,
+    PromptBuilder,
+    combine_turn_media,
+    placeholder_token_id,
+)
+from services.llm.templates import BOS, MediaRef, get_template
 
 VICUNA = get_template("vicuna_v1")
 IMAGE = MediaSlot("image", 1)
@@ -113,3 +119,46 @@ def test_prompt_must_leave_room_for_one_token(loaded: LoadedModel) -> None:
         "prompt: 33 tokens (32 of them for 2 media item(s)), at most 32 allowed "
         "(context 33 tokens, one kept for the reply)"
     )
+
+
+def test_bos_only_where_the_template_or_a_bos_segment_asks(loaded: LoadedModel, tokenizer: Any) -> None:
+    bos = tokenizer.bos_token_id
+    a, b = (tokenizer(t, add_special_tokens=False)["input_ids"] for t in ("Hi", " there"))
+    prompt = builder(loaded).build([BOS, "Hi", MediaRef(0), BOS, " there"], [IMAGE], bos=False)
+    assert prompt.input_ids == [bos, *a, *[4] * 16, bos, *b]
+    assert prompt.media_spans == [(1 + len(a), 16)]
+    assert builder(loaded).build(["Hi"], [], bos=False).input_ids == a
+
+
+def test_time_tokens_pair_with_the_times_in_order(loaded: LoadedModel, tokenizer: Any) -> None:
+    vid = tokenizer("<image>", add_special_tokens=False)["input_ids"][0]  # any single token will do
+    slots = ModalitySlots("<video>", 5, 4, lambda frames: frames)
+    prompt = PromptBuilder(tokenizer, {"video": slots}, max_context_tokens=512, time_token_id=vid).build(
+        [MediaRef(0), "a <image> b <image>"], [MediaSlot("video", 3)], times=[1.5, 0.0]
+    )
+    assert [prompt.input_ids[p] for p, _ in prompt.time_tokens] == [vid, vid]
+    assert [t for _, t in prompt.time_tokens] == [1.5, 0.0]
+    assert all(p >= 4 for p, _ in prompt.time_tokens)  # in the text, after the 3 frames
+    with pytest.raises(
+        InvalidArgumentError, match=r"expected one '<image>' per time part \(1\), the text holds 2"
+    ):
+        PromptBuilder(tokenizer, {"video": slots}, max_context_tokens=512, time_token_id=vid).build(
+            ["a <image> b <image>"], [], times=[1.0]
+        )
+    with pytest.raises(InvalidArgumentError, match="timestamp heads"):
+        builder(loaded).build(["a"], [], times=[1.0])
+
+
+def test_sum_per_modality_keeps_the_first_item_of_each_modality_of_a_turn() -> None:
+    turns = [
+        Turn("user", [MediaPart(0), MediaPart(1), MediaPart(2), TextPart("q"), MediaPart(3)]),
+        Turn("assistant", [TextPart("a")]),
+        Turn("user", [MediaPart(4), MediaPart(5)]),
+    ]
+    modalities = ["image", "audio", "image", "audio", "image", "image"]
+    out, combined = combine_turn_media(turns, modalities)
+    assert out[0].parts == [MediaPart(0), MediaPart(1), TextPart("q")]
+    assert out[2].parts == [MediaPart(4)]
+    assert combined == {2: 0, 3: 1, 5: 4}
+    every, all_combined = combine_turn_media(turns)  # media_combine sum: one per turn
+    assert every[0].parts == [MediaPart(0), TextPart("q")] and all_combined == {1: 0, 2: 0, 3: 0, 5: 4}

@@ -122,7 +122,9 @@ def test_explicit_zero_temperature_and_seed_are_kept() -> None:
 def test_empty_part_and_bad_tensor_are_invalid() -> None:
     msg = proto_request()
     msg.turns[0].parts.append(llm_pb2.TurnPart())
-    with pytest.raises(InvalidArgumentError, match=r"turns\[0\].parts\[2\]: neither text nor media_index"):
+    with pytest.raises(
+        InvalidArgumentError, match=r"turns\[0\].parts\[2\]: none of text, media_index, time_seconds"
+    ):
         request_from_proto(msg)
     msg = proto_request()
     msg.media[0].features.data = b"\0" * 10

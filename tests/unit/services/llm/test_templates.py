@@ -8,8 +8,9 @@ import pytest
 
 from services.common.errors import InvalidArgumentError, ModalmeshError
 from services.common.presets import TemplateName
-from services.llm.domain import MediaPart, TextPart, Turn
+from services.llm.domain import MediaPart, TextPart, TimePart, Turn
 from services.llm.templates import (
+    BOS,
     LLAVA_SYSTEM,
     TEMPLATES,
     VICUNA_SYSTEM,
@@ -25,7 +26,7 @@ VIDEOCHAT = get_template("videochat")
 PHI3 = get_template("phi3")
 
 
-def user(*parts: TextPart | MediaPart) -> Turn:
+def user(*parts: TextPart | MediaPart | TimePart) -> Turn:
     return Turn("user", list(parts))
 
 
@@ -282,3 +283,57 @@ def test_videochat_frame_note_needs_the_times() -> None:
     assert isinstance(without, str) and without.startswith("</Video>\n###Human:")
     image = template.render(turns, media_modalities=["image"], media_times=[(0.0,)])[-1]
     assert isinstance(image, str) and image.startswith("</Image>\n###Human:")
+
+
+DEMO = get_template("nextgpt_demo")
+
+
+def test_nextgpt_demo_one_turn_splits_around_the_media_with_a_bos_per_text() -> None:
+    # demo_app.py: "### Human: <Image>p</Image> " + " q"; re.split(' <|> ') eats the space on
+    # each side of the tag: "### Human:" | media | " q\n### Assistant:".
+    got = DEMO.render([user(MediaPart(0), text("What is this?"))])
+    assert got == [BOS, "### Human:<Img>", MediaRef(0), "</Img>", BOS, " What is this?\n### Assistant:"]
+    assert not DEMO.bos
+
+
+def test_nextgpt_demo_history_turns_have_one_space_and_the_current_two() -> None:
+    turns = [
+        user(MediaPart(0), text("q1")),
+        assistant("a1"),
+        user(text("q2")),
+    ]
+    got = DEMO.render(turns)
+    assert got == [
+        BOS,
+        "### Human:<Img>",
+        MediaRef(0),
+        "</Img>",
+        BOS,
+        "q1\n### Assistant: a1\n### Human:  q2\n### Assistant:",
+    ]
+
+
+def test_nextgpt_demo_writes_media_first_and_each_item_its_own_segment() -> None:
+    got = DEMO.render([user(text("Compare"), MediaPart(0), MediaPart(1))])
+    assert got == [
+        BOS,
+        "### Human:<Img>",
+        MediaRef(0),
+        "</Img><Img>",
+        MediaRef(1),
+        "</Img>",
+        BOS,
+        " Compare\n### Assistant:",
+    ]
+
+
+def test_phi3_starts_without_bos_and_the_others_with_one() -> None:
+    assert [name for name, t in TEMPLATES.items() if not t.bos] == ["nextgpt_demo", "phi3"]
+
+
+def test_time_parts_render_inline_as_the_time_token() -> None:
+    turn = user(MediaPart(0), text("From "), TimePart(1.5), text(" to "), TimePart(3.0), text("?"))
+    got = PHI3.render([turn], time_token="<vid>")
+    assert got[-2:] == [MediaRef(0), "\nFrom <vid> to <vid>?<|end|>\n<|assistant|>\n"]
+    with pytest.raises(InvalidArgumentError, match=r"heads\.timestamps"):
+        PHI3.render([turn])

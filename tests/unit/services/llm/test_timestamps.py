@@ -10,13 +10,17 @@ from services.llm.timestamps import (
     HEAD_NAME,
     TimestampHeads,
     TimestampMatcher,
+    add_source_frames,
     capture_norm_input,
     format_seconds,
+    frame_at,
     frame_matching_loss,
     load_timestamp_heads,
     seconds_to_frames,
     similarity,
     soft_targets,
+    source_frames,
+    time_token_item,
 )
 
 
@@ -207,3 +211,28 @@ def test_capture_norm_input_is_the_last_block_output_of_a_real_lm():
         capture_norm_input(nn.Linear(2, 2)),
     ):
         pass
+
+
+def test_a_time_token_names_the_next_visual_span_else_the_last() -> None:
+    spans = [(5, 3), (20, 4)]
+    assert [time_token_item(p, spans) for p in (0, 10, 19, 30)] == [0, 1, 1, 1]
+    with pytest.raises(InvalidArgumentError):
+        time_token_item(3, [])
+
+
+def test_source_frames_round_half_to_even_and_clamp_as_etchat() -> None:
+    # E.T. Chat: frame_token[src.round().clamp(0, T - 1)], frame f at f seconds (1 fps from 0)
+    assert [frame_at(x, 6) for x in (2.5, 3.5, 0.49, -1.0, 7.0)] == [2, 4, 0, 0, 5]
+    chosen = source_frames([(30, 2.5), (31, 3.5), (40, 9.0)], [(10, 6)], [()])
+    assert chosen == [(30, 0, 2), (31, 0, 4), (40, 0, 5)]
+    at_half = source_frames([(30, 1.4)], [(10, 3)], [(0.5, 1.5, 2.5)])  # times map seconds to frames
+    assert at_half == [(30, 0, 1)]
+
+
+def test_add_source_frames_adds_each_frame_at_its_token() -> None:
+    embeds = torch.zeros(2, 4, 3)
+    frames = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    out = add_source_frames(embeds, [0, 1], [2, 3], frames)
+    assert torch.equal(out[0, 2], frames[0]) and torch.equal(out[1, 3], frames[1])
+    assert float(out.abs().sum()) == float(frames.sum()) and float(embeds.abs().sum()) == 0.0
+    assert add_source_frames(embeds, [], [], torch.zeros(0, 3)) is embeds

@@ -222,7 +222,18 @@ def test_encoder_places_time_tokens_frames_and_instructions() -> None:
 def test_encoder_sums_one_turns_media_into_one_span() -> None:
     tok = Tok()
     slots = {m: MediaSlots(f"<{m}>", 2, 1, 2) for m in ("image", "audio")}
-    enc = SupervisedEncoder(tok, get_template("plain"), slots, max_length=64, combine=True)
+    enc = SupervisedEncoder(tok, get_template("plain"), slots, max_length=64, combine="sum")
     turns = (Turn("user", (MediaPart(0), MediaPart(1))), Turn("assistant", (TextPart("x"),)))
     e = enc.encode(Sample("s", turns, (MediaFile("image", Path("i")), MediaFile("audio", Path("a")))))
     assert e.media_spans == [(1, 1), (1, 1)] and e.input_ids.count(2) == 1
+
+
+def test_encoder_sums_per_modality_each_its_own_span() -> None:
+    tok = Tok()
+    slots = {m: MediaSlots(f"<{m}>", 2, 1, 2) for m in ("image", "audio")}
+    enc = SupervisedEncoder(tok, get_template("plain"), slots, max_length=64, combine="sum_per_modality")
+    turns = (Turn("user", (MediaPart(0), MediaPart(1), MediaPart(2))), Turn("assistant", (TextPart("x"),)))
+    media = (MediaFile("image", Path("i")), MediaFile("audio", Path("a")), MediaFile("image", Path("j")))
+    e = enc.encode(Sample("s", turns, media))
+    assert e.media_spans[0] == e.media_spans[2] == (1, 1) != e.media_spans[1]
+    assert e.input_ids.count(2) == 2  # two placeholders: the images summed, the audio
