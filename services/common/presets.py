@@ -272,6 +272,13 @@ class LLMSpec(_Strict):
         "E.T. Chat's tokenizer (converted with add_prefix_space=False). Unset: as the tokenizer "
         "files load. Byte-level tokenizers have no such mark and ignore it.",
     )
+    sliding_window: Literal["checkpoint", "none"] = Field(
+        default="checkpoint",
+        description="Whether the LM attends within its config's sliding window (Phi-3-mini's "
+        "2047/2048). checkpoint: as transformers 5 applies config.sliding_window; none: no window, "
+        "as E.T. Chat's eager Phi-3 on transformers 4.44 attends (only its flash-attention path "
+        "had one).",
+    )
 
     @model_validator(mode="after")
     def _training_template(self) -> LLMSpec:

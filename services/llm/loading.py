@@ -232,6 +232,7 @@ def load_lm(preset: Preset, *, dtype: torch.dtype) -> tuple[Any, Any]:
     transformers config it extends, and the tokens that seed's inference adds at load, with
     the embeddings resized to the tokenizer (EventGPT inference.py:33-39), are added here
     (`seed_configs.apply_load_tokens`); then every `llm.added_tokens` must be one token.
+    `llm.sliding_window: none` clears the config's window (E.T. Chat).
 
     Raises:
         FailedPreconditionError: The folder is missing, its config names an unknown
@@ -241,6 +242,8 @@ def load_lm(preset: Preset, *, dtype: torch.dtype) -> tuple[Any, Any]:
 
     checkpoint = check_llm_folder(preset)
     llm_config = read_llm_config(checkpoint)
+    if preset.llm.sliding_window == "none":  # E.T. Chat's eager Phi-3 (transformers 4.44) had none
+        llm_config.config.sliding_window = None
     tokenizer = load_tokenizer(checkpoint, dummy_prefix=preset.llm.dummy_prefix, config=llm_config.config)
     lm = AutoModelForCausalLM.from_pretrained(checkpoint, config=llm_config.config, dtype=dtype)
     for token, token_id in apply_load_tokens(llm_config, tokenizer, lm):

@@ -162,3 +162,31 @@ def test_a_missing_lm_folder_is_named_not_taken_for_a_hub_id(tiny_preset: Preset
             FailedPreconditionError, match=r"llm.checkpoint: expected a Hugging Face model folder"
         ):
             load_model(preset)
+
+
+@pytest.mark.parametrize("setting", ["checkpoint", "none"])
+def test_sliding_window_is_the_checkpoints_or_none(twin, tmp_path: Path, setting: str) -> None:
+    """`llm.sliding_window: none` (E.T. Chat, whose eager Phi-3 on transformers 4.44 had no
+    window) lets the last position see the first token past the config's window."""
+    import json
+    import shutil
+
+    from services.llm.loading import load_lm
+
+    preset = twin("tiny-etchat")
+    folder = tmp_path / "llm"
+    shutil.copytree(preset.llm.checkpoint, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["sliding_window"] = window = 3
+    (folder / "config.json").write_text(json.dumps(config))
+    llm = preset.llm.model_copy(update={"checkpoint": folder, "sliding_window": setting})
+    _, lm = load_lm(preset.model_copy(update={"llm": llm}), dtype=torch.float32)
+    assert lm.config.sliding_window == (window if setting == "checkpoint" else None)
+    length = (window - 1) * lm.config.num_hidden_layers + 2  # past what the window lets through
+    ids = torch.arange(5, 5 + length).view(1, -1)
+    other = ids.clone()
+    other[0, 0] = 4
+    with torch.inference_mode():
+        last = lm(input_ids=ids).logits[0, -1]
+        changed = lm(input_ids=other).logits[0, -1]
+    assert torch.allclose(last, changed) is (setting == "checkpoint")
