@@ -435,7 +435,7 @@ def test_real_presets_decode_as_their_seeds_demo_or_inference_script(tmp_path):
         assert g.decode_reply_alone and (g.presence_penalty, g.frequency_penalty) == (0.0, 0.0)
     assert rows == {
         "pandagpt": (1.0, 0.01, 50, 256, 1.0),
-        "nextgpt": (0.4, 1.0, 50, 150, 1.0),
+        "nextgpt": (1.0, 0.01, 50, 246, 1.0),
         "videochat": (1.0, 0.9, 50, 1000, 1.0),
         "etchat": (0.2, 1.0, 0, 2048, 1.0),
         "eventgpt": (0.4, 1.0, 50, 512, 1.0),
@@ -454,3 +454,12 @@ def test_only_videochat_keeps_the_llm_frozen_in_instruction_tuning(tmp_path):
     for name in SEEDS:
         for preset in (name, f"tiny-{name}"):
             assert load_preset(preset, cache_dir=tmp_path).lora.enabled is (name != "videochat")
+
+
+def test_only_etchat_serves_without_the_checkpoints_sliding_window(tmp_path):
+    """E.T. Chat's eager Phi-3 on transformers 4.44 applied no sliding window (etchat/model/
+    builder.py:27,74); the Llama presets have none to apply."""
+    for name in SEEDS:
+        for preset in (name, f"tiny-{name}"):
+            window = load_preset(preset, cache_dir=tmp_path).llm.sliding_window
+            assert window == ("none" if name == "etchat" else "checkpoint")
