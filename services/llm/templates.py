@@ -474,9 +474,8 @@ TEMPLATES: dict[str, Template] = {
     # No system prompt (LLaVA's v0 one, SEEDS_SPEC 1.4, is not used by either); one " "
     # between "</Img>" and the text; the same <Img> wrapper for every modality (SEEDS_SPEC
     # 2.A, line 159). NExT-GPT's training prompt is this one (SEEDS_SPEC 2.A, lines 156-167).
-    # Not reproduced, NExT-GPT legacy inference's quirks (SEEDS_SPEC 2.A, lines 210-214): a
-    # BOS before every text segment, no spaces around the media (re.split(' <|> ')), and
-    # "\n###### Human:" after the history. The reply ends at "###" (ids 835 or 2277 29937).
+    # NExT-GPT's inference form (a BOS before every text segment, re.split(' <|> ') around the
+    # media; SEEDS_SPEC 2.A) is "nextgpt_demo" below. The reply ends at "###".
     "vicuna_v0": Template(
         name="vicuna_v0",
         system="",
