@@ -215,7 +215,8 @@ def read_npz(data: bytes, *, what: str, max_bytes: int) -> dict[str, np.ndarray]
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
         infos = archive.infolist()
-    except (zipfile.BadZipFile, ValueError, OSError) as e:
+    except (zipfile.BadZipFile, ValueError, OSError, NotImplementedError, EOFError) as e:
+        # NotImplementedError: a central directory asking for a zip version zipfile lacks (6.4)
         raise InvalidArgumentError(f"{what}: expected a valid .npz (zip) file, got an error: {e}") from None
     if len(infos) > MAX_NPZ_MEMBERS:
         raise InvalidArgumentError(f"{what}: expected at most {MAX_NPZ_MEMBERS} arrays, got {len(infos)}")

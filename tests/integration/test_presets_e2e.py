@@ -527,10 +527,12 @@ def test_etchat_one_token_per_second_and_timestamps(stacks: Stacks) -> None:
     plain = stack.prompt_tokens([user(text(QUESTION))])
     three = stack.prompt_tokens([user(video_part(video(3)), text(QUESTION))])
     six = stack.prompt_tokens([user(video_part(video(6)), text(QUESTION))])
-    ten = stack.prompt_tokens([user(video_part(video(10, fps=2)), text(QUESTION))])
+    eight = stack.prompt_tokens([user(video_part(video(8, fps=2)), text(QUESTION))])
     assert_media_adds(three, plain, media_tokens(preset, "video", frames=3))
     assert six - three == 3  # 1 fps: one frame, one token per second
-    assert ten - three == 8 - 3  # at most 8 frames
+    assert eight - three == 8 - 3  # up to max_frames (8), at the source's 2 fps too
+    r = stack.chat([user(video_part(video(10, fps=2)), text(QUESTION))])  # over max_frames: refused
+    assert r.status_code == 400 and "expected at most max_frames = 8 frames at 1 fps" in r.text, r.text
     reply = stack.ok([user(video_part(video(4)), text("When does it move?"))], max_tokens=8)
     message = reply["choices"][0]["message"]
     assert isinstance(message["timestamps"], list)  # a timestamp head: always a list

@@ -26,7 +26,7 @@ def limit_memory() -> None:
 
 def _image(data: bytes, _: object) -> object:
     global _CLIP
-    from services.encoders.media import clip_preprocessor
+    from services.encoders.prepare import clip_preprocessor
     from services.encoders.preprocess import decode_image
 
     if _CLIP is None:

@@ -224,9 +224,17 @@ def _encrypted_npz() -> bytes:
     return bytes(data)
 
 
+def _zip_version_64() -> bytes:
+    """Found by this fuzzer: a central directory entry asking for zip version 6.4 made zipfile
+    raise NotImplementedError while opening the archive."""
+    end = b"PK\x05\x06" + b"\x00" * 8 + b"\xcc\x00\x00\x00" + b"\x00" * 6
+    return b"PK\x03\x04PK\x01\x02\x00\x00@" + b"\x00" * 197 + end
+
+
 @fuzz_settings(3000)
 @given(damaged(EVENTS))
 @example(_encrypted_npz())
+@example(_zip_version_64())
 def test_event_parser(data: bytes) -> None:
     check("event", data)
 
