@@ -14,8 +14,8 @@ from pathlib import Path
 
 import httpx
 
-from modalmesh.tiny import ensure_generated
 from services.common.presets import Preset, load_preset
+from services.models.tiny import ensure_generated
 from tests.helpers.procs import Process, free_ports, start_process, stop_all, wait_until
 from tests.helpers.services import (
     gateway_healthy,

@@ -36,14 +36,15 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from transformers.generation.streamers import BaseStreamer
 
 from gateway.media import decode_data_url
+from services.common.content import MediaItem, MediaPart, Part, TextPart, Turn
 from services.common.errors import InvalidArgumentError, ModalmeshError
 from services.common.presets import load_preset
 from services.common.settings import Settings
-from services.encoders.media import MediaEncoder
-from services.llm.domain import GenerationRequest, MediaItem, MediaPart, Part, TextPart, Turn
+from services.llm.domain import GenerationRequest
 from services.llm.engine import Engine, PreparedRequest
-from services.llm.loading import load_model
 from services.llm.sampling import SamplingParams
+from services.models.lm.loading import load_model
+from services.models.media.encode import MediaEncoder
 
 logger = logging.getLogger(__name__)
 

@@ -41,7 +41,7 @@ def _seconds(fn: Callable[[], object], reps: int) -> float:
 @torch.inference_mode()
 def ceiling(stack: Stack, cfg: BenchConfig) -> list[Figure]:
     """Decode-step and whole-chat throughput of the preset's LM at 16 rows vs one."""
-    from services.llm.loading import load_model
+    from services.models.lm.loading import load_model
 
     threads = os.environ.get("OMP_NUM_THREADS")
     if threads:  # as the services run (bench --threads)

@@ -25,9 +25,9 @@ import numpy as np
 from bench._config import BenchConfig
 from bench._report import Figure
 from bench._stack import STARTUP_TIMEOUT_S, Stack
-from modalmesh.tiny import ensure_generated
 from services.common.presets import Preset, load_preset
 from services.common.settings import Settings
+from services.models.tiny import ensure_generated
 from tests.helpers.procs import free_ports, stop_all, wait_until
 from tests.helpers.services import start_decoders
 
@@ -107,8 +107,8 @@ def _seed_style_seconds(preset: Preset, cfg: BenchConfig) -> float:
     from diffusers.utils import logging as diffusers_logging
 
     from services.decoders.media_out import encode_media
-    from services.decoders.pipelines import DecodeParams, decode
     from services.decoders.server import load_decoders
+    from services.models.decoders.pipelines import DecodeParams, decode
 
     diffusers_logging.disable_progress_bar()
     image_only = preset.model_copy(update={"outputs": {"image": preset.outputs["image"]}})

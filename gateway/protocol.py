@@ -10,7 +10,7 @@ Media parts (request): `image_url`, `video_url` (data:video/...;base64 or http(s
 webm, mkv, avi), `audio_url` and `input_audio` ({"data": <base64>, "format": "wav" | "mp3" |
 "flac" | "ogg"}), and modalmesh's `event_url` and `input_event` ({"data": <base64>, "format":
 "npy" | "npz"}; an EventGPT .npy dict of x, y, t, p, a plain .npy structured or (N, 4) array, or
-an .npz; see services/encoders/events.py). Any number of them, of any kinds the preset has an
+an .npz; see services/models/media/events.py). Any number of them, of any kinds the preset has an
 encoder for, in any message.
 
 Any media part may carry vLLM's `uuid` (1-128 characters of A-Z a-z 0-9 . _ : -): the item's

@@ -50,6 +50,7 @@ from gateway.llm_client import LLMClient
 from gateway.media import MediaFetcher
 from gateway.metrics import GatewayMetrics
 from modalmesh.v1 import llm_pb2
+from services.common.decode_params import check_params
 from services.common.errors import (
     InvalidArgumentError,
     ModalmeshError,
@@ -59,7 +60,6 @@ from services.common.errors import (
 from services.common.presets import Preset
 from services.common.settings import Settings
 from services.common.tensor_codec import tensor_fields, tensor_to_array
-from services.decoders.params import check_params
 
 logger = logging.getLogger(__name__)
 

@@ -115,7 +115,7 @@ def _publish(args: argparse.Namespace, settings: Settings, registry: AdapterRegi
     preset's LLM folder, copied to <artifact store>/<name>/<next version> and recorded; made
     current unless --no-current, so every LLM replica swaps to it."""
     from services.common.presets import load_preset
-    from services.llm.adapters import base_fingerprint, read_manifest
+    from services.models.checkpoints.bundle import base_fingerprint, read_manifest
     from services.trainer.publisher import publish_bundle
 
     manifest = read_manifest(args.bundle)

@@ -129,7 +129,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
     if args.action == "show":
         print(preset.model_dump_json(indent=2))
         return 0
-    from modalmesh.tiny import generate
+    from services.models.tiny import generate
 
     wrote = generate(preset, force=args.force)
     print(f"{'generated' if wrote else 'already present'}: {preset.llm.checkpoint.parent}")

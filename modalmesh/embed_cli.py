@@ -44,16 +44,16 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 def cmd_embed(args: argparse.Namespace) -> int:
     """Run `modalmesh embed-captions`; errors are modalmesh errors (one line, exit 2)."""
-    from modalmesh.tiny import ensure_generated
     from services.common.presets import load_preset
     from services.common.settings import Settings
-    from services.decoders.embed import (
+    from services.models.decoders.embed import (
         DEFAULT_BATCH,
         CaptionEmbedder,
         embed_captions,
         output_spec,
         read_captions,
     )
+    from services.models.tiny import ensure_generated
 
     overrides = {k: getattr(args, k) for k in ("cache_dir", "presets_dir") if getattr(args, k) is not None}
     settings = Settings(**overrides)

@@ -69,7 +69,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     """Run `modalmesh import`; errors are modalmesh errors (printed on one line, exit 2)."""
     from services.common.presets import load_preset
     from services.common.settings import Settings
-    from services.llm import importers
+    from services.models.checkpoints import importers
 
     overrides = {k: getattr(args, k) for k in ("cache_dir", "presets_dir") if getattr(args, k) is not None}
     settings = Settings(**overrides)

@@ -271,8 +271,8 @@ class Stack:
 
     def start(self, timeout_s: float = 300.0) -> None:
         """Start every service and wait until all are healthy; on failure stop what started."""
-        from modalmesh.tiny import ensure_generated
         from services.common.presets import load_preset
+        from services.models.tiny import ensure_generated
 
         self.log_dir.mkdir(parents=True, exist_ok=True)
         try:

@@ -53,7 +53,7 @@ def cmd_add_tokens(args: argparse.Namespace) -> int:
     from services.common.errors import InvalidArgumentError
     from services.common.presets import load_preset
     from services.common.settings import Settings
-    from services.llm.tokens import add_tokens
+    from services.models.lm.tokens import add_tokens
 
     hf_logging.disable_progress_bar()
     overrides = {k: getattr(args, k) for k in ("cache_dir", "presets_dir") if getattr(args, k) is not None}

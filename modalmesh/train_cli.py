@@ -238,8 +238,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
     modalities = [m.strip() for m in args.modalities.split(",") if m.strip()]
     output_preset = None
     if "t2x" in modalities:
-        from modalmesh.tiny import ensure_generated
         from services.common.presets import load_preset
+        from services.models.tiny import ensure_generated
 
         settings = _settings(args)
         output_preset = load_preset(

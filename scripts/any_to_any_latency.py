@@ -25,7 +25,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from modalmesh.tiny import ensure_generated
+from services.models.tiny import ensure_generated
 from services.common.presets import load_preset
 from tests.helpers.procs import free_ports, wait_until
 from tests.helpers.services import (

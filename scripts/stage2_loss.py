@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from modalmesh.tiny import ensure_generated
+from services.models.tiny import ensure_generated
 from services.common.presets import load_preset
 from services.trainer.synth import synthesize
 from tests.integration.test_trainer import run_ranks, stage2_job

@@ -16,8 +16,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 @pytest.fixture(scope="session")
 def tiny_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A cache folder holding the generated tiny preset (generated once per test session)."""
-    from modalmesh.tiny import generate
     from services.common.presets import load_preset
+    from services.models.tiny import generate
 
     cache = tmp_path_factory.mktemp("modalmesh-cache")
     generate(load_preset("tiny", cache_dir=cache))

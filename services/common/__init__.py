@@ -10,4 +10,6 @@ Modules (import from them directly):
     log           JSON logging with the request id
     presets       the preset schema and loader
     adapter_registry  adapter versions, current pointers and events in Redis (no torch)
+    content       roles, turns and their parts, encoded media features, timestamps
+    decode_params decoding parameters of the output modalities and their checks
 """

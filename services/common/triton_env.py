@@ -60,8 +60,8 @@ def serve_triton(
         The exit code: 0 after a stop signal, 1 when Triton fails to start or dies on its own,
         2 when the preset or its checkpoints cannot be loaded.
     """
-    from modalmesh.tiny import ensure_generated
     from services.common.presets import load_preset
+    from services.models.tiny import ensure_generated
 
     stop = threading.Event()
 

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from services.common.errors import InvalidArgumentError
-from services.decoders.pipelines import AudioOut, ImageOut, Media, VideoOut
+from services.models.decoders.pipelines import AudioOut, ImageOut, Media, VideoOut
 
 FORMATS = {"image": ("png",), "audio": ("wav",), "video": ("mp4", "gif")}
 MIME_TYPES = {"png": "image/png", "wav": "audio/wav", "mp4": "video/mp4", "gif": "image/gif"}

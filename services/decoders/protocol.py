@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.decoders.params import FIELDS
+from services.common.decode_params import FIELDS
 
 EMBEDS_INPUT = "prompt_embeds"
 PARAMS_INPUT = "params"

@@ -20,8 +20,8 @@ from services.common.presets import Preset
 from services.common.settings import Settings
 from services.common.triton_env import TritonServer
 from services.decoders.media_out import encode_media
-from services.decoders.pipelines import DecodeParams, decode, load_decoder
 from services.decoders.triton import BoundDecoder, bind_decoder
+from services.models.decoders.pipelines import DecodeParams, decode, load_decoder
 
 logger = logging.getLogger(__name__)
 

@@ -36,7 +36,6 @@ from services.common.errors import InvalidArgumentError
 from services.common.log import REQUEST_ID_HEADER, bound_request_id
 from services.common.presets import DecoderSpec
 from services.decoders.media_out import FORMATS, EncodedMedia, encode_media
-from services.decoders.pipelines import DecodeParams, Decoder, Media, decode_batch
 from services.decoders.protocol import (
     EMBEDS_INPUT,
     ERROR_OUTPUT,
@@ -47,6 +46,7 @@ from services.decoders.protocol import (
     PARAMS_INPUT,
     SEED_OUTPUT,
 )
+from services.models.decoders.pipelines import DecodeParams, Decoder, Media, decode_batch
 
 logger = logging.getLogger(__name__)
 

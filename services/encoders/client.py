@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from services.common.content import EncodedItem
 from services.common.errors import (
     DeadlineExceededError,
     InvalidArgumentError,
@@ -27,13 +28,7 @@ from services.common.errors import (
 )
 from services.common.log import REQUEST_ID_HEADER
 from services.common.settings import Settings
-from services.encoders.protocol import (
-    ERROR_OUTPUT,
-    FEATURES_OUTPUT,
-    MEDIA_INPUT,
-    TIMES_OUTPUT,
-    EncodedItem,
-)
+from services.encoders.protocol import ERROR_OUTPUT, FEATURES_OUTPUT, MEDIA_INPUT, TIMES_OUTPUT
 
 logger = logging.getLogger(__name__)
 

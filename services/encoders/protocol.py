@@ -19,31 +19,7 @@ Kept free of heavy imports so that clients (the gateway) need neither torch nor 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import numpy as np
-
 MEDIA_INPUT = "media"
 FEATURES_OUTPUT = "features"
 TIMES_OUTPUT = "times"
 ERROR_OUTPUT = "error"
-
-
-@dataclass(frozen=True, eq=False)
-class EncodedItem:
-    """One encoded media item.
-
-    Attributes:
-        features: float32 C-contiguous (frames * tokens_per_frame, dim), frame-major (frame 0's
-            tokens first; within a frame, tap 0's tokens first).
-        times: float32 (frames,): each frame's time in seconds in the source (an image, and an
-            ImageBind item, is one frame at 0.0; an event frame starts at its chunk's first event).
-    """
-
-    features: np.ndarray
-    times: np.ndarray
-
-    @property
-    def frames(self) -> int:
-        """Number of frames the features cover."""
-        return len(self.times)

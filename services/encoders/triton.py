@@ -42,8 +42,8 @@ from services.common.log import REQUEST_ID_HEADER, bound_request_id
 from services.common.presets import EncoderSpec, Preset
 from services.common.settings import Settings
 from services.common.triton_env import TritonServer
-from services.encoders.media import EncoderLimits, MediaEncoder
 from services.encoders.protocol import ERROR_OUTPUT, FEATURES_OUTPUT, MEDIA_INPUT, TIMES_OUTPUT
+from services.models.media.encode import EncoderLimits, MediaEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def load_encoders(
     Modalities whose encoder specs are equal apart from sampling and serving options share
     one backbone, built with the towers all of them need.
     """
-    from services.encoders.backbones import build_backbone
+    from services.models.backbones.base import build_backbone
 
     limits = EncoderLimits.from_settings(settings)
     if decode_workers is None and settings.encoder_decode_workers:

@@ -1,19 +1,15 @@
-"""The LLM service: connectors, templates, placeholder splicing, LLM + adapters, decoding.
+"""The LLM service: the served MultimodalLM (from `services.models`) with its adapters, batched
+decoding and streaming over gRPC.
 
-Library modules (no grpc imports; the trainer may import them):
+Library modules (no grpc imports):
     domain      requests, events and model info; the GenerationEngine interface
-    templates   conversation templates and rendering turns into segments
-    prompt      segments -> token ids with media placeholders expanded, and their spans
-    connectors  encoder features -> LLM embeddings (one builder per connector type)
-    adapters    adapter bundles: write, load, verify
-    lora        LoRA bundles at serving: checks against the LM, PEFT multi-adapter on one LM
     adapter_manager  loaded adapter versions, the current pointer, eviction, on-demand pins
     adapter_sync     following the adapter registry in Redis (start-up catch-up, events)
-    model       MultimodalLM: connectors + causal LM; embedding with features scattered in
-    loading     a preset -> tokenizer, LM, bundle, connectors (the one loading path)
     sampling    sampling parameters and next-token selection
     detokenize  incremental detokenization and stop strings
-    engine      Engine: validation, KV-cached decode loop on a worker thread, streaming
+    signals     NExT-GPT's signal tokens -> output projector conditioning
+    batching    the continuous batch's KV cache and step
+    engine      Engine: validation, continuous batching on a worker thread, streaming
 
 Server (grpc):
     servicer    modalmesh.v1.LLM over an engine (proto <-> domain)

@@ -40,8 +40,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging("llm", level=settings.log_level, json_lines=settings.log_json)
     from transformers.utils import logging as hf_logging
 
-    from modalmesh.tiny import ensure_generated
     from services.llm.server import serve
+    from services.models.tiny import ensure_generated
 
     hf_logging.disable_progress_bar()
     try:

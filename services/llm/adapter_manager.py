@@ -1,7 +1,7 @@
 """The adapter versions one LLM replica serves: loading, verifying, the current pointer, eviction.
 
 An `AdapterVersion` is one bundle made servable: its connectors (an nn.ModuleDict of its own),
-its timestamp heads where the preset has them, and, if the bundle has LoRA, a PEFT adapter on the shared LM (`services.llm.lora`). The
+its timestamp heads where the preset has them, and, if the bundle has LoRA, a PEFT adapter on the shared LM (`services.models.lm.lora`). The
 manager keeps several versions loaded at once and a pointer to the current one:
 
 - A request resolves its version when it is prepared ("" or the adapter name = current,
@@ -35,11 +35,11 @@ from typing import Any, TypeVar
 from torch import nn
 
 from services.common.errors import FailedPreconditionError, NotFoundError, UnavailableError
-from services.llm.adapters import Bundle, base_fingerprint, load_bundle, read_manifest
-from services.llm.loading import DTYPES, LoadedModel, load_connectors, load_heads
-from services.llm.lora import LoraHost, check_lora, linear_shapes, peft_adapter_name
-from services.llm.output_projector import OutputProjector, load_projectors
-from services.llm.timestamps import TimestampHeads
+from services.models.checkpoints.bundle import Bundle, base_fingerprint, load_bundle, read_manifest
+from services.models.lm.loading import DTYPES, LoadedModel, load_connectors, load_heads
+from services.models.lm.lora import LoraHost, check_lora, linear_shapes, peft_adapter_name
+from services.models.lm.output_projector import OutputProjector, load_projectors
+from services.models.lm.timestamps import TimestampHeads
 
 logger = logging.getLogger(__name__)
 

@@ -12,63 +12,12 @@ from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
+from services.common.content import MediaItem, Timestamp, Turn
+
 if TYPE_CHECKING:
     import torch
 
     from services.llm.sampling import SamplingParams
-
-ROLES = ("system", "user", "assistant")
-
-
-@dataclass(frozen=True)
-class TextPart:
-    """Literal text inside a turn."""
-
-    text: str
-
-
-@dataclass(frozen=True)
-class MediaPart:
-    """A reference, by index, to one item of `GenerationRequest.media`."""
-
-    index: int
-
-
-@dataclass(frozen=True)
-class TimePart:
-    """A time in the source media, in seconds (E.T. Bench's `<vid>` in a question).
-
-    It renders as the preset's time token, whose input embedding gets the LLM embedding of
-    the frame at that time added (`services.llm.timestamps.add_source_frames`).
-    """
-
-    seconds: float
-
-
-Part = TextPart | MediaPart | TimePart
-
-
-@dataclass(frozen=True)
-class Turn:
-    """One message of the conversation: a role and its parts in order."""
-
-    role: str
-    parts: Sequence[Part]
-
-
-@dataclass(frozen=True)
-class MediaItem:
-    """Encoder output for one media item, before the connector.
-
-    Attributes:
-        modality: "image", "video", "audio" or "event".
-        features: (frames * tokens_per_frame, dim), frame-major, as the encoder returned it.
-        times: Seconds of each frame in the source (one per frame), or () when unknown.
-    """
-
-    modality: str
-    features: torch.Tensor = field(repr=False)  # (frames * tokens_per_frame, dim)
-    times: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -112,23 +61,6 @@ class Usage:
 
     prompt_tokens: int
     completion_tokens: int
-
-
-@dataclass(frozen=True)
-class Timestamp:
-    """A time the model referred to (E.T. Chat's `<vid>`), matched to a frame of a media item.
-
-    Attributes:
-        media_index: The item, an index into `GenerationRequest.media`.
-        frame: The frame within that item.
-        seconds: The frame's time in the source.
-        char_offset: Where the time was written in the whole reply's text.
-    """
-
-    media_index: int
-    frame: int
-    seconds: float
-    char_offset: int
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ runs the scheduler loop while there is work; each iteration
 - admits waiting requests (FIFO) while the running batch has room (`max_batch_size`) and this
   iteration's prefill budget lasts (`max_prefill_tokens`, at least one request): each is
   prefilled alone (causal, or with a 4D mask where the preset's media spans attend
-  bidirectionally, `services.llm.attention`), takes its first token at once and joins the
+  bidirectionally, `services.models.lm.attention`), takes its first token at once and joins the
   running batch of its adapter version (`services.llm.batching`: left-padded KV cache, per-row
   positions and mask);
 - then runs one decode step of every running batch (one forward for all its rows), and each
@@ -34,7 +34,7 @@ stop string (the request's, then the preset's or else the template's) or a stop 
 request's and the preset's); the preset's text rules (`GenerationSpec`) decide what of its
 last tokens, the stop included, reaches the text, and whether it is stripped.
 
-Time tokens (presets with `heads.timestamps`, `services.llm.time_matching`): a request with
+Time tokens (presets with `heads.timestamps`, `services.models.lm.time_matching`): a request with
 media of the heads' modality decodes through a `TimedDecode`, which matches every position
 against the frames; a sampled time token is written into the reply as the matched frame's
 time in seconds ("12", "12.5") and reported as a `Timestamp` on the event carrying that text.
@@ -66,6 +66,7 @@ from typing import Any, cast
 
 import torch
 
+from services.common.content import MediaItem, MediaPart, Part, TextPart, Timestamp, Turn
 from services.common.errors import (
     CancelledError,
     InvalidArgumentError,
@@ -76,33 +77,27 @@ from services.common.errors import (
 )
 from services.common.presets import Preset
 from services.llm.adapter_manager import AdapterManager, AdapterVersion, WorkerCalls
-from services.llm.attention import prefill_attention_mask
 from services.llm.batching import BatchCache
 from services.llm.detokenize import IncrementalDetokenizer, StopMatcher, Strip
 from services.llm.domain import (
     FinishReason,
     GenerationEvent,
     GenerationRequest,
-    MediaItem,
-    MediaPart,
     ModalityInfo,
     ModelInfo,
     OutputInfo,
     OutputSignal,
-    Part,
-    TextPart,
-    Timestamp,
-    Turn,
     Usage,
 )
-from services.llm.loading import LoadedModel, load_model
 from services.llm.metrics import LLMMetrics
-from services.llm.prompt import Prompt, request_prompt
 from services.llm.sampling import DEFAULT_MAX_TOKENS, Penalties, Sampler, SamplingParams, apply_penalties
 from services.llm.signals import SignalCapture, check_requested, output_signal_ids
-from services.llm.templates import get_template, turn_text
-from services.llm.time_matching import TimedDecode
-from services.llm.timestamps import add_source_frames, format_seconds, source_frames
+from services.models.lm.attention import prefill_attention_mask
+from services.models.lm.loading import LoadedModel, load_model
+from services.models.lm.time_matching import TimedDecode
+from services.models.lm.timestamps import add_source_frames, format_seconds, source_frames
+from services.models.prompt.builder import Prompt, request_prompt
+from services.models.prompt.templates import get_template, turn_text
 
 logger = logging.getLogger(__name__)
 
@@ -886,7 +881,7 @@ class Engine:
 
     def _prefill_mask(self, job: PreparedRequest, embeds: torch.Tensor) -> torch.Tensor | None:
         """The prompt's 4D attention mask where media spans attend bidirectionally (the preset's
-        `attention`, `services.llm.attention`), or None: causal. Decode steps need none."""
+        `attention`, `services.models.lm.attention`), or None: causal. Decode steps need none."""
         return prefill_attention_mask(
             self.loaded.preset,
             self.loaded.model.lm,

@@ -14,23 +14,12 @@ from typing import Any
 import grpc
 
 from modalmesh.v1 import llm_pb2, llm_pb2_grpc
+from services.common.content import MediaItem, MediaPart, Part, TextPart, TimePart, Turn
 from services.common.errors import InvalidArgumentError, ModalmeshError
 from services.common.grpc_errors import abort_with
 from services.common.log import bound_request_id, request_id_from_metadata
 from services.common.tensor_codec import tensor_to_torch, torch_tensor_fields
-from services.llm.domain import (
-    FinishReason,
-    GenerationEngine,
-    GenerationEvent,
-    GenerationRequest,
-    MediaItem,
-    MediaPart,
-    ModelInfo,
-    Part,
-    TextPart,
-    TimePart,
-    Turn,
-)
+from services.llm.domain import FinishReason, GenerationEngine, GenerationEvent, GenerationRequest, ModelInfo
 from services.llm.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)

@@ -32,7 +32,7 @@ from torch import nn
 from services.common.errors import InvalidArgumentError
 from services.common.presets import Preset
 from services.llm.domain import OutputSignal
-from services.llm.output_projector import OutputProjector, signal_token_ids
+from services.models.lm.output_projector import OutputProjector, signal_token_ids
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """The output side in training (NExT-GPT stage 2, and stage 3 with outputs): the projectors and
 their distance loss.
 
-`OutputHeads` holds one `services.llm.output_projector.OutputProjector` per output modality of
+`OutputHeads` holds one `services.models.lm.output_projector.OutputProjector` per output modality of
 the preset. For every training sequence that carries a modality's signal tokens and a caption
 embedding (`SignalInBatch`), the LM's hidden states at layer `hidden_layer` are cut AT the
 signal tokens (training always uses "at", SEEDS_SPEC 2.A "Loss"), fed with the tokens' input
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from services.common.presets import Preset
-from services.llm.output_projector import (
+from services.models.lm.output_projector import (
     TRAIN_POSITION,
     OutputProjector,
     gather_signal_input,

@@ -17,7 +17,7 @@ those in assistant replies, in text order; a time token in any other record is a
 
 Placeholders: each occurrence of the modality's placeholder (e.g. "<image>") in a user message
 marks where the next media item goes. Text around a placeholder is stripped, and a message's
-parts render joined by "\\n" (the serving convention of `services.llm.templates`), so LLaVA's
+parts render joined by "\\n" (the serving convention of `services.models.prompt.templates`), so LLaVA's
 "<image>\\nWhat is this?" becomes [media 0, "What is this?"] and renders back unchanged.
 """
 
@@ -31,9 +31,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from services.common.content import MediaPart, Part, TextPart, Turn
 from services.common.errors import InvalidArgumentError
-from services.llm.domain import MediaPart, Part, TextPart, Turn
-from services.llm.templates import check_roles
+from services.models.prompt.templates import check_roles
 
 # LLaVA's "from" values, and the OpenAI-style ones, mapped to template roles.
 ROLE_NAMES: Mapping[str, str] = {

@@ -6,7 +6,7 @@ where serving's prompt ends, and the supervised text is the rest of the assistan
 reply and the assistant suffix, i.e. the end-of-turn marker the model must learn to emit:
 " " + reply + "</s>" for vicuna_v1, reply + "\\n" for plain, " " + reply + "\\n###" for
 vicuna_v0, " " + reply + "###" for videochat, reply + "<|end|>" for phi3.
-Ids are made as `services.llm.prompt.PromptBuilder` makes them: BOS once where the template
+Ids are made as `services.models.prompt.builder.PromptBuilder` makes them: BOS once where the template
 starts with one (`Template.bos`; not Phi-3's), each text segment tokenized alone without special
 tokens ("</s>" -> the EOS id), each media item expanded to as many placeholder ids as its
 connector emits. Labels are IGNORE_INDEX except on the supervised
@@ -36,11 +36,11 @@ from typing import Any, Literal, NamedTuple, TypedDict
 
 import torch
 
+from services.common.content import MediaPart, TextPart, Turn
 from services.common.errors import InvalidArgumentError
 from services.common.presets import Preset
-from services.llm.domain import MediaPart, TextPart, Turn
-from services.llm.prompt import combine_turn_media, placeholder_token_id
-from services.llm.templates import Bos, Segment, Template, check_roles, merge_text, turn_text
+from services.models.prompt.builder import combine_turn_media, placeholder_token_id
+from services.models.prompt.templates import Bos, Segment, Template, check_roles, merge_text, turn_text
 from services.trainer._samples import BadSampleError, MediaFile, Sample
 
 IGNORE_INDEX = -100  # labels at positions that carry no loss (torch's cross_entropy default)

@@ -4,7 +4,7 @@ For NExT-GPT-style presets (with `outputs`), `synthesize(..., modalities=[..., "
 output_preset=preset)` writes, per output modality of the preset, captions drawn from the
 same words as the media generators ("a red circle on a white background", "a red circle
 moving left", "a high tone") and their embeddings computed by that modality's decoder
-(`services.decoders.embed`, the function `modalmesh embed-captions` runs), so stage-2 runs
+(`services.models.decoders.embed`, the function `modalmesh embed-captions` runs), so stage-2 runs
 and tests need no download:
 
 - `t2x/<modality>/<name>.npy` and `t2x/<modality>/t2x.jsonl` (the folder's own dataset);
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from services.common.presets import Preset
-from services.decoders.embed import CaptionEmbedder, CaptionRecord, embed_captions
+from services.models.decoders.embed import CaptionEmbedder, CaptionRecord, embed_captions
 
 FOLDER = "t2x"
 

@@ -35,11 +35,11 @@ from typing import Any
 
 import torch
 
+from services.common.content import TextPart, Turn
 from services.common.errors import InvalidArgumentError
 from services.common.presets import OutputSpec
-from services.decoders.embed import load_caption_embedding
-from services.llm.domain import TextPart, Turn
-from services.llm.output_projector import find_signal_spans
+from services.models.decoders.embed import load_caption_embedding
+from services.models.lm.output_projector import find_signal_spans
 from services.trainer._samples import ROLE_NAMES, BadSampleError, Sample, record_id
 from services.trainer._supervised import IGNORE_INDEX, SupervisedEncoder
 from services.trainer.datasets import LoadReport, _check_ratio, _records

@@ -2,7 +2,7 @@
 
 Encoder features are computed here, once, before training: the encoders are frozen and the
 preprocessing deterministic, so each media file is encoded once per run (batched, with
-`services.encoders.media.MediaEncoder`; modalities of one checkpoint share one backbone)
+`services.models.media.encode.MediaEncoder`; modalities of one checkpoint share one backbone)
 instead of every epoch. Features come before tokenizing: an item's LLM tokens follow its frame
 count (fps sampling), and its frame times place E.T. Chat's `<vid>` targets. Every rank
 computes the same examples in the same order (the schedule then shards them), so a file that fails to decode is skipped and counted identically everywhere.
@@ -20,25 +20,25 @@ from typing import Any
 
 import torch
 
+from services.common.content import EncodedItem
 from services.common.errors import FailedPreconditionError, InvalidArgumentError, ModalmeshError
 from services.common.presets import Preset, load_preset
 from services.common.settings import Settings
-from services.encoders.backbones import Backbone, build_backbone
-from services.encoders.media import EncoderLimits, MediaEncoder, preprocessor_for
-from services.encoders.protocol import EncodedItem
-from services.llm.adapters import Bundle, base_fingerprint, load_bundle
-from services.llm.connectors import Connector, bundle_state
-from services.llm.loading import DTYPES, load_connectors, load_lm
-from services.llm.model import FeatureLayout
-from services.llm.output_projector import OutputProjector, load_projectors, signal_token_ids
-from services.llm.templates import get_template
-from services.llm.timestamps import (
+from services.models.backbones.base import Backbone, build_backbone
+from services.models.checkpoints.bundle import Bundle, base_fingerprint, load_bundle
+from services.models.connectors.connector import Connector, bundle_state
+from services.models.lm.loading import DTYPES, load_connectors, load_lm
+from services.models.lm.model import FeatureLayout
+from services.models.lm.output_projector import OutputProjector, load_projectors, signal_token_ids
+from services.models.lm.timestamps import (
     HEAD_NAME,
     TimestampHeads,
     load_timestamp_heads,
     seconds_to_frames,
     time_token_item,
 )
+from services.models.media.encode import EncoderLimits, MediaEncoder, preprocessor_for
+from services.models.prompt.templates import get_template
 from services.trainer._t2x import load_t2x
 from services.trainer.datasets import (
     IGNORE_INDEX,

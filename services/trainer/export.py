@@ -21,9 +21,9 @@ import torch
 import torch.distributed as dist
 
 from services.common.presets import Preset
-from services.llm.adapters import Bundle, base_fingerprint, write_bundle
-from services.llm.output_projector import bundle_heads
-from services.llm.timestamps import HEAD_NAME
+from services.models.checkpoints.bundle import Bundle, base_fingerprint, write_bundle
+from services.models.lm.output_projector import bundle_heads
+from services.models.lm.timestamps import HEAD_NAME
 from services.trainer.build import connector_states
 from services.trainer.model import TrainingModel
 from services.trainer.runconfig import RunConfig

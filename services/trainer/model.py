@@ -6,11 +6,11 @@ are frozen and deterministic) and arrive in the batch. `TrainingModel.forward` r
 through its modality's connector (modalities may share one, PandaGPT's `llama_proj`), writes
 the outputs at the items' spans (items of one span, `media_combine: sum`, are summed there)
 and returns the LM's loss, plus E.T. Chat's frame-matching loss when it has timestamp heads
-(`services.llm.timestamps`): each time token's embedding gets the frame it names added (its
+(`services.models.lm.timestamps`): each time token's embedding gets the frame it names added (its
 true frame, teacher-forced), and the heads learn to match the replies' time tokens. Items of
 the `bidirectional` modalities attend bidirectionally within their span (E.T. Chat's stage-3
 `bi_attention`): the LM then gets a 4D mask built per row from the padding mask and that row's
-spans (`services.llm.attention`), as serving's prefill does.
+spans (`services.models.lm.attention`), as serving's prefill does.
 
 A trainable connector that no item of this rank's batch uses still takes part through a
 zero-weighted dummy forward: ZeRO needs every rank to produce a gradient for every trainable
@@ -35,15 +35,15 @@ import torch
 from torch import nn
 
 from services.common.presets import LoraSpec
-from services.llm.attention import (
+from services.models.connectors.connector import Connector
+from services.models.lm.attention import (
     bidirectional_spans,
     check_attention_implementation,
     sliding_window,
     span_attention_mask,
 )
-from services.llm.connectors import Connector
-from services.llm.model import FeatureLayout
-from services.llm.timestamps import (
+from services.models.lm.model import FeatureLayout
+from services.models.lm.timestamps import (
     TimestampHeads,
     add_source_frames,
     capture_norm_input,

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from services.common.adapter_registry import AdapterRegistry, VersionInfo, retry_redis
 from services.common.errors import FailedPreconditionError
-from services.llm.adapters import load_bundle, stamp_manifest
+from services.models.checkpoints.bundle import load_bundle, stamp_manifest
 
 logger = logging.getLogger(__name__)
 

@@ -291,7 +291,7 @@ class JobRunner:
 
     def _publish(self, cfg: RunConfig, job: ValidatedJob) -> dict[str, Any]:
         from services.common.adapter_registry import AdapterRegistry
-        from services.llm.adapters import base_fingerprint
+        from services.models.checkpoints.bundle import base_fingerprint
         from services.trainer.publisher import publish_bundle
 
         registry = AdapterRegistry.from_url(self.settings.redis_url)
@@ -359,7 +359,7 @@ class _Tail:
 def _ensure_models(job: ValidatedJob) -> None:
     """A job for a built-in tiny preset whose models were never generated in this cache (the
     stack serves another one) gets them now, as the services do at start; a no-op otherwise."""
-    from modalmesh.tiny import ensure_generated
+    from services.models.tiny import ensure_generated
 
     if ensure_generated(job.preset):
         logger.info("generated the %s preset's models for the job", job.preset.name)

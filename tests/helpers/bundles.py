@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from services.common.presets import Preset
-from services.llm.adapters import MANIFEST, base_fingerprint, sha256_file, write_bundle
-from services.llm.connectors import build_connector
+from services.models.checkpoints.bundle import MANIFEST, base_fingerprint, sha256_file, write_bundle
+from services.models.connectors.connector import build_connector
 
 
 def connector_weights(preset: Preset, seed: int) -> dict[str, dict[str, torch.Tensor]]:

@@ -139,7 +139,7 @@ def _write_video(
         container.mux(stream.encode(None))
 
 
-# Event-camera streams (EventGPT's format; see services/encoders/events.py).
+# Event-camera streams (EventGPT's format; see services/models/media/events.py).
 EVENT_FORMS = ("pickle_dict", "structured", "array", "npz")
 
 

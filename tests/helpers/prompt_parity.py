@@ -5,7 +5,7 @@ holds the ids the seed built for a two-turn conversation with media, media posit
 -(sum of 2**item) of the items summed there. `served_ids` builds the same conversation the
 way the engine serves it (`prompt.request_prompt`: the preset's template, media combining,
 BOS rule, time parts) with the fixture's tokenizer files loaded as serving loads them
-(`services.llm.tokenizer.load_tokenizer`, the preset's `dummy_prefix`), and writes the same
+(`services.models.lm.tokenizer.load_tokenizer`, the preset's `dummy_prefix`), and writes the same
 markers over each media span.
 """
 
@@ -17,10 +17,16 @@ from pathlib import Path
 from typing import Any
 
 from services.common.presets import Preset, load_preset
-from services.llm.prompt import ModalitySlots, Prompt, PromptBuilder, placeholder_token_id, request_prompt
-from services.llm.templates import get_template
-from services.llm.tokenizer import load_tokenizer
-from services.llm.tokens import add_to_tokenizer
+from services.models.lm.tokenizer import load_tokenizer
+from services.models.lm.tokens import add_to_tokenizer
+from services.models.prompt.builder import (
+    ModalitySlots,
+    Prompt,
+    PromptBuilder,
+    placeholder_token_id,
+    request_prompt,
+)
+from services.models.prompt.templates import get_template
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "parity"
 

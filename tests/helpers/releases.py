@@ -29,8 +29,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from services.common.content import MediaItem, MediaPart, TextPart, Turn
 from services.common.presets import Preset
-from services.llm.domain import GenerationEvent, GenerationRequest, MediaItem, MediaPart, TextPart, Turn
+from services.llm.domain import GenerationEvent, GenerationRequest
 from services.llm.sampling import SamplingParams
 
 SCALE = 0.05
@@ -70,7 +71,7 @@ async def serve_one(
 ) -> list[GenerationEvent]:
     """Load the preset's LLM side as the LLM service does and serve one greedy request."""
     from services.llm.engine import Engine
-    from services.llm.loading import load_model
+    from services.models.lm.loading import load_model
 
     engine = Engine(load_model(preset))
     try:
@@ -153,7 +154,7 @@ def write_pandagpt(folder: Path, preset: Preset) -> dict[str, torch.Tensor]:
 def nextgpt_projectors(preset: Preset, hidden: int) -> dict[str, torch.Tensor]:
     """gen_text_hidden_fcs{,_video,_audio}.0.* (anyToImageVideoAudio.py:112-175, one TextFcLayer
     each) at the preset's sizes."""
-    from services.llm.output_projector import initial_projectors, preset_heads
+    from services.models.lm.output_projector import initial_projectors, preset_heads
 
     heads = preset_heads(preset, initial_projectors(preset, hidden))
     return {f"{h}.{k}": v.clone() for h, sd in heads.items() for k, v in sd.items()}
@@ -236,7 +237,7 @@ def videochat_trained(preset: Preset) -> dict[str, torch.Tensor]:
     and its cls token (every `mhra` name stays trainable, :77-86), ln_vision (left open,
     :87), extra_query_tokens (:114-116), llama_proj (:159-161). The ViT, Q-Former, queries and
     LLaMA are frozen (:89-96, :118-124, :154-156)."""
-    from services.encoders._gmhra import TemporalGMHRA
+    from services.models.connectors.gmhra import TemporalGMHRA
 
     spec = preset.modalities["video"]
     q = spec.connector.qformer
@@ -410,7 +411,7 @@ def save_tokenizer(preset: Preset, folder: Path, *, vid: bool) -> Any:
     adds it only with use_matching)."""
     from transformers import AutoTokenizer
 
-    from modalmesh.tiny import build_tokenizer
+    from services.models.tiny import build_tokenizer
 
     twin = AutoTokenizer.from_pretrained(preset.llm.checkpoint)
     if not vid:

@@ -28,7 +28,7 @@ from modalmesh.v1 import llm_pb2, llm_pb2_grpc
 from services.common.adapter_registry import AdapterRegistry, VersionInfo
 from services.common.presets import Preset
 from services.common.tensor_codec import array_to_tensor
-from services.llm.adapters import base_fingerprint, stamp_manifest
+from services.models.checkpoints.bundle import base_fingerprint, stamp_manifest
 from services.trainer.publisher import publish_bundle, rollback
 from tests.helpers.bundles import make_bundle
 from tests.helpers.procs import Process, free_port, stop_all, wait_until

@@ -26,13 +26,13 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
+from services.common.content import EncodedItem
 from services.common.errors import DeadlineExceededError, NotFoundError, UnavailableError
 from services.common.presets import Preset, load_preset
 from services.common.settings import Settings
 from services.encoders.client import EncoderClient, EncoderItemError
-from services.encoders.media import MediaEncoder
-from services.encoders.protocol import EncodedItem
-from services.encoders.tiny_weights import write_tiny_backbone
+from services.models.backbones.tiny import write_tiny_backbone
+from services.models.media.encode import MediaEncoder
 from tests.helpers.media import jpeg_bytes, make_audio, make_events, make_video, png_bytes
 from tests.helpers.procs import (
     Process,

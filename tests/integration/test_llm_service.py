@@ -312,11 +312,11 @@ def emit_time_token_first(preset: object) -> None:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from services.llm.adapters import base_fingerprint
-    from services.llm.attention import prefill_attention_mask
     from services.llm.engine import Engine
-    from services.llm.loading import load_model
     from services.llm.servicer import request_from_proto
+    from services.models.checkpoints.bundle import base_fingerprint
+    from services.models.lm.attention import prefill_attention_mask
+    from services.models.lm.loading import load_model
 
     loaded = load_model(preset)  # type: ignore[arg-type]
     engine = Engine(loaded)
@@ -352,8 +352,8 @@ def emit_time_token_first(preset: object) -> None:
 @pytest.fixture(scope="module")
 def etchat_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A cache with the tiny-etchat twin whose LM starts its reply to `etchat_request` with `<vid>`."""
-    from modalmesh.tiny import generate
     from services.common.presets import load_preset
+    from services.models.tiny import generate
 
     cache = tmp_path_factory.mktemp("etchat-cache")
     generate(load_preset("tiny-etchat", cache_dir=cache))
@@ -366,9 +366,9 @@ async def test_etchat_replies_carry_matched_times_in_text_and_timestamps(
 ) -> None:
     from services.common.presets import load_preset
     from services.llm.engine import Engine
-    from services.llm.loading import load_model
     from services.llm.servicer import chunk_from_event, request_from_proto
-    from services.llm.timestamps import format_seconds
+    from services.models.lm.loading import load_model
+    from services.models.lm.timestamps import format_seconds
 
     service = start_service(etchat_cache, tmp_path / "llm.log", preset="tiny-etchat")
     try:

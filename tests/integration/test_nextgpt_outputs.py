@@ -57,8 +57,8 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(tiny_cache_dir: Path, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    from modalmesh.tiny import ensure_generated
     from services.common.presets import load_preset
+    from services.models.tiny import ensure_generated
 
     ensure_generated(load_preset(PRESET, cache_dir=tiny_cache_dir))
     enc_http, enc_grpc, enc_metrics, dec_http, dec_grpc, dec_metrics, llm_port, gw_http, gw_grpc = free_ports(
@@ -274,7 +274,7 @@ def test_a_published_projector_release_is_served_without_a_restart(
 
     from services.common.adapter_registry import AdapterRegistry
     from services.common.presets import load_preset
-    from services.llm.adapters import base_fingerprint, load_bundle, write_bundle
+    from services.models.checkpoints.bundle import base_fingerprint, load_bundle, write_bundle
     from services.trainer.publisher import publish_bundle, rollback
 
     preset = load_preset(PRESET, cache_dir=tiny_cache_dir)

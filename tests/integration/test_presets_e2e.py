@@ -99,8 +99,8 @@ class Stacks:
         healthy). The first failure is kept in the log folder, and a second one fails the test
         with every service's log tail.
         """
-        from modalmesh.tiny import ensure_generated
         from services.common.presets import load_preset
+        from services.models.tiny import ensure_generated
 
         ensure_generated(load_preset(preset, cache_dir=self.cache_dir))
         try:

@@ -143,7 +143,7 @@ def test_stage1_through_the_queue_lowers_the_loss_and_publishes(
     settings: Settings, worker: Process, data: Path
 ) -> None:
     from services.common.adapter_registry import AdapterRegistry
-    from services.llm.adapters import load_bundle
+    from services.models.checkpoints.bundle import load_bundle
 
     record = client(settings).submit(job(data, epochs=6, lr=2e-3))
     assert record.state == "QUEUED" and record.queue == "train.cpu"
@@ -327,8 +327,8 @@ def run_ranks(
     """Launch the job's ranks directly (no queue) and return the final "done" event."""
     import json
 
-    from modalmesh.tiny import ensure_generated
     from services.common.presets import load_preset
+    from services.models.tiny import ensure_generated
     from services.trainer import launcher
     from services.trainer.jobs import parse_job
     from services.trainer.runconfig import RunConfig
@@ -364,8 +364,8 @@ def test_stage1_on_every_tiny_twin_lowers_the_loss(
     preset: str, tiny_cache_dir: Path, media_data: Path, tmp_path: Path
 ) -> None:
     from services.common.presets import load_preset
-    from services.llm.adapters import load_bundle
-    from services.llm.loading import load_connectors
+    from services.models.checkpoints.bundle import load_bundle
+    from services.models.lm.loading import load_connectors
 
     spec = {
         "preset": preset,
@@ -394,8 +394,8 @@ def test_stage3_etchat_trains_the_timestamp_heads_on_etinstruct(
 ) -> None:
     import json
 
-    from services.llm.adapters import load_bundle
-    from services.llm.timestamps import load_timestamp_heads
+    from services.models.checkpoints.bundle import load_bundle
+    from services.models.lm.timestamps import load_timestamp_heads
 
     spec = {
         "preset": "tiny-etchat",
@@ -423,7 +423,7 @@ def test_stage3_videochat_trains_the_connector_with_the_llm_frozen(
     turn it back on."""
     import json
 
-    from services.llm.adapters import load_bundle
+    from services.models.checkpoints.bundle import load_bundle
 
     spec = {
         "preset": "tiny-videochat",
@@ -448,8 +448,8 @@ def test_stage3_videochat_trains_the_connector_with_the_llm_frozen(
 
 @pytest.fixture(scope="module")
 def t2x_data(tiny_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from modalmesh.tiny import ensure_generated
     from services.common.presets import load_preset
+    from services.models.tiny import ensure_generated
     from services.trainer.synth import synthesize
 
     preset = load_preset("tiny-nextgpt", cache_dir=tiny_cache_dir)
@@ -481,8 +481,8 @@ def test_stage2_nextgpt_trains_the_output_projectors(
     import torch
 
     from services.common.presets import load_preset
-    from services.llm.adapters import load_bundle
-    from services.llm.output_projector import load_projectors
+    from services.models.checkpoints.bundle import load_bundle
+    from services.models.lm.output_projector import load_projectors
 
     preset = load_preset("tiny-nextgpt", cache_dir=tiny_cache_dir)
     done = run_ranks(tiny_cache_dir, tmp_path / "job", stage2_job(t2x_data / "t2x.jsonl"))
@@ -521,7 +521,7 @@ def test_stage2_through_the_queue_publishes_projectors(
     """The same job submitted to the Celery queue: a worker runs it, the distance goes down, and
     the published version (current in the registry) holds the three projector heads."""
     from services.common.adapter_registry import AdapterRegistry
-    from services.llm.adapters import load_bundle
+    from services.models.checkpoints.bundle import load_bundle
 
     record = client(settings).submit(stage2_job(t2x_data / "t2x.jsonl", max_steps=8))
     done = wait_state(settings, record.id, {"SUCCEEDED", "FAILED"}, timeout=240, proc=worker)
@@ -585,8 +585,8 @@ def test_stage3_nextgpt_mix_trains_lora_connector_and_projectors(
     from safetensors.torch import load_file
 
     from services.common.presets import load_preset
-    from services.llm.adapters import load_bundle
-    from services.llm.output_projector import load_projectors
+    from services.models.checkpoints.bundle import load_bundle
+    from services.models.lm.output_projector import load_projectors
 
     spec = stage2_job(t2x_data / "t2x.jsonl", max_steps=4, micro_batch_size=1)
     spec["stage"] = "stage3"

@@ -26,8 +26,8 @@ def limit_memory() -> None:
 
 def _image(data: bytes, _: object) -> object:
     global _CLIP
-    from services.encoders.prepare import clip_preprocessor
-    from services.encoders.preprocess import decode_image
+    from services.models.media.image import decode_image
+    from services.models.media.prepare import clip_preprocessor
 
     if _CLIP is None:
         _CLIP = clip_preprocessor(32).preprocess_one
@@ -35,14 +35,14 @@ def _image(data: bytes, _: object) -> object:
 
 
 def _video(data: bytes, sampling: object) -> object:
-    from services.encoders.video import FrameSampling, VideoLimits, decode_video
+    from services.models.media.video import FrameSampling, VideoLimits, decode_video
 
     assert isinstance(sampling, dict)
     return decode_video(data, sampling=FrameSampling(**sampling), limits=VideoLimits())
 
 
 def _audio(data: bytes, hint: object) -> object:
-    from services.encoders.audio import AudioLimits, decode_audio, imagebind_audio
+    from services.models.media.audio import AudioLimits, decode_audio, imagebind_audio
 
     assert hint is None or isinstance(hint, str)
     wave = decode_audio(data, fmt_hint=hint, limits=AudioLimits(), mix="first")
@@ -50,7 +50,7 @@ def _audio(data: bytes, hint: object) -> object:
 
 
 def _event(data: bytes, _: object) -> object:
-    from services.encoders.events import EventLimits, event_frames, parse_events
+    from services.models.media.events import EventLimits, event_frames, parse_events
 
     return event_frames(parse_events(data, limits=EventLimits()), num_frames=5)
 

@@ -54,8 +54,8 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(tiny_cache_dir: Path, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    from modalmesh.tiny import ensure_generated
     from services.common.presets import load_preset
+    from services.models.tiny import ensure_generated
     from services.trainer.synth import synthesize
 
     ensure_generated(load_preset(PRESET, cache_dir=tiny_cache_dir))

@@ -22,10 +22,10 @@ import redis
 
 from gateway.serving import ChatService
 from modalmesh.v1 import llm_pb2, llm_pb2_grpc
+from services.common.content import EncodedItem
 from services.common.errors import UnavailableError
 from services.common.log import request_id_from_metadata
 from services.encoders.client import EncoderItemError
-from services.encoders.protocol import EncodedItem
 from tests.helpers.media import png_bytes
 
 REDIS_URL = "redis://127.0.0.1:6379/0"

@@ -71,7 +71,7 @@ def test_publish_copies_records_and_makes_current(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from services.llm.adapters import base_fingerprint, load_bundle
+    from services.models.checkpoints.bundle import base_fingerprint, load_bundle
 
     bundle = make_bundle(tmp_path / "imported", tiny_preset, seed=5, stage="imported")
     store = tmp_path / "store"

@@ -14,8 +14,8 @@ from modalmesh.cli import main
 
 @pytest.fixture(scope="module")
 def nextgpt_cache(tiny_cache_dir: Path) -> Path:
-    from modalmesh.tiny import ensure_generated
     from services.common.presets import load_preset
+    from services.models.tiny import ensure_generated
 
     ensure_generated(load_preset("tiny-nextgpt", cache_dir=tiny_cache_dir))
     return tiny_cache_dir

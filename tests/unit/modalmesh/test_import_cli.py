@@ -9,7 +9,7 @@ import torch
 
 from modalmesh.cli import main
 from services.common.presets import load_preset
-from services.llm.adapters import base_fingerprint, load_bundle
+from services.models.checkpoints.bundle import base_fingerprint, load_bundle
 
 
 def _tiny_pandagpt(cache: Path):

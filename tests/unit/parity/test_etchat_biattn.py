@@ -3,7 +3,7 @@
 `tests/fixtures/parity/etchat/biattn.*` holds the outputs of ETBench's `ETChatPhi3ForCausalLM`
 (transformers 4.44.2, eager attention) at tiny sizes with random weights, with `bi_attention` on
 and off (`scripts/parity/etchat_biattn.py` wrote them). Here the same weights are written as a
-Phi-3 Hugging Face folder and loaded as `services.llm.loading` loads an LLM, the prompt's
+Phi-3 Hugging Face folder and loaded as `services.models.lm.loading` loads an LLM, the prompt's
 attention mask comes from the preset (`etchat`'s video `bidirectional`; a causal copy for off)
 as the engine's prefill builds it, and the time matching runs through `TimedDecode`, the
 engine's path: the prefill's logits, last hidden states, the final norm's input and the frame
@@ -24,11 +24,16 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from services.common.presets import Preset, load_preset
-from services.llm.attention import prefill_attention_mask
-from services.llm.connectors import build_connector
-from services.llm.model import FeatureLayout
-from services.llm.time_matching import TimedDecode
-from services.llm.timestamps import HEAD_NAME, TimestampMatcher, capture_norm_input, load_timestamp_heads
+from services.models.connectors.connector import build_connector
+from services.models.lm.attention import prefill_attention_mask
+from services.models.lm.model import FeatureLayout
+from services.models.lm.time_matching import TimedDecode
+from services.models.lm.timestamps import (
+    HEAD_NAME,
+    TimestampMatcher,
+    capture_norm_input,
+    load_timestamp_heads,
+)
 from services.trainer.loop import TrainExample, TrainMedia, collate
 from services.trainer.model import TrainingModel
 
@@ -60,7 +65,7 @@ def llm_folder(
 
 
 def load_lm(folder: Path, implementation: str | None = None) -> Any:
-    """As `services.llm.loading.load_model` loads it (its default implementation: SDPA)."""
+    """As `services.models.lm.loading.load_model` loads it (its default implementation: SDPA)."""
     from transformers import AutoModelForCausalLM
 
     options = {} if implementation is None else {"attn_implementation": implementation}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 
 from services.common.errors import InvalidArgumentError
-from services.encoders.prepare import MediaPreprocessor
+from services.models.media.prepare import MediaPreprocessor
 from tests.helpers.preprocess_parity import (
     Fixture,
     check_digest,

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from services.common.content import MediaPart, Part, TextPart, TimePart, Turn
 from services.common.presets import Preset
-from services.llm.domain import MediaPart, Part, TextPart, TimePart, Turn
-from services.llm.timestamps import source_frames
+from services.models.lm.timestamps import source_frames
 from tests.helpers.prompt_parity import (
     FIXTURES,
     fixture,

@@ -23,7 +23,7 @@ def _layout(names: list[str]) -> set[str]:
 
 @pytest.fixture(scope="module")
 def etchat(tmp_path_factory: pytest.TempPathFactory) -> Preset:
-    from modalmesh.tiny import generate
+    from services.models.tiny import generate
 
     preset = load_preset("tiny-etchat", cache_dir=tmp_path_factory.mktemp("cache"))
     generate(preset)

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from services.common.presets import EncoderSpec
-from services.encoders.prepare import MediaPreprocessor
+from services.models.media.prepare import MediaPreprocessor
 from tests.helpers.preprocess_parity import Fixture, check_digest, load_fixture, real_preset
 
 IMAGE_SIZE = 336  # CLIP ViT-L/14-336

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from services.llm.domain import MediaPart, TextPart, Turn
+from services.common.content import MediaPart, TextPart, Turn
 from tests.helpers.prompt_parity import (
     FIXTURES,
     fixture,

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from services.encoders.backbones import build_backbone
-from services.llm.importers import LAYOUTS, read_state_dict
-from services.llm.loading import load_connectors
-from services.llm.output_projector import load_projectors
+from services.models.backbones.base import build_backbone
+from services.models.checkpoints.importers import LAYOUTS, read_state_dict
+from services.models.lm.loading import load_connectors
+from services.models.lm.output_projector import load_projectors
 from tests.helpers.module_parity import (
     assert_matches,
     imagebind_preset,

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from services.common.content import MediaPart, TextPart, Turn
 from services.common.presets import Preset
-from services.llm.domain import MediaPart, TextPart, Turn
 from tests.helpers.prompt_parity import (
     FIXTURES,
     fixture,

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from services.encoders.backbones import build_backbone
-from services.llm.importers import LAYOUTS, read_state_dict
-from services.llm.loading import load_connectors
+from services.models.backbones.base import build_backbone
+from services.models.checkpoints.importers import LAYOUTS, read_state_dict
+from services.models.lm.loading import load_connectors
 from tests.helpers.module_parity import assert_matches, imagebind_preset, load_fixture, save_seed_file
 
 FIX = load_fixture("pandagpt")

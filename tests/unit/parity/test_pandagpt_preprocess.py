@@ -20,8 +20,8 @@ import math
 import pytest
 
 from services.common.presets import EncoderSpec
-from services.encoders.audio import clip_timepoints
-from services.encoders.prepare import MediaPreprocessor
+from services.models.media.audio import clip_timepoints
+from services.models.media.prepare import MediaPreprocessor
 from tests.helpers.preprocess_parity import Fixture, check_digest, load_fixture, real_preset
 
 IMAGE_SIZE = 224  # imagebind_huge's vision tower

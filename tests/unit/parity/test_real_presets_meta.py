@@ -21,14 +21,14 @@ import torch
 from torch import nn
 
 from services.common.presets import Preset, load_preset
-from services.encoders._eva import eva_vit_g
-from services.encoders.backbones import ClipVisionBackbone
-from services.encoders.imagebind import ImageBindBackbone, build_imagebind
-from services.llm.connectors import connector_from_spec
-from services.llm.importers import lora_expected
-from services.llm.lora import linear_shapes
-from services.llm.output_projector import build_projector
-from services.llm.timestamps import TimestampHeads
+from services.models.backbones.base import ClipVisionBackbone
+from services.models.backbones.eva import eva_vit_g
+from services.models.backbones.imagebind import ImageBindBackbone, build_imagebind
+from services.models.checkpoints.importers import lora_expected
+from services.models.connectors.connector import connector_from_spec
+from services.models.lm.lora import linear_shapes
+from services.models.lm.output_projector import build_projector
+from services.models.lm.timestamps import TimestampHeads
 
 # The base LLMs' config.json (lmsys vicuna-7b v0 / v1.5, microsoft/Phi-3-mini-4k-instruct).
 VICUNA_7B = {

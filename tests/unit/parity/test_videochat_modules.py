@@ -22,9 +22,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from services.encoders.backbones import build_backbone
-from services.llm.importers import BASE_LAYOUTS, LAYOUTS, read_state_dict
-from services.llm.loading import load_connectors
+from services.models.backbones.base import build_backbone
+from services.models.checkpoints.importers import BASE_LAYOUTS, LAYOUTS, read_state_dict
+from services.models.lm.loading import load_connectors
 from tests.helpers.module_parity import (
     assert_matches,
     load_fixture,

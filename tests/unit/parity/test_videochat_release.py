@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from services.common.presets import Preset, load_preset
-from services.llm.checkpoint_files import EASYDICT_GLOBALS, load_pickle
+from services.models.checkpoints.files import EASYDICT_GLOBALS, load_pickle
 from tests.helpers import releases
 
 FIXTURE = Path(__file__).parents[2] / "fixtures" / "parity" / "videochat" / "release.json"
@@ -31,7 +31,7 @@ def _no_storages(names: set[str]) -> set[str]:
 
 @pytest.fixture(scope="module")
 def videochat(tmp_path_factory: pytest.TempPathFactory) -> Preset:
-    from modalmesh.tiny import generate
+    from services.models.tiny import generate
 
     preset = load_preset("tiny-videochat", cache_dir=tmp_path_factory.mktemp("cache"))
     generate(preset)

@@ -1,21 +1,3 @@
-"""Decoder fixtures: the three tiny pipelines, written and loaded once per session."""
+"""Fixtures of these tests, shared with the tests of the services that use the same models (see tests/helpers/fixtures_*)."""
 
-from __future__ import annotations
-
-from pathlib import Path
-
-import pytest
-
-from services.decoders.pipelines import Decoder, load_decoder
-from services.decoders.tiny import write_tiny_decoder
-
-
-@pytest.fixture(scope="session")
-def decoder_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("tiny-decoders")
-    return {kind: write_tiny_decoder(kind, root / kind) for kind in ("image", "audio", "video")}
-
-
-@pytest.fixture(scope="session")
-def decoders(decoder_folders: dict[str, Path]) -> dict[str, Decoder]:
-    return {kind: load_decoder(kind, folder) for kind, folder in decoder_folders.items()}
+from tests.helpers.fixtures_decoders import decoder_folders, decoders  # noqa: F401

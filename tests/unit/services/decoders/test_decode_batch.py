@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from services.common.errors import InvalidArgumentError
-from services.decoders.pipelines import (
+from services.models.decoders.pipelines import (
     AudioOut,
     DecodeParams,
     Decoder,
@@ -20,7 +20,7 @@ from services.decoders.pipelines import (
     decode,
     decode_batch,
 )
-from services.decoders.tiny import TINY_CONDITIONING
+from services.models.decoders.tiny import TINY_CONDITIONING
 
 SIZES: dict[str, dict[str, Any]] = {
     "image": {"height": 32, "width": 24},

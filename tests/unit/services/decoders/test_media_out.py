@@ -13,8 +13,8 @@ from PIL import Image
 
 from services.common.errors import InvalidArgumentError
 from services.decoders.media_out import encode_gif, encode_media, encode_mp4, encode_wav
-from services.decoders.pipelines import AudioOut, DecodeParams, Decoder, ImageOut, VideoOut, decode
-from services.decoders.tiny import TINY_CONDITIONING
+from services.models.decoders.pipelines import AudioOut, DecodeParams, Decoder, ImageOut, VideoOut, decode
+from services.models.decoders.tiny import TINY_CONDITIONING
 
 
 def _cond(kind: str) -> torch.Tensor:

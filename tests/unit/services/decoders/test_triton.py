@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from services.common.decode_params import FIELDS
 from services.common.errors import InvalidArgumentError
-from services.decoders.params import FIELDS
-from services.decoders.pipelines import DecodeParams
 from services.decoders.protocol import PARAM_FIELDS
 from services.decoders.triton import ItemRequest, parse_params
+from services.models.decoders.pipelines import DecodeParams
 
 
 def test_the_wire_fields_are_the_decode_params_and_format() -> None:

@@ -15,8 +15,8 @@ from services.common.log import JsonFormatter
 from services.common.settings import Settings
 from services.common.triton_env import ensure_libpython_on_path, triton_config
 from services.encoders.__main__ import parse_args, settings_from
-from services.encoders.media import MediaEncoder
 from services.encoders.triton import EncoderServer, load_encoders, make_infer_fn
+from services.models.media.encode import MediaEncoder
 from tests.helpers.media import make_video, png_bytes
 
 

@@ -15,14 +15,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from services.common.content import MediaItem, MediaPart, TextPart, Turn
 from services.common.errors import FailedPreconditionError, NotFoundError, UnavailableError
 from services.common.presets import Preset
 from services.llm.adapter_manager import AdapterManager, WorkerCalls
-from services.llm.adapters import stamp_manifest
-from services.llm.domain import GenerationEvent, GenerationRequest, MediaItem, MediaPart, TextPart, Turn
+from services.llm.domain import GenerationEvent, GenerationRequest
 from services.llm.engine import Engine
-from services.llm.loading import LoadedModel, load_model
 from services.llm.sampling import SamplingParams
+from services.models.checkpoints.bundle import stamp_manifest
+from services.models.lm.loading import LoadedModel, load_model
 from tests.helpers.bundles import make_bundle, rehash
 
 

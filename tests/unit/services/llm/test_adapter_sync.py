@@ -12,7 +12,7 @@ from services.common.adapter_registry import AdapterEvent, AdapterRegistry, Vers
 from services.common.presets import Preset
 from services.llm.adapter_manager import AdapterManager
 from services.llm.adapter_sync import AdapterSync
-from services.llm.loading import load_model
+from services.models.lm.loading import load_model
 from tests.helpers.bundles import make_bundle
 from tests.helpers.procs import Process, free_port, wait_until
 from tests.helpers.services import start_redis

@@ -11,20 +11,13 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from services.common.content import MediaItem, MediaPart, TextPart, Turn
 from services.common.errors import InvalidArgumentError, NotFoundError, UnavailableError
-from services.llm.domain import (
-    FinishReason,
-    GenerationEvent,
-    GenerationRequest,
-    MediaItem,
-    MediaPart,
-    TextPart,
-    Turn,
-)
+from services.llm.domain import FinishReason, GenerationEvent, GenerationRequest
 from services.llm.engine import Engine
-from services.llm.loading import LoadedModel
-from services.llm.prompt import PromptBuilder
 from services.llm.sampling import SamplingParams
+from services.models.lm.loading import LoadedModel
+from services.models.prompt.builder import PromptBuilder
 
 
 @pytest.fixture(scope="module")
@@ -261,7 +254,7 @@ async def test_close_cancels_the_running_request_and_refuses_new_ones(loaded: Lo
 
 
 def test_the_templates_end_of_turn_strings_join_the_requests_stops(engine: Engine, monkeypatch) -> None:
-    from services.llm.templates import TEMPLATES
+    from services.models.prompt.templates import TEMPLATES
 
     monkeypatch.setattr(engine, "template", TEMPLATES["vicuna_v0"])
     job = engine.prepare(request(stop=("END", "###")))

@@ -14,13 +14,14 @@ from typing import Any
 import pytest
 import torch
 
+from services.common.content import MediaItem, MediaPart, TextPart, Turn
 from services.common.errors import CancelledError
 from services.common.presets import Preset
 from services.llm.batching import BatchCache
-from services.llm.domain import GenerationEvent, GenerationRequest, MediaItem, MediaPart, TextPart, Turn
+from services.llm.domain import GenerationEvent, GenerationRequest
 from services.llm.engine import Engine
-from services.llm.loading import LoadedModel
 from services.llm.sampling import SamplingParams
+from services.models.lm.loading import LoadedModel
 
 
 def image(seed: int) -> torch.Tensor:
@@ -225,8 +226,8 @@ async def test_close_ends_every_row_and_every_waiting_request(loaded: LoadedMode
 async def test_two_adapter_versions_decode_in_turn_and_each_keeps_its_own_weights(
     loaded: LoadedModel, tmp_path: Path
 ) -> None:
-    from services.llm.adapters import base_fingerprint, write_bundle
-    from services.llm.tiny_weights import initial_connectors
+    from services.models.checkpoints.bundle import base_fingerprint, write_bundle
+    from services.models.lm.tiny import initial_connectors
 
     preset: Preset = loaded.preset
     path = write_bundle(

@@ -7,12 +7,13 @@ from collections.abc import Callable
 import pytest
 import torch
 
+from services.common.content import MediaItem, MediaPart, TextPart, Turn
 from services.common.errors import FailedPreconditionError, InvalidArgumentError
 from services.common.presets import Preset
-from services.llm.domain import GenerationRequest, MediaItem, MediaPart, TextPart, Turn
+from services.llm.domain import GenerationRequest
 from services.llm.engine import Engine, media_instructions
-from services.llm.loading import LoadedModel, check_added_tokens, load_model
 from services.llm.sampling import SamplingParams
+from services.models.lm.loading import LoadedModel, check_added_tokens, load_model
 
 Twin = Callable[[str], LoadedModel]
 

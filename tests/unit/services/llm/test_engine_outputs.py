@@ -14,16 +14,17 @@ from collections.abc import Callable, Iterator
 import pytest
 import torch
 
+from services.common.content import TextPart, Turn
 from services.common.errors import InvalidArgumentError
 from services.llm import engine as engine_module
-from services.llm.adapters import base_fingerprint, write_bundle
-from services.llm.domain import GenerationEvent, GenerationRequest, OutputSignal, TextPart, Turn
+from services.llm.domain import GenerationEvent, GenerationRequest, OutputSignal
 from services.llm.engine import Engine
-from services.llm.loading import LoadedModel
-from services.llm.output_projector import gather_signal_input, initial_projectors, preset_heads
 from services.llm.sampling import SamplingParams
 from services.llm.signals import output_signal_ids
-from services.llm.tiny_weights import initial_connectors
+from services.models.checkpoints.bundle import base_fingerprint, write_bundle
+from services.models.lm.loading import LoadedModel
+from services.models.lm.output_projector import gather_signal_input, initial_projectors, preset_heads
+from services.models.lm.tiny import initial_connectors
 
 Twin = Callable[[str], LoadedModel]
 

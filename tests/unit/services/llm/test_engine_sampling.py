@@ -14,21 +14,13 @@ from typing import Any
 import pytest
 import torch
 
+from services.common.content import MediaItem, MediaPart, TextPart, TimePart, Turn
 from services.common.errors import InvalidArgumentError
 from services.common.presets import GenerationSpec
-from services.llm.domain import (
-    FinishReason,
-    GenerationEvent,
-    GenerationRequest,
-    MediaItem,
-    MediaPart,
-    TextPart,
-    TimePart,
-    Turn,
-)
+from services.llm.domain import FinishReason, GenerationEvent, GenerationRequest
 from services.llm.engine import Engine
-from services.llm.loading import LoadedModel
 from services.llm.sampling import SamplingParams
+from services.models.lm.loading import LoadedModel
 
 
 def with_generation(loaded: LoadedModel, **fields: Any) -> LoadedModel:

@@ -16,25 +16,17 @@ from typing import Any
 import pytest
 import torch
 
+from services.common.content import MediaItem, MediaPart, Part, TextPart, TimePart, Turn
 from services.common.errors import FailedPreconditionError, InvalidArgumentError
 from services.common.presets import GenerationSpec, Preset
 from services.llm import engine as engine_module
-from services.llm.adapters import base_fingerprint, write_bundle
-from services.llm.domain import (
-    GenerationEvent,
-    GenerationRequest,
-    MediaItem,
-    MediaPart,
-    Part,
-    TextPart,
-    TimePart,
-    Turn,
-)
+from services.llm.domain import GenerationEvent, GenerationRequest
 from services.llm.engine import Engine
-from services.llm.loading import HEADS_SEED, LoadedModel, load_heads
 from services.llm.sampling import SamplingParams
-from services.llm.timestamps import HEAD_NAME, capture_norm_input, format_seconds, init_timestamp_heads
-from services.llm.tiny_weights import initial_connectors
+from services.models.checkpoints.bundle import base_fingerprint, write_bundle
+from services.models.lm.loading import HEADS_SEED, LoadedModel, load_heads
+from services.models.lm.timestamps import HEAD_NAME, capture_norm_input, format_seconds, init_timestamp_heads
+from services.models.lm.tiny import initial_connectors
 
 Twin = Callable[[str], LoadedModel]
 TIMES = (0.5, 1.5, 2.5, 3.5, 4.5, 5.5)
@@ -408,7 +400,7 @@ async def test_an_adapter_version_serves_its_own_heads(
 
 
 def test_an_initial_bundle_can_hold_the_heads(etchat: LoadedModel, tiny_preset: Preset) -> None:
-    from services.llm.tiny_weights import initial_heads
+    from services.models.lm.tiny import initial_heads
 
     assert initial_heads(tiny_preset, 64) == {}
     first, again = initial_heads(etchat.preset, 32, seed=3), initial_heads(etchat.preset, 32, seed=3)

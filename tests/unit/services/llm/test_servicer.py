@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from modalmesh.v1 import llm_pb2, llm_pb2_grpc
+from services.common.content import MediaPart, TextPart
 from services.common.errors import InvalidArgumentError, NotFoundError
 from services.common.log import request_id_var
 from services.common.settings import Settings
@@ -18,12 +19,10 @@ from services.llm.domain import (
     FinishReason,
     GenerationEvent,
     GenerationRequest,
-    MediaPart,
     ModalityInfo,
     ModelInfo,
     OutputInfo,
     OutputSignal,
-    TextPart,
     Usage,
 )
 from services.llm.sampling import SamplingParams
@@ -202,7 +201,7 @@ async def _drain(call: AsyncIterator[llm_pb2.GenerateChunk]) -> None:
 
 
 def test_frame_times_and_timestamps_cross_the_wire() -> None:
-    from services.llm.domain import Timestamp
+    from services.common.content import Timestamp
 
     msg = proto_request()
     msg.media[0].frame_times.extend([0.0, 0.5])

@@ -12,11 +12,11 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from services.common.content import MediaPart, TextPart, Turn
 from services.common.errors import InvalidArgumentError
 from services.common.presets import Preset
-from services.llm.domain import MediaPart, TextPart, Turn
-from services.llm.prompt import MediaSlot, ModalitySlots, PromptBuilder, placeholder_token_id
-from services.llm.templates import MediaRef, get_template
+from services.models.prompt.builder import MediaSlot, ModalitySlots, PromptBuilder, placeholder_token_id
+from services.models.prompt.templates import MediaRef, get_template
 from services.trainer.datasets import (
     IGNORE_INDEX,
     BadSampleError,
@@ -359,7 +359,7 @@ def test_sniff(tmp_path: Path) -> None:
 
 
 def serving_builder(tiny_preset: Preset, tokenizer: Any) -> PromptBuilder:
-    """A PromptBuilder built as services.llm.loading builds it (connectors keep token counts)."""
+    """A PromptBuilder built as services.models.lm.loading builds it (connectors keep token counts)."""
     slots = {
         m: ModalitySlots(
             s.placeholder, placeholder_token_id(tokenizer, s.placeholder), s.max_per_prompt, lambda n: n

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from services.common.presets import LoraSpec
-from services.llm.connectors import build_connector
-from services.llm.model import FeatureLayout
+from services.models.connectors.connector import build_connector
+from services.models.lm.model import FeatureLayout
 from services.trainer.loop import TrainExample, TrainMedia, TrainTime, collate
 from services.trainer.model import ParamGroup, TrainingModel, add_lora, lora_target_names, select_trainable
 
@@ -305,7 +305,7 @@ def test_items_sharing_a_span_are_summed_there(base_lm: nn.Module) -> None:
 
 
 def test_time_tokens_get_their_frame_and_train_the_heads(base_lm: nn.Module) -> None:
-    from services.llm.timestamps import TimestampHeads
+    from services.models.lm.timestamps import TimestampHeads
 
     torch.manual_seed(3)
     model = make_model(base_lm)  # mlp2x_gelu over 1 row per frame: one token per frame, like E.T. Chat
@@ -338,7 +338,7 @@ def test_time_tokens_get_their_frame_and_train_the_heads(base_lm: nn.Module) -> 
 
 
 def test_heads_without_targets_get_zero_gradients(base_lm: nn.Module) -> None:
-    from services.llm.timestamps import TimestampHeads
+    from services.models.lm.timestamps import TimestampHeads
 
     model = make_model(base_lm)
     model.heads = TimestampHeads(WIDTH)

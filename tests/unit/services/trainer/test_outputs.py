@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from services.llm.output_projector import OutputProjector, signal_distance
+from services.models.lm.output_projector import OutputProjector, signal_distance
 from services.trainer._outputs import OutputHeads, SignalInBatch, SignalSpec
 
 D = 8

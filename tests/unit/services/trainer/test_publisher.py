@@ -11,7 +11,7 @@ import torch
 
 from services.common.adapter_registry import AdapterEvent, AdapterRegistry
 from services.common.errors import FailedPreconditionError, NotFoundError
-from services.llm.adapters import load_bundle, write_bundle
+from services.models.checkpoints.bundle import load_bundle, write_bundle
 from services.trainer import publisher
 from services.trainer.publisher import publish_bundle, rollback
 from tests.helpers.bundles import rehash

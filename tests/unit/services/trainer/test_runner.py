@@ -346,8 +346,8 @@ def test_a_job_for_a_tiny_preset_not_generated_yet_gets_its_models(
 ) -> None:
     """The stack serves one preset; a job names another tiny one whose models this cache never
     held: the worker generates them before launching (the ranks would fail on a missing LLM)."""
-    from modalmesh.tiny import is_generated
     from services.common.presets import load_preset
+    from services.models.tiny import is_generated
 
     cache = tmp_path / "fresh-cache"
     settings = Settings(cache_dir=cache, jobs_dir=tmp_path / "jobs", redis_url=redis_url, trainer_lease_s=30)

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
+from services.common.content import MediaPart, TextPart, Turn
 from services.common.errors import InvalidArgumentError
-from services.llm.domain import MediaPart, TextPart, Turn
-from services.llm.templates import get_template
+from services.models.prompt.templates import get_template
 from services.trainer.datasets import (
     IGNORE_INDEX,
     BadSampleError,
@@ -164,7 +164,7 @@ def test_synthetic_sets_are_readable(synth_dir: Path, name: str, fmt: str, modal
 
 
 def test_synthetic_etinstruct_times_match_the_video(synth_dir: Path) -> None:
-    from services.encoders.video import FrameSampling, VideoLimits, decode_video
+    from services.models.media.video import FrameSampling, VideoLimits, decode_video
 
     record = json.loads((synth_dir / "heldout_etinstruct.json").read_text())[0]  # kind "appear"
     assert record["kind"] == "appear" and record["tgt"] == [float(record["answer"]["start"])]

@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
+from services.common.content import MediaPart, TextPart, Turn
 from services.common.presets import Preset
-from services.llm.domain import MediaPart, TextPart, Turn
-from services.llm.prompt import MediaSlot, ModalitySlots, PromptBuilder, placeholder_token_id
-from services.llm.templates import MediaRef, Template, get_template, merge_text
+from services.models.prompt.builder import MediaSlot, ModalitySlots, PromptBuilder, placeholder_token_id
+from services.models.prompt.templates import MediaRef, Template, get_template, merge_text
 from services.trainer.datasets import (
     IGNORE_INDEX,
     BadSampleError,

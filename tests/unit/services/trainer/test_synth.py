@@ -12,7 +12,7 @@ from PIL import Image
 
 from services.common.errors import InvalidArgumentError
 from services.common.presets import Preset
-from services.llm.templates import get_template
+from services.models.prompt.templates import get_template
 from services.trainer.datasets import (
     DatasetSpec,
     SupervisedEncoder,
@@ -208,7 +208,7 @@ def test_media_files_load_without_bad_samples(media_dir: Path, modality: str) ->
 
 
 def test_videos_decode_and_move_as_captioned(media_dir: Path) -> None:
-    from services.encoders.video import FrameSampling, VideoLimits, decode_video
+    from services.models.media.video import FrameSampling, VideoLimits, decode_video
 
     for record in json.loads((media_dir / "captions_video.json").read_text()):
         video = decode_video(
@@ -228,7 +228,7 @@ def test_videos_decode_and_move_as_captioned(media_dir: Path) -> None:
 
 
 def test_tones_decode_at_the_captioned_pitch(media_dir: Path) -> None:
-    from services.encoders.audio import AudioLimits, decode_audio
+    from services.models.media.audio import AudioLimits, decode_audio
 
     for record in json.loads((media_dir / "captions_audio.json").read_text()):
         wave = decode_audio((media_dir / record["media"]).read_bytes(), fmt_hint="wav", limits=AudioLimits())
@@ -239,7 +239,7 @@ def test_tones_decode_at_the_captioned_pitch(media_dir: Path) -> None:
 
 
 def test_events_parse_and_move_as_captioned(media_dir: Path) -> None:
-    from services.encoders.events import EventLimits, parse_events
+    from services.models.media.events import EventLimits, parse_events
 
     for record in json.loads((media_dir / "captions_event.json").read_text()):
         stream = parse_events((media_dir / record["media"]).read_bytes(), limits=EventLimits())

@@ -19,8 +19,8 @@ from services.trainer.dataspec import DatasetSpec
 
 @pytest.fixture(scope="module")
 def nextgpt(tiny_cache_dir: Path) -> Any:
-    from modalmesh.tiny import ensure_generated
     from services.common.presets import load_preset
+    from services.models.tiny import ensure_generated
 
     preset = load_preset("tiny-nextgpt", cache_dir=tiny_cache_dir)
     ensure_generated(preset)
@@ -44,8 +44,8 @@ def tokenizer(nextgpt: Any) -> Any:
 
 
 def load(path: Path, preset: Any, tokenizer: Any, **kw: Any):  # -> T2XDataset
-    from services.llm.output_projector import signal_token_ids
-    from services.llm.templates import get_template
+    from services.models.lm.output_projector import signal_token_ids
+    from services.models.prompt.templates import get_template
 
     encoder = SupervisedEncoder(
         tokenizer, get_template(preset.llm.template), modality_slots(preset, tokenizer), max_length=256
