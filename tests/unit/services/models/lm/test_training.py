@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from services.common.content import MediaItem
-from services.models.lm.loading import LoadedModel
+from services.common.presets import Preset
+from services.models.lm.loading import load_model
 from services.models.lm.model import feature_layouts
 from services.models.lm.training import TrainingModel
 from services.models.prompt.builder import MediaSlot
@@ -237,14 +238,15 @@ PROMPTS: dict[str, list[tuple[list[Segment], list[Item]]]] = {
 
 @pytest.mark.parametrize("name", list(PROMPTS))
 def test_serving_and_training_embed_a_prompt_with_media_alike(
-    name: str, loaded: LoadedModel, twin_model: Callable[[str], LoadedModel]
+    name: str, tiny_preset: Preset, twin: Callable[[str], Preset]
 ) -> None:
     """A preset loaded as the LLM service loads it (`load_model`) and as the trainer's recipes
     build it (`load_llm`, the start bundle's connectors, `feature_layouts`): the embeddings the
     training forward gives its LM for a padded batch of two prompts equal, row by row and
-    exactly, what serving's `MultimodalLM.embed` gives each prompt alone."""
-    served_model = loaded if name == "tiny" else twin_model(name)
-    preset = served_model.preset
+    exactly, what serving's `MultimodalLM.embed` gives each prompt alone (both on the CPU, as
+    the trainer's loader puts its model there)."""
+    preset = tiny_preset if name == "tiny" else twin(name)
+    served_model = load_model(preset, device="cpu")
     _, lm = load_llm(preset)
     connectors = initial_connectors(
         preset, load_start_bundle(preset, preset.adapter.path), llm_dim=lm.config.hidden_size
