@@ -11,10 +11,12 @@ only what it uses):
                  ImageBind's towers, EVA-ViT-g, their strict checkpoint loaders, tiny writers
     connectors   features -> LLM embeddings: linear/MLP projectors, VideoChat's Global MHRA +
                  Q-Former, E.T. Chat's instruction-aware Q-Former, bundle state
-    lm           the language side: MultimodalLM (connectors + causal LM), attention modes,
-                 LoRA checks, tokenizer and added tokens, the seeds' LLM configs, output
-                 projectors (NExT-GPT), timestamp heads (E.T. Chat), `loading` (a preset ->
-                 the served model, the one loading path), tiny writers
+    lm           the language side: MultimodalLM (connectors + causal LM), the one model that
+                 serves and, as `training.TrainingModel` with its losses, trains; attention
+                 modes, LoRA checks and injection, what trains (`training_params`), tokenizer
+                 and added tokens, the seeds' LLM configs, output projectors (NExT-GPT) and
+                 their training loss, timestamp heads (E.T. Chat), `loading` (a preset -> the
+                 served model, the one loading path), tiny writers
     prompt       conversation templates and the prompt builder (turns -> token ids with media
                  placeholders expanded); the trainer renders training samples with the same code
     checkpoints  the adapter bundle format, reading seed checkpoint files, and `modalmesh import`

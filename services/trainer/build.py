@@ -28,7 +28,7 @@ from services.models.backbones.base import Backbone, build_backbone
 from services.models.checkpoints.bundle import Bundle, base_fingerprint, load_bundle
 from services.models.connectors.connector import Connector, bundle_state
 from services.models.lm.loading import DTYPES, load_connectors, load_lm
-from services.models.lm.model import FeatureLayout
+from services.models.lm.model import feature_layouts
 from services.models.lm.output_projector import OutputProjector, load_projectors, signal_token_ids
 from services.models.lm.timestamps import (
     HEAD_NAME,
@@ -55,11 +55,6 @@ from services.trainer.runconfig import RunConfig
 logger = logging.getLogger(__name__)
 
 ENCODE_BATCH = 16
-
-
-def feature_layouts(preset: Preset) -> dict[str, FeatureLayout]:
-    """Per modality, how its features are laid out and which connector reads them."""
-    return {str(m): FeatureLayout.from_spec(m, s) for m, s in preset.modalities.items()}
 
 
 def load_run_preset(cfg: RunConfig) -> Preset:

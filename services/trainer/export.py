@@ -24,8 +24,8 @@ from services.common.presets import Preset
 from services.models.checkpoints.bundle import Bundle, base_fingerprint, write_bundle
 from services.models.lm.output_projector import bundle_heads
 from services.models.lm.timestamps import HEAD_NAME
+from services.models.lm.training import TrainingModel
 from services.trainer.build import connector_states
-from services.trainer.model import TrainingModel
 from services.trainer.runconfig import RunConfig
 
 logger = logging.getLogger(__name__)

@@ -24,8 +24,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from services.trainer._outputs import SignalInBatch
-from services.trainer.model import MediaInBatch, TimeInBatch, TrainingModel
+from services.models.lm.model import MediaInBatch
+from services.models.lm.training import TimeInBatch, TrainingModel
+from services.models.lm.training_outputs import SignalInBatch
 from services.trainer.runconfig import RunConfig
 
 logger = logging.getLogger(__name__)

@@ -30,7 +30,7 @@ from services.common.presets import ConnectorSpec, Preset
 from services.models.checkpoints.bundle import Bundle, base_fingerprint, check_state_dict, load_bundle
 from services.models.connectors.connector import Connector, cast_connector, connector_from_spec
 from services.models.lm.attention import check_attention_implementation
-from services.models.lm.model import FeatureLayout, MultimodalLM
+from services.models.lm.model import MultimodalLM, feature_layouts
 from services.models.lm.output_projector import OutputProjector, load_projectors
 from services.models.lm.seed_configs import apply_load_tokens, read_llm_config
 from services.models.lm.time_matching import check_frame_tokens, time_token_id
@@ -273,8 +273,7 @@ def load_model(preset: Preset, *, device: str | torch.device | None = None) -> L
     check_attention_implementation(lm, preset.bidirectional_modalities(), preset=preset.name)
     bundle = load_bundle(preset.adapter.path, expected_fingerprint=base_fingerprint(checkpoint))
     connectors = load_connectors(preset, bundle.connectors, llm_dim=lm.config.hidden_size, dtype=dtype)
-    layouts = {m: FeatureLayout.from_spec(m, s) for m, s in preset.modalities.items()}
-    model = MultimodalLM(lm, connectors, layouts).eval().to(device or default_device())
+    model = MultimodalLM(lm, connectors, feature_layouts(preset)).eval().to(device or default_device())
     ts = preset.heads.timestamps
     if ts is not None:
         check_frame_tokens(preset, model.connector(ts.modality).num_tokens)

@@ -1,10 +1,14 @@
-"""The multimodal LM: connectors composed with a Hugging Face causal LM.
+"""The multimodal LM: connectors composed with a Hugging Face causal LM, the one model that
+serves and trains.
 
-`MultimodalLM.embed` turns a prompt whose placeholders are already expanded into input
-embeddings: text ids through the LM's embedding table, each media item through its modality's
-connector, the connector outputs written at the items' spans in one `index_put`. Modalities
-that share a connector (PandaGPT's one `llama_proj`) run through the same module; items that
-share a span (`media_combine: sum`) are summed there.
+`MultimodalLM.embed_batch` turns a batch whose placeholders are already expanded into input
+embeddings: text ids through the LM's embedding table, each media item (`MediaInBatch`: its row,
+span, modality, features and instruction) through its modality's connector, the connector outputs
+written at the items' spans in one `index_put`. Modalities that share a connector (PandaGPT's one
+`llama_proj`) run through the same module; items that share a span (`media_combine: sum`) are
+summed there. Serving calls it through `embed` (one prompt, its items checked first); training
+through `services.models.lm.training.TrainingModel`, which subclasses this model and adds the
+losses, with `keep_unused` so that a trainable connector no item uses still takes part (ZeRO).
 
 An item's frames come from its features: rows / tokens per frame, which must divide exactly
 and fit the modality's sampling (`FeatureLayout`).
@@ -21,7 +25,7 @@ from torch import nn
 
 from services.common.content import MediaItem
 from services.common.errors import InvalidArgumentError
-from services.common.presets import ModalitySpec
+from services.common.presets import ModalitySpec, Preset
 from services.models.connectors.connector import Connector
 
 
@@ -77,6 +81,32 @@ class FeatureLayout:
         if self.max_frames is not None and frames > self.max_frames:
             return None
         return frames
+
+
+def feature_layouts(preset: Preset) -> dict[str, FeatureLayout]:
+    """Per modality of the preset, how its features are laid out and which connector reads them."""
+    return {str(m): FeatureLayout.from_spec(m, s) for m, s in preset.modalities.items()}
+
+
+@dataclass(frozen=True)
+class MediaInBatch:
+    """One media item of a batch.
+
+    Attributes:
+        row: Its row in the batch.
+        start: Where its span starts.
+        length: Positions its span holds.
+        modality: Its modality.
+        features: Encoder features (frames * tokens_per_frame, D_in).
+        instruction: The text of the user turn holding it (for text-reading connectors).
+    """
+
+    row: int
+    start: int
+    length: int
+    modality: str
+    features: torch.Tensor  # (F*T, D_in)
+    instruction: str = ""
 
 
 class MultimodalLM(nn.Module):
@@ -184,7 +214,10 @@ class MultimodalLM(nn.Module):
         connectors: nn.ModuleDict | Mapping[str, nn.Module] | None = None,
         instructions: Sequence[str] | None = None,
     ) -> torch.Tensor:
-        """Input embeddings of a prompt with each media item's features at its span.
+        """Input embeddings of one prompt with each media item's features at its span (serving).
+
+        The items are checked (`check_media`), then embedded as a batch of one row by
+        `embed_batch`, the path training takes too.
 
         Args:
             input_ids: Prompt ids with placeholders expanded, (L,).
@@ -205,28 +238,90 @@ class MultimodalLM(nn.Module):
             )
         self.check_media(features)
         ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device).view(1, -1)  # (1, L)
-        embeds = self.lm.get_input_embeddings()(ids)  # (1, L, D)
-        if not features:
+        texts = instructions if instructions is not None else [""] * len(features)
+        media = [
+            MediaInBatch(0, int(start), int(length), item.modality, item.features, text)
+            for (start, length), item, text in zip(media_spans, features, texts, strict=True)
+        ]
+        return self.embed_batch(ids, media, connectors)[0]
+
+    def embed_batch(
+        self,
+        input_ids: torch.Tensor,
+        media: Sequence[MediaInBatch],
+        connectors: nn.ModuleDict | Mapping[str, nn.Module] | None = None,
+        *,
+        keep_unused: bool = False,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Input embeddings of a batch with each media item's connector output at its span.
+
+        Text ids go through the LM's embedding table, each item through its modality's
+        connector (`_project`), and the outputs are written at the items' spans (`scatter`).
+
+        Args:
+            input_ids: (B, L), placeholders expanded.
+            media: The batch's items, each with its row and span.
+            connectors: The connectors to project with; default this model's.
+            keep_unused: Training under ZeRO: every trainable connector that no item uses runs
+                once on zeros and its output, times zero, is added to the embeddings, so that
+                every rank produces every gradient in the same order.
+
+        Returns:
+            The embeddings (B, L, D), and per item its connector output (T_i, D).
+        """
+        embeds = self.lm.get_input_embeddings()(input_ids)  # (B, L, D)
+        if not media and not keep_unused:
+            return embeds, []
+        projected, unused = self._project(
+            [m.modality for m in media],
+            [m.features for m in media],
+            [m.instruction for m in media],
+            connectors,
+            dtype=embeds.dtype,
+            device=embeds.device,
+            keep_unused=keep_unused,
+        )
+        if keep_unused:
+            # Added to the embeddings, not the loss, so that its gradient arrives in the same
+            # backward order as a real item's: ZeRO-3 reduces gradients in the order they
+            # become ready, and ranks must agree on it.
+            embeds = embeds + unused
+        return self.scatter(embeds, media, projected), projected
+
+    @staticmethod
+    def scatter(
+        embeds: torch.Tensor, media: Sequence[MediaInBatch], projected: Sequence[torch.Tensor]
+    ) -> torch.Tensor:
+        """`embeds` (B, L, D) with each item's output written at its row's span, in one
+        `index_put`; the outputs of items that share a span (media_combine sum) are summed there.
+
+        Raises:
+            InvalidArgumentError: An output's length is not its span's, or a span lies outside
+                the rows.
+        """
+        if not media:
             return embeds
-        projected = self.project(features, connectors, instructions)  # list of (T_i, D)
-        summed: dict[tuple[int, int], torch.Tensor] = {}
-        for i, (span, out) in enumerate(zip(media_spans, projected, strict=True)):
-            if out.shape[0] != span[1]:
+        length = embeds.shape[1]
+        summed: dict[tuple[int, int, int], torch.Tensor] = {}
+        for i, (item, out) in enumerate(zip(media, projected, strict=True)):
+            if out.shape[0] != item.length:
                 raise InvalidArgumentError(
-                    f"media[{i}]: span of {span[1]} tokens, connector gave {out.shape[0]}"
+                    f"media[{i}]: span of {item.length} tokens, connector gave {out.shape[0]}"
                 )
-            summed[span] = summed[span] + out if span in summed else out
-        spans = list(summed)
-        starts = torch.tensor([s for s, _ in spans], device=self.device)  # (N,)
-        lengths = torch.tensor([n for _, n in spans], device=self.device)  # (N,)
-        offsets = torch.arange(int(lengths.sum()), device=self.device) - torch.repeat_interleave(
+            if item.start < 0 or item.start + item.length > length:
+                raise InvalidArgumentError(f"media: a span lies outside the prompt of {length} tokens")
+            key = (item.row, item.start, item.length)
+            summed[key] = summed[key] + out if key in summed else out
+        device = embeds.device
+        rows = torch.tensor([r for r, _, _ in summed], device=device)  # (N,)
+        starts = torch.tensor([s for _, s, _ in summed], device=device)  # (N,)
+        lengths = torch.tensor([n for _, _, n in summed], device=device)  # (N,)
+        offsets = torch.arange(int(lengths.sum()), device=device) - torch.repeat_interleave(
             torch.cumsum(lengths, 0) - lengths, lengths
         )  # (sum T_i,) position within its item
         positions = torch.repeat_interleave(starts, lengths) + offsets  # (sum T_i,)
-        if int(positions.max()) >= ids.shape[1] or int(positions.min()) < 0:
-            raise InvalidArgumentError(f"media: a span lies outside the prompt of {ids.shape[1]} tokens")
         values = torch.cat(list(summed.values())).to(embeds.dtype)  # (sum T_i, D)
-        return embeds.index_put((torch.zeros_like(positions), positions), values)  # (1, L, D)
+        return embeds.index_put((torch.repeat_interleave(rows, lengths), positions), values)  # (B, L, D)
 
     def project(
         self,
@@ -234,28 +329,76 @@ class MultimodalLM(nn.Module):
         connectors: nn.ModuleDict | Mapping[str, nn.Module] | None = None,
         instructions: Sequence[str] | None = None,
     ) -> list[torch.Tensor]:
-        """Run every item through its connector; item order kept.
-
-        Items of one modality with the same frame count run as one batch; items whose
-        connector reads text run one at a time with their instruction.
+        """Run every item through its connector; item order kept (see `_project`).
 
         Returns:
             Per item, (num_tokens(frames), D).
         """
+        texts = instructions if instructions is not None else [""] * len(features)
+        projected, _ = self._project(
+            [f.modality for f in features],
+            [f.features for f in features],
+            texts,
+            connectors,
+            dtype=self.dtype,
+            device=self.device,
+        )
+        return projected
+
+    def _project(
+        self,
+        modalities: Sequence[str],
+        features: Sequence[torch.Tensor],
+        instructions: Sequence[str],
+        connectors: nn.ModuleDict | Mapping[str, nn.Module] | None,
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+        keep_unused: bool = False,
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Per item its connector output (T_out, D), and the unused connectors' zero term.
+
+        Connectors run in their order in `connectors` (every rank of a training run calls them
+        in the same order, as ZeRO-3's parameter gathering needs); modalities that share a
+        connector (PandaGPT's `llama_proj`) run through it together. Items of one connector
+        with the same frame count run as one batch; items whose connector reads text run one
+        at a time with their instruction. With `keep_unused`, a trainable connector that no
+        item uses runs once on zeros (`_dummy`) and the sum of its output, times zero, is
+        the second result (else a zero scalar).
+        """
+        modules = self.connectors if connectors is None else connectors
         out: list[torch.Tensor | None] = [None] * len(features)
-        groups: dict[tuple[str, int, int], list[int]] = {}
-        for i, item in enumerate(features):
-            reads_text = self.connector(item.modality, connectors).reads_text
-            groups.setdefault((item.modality, self.frames(item), i if reads_text else -1), []).append(i)
-        for (modality, frames, single), idx in groups.items():
-            connector = self.connector(modality, connectors)
-            batch = torch.stack([features[i].features for i in idx]).to(device=self.device, dtype=self.dtype)
-            batch = batch.view(len(idx), frames, -1, batch.shape[-1])  # (B, F, T, D_in)
-            instruction = None
-            if single >= 0:
-                text = instructions[single] if instructions is not None else ""
-                instruction = connector.encode_instructions([text])
-            projected = connector(batch, instruction)  # (B, T_out, D)
-            for j, i in enumerate(idx):
-                out[i] = projected[j]  # (T_out, D)
-        return [t for t in out if t is not None]
+        unused = torch.zeros((), dtype=dtype, device=device)
+        for name, module in modules.items():
+            assert isinstance(module, Connector)
+            mine = [i for i, m in enumerate(modalities) if self.layouts[m].connector == name]
+            if not mine:
+                if keep_unused and any(p.requires_grad for p in module.parameters()):
+                    unused = unused + 0.0 * self._dummy(name, module, dtype, device).sum()
+                continue
+            groups: dict[tuple[int, int], list[int]] = {}
+            for i in mine:
+                frames = features[i].shape[0] // module.tokens_per_frame
+                groups.setdefault((frames, i if module.reads_text else -1), []).append(i)
+            for (frames, single), idx in groups.items():
+                x = torch.stack([features[i] for i in idx]).to(device=device, dtype=dtype)  # (N, F*T, D_in)
+                x = x.view(len(idx), frames, module.tokens_per_frame, -1)  # (N, F, T, D_in)
+                instruction = module.encode_instructions([instructions[single]]) if single >= 0 else None
+                projected = module(x, instruction)  # (N, T_out, D)
+                for j, i in enumerate(idx):
+                    out[i] = projected[j]  # (T_out, D)
+        missing = sorted({modalities[i] for i, t in enumerate(out) if t is None})
+        if missing:
+            raise ValueError(f"no connector for modalities {missing} among {sorted(modules)}")
+        return [t for t in out if t is not None], unused
+
+    def _dummy(
+        self, name: str, connector: Connector, dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
+        """A connector's output on one all-zero item of its layout (1, T_out, D)."""
+        layout = next(lay for lay in self.layouts.values() if lay.connector == name)
+        x = torch.zeros(
+            (1, layout.frames or 1, layout.tokens_per_frame, layout.dim), dtype=dtype, device=device
+        )
+        instruction = connector.encode_instructions([""]) if connector.reads_text else None
+        return connector(x, instruction)  # (1, T_out, D)

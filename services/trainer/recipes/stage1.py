@@ -8,9 +8,11 @@ enough (the trainable part is small). Modalities that share a connector train it
 
 from __future__ import annotations
 
+from services.models.lm.model import feature_layouts
+from services.models.lm.training import TrainingModel
+from services.models.lm.training_params import ParamGroup, select_trainable
 from services.trainer.build import (
     build_examples,
-    feature_layouts,
     initial_connectors,
     load_llm,
     load_run_preset,
@@ -20,7 +22,6 @@ from services.trainer.build import (
 from services.trainer.export import export_bundle
 from services.trainer.jobs import STAGE_DEFAULTS
 from services.trainer.loop import fit
-from services.trainer.model import ParamGroup, TrainingModel, select_trainable
 from services.trainer.runconfig import RunConfig
 
 

@@ -13,10 +13,12 @@ LoRA unchanged and the trained projectors as its heads.
 
 from __future__ import annotations
 
-from services.trainer._outputs import OutputHeads, signal_specs
+from services.models.lm.model import feature_layouts
+from services.models.lm.training import TrainingModel
+from services.models.lm.training_outputs import OutputHeads, signal_specs
+from services.models.lm.training_params import ParamGroup, select_trainable
 from services.trainer.build import (
     build_examples,
-    feature_layouts,
     initial_connectors,
     initial_output_projectors,
     load_llm,
@@ -27,7 +29,6 @@ from services.trainer.build import (
 from services.trainer.export import export_bundle
 from services.trainer.jobs import STAGE_DEFAULTS
 from services.trainer.loop import fit
-from services.trainer.model import ParamGroup, TrainingModel, select_trainable
 from services.trainer.runconfig import RunConfig
 
 

@@ -22,10 +22,12 @@ False`).
 
 from __future__ import annotations
 
-from services.trainer._outputs import OutputHeads, signal_specs
+from services.models.lm.model import feature_layouts
+from services.models.lm.training import TrainingModel
+from services.models.lm.training_outputs import OutputHeads, signal_specs
+from services.models.lm.training_params import ParamGroup, add_lora, select_trainable
 from services.trainer.build import (
     build_examples,
-    feature_layouts,
     initial_connectors,
     initial_heads,
     initial_output_projectors,
@@ -38,7 +40,6 @@ from services.trainer.build import (
 from services.trainer.export import export_bundle
 from services.trainer.jobs import STAGE_DEFAULTS
 from services.trainer.loop import fit
-from services.trainer.model import ParamGroup, TrainingModel, add_lora, select_trainable
 from services.trainer.runconfig import RunConfig
 
 

@@ -34,8 +34,8 @@ from services.models.lm.timestamps import (
     capture_norm_input,
     load_timestamp_heads,
 )
+from services.models.lm.training import TrainingModel
 from services.trainer.loop import TrainExample, TrainMedia, collate
-from services.trainer.model import TrainingModel
 
 FIXTURE = Path(__file__).parents[2] / "fixtures" / "parity" / "etchat"
 TOL = 1e-5

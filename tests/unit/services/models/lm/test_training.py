@@ -1,70 +1,36 @@
 """The model being trained: features written at their spans, the zero-weighted dummy forward that
 gives an absent modality's connector a gradient, bidirectional spans (E.T. Chat's stage 3) per
-row of a padded batch, LoRA targets and injection, and the one place that decides what trains
-(freezing, learning rate per group, refusal of empty or overlapping groups)."""
+row of a padded batch, items summed at a shared span, E.T. Chat's time tokens and heads; and
+serving's embedding of a prompt equal to training's of the same sample on the tiny preset."""
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
-from services.common.presets import LoraSpec
-from services.models.connectors.connector import build_connector
-from services.models.lm.model import FeatureLayout
-from services.trainer.loop import TrainExample, TrainMedia, TrainTime, collate
-from services.trainer.model import ParamGroup, TrainingModel, add_lora, lora_target_names, select_trainable
-
-CPU = torch.device("cpu")
-TOKENS, FEAT_DIM, WIDTH, VOCAB = 4, 16, 32, 64
-
-
-@pytest.fixture(scope="module")
-def base_lm() -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=WIDTH,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config).eval()  # eval: no dropout, so two forwards agree exactly
-
-
-def make_model(
-    base_lm: nn.Module,
-    modalities: tuple[str, ...] = ("image",),
-    seed: int = 1,
-    bidirectional: frozenset[str] = frozenset(),
-) -> TrainingModel:
-    torch.manual_seed(seed)
-    connectors = {m: build_connector("mlp2x_gelu", in_dim=FEAT_DIM, out_dim=WIDTH) for m in modalities}
-    layouts = {m: FeatureLayout(m, tokens_per_frame=1, dim=FEAT_DIM, frames=TOKENS) for m in modalities}
-    return TrainingModel(copy.deepcopy(base_lm), connectors, layouts, bidirectional=bidirectional)
-
-
-def example(length: int = 12, media: list[tuple[int, str, torch.Tensor]] | None = None) -> TrainExample:
-    ids = [(7 * i + 3) % VOCAB for i in range(length)]
-    labels = [-100] * 6 + ids[6:]  # the prompt (with its media span) is not supervised
-    items = [TrainMedia(start, TOKENS, m, f) for start, m, f in media or []]
-    return TrainExample(input_ids=ids, labels=labels, media=items)
-
-
-def batch(*examples: TrainExample) -> dict[str, Any]:
-    return collate(examples, pad_id=0, device=CPU)
-
-
-def grads(module: nn.Module) -> list[torch.Tensor | None]:
-    return [p.grad for p in module.parameters()]
-
+from services.common.content import MediaItem
+from services.common.presets import Preset
+from services.models.lm.loading import load_model
+from services.models.lm.model import feature_layouts
+from services.models.lm.training import TrainingModel
+from services.models.prompt.builder import MediaSlot
+from services.models.prompt.templates import MediaRef, Segment
+from services.trainer.build import initial_connectors, load_llm, load_start_bundle
+from services.trainer.loop import TrainExample, TrainMedia, TrainTime
+from tests.unit.services.models.lm.training_support import (
+    FEAT_DIM,
+    TOKENS,
+    WIDTH,
+    batch,
+    example,
+    grads,
+    make_model,
+)
 
 # -- forward --------------------------------------------------------------------------------------
 
@@ -184,103 +150,6 @@ def test_a_batch_without_bidirectional_items_keeps_the_padding_mask(base_lm: nn.
     assert seen["attention_mask"].dim() == 2 and torch.equal(loss, lm_inputs(causal, b)[0])
 
 
-# -- LoRA -----------------------------------------------------------------------------------------
-
-
-def test_lora_target_names_are_full_paths_of_the_llms_linear_modules(base_lm: nn.Module) -> None:
-    names = lora_target_names(base_lm, ["q_proj", "down_proj"])
-    assert sorted(names) == [
-        "model.layers.0.mlp.down_proj",
-        "model.layers.0.self_attn.q_proj",
-        "model.layers.1.mlp.down_proj",
-        "model.layers.1.self_attn.q_proj",
-    ]
-    assert all(isinstance(base_lm.get_submodule(n), nn.Linear) for n in names)
-
-
-def test_a_lora_target_that_matches_nothing_is_named(base_lm: nn.Module) -> None:
-    with pytest.raises(ValueError, match=r"LoRA targets \['qkv', 'wq'\] match no Linear module .* 'q_proj'"):
-        lora_target_names(base_lm, ["q_proj", "wq", "qkv"])
-    with pytest.raises(ValueError, match=r"\['embed_tokens'\]"):  # an Embedding is not a Linear
-        lora_target_names(base_lm, ["embed_tokens"])
-
-
-def test_add_lora_wraps_only_the_targets_and_starts_as_the_base_model(base_lm: nn.Module) -> None:
-    lm = copy.deepcopy(base_lm)
-    ids = torch.tensor([[1, 2, 3, 4, 5]])
-    with torch.no_grad():
-        before = lm(input_ids=ids).logits
-    peft_lm = add_lora(lm, LoraSpec(r=4, alpha=8, dropout=0.0, targets=["q_proj", "v_proj"]))
-    lora_modules = {n.rsplit(".lora_A", 1)[0] for n, _ in peft_lm.named_parameters() if ".lora_A." in n}
-    assert len(lora_modules) == 4
-    assert {m.rsplit(".", 1)[-1] for m in lora_modules} == {"q_proj", "v_proj"}
-    peft_lm.eval()
-    with torch.no_grad():
-        after = peft_lm(input_ids=ids).logits
-    assert torch.allclose(before, after, atol=1e-6)  # lora_B starts at zero
-
-
-# -- select_trainable -----------------------------------------------------------------------------
-
-
-def test_select_trainable_freezes_everything_else_with_a_learning_rate_per_group(base_lm: nn.Module) -> None:
-    model = make_model(base_lm)
-    model.lm = add_lora(model.lm, LoraSpec(r=2, alpha=4, dropout=0.0, targets=["q_proj"]))
-    groups, counts = select_trainable(
-        model,
-        [
-            ParamGroup("connectors", ("connectors.*",), 2e-5),
-            ParamGroup("lora", ("*.lora_A.*", "*.lora_B.*"), 2e-4),
-        ],
-        weight_decay=0.01,
-    )
-    assert [(g["name"], g["lr"], g["weight_decay"]) for g in groups] == [
-        ("connectors", 2e-5, 0.01),
-        ("lora", 2e-4, 0.01),
-    ]
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {
-        n for n, _ in model.named_parameters() if n.startswith("connectors.") or ".lora_" in n
-    }
-    assert not any("embed_tokens" in n or "lm_head" in n for n in trainable)
-    connector_numel = sum(p.numel() for p in model.connectors.parameters())
-    lora_numel = 2 * (2 * WIDTH + 2 * WIDTH)  # 2 layers x q_proj x (A: r x in + B: out x r), r=2
-    assert counts == {"connectors": connector_numel, "lora": lora_numel}
-    assert [sum(p.numel() for p in g["params"]) for g in groups] == [connector_numel, lora_numel]
-
-
-def test_select_trainable_refreezes_what_an_earlier_call_unfroze(base_lm: nn.Module) -> None:
-    model = make_model(base_lm)
-    select_trainable(model, [ParamGroup("all", ("*",), 1.0)], weight_decay=0.0)
-    select_trainable(model, [ParamGroup("connectors", ("connectors.*",), 1e-3)], weight_decay=0.0)
-    assert not any(p.requires_grad for p in model.lm.parameters())
-    assert all(p.requires_grad for p in model.connectors.parameters())
-
-
-def test_a_group_that_selects_nothing_is_refused(base_lm: nn.Module) -> None:
-    model = make_model(base_lm)  # no LoRA injected: the stage-3 bug of training nothing
-    with pytest.raises(
-        ValueError, match=r"trainable group 'lora': patterns \['\*lora_\*'\] select no parameter"
-    ):
-        select_trainable(
-            model,
-            [ParamGroup("connectors", ("connectors.*",), 1e-3), ParamGroup("lora", ("*lora_*",), 2e-4)],
-            weight_decay=0.0,
-        )
-
-
-def test_a_parameter_in_two_groups_is_refused(base_lm: nn.Module) -> None:
-    model = make_model(base_lm)
-    with pytest.raises(
-        ValueError, match=r"parameter connectors\.image\.\S+ is selected by groups all and connectors"
-    ):
-        select_trainable(
-            model,
-            [ParamGroup("all", ("*",), 1e-4), ParamGroup("connectors", ("connectors.*",), 1e-3)],
-            weight_decay=0.0,
-        )
-
-
 # -- media_combine sum and E.T. Chat's time tokens -------------------------------------------------
 
 
@@ -344,3 +213,78 @@ def test_heads_without_targets_get_zero_gradients(base_lm: nn.Module) -> None:
     model.heads = TimestampHeads(WIDTH)
     model(**batch(example(media=[(1, "image", torch.randn(TOKENS, FEAT_DIM))]))).backward()
     assert all(p.grad is not None and not p.grad.any() for p in model.heads.parameters())
+
+
+# -- one model serves and trains -------------------------------------------------------------------
+
+
+# Per preset, two prompts: segments, and per item (modality, frames, combined with item, instruction).
+Item = tuple[str, int, int | None, str]
+PROMPTS: dict[str, list[tuple[list[Segment], list[Item]]]] = {
+    "tiny": [
+        (["Describe", MediaRef(0), "please"], [("image", 1, None, "")]),
+        (["Compare", MediaRef(0), "with", MediaRef(1)], [("image", 1, None, ""), ("image", 1, None, "")]),
+    ],
+    "tiny-pandagpt": [  # image and audio share one connector (llama_proj); a summed span
+        (["Hear and see", MediaRef(0), "now"], [("image", 1, None, ""), ("audio", 1, 0, "")]),
+        (["Then", MediaRef(0), "and", MediaRef(1)], [("audio", 1, None, ""), ("image", 1, None, "")]),
+    ],
+    "tiny-etchat": [  # a connector that reads the user's text; items of different frame counts
+        (["When", MediaRef(0), "?"], [("video", 3, None, "when does it start")]),
+        ([MediaRef(0), "describe it"], [("video", 2, None, "describe it")]),
+    ],
+}
+
+
+@pytest.mark.parametrize("name", list(PROMPTS))
+def test_serving_and_training_embed_a_prompt_with_media_alike(
+    name: str, tiny_preset: Preset, twin: Callable[[str], Preset]
+) -> None:
+    """A preset loaded as the LLM service loads it (`load_model`) and as the trainer's recipes
+    build it (`load_llm`, the start bundle's connectors, `feature_layouts`): the embeddings the
+    training forward gives its LM for a padded batch of two prompts equal, row by row and
+    exactly, what serving's `MultimodalLM.embed` gives each prompt alone (both on the CPU, as
+    the trainer's loader puts its model there)."""
+    preset = tiny_preset if name == "tiny" else twin(name)
+    served_model = load_model(preset, device="cpu")
+    _, lm = load_llm(preset)
+    connectors = initial_connectors(
+        preset, load_start_bundle(preset, preset.adapter.path), llm_dim=lm.config.hidden_size
+    )
+    trained = TrainingModel(lm, connectors, feature_layouts(preset)).eval()  # eval: no dropout
+    generator = torch.Generator().manual_seed(5)
+    served, examples = [], []
+    for segments, items in PROMPTS[name]:
+        slots = [MediaSlot(m, frames, combine) for m, frames, combine, _ in items]
+        prompt = served_model.prompt_builder.build(segments, slots)
+        media = []
+        for m, frames, _, _ in items:
+            layout = served_model.model.layouts[m]
+            rows = frames * layout.tokens_per_frame
+            media.append(MediaItem(m, torch.randn(rows, layout.dim, generator=generator)))
+        texts = [text for *_, text in items]
+        with torch.inference_mode():
+            embeds = served_model.model.embed(prompt.input_ids, prompt.media_spans, media, instructions=texts)
+        served.append(embeds[0])  # (L, D)
+        examples.append(
+            TrainExample(
+                input_ids=prompt.input_ids,
+                labels=prompt.input_ids,
+                media=[
+                    TrainMedia(start, length, m.modality, m.features, text)
+                    for (start, length), m, text in zip(prompt.media_spans, media, texts, strict=True)
+                ],
+            )
+        )
+    seen: dict[str, torch.Tensor] = {}
+    handle = trained.lm.register_forward_pre_hook(
+        lambda _m, _a, kw: seen.__setitem__("e", kw["inputs_embeds"].detach()), with_kwargs=True
+    )
+    try:
+        with torch.no_grad():
+            trained(**batch(*examples))
+    finally:
+        handle.remove()
+    assert len(served[0]) != len(served[1])  # one row is padded
+    for row, expected in enumerate(served):
+        assert torch.equal(seen["e"][row, : len(expected)], expected), f"row {row}"

@@ -1,5 +1,5 @@
 """The output side in training (NExT-GPT stage 2, and stage 3 with outputs): the projectors and
-their distance loss.
+their distance loss, part of `services.models.lm.training.TrainingModel`.
 
 `OutputHeads` holds one `services.models.lm.output_projector.OutputProjector` per output modality of
 the preset. For every training sequence that carries a modality's signal tokens and a caption

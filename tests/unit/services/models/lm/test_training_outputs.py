@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from services.models.lm.output_projector import OutputProjector, signal_distance
-from services.trainer._outputs import OutputHeads, SignalInBatch, SignalSpec
+from services.models.lm.training_outputs import OutputHeads, SignalInBatch, SignalSpec
 
 D = 8
 IMG = (90, 91)  # signal ids of the test's "image" (2 tokens) and "audio" (1 token)
