@@ -5,7 +5,7 @@ Accepted sources are base64 `data:` URLs, http(s) URLs, and file:// URLs under t
 client error (400; 413 for a file over `media_max_bytes`) that says what was refused and why;
 a data URL's payload is never echoed. The bytes themselves are not decoded here (the encoder
 service validates the image, video, audio or event file). A data URL must declare a media type
-of its modality (its registry record's `data_url_types`, `DATA_URL_TYPES`: image/*, video/*,
+of its modality (its registry record's `data_url_types`: image/*, video/*,
 audio/*; events, which have no registered type, application/octet-stream, application/x-npy,
 application/npy or application/x-npz).
 
@@ -75,12 +75,6 @@ def _shown(url: str, limit: int = 120) -> str:
     if url[:5].lower() == "data:":
         return url.split(",", 1)[0][:40] + ",..."
     return url if len(url) <= limit else url[: limit - 3] + "..."
-
-
-# Media types a data: URL may declare, per modality (the registry records' `data_url_types`).
-DATA_URL_TYPES: dict[str, tuple[str, ...]] = {
-    name: m.data_url_types for name, m in modalities.MODALITIES.items() if m.inputs
-}
 
 
 def decode_data_url(
@@ -165,7 +159,7 @@ class MediaFetcher:
         if isinstance(timeout_s, Mapping):
             self.timeouts_s = dict(timeout_s)
         else:
-            self.timeouts_s = dict.fromkeys(DATA_URL_TYPES, float(timeout_s))
+            self.timeouts_s = dict.fromkeys(modalities.input_names(), float(timeout_s))
         self.connect_timeout_s = connect_timeout_s
         self.max_redirects = max_redirects
         self.allow = allow if isinstance(allow, AllowList) else AllowList.parse(allow)
@@ -217,7 +211,8 @@ class MediaFetcher:
             raise InvalidArgumentError(f"{modality} URL is empty; " + accepted)
         scheme = urlsplit(url).scheme.lower() if ":" in url else ""
         if scheme == "data":
-            return decode_data_url(url, max_bytes=self.max_bytes, media_type_prefix=DATA_URL_TYPES[modality])
+            types = modalities.get(modality).data_url_types
+            return decode_data_url(url, max_bytes=self.max_bytes, media_type_prefix=types)
         if scheme == "file" and not self.file_roots:
             raise InvalidArgumentError(
                 f"unsupported {modality} URL scheme 'file' in {_shown(url)}: {accepted}; file:// URLs "

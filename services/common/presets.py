@@ -633,10 +633,9 @@ def _one_token(spec: ModalitySpec) -> bool:
 def _check_modality(modality: str, spec: ModalitySpec) -> None:
     """Cross-field rules of one modality: backbone, sampling and connector fit together."""
     enc, where, record = spec.encoder, f"modalities.{modality}", registry.get(modality)
-    if modality not in BACKBONE_MODALITIES[enc.backbone]:
-        raise ValueError(
-            f"{where}.encoder.backbone: {enc.backbone} reads {list(BACKBONE_MODALITIES[enc.backbone])}, not {modality}"
-        )
+    readers = registry.backbone_modalities(enc.backbone)
+    if modality not in readers:
+        raise ValueError(f"{where}.encoder.backbone: {enc.backbone} reads {list(readers)}, not {modality}")
     sampling = enc.sampling
     if record.sampling == "none" and sampling is not None:
         raise ValueError(f"{where}.encoder.sampling: {_a(record.noun[0])} has no frames to sample; remove it")

@@ -104,10 +104,12 @@ def encode_media(media: Media, fmt: str | None = None) -> EncodedMedia:
         InvalidArgumentError: `fmt` is not a format of this media's kind.
     """
     kind = media.modality
-    fmt = fmt or FORMATS[kind][0]
-    if fmt not in FORMATS[kind]:
+    output = modalities.get(kind).output
+    formats = output.formats if output is not None else ()
+    fmt = fmt or formats[0]
+    if fmt not in formats:
         raise InvalidArgumentError(
-            f"{kind} format: expected one of {list(FORMATS[kind])}, got {fmt!r}", param="format"
+            f"{kind} format: expected one of {list(formats)}, got {fmt!r}", param="format"
         )
     if isinstance(media, ImageOut):
         return encode_png(media.image)

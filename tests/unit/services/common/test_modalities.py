@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +15,8 @@ from services.common import modalities
 from services.common.errors import InvalidArgumentError
 from services.common.modalities import Modality
 from services.common.presets import BACKBONE_MODALITIES, MODALITIES, OUTPUT_MODALITIES
+
+PRESETS = Path(__file__).parents[4] / "presets"
 
 
 def test_the_five_modalities_and_their_names() -> None:
@@ -118,3 +123,64 @@ def test_the_registry_imports_without_torch_or_decoders() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# ---- a modality added by one record -----------------------------------------------------------
+
+
+@pytest.fixture
+def depth() -> Iterator[Modality]:
+    """ImageBind's depth modality, registered for one test (a single-channel image, read by the
+    generic parts only) and removed after it."""
+    record = Modality(
+        name="depth",
+        noun=("depth map", "depth maps"),
+        data_url_types=("image/",),
+        limit_settings=("image_max_pixels",),
+        backbones=("imagebind",),
+        prepare=f"{modalities.PREPARE}:prepare_image",
+        dummy=f"{modalities.DUMMIES}:dummy_png",
+    )
+    modalities.register(record)
+    yield record
+    del modalities._REGISTRY["depth"]
+
+
+def test_a_registered_modality_is_taken_by_presets_and_the_gateway(depth: Modality, tmp_path: Path) -> None:
+    from gateway.media import MediaFetcher
+    from gateway.protocol import parse_chat_request
+    from gateway.serving import _count
+    from services.common.presets import parse_preset
+
+    text = (PRESETS / "tiny-pandagpt.yaml").read_text()
+    section = '  depth:\n    encoder: {<<: *imagebind, preprocess: {crop: floor}}\n    connector: *proj\n    placeholder: "<depth>"\n'
+    text = text.replace("\nmedia_combine:", section + "\nmedia_combine:", 1)
+    preset = parse_preset(text, cache_dir=tmp_path)
+    assert list(preset.modalities) == ["image", "video", "audio", "depth"]
+    assert preset.triton_model("depth") == "depth_imagebind"
+
+    clip = section.replace(
+        "{<<: *imagebind, preprocess: {crop: floor}}",
+        "{<<: *imagebind, backbone: clip_vision, select_feature: patch}",
+    )
+    with pytest.raises(
+        InvalidArgumentError,
+        match=r"modalities\.depth\.encoder\.backbone: clip_vision reads \['image', 'video', 'event'\], not depth",
+    ):
+        parse_preset(text.replace(section, clip), cache_dir=tmp_path)
+
+    part = {"type": "input_media", "input_media": {"modality": "depth", "url": "data:image/png;base64,UE5H"}}
+    request = parse_chat_request({"messages": [{"role": "user", "content": [part]}]})
+    (item,) = request.to_domain("r").media()
+    assert (item.modality, item.url) == ("depth", "data:image/png;base64,UE5H")
+    bad_format = part | {"input_media": {"modality": "depth", "data": "UE5H", "format": "exr"}}
+    with pytest.raises(InvalidArgumentError, match=r"input_media\.format: expected no format for depth"):
+        parse_chat_request({"messages": [{"role": "user", "content": [bad_format]}]})
+
+    fetcher = MediaFetcher(max_bytes=100, timeout_s=1.0)
+    assert asyncio.run(fetcher.load("data:image/png;base64,UE5H", "depth")) == b"PNG"
+    with pytest.raises(
+        InvalidArgumentError, match=r"data URL media type: expected image/\*, got 'audio/wav'"
+    ):
+        asyncio.run(fetcher.load("data:audio/wav;base64,UE5H", "depth"))
+    assert _count(2, "depth") == "2 depth maps"
