@@ -116,11 +116,18 @@ def test_count_in_words() -> None:
     assert modalities.get("image").count(3) == "3 images"
 
 
-def test_the_registry_imports_without_torch_or_decoders() -> None:
-    code = (
-        "import sys; import services.common.modalities, services.common.presets; "
-        "print(sorted(m for m in ('torch', 'numpy', 'av', 'decord', 'diffusers', 'PIL') if m in sys.modules))"
-    )
+@pytest.mark.parametrize(
+    ("modules", "heavy"),
+    [
+        (
+            "services.common.modalities, services.common.presets",
+            ("torch", "numpy", "av", "decord", "diffusers", "PIL"),
+        ),
+        ("gateway.protocol, gateway.media, gateway.grpc_chat", ("torch", "av", "decord", "diffusers")),
+    ],
+)
+def test_the_registry_imports_without_torch_or_decoders(modules: str, heavy: tuple[str, ...]) -> None:
+    code = f"import sys; import {modules}; print(sorted(m for m in {heavy!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
