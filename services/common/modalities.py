@@ -73,17 +73,20 @@ class Modality:
     Attributes:
         name: The name used in presets, requests and the registry ("image").
         noun: Singular and plural of one item in messages ("audio clip", "audio clips").
-        url_part: The REST content-part type carrying a URL (`{"type": "video_url", ...}`), or
-            None. The typed gRPC `ChatContentPart` case of the same name as the modality exists
-            only for the five original modalities; any modality rides the generic parts.
-        inline_part: The REST content-part type carrying base64 data and a format
+        url_part: The typed REST content-part type carrying a URL (`{"type": "video_url",
+            ...}`), or None. Typed parts are part of the wire schema (`gateway.protocol.
+            ContentPart` has a field for each, as gRPC's `ChatContentPart` has a case named
+            after image, video, audio and event); a new modality leaves them None and rides
+            the generic parts.
+        inline_part: The typed REST content-part type carrying base64 data and a format
             (`input_audio`), or None.
-        inline_formats: The `format` values an inline item may declare (empty: any; the
-            encoder reads the format from the bytes).
+        inline_formats: The `format` values an inline item may declare; empty: none may be
+            declared (the encoder reads the format from the bytes).
         data_url_types: Media types (or type prefixes ending in "/") a `data:` URL of this
             modality may declare.
         fetch_timeout_setting: The `Settings` field bounding one fetch of an item's URL.
-        limit_settings: The `Settings` fields that bound one item in the encoder.
+        limit_settings: The `Settings` fields that bound one item in the encoder (read into
+            `services.models.media.prepare.EncoderLimits`, which its `prepare` hook reads).
         backbones: The encoder backbones that read it (`EncoderSpec.backbone`).
         sampling: Whether its preset section needs an `encoder.sampling` ("required"), must
             not have one ("none").

@@ -191,3 +191,12 @@ def test_a_registered_modality_is_taken_by_presets_and_the_gateway(depth: Modali
     ):
         asyncio.run(fetcher.load("data:audio/wav;base64,UE5H", "depth"))
     assert _count(2, "depth") == "2 depth maps"
+
+
+def test_the_settings_a_record_names_exist() -> None:
+    from services.common.settings import Settings
+
+    fields = Settings.model_fields
+    for record in modalities.MODALITIES.values():
+        for name in (record.fetch_timeout_setting, *record.limit_settings):
+            assert name in fields, (record.name, name)
