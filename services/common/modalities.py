@@ -92,6 +92,8 @@ class Modality:
             not have one ("none").
         frames_field: The `SamplingSpec` field that fixes how many frames an item yields, if
             one does ("num_frames", "event_frames").
+        frame_sampled: Whether items are decoded streams of frames picked by the spec's
+            sampling (`FrameSampling`: num_frames, fps or ImageBind clips), as video.
         pictures: Whether items become pictures for the CLIP-style picture preprocessing
             (images, video frames, event frames), which its encoder then needs.
         adaptors: Connector types that read only this modality ("event_adaptor").
@@ -115,6 +117,7 @@ class Modality:
     backbones: tuple[str, ...] = ()
     sampling: Literal["none", "required"] = "none"
     frames_field: str | None = None
+    frame_sampled: bool = False
     pictures: bool = True
     adaptors: tuple[str, ...] = ()
     preset_rules: str | None = None
@@ -241,6 +244,7 @@ register(
         backbones=("clip_vision", "eva_vit", "imagebind"),
         sampling="required",
         frames_field="num_frames",
+        frame_sampled=True,
         preset_rules=f"{PRESET_RULES}:video_rules",
         prepare=f"{PREPARE}:prepare_video",
         dummy=f"{DUMMIES}:dummy_video",

@@ -222,6 +222,7 @@ class MediaPreprocessor:
             raise InvalidArgumentError(f"{modality} preprocessing: expected a picture preprocessor, got none")
         self.modality, self.spec, self.frames, self.limits = modality, spec, frames, limits
         self.joint_embedding = spec.backbone == "imagebind"  # one item in, one embedding out
+        self.sampling = frame_sampling(spec) if record.frame_sampled else None
         self._prepare: Callable[[MediaPreprocessor, bytes], Prepared] = record.hook("prepare")
 
     @classmethod
@@ -261,8 +262,8 @@ def prepare_image(pre: MediaPreprocessor, data: bytes) -> Prepared:
 
 def prepare_video(pre: MediaPreprocessor, data: bytes) -> Prepared:
     """One video -> its sampled frames at their times (ImageBind: clips x crops, time 0)."""
-    assert pre.frames is not None
-    video = decode_video(data, sampling=frame_sampling(pre.spec), limits=pre.limits.video)
+    assert pre.sampling is not None and pre.frames is not None
+    video = decode_video(data, sampling=pre.sampling, limits=pre.limits.video)
     if pre.joint_embedding:
         assert pre.spec.sampling is not None and pre.spec.sampling.clips is not None
         clips = imagebind_video(
