@@ -197,7 +197,10 @@ def _a(kind: str) -> str:
 
 
 class ContentPart(_Lenient):
-    """One content part: text, a media URL (image/video/audio/event) or inline audio/event data."""
+    """One content part: text, a time, a media URL (image/video/audio/event), inline audio/event
+    data, or the generic `input_media` of any registered modality. The typed media fields are
+    the wire schema; which modality each carries is its registry record's (`URL_PARTS`,
+    `INLINE_PARTS`)."""
 
     type: str  # one of ACCEPTED_PARTS (checked in `_known_type`)
     text: str | None = None
