@@ -1,7 +1,10 @@
 """The gRPC chat API, modalmesh.v1.Chat/Complete, on the same serving logic as the REST API.
 
 The servicer only translates ChatRequest (proto) -> `gateway.domain.ChatRequest` and events ->
-ChatChunk messages (with the timestamps a time-aware preset wrote). Errors end the stream with
+ChatChunk messages (with the timestamps a time-aware preset wrote). A content part's typed
+media cases (image, video, audio, event) and the generic `media` case (any modality of
+`services.common.modalities`, named by `MediaInput.modality`) become the same media item;
+inline formats are checked against the modality's record. Errors end the stream with
 the status of `services.common.grpc_errors` (INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE...). A
 client that cancels cancels the generation.
 
@@ -27,9 +30,10 @@ from gateway._middleware import new_request_id, valid_request_id
 from gateway.auth import Guard, Permit, RateLimitedError
 from gateway.domain import ChatRequest, Finished, MediaItem, MediaOutput, Part, TimeRef, Timestamp, Turn
 from gateway.llm_client import client_deadline
-from gateway.protocol import INLINE_FORMATS
+from gateway.protocol import format_problem
 from gateway.serving import ChatService
 from modalmesh.v1 import chat_pb2, chat_pb2_grpc
+from services.common import modalities
 from services.common.errors import InvalidArgumentError, ModalmeshError
 from services.common.grpc_errors import abort_with
 from services.common.log import bound_request_id, request_id_from_metadata
@@ -40,32 +44,51 @@ CHAT_SERVICE_NAME = chat_pb2.DESCRIPTOR.services_by_name["Chat"].full_name
 _ROUTE = "grpc:Complete"
 
 
-_MEDIA_PARTS = ("image", "video", "audio", "event")
 _UUID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-_OUTPUTS = ("image", "audio", "video")
+GENERIC_CASE = "media"  # ChatContentPart.media: any modality, by name
 
 
-def _media(modality: str, media: chat_pb2.MediaInput, param: str) -> MediaItem:
+def _typed_case(kind: str | None) -> bool:
+    """Whether a ChatContentPart case is a modality's own typed case (image, video, ...)."""
+    return (
+        kind is not None
+        and kind in modalities.MODALITIES
+        and kind in chat_pb2.ChatContentPart.DESCRIPTOR.fields_by_name
+    )
+
+
+def _media(case: str, media: chat_pb2.MediaInput, param: str) -> MediaItem:
+    """The media item of a typed case (`case` is the modality) or of the generic `media` case."""
+    named = media.modality.strip()
+    if case == GENERIC_CASE:
+        if not named:
+            raise InvalidArgumentError(
+                f"{param}.media.modality: expected a modality name (one of {list(modalities.input_names())}), got none",
+                param=param,
+            )
+        modality = named
+    else:
+        modality = case
+        if named and named != case:
+            raise InvalidArgumentError(
+                f"{param}.{case}.modality: expected {case!r} or empty on the {case} case, got {named!r}",
+                param=param,
+            )
     fmt = media.format.strip().lower() or None
-    allowed = INLINE_FORMATS.get(modality)
-    if fmt is not None and (allowed is None or fmt not in allowed):
-        expected = f"one of {list(allowed)}" if allowed else f"no format for {modality} (read from the bytes)"
-        raise InvalidArgumentError(
-            f"{param}.{modality}.format: expected {expected}, got {media.format!r}", param=param
-        )
+    problem = format_problem(modality, media.format if fmt else None)
+    if problem is not None:
+        raise InvalidArgumentError(f"{param}.{case}.format: {problem}", param=param)
     uuid = media.uuid or None
     if uuid is not None and not _UUID.fullmatch(uuid):
         raise InvalidArgumentError(
-            f"{param}.{modality}.uuid: expected 1-128 characters of A-Z a-z 0-9 . _ : -, got {uuid!r}",
+            f"{param}.{case}.uuid: expected 1-128 characters of A-Z a-z 0-9 . _ : -, got {uuid!r}",
             param=param,
         )
     source = media.WhichOneof("source")
     if source == "data":
         return MediaItem(modality, data=media.data, fmt=fmt, param=param, uuid=uuid)
     if source is None and uuid is None:
-        raise InvalidArgumentError(
-            f"{param}.{modality}: expected a url, data or a uuid, got none", param=param
-        )
+        raise InvalidArgumentError(f"{param}.{case}: expected a url, data or a uuid, got none", param=param)
     return MediaItem(modality, url=media.url if source else None, param=param, uuid=uuid)
 
 
@@ -90,7 +113,8 @@ def to_domain(request: chat_pb2.ChatRequest, request_id: str) -> ChatRequest:
             kind = part.WhichOneof("part")
             if kind == "text":
                 parts.append(part.text)
-            elif kind in _MEDIA_PARTS:
+            elif kind == GENERIC_CASE or _typed_case(kind):
+                assert kind is not None
                 parts.append(_media(kind, getattr(part, kind), f"messages[{i}].content[{j}]"))
             elif kind == "time":
                 parts.append(_time(part.time.seconds, f"messages[{i}].content[{j}]"))
@@ -110,8 +134,14 @@ def to_domain(request: chat_pb2.ChatRequest, request_id: str) -> ChatRequest:
         frequency_penalty=_optional(request, "frequency_penalty"),
         stop_token_ids=list(request.stop_token_ids),
         modalities=tuple(request.modalities),
-        decoding={m: _options(getattr(request, m)) for m in _OUTPUTS if request.HasField(m)},
+        decoding={m: _options(getattr(request, m)) for m in _decoding_fields() if request.HasField(m)},
     )
+
+
+def _decoding_fields() -> tuple[str, ...]:
+    """The output modalities of the registry that ChatRequest has a DecodeOptions field for."""
+    fields = chat_pb2.ChatRequest.DESCRIPTOR.fields_by_name
+    return tuple(m for m in modalities.output_names() if m in fields)
 
 
 def _optional(request: chat_pb2.ChatRequest, name: str) -> Any:

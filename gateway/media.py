@@ -5,8 +5,9 @@ Accepted sources are base64 `data:` URLs, http(s) URLs, and file:// URLs under t
 client error (400; 413 for a file over `media_max_bytes`) that says what was refused and why;
 a data URL's payload is never echoed. The bytes themselves are not decoded here (the encoder
 service validates the image, video, audio or event file). A data URL must declare a media type
-of its modality (`DATA_URL_TYPES`: image/*, video/*, audio/*; events, which have no registered
-type, application/octet-stream, application/x-npy, application/npy or application/x-npz).
+of its modality (its registry record's `data_url_types`: image/*, video/*,
+audio/*; events, which have no registered type, application/octet-stream, application/x-npy,
+application/npy or application/x-npz).
 
 SSRF guard (`gateway._fetch_guard`): the URL's host is resolved (getaddrinfo in the executor)
 and the fetch is refused if ANY address it resolves to is loopback, private, link-local, a cloud
@@ -21,8 +22,8 @@ and the connect. Redirects are followed here, at most `fetch_max_redirects`, and
 checked again (scheme and addresses): a redirect to http://127.0.0.1/ or to file:// is refused.
 
 Deadlines: `fetch_connect_timeout_s` per connection attempt, and one total deadline per modality
-(`image_fetch_timeout_s`, `video_`, `audio_`, `event_fetch_timeout_s`) over DNS, connects,
-redirects and the body together. The byte cap holds while the final body streams in.
+(the setting its registry record names: `image_fetch_timeout_s`, `video_`, `audio_`,
+`event_fetch_timeout_s`) over DNS, connects, redirects and the body together. The byte cap holds while the final body streams in.
 
 Choices and what is left open:
 - The private HTTP client keeps no idle connections: its pool is keyed by IP and port, so a
@@ -54,6 +55,7 @@ from urllib.parse import unquote, urljoin, urlsplit
 import httpx
 
 from gateway._fetch_guard import AllowList, FileRoots, IPAddress, classify, ip_literal, resolve
+from services.common import modalities
 from services.common.errors import InvalidArgumentError, PayloadTooLargeError
 
 if TYPE_CHECKING:
@@ -73,15 +75,6 @@ def _shown(url: str, limit: int = 120) -> str:
     if url[:5].lower() == "data:":
         return url.split(",", 1)[0][:40] + ",..."
     return url if len(url) <= limit else url[: limit - 3] + "..."
-
-
-# Media types a data: URL may declare, per modality. Event files have no registered type.
-DATA_URL_TYPES: dict[str, tuple[str, ...]] = {
-    "image": ("image/",),
-    "video": ("video/",),
-    "audio": ("audio/",),
-    "event": ("application/octet-stream", "application/x-npy", "application/x-npz", "application/npy"),
-}
 
 
 def decode_data_url(
@@ -166,7 +159,7 @@ class MediaFetcher:
         if isinstance(timeout_s, Mapping):
             self.timeouts_s = dict(timeout_s)
         else:
-            self.timeouts_s = dict.fromkeys(DATA_URL_TYPES, float(timeout_s))
+            self.timeouts_s = dict.fromkeys(modalities.input_names(), float(timeout_s))
         self.connect_timeout_s = connect_timeout_s
         self.max_redirects = max_redirects
         self.allow = allow if isinstance(allow, AllowList) else AllowList.parse(allow)
@@ -181,10 +174,9 @@ class MediaFetcher:
         return cls(
             max_bytes=settings.media_max_bytes,
             timeout_s={
-                "image": settings.image_fetch_timeout_s,
-                "video": settings.video_fetch_timeout_s,
-                "audio": settings.audio_fetch_timeout_s,
-                "event": settings.event_fetch_timeout_s,
+                name: float(getattr(settings, m.fetch_timeout_setting))
+                for name, m in modalities.MODALITIES.items()
+                if m.inputs
             },
             connect_timeout_s=settings.fetch_connect_timeout_s,
             max_redirects=settings.fetch_max_redirects,
@@ -219,7 +211,8 @@ class MediaFetcher:
             raise InvalidArgumentError(f"{modality} URL is empty; " + accepted)
         scheme = urlsplit(url).scheme.lower() if ":" in url else ""
         if scheme == "data":
-            return decode_data_url(url, max_bytes=self.max_bytes, media_type_prefix=DATA_URL_TYPES[modality])
+            types = modalities.get(modality).data_url_types
+            return decode_data_url(url, max_bytes=self.max_bytes, media_type_prefix=types)
         if scheme == "file" and not self.file_roots:
             raise InvalidArgumentError(
                 f"unsupported {modality} URL scheme 'file' in {_shown(url)}: {accepted}; file:// URLs "

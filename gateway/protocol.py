@@ -11,7 +11,20 @@ webm, mkv, avi), `audio_url` and `input_audio` ({"data": <base64>, "format": "wa
 "flac" | "ogg"}), and modalmesh's `event_url` and `input_event` ({"data": <base64>, "format":
 "npy" | "npz"}; an EventGPT .npy dict of x, y, t, p, a plain .npy structured or (N, 4) array, or
 an .npz; see services/models/media/events.py). Any number of them, of any kinds the preset has an
-encoder for, in any message.
+encoder for, in any message. Which part type carries which modality, and the inline formats
+each takes, are the records of `services.common.modalities` (`url_part`, `inline_part`,
+`inline_formats`).
+
+A generic part carries any modality of the registry by name, so a new modality needs no new
+part type (modalmesh's own, shaped like input_audio):
+
+    {"type": "input_media", "input_media": {"modality": "image", "url": "https://..."}}
+    {"type": "input_media", "input_media": {"modality": "audio", "data": "<base64>", "format": "wav"}}
+
+exactly one of `url` (as a *_url part's) or `data` (base64, as input_audio's), `format`
+optional (one of the modality's inline formats where it has them: the encoder reads the
+format from the bytes). A modality the served preset does not take is refused with 400
+naming the part and the preset's modalities.
 
 Any media part may carry vLLM's `uuid` (1-128 characters of A-Z a-z 0-9 . _ : -): the item's
 features are cached under it instead of under the hash of its bytes, and a later part that
@@ -85,14 +98,16 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from gateway.domain import ChatRequest, MediaItem, MediaOutput, ModelEntry, Part, TimeRef, Timestamp, Turn
+from services.common import modalities
 from services.common.errors import InvalidArgumentError, ModalmeshError
 
-# Media part types -> modality. video_url / audio_url / input_audio follow vLLM's and OpenAI's
-# shapes; input_event / event_url are modalmesh's own, shaped like input_audio / audio_url.
-URL_PARTS = {"image_url": "image", "video_url": "video", "audio_url": "audio", "event_url": "event"}
-INLINE_PARTS = {"input_audio": "audio", "input_event": "event"}
-ACCEPTED_PARTS = ("text", *URL_PARTS, *INLINE_PARTS, "time")
-INLINE_FORMATS = {"audio": ("wav", "mp3", "flac", "ogg"), "event": ("npy", "npz")}
+# Media part types -> modality, from the registry. video_url / audio_url / input_audio follow
+# vLLM's and OpenAI's shapes; input_event / event_url are modalmesh's own, shaped like
+# input_audio / audio_url; input_media (GENERIC_PART) names its modality.
+URL_PARTS = {m.url_part: name for name, m in modalities.MODALITIES.items() if m.url_part}
+INLINE_PARTS = {m.inline_part: name for name, m in modalities.MODALITIES.items() if m.inline_part}
+GENERIC_PART = modalities.GENERIC_PART
+ACCEPTED_PARTS = ("text", *URL_PARTS, *INLINE_PARTS, GENERIC_PART, "time")
 # Part types vLLM knows that modalmesh does not take; named in the error so clients see why.
 KNOWN_UNSUPPORTED_PARTS = ("image_embeds", "audio_embeds", "image_pil", "prompt_embeds", "file")
 _ACCEPTED = "accepted content parts are " + ", ".join(repr(p) for p in ACCEPTED_PARTS)
@@ -136,6 +151,44 @@ class InlineMedia(_Lenient):
     format: str
 
 
+class GenericMedia(_Lenient):
+    """`{"modality": <name>, "url": ... | "data": <base64>, "format": ...}` of an input_media part."""
+
+    modality: Annotated[str, Field(min_length=1, max_length=64)]
+    url: str | None = None
+    data: str | None = None
+    format: str | None = None
+
+
+def format_problem(modality: str, fmt: str | None) -> str | None:
+    """What is wrong with the declared format of an inline item of `modality`, or None.
+
+    A modality with `inline_formats` takes one of them (or none: read from the bytes); one
+    without takes none. An unregistered modality is left to the preset check.
+    """
+    record = modalities.MODALITIES.get(modality)
+    if fmt is None or record is None or fmt.strip().lower() in record.inline_formats:
+        return None
+    allowed = record.inline_formats
+    expected = f"one of {list(allowed)}" if allowed else f"no format for {modality} (read from the bytes)"
+    return f"expected {expected}, got {fmt!r}"
+
+
+def decode_base64(text: str, where: str, param: str) -> bytes:
+    """The bytes of an inline item's base64 `data`.
+
+    Raises:
+        InvalidArgumentError: Not base64, or empty; `where` names the field ("...input_audio.data").
+    """
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise InvalidArgumentError(f"{where}: expected base64, got invalid data ({e})", param=param) from None
+    if not data:
+        raise InvalidArgumentError(f"{where}: expected base64 of a file, got nothing", param=param)
+    return data
+
+
 _URL = Annotated[ImageURL | None, BeforeValidator(_image_url_form)]
 
 
@@ -144,11 +197,12 @@ def _a(kind: str) -> str:
 
 
 class ContentPart(_Lenient):
-    """One content part: text, a media URL (image/video/audio/event) or inline audio/event data."""
+    """One content part: text, a time, a media URL (image/video/audio/event), inline audio/event
+    data, or the generic `input_media` of any registered modality. The typed media fields are
+    the wire schema; which modality each carries is its registry record's (`URL_PARTS`,
+    `INLINE_PARTS`)."""
 
-    type: Literal[
-        "text", "image_url", "video_url", "audio_url", "event_url", "input_audio", "input_event", "time"
-    ]
+    type: str  # one of ACCEPTED_PARTS (checked in `_known_type`)
     text: str | None = None
     time: SourceTime | None = None
     image_url: _URL = None
@@ -157,6 +211,7 @@ class ContentPart(_Lenient):
     event_url: _URL = None
     input_audio: InlineMedia | None = None
     input_event: InlineMedia | None = None
+    input_media: GenericMedia | None = None
     uuid: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")] | None = None
 
     @model_validator(mode="before")
@@ -198,12 +253,34 @@ class ContentPart(_Lenient):
                     "content_part",
                     f"{_a(self.type)} part needs {self.type!r}: {{'data': <base64>, 'format': ...}}",
                 )
-            if inline.format.lower() not in INLINE_FORMATS[modality]:
+            formats = modalities.get(modality).inline_formats
+            if inline.format.lower() not in formats:
                 raise _invalid(
                     "content_part",
-                    f"{self.type}.format: expected one of {list(INLINE_FORMATS[modality])}, got {inline.format!r}",
+                    f"{self.type}.format: expected one of {list(formats)}, got {inline.format!r}",
                 )
+        if self.type == GENERIC_PART:
+            self._check_generic()
         return self
+
+    def _check_generic(self) -> None:
+        media = self.input_media
+        if media is None:
+            raise _invalid(
+                "content_part",
+                f"an {GENERIC_PART!r} part needs {GENERIC_PART!r}: {{'modality': <name>, 'url': '...'}} or "
+                "{'modality': <name>, 'data': <base64>, 'format': ...}",
+            )
+        if media.url is not None and media.data is not None:
+            raise _invalid("content_part", f"{GENERIC_PART}: expected one of 'url' and 'data', got both")
+        if media.url is None and media.data is None and self.uuid is None:
+            raise _invalid(
+                "content_part",
+                f"{GENERIC_PART}: expected 'url' or 'data' (or a 'uuid' of an item sent before), got neither",
+            )
+        problem = format_problem(media.modality, media.format)
+        if problem is not None:
+            raise _invalid("content_part", f"{GENERIC_PART}.format: {problem}")
 
     def time_ref(self, param: str) -> TimeRef | None:
         """The source time this part carries (a 'time' part), else None."""
@@ -225,20 +302,26 @@ class ContentPart(_Lenient):
             inline: InlineMedia | None = getattr(self, self.type)
             if inline is None:  # a uuid alone: the features it cached
                 return MediaItem(INLINE_PARTS[self.type], param=param, uuid=self.uuid)
-            try:
-                data = base64.b64decode(inline.data, validate=True)
-            except (binascii.Error, ValueError) as e:
-                raise InvalidArgumentError(
-                    f"{param}.{self.type}.data: expected base64, got invalid data ({e})", param=param
-                ) from None
-            if not data:
-                raise InvalidArgumentError(
-                    f"{param}.{self.type}.data: expected base64 of a file, got nothing", param=param
-                )
+            data = decode_base64(inline.data, f"{param}.{self.type}.data", param)
             return MediaItem(
                 INLINE_PARTS[self.type], data=data, fmt=inline.format.lower(), param=param, uuid=self.uuid
             )
+        if self.type == GENERIC_PART and self.input_media is not None:
+            return generic_media(self.input_media, param, self.uuid)
         return None
+
+
+def generic_media(media: GenericMedia, param: str, uuid: str | None) -> MediaItem:
+    """The media item of an input_media part (its modality is checked against the preset later).
+
+    Raises:
+        InvalidArgumentError: Inline data that is not valid base64, or empty.
+    """
+    fmt = (media.format or "").strip().lower() or None  # checked by `format_problem`
+    if media.data is not None:
+        data = decode_base64(media.data, f"{param}.{GENERIC_PART}.data", param)
+        return MediaItem(media.modality, data=data, fmt=fmt, param=param, uuid=uuid)
+    return MediaItem(media.modality, url=media.url, param=param, uuid=uuid)
 
 
 def _content_form(value: Any) -> Any:
@@ -309,6 +392,7 @@ class ChatCompletionRequest(_Lenient):
     user: str | None = None
     request_id: str | None = None
     modalities: list[str] | None = None
+    # One per output modality of the registry (image, audio, video); see `decoding_options`.
     image: DecodeOptions | None = None
     audio: DecodeOptions | None = None
     video: DecodeOptions | None = None
@@ -359,12 +443,18 @@ class ChatCompletionRequest(_Lenient):
             frequency_penalty=self.frequency_penalty,
             stop_token_ids=list(self.stop_token_ids or []),
             modalities=tuple(self.modalities or ()),
-            decoding={
-                m: o.model_dump(exclude_none=True)
-                for m, o in (("image", self.image), ("audio", self.audio), ("video", self.video))
-                if o is not None
-            },
+            decoding=self.decoding_options(),
         )
+
+    def decoding_options(self) -> dict[str, dict[str, Any]]:
+        """Per output modality of the registry that the request sets, its decoding parameters
+        (an output modality is a top-level field of its name, as OpenAI's `audio`)."""
+        out = {}
+        for m in modalities.output_names():
+            options = getattr(self, m, None)
+            if isinstance(options, DecodeOptions):
+                out[m] = options.model_dump(exclude_none=True)
+        return out
 
 
 # Error types whose message already says what came; others get "(got <input>)" appended.
@@ -470,16 +560,15 @@ def media_entry(item: MediaOutput) -> dict[str, Any]:
         )
         return {"type": "error", **entry, "error": {"message": error.message, "type": kind, "code": code}}
     b64 = base64.b64encode(item.data).decode("ascii")
-    if item.modality == "audio":
-        fmt = item.mime_type.rsplit("/", 1)[-1].removeprefix("x-")
-        return {
-            "type": "input_audio",
-            "input_audio": {"data": b64, "format": fmt},
-            **entry,
-            "seed": item.seed,
-        }
-    kind = "image_url" if item.modality == "image" else "video_url"
-    return {"type": kind, kind: {"url": f"data:{item.mime_type};base64,{b64}"}, **entry, "seed": item.seed}
+    record = modalities.MODALITIES.get(item.modality)
+    fmt = item.mime_type.rsplit("/", 1)[-1].removeprefix("x-")
+    if record is not None and record.inline_part and fmt in record.inline_formats:  # input_audio
+        kind, payload = record.inline_part, {"data": b64, "format": fmt}
+    elif record is not None and record.url_part:  # image_url, video_url
+        kind, payload = record.url_part, {"url": f"data:{item.mime_type};base64,{b64}"}
+    else:
+        kind, payload = GENERIC_PART, {"modality": item.modality, "data": b64, "format": fmt}
+    return {"type": kind, kind: payload, **entry, "seed": item.seed}
 
 
 def timestamp_list(timestamps: tuple[Timestamp, ...] | list[Timestamp]) -> list[TimestampInfo]:

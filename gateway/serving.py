@@ -50,6 +50,7 @@ from gateway.llm_client import LLMClient
 from gateway.media import MediaFetcher
 from gateway.metrics import GatewayMetrics
 from modalmesh.v1 import llm_pb2
+from services.common import modalities
 from services.common.decode_params import check_params
 from services.common.errors import (
     InvalidArgumentError,
@@ -321,7 +322,7 @@ class ChatService:
                     param=f"modalities[{i}]",
                 )
         for modality, values in request.decoding.items():
-            spec = self.preset.outputs.get(modality)  # type: ignore[call-overload]
+            spec = self.preset.outputs.get(modality)
             if spec is None:
                 raise InvalidArgumentError(
                     f"{modality}: decoding parameters for {modality}, which preset {self.preset.name} "
@@ -340,10 +341,16 @@ class ChatService:
             )
         for modality in sorted({m.modality for m in media}):
             items = [m for m in media if m.modality == modality]
-            spec = self.preset.modalities.get(modality)  # type: ignore[call-overload]
+            spec = self.preset.modalities.get(modality)
             if spec is None:
                 first = items[0]
                 accepted = ", ".join(sorted(self.preset.modalities)) or "text only"
+                if modality not in modalities.MODALITIES:  # a generic part's name (input_media)
+                    raise InvalidArgumentError(
+                        f"{first.param}: modality {modality!r} is unknown; preset {self.preset.name} "
+                        f"accepts {accepted}",
+                        param=first.param or "messages",
+                    )
                 raise InvalidArgumentError(
                     f"{first.param}: preset {self.preset.name} has no {modality} encoder; it accepts "
                     f"{accepted} (got {_count(len(items), modality)})",
@@ -647,12 +654,11 @@ class ChatService:
             await self.decoder.close()
 
 
-_NOUNS = {"audio": ("audio clip", "audio clips"), "event": ("event stream", "event streams")}
-
-
 def _count(n: int, modality: str) -> str:
-    """How many items of a modality, in words: 1 video, 4 images, 2 audio clips."""
-    one, many = _NOUNS.get(modality, (modality, modality + "s"))
+    """How many items of a modality, in words: 1 video, 4 images, 2 audio clips (the registry
+    record's `noun`; a name the registry does not know counts as "<name>s")."""
+    record = modalities.MODALITIES.get(modality)
+    one, many = record.noun if record is not None else (modality, modality + "s")
     return f"{n} {one if n == 1 else many}"
 
 

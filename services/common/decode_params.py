@@ -2,7 +2,8 @@
 
 Shared by the decoder (`pipelines.resolve_params`, on the values after the defaults are
 merged) and the gateway (on the values a client sent, before anything is generated), so a
-request out of range fails with the same message wherever it is caught.
+request out of range fails with the same message wherever it is caught. Which fields apply to
+which output modality is its registry record's `output.params`.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from services.common import modalities
 from services.common.errors import InvalidArgumentError
 from services.common.presets import DecodeLimits
 
@@ -25,12 +27,21 @@ FIELDS: tuple[str, ...] = (
     "num_frames",
     "fps",
 )
-FIELDS_BY_KIND: dict[str, frozenset[str]] = {
-    "image": frozenset({"height", "width"}),
-    "audio": frozenset({"duration_s"}),
-    "video": frozenset({"height", "width", "num_frames", "fps"}),
-}
-KIND_FIELDS = frozenset().union(*FIELDS_BY_KIND.values())
+COMMON_FIELDS = frozenset({"steps", "guidance_scale", "seed"})  # every output modality's
+
+
+def kind_fields(kind: str) -> frozenset[str]:
+    """The fields an output modality takes beyond `COMMON_FIELDS` (its record's `output.params`).
+
+    Raises:
+        InvalidArgumentError: `kind` is not a modality modalmesh can produce.
+    """
+    out = modalities.MODALITIES[kind].output if kind in modalities.MODALITIES else None
+    if out is None:
+        raise InvalidArgumentError(
+            f"decoder kind: expected one of {list(modalities.output_names())}, got {kind!r}", param="kind"
+        )
+    return out.params
 
 
 def check_range(name: str, value: Any, low: float, high: float) -> None:
@@ -51,7 +62,7 @@ def check_params(kind: str, values: Mapping[str, Any], limits: DecodeLimits, *, 
     """Check the parameters that are set (not None) for a decoder of `kind`.
 
     Args:
-        kind: "image", "audio" or "video".
+        kind: An output modality ("image", "audio", "video").
         values: Field -> value (DecodeParams fields); None means unset.
         limits: The decoder's limits.
         where: A prefix for the field names in messages (e.g. "image." in the gateway).
@@ -61,16 +72,17 @@ def check_params(kind: str, values: Mapping[str, Any], limits: DecodeLimits, *, 
             out of range; the message names the field, what was expected and what came.
     """
     given = {k: v for k, v in values.items() if v is not None}
+    mine = kind_fields(kind)
     for name in sorted(given):
         if name not in FIELDS:
             raise InvalidArgumentError(
                 f"{where}{name}: unknown decoding parameter; expected some of {list(FIELDS)}",
                 param=where + name,
             )
-        if name in KIND_FIELDS and name not in FIELDS_BY_KIND[kind]:
+        if name not in COMMON_FIELDS and name not in mine:
             raise InvalidArgumentError(
                 f"{where}{name}: does not apply to {kind} decoding (got {given[name]!r}); {kind} takes "
-                f"{sorted(FIELDS_BY_KIND[kind] | {'steps', 'guidance_scale', 'seed'})}",
+                f"{sorted(mine | COMMON_FIELDS)}",
                 param=where + name,
             )
     bounds: dict[str, tuple[float, float]] = {

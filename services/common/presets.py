@@ -1,6 +1,7 @@
 """Presets: one YAML file per system, validated by a typed schema.
 
-A preset names, per input modality (image, video, audio, event), the encoder backbone and
+A preset names, per input modality (any registered in `services.common.modalities`: image,
+video, audio, event), the encoder backbone and
 its checkpoint, the layer and tokens it takes, how frames or clips are sampled, the connector
 and the placeholder; the LLM (architecture, checkpoint,
 conversation template); and the adapter bundle served at start. Paths may use ${VAR}
@@ -21,12 +22,27 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from services.common import modalities as registry
 from services.common.errors import InvalidArgumentError, NotFoundError, validation_problems
 
-Modality = Literal["image", "video", "audio", "event"]
-MODALITIES: tuple[str, ...] = ("image", "video", "audio", "event")
+
+def _input_modality(name: str) -> str:
+    if name not in registry.input_names():
+        raise ValueError(f"expected one of {list(registry.input_names())}, got {name!r}")
+    return name
+
+
+def _output_modality(name: str) -> str:
+    if name not in registry.output_names():
+        raise ValueError(f"expected one of {list(registry.output_names())}, got {name!r}")
+    return name
+
+
+# A modality name the registry knows (its records say what each one takes and needs).
+Modality = Annotated[str, AfterValidator(_input_modality)]
+MODALITIES: tuple[str, ...] = registry.input_names()
 TemplateName = Literal[
     "vicuna_v1", "llava_v1", "plain", "vicuna_v0", "nextgpt_demo", "videochat", "phi3", "eventgpt_v1"
 ]
@@ -36,13 +52,10 @@ PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
 
+BACKBONES: tuple[str, ...] = ("clip_vision", "eva_vit", "imagebind")
 # Which backbones can read which modality (the encoder service decodes the modality, the
-# backbone reads the frames or clips it yields).
-BACKBONE_MODALITIES: dict[str, tuple[str, ...]] = {
-    "clip_vision": ("image", "video", "event"),
-    "eva_vit": ("image", "video"),
-    "imagebind": ("image", "video", "audio"),
-}
+# backbone reads the frames or clips it yields): the registry records' `backbones`.
+BACKBONE_MODALITIES: dict[str, tuple[str, ...]] = {b: registry.backbone_modalities(b) for b in BACKBONES}
 
 
 class _Strict(BaseModel):
@@ -75,12 +88,11 @@ class SamplingSpec(_Strict):
     )
 
     def frames_per_item(self, modality: str) -> int | None:
-        """Frames an item yields, or None where it depends on the item (fps sampling)."""
-        if modality == "event":
-            return self.event_frames
-        if modality == "video" and self.num_frames is not None:
-            return self.num_frames
-        return None
+        """Frames an item yields, or None where it depends on the item (fps sampling); the
+        modality's record names the field that fixes it (`frames_field`)."""
+        field = registry.get(modality).frames_field
+        frames: int | None = getattr(self, field) if field else None
+        return frames
 
 
 class PreprocessSpec(_Strict):
@@ -306,9 +318,15 @@ class HeadsSpec(_Strict):
     timestamps: TimestampHeadSpec | None = None
 
 
-OutputModality = Literal["image", "audio", "video"]
-OUTPUT_MODALITIES: tuple[str, ...] = ("image", "audio", "video")
-OUTPUT_FORMATS: dict[str, tuple[str, ...]] = {"image": ("png",), "audio": ("wav",), "video": ("mp4", "gif")}
+# A modality the registry can produce (its record has an `output` pipeline).
+OutputModality = Annotated[str, AfterValidator(_output_modality)]
+OUTPUT_MODALITIES: tuple[str, ...] = registry.output_names()
+
+
+def output_formats(modality: str) -> tuple[str, ...]:
+    """The file formats an output modality is written in, the default first."""
+    out = registry.get(modality).output
+    return out.formats if out is not None else ()
 
 
 class ProjectorSpec(_Strict):
@@ -392,7 +410,7 @@ class OutputSpec(_Strict):
 
     def media_format(self, modality: str) -> str:
         """The format replies are encoded in."""
-        return self.decoder.format or OUTPUT_FORMATS[modality][0]
+        return self.decoder.format or output_formats(modality)[0]
 
 
 class GenerationSpec(_Strict):
@@ -543,12 +561,12 @@ class Preset(_Strict):
 
     def triton_model(self, modality: str) -> str:
         """The Triton model name of a modality's encoder."""
-        enc = self.modalities[modality].encoder  # type: ignore[index]
+        enc = self.modalities[modality].encoder
         return enc.triton_model or f"{modality}_{enc.backbone}"
 
     def decoder_model(self, modality: str) -> str:
         """The Triton model name of an output modality's decoder."""
-        return self.outputs[modality].decoder.triton_model or f"{modality}_decoder"  # type: ignore[index]
+        return self.outputs[modality].decoder.triton_model or f"{modality}_decoder"
 
     def encoder_id(self, modality: str) -> str:
         """Identity of a modality's encoder output, for caching features by content.
@@ -557,7 +575,7 @@ class Preset(_Strict):
         layer, tokens, dtype...), so that features made by another configuration are never
         served for this one.
         """
-        spec = self.modalities[modality].encoder  # type: ignore[index]
+        spec = self.modalities[modality].encoder
         digest = hashlib.sha256(spec.model_dump_json().encode()).hexdigest()[:16]
         return f"{self.triton_model(modality)}-{digest}"
 
@@ -591,14 +609,15 @@ def _check_outputs(preset: Preset) -> None:
                 f"{where}.projector: hidden_dim {out.projector.hidden_dim} must divide into "
                 f"num_heads {out.projector.num_heads}"
             )
-        fmt = out.decoder.format
-        if fmt is not None and fmt not in OUTPUT_FORMATS[modality]:
+        fmt, pipeline = out.decoder.format, registry.get(modality).output
+        assert pipeline is not None  # OutputModality
+        if fmt is not None and fmt not in pipeline.formats:
+            raise ValueError(f"{where}.decoder.format: expected one of {pipeline.formats}, got {fmt!r}")
+        rows = pipeline.conditioning_rows
+        if rows is not None and out.conditioning[0] != rows:
             raise ValueError(
-                f"{where}.decoder.format: expected one of {OUTPUT_FORMATS[modality]}, got {fmt!r}"
-            )
-        if modality == "audio" and out.conditioning[0] != 1:
-            raise ValueError(
-                f"{where}.conditioning: AudioLDM takes one row (1, width), got {out.conditioning}"
+                f"{where}.conditioning: {pipeline.pipeline} takes {rows} row{'s' if rows > 1 else ''} "
+                f"({rows}, width), got {out.conditioning}"
             )
 
 
@@ -613,43 +632,19 @@ def _one_token(spec: ModalitySpec) -> bool:
 
 def _check_modality(modality: str, spec: ModalitySpec) -> None:
     """Cross-field rules of one modality: backbone, sampling and connector fit together."""
-    enc, where = spec.encoder, f"modalities.{modality}"
-    if modality not in BACKBONE_MODALITIES[enc.backbone]:
-        raise ValueError(
-            f"{where}.encoder.backbone: {enc.backbone} reads {list(BACKBONE_MODALITIES[enc.backbone])}, not {modality}"
-        )
+    enc, where, record = spec.encoder, f"modalities.{modality}", registry.get(modality)
+    readers = registry.backbone_modalities(enc.backbone)
+    if modality not in readers:
+        raise ValueError(f"{where}.encoder.backbone: {enc.backbone} reads {list(readers)}, not {modality}")
     sampling = enc.sampling
-    if modality == "image" and sampling is not None:
-        raise ValueError(f"{where}.encoder.sampling: an image has no frames to sample; remove it")
-    if modality in ("video", "audio", "event") and sampling is None:
+    if record.sampling == "none" and sampling is not None:
+        raise ValueError(f"{where}.encoder.sampling: {_a(record.noun[0])} has no frames to sample; remove it")
+    if record.sampling == "required" and sampling is None:
         raise ValueError(f"{where}.encoder.sampling: expected one for {modality}")
-    if modality == "video" and sampling is not None:
-        chosen = [k for k in ("num_frames", "fps", "clips") if getattr(sampling, k) is not None]
-        if len(chosen) != 1:
-            raise ValueError(
-                f"{where}.encoder.sampling: expected exactly one of num_frames, fps, clips; got {chosen}"
-            )
-        if sampling.max_frames is not None and sampling.fps is None:
-            raise ValueError(f"{where}.encoder.sampling.max_frames: only with fps")
-        if sampling.clips is not None and enc.backbone != "imagebind":
-            raise ValueError(f"{where}.encoder.sampling.clips: only the imagebind backbone reads clips")
-        if enc.backbone == "imagebind" and sampling.clips is None:
-            raise ValueError(f"{where}.encoder.sampling: imagebind reads clips (clips: 5 as ImageBind)")
-    pre = enc.preprocess
-    if (
-        enc.backbone == "imagebind"
-        and modality == "video"
-        and (pre.resize != "shortest_edge" or pre.interpolation != "pil_bicubic")
-    ):
-        raise ValueError(
-            f"{where}.encoder.preprocess: ImageBind video is scaled as pytorchvideo's ShortSideScale "
-            f"and cut into `crops` squares; only crop applies (resize {pre.resize!r}, "
-            f"interpolation {pre.interpolation!r} given)"
-        )
+    if record.preset_rules is not None:
+        record.hook("preset_rules")(where, spec)
     if sampling is not None and sampling.last_clip_at_end and sampling.clips is None:
         raise ValueError(f"{where}.encoder.sampling.last_clip_at_end: only with clips (ImageBind)")
-    if modality == "audio" and sampling is not None and sampling.clips is None:
-        raise ValueError(f"{where}.encoder.sampling.clips: expected the number of audio clips (ImageBind: 3)")
     if (enc.backbone == "imagebind") != (enc.select_feature == "embedding"):
         raise ValueError(
             f"{where}.encoder.select_feature: 'embedding' is imagebind's output and imagebind gives only that"
@@ -662,13 +657,52 @@ def _check_modality(modality: str, spec: ModalitySpec) -> None:
             f"{where}.connector.qformer.gmhra_layers: the temporal layers read one tap each, "
             f"expected {enc.taps} (encoder.taps), got {q.gmhra_layers}"
         )
-    if spec.connector.type == "event_adaptor" and modality != "event":
-        raise ValueError(f"{where}.connector.type: event_adaptor pools event frames; {modality} has none")
+    owners = [m.name for m in registry.MODALITIES.values() if spec.connector.type in m.adaptors]
+    if owners and modality not in owners:
+        raise ValueError(
+            f"{where}.connector.type: {spec.connector.type} reads only {', '.join(owners)}; {modality} has none"
+        )
     if spec.attention == "bidirectional" and _one_token(spec):
         raise ValueError(
             f"{where}.attention: bidirectional attention over a span needs items of several LLM "
             f"tokens; a {spec.connector.type} connector over one embedding gives one token per item"
         )
+
+
+def _a(noun: str) -> str:
+    return f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
+
+
+def video_rules(where: str, spec: ModalitySpec) -> None:
+    """Video's preset rules (its registry record's `preset_rules`): one sampling mode, clips
+    only for ImageBind and always for it, and ImageBind's own scaling."""
+    enc = spec.encoder
+    sampling, pre = enc.sampling, enc.preprocess
+    assert sampling is not None  # the record's sampling="required", checked before
+    chosen = [k for k in ("num_frames", "fps", "clips") if getattr(sampling, k) is not None]
+    if len(chosen) != 1:
+        raise ValueError(
+            f"{where}.encoder.sampling: expected exactly one of num_frames, fps, clips; got {chosen}"
+        )
+    if sampling.max_frames is not None and sampling.fps is None:
+        raise ValueError(f"{where}.encoder.sampling.max_frames: only with fps")
+    if sampling.clips is not None and enc.backbone != "imagebind":
+        raise ValueError(f"{where}.encoder.sampling.clips: only the imagebind backbone reads clips")
+    if enc.backbone == "imagebind" and sampling.clips is None:
+        raise ValueError(f"{where}.encoder.sampling: imagebind reads clips (clips: 5 as ImageBind)")
+    if enc.backbone == "imagebind" and (pre.resize != "shortest_edge" or pre.interpolation != "pil_bicubic"):
+        raise ValueError(
+            f"{where}.encoder.preprocess: ImageBind video is scaled as pytorchvideo's ShortSideScale "
+            f"and cut into `crops` squares; only crop applies (resize {pre.resize!r}, "
+            f"interpolation {pre.interpolation!r} given)"
+        )
+
+
+def audio_rules(where: str, spec: ModalitySpec) -> None:
+    """Audio's preset rules (its registry record's `preset_rules`): ImageBind's clips."""
+    sampling = spec.encoder.sampling
+    if sampling is not None and sampling.clips is None:
+        raise ValueError(f"{where}.encoder.sampling.clips: expected the number of audio clips (ImageBind: 3)")
 
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")

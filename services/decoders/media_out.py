@@ -1,7 +1,8 @@
 """Encoding of generated media into files: PNG (images), WAV (audio), MP4 or GIF (video).
 
 Each encoder returns `EncodedMedia` (the file's bytes and its MIME type); `encode_media`
-picks the format from the media type and an optional requested format.
+picks the format from the media type and an optional requested format. The formats of each
+output modality are its registry record's `output.formats` (`FORMATS`), the default first.
 """
 
 from __future__ import annotations
@@ -14,10 +15,13 @@ from fractions import Fraction
 import numpy as np
 from PIL import Image
 
+from services.common import modalities
 from services.common.errors import InvalidArgumentError
 from services.models.decoders.pipelines import AudioOut, ImageOut, Media, VideoOut
 
-FORMATS = {"image": ("png",), "audio": ("wav",), "video": ("mp4", "gif")}
+FORMATS: dict[str, tuple[str, ...]] = {
+    name: out.formats for name, m in modalities.MODALITIES.items() if (out := m.output) is not None
+}
 MIME_TYPES = {"png": "image/png", "wav": "audio/wav", "mp4": "video/mp4", "gif": "image/gif"}
 
 
@@ -99,11 +103,13 @@ def encode_media(media: Media, fmt: str | None = None) -> EncodedMedia:
     Raises:
         InvalidArgumentError: `fmt` is not a format of this media's kind.
     """
-    kind = "image" if isinstance(media, ImageOut) else "audio" if isinstance(media, AudioOut) else "video"
-    fmt = fmt or FORMATS[kind][0]
-    if fmt not in FORMATS[kind]:
+    kind = media.modality
+    output = modalities.get(kind).output
+    formats = output.formats if output is not None else ()
+    fmt = fmt or formats[0]
+    if fmt not in formats:
         raise InvalidArgumentError(
-            f"{kind} format: expected one of {list(FORMATS[kind])}, got {fmt!r}", param="format"
+            f"{kind} format: expected one of {list(formats)}, got {fmt!r}", param="format"
         )
     if isinstance(media, ImageOut):
         return encode_png(media.image)

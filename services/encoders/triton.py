@@ -89,7 +89,7 @@ def load_encoders(
         groups.setdefault(_shared_key(mspec.encoder), []).append(modality)
     backbones = {}
     for key, modalities in groups.items():
-        spec = preset.modalities[modalities[0]].encoder  # type: ignore[index]
+        spec = preset.modalities[modalities[0]].encoder
         backbones[key] = build_backbone(spec, modalities=modalities, device=device)
     bound = []
     for modality, mspec in preset.modalities.items():

@@ -146,7 +146,7 @@ class SignalCapture:
         out, waiting = [], []
         for span in self._spans:
             lo, hi = self._window(span)
-            if hi <= len(self.states[self.specs[span.modality].hidden_layer]):  # type: ignore[index]
+            if hi <= len(self.states[self.specs[span.modality].hidden_layer]):
                 out.append(self._project(span, lo, hi))
             else:
                 waiting.append(span)
@@ -185,11 +185,11 @@ class SignalCapture:
 
     def _window(self, span: _Span) -> tuple[int, int]:
         n = len(self.ids[span.modality])
-        lo = span.start if self.specs[span.modality].position == "at" else span.start - 1  # type: ignore[index]
+        lo = span.start if self.specs[span.modality].position == "at" else span.start - 1
         return lo, lo + n
 
     def _project(self, span: _Span, lo: int, hi: int) -> OutputSignal:
-        spec = self.specs[span.modality]  # type: ignore[index]
+        spec = self.specs[span.modality]
         projector = self.projectors[span.modality]
         hidden = torch.stack(self.states[spec.hidden_layer][lo:hi]).unsqueeze(0)  # (1, N, D)
         ids = torch.tensor(self.ids[span.modality], device=hidden.device)

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from services.common import modalities
 from services.common.content import TextPart, Turn
 from services.common.errors import InvalidArgumentError
 from services.common.presets import OutputSpec
@@ -48,7 +49,7 @@ from services.trainer.loop import TrainExample, TrainSignal
 
 logger = logging.getLogger(__name__)
 
-OUTPUT_MODALITIES = ("image", "video", "audio")
+OUTPUT_MODALITIES = modalities.output_names()  # the registry's, in its order
 
 
 @dataclass(frozen=True)

@@ -137,7 +137,7 @@ def connector_states(connectors: Mapping[str, Any]) -> dict[str, dict[str, torch
 def _backbones(preset: Preset, modalities: list[str]) -> dict[str, Backbone]:
     """One backbone per distinct checkpoint and architecture, shared by its modalities."""
     keys = {
-        m: preset.modalities[m].encoder.model_dump_json(  # type: ignore[index]
+        m: preset.modalities[m].encoder.model_dump_json(
             exclude={"sampling", "preprocess", "max_batch_size", "batch_delay_us", "triton_model", "tokens"}
         )
         for m in modalities
@@ -147,7 +147,7 @@ def _backbones(preset: Preset, modalities: list[str]) -> dict[str, Backbone]:
     for m, key in keys.items():
         if key not in built:
             users = [other for other, k in keys.items() if k == key]
-            spec = preset.modalities[m].encoder  # type: ignore[index]
+            spec = preset.modalities[m].encoder
             built[key] = build_backbone(spec, modalities=users, device="cpu")
         out[m] = built[key]
     return out
@@ -162,7 +162,7 @@ def encode_media(
     limits = EncoderLimits.from_settings(Settings())
     backbones = _backbones(preset, [m for m, paths in files.items() if paths])
     for modality, backbone in backbones.items():
-        spec = preset.modalities[modality].encoder  # type: ignore[index]
+        spec = preset.modalities[modality].encoder
         encoder = MediaEncoder(
             modality, spec, backbone, preprocessor_for(spec, backbone), limits=limits, decode_workers=1
         )

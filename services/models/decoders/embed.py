@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from services.common import modalities
 from services.common.errors import FailedPreconditionError, InvalidArgumentError
 from services.common.presets import OutputSpec, Preset
 
@@ -37,7 +38,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_BATCH = 32
 DATASET_FILE = "t2x.jsonl"
 NAME_KEYS = ("name", "id")
-MEDIA_NAME_KEYS = ("image", "video", "audio", "media", "image_name", "video_name", "audio_name")
+_OUTPUTS = modalities.output_names()
+MEDIA_NAME_KEYS = (*_OUTPUTS, "media", *(f"{m}_name" for m in _OUTPUTS))
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -47,7 +49,7 @@ def output_spec(preset: Preset, modality: str) -> OutputSpec:
     Raises:
         InvalidArgumentError: The preset cannot produce that modality.
     """
-    spec = preset.outputs.get(modality)  # type: ignore[call-overload]
+    spec = preset.outputs.get(modality)
     if spec is None:
         raise InvalidArgumentError(
             f"output modality: preset {preset.name} produces {sorted(preset.outputs) or 'text only'}, "
@@ -58,9 +60,12 @@ def output_spec(preset: Preset, modality: str) -> OutputSpec:
 
 
 def file_shape(modality: str, conditioning: Sequence[int]) -> tuple[int, ...]:
-    """The shape one caption's embedding is stored in: AudioLDM's (width,), else (rows, width)."""
+    """The shape one caption's embedding is stored in: (width,) for a pipeline whose conditioning
+    is one pooled row (AudioLDM: its record's `output.conditioning_rows` is 1), else (rows, width)."""
     rows, width = conditioning
-    return (width,) if modality == "audio" and rows == 1 else (rows, width)
+    out = modalities.get(modality).output
+    pooled = out is not None and out.conditioning_rows == 1
+    return (width,) if pooled and rows == 1 else (rows, width)
 
 
 def load_caption_embedding(path: Path, modality: str, conditioning: Sequence[int]) -> np.ndarray:
@@ -136,12 +141,13 @@ class CaptionEmbedder:
         empty = [i for i, c in enumerate(captions) if not c.strip()]
         if empty:
             raise InvalidArgumentError(f"captions[{empty[0]}]: expected non-empty text")
+        from services.models.decoders.pipelines import behaviour_of
+
         pipe = self.decoder.pipe
         with torch.inference_mode():
-            if self.modality == "audio":  # L2-normalised CLAP text_embeds, (B, D)
-                out = pipe._encode_prompt(list(captions), pipe.device, 1, False)
-            else:  # the text encoder's last hidden state, (B, 77, D)
-                out = pipe.encode_prompt(list(captions), pipe.device, 1, False)[0]
+            # the pipeline's own text conditioning: the text encoder's last hidden state (B, 77, D),
+            # or AudioLDM's L2-normalised CLAP text_embeds (B, D)
+            out = behaviour_of(self.modality).encode_text(pipe, list(captions))
         array = out.detach().float().cpu().numpy()
         want = (len(captions), *self.shape)
         if array.shape != want:

@@ -8,6 +8,11 @@ classifier-free guidance. `load_decoder` is called once per process by the owner
 decoder (never per request); `decode` runs one item and returns raw media (`media_out`
 encodes it) and `decode_batch` runs several, one pipeline call per group of compatible
 items. Nothing here knows about transports.
+
+What differs between the pipelines (how the conditioning enters, the defaults, the call's
+arguments and what comes out) is one `PipelineKind` object per output modality (`IMAGE`,
+`AUDIO`, `VIDEO`), named by that modality's registry record (`output.behaviour`) together with
+the diffusers class and default steps and guidance.
 """
 
 from __future__ import annotations
@@ -19,28 +24,20 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
 from PIL import Image
 
-from services.common.decode_params import FIELDS_BY_KIND, check_params
+from services.common import modalities
+from services.common.decode_params import check_params, kind_fields
 from services.common.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from services.common.presets import DecodeLimits
 
 logger = logging.getLogger(__name__)
 
-DecoderKind = Literal["image", "audio", "video"]
-KINDS: tuple[DecoderKind, ...] = ("image", "audio", "video")
-_PIPELINES = {
-    "image": "StableDiffusionPipeline",
-    "audio": "AudioLDMPipeline",
-    "video": "TextToVideoSDPipeline",
-}
-# Each pipeline's own defaults for steps and guidance (diffusers' `__call__` defaults).
-_DEFAULT_STEPS = {"image": 50, "audio": 10, "video": 50}
-_DEFAULT_GUIDANCE = {"image": 7.5, "audio": 2.5, "video": 9.0}
+DecoderKind = str  # an output modality of the registry ("image", "audio", "video")
 
 
 @dataclass(frozen=True)
@@ -63,12 +60,14 @@ class DecodeParams:
 
 @dataclass(frozen=True)
 class ImageOut:
+    modality: ClassVar[str] = "image"
     image: Image.Image  # RGB, height x width
     seed: int
 
 
 @dataclass(frozen=True)
 class AudioOut:
+    modality: ClassVar[str] = "audio"
     waveform: np.ndarray  # (samples,) float32 in [-1, 1], mono
     sample_rate: int
     seed: int
@@ -76,6 +75,7 @@ class AudioOut:
 
 @dataclass(frozen=True)
 class VideoOut:
+    modality: ClassVar[str] = "video"
     frames: np.ndarray  # (F, H, W, 3) uint8
     fps: int
     seed: int
@@ -133,13 +133,15 @@ def load_decoder(
     """
     import diffusers
 
-    if kind not in _PIPELINES:
-        raise InvalidArgumentError(f"decoder kind: expected one of {list(KINDS)}, got {kind!r}")
+    kind_fields(kind)  # an output modality, else InvalidArgumentError naming them
+    output = modalities.get(kind).output
+    assert output is not None
+    behaviour = behaviour_of(kind)
     folder = Path(folder)
     index = folder / "model_index.json"
     if not index.is_file():
         raise NotFoundError(f"decoder folder {folder}: no model_index.json")
-    cls = getattr(diffusers, _PIPELINES[kind])
+    cls = getattr(diffusers, output.pipeline)
     found = diffusers.DiffusionPipeline.load_config(folder)["_class_name"]
     if found != cls.__name__:
         raise FailedPreconditionError(
@@ -147,17 +149,17 @@ def load_decoder(
         )
     pipe = cls.from_pretrained(folder, dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
-    shape = _conditioning_shape(kind, pipe)
+    shape = behaviour.conditioning_shape(pipe)
     with torch.inference_mode():
-        neg = _empty_prompt_embedding(kind, pipe) if negative == "empty_prompt" else torch.zeros(1, *shape)
+        neg = behaviour.encode_text(pipe, "") if negative == "empty_prompt" else torch.zeros(1, *shape)
     decoder = Decoder(
-        kind=kind,  # type: ignore[arg-type]  # checked against _PIPELINES above
+        kind=kind,
         pipe=pipe,
         conditioning_shape=shape,
         dtype=dtype,
         device=torch.device(device),
         negative=neg.to(device=device, dtype=dtype).reshape(1, *shape),
-        defaults=_defaults(kind, pipe),
+        defaults=behaviour.defaults(pipe, DecodeParams(steps=output.steps, guidance_scale=output.guidance)),
         limits=limits or DecodeLimits(),
     )
     if defaults is not None:
@@ -166,29 +168,93 @@ def load_decoder(
     return decoder
 
 
-def _conditioning_shape(kind: str, pipe: Any) -> tuple[int, ...]:
-    if kind == "audio":  # CLAP text_embeds enter the UNet as its class embedding
+class PipelineKind:
+    """What one output modality's pipeline does differently: the cross-attention pipelines
+    (Stable Diffusion, text-to-video SD) by default; `_Audio` overrides for AudioLDM."""
+
+    def conditioning_shape(self, pipe: Any) -> tuple[int, ...]:
+        """One item's conditioning: the text encoder's hidden states, (tokens, width)."""
+        return (int(pipe.tokenizer.model_max_length), int(pipe.unet.config.cross_attention_dim))
+
+    def encode_text(self, pipe: Any, prompt: str | list[str]) -> torch.Tensor:
+        """The pipeline's own text conditioning of `prompt` (the negative embedding of "")."""
+        embeds: torch.Tensor = pipe.encode_prompt(prompt, pipe.device, 1, False)[0]
+        return embeds  # (B, 77, D)
+
+    def defaults(self, pipe: Any, base: DecodeParams) -> DecodeParams:
+        """The pipeline's defaults over `base` (steps and guidance from the registry)."""
+        side = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+        return dataclasses.replace(base, height=side, width=side)
+
+    def call_args(self, p: DecodeParams, cond: torch.Tensor, negs: torch.Tensor) -> dict[str, Any]:
+        """The pipeline call's conditioning and size arguments."""
+        return {"prompt_embeds": cond, "negative_prompt_embeds": negs, "height": p.height, "width": p.width}
+
+    def outputs(self, decoder: Decoder, out: Any, p: DecodeParams, seeds: list[int]) -> list[Media]:
+        """The pipeline's output as one item per seed."""
+        raise NotImplementedError
+
+
+class _Image(PipelineKind):
+    def outputs(self, decoder: Decoder, out: Any, p: DecodeParams, seeds: list[int]) -> list[Media]:
+        return [
+            ImageOut(Image.fromarray(_to_uint8(out.images[i])), s) for i, s in enumerate(seeds)
+        ]  # (H, W, 3)
+
+
+class _Video(PipelineKind):
+    def defaults(self, pipe: Any, base: DecodeParams) -> DecodeParams:
+        return dataclasses.replace(super().defaults(pipe, base), num_frames=16, fps=8)
+
+    def call_args(self, p: DecodeParams, cond: torch.Tensor, negs: torch.Tensor) -> dict[str, Any]:
+        return {**super().call_args(p, cond, negs), "num_frames": p.num_frames}
+
+    def outputs(self, decoder: Decoder, out: Any, p: DecodeParams, seeds: list[int]) -> list[Media]:
+        assert p.fps is not None  # resolved from the defaults
+        frames = np.asarray(out.frames)  # (B, F, H, W, 3)
+        return [VideoOut(_to_uint8(frames[i]), p.fps, s) for i, s in enumerate(seeds)]
+
+
+class _Audio(PipelineKind):
+    """AudioLDM: one pooled, L2-normalised CLAP text embedding enters the UNet as its class
+    embedding, (1, D) per item; the call takes (B, D) and a length in seconds."""
+
+    def conditioning_shape(self, pipe: Any) -> tuple[int, ...]:
         return (1, int(pipe.unet.config.projection_class_embeddings_input_dim))
-    return (int(pipe.tokenizer.model_max_length), int(pipe.unet.config.cross_attention_dim))
 
+    def encode_text(self, pipe: Any, prompt: str | list[str]) -> torch.Tensor:
+        embeds: torch.Tensor = pipe._encode_prompt(prompt, pipe.device, 1, False)
+        return embeds  # (B, D); of "": AudioLDM's own negative prompt
 
-def _empty_prompt_embedding(kind: str, pipe: Any) -> torch.Tensor:
-    if kind == "audio":  # normalised CLAP embedding of "", as AudioLDM's own negative prompt
-        return pipe._encode_prompt("", pipe.device, 1, False)  # (1, D)
-    return pipe.encode_prompt("", pipe.device, 1, False)[0]  # (1, 77, D)
-
-
-def _defaults(kind: str, pipe: Any) -> DecodeParams:
-    steps, guidance = _DEFAULT_STEPS[kind], _DEFAULT_GUIDANCE[kind]
-    side = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
-    if kind == "audio":
+    def defaults(self, pipe: Any, base: DecodeParams) -> DecodeParams:
+        side = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
         hop_s = float(np.prod(pipe.vocoder.config.upsample_rates)) / pipe.vocoder.config.sampling_rate
-        return DecodeParams(steps=steps, guidance_scale=guidance, duration_s=side * hop_s)
-    if kind == "video":
-        return DecodeParams(
-            steps=steps, guidance_scale=guidance, height=side, width=side, num_frames=16, fps=8
-        )
-    return DecodeParams(steps=steps, guidance_scale=guidance, height=side, width=side)
+        return dataclasses.replace(base, duration_s=side * hop_s)
+
+    def call_args(self, p: DecodeParams, cond: torch.Tensor, negs: torch.Tensor) -> dict[str, Any]:
+        return {
+            "prompt_embeds": cond[:, 0],
+            "negative_prompt_embeds": negs[:, 0],
+            "audio_length_in_s": p.duration_s,
+        }
+
+    def outputs(self, decoder: Decoder, out: Any, p: DecodeParams, seeds: list[int]) -> list[Media]:
+        rate = int(decoder.pipe.vocoder.config.sampling_rate)
+        return [
+            AudioOut(np.clip(np.asarray(out.audios[i], dtype=np.float32), -1.0, 1.0), rate, s)  # (samples,)
+            for i, s in enumerate(seeds)
+        ]
+
+
+IMAGE: PipelineKind = _Image()
+VIDEO: PipelineKind = _Video()
+AUDIO: PipelineKind = _Audio()
+
+
+def behaviour_of(kind: str) -> PipelineKind:
+    """The `PipelineKind` of an output modality (its registry record's `output.behaviour`)."""
+    found: PipelineKind = modalities.get(kind).hook("behaviour")
+    return found
 
 
 def resolve_params(decoder: Decoder, params: DecodeParams) -> DecodeParams:
@@ -210,7 +276,7 @@ def resolve_params(decoder: Decoder, params: DecodeParams) -> DecodeParams:
     values = dataclasses.asdict(merged)
     check_params(decoder.kind, values, decoder.limits)
     # The kind's own fields must be set (from the defaults when the request leaves them out).
-    for name in ("steps", "guidance_scale", *sorted(FIELDS_BY_KIND[decoder.kind])):
+    for name in ("steps", "guidance_scale", *sorted(kind_fields(decoder.kind))):
         if values[name] is None:
             raise InvalidArgumentError(f"{name}: expected a value, got none (no default either)", param=name)
     return merged
@@ -317,36 +383,11 @@ def _generate(
         "generator": generators,
         "output_type": "np",
     }
-    if decoder.kind == "audio":  # AudioLDM takes (B, D)
-        common |= {
-            "prompt_embeds": cond[:, 0],
-            "negative_prompt_embeds": negs[:, 0],
-            "audio_length_in_s": p.duration_s,
-        }
-    else:
-        common |= {
-            "prompt_embeds": cond,
-            "negative_prompt_embeds": negs,
-            "height": p.height,
-            "width": p.width,
-        }
-    if decoder.kind == "video":
-        common["num_frames"] = p.num_frames
+    behaviour = behaviour_of(decoder.kind)
+    common |= behaviour.call_args(p, cond, negs)
     with decoder.lock, torch.inference_mode():
         out = decoder.pipe(**common)
-    if decoder.kind == "image":
-        return [
-            ImageOut(Image.fromarray(_to_uint8(out.images[i])), s) for i, s in enumerate(seeds)
-        ]  # (H, W, 3)
-    if decoder.kind == "audio":
-        rate = int(decoder.pipe.vocoder.config.sampling_rate)
-        return [
-            AudioOut(np.clip(np.asarray(out.audios[i], dtype=np.float32), -1.0, 1.0), rate, s)  # (samples,)
-            for i, s in enumerate(seeds)
-        ]
-    assert p.fps is not None  # resolved from the defaults
-    frames = np.asarray(out.frames)  # (B, F, H, W, 3)
-    return [VideoOut(_to_uint8(frames[i]), p.fps, s) for i, s in enumerate(seeds)]
+    return behaviour.outputs(decoder, out, p, seeds)
 
 
 def decode(

@@ -25,6 +25,9 @@ from typing import Any
 
 import torch
 
+from services.common import modalities
+from services.common.errors import InvalidArgumentError
+
 SEED = 1234
 TOKENS = 77  # CLIP's context, as in SD 1.5 and ZeroScope
 # Per-item conditioning shape of each tiny decoder (real: (77, 768), (1, 512), (77, 1024)).
@@ -275,9 +278,18 @@ def write_tiny_text_to_video(folder: Path, seed: int = SEED) -> Path:
     return _save(pipe, folder)
 
 
-WRITERS = {"image": write_tiny_sd, "audio": write_tiny_audioldm, "video": write_tiny_text_to_video}
+# By diffusers class: an output modality's tiny decoder is that of the pipeline its registry
+# record names (`output.pipeline`).
+WRITERS = {
+    "StableDiffusionPipeline": write_tiny_sd,
+    "AudioLDMPipeline": write_tiny_audioldm,
+    "TextToVideoSDPipeline": write_tiny_text_to_video,
+}
 
 
 def write_tiny_decoder(kind: str, folder: Path, seed: int = SEED) -> Path:
-    """Write the tiny pipeline of `kind` ("image", "audio" or "video") into `folder`."""
-    return WRITERS[kind](folder, seed)
+    """Write the tiny pipeline of output modality `kind` ("image", "audio", "video") into `folder`."""
+    output = modalities.get(kind).output
+    if output is None:
+        raise InvalidArgumentError(f"tiny decoder: {kind} is not an output modality")
+    return WRITERS[output.pipeline](folder, seed)

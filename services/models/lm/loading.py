@@ -120,7 +120,7 @@ def load_connectors(
         )
     connectors: dict[str, Connector] = {}
     for name, modality in sorted(specs.items()):
-        spec = preset.modalities[modality]  # type: ignore[index]
+        spec = preset.modalities[modality]
         connector = connector_from_spec(spec.connector, spec.encoder, llm_dim, freeze_base=freeze_base)
         trained = {k[len(name) + 1 :]: t for k, t in flat.items() if k.startswith(f"{name}.")}
         if not trained:

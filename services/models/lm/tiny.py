@@ -84,7 +84,7 @@ def initial_connectors(preset: Preset, llm_dim: int, *, seed: int = 0) -> dict[s
         first.setdefault(name, modality)
     out: dict[str, dict[str, torch.Tensor]] = {}
     for k, name in enumerate(sorted(first)):
-        spec = preset.modalities[first[name]]  # type: ignore[index]
+        spec = preset.modalities[first[name]]
         connector = _fresh(spec.connector, spec.encoder, llm_dim, seed + k)
         out[name] = {key: v.clone().contiguous() for key, v in bundle_state(connector).items()}
     return out
@@ -265,7 +265,7 @@ def teach_signal_replies(path: Path, preset: Preset, *, seed: int, steps: int = 
     for ask, reply, modality in signal_examples(preset):
         segments = template.render([Turn("user", [TextPart(ask)])], media_modalities=[], media_times=[])
         prompt = list(builder.build(segments, [], bos=template.bos).input_ids)
-        signals = "".join(preset.outputs[modality].signal_tokens) if modality else ""  # type: ignore[index]
+        signals = "".join(preset.outputs[modality].signal_tokens) if modality else ""
         answer = tokenizer(reply + signals + "\n" + stop, add_special_tokens=False)["input_ids"]
         rows.append((prompt, answer))
     width = max(len(p) + len(a) for p, a in rows)

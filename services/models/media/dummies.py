@@ -1,9 +1,12 @@
-"""Small valid media files made in memory, for warm-up and health probes of each modality."""
+"""Small valid media files made in memory, for warm-up and health probes of each modality.
+
+Each modality's registry record (`services.common.modalities`) names its function here
+(`dummy`): `modalities.get(name).hook("dummy")()` is a valid item of that modality.
+"""
 
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
 
 # PyAV before decord (see services.models.media.video).
 import av
@@ -60,11 +63,3 @@ def dummy_events(n: int = 1000, width: int = 32, height: int = 24) -> bytes:
         p=rng.integers(0, 2, n).astype(np.uint8),
     )
     return buf.getvalue()
-
-
-DUMMIES: dict[str, Callable[[], bytes]] = {
-    "image": dummy_png,
-    "video": dummy_video,
-    "audio": dummy_audio,
-    "event": dummy_events,
-}

@@ -22,11 +22,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from services.common import modalities
 from services.common.content import EncodedItem
 from services.common.errors import InvalidArgumentError, ModalmeshError
 from services.common.presets import EncoderSpec
 from services.models.backbones.base import Backbone, build_backbone
-from services.models.media.dummies import DUMMIES
 from services.models.media.image import ClipImagePreprocessor
 from services.models.media.prepare import (
     CLIP_MEAN,
@@ -49,11 +49,12 @@ class MediaEncoder:
     """Decoding + preprocessing + a frozen backbone for one modality of a preset.
 
     Args:
-        modality: "image", "video", "audio" or "event".
+        modality: A registered modality ("image", "video", "audio", "event"...): its record
+            says whether items become pictures, how they are prepared and the warm-up item.
         spec: The modality's encoder spec (sampling, tokens, dim).
         backbone: Built for `spec` (may be shared with other modalities of the same backbone).
         preprocessor: The picture preprocessing at the backbone's image size (`preprocessor_for`;
-            None for audio).
+            None for a modality without pictures, audio).
         limits: What items are accepted.
         decode_workers: Threads decoding a batch's files in parallel (1 = decode inline).
     """
@@ -70,19 +71,21 @@ class MediaEncoder:
     ) -> None:
         self.modality, self.spec, self.backbone = modality, spec, backbone
         self.limits = limits
-        if modality != "audio":
+        record = modalities.get(modality)
+        if record.pictures:
             out = preprocessor.output_size if preprocessor is not None else None
             if out != (backbone.image_size, backbone.image_size):
                 raise InvalidArgumentError(
                     f"{modality} encoder: the preprocessor makes {out} images, the backbone expects "
                     f"({backbone.image_size}, {backbone.image_size})"
                 )
-        if modality == "video" and backbone.joint_embedding:
+        if record.pictures and spec.sampling is not None and spec.sampling.clips and backbone.joint_embedding:
+            # picture clips go through the vision stem, which reads clips of a fixed length
             clip_frames = getattr(backbone, "clip_frames", None)
             if spec.sampling is None or spec.sampling.frames_per_clip != clip_frames:
                 got = spec.sampling.frames_per_clip if spec.sampling else None
                 raise InvalidArgumentError(
-                    f"imagebind video: expected sampling.frames_per_clip = {clip_frames} (the vision "
+                    f"imagebind {modality}: expected sampling.frames_per_clip = {clip_frames} (the vision "
                     f"stem's clip length), got {got}"
                 )
         self.media = MediaPreprocessor(modality, spec, preprocessor, limits=limits)
@@ -122,7 +125,7 @@ class MediaEncoder:
 
     @property
     def preprocessor(self) -> ClipImagePreprocessor | None:
-        """The picture preprocessing (None for audio)."""
+        """The picture preprocessing (None for a modality without pictures, audio)."""
         return self.media.frames
 
     # --- decoding and preprocessing (thread pool) ---------------------------------------
@@ -179,7 +182,7 @@ class MediaEncoder:
 
     def warmup(self) -> None:
         """Encode a generated item once (first-call allocations, lazy kernels); raises if it fails."""
-        (result,) = self.encode([DUMMIES[self.modality]()])
+        (result,) = self.encode([modalities.get(self.modality).hook("dummy")()])
         if isinstance(result, ModalmeshError):
             raise result
         logger.info(

@@ -2,7 +2,8 @@
 
 `MediaPreprocessor.prepare(data)` is what the encoder service (`media.MediaEncoder`), the
 trainer's feature precompute and the parity tests run on a file; it needs no backbone, only the
-modality's `EncoderSpec` and the backbone's image size. Per modality:
+modality's `EncoderSpec` and the backbone's image size. Each modality's registry record
+(`services.common.modalities`) names its function here (`prepare`: `prepare_image`, ...):
 
     image  decode_image -> one frame; times [0.0]
     video  decode_video with FrameSampling(num_frames | fps + max_frames | clips) -> N frames at
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 from PIL import Image
 
+from services.common import modalities
 from services.common.errors import InvalidArgumentError
 from services.common.presets import EncoderSpec
 from services.common.settings import Settings
@@ -195,13 +197,16 @@ class MediaPreprocessor:
     """Bytes of one modality -> `Prepared` (the backbone's input and the frames' times).
 
     Args:
-        modality: "image", "video", "audio" or "event".
+        modality: A registered modality ("image", "video", "audio", "event"...); its record's
+            `prepare` hook does the work.
         spec: The modality's encoder spec (backbone, sampling, preprocess rules).
-        frames: The picture preprocessing (`frame_preprocessor`); None only for audio.
+        frames: The picture preprocessing (`frame_preprocessor`); None only for a modality
+            without pictures (audio).
         limits: What items are accepted.
 
     Raises:
-        InvalidArgumentError: A picture modality without picture preprocessing.
+        InvalidArgumentError: An unknown modality, or a picture modality without picture
+            preprocessing.
     """
 
     def __init__(
@@ -212,12 +217,13 @@ class MediaPreprocessor:
         *,
         limits: EncoderLimits,
     ) -> None:
-        if modality != "audio" and frames is None:
+        record = modalities.get(modality)
+        if record.pictures and frames is None:
             raise InvalidArgumentError(f"{modality} preprocessing: expected a picture preprocessor, got none")
         self.modality, self.spec, self.frames, self.limits = modality, spec, frames, limits
         self.joint_embedding = spec.backbone == "imagebind"  # one item in, one embedding out
-        self.sampling = frame_sampling(spec) if modality == "video" else None
-        self._prepare: Callable[[bytes], Prepared] = getattr(self, f"_prepare_{modality}")
+        self.sampling = frame_sampling(spec) if record.frame_sampled else None
+        self._prepare: Callable[[MediaPreprocessor, bytes], Prepared] = record.hook("prepare")
 
     @classmethod
     def from_spec(
@@ -233,7 +239,7 @@ class MediaPreprocessor:
             InvalidArgumentError: The file is refused (see the decoders), or a video holds more
                 frames than the sampling's `max_frames`.
         """
-        return self._prepare(data)
+        return self._prepare(self, data)
 
     def pictures(self, frames: Sequence[Image.Image | np.ndarray] | np.ndarray) -> np.ndarray:
         """RGB pictures (PIL or uint8 (H, W, 3)) -> float32 (F, 3, S, S)."""
@@ -241,45 +247,56 @@ class MediaPreprocessor:
         images = [Image.fromarray(f) if isinstance(f, np.ndarray) else f for f in frames]
         return np.stack([self.frames.preprocess_one(im) for im in images])  # (F, 3, S, S)
 
-    def _prepare_image(self, data: bytes) -> Prepared:
-        image = decode_image(
-            data, max_pixels=self.limits.image_max_pixels, transparency=self.spec.preprocess.transparency
+
+# --- each modality's `prepare` hook (named by its registry record) ---------------------------
+
+
+def prepare_image(pre: MediaPreprocessor, data: bytes) -> Prepared:
+    """One image -> one frame (ImageBind: the image itself), time 0."""
+    image = decode_image(
+        data, max_pixels=pre.limits.image_max_pixels, transparency=pre.spec.preprocess.transparency
+    )
+    pixels = pre.pictures([image])  # (1, 3, S, S)
+    return Prepared(pixels[0] if pre.joint_embedding else pixels, _ZERO_TIME)
+
+
+def prepare_video(pre: MediaPreprocessor, data: bytes) -> Prepared:
+    """One video -> its sampled frames at their times (ImageBind: clips x crops, time 0)."""
+    assert pre.sampling is not None and pre.frames is not None
+    video = decode_video(data, sampling=pre.sampling, limits=pre.limits.video)
+    if pre.joint_embedding:
+        assert pre.spec.sampling is not None and pre.spec.sampling.clips is not None
+        clips = imagebind_video(
+            video.frames,
+            clips=pre.spec.sampling.clips,
+            crops=pre.spec.sampling.crops,
+            size=pre.frames.crop_size["height"],
+            crop=pre.spec.preprocess.crop,
         )
-        pixels = self.pictures([image])  # (1, 3, S, S)
-        return Prepared(pixels[0] if self.joint_embedding else pixels, _ZERO_TIME)
+        return Prepared(clips, _ZERO_TIME)
+    return Prepared(pre.pictures(video.frames), video.timestamps.astype(np.float32))
 
-    def _prepare_video(self, data: bytes) -> Prepared:
-        assert self.sampling is not None and self.frames is not None
-        video = decode_video(data, sampling=self.sampling, limits=self.limits.video)
-        if self.joint_embedding:
-            assert self.spec.sampling is not None and self.spec.sampling.clips is not None
-            clips = imagebind_video(
-                video.frames,
-                clips=self.spec.sampling.clips,
-                crops=self.spec.sampling.crops,
-                size=self.frames.crop_size["height"],
-                crop=self.spec.preprocess.crop,
-            )
-            return Prepared(clips, _ZERO_TIME)
-        return Prepared(self.pictures(video.frames), video.timestamps.astype(np.float32))
 
-    def _prepare_audio(self, data: bytes) -> Prepared:
-        sampling = self.spec.sampling
-        assert sampling is not None and sampling.clips is not None
-        wave = decode_audio(data, fmt_hint=None, limits=self.limits.audio, mix="first_and_mean")
-        mels = imagebind_audio(
-            wave.samples,
-            wave.sample_rate,
-            channel_mean=wave.channel_mean,
-            clip_seconds=sampling.clip_seconds,
-            num_clips=sampling.clips,
-            last_clip_at_end=sampling.last_clip_at_end,
-        )
-        return Prepared(mels, _ZERO_TIME)  # (clips, 1, 128, 204)
+def prepare_audio(pre: MediaPreprocessor, data: bytes) -> Prepared:
+    """One sound -> ImageBind's fbank clips, time 0."""
+    sampling = pre.spec.sampling
+    assert sampling is not None and sampling.clips is not None
+    wave = decode_audio(data, fmt_hint=None, limits=pre.limits.audio, mix="first_and_mean")
+    mels = imagebind_audio(
+        wave.samples,
+        wave.sample_rate,
+        channel_mean=wave.channel_mean,
+        clip_seconds=sampling.clip_seconds,
+        num_clips=sampling.clips,
+        last_clip_at_end=sampling.last_clip_at_end,
+    )
+    return Prepared(mels, _ZERO_TIME)  # (clips, 1, 128, 204)
 
-    def _prepare_event(self, data: bytes) -> Prepared:
-        assert self.spec.sampling is not None
-        n = self.spec.sampling.event_frames
-        stream = parse_events(data, limits=self.limits.event)
-        frames = event_frames(stream, num_frames=n, negative=self.spec.preprocess.negative_polarity)
-        return Prepared(self.pictures(frames), event_times(stream.t, n))
+
+def prepare_event(pre: MediaPreprocessor, data: bytes) -> Prepared:
+    """One event stream -> EventGPT's event frames, each at its first event's time."""
+    assert pre.spec.sampling is not None
+    n = pre.spec.sampling.event_frames
+    stream = parse_events(data, limits=pre.limits.event)
+    frames = event_frames(stream, num_frames=n, negative=pre.spec.preprocess.negative_polarity)
+    return Prepared(pre.pictures(frames), event_times(stream.t, n))

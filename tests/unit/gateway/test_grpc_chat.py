@@ -274,3 +274,85 @@ def test_to_domain_time_parts() -> None:
         InvalidArgumentError, match=r"messages\[0\]\.content\[0\]\.time\.seconds: expected finite"
     ):
         to_domain(bad, "rid")
+
+
+# ---- the generic media case ------------------------------------------------------------------
+
+
+def generic(
+    modality: str, data: bytes | None = None, url: str | None = None, **fields: str
+) -> chat_pb2.ChatContentPart:
+    source: dict[str, Any] = {"data": data} if data is not None else {"url": url} if url is not None else {}
+    return chat_pb2.ChatContentPart(media=chat_pb2.MediaInput(modality=modality, **source, **fields))
+
+
+def test_to_domain_of_the_generic_case() -> None:
+    req = request(
+        generic("image", url="https://e/x.png"),
+        generic("audio", data=b"RIFF", format="WAV"),
+        generic("event", uuid="ev-1"),
+        chat_pb2.ChatContentPart(
+            video=chat_pb2.MediaInput(modality="video", data=b"v")
+        ),  # the typed case may name itself
+        generic("smell", data=b"?"),  # left to the preset check
+    )
+    media = to_domain(req, "rid").media()
+    assert [(m.modality, m.url, m.data, m.fmt, m.uuid) for m in media] == [
+        ("image", "https://e/x.png", None, None, None),
+        ("audio", None, b"RIFF", "wav", None),
+        ("event", None, None, None, "ev-1"),
+        ("video", None, b"v", None, None),
+        ("smell", None, b"?", None, None),
+    ]
+    assert [m.param for m in media] == [f"messages[0].content[{i}]" for i in range(5)]
+
+
+@pytest.mark.parametrize(
+    "part,message",
+    [
+        (
+            generic("", data=b"x"),
+            "messages[0].content[0].media.modality: expected a modality name (one of "
+            "['image', 'video', 'audio', 'event']), got none",
+        ),
+        (
+            chat_pb2.ChatContentPart(image=chat_pb2.MediaInput(modality="video", data=b"x")),
+            "messages[0].content[0].image.modality: expected 'image' or empty on the image case, got 'video'",
+        ),
+        (
+            generic("audio", data=b"x", format="aac"),
+            "messages[0].content[0].media.format: expected one of ['wav', 'mp3', 'flac', 'ogg'], got 'aac'",
+        ),
+        (generic("image"), "messages[0].content[0].media: expected a url, data or a uuid, got none"),
+    ],
+)
+def test_bad_generic_parts(part: chat_pb2.ChatContentPart, message: str) -> None:
+    with pytest.raises(InvalidArgumentError) as info:
+        to_domain(request(part), "rid")
+    assert (info.value.message, info.value.param) == (message, "messages[0].content[0]")
+
+
+async def test_the_generic_case_reaches_the_encoder(
+    stub: chat_pb2_grpc.ChatStub, llm_server: tuple[FakeLLM, str], png: bytes
+) -> None:
+    chunks = [c async for c in stub.Complete(request(generic("image", data=png), text("what?")))]
+    assert chunks[-1].finish_reason == "stop"
+    assert [m.modality for m in llm_server[0].requests[0].media] == ["image"]
+
+
+@pytest.mark.parametrize(
+    "modality,message",
+    [
+        ("smell", "messages[0].content[0]: modality 'smell' is unknown; preset tiny accepts image"),
+        (
+            "event",
+            "messages[0].content[0]: preset tiny has no event encoder; it accepts image (got 1 event stream)",
+        ),
+    ],
+)
+async def test_a_generic_modality_the_model_does_not_take(
+    stub: chat_pb2_grpc.ChatStub, modality: str, message: str
+) -> None:
+    e = await failure(stub, request(generic(modality, data=b"x")))
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.details() == message

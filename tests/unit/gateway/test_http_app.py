@@ -552,3 +552,41 @@ async def test_a_full_llm_queue_answers_429_with_retry_after(
         r = await client.post(URL, json=body(stream=stream))
         assert_error(r, 429, "scripted failure RESOURCE_EXHAUSTED")
         assert r.headers["retry-after"] == "1"
+
+
+# ---- the generic media part ------------------------------------------------------------------
+
+
+async def test_input_media_reaches_the_encoder_of_its_modality(
+    client: httpx.AsyncClient, png: bytes, llm_server: tuple[FakeLLM, str]
+) -> None:
+    inline = {"modality": "image", "data": base64.b64encode(png).decode()}
+    by_url = {"modality": "image", "url": data_url(png)}
+    content = [
+        {"type": "input_media", "input_media": inline},
+        {"type": "input_media", "input_media": by_url},
+        {"type": "text", "text": "what?"},
+    ]
+    r = await client.post(URL, json=body(content))
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == "Hello there!"
+    (sent,) = llm_server[0].requests[-1:]
+    assert [m.modality for m in sent.media] == ["image", "image"]
+
+
+@pytest.mark.parametrize(
+    ("modality", "message"),
+    [
+        ("smell", "messages[0].content[1]: modality 'smell' is unknown; preset tiny accepts image"),
+        (
+            "audio",
+            "messages[0].content[1]: preset tiny has no audio encoder; it accepts image (got 1 audio clip)",
+        ),
+    ],
+)
+async def test_input_media_of_a_modality_the_model_does_not_take(
+    down_client: httpx.AsyncClient, modality: str, message: str
+) -> None:
+    part = {"type": "input_media", "input_media": {"modality": modality, "url": "https://example.com/x"}}
+    r = await down_client.post(URL, json=body([{"type": "text", "text": "hi"}, part]))
+    assert assert_error(r, 400, message)["param"] == "messages[0].content[1]"

@@ -443,3 +443,107 @@ def test_time_parts_carry_seconds_in_order() -> None:
 )
 def test_bad_time_parts(part: dict, fragment: str) -> None:
     assert fragment in rejected(user([part])).message
+
+
+# ---- the generic media part (input_media) ----------------------------------------------------
+
+
+def test_every_registered_part_type_has_a_field() -> None:
+    from gateway.protocol import ACCEPTED_PARTS, ContentPart
+    from services.common import modalities
+
+    for record in modalities.MODALITIES.values():
+        for part_type in record.part_types():
+            assert part_type in ContentPart.model_fields and part_type in ACCEPTED_PARTS
+    assert "input_media" in ContentPart.model_fields and "input_media" in ACCEPTED_PARTS
+
+
+@pytest.mark.parametrize(
+    ("payload", "want"),
+    [
+        ({"modality": "image", "url": URL}, ("image", URL, None, None)),
+        ({"modality": "video", "url": "data:video/mp4;base64,AAAA"}, ("video", "data:video/mp4;base64,AAAA", None, None)),
+        ({"modality": "audio", "data": base64.b64encode(b"RIFF").decode(), "format": "WAV"}, ("audio", None, b"RIFF", "wav")),
+        ({"modality": "event", "data": base64.b64encode(b"NPY").decode()}, ("event", None, b"NPY", None)),
+        ({"modality": "smell", "url": URL}, ("smell", URL, None, None)),  # refused by the preset check
+    ],
+)  # fmt: skip
+def test_input_media_parts(payload: dict[str, Any], want: tuple[Any, ...]) -> None:
+    req = parse_chat_request(
+        user([{"type": "text", "text": "x"}, {"type": "input_media", "input_media": payload}])
+    )
+    item = req.to_domain("r").turns[0].parts[1]
+    assert isinstance(item, MediaItem)
+    assert (item.modality, item.url, item.data, item.fmt) == want
+    assert item.param == "messages[0].content[1]"
+
+
+def test_input_media_with_a_uuid_alone_reuses_the_cached_item() -> None:
+    part = {"type": "input_media", "input_media": {"modality": "audio"}, "uuid": "clip-1"}
+    (item,) = parse_chat_request(user([part])).to_domain("r").media()
+    assert item == MediaItem("audio", param="messages[0].content[0]", uuid="clip-1")
+    with_data = part | {"input_media": {"modality": "image", "url": URL}}
+    (item,) = parse_chat_request(user([with_data])).to_domain("r").media()
+    assert (item.modality, item.url, item.uuid) == ("image", URL, "clip-1")
+
+
+@pytest.mark.parametrize(
+    ("part", "message"),
+    [
+        ({"type": "input_media"},
+         "messages[0].content[0]: an 'input_media' part needs 'input_media': {'modality': <name>, 'url': '...'} "
+         "or {'modality': <name>, 'data': <base64>, 'format': ...}"),
+        ({"type": "input_media", "input_media": {"url": URL}},
+         "messages[0].content[0].input_media.modality: Field required"),
+        ({"type": "input_media", "input_media": {"modality": "image"}},
+         "messages[0].content[0]: input_media: expected 'url' or 'data' (or a 'uuid' of an item sent before), "
+         "got neither"),
+        ({"type": "input_media", "input_media": {"modality": "image", "url": URL, "data": "AAAA"}},
+         "messages[0].content[0]: input_media: expected one of 'url' and 'data', got both"),
+        ({"type": "input_media", "input_media": {"modality": "audio", "data": "AAAA", "format": "aac"}},
+         "messages[0].content[0]: input_media.format: expected one of ['wav', 'mp3', 'flac', 'ogg'], got 'aac'"),
+        ({"type": "input_media", "input_media": {"modality": "image", "data": "AAAA", "format": "png"}},
+         "messages[0].content[0]: input_media.format: expected no format for image (read from the bytes), "
+         "got 'png'"),
+    ],
+)  # fmt: skip
+def test_bad_input_media_parts(part: dict[str, Any], message: str) -> None:
+    err = rejected(user([part]))
+    assert err.message == message
+    assert err.param is not None and err.param.startswith("messages[0].content[0]")
+
+
+def test_input_media_data_that_is_not_base64() -> None:
+    part = {"type": "input_media", "input_media": {"modality": "event", "data": "not base64!"}}
+    req = parse_chat_request(user([part]))
+    with pytest.raises(
+        InvalidArgumentError, match=r"messages\[0\]\.content\[0\]\.input_media\.data: expected base64"
+    ):
+        req.to_domain("r")
+
+
+@pytest.mark.parametrize(
+    ("modality", "mime", "kind", "payload"),
+    [
+        ("image", "image/png", "image_url", {"url": "data:image/png;base64,UE5H"}),
+        ("video", "video/mp4", "video_url", {"url": "data:video/mp4;base64,UE5H"}),
+        ("audio", "audio/wav", "input_audio", {"data": "UE5H", "format": "wav"}),
+    ],
+)
+def test_generated_media_take_the_shape_of_their_modalitys_part(
+    modality: str, mime: str, kind: str, payload: dict[str, Any]
+) -> None:
+    from gateway.domain import MediaOutput
+    from gateway.protocol import media_entry
+
+    entry = media_entry(
+        MediaOutput(modality=modality, index=0, char_offset=3, data=b"PNG", mime_type=mime, seed=7)
+    )
+    assert entry == {
+        "type": kind,
+        kind: payload,
+        "modality": modality,
+        "index": 0,
+        "char_offset": 3,
+        "seed": 7,
+    }
