@@ -48,9 +48,9 @@ from services.llm.batching import BatchCache
 from services.llm.metrics import LLMMetrics
 from services.llm.request import PreparedRequest
 from services.llm.sampling import Penalties, Sampler, apply_penalties, penalise_rows
-from services.llm.scheduler import Waiting
+from services.llm.scheduler import Channel, Waiting
 from services.llm.signals import SignalCapture, output_signal_ids
-from services.llm.stream import OutputStream, RequestChannel
+from services.llm.stream import OutputStream
 from services.models.lm.attention import prefill_attention_mask
 from services.models.lm.loading import LoadedModel
 from services.models.lm.time_matching import TimedDecode
@@ -265,7 +265,7 @@ class ModelRunner:
         row.token = token
         return True
 
-    def _stream(self, job: PreparedRequest, channel: RequestChannel, start: float) -> OutputStream:
+    def _stream(self, job: PreparedRequest, channel: Channel, start: float) -> OutputStream:
         loaded = self.loaded
         return OutputStream(
             job, channel, loaded.tokenizer, loaded.eos_ids, loaded.preset.generation, self.metrics, start

@@ -42,9 +42,12 @@ import threading
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 from services.common.errors import CancelledError, ResourceExhaustedError, UnavailableError
+
+if TYPE_CHECKING:
+    from services.llm.domain import GenerationEvent
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +69,12 @@ class Job(Protocol):
 
 
 class Channel(Protocol):
-    """Where a request's events go (`services.llm.stream.RequestChannel` is one)."""
+    """Where a request's events go (`services.llm.stream.RequestChannel` is one); the
+    scheduler itself only ends requests, the runner's output stream sends their events."""
+
+    def send(self, event: GenerationEvent) -> None:
+        """Hand an event to the request's consumer."""
+        ...
 
     def finish(self, error: BaseException | None = None) -> None:
         """End the request: its error (if any), then the end; what it holds is released."""

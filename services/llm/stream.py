@@ -39,6 +39,7 @@ from services.llm.detokenize import IncrementalDetokenizer, StopMatcher, Strip
 from services.llm.domain import FinishReason, GenerationEvent, OutputSignal, Usage
 from services.llm.metrics import LLMMetrics
 from services.llm.request import PreparedRequest
+from services.llm.scheduler import Channel
 from services.models.lm.timestamps import format_seconds
 
 logger = logging.getLogger(__name__)
@@ -109,7 +110,7 @@ class OutputStream:
     def __init__(
         self,
         job: PreparedRequest,
-        channel: RequestChannel,
+        channel: Channel,
         tokenizer: Any,
         eos_ids: Collection[int],
         rules: GenerationSpec,
