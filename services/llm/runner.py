@@ -56,7 +56,7 @@ from services.models.lm.loading import LoadedModel
 from services.models.lm.time_matching import TimedDecode
 from services.models.lm.timestamps import add_source_frames, source_frames
 
-CheckCancelled = Callable[[PreparedRequest, "int | None"], None]
+CheckCancelled = Callable[[PreparedRequest, int | None], None]  # Scheduler.check_cancelled
 
 
 @dataclass(eq=False)
