@@ -8,8 +8,12 @@ Library modules (no grpc imports):
     sampling    sampling parameters and next-token selection
     detokenize  incremental detokenization and stop strings
     signals     NExT-GPT's signal tokens -> output projector conditioning
-    batching    the continuous batch's KV cache and step
-    engine      Engine: validation, continuous batching on a worker thread, streaming
+    batching    a running batch's left-padded KV cache
+    request     PreparedRequest: a validated request with its prompt
+    scheduler   queues, admission, the running batches, limits, cancellation (no torch)
+    runner      prefill, the batched decode step, sampling, time-token and signal capture
+    stream      sampled tokens -> GenerationEvents, the per-request queue to the consumer
+    engine      Engine: validation and prompt, the worker-thread loop over the three above
 
 Server (grpc):
     servicer    modalmesh.v1.LLM over an engine (proto <-> domain)

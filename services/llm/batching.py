@@ -1,7 +1,8 @@
 """A running batch's KV cache: rows of different lengths decoding together (left padding).
 
-Continuous batching (`services.llm.engine`) prefills each new request alone and then merges
-its KV cache into the running batch of its adapter version. Rows have different lengths, so
+Continuous batching (`services.llm.engine`; the model runner, `services.llm.runner`, holds one
+`BatchCache` per adapter version) prefills each new request alone and then merges its KV cache
+into the running batch of its adapter version. Rows have different lengths, so
 the batch cache is left-padded: per layer, keys and values of shape (B, H, T, d) where row i's
 real tokens are its last `lengths[i]` columns and the columns before them are padding that
 the attention mask (B, T) hides. Every decode step appends one column to every row, so the

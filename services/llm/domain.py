@@ -2,7 +2,8 @@
 
 The servicer translates protobuf messages into these and back; the library (templates, prompt
 builder, engine) only ever sees these. `GenerationEngine` is the interface the servicer
-depends on, so that the one-request-at-a-time `Engine` can be swapped for a batching one.
+depends on: `services.llm.engine.Engine` (continuous batching) implements it, and a test or
+another engine can stand in for it.
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ the same seed gives the same tokens.
 
 Penalties act on the logits before temperature and filtering, as Hugging Face's logits
 processors and vLLM's sampler order them. `Penalties` is one row's token memory;
-`apply_penalties` applies the rows of a batch in one go:
+`apply_penalties` applies the rows of a batch in one go (`penalise_rows`: the penalised
+rows of a batch whose other rows have none):
 - repetition_penalty (Hugging Face's `RepetitionPenaltyLogitsProcessor`, vLLM's extra field):
   each id seen in the prompt or the reply gets its logit divided by the penalty when positive,
   multiplied when negative. Media positions (expanded placeholders) and the timestamp token
@@ -244,6 +245,26 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[Penalties]) -> torch.Te
     penalised = torch.where(out < 0, out * repetition, out / repetition)  # (B, V)
     out = torch.where(seen, penalised, out)  # (B, V)
     return out - frequency * counts - presence * (counts > 0)  # (B, V)
+
+
+def penalise_rows(logits: torch.Tensor, rows: Sequence[Penalties | None]) -> torch.Tensor:
+    """A batch step's last-position logits with the penalised rows' penalties applied (one
+    `apply_penalties` call for all of them); unchanged when no row has penalties.
+
+    Args:
+        logits: (B, V), row i belonging to rows[i].
+        rows: Each row's token memory, None for a row without penalties.
+
+    Returns:
+        (B, V): float32 where some row is penalised, else `logits` itself.
+    """
+    which = [(i, p) for i, p in enumerate(rows) if p is not None]
+    if not which:
+        return logits
+    out = logits.float()  # (B, V)
+    index = torch.tensor([i for i, _ in which], device=logits.device)
+    penalised = apply_penalties(out[index], [p for _, p in which])  # (P, V)
+    return out.index_copy(0, index, penalised)  # (B, V)
 
 
 class Sampler:

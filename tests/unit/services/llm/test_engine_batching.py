@@ -178,9 +178,9 @@ async def test_a_row_that_fails_fails_only_its_request(
     loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A sampler that raises for one request: that request gets the error, the batch goes on."""
-    from services.llm import engine as engine_module
+    from services.llm import runner as runner_module
 
-    real = engine_module.Sampler
+    real = runner_module.Sampler
 
     class Flaky:
         def __init__(self, params: SamplingParams) -> None:
@@ -195,7 +195,7 @@ async def test_a_row_that_fails_fails_only_its_request(
     engine = Engine(loaded)
     try:
         expected = [summary(await collect(engine, r)) for r in REQUESTS[:3]]
-        monkeypatch.setattr(engine_module, "Sampler", Flaky)
+        monkeypatch.setattr(runner_module, "Sampler", Flaky)
         bad = chat("What is this?", 7, 10, seed=666)
         results = await asyncio.gather(
             *(collect(engine, r) for r in [*REQUESTS[:3], bad]), return_exceptions=True

@@ -16,7 +16,7 @@ import torch
 
 from services.common.content import TextPart, Turn
 from services.common.errors import InvalidArgumentError
-from services.llm import engine as engine_module
+from services.llm import runner as runner_module
 from services.llm.domain import GenerationEvent, GenerationRequest, OutputSignal
 from services.llm.engine import Engine
 from services.llm.sampling import SamplingParams
@@ -56,7 +56,7 @@ def scripted(
     ids = output_signal_ids(loaded.preset, loaded.tokenizer)
     banned = {i for v in ids.values() for i in v} | (set() if allow_eos else set(loaded.eos_ids))
     with monkeypatch.context() as m:
-        m.setattr(engine_module, "Sampler", lambda params: Scripted(script, banned))
+        m.setattr(runner_module, "Sampler", lambda params: Scripted(script, banned))
         yield
 
 

@@ -304,7 +304,7 @@ def test_the_repetition_penalty_skips_media_positions_and_the_timestamp_token(
         (start, length), *_ = job.prompt.media_spans
         placeholder = ids[start]
         assert placeholder not in ids[:start] + ids[start + length :]
-        penalties = engine._penalties(job, torch.zeros(1, 1, engine.vocab_size))
+        penalties = engine.runner.penalties(job, torch.zeros(1, 1, engine.vocab_size))
     assert penalties is not None
     assert not penalties.seen[placeholder] and not penalties.seen[time_token]
     assert penalties.seen[[i for i in ids if i not in (placeholder, time_token)]].all()

@@ -19,7 +19,7 @@ import torch
 from services.common.content import MediaItem, MediaPart, Part, TextPart, TimePart, Turn
 from services.common.errors import FailedPreconditionError, InvalidArgumentError
 from services.common.presets import GenerationSpec, Preset
-from services.llm import engine as engine_module
+from services.llm import runner as runner_module
 from services.llm.domain import GenerationEvent, GenerationRequest
 from services.llm.engine import Engine
 from services.llm.sampling import SamplingParams
@@ -64,7 +64,7 @@ def forcing(loaded: LoadedModel, steps: set[int], monkeypatch: pytest.MonkeyPatc
     assert vid is not None
     banned = {vid, *loaded.eos_ids}
     with monkeypatch.context() as m:
-        m.setattr(engine_module, "Sampler", lambda params: ForcedSampler(vid, steps, banned))
+        m.setattr(runner_module, "Sampler", lambda params: ForcedSampler(vid, steps, banned))
         yield
 
 

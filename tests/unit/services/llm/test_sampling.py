@@ -16,6 +16,7 @@ from services.llm.sampling import (
     apply_penalties,
     apply_top_k,
     apply_top_p,
+    penalise_rows,
 )
 
 
@@ -212,6 +213,17 @@ def test_rows_of_a_batch_get_their_own_penalties() -> None:
     for i, row in enumerate(rows):
         assert torch.equal(together[i], apply_penalties(logits[i : i + 1], [row])[0])
     assert not torch.equal(together[0], logits[0]) and not torch.equal(together[1], logits[1])
+
+
+def test_a_batch_step_penalises_only_its_penalised_rows() -> None:
+    logits = torch.randn(3, 20, generator=torch.Generator().manual_seed(1)).half()  # (3, 20)
+    row = Penalties(SamplingParams(repetition_penalty=1.5, frequency_penalty=0.5).resolve(), 20, [1, 2])
+    row.add(3)
+    out = penalise_rows(logits, [None, row, None])
+    assert out.dtype == torch.float32
+    assert torch.equal(out[1], apply_penalties(logits[1:2], [row])[0])
+    assert torch.equal(out[[0, 2]], logits[[0, 2]].float())  # the others as they were
+    assert penalise_rows(logits, [None, None, None]) is logits  # no row penalised: nothing done
 
 
 def test_apply_penalties_works_in_float32_on_half_logits() -> None:
