@@ -100,7 +100,7 @@ def write_inputs(out: Path) -> dict[str, Path]:
     Image.fromarray(np.round(rgb * 255).astype(np.uint8)).save(png, format="PNG", optimize=True)
     grey = np.round(heat(*JPG_SIZE)[:, ::-1] * 255).astype(np.uint8)
     buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(grey), mode="L").save(buf, format="JPEG", quality=85)
+    Image.fromarray(np.ascontiguousarray(grey)).save(buf, format="JPEG", quality=85)
     jpg.write_bytes(buf.getvalue())
     return {"png": png, "jpg": jpg}
 

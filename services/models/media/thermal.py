@@ -120,5 +120,5 @@ def dummy_thermal(size: int = 32) -> bytes:
     grey = (40 + 100 * xx / max(size - 1, 1)).astype(np.uint8)  # (size, size)
     grey[(xx - size / 2) ** 2 + (yy - size / 2) ** 2 < (size / 4) ** 2] = 230
     buf = io.BytesIO()
-    Image.fromarray(grey, mode="L").save(buf, format="PNG")
+    Image.fromarray(grey).save(buf, format="PNG")
     return buf.getvalue()
