@@ -323,7 +323,8 @@ def load_imagebind(spec: EncoderSpec, modalities: Sequence[str]) -> Any:
     Raises:
         NotFoundError: The checkpoint is missing.
         InvalidArgumentError: Unreadable, a select_feature other than embedding, or a config
-            the preprocessing cannot feed (audio must be 128 x 204, video clips of `frames_per_clip`).
+            the preprocessing cannot feed (audio must be 128 x 204, video clips of `frames_per_clip`,
+            thermal squares of `thermal_input_size(spec)`).
         FailedPreconditionError: Missing or mis-shaped tensors, each named (expected vs got).
     """
     from services.models.backbones.base import TORCH_DTYPES
@@ -333,6 +334,7 @@ def load_imagebind(spec: EncoderSpec, modalities: Sequence[str]) -> Any:
         load_imagebind_state_dict,
     )
     from services.models.media.audio import IMAGEBIND_FRAMES, IMAGEBIND_MEL_BINS
+    from services.models.media.thermal import thermal_input_size
 
     if spec.select_feature != "embedding":
         raise InvalidArgumentError(
@@ -358,6 +360,13 @@ def load_imagebind(spec: EncoderSpec, modalities: Sequence[str]) -> Any:
         raise InvalidArgumentError(
             f"imagebind audio: expected ({IMAGEBIND_MEL_BINS}, {IMAGEBIND_FRAMES}) spectrograms "
             f"(ImageBind's preprocessing), got {audio[1:]}"
+        )
+    thermal = model.clip_shapes.get("thermal")
+    if thermal is not None and thermal[-1] != thermal_input_size(spec):
+        raise InvalidArgumentError(
+            f"imagebind thermal: the checkpoint's tower reads {thermal[-1]} px, the preset's "
+            f"preprocessing makes {thermal_input_size(spec)} (encoder.config.thermal_image_size, "
+            "default 224); set it to the checkpoint's"
         )
     load_imagebind_state_dict(model, weights if path.is_dir() else _torch_load(path), towers=towers)
     model.to(TORCH_DTYPES[spec.dtype])

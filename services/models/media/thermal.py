@@ -20,16 +20,23 @@ Decoding goes through `image.load_image` (the formats, pixel limit, truncation a
 checks of the image modality); then PIL's `convert("L")`, which drops an alpha channel
 (transparency "drop", the seed's) unless transparency "white" composites it onto white first.
 Images more elongated than `image.MAX_ASPECT_RATIO` are refused before resizing.
+
+`prepare_thermal_item(preprocessor, data)` is the same as the modality registry's prepare hook
+(`(MediaPreprocessor, bytes) -> Prepared`): the spec's `preprocess` rules, the image pixel
+limit, and the tower's side from the spec (`thermal_input_size`: `config.thermal_image_size`,
+else imagebind_huge's 224; the backbone loader refuses a checkpoint whose tower reads another).
 """
 
 from __future__ import annotations
 
 import io
+from typing import Protocol
 
 import numpy as np
 from PIL import Image
 
 from services.common.errors import InvalidArgumentError
+from services.common.presets import EncoderSpec
 from services.models.media.image import (
     MAX_ASPECT_RATIO,
     CropRounding,
@@ -39,6 +46,7 @@ from services.models.media.image import (
     load_image,
     to_rgb,
 )
+from services.models.media.prepare import EncoderLimits, Prepared
 
 THERMAL_SIZE = 224  # imagebind_huge's thermal tower reads 224 x 224 (1 channel)
 
@@ -112,6 +120,35 @@ def prepare_thermal(
     return thermal_pixels(
         decode_thermal(data, max_pixels=max_pixels, transparency=transparency), size=size, crop=crop
     )
+
+
+def thermal_input_size(spec: EncoderSpec) -> int:
+    """The side of the thermal tower `spec` names: `config.thermal_image_size`, else 224."""
+    return int(spec.config.get("thermal_image_size", THERMAL_SIZE))
+
+
+class ItemPreprocessing(Protocol):
+    """What `prepare_thermal_item` reads of a `prepare.MediaPreprocessor`."""
+
+    spec: EncoderSpec
+    limits: EncoderLimits
+
+
+def prepare_thermal_item(pre: ItemPreprocessing, data: bytes) -> Prepared:
+    """One thermal file -> `Prepared`: float32 (1, S, S) for the thermal tower, time 0.
+
+    Raises:
+        InvalidArgumentError: The file is refused (see `prepare_thermal`).
+    """
+    rules = pre.spec.preprocess
+    pixels = prepare_thermal(
+        data,
+        max_pixels=pre.limits.image_max_pixels,
+        size=thermal_input_size(pre.spec),
+        crop=rules.crop,
+        transparency=rules.transparency,
+    )
+    return Prepared(pixels, np.zeros(1, dtype=np.float32))  # (1, S, S), one item at time 0
 
 
 def dummy_thermal(size: int = 32) -> bytes:

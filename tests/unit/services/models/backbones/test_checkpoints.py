@@ -317,3 +317,12 @@ def test_tiny_writer_wants_tiny_thermal_sizes(twins: dict[str, Preset], tmp_path
     image = twins["tiny-pandagpt"].modalities["image"].encoder
     with pytest.raises(InvalidArgumentError, match="tiny imagebind thermal: expected tiny thermal sizes"):
         write_tiny_backbone(image, tmp_path / "ib", seed=0, modalities=["image", "thermal"])
+
+
+def test_thermal_size_must_be_the_preprocessings(thermal_spec: EncoderSpec) -> None:
+    config = {k: v for k, v in thermal_spec.config.items() if k != "thermal_image_size"}
+    unsized = thermal_spec.model_copy(update={"config": config})  # the folder says 32, the spec nothing
+    with pytest.raises(
+        InvalidArgumentError, match=r"tower reads 32 px, the preset's preprocessing makes 224"
+    ):
+        load_imagebind(unsized, ["thermal"])

@@ -7,18 +7,23 @@ PIL converts to grey, the resize and crop geometry, and each bad input's message
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from services.common.errors import InvalidArgumentError
+from services.common.presets import EncoderSpec, PreprocessSpec
 from services.models.media.image import MAX_ASPECT_RATIO
+from services.models.media.prepare import EncoderLimits
 from services.models.media.thermal import (
     THERMAL_SIZE,
     decode_thermal,
     dummy_thermal,
     prepare_thermal,
+    prepare_thermal_item,
+    thermal_input_size,
     thermal_pixels,
 )
 from tests.helpers.media import encode_image, png_bytes, random_image
@@ -132,3 +137,36 @@ def test_bad_size_and_mode_are_refused() -> None:
         _prepare(png_bytes(), size=0)
     with pytest.raises(InvalidArgumentError, match="expected a grey \\(mode L\\) image, got mode RGB"):
         thermal_pixels(Image.new("RGB", (8, 8)), size=8)
+
+
+@dataclass(frozen=True)
+class _Preprocessing:
+    """The two fields of a MediaPreprocessor that the prepare hook reads."""
+
+    spec: EncoderSpec
+    limits: EncoderLimits
+
+
+def _spec(**update: object) -> EncoderSpec:
+    spec = EncoderSpec(
+        backbone="imagebind",
+        checkpoint="imagebind_huge.pth",
+        select_feature="embedding",
+        preprocess=PreprocessSpec(crop="round"),
+        tokens=1,
+        dim=1024,
+    )
+    return spec.model_copy(update=update)
+
+
+def test_the_prepare_hook_reads_the_spec_and_limits() -> None:
+    data = png_bytes(50, 63)
+    item = prepare_thermal_item(_Preprocessing(_spec(), EncoderLimits()), data)
+    assert item.inputs.shape == (1, 224, 224) and item.times.tolist() == [0.0]
+    assert np.array_equal(item.inputs, _prepare(data))
+    tiny = _spec(config={"thermal_image_size": 32}, preprocess=PreprocessSpec(crop="floor"))
+    assert thermal_input_size(tiny) == 32 and thermal_input_size(_spec()) == 224
+    small = prepare_thermal_item(_Preprocessing(tiny, EncoderLimits()), data)
+    assert np.array_equal(small.inputs, _prepare(data, size=32, crop="floor"))
+    with pytest.raises(InvalidArgumentError, match="image too large: expected at most 100 pixels"):
+        prepare_thermal_item(_Preprocessing(_spec(), EncoderLimits(image_max_pixels=100)), data)
