@@ -166,7 +166,8 @@ def _write_media_parts(preset: Preset, tmp: Path) -> None:
         enc, conn = spec.encoder, spec.connector
         if enc.checkpoint not in done:
             done.add(enc.checkpoint)
-            write_tiny_backbone(enc, tmp / f"enc-{i}", seed=SEED + 10 * i)
+            users = [m for m, s in preset.modalities.items() if s.encoder.checkpoint == enc.checkpoint]
+            write_tiny_backbone(enc, tmp / f"enc-{i}", seed=SEED + 10 * i, modalities=users)
             _publish(tmp / f"enc-{i}", enc.checkpoint)
         if conn.tokenizer is not None and conn.tokenizer not in done:
             done.add(conn.tokenizer)

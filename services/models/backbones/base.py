@@ -6,8 +6,8 @@ Three backbones, each frozen, in eval mode and run under `torch.inference_mode`:
   tokens per frame (LLaVA's penultimate without CLS; EventGPT's last with CLS).
 - eva_vit (`services.models.backbones.eva.EvaVisionBackbone`): EVA-ViT-g cut after the selected
   block; with `taps` the outputs of that many blocks ending at it, flattened per frame.
-- imagebind (`ImageBindBackbone`): ImageBind's vision/audio towers; one joint-embedding vector
-  per item (its clips averaged).
+- imagebind (`ImageBindBackbone`): ImageBind's vision/audio/thermal towers; one joint-embedding
+  vector per item (its clips averaged).
 
 Every backbone answers `encode(modality, inputs)` with (B, rows, dim): frame backbones map
 (frames, 3, S, S) pixels to (frames, tokens_per_frame, dim); ImageBind maps B items (images,

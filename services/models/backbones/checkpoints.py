@@ -5,7 +5,8 @@ A modalmesh backbone folder holds `config.json` = {"format": "modalmesh-backbone
 
 - eva_vit: the whole tower (every block of `num_layers`) in transformers' `Blip2VisionModel`
   names (`embeddings.*`, `encoder.layers.{i}.*`); blocks past the selected one are not loaded.
-- imagebind: `ImageBindEncoder` names, which are ImageBind's own (`modality_trunks.vision...`).
+- imagebind: `ImageBindEncoder` names, which are ImageBind's own (`modality_trunks.vision...`),
+  for the towers it was written with (vision and audio; thermal too where a preset reads it).
 
 A spec's `config` (the builder kwargs of a tiny twin) must agree with a folder's; where it is
 empty the folder's is used. The published files are read with `torch.load(weights_only=True)`
@@ -293,16 +294,37 @@ def _layer(key: str) -> int:
 
 # --- ImageBind ------------------------------------------------------------------------------
 
-_IMAGEBIND_TOWER = {"image": "vision", "video": "vision", "audio": "audio"}
+_IMAGEBIND_TOWER = {"image": "vision", "video": "vision", "audio": "audio", "thermal": "thermal"}
+
+
+def imagebind_towers(modalities: Sequence[str]) -> tuple[str, ...]:
+    """The ImageBind towers that `modalities` read, in ImageBind's order.
+
+    Raises:
+        InvalidArgumentError: A modality no ImageBind tower reads.
+    """
+    from services.models.backbones.imagebind import TOWERS
+
+    unknown = [m for m in modalities if m not in _IMAGEBIND_TOWER]
+    if unknown:
+        raise InvalidArgumentError(
+            f"imagebind modalities: expected some of {list(_IMAGEBIND_TOWER)}, got {list(modalities)}"
+        )
+    needed = {_IMAGEBIND_TOWER[m] for m in modalities}
+    return tuple(t for t in TOWERS if t in needed)
 
 
 def load_imagebind(spec: EncoderSpec, modalities: Sequence[str]) -> Any:
     """The ImageBind backbone with the towers `modalities` need (imagebind_huge.pth or a folder).
 
+    Only those towers are built and loaded, strictly: each of their keys must be in the file
+    with its shape and none may be missing; the other towers' keys are dropped.
+
     Raises:
         NotFoundError: The checkpoint is missing.
         InvalidArgumentError: Unreadable, a select_feature other than embedding, or a config
-            the preprocessing cannot feed (audio must be 128 x 204, video clips of `frames_per_clip`).
+            the preprocessing cannot feed (audio must be 128 x 204, video clips of `frames_per_clip`,
+            thermal squares of `thermal_input_size(spec)`).
         FailedPreconditionError: Missing or mis-shaped tensors, each named (expected vs got).
     """
     from services.models.backbones.base import TORCH_DTYPES
@@ -312,12 +334,13 @@ def load_imagebind(spec: EncoderSpec, modalities: Sequence[str]) -> Any:
         load_imagebind_state_dict,
     )
     from services.models.media.audio import IMAGEBIND_FRAMES, IMAGEBIND_MEL_BINS
+    from services.models.media.thermal import thermal_input_size
 
     if spec.select_feature != "embedding":
         raise InvalidArgumentError(
             f"imagebind select_feature: expected 'embedding' (the joint embedding), got {spec.select_feature!r}"
         )
-    towers = tuple(t for t in ("vision", "audio") if t in {_IMAGEBIND_TOWER[m] for m in modalities})
+    towers = imagebind_towers(modalities)
     path = Path(spec.checkpoint)
     if path.is_dir():
         stored, weights = read_backbone_folder(path, "imagebind")
@@ -337,6 +360,13 @@ def load_imagebind(spec: EncoderSpec, modalities: Sequence[str]) -> Any:
         raise InvalidArgumentError(
             f"imagebind audio: expected ({IMAGEBIND_MEL_BINS}, {IMAGEBIND_FRAMES}) spectrograms "
             f"(ImageBind's preprocessing), got {audio[1:]}"
+        )
+    thermal = model.clip_shapes.get("thermal")
+    if thermal is not None and thermal[-1] != thermal_input_size(spec):
+        raise InvalidArgumentError(
+            f"imagebind thermal: the checkpoint's tower reads {thermal[-1]} px, the preset's "
+            f"preprocessing makes {thermal_input_size(spec)} (encoder.config.thermal_image_size, "
+            "default 224); set it to the checkpoint's"
         )
     load_imagebind_state_dict(model, weights if path.is_dir() else _torch_load(path), towers=towers)
     model.to(TORCH_DTYPES[spec.dtype])

@@ -1,17 +1,20 @@
-"""ImageBind's vision and audio towers, written here, loading `imagebind_huge.pth` strictly.
+"""ImageBind's vision, audio and thermal towers, written here, loading `imagebind_huge.pth` strictly.
 
 NExT-GPT (legacy) and PandaGPT encode every image, video and audio item into one (1024,)
-vector with the frozen ImageBind-Huge (SEEDS_SPEC 2.A, 3). This module rebuilds the two towers
+vector with the frozen ImageBind-Huge (SEEDS_SPEC 2.A, 3); PandaGPT's demo also takes thermal
+images (`encode_thermal` in its code/model/openllama.py). This module rebuilds the three towers
 they use with the parameter names and shapes of facebookresearch/ImageBind
 (`imagebind/models/imagebind_model.py`, `multimodal_preprocessors.py`, `transformer.py`,
 `helpers.py`, read at 53680b02d7e37b19b124fa37bae4b6c98c38f5be), so the published checkpoint
 loads into it key for key. Each tower is
 
-    preprocessor  patch conv (+ LayerNorm for audio) -> CLS token + learned positions
+    preprocessor  patch conv (+ LayerNorm for audio and thermal) -> CLS token + learned positions
     trunk         pre-LN transformer blocks (nn.MultiheadAttention, GELU MLP x4), LayerNorm
-                  before the blocks for vision, learned bias_k/bias_v in audio's attention
+                  before the blocks for vision, learned bias_k/bias_v in audio's and thermal's
+                  attention
     head          LayerNorm -> CLS token -> Linear(width -> out, no bias)
-    postprocessor L2 normalise (audio also holds a fixed logit scale of 20, see below)
+    postprocessor L2 normalise (audio also holds a fixed logit scale of 20, thermal one of 10;
+                  see below)
 
 Items with several clips (video: (B, S, 3, 2, H, W), audio: (B, S, 1, mel, frames)) are
 encoded clip by clip and the normalised clip embeddings are averaged without renormalising, as
@@ -20,14 +23,22 @@ video tower as a 2-frame clip of the repeated image (`PadIm2Video`).
 
 Audio's postprocessor multiplies by exp(log_logit_scale) = 20 in ImageBind; PandaGPT's and
 NExT-GPT's copies apply only its Normalize, which is what `audio_logit_scale=False` (default)
-does. The buffer is still built so the checkpoint loads strictly.
+does. The buffer is still built so the checkpoint loads strictly. Thermal's postprocessor
+(Normalize, then a fixed x10) is applied whole, by ImageBind and by PandaGPT's copy alike
+(its forward drops the scale for audio only), so a thermal embedding has norm 10, not 1.
+
+The thermal tower (imagebind_huge: 768 wide, 12 blocks, 12 heads, drop-path 0) reads one
+(1, 224, 224) grey image in [0, 1] (ImageBind's `load_and_transform_thermal_data`, no
+normalisation: `services.models.media.thermal`) through a Conv2d kernel = stride = 16 -> 14 x 14
+patches; it is built like audio's (LayerNorm after the stem, bias_k/bias_v, no LayerNorm
+before the blocks).
 
 Unlike ImageBind, inputs of another size are refused rather than interpolated, and the
-modality is named by the caller ("image", "video", "audio") instead of guessed from `ndim`.
-The text, depth, thermal and IMU towers are not built; `load_imagebind_state_dict` drops
-their keys from a full checkpoint. There is no dropout or drop-path (ImageBind's audio
-drop-path 0.1 only acts in training), so train() and eval() compute the same thing; freezing
-is the caller's decision.
+modality is named by the caller ("image", "video", "audio", "thermal") instead of guessed from
+`ndim`. `build_imagebind` builds the towers asked for (vision and audio by default); the text,
+depth and IMU towers are never built, and `load_imagebind_state_dict` drops the keys of every
+tower not loaded. There is no dropout or drop-path (ImageBind's audio drop-path 0.1 only acts
+in training), so train() and eval() compute the same thing; freezing is the caller's decision.
 """
 
 from __future__ import annotations
@@ -46,11 +57,13 @@ from services.models.backbones.base import Backbone
 
 logger = logging.getLogger(__name__)
 
-Modality = Literal["image", "video", "audio"]
-TOWERS: tuple[str, ...] = ("vision", "audio")  # the towers this module builds
+Modality = Literal["image", "video", "audio", "thermal"]
+TOWERS: tuple[str, ...] = ("vision", "audio", "thermal")  # the towers this module can build
+DEFAULT_TOWERS: tuple[str, ...] = ("vision", "audio")  # built when none are named
 CHECKPOINT_TOWERS: tuple[str, ...] = ("vision", "text", "audio", "depth", "thermal", "imu")
 _GROUPS = ("modality_preprocessors", "modality_trunks", "modality_heads", "modality_postprocessors")
-_TOWER_OF: dict[str, str] = {"image": "vision", "video": "vision", "audio": "audio"}
+_TOWER_OF: dict[str, str] = {"image": "vision", "video": "vision", "audio": "audio", "thermal": "thermal"}
+_SINGLE: tuple[str, ...] = ("image", "thermal")  # modalities that are one picture per item, no clips
 _MAX_LISTED = 12  # problems named in one load error
 
 
@@ -181,9 +194,10 @@ class ImageBindEncoder(nn.Module):
 
     Args:
         preprocessors, trunks, heads, postprocessors: The parts of each tower, keyed by tower
-            name ("vision", "audio"); the attribute names are ImageBind's checkpoint prefixes.
+            name ("vision", "audio", "thermal"); the attribute names are ImageBind's checkpoint
+            prefixes.
         clip_shapes: Per tower, the shape of one clip without batch: vision (3, T, H, W),
-            audio (1, mel, frames).
+            audio (1, mel, frames), thermal (1, H, W).
         audio_logit_scale: Apply audio's x20 logit scale as ImageBind does (False: only
             normalise, as PandaGPT and NExT-GPT do).
     """
@@ -212,7 +226,8 @@ class ImageBindEncoder(nn.Module):
         return tuple(t for t in CHECKPOINT_TOWERS if t in self.modality_trunks)
 
     def embed_clips(self, tower: str, clips: torch.Tensor) -> torch.Tensor:
-        """(N, *clip_shape) clips (or (N, 3, H, W) images for vision) -> (N, out_dim) unit vectors."""
+        """(N, *clip_shape) clips (or (N, 3, H, W) images for vision) -> (N, out_dim) embeddings:
+        unit vectors, but x10 for thermal (its logit scale, which PandaGPT keeps)."""
         x = self.modality_preprocessors[tower](clips)  # (N, 1 + P, D)
         x = self.modality_trunks[tower](x)  # (N, 1 + P, D)
         x = self.modality_heads[tower](x)  # (N, out_dim)
@@ -226,11 +241,14 @@ class ImageBindEncoder(nn.Module):
 
         Args:
             modality: "image": (B, 3, H, W); "video": (B, S, 3, T, H, W) clips or (B, 3, T, H, W)
-                single clips; "audio": (B, S, 1, mel, frames) clips or (B, 1, mel, frames).
-            inputs: Preprocessed media (`preprocess`, `video`, `audio.imagebind_audio`).
+                single clips; "audio": (B, S, 1, mel, frames) clips or (B, 1, mel, frames);
+                "thermal": (B, 1, H, W).
+            inputs: Preprocessed media (`prepare.imagebind_video`, `audio.imagebind_audio`,
+                `thermal.prepare_thermal`, CLIP-style pictures for images).
 
         Returns:
-            (B, out_dim): the normalised embedding, averaged over the S clips when there are several.
+            (B, out_dim): the normalised embedding (thermal: times 10), averaged over the S
+            clips when there are several.
 
         Raises:
             InvalidArgumentError: Unknown or unbuilt modality, or inputs of another shape.
@@ -249,9 +267,8 @@ class ImageBindEncoder(nn.Module):
         clip = self.clip_shapes[tower]
         if modality == "image":
             clip = (clip[0], *clip[2:])  # (3, H, W): PadToClip repeats it to T frames
-            forms = [clip]
-        else:
-            forms = [clip, (-1, *clip)]  # one clip per item, or S clips per item
+        # one picture per item; otherwise one clip per item, or S clips per item
+        forms = [clip] if modality in _SINGLE else [clip, (-1, *clip)]
         for form in forms:
             if x.ndim == len(form) + 1 and all(f in (-1, g) for f, g in zip(form, x.shape[1:], strict=True)):
                 batch, num_clips = x.shape[0], (x.shape[1] if form[0] == -1 else 1)
@@ -261,7 +278,7 @@ class ImageBindEncoder(nn.Module):
         want = " or ".join(
             "(B, " + ", ".join("S" if f == -1 else str(f) for f in form) + ")" for form in forms
         )
-        sizes = "B >= 1" if modality == "image" else "B, S >= 1"
+        sizes = "B >= 1" if modality in _SINGLE else "B, S >= 1"
         raise InvalidArgumentError(
             f"imagebind {modality}: expected {want} with {sizes}, got {tuple(x.shape)}"
         )
@@ -276,9 +293,59 @@ def _check_heads(tower: str, dim: int, heads: int) -> None:
         raise InvalidArgumentError(f"imagebind {tower}: embed dim {dim} is not divisible by {heads} heads")
 
 
+_Tower = tuple[nn.Module, nn.Module, nn.Module, nn.Module, tuple[int, ...]]  # pre, trunk, head, post, clip
+
+
+def _vision_tower(dim: int, blocks: int, heads: int, out: int, size: int, patch: int, frames: int) -> _Tower:
+    _check_heads("vision", dim, heads)
+    side = _conv_out(size, patch, patch)
+    if side < 1:
+        raise InvalidArgumentError(f"imagebind vision: image_size {size} is under one patch ({patch})")
+    kernel = (frames, patch, patch)
+    conv = nn.Conv3d(3, dim, kernel_size=kernel, stride=kernel, bias=False)
+    stem = PatchEmbed(nn.Sequential(PadToClip(frames), conv))  # proj.1 = the conv
+    # Built in this order (stem, positions, trunk, head) so that a seed gives the same weights.
+    pre = Preprocessor(stem, side * side, dim)
+    trunk = Trunk(dim, blocks, heads, pre_ln=True, bias_kv=False)
+    return pre, trunk, _head(dim, out), Normalize(), (3, frames, size, size)
+
+
+def _audio_tower(
+    dim: int, blocks: int, heads: int, out: int, mel: int, frames: int, kernel: int, stride: int
+) -> _Tower:
+    _check_heads("audio", dim, heads)
+    rows, cols = _conv_out(mel, kernel, stride), _conv_out(frames, kernel, stride)
+    if rows < 1 or cols < 1:
+        raise InvalidArgumentError(
+            f"imagebind audio: a ({mel}, {frames}) spectrogram is under one {kernel}x{kernel} patch"
+        )
+    conv = nn.Conv2d(1, dim, kernel_size=kernel, stride=stride, bias=False)
+    stem = PatchEmbed(conv, nn.LayerNorm(dim))  # eps 1e-5 here, as in ImageBind
+    pre = Preprocessor(stem, rows * cols, dim)
+    trunk = Trunk(dim, blocks, heads, pre_ln=False, bias_kv=True)
+    post = nn.Sequential(Normalize(), LogitScale(20.0))
+    return pre, trunk, _head(dim, out), post, (1, mel, frames)
+
+
+def _thermal_tower(dim: int, blocks: int, heads: int, out: int, size: int, kernel: int) -> _Tower:
+    """ImageBind's thermal tower: Conv2d(1 -> dim, kernel = stride) + LayerNorm, audio-style trunk."""
+    _check_heads("thermal", dim, heads)
+    side = _conv_out(size, kernel, kernel)
+    if side < 1:
+        raise InvalidArgumentError(
+            f"imagebind thermal: thermal_image_size {size} is under one patch ({kernel})"
+        )
+    conv = nn.Conv2d(1, dim, kernel_size=kernel, stride=kernel, bias=False)
+    stem = PatchEmbed(conv, nn.LayerNorm(dim))  # eps 1e-5, as ImageBind's thermal stem
+    pre = Preprocessor(stem, side * side, dim)
+    trunk = Trunk(dim, blocks, heads, pre_ln=False, bias_kv=True)
+    post = nn.Sequential(Normalize(), LogitScale(10.0))
+    return pre, trunk, _head(dim, out), post, (1, size, size)
+
+
 def build_imagebind(
     *,
-    towers: Sequence[str] = TOWERS,
+    towers: Sequence[str] = DEFAULT_TOWERS,
     out_embed_dim: int = 1024,
     vision_embed_dim: int = 1280,
     vision_num_blocks: int = 32,
@@ -294,12 +361,22 @@ def build_imagebind(
     audio_kernel: int = 16,
     audio_stride: int = 10,
     audio_logit_scale: bool = False,
+    thermal_embed_dim: int = 768,
+    thermal_num_blocks: int = 12,
+    thermal_num_heads: int = 12,
+    thermal_image_size: int = 224,
+    thermal_kernel: int = 16,
 ) -> ImageBindEncoder:
-    """Build ImageBind's vision and/or audio towers; the defaults are `imagebind_huge`.
+    """Build ImageBind's vision, audio and/or thermal towers; the defaults are `imagebind_huge`.
 
     The vision stem is Conv3d with kernel = stride = (video_frames, patch, patch), so a clip is
-    one temporal patch, as in ImageBind (2 frames). Weights are random; load a checkpoint with
-    `load_imagebind_state_dict`. Build under `torch.device("meta")` to get shapes for free.
+    one temporal patch, as in ImageBind (2 frames). The thermal stem is Conv2d(1 channel) with
+    kernel = stride = thermal_kernel on thermal_image_size squares (ImageBind: 16 on 224).
+    Weights are random; load a checkpoint with `load_imagebind_state_dict`. Build under
+    `torch.device("meta")` to get shapes for free.
+
+    Args:
+        towers: Which of `TOWERS` to build; default vision and audio.
 
     Raises:
         InvalidArgumentError: An unknown tower, a width not divisible by its heads, or an
@@ -308,57 +385,48 @@ def build_imagebind(
     unknown = [t for t in towers if t not in TOWERS]
     if unknown or not towers:
         raise InvalidArgumentError(f"imagebind towers: expected a non-empty subset of {TOWERS}, got {towers}")
-    pre: dict[str, nn.Module] = {}
-    trunks: dict[str, nn.Module] = {}
-    heads: dict[str, nn.Module] = {}
-    post: dict[str, nn.Module] = {}
-    shapes: dict[str, tuple[int, ...]] = {}
+    parts: dict[str, _Tower] = {}
     if "vision" in towers:
-        _check_heads("vision", vision_embed_dim, vision_num_heads)
-        side = _conv_out(image_size, patch, patch)
-        if side < 1:
-            raise InvalidArgumentError(
-                f"imagebind vision: image_size {image_size} is under one patch ({patch})"
-            )
-        kernel = (video_frames, patch, patch)
-        conv = nn.Conv3d(3, vision_embed_dim, kernel_size=kernel, stride=kernel, bias=False)
-        stem = PatchEmbed(nn.Sequential(PadToClip(video_frames), conv))  # proj.1 = the conv
-        pre["vision"] = Preprocessor(stem, side * side, vision_embed_dim)
-        trunks["vision"] = Trunk(
-            vision_embed_dim, vision_num_blocks, vision_num_heads, pre_ln=True, bias_kv=False
+        parts["vision"] = _vision_tower(
+            vision_embed_dim,
+            vision_num_blocks,
+            vision_num_heads,
+            out_embed_dim,
+            image_size,
+            patch,
+            video_frames,
         )
-        heads["vision"] = _head(vision_embed_dim, out_embed_dim)
-        post["vision"] = Normalize()
-        shapes["vision"] = (3, video_frames, image_size, image_size)
     if "audio" in towers:
-        _check_heads("audio", audio_embed_dim, audio_num_heads)
-        rows = _conv_out(audio_mel_bins, audio_kernel, audio_stride)
-        cols = _conv_out(audio_frames, audio_kernel, audio_stride)
-        if rows < 1 or cols < 1:
-            raise InvalidArgumentError(
-                f"imagebind audio: a ({audio_mel_bins}, {audio_frames}) spectrogram is under one "
-                f"{audio_kernel}x{audio_kernel} patch"
-            )
-        conv2 = nn.Conv2d(1, audio_embed_dim, kernel_size=audio_kernel, stride=audio_stride, bias=False)
-        stem = PatchEmbed(conv2, nn.LayerNorm(audio_embed_dim))  # eps 1e-5 here, as in ImageBind
-        pre["audio"] = Preprocessor(stem, rows * cols, audio_embed_dim)
-        trunks["audio"] = Trunk(
-            audio_embed_dim, audio_num_blocks, audio_num_heads, pre_ln=False, bias_kv=True
+        parts["audio"] = _audio_tower(
+            audio_embed_dim,
+            audio_num_blocks,
+            audio_num_heads,
+            out_embed_dim,
+            audio_mel_bins,
+            audio_frames,
+            audio_kernel,
+            audio_stride,
         )
-        heads["audio"] = _head(audio_embed_dim, out_embed_dim)
-        post["audio"] = nn.Sequential(Normalize(), LogitScale(20.0))
-        shapes["audio"] = (1, audio_mel_bins, audio_frames)
+    if "thermal" in towers:
+        parts["thermal"] = _thermal_tower(
+            thermal_embed_dim,
+            thermal_num_blocks,
+            thermal_num_heads,
+            out_embed_dim,
+            thermal_image_size,
+            thermal_kernel,
+        )
     return ImageBindEncoder(
-        preprocessors=pre,
-        trunks=trunks,
-        heads=heads,
-        postprocessors=post,
-        clip_shapes=shapes,
+        preprocessors={t: p[0] for t, p in parts.items()},
+        trunks={t: p[1] for t, p in parts.items()},
+        heads={t: p[2] for t, p in parts.items()},
+        postprocessors={t: p[3] for t, p in parts.items()},
+        clip_shapes={t: p[4] for t, p in parts.items()},
         audio_logit_scale=audio_logit_scale,
     )
 
 
-def imagebind_huge_shapes(towers: Sequence[str] = TOWERS) -> dict[str, tuple[int, ...]]:
+def imagebind_huge_shapes(towers: Sequence[str] = DEFAULT_TOWERS) -> dict[str, tuple[int, ...]]:
     """{state-dict key: shape} of `build_imagebind()` (ImageBind-Huge), built on the meta device."""
     with torch.device("meta"):
         model = build_imagebind(towers=towers)
@@ -379,7 +447,7 @@ def load_imagebind_state_dict(
 ) -> None:
     """Load an ImageBind state dict (e.g. `imagebind_huge.pth`) into `model`, strictly per tower.
 
-    Keys of ImageBind towers not in `towers` (text, depth, thermal, IMU, ...) are dropped; every
+    Keys of ImageBind towers not in `towers` (text, depth, IMU, ...) are dropped; every
     key of the chosen towers must be present with the model's shape, and no other key may come.
 
     Args:
@@ -424,9 +492,12 @@ def load_imagebind_state_dict(
 class ImageBindBackbone(Backbone):
     """An `ImageBindEncoder` as a frozen backbone: one joint-embedding row per item.
 
-    `encode("image", (B, 3, S, S))`, `encode("video", (B, clips, 3, frames, S, S))` and
-    `encode("audio", (B, clips, 1, mel, frames))` give (B, 1, out_dim): the normalised
-    embedding, averaged over the clips (SEEDS_SPEC 2.A).
+    `encode("image", (B, 3, S, S))`, `encode("video", (B, clips, 3, frames, S, S))`,
+    `encode("audio", (B, clips, 1, mel, frames))` and `encode("thermal", (B, 1, T, T))` give
+    (B, 1, out_dim): the normalised embedding, averaged over the clips (SEEDS_SPEC 2.A);
+    thermal's is 10 times a unit vector (its postprocessor's logit scale, as PandaGPT).
+    `image_size` is the vision tower's side (0 without it), `thermal_size` the thermal tower's
+    (0 without it): the sizes the preprocessing must produce.
     """
 
     joint_embedding = True
@@ -438,6 +509,8 @@ class ImageBindBackbone(Backbone):
         self.image_size = int(vision[-1]) if vision else 0
         self.clip_frames = int(vision[1]) if vision else 0
         self.audio_shape = model.clip_shapes.get("audio")
+        thermal = model.clip_shapes.get("thermal")
+        self.thermal_size = int(thermal[-1]) if thermal else 0
         head: Any = next(iter(model.modality_heads.values()))
         self.tokens = 1
         self.dim = int(head[2].out_features)
@@ -456,4 +529,6 @@ class ImageBindBackbone(Backbone):
             return torch.zeros(1, 1, *(self.audio_shape or ()))  # (1, 1 clip, 1, mel, frames)
         if modality == "video":
             return torch.zeros(1, 1, 3, self.clip_frames, self.image_size, self.image_size)
+        if modality == "thermal":
+            return torch.zeros(1, 1, self.thermal_size, self.thermal_size)  # (1, 1, T, T)
         return torch.zeros(1, 3, self.image_size, self.image_size)

@@ -1,13 +1,16 @@
 """Random-weight backbone checkpoints for tiny twins, in the formats the loaders read.
 
-`write_tiny_backbone(spec, folder, seed=...)` writes, for the spec's backbone:
+`write_tiny_backbone(spec, folder, seed=..., modalities=...)` writes, for the spec's backbone:
 
 - clip_vision: a Hugging Face `CLIPVisionModel` folder plus `preprocessor_config.json`
   (resize the shortest edge to the image size, centre crop, CLIP mean/std); sizes from
   `spec.config` (CLIPVisionConfig kwargs) or the `tiny` preset's defaults (`services.models.tiny.VISION`).
 - eva_vit: a modalmesh folder (`_checkpoints`) with the whole tower `eva_vit_g(**spec.config)`
   describes (every block of `num_layers`).
-- imagebind: a modalmesh folder with both towers of `build_imagebind(**spec.config)`.
+- imagebind: a modalmesh folder with the vision and audio towers of
+  `build_imagebind(**spec.config)`, and the thermal tower after them when one of `modalities`
+  is thermal (its sizes, `thermal_*`, from the same config; the vision and audio weights are
+  the same bytes with or without it).
 
 The spec's `tokens` and `dim` are checked against what the sizes give, so a preset that does not
 fit its generator fails here with expected vs got. The same seed writes the same bytes.
@@ -15,6 +18,7 @@ fit its generator fails here with expected vs got. The same seed writes the same
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +27,8 @@ import torch
 from services.common.errors import InvalidArgumentError
 from services.common.presets import EncoderSpec
 from services.models.media.encode import CLIP_MEAN, CLIP_STD
+
+_Writer = Callable[[EncoderSpec, Path, Sequence[str]], None]
 
 
 def _check(spec: EncoderSpec, tokens: int, dim: int, sizes: dict[str, Any]) -> None:
@@ -33,7 +39,7 @@ def _check(spec: EncoderSpec, tokens: int, dim: int, sizes: dict[str, Any]) -> N
         )
 
 
-def _write_clip_vision(spec: EncoderSpec, folder: Path) -> None:
+def _write_clip_vision(spec: EncoderSpec, folder: Path, modalities: Sequence[str]) -> None:
     from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel
 
     from services.models.tiny import VISION
@@ -54,7 +60,7 @@ def _write_clip_vision(spec: EncoderSpec, folder: Path) -> None:
     ).save_pretrained(folder)
 
 
-def _write_eva_vit(spec: EncoderSpec, folder: Path) -> None:
+def _write_eva_vit(spec: EncoderSpec, folder: Path, modalities: Sequence[str]) -> None:
     from services.models.backbones.checkpoints import write_backbone_folder
     from services.models.backbones.eva import eva_vit_g
 
@@ -65,21 +71,35 @@ def _write_eva_vit(spec: EncoderSpec, folder: Path) -> None:
     write_backbone_folder(folder, "eva_vit", sizes, state)
 
 
-def _write_imagebind(spec: EncoderSpec, folder: Path) -> None:
-    from services.models.backbones.checkpoints import write_backbone_folder
-    from services.models.backbones.imagebind import build_imagebind
+def _write_imagebind(spec: EncoderSpec, folder: Path, modalities: Sequence[str]) -> None:
+    from services.models.backbones.checkpoints import imagebind_towers, write_backbone_folder
+    from services.models.backbones.imagebind import DEFAULT_TOWERS, build_imagebind
 
     sizes = dict(spec.config)
-    model = build_imagebind(**sizes)
+    # Vision and audio always (the folders written before thermal existed), thermal last.
+    towers = tuple(dict.fromkeys([*DEFAULT_TOWERS, *imagebind_towers(modalities)]))
+    if "thermal" in towers and "thermal_embed_dim" not in sizes:
+        raise InvalidArgumentError(
+            "tiny imagebind thermal: expected tiny thermal sizes (thermal_embed_dim, "
+            "thermal_num_blocks, thermal_num_heads, thermal_image_size, thermal_kernel) in "
+            "encoder.config, got none (the defaults are imagebind_huge's 768 x 12 blocks)"
+        )
+    model = build_imagebind(towers=towers, **sizes)
     head: Any = model.modality_heads["vision"]
     _check(spec, 1, head[2].out_features, sizes)
     write_backbone_folder(folder, "imagebind", sizes, model.state_dict())
 
 
-_WRITERS = {"clip_vision": _write_clip_vision, "eva_vit": _write_eva_vit, "imagebind": _write_imagebind}
+_WRITERS: dict[str, _Writer] = {
+    "clip_vision": _write_clip_vision,
+    "eva_vit": _write_eva_vit,
+    "imagebind": _write_imagebind,
+}
 
 
-def write_tiny_backbone(spec: EncoderSpec, folder: Path, *, seed: int) -> None:
+def write_tiny_backbone(
+    spec: EncoderSpec, folder: Path, *, seed: int, modalities: Sequence[str] = ()
+) -> None:
     """Write a random-weight checkpoint of `spec.backbone` into `folder` (created if missing).
 
     Args:
@@ -87,12 +107,15 @@ def write_tiny_backbone(spec: EncoderSpec, folder: Path, *, seed: int) -> None:
         folder: Where to write; `spec.checkpoint` usually names it (or a temporary folder that
             is renamed there).
         seed: Seeds the weights; the same seed and spec write the same bytes.
+        modalities: The preset's modalities this checkpoint serves; ImageBind adds the thermal
+            tower when "thermal" is among them. The other backbones ignore it.
 
     Raises:
-        InvalidArgumentError: The sizes do not give the spec's tokens and dim, or bad sizes.
+        InvalidArgumentError: The sizes do not give the spec's tokens and dim, bad sizes, or
+            a modality the backbone cannot read.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        _WRITERS[spec.backbone](spec, folder)
+        _WRITERS[spec.backbone](spec, folder, modalities)

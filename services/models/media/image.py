@@ -6,6 +6,8 @@ files fail here with a message that says what was expected and what came. Transp
 (RGBA, LA, P with a transparent colour) is either flattened onto white, as current Hugging Face
 image processors and vLLM do, or dropped as PIL's `convert("RGB")` does, which is what every
 seed system runs (`transparency`). EXIF orientation is not applied (none of them applies it).
+`load_image` is the same decoding without the conversion, for pictures that are not RGB to
+the model (thermal images, `services.models.media.thermal`).
 
 `ClipImagePreprocessor` reproduces Hugging Face's `CLIPImageProcessor` (its PIL backend) from
 a checkpoint's `preprocessor_config.json`: resize the shortest edge, centre crop, rescale,
@@ -22,7 +24,7 @@ from __future__ import annotations
 import io
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -114,16 +116,11 @@ def to_rgb(image: Image.Image, transparency: Transparency = "white") -> Image.Im
     return image.convert("RGB")
 
 
-def decode_image(data: bytes, *, max_pixels: int, transparency: Transparency = "white") -> Image.Image:
-    """Decode the bytes of an image file into an RGB image, fully, refusing bad input.
+def load_image(data: bytes, *, max_pixels: int) -> Image.Image:
+    """Decode the bytes of an image file fully, in the mode it is stored in, refusing bad input.
 
-    Args:
-        data: The compressed file (PNG, JPEG, WEBP, GIF, BMP or TIFF); GIFs give their first frame.
-        max_pixels: Largest width * height accepted; checked on the header, before decoding.
-        transparency: "white" (composite onto white) or "drop" (PIL's convert, the seeds'); see `to_rgb`.
-
-    Returns:
-        The decoded image in mode RGB.
+    The checks of `decode_image` without the conversion: for callers that convert otherwise
+    (thermal images become grey with PIL's `convert("L")`, as ImageBind does).
 
     Raises:
         InvalidArgumentError: Empty input, bytes that are not an accepted image format, too many
@@ -139,14 +136,43 @@ def decode_image(data: bytes, *, max_pixels: int, transparency: Transparency = "
     fmt = image.format or "image"
     try:
         image.load()
-        rgb = to_rgb(image, transparency)
     except Exception as e:  # OSError, SyntaxError, struct.error, EOFError, ValueError...
         image.close()
         raise _corrupt(fmt, data, str(e) or type(e).__name__) from None
     # PIL stops quietly at a PNG cut after its last pixel row; the end chunk must be there.
     if fmt == "PNG" and data.rfind(_PNG_END) < 0:
         raise _corrupt(fmt, data, "no IEND chunk (the file ends early)")
-    return rgb
+    return image
+
+
+def convert_decoded(
+    image: Image.Image, data: bytes, convert: Callable[[Image.Image], Image.Image]
+) -> Image.Image:
+    """`convert(image)` for an image `load_image` returned; a failure is the file's fault (a
+    corrupt palette, say), reported as `decode_image` reports a corrupt file."""
+    try:
+        return convert(image)
+    except Exception as e:
+        raise _corrupt(image.format or "image", data, str(e) or type(e).__name__) from None
+
+
+def decode_image(data: bytes, *, max_pixels: int, transparency: Transparency = "white") -> Image.Image:
+    """Decode the bytes of an image file into an RGB image, fully, refusing bad input.
+
+    Args:
+        data: The compressed file (PNG, JPEG, WEBP, GIF, BMP or TIFF); GIFs give their first frame.
+        max_pixels: Largest width * height accepted; checked on the header, before decoding.
+        transparency: "white" (composite onto white) or "drop" (PIL's convert, the seeds'); see `to_rgb`.
+
+    Returns:
+        The decoded image in mode RGB.
+
+    Raises:
+        InvalidArgumentError: Empty input, bytes that are not an accepted image format, too many
+            pixels, or a truncated or corrupt file.
+    """
+    image = load_image(data, max_pixels=max_pixels)
+    return convert_decoded(image, data, lambda im: to_rgb(im, transparency))
 
 
 def _size_dict(value: Any, what: str, *, default_to_square: bool) -> dict[str, int]:

@@ -14,7 +14,12 @@ from transformers import Blip2VisionConfig, Blip2VisionModel
 from services.common.errors import FailedPreconditionError, InvalidArgumentError
 from services.common.presets import EncoderSpec, Preset
 from services.models.backbones.base import build_backbone
-from services.models.backbones.checkpoints import read_backbone_folder, resize_pos_embed
+from services.models.backbones.checkpoints import (
+    imagebind_towers,
+    load_imagebind,
+    read_backbone_folder,
+    resize_pos_embed,
+)
 from services.models.backbones.imagebind import ImageBindBackbone, build_imagebind
 from services.models.backbones.tiny import write_tiny_backbone
 
@@ -231,3 +236,93 @@ def test_imagebind_build_sizes_are_the_huge_defaults() -> None:
     with torch.device("meta"):
         model = build_imagebind()
     assert model.clip_shapes == {"vision": (3, 2, 224, 224), "audio": (1, 128, 204)}
+
+
+# --- ImageBind's thermal tower ----------------------------------------------------------------
+
+THERMAL_SIZES = {
+    "thermal_embed_dim": 32,
+    "thermal_num_blocks": 2,
+    "thermal_num_heads": 2,
+    "thermal_image_size": 32,
+    "thermal_kernel": 16,
+}
+
+
+@pytest.fixture(scope="module")
+def thermal_spec(twins: dict[str, Preset], tmp_path_factory: pytest.TempPathFactory) -> EncoderSpec:
+    """tiny-pandagpt's ImageBind spec with thermal sizes, its folder written with the thermal tower."""
+    image = twins["tiny-pandagpt"].modalities["image"].encoder
+    folder = tmp_path_factory.mktemp("thermal") / "imagebind"
+    spec = image.model_copy(update={"checkpoint": folder, "config": {**image.config, **THERMAL_SIZES}})
+    write_tiny_backbone(spec, folder, seed=5, modalities=["image", "video", "audio", "thermal"])
+    return spec
+
+
+def test_imagebind_towers_of_modalities() -> None:
+    assert imagebind_towers(["thermal", "image"]) == ("vision", "thermal")
+    assert imagebind_towers(["audio", "video", "thermal"]) == ("vision", "audio", "thermal")
+    with pytest.raises(
+        InvalidArgumentError, match=r"imagebind modalities: expected some of .*'thermal'\], got \['depth'\]"
+    ):
+        imagebind_towers(["depth"])
+
+
+def test_thermal_backbone_from_a_folder(thermal_spec: EncoderSpec) -> None:
+    backbone = load_imagebind(thermal_spec, ["thermal"])
+    assert isinstance(backbone, ImageBindBackbone)
+    assert backbone.towers == ("thermal",) and (backbone.image_size, backbone.thermal_size) == (0, 32)
+    dummy = backbone.dummy_input("thermal")
+    assert dummy.shape == (1, 1, 32, 32)
+    out = backbone.encode("thermal", torch.rand(2, 1, 32, 32))
+    assert out.shape == (2, 1, 32)
+    torch.testing.assert_close(out.norm(dim=-1), torch.full((2, 1), 10.0))
+    both = load_imagebind(thermal_spec, ["image", "thermal"])
+    assert both.towers == ("vision", "thermal") and both.image_size == 28
+    torch.testing.assert_close(both.encode("thermal", dummy), backbone.encode("thermal", dummy))
+
+
+def test_thermal_backbone_from_a_pth_with_every_tower(thermal_spec: EncoderSpec, tmp_path: Path) -> None:
+    _, weights = read_backbone_folder(thermal_spec.checkpoint, "imagebind")
+    extra = {"modality_trunks.imu.blocks.0.attn.bias_k": torch.ones(1, 1, 8)}
+    torch.save(weights | extra, tmp_path / "imagebind_huge.pth")
+    pth = thermal_spec.model_copy(update={"checkpoint": tmp_path / "imagebind_huge.pth"})
+    x = torch.rand(1, 1, 32, 32)
+    want = load_imagebind(thermal_spec, ["thermal"]).encode("thermal", x)
+    torch.testing.assert_close(load_imagebind(pth, ["thermal"]).encode("thermal", x), want, atol=0, rtol=0)
+
+
+def test_thermal_from_a_checkpoint_without_its_tower_is_refused(twins: dict[str, Preset]) -> None:
+    image = twins["tiny-pandagpt"].modalities["image"].encoder  # its folder has vision and audio only
+    spec = image.model_copy(update={"config": {**image.config, **THERMAL_SIZES}})
+    with pytest.raises(FailedPreconditionError, match=r"does not fit the thermal towers") as info:
+        load_imagebind(spec, ["thermal"])
+    assert "missing modality_preprocessors.thermal.cls_token (expected (1, 1, 32))" in info.value.message
+
+
+def test_tiny_writer_adds_the_thermal_tower_only_when_asked(
+    thermal_spec: EncoderSpec, tmp_path: Path
+) -> None:
+    with_thermal = read_backbone_folder(thermal_spec.checkpoint, "imagebind")[1]
+    write_tiny_backbone(thermal_spec, tmp_path / "plain", seed=5, modalities=["image", "audio"])
+    plain = read_backbone_folder(tmp_path / "plain", "imagebind")[1]
+    thermal_keys = {k for k in with_thermal if ".thermal." in k}
+    assert len(thermal_keys) == 5 + 2 * 14 + 3 + 1  # stem + positions, 2 blocks, head, logit scale
+    assert set(with_thermal) - set(plain) == thermal_keys
+    for k, v in plain.items():  # vision and audio: the same weights with or without thermal
+        assert torch.equal(with_thermal[k], v), k
+
+
+def test_tiny_writer_wants_tiny_thermal_sizes(twins: dict[str, Preset], tmp_path: Path) -> None:
+    image = twins["tiny-pandagpt"].modalities["image"].encoder
+    with pytest.raises(InvalidArgumentError, match="tiny imagebind thermal: expected tiny thermal sizes"):
+        write_tiny_backbone(image, tmp_path / "ib", seed=0, modalities=["image", "thermal"])
+
+
+def test_thermal_size_must_be_the_preprocessings(thermal_spec: EncoderSpec) -> None:
+    config = {k: v for k, v in thermal_spec.config.items() if k != "thermal_image_size"}
+    unsized = thermal_spec.model_copy(update={"config": config})  # the folder says 32, the spec nothing
+    with pytest.raises(
+        InvalidArgumentError, match=r"tower reads 32 px, the preset's preprocessing makes 224"
+    ):
+        load_imagebind(unsized, ["thermal"])

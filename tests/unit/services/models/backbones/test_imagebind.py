@@ -218,3 +218,118 @@ def test_eval_is_deterministic(tiny: ImageBindEncoder) -> None:
         _tiny(7).state_dict()["modality_heads.vision.2.weight"],
         _tiny(7).state_dict()["modality_heads.vision.2.weight"],
     )
+
+
+# --- the thermal tower (PandaGPT's thermal input) ---------------------------------------------
+
+THERMAL_LAYOUT = Path(__file__).parent / "data" / "imagebind_huge_thermal_keys.json"
+TINY_THERMAL = dict(
+    out_embed_dim=16,
+    thermal_embed_dim=32,
+    thermal_num_blocks=2,
+    thermal_num_heads=2,
+    thermal_image_size=32,
+    thermal_kernel=16,  # 2 x 2 patches
+)
+
+
+def _thermal(seed: int = 0, **kw: object) -> ImageBindEncoder:
+    torch.manual_seed(seed)
+    return build_imagebind(towers=("thermal",), **{**TINY_THERMAL, **kw}).eval()  # type: ignore[arg-type]
+
+
+def test_huge_thermal_layout_is_imagebinds() -> None:
+    want = {k: tuple(v) for k, v in json.loads(THERMAL_LAYOUT.read_text())["keys"].items()}
+    got = imagebind_huge_shapes(("thermal",))
+    assert set(got) - set(want) == set(), "keys ImageBind does not have"
+    assert set(want) - set(got) == set(), "ImageBind keys we lack"
+    assert [k for k in want if got[k] != want[k]] == []
+    assert len(got) == 177
+    assert got["modality_preprocessors.thermal.rgbt_stem.proj.weight"] == (768, 1, 16, 16)
+    assert got["modality_preprocessors.thermal.pos_embedding_helper.pos_embed"] == (1, 197, 768)
+    assert got["modality_postprocessors.thermal.1.log_logit_scale"] == ()
+
+
+def test_default_towers_stay_vision_and_audio() -> None:
+    with torch.device("meta"):
+        assert build_imagebind().towers == ("vision", "audio")
+        assert build_imagebind(towers=("thermal", "vision")).towers == ("vision", "thermal")
+
+
+def test_thermal_embedding_is_ten_times_a_unit_vector() -> None:
+    model = _thermal()
+    x = torch.rand(3, 1, 32, 32, generator=_gen(6))  # (B, 1, H, W) in [0, 1]
+    with torch.no_grad():
+        out = model("thermal", x)
+        alone = model("thermal", x[1:2])
+    assert out.shape == (3, 16)
+    torch.testing.assert_close(out.norm(dim=-1), torch.full((3,), 10.0))
+    torch.testing.assert_close(alone, out[1:2])
+    assert model.modality_postprocessors["thermal"][1].log_logit_scale.exp().item() == pytest.approx(10.0)
+
+
+@pytest.mark.parametrize(
+    ("shape", "match"),
+    [
+        ((2, 1, 28, 28), r"thermal: expected \(B, 1, 32, 32\) with B >= 1, got \(2, 1, 28, 28\)"),
+        ((2, 3, 32, 32), r"expected \(B, 1, 32, 32\)"),
+        ((2, 2, 1, 32, 32), r"expected \(B, 1, 32, 32\)"),  # no clips: one picture per item
+        ((0, 1, 32, 32), r"B >= 1, got \(0, 1, 32, 32\)"),
+    ],
+)
+def test_bad_thermal_inputs_are_refused(shape: tuple[int, ...], match: str) -> None:
+    with pytest.raises(InvalidArgumentError, match=match):
+        _thermal()("thermal", torch.zeros(shape))
+
+
+def test_thermal_is_refused_without_its_tower(tiny: ImageBindEncoder) -> None:
+    with pytest.raises(
+        InvalidArgumentError, match=r"expected one of \['image', 'video', 'audio'\], got 'thermal'"
+    ):
+        tiny("thermal", torch.zeros(1, 1, 32, 32))
+
+
+def test_thermal_builder_checks_its_arguments() -> None:
+    with pytest.raises(InvalidArgumentError, match="thermal: embed dim 32 is not divisible by 3 heads"):
+        _thermal(thermal_num_heads=3)
+    with pytest.raises(InvalidArgumentError, match="thermal_image_size 8 is under one patch"):
+        _thermal(thermal_image_size=8)
+
+
+def _thermal_load_fails(state: dict[str, torch.Tensor]) -> str:
+    target = _thermal(1)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(FailedPreconditionError) as info:
+        load_imagebind_state_dict(target, state)
+    assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items()), "partly loaded"
+    return info.value.message
+
+
+def test_thermal_tower_loads_strictly_from_a_full_checkpoint(tmp_path: Path) -> None:
+    source, target = _thermal(0), _thermal(1)
+    full = dict(source.state_dict()) | dict(_tiny(2).state_dict())  # + vision and audio
+    full["modality_trunks.depth.blocks.0.attn.bias_k"] = torch.zeros(1, 1, 8)
+    torch.save(full, tmp_path / "ib.pth")
+    load_imagebind_state_dict(target, torch.load(tmp_path / "ib.pth", weights_only=True))
+    for k, v in source.state_dict().items():
+        assert torch.equal(target.state_dict()[k], v), k
+
+
+def test_thermal_missing_unexpected_and_misshaped_keys_are_named() -> None:
+    state = dict(_thermal(0).state_dict())
+    del state["modality_trunks.thermal.blocks.1.attn.bias_v"]
+    state["modality_trunks.thermal.blocks.2.norm_1.weight"] = torch.zeros(32)
+    state["modality_preprocessors.thermal.pos_embedding_helper.pos_embed"] = torch.zeros(1, 197, 32)
+    msg = _thermal_load_fails(state)
+    assert "missing modality_trunks.thermal.blocks.1.attn.bias_v (expected (1, 1, 32))" in msg
+    assert "unexpected modality_trunks.thermal.blocks.2.norm_1.weight (32,)" in msg
+    assert "pos_embed: expected (1, 5, 32), got (1, 197, 32)" in msg
+    assert "(3 problems)" in msg and "thermal towers" in msg
+
+
+def test_thermal_logit_scale_buffer_is_required() -> None:
+    state = dict(_thermal(0).state_dict())
+    del state["modality_postprocessors.thermal.1.log_logit_scale"]
+    assert "missing modality_postprocessors.thermal.1.log_logit_scale (expected ())" in _thermal_load_fails(
+        state
+    )
