@@ -309,3 +309,17 @@ register(
         dummy=f"{DUMMIES}:dummy_events",
     )
 )
+register(
+    Modality(
+        name="thermal",
+        noun=("thermal image", "thermal images"),
+        # no typed part: thermal images ride the generic `input_media` part
+        data_url_types=("image/",),
+        fetch_timeout_setting="image_fetch_timeout_s",
+        limit_settings=("image_max_pixels",),
+        backbones=("imagebind",),
+        pictures=False,  # one grey channel through ImageBind's thermal stem, not CLIP's pictures
+        prepare="services.models.media.thermal:prepare_thermal_item",
+        dummy="services.models.media.thermal:dummy_thermal",
+    )
+)

@@ -34,9 +34,7 @@ logger = logging.getLogger(__name__)
 SEED = 1234
 # Bumped whenever the generator writes different models; a cache written by another version
 # is regenerated (adapters trained on the old base then no longer match its fingerprint).
-GENERATOR_VERSION = (
-    "5"  # 2: initializer_range 0.1; 3: every modality, phi3, twins; 4: decoders; 5: signal replies
-)
+GENERATOR_VERSION = "6"  # 2: initializer_range 0.1; 3: every modality, phi3, twins; 4: decoders; 5: signal replies; 6: thermal
 VERSION_FILE = ".generator-version"
 VOCAB_SIZE = 512
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]

@@ -20,7 +20,8 @@ def write_backbones(cache: Path, names: tuple[str, ...] = TWINS) -> dict[str, Pr
     for preset in presets.values():
         for spec in (m.encoder for m in preset.modalities.values()):
             if not spec.checkpoint.exists():
-                write_tiny_backbone(spec, spec.checkpoint, seed=SEED)
+                users = [m for m, s in preset.modalities.items() if s.encoder.checkpoint == spec.checkpoint]
+                write_tiny_backbone(spec, spec.checkpoint, seed=SEED, modalities=users)
     return presets
 
 

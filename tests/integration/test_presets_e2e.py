@@ -185,6 +185,12 @@ def event_part(data: bytes, fmt: str = "npy") -> dict[str, Any]:
     return {"type": "input_event", "input_event": {"data": b64(data), "format": fmt}}
 
 
+def media_part(modality: str, data: bytes, media_type: str | None = None) -> dict[str, Any]:
+    """The generic part: inline base64, or a data: URL when `media_type` is given."""
+    source = {"url": f"data:{media_type};base64,{b64(data)}"} if media_type else {"data": b64(data)}
+    return {"type": "input_media", "input_media": {"modality": modality, **source}}
+
+
 def event_url_part(data: bytes) -> dict[str, Any]:
     return {"type": "event_url", "event_url": {"url": f"data:application/octet-stream;base64,{b64(data)}"}}
 
@@ -271,6 +277,19 @@ def test_imagebind_twins_every_modality_mixed_and_multi_turn(stacks: Stacks, pre
     first = stack.prompt_tokens(turns[:1])
     assert first == one_image
     assert stack.prompt_tokens(turns) > first + 2
+
+
+def test_pandagpt_takes_thermal_images_through_the_generic_part(stacks: Stacks) -> None:
+    """Thermal, a modality added only through the registry and the preset: ImageBind's thermal
+    tower -> the shared Linear -> summed with the turn's other media into one token (PandaGPT)."""
+    stack = stacks.get("tiny-pandagpt")
+    assert media_tokens("tiny-pandagpt", "thermal") == 1
+    one_image = stack.prompt_tokens([user(image_part(), text(QUESTION))])
+    grey = png_bytes(seed=5)
+    assert stack.prompt_tokens([user(media_part("thermal", grey), text(QUESTION))]) == one_image
+    assert stack.prompt_tokens([user(media_part("thermal", grey, "image/png"), text(QUESTION))]) == one_image
+    mixed = [user(image_part(), media_part("thermal", grey), audio_part(audio()), text(QUESTION))]
+    assert stack.prompt_tokens(mixed) == one_image
 
 
 # ---- bad inputs: a 4xx saying what was expected, then a good request --------------------------
@@ -389,7 +408,7 @@ def _bad_media(tmp: Path) -> list[tuple[str, str, list[dict[str, Any]], int, lis
             "tiny-pandagpt",
             [user(event_part(events()))],
             400,
-            ["preset tiny-pandagpt has no event encoder; it accepts audio, image, video"],
+            ["preset tiny-pandagpt has no event encoder; it accepts audio, image, thermal, video"],
         ),
         (
             "event file missing a field",
@@ -432,6 +451,20 @@ def _bad_media(tmp: Path) -> list[tuple[str, str, list[dict[str, Any]], int, lis
             [user(event_part(events()), event_part(events(seed=1)))],
             400,
             ["preset tiny-eventgpt accepts at most 1 event stream per request, got 2"],
+        ),
+        (
+            "a thermal image that is no image",
+            "tiny-pandagpt",
+            [user(media_part("thermal", b"%PDF-1.4 not a picture"))],
+            400,
+            ["thermal", "not an image"],
+        ),
+        (
+            "a thermal image to a preset without a thermal encoder",
+            "tiny-eventgpt",
+            [user(media_part("thermal", png_bytes()))],
+            400,
+            ["preset tiny-eventgpt has no thermal encoder; it accepts event"],
         ),
         (
             "an image to a preset without an image encoder",

@@ -62,7 +62,7 @@ def test_llama_proj_from_pixels_gives_the_seeds_llm_inputs(preset, release) -> N
     connector = load_connectors(preset, {name: renamed}, llm_dim=SIZES["llm_hidden"], dtype=torch.float32)[
         name
     ]
-    backbone = build_backbone(preset.modalities["image"].encoder, device="cpu")
+    backbone = build_backbone(preset.modalities["image"].encoder, modalities=MODALITIES, device="cpu")
     for modality in MODALITIES:
         ours = connector(backbone.encode(modality, FIX.inputs[modality]).clone())  # (B, 1, hidden)
         assert_matches(f"nextgpt llama_proj {modality}", ours, FIX.outputs[f"{modality}.llama_proj"])

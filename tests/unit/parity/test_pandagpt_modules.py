@@ -45,7 +45,7 @@ def test_llama_proj_from_pixels_gives_the_seeds_llm_inputs(preset, tmp_path: Pat
     connector = load_connectors(
         preset, {name: renamed}, llm_dim=FIX.meta["sizes"]["llm_hidden"], dtype=torch.float32
     )[name]
-    backbone = build_backbone(preset.modalities["image"].encoder, device="cpu")
+    backbone = build_backbone(preset.modalities["image"].encoder, modalities=MODALITIES, device="cpu")
     for modality in MODALITIES:
         features = backbone.encode(modality, FIX.inputs[modality])  # (B, 1, out)
         ours = connector(features.clone())  # (B, 1, hidden)

@@ -19,8 +19,8 @@ from services.common.presets import BACKBONE_MODALITIES, MODALITIES, OUTPUT_MODA
 PRESETS = Path(__file__).parents[4] / "presets"
 
 
-def test_the_five_modalities_and_their_names() -> None:
-    assert modalities.input_names() == ("image", "video", "audio", "event")
+def test_the_modalities_and_their_names() -> None:
+    assert modalities.input_names() == ("image", "video", "audio", "event", "thermal")
     assert modalities.output_names() == ("image", "video", "audio")
     assert modalities.input_names() == MODALITIES and modalities.output_names() == OUTPUT_MODALITIES
 
@@ -30,7 +30,8 @@ def test_get_names_the_known_modalities() -> None:
     with pytest.raises(InvalidArgumentError) as info:
         modalities.get("smell", where="messages[0].content[0].input_media.modality")
     assert info.value.message == (
-        "messages[0].content[0].input_media.modality: expected one of ['audio', 'event', 'image', 'video'], "
+        "messages[0].content[0].input_media.modality: expected one of ['audio', 'event', 'image', 'thermal', "
+        "'video'], "
         "got 'smell'"
     )
     assert info.value.param == "messages[0].content[0].input_media.modality"
@@ -53,7 +54,7 @@ def test_backbones_read_what_the_records_say() -> None:
     assert BACKBONE_MODALITIES == {
         "clip_vision": ("image", "video", "event"),
         "eva_vit": ("image", "video"),
-        "imagebind": ("image", "video", "audio"),
+        "imagebind": ("image", "video", "audio", "thermal"),
     }
 
 
@@ -83,6 +84,7 @@ def test_every_dummy_is_an_item_its_preprocessing_takes() -> None:
         "video": ("eva_vit", SamplingSpec(num_frames=2)),
         "audio": ("imagebind", SamplingSpec(clips=2)),
         "event": ("clip_vision", SamplingSpec(event_frames=3)),
+        "thermal": ("imagebind", None),
     }
     assert set(readers) == set(modalities.input_names())
     for name, (backbone, sampling) in readers.items():
@@ -105,10 +107,10 @@ def test_register_refuses_a_taken_name_or_part_type() -> None:
     with pytest.raises(ValueError, match="'image' is registered already"):
         modalities.register(image)
     with pytest.raises(ValueError, match=r"part types \['video_url'\] are taken"):
-        modalities.register(replace(image, name="thermal", url_part="video_url"))
+        modalities.register(replace(image, name="smell", url_part="video_url"))
     with pytest.raises(ValueError, match=r"part types \['input_media'\] are taken"):
-        modalities.register(Modality(name="thermal", noun=("x", "xs"), inline_part="input_media"))
-    assert "thermal" not in modalities.MODALITIES
+        modalities.register(Modality(name="smell", noun=("x", "xs"), inline_part="input_media"))
+    assert "smell" not in modalities.MODALITIES
 
 
 def test_count_in_words() -> None:
@@ -163,7 +165,7 @@ def test_a_registered_modality_is_taken_by_presets_and_the_gateway(depth: Modali
     section = '  depth:\n    encoder: {<<: *imagebind, preprocess: {crop: floor}}\n    connector: *proj\n    placeholder: "<depth>"\n'
     text = text.replace("\nmedia_combine:", section + "\nmedia_combine:", 1)
     preset = parse_preset(text, cache_dir=tmp_path)
-    assert list(preset.modalities) == ["image", "video", "audio", "depth"]
+    assert list(preset.modalities) == ["image", "video", "audio", "thermal", "depth"]
     assert preset.triton_model("depth") == "depth_imagebind"
 
     clip = section.replace(

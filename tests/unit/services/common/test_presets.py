@@ -116,7 +116,7 @@ def test_every_seed_system_has_a_tiny_twin_of_the_same_shape(name, tmp_path):
 def test_real_presets_carry_the_seed_systems_numbers(tmp_path):
     panda = load_preset("pandagpt", cache_dir=tmp_path)
     assert {m: (s.encoder.tokens, s.encoder.dim) for m, s in panda.modalities.items()} == {
-        m: (1, 1024) for m in ("image", "video", "audio")
+        m: (1, 1024) for m in ("image", "video", "audio", "thermal")
     }
     assert panda.modalities["video"].encoder.sampling.clips == 5
     assert panda.modalities["video"].encoder.sampling.crops == 3

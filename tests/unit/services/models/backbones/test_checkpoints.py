@@ -169,7 +169,7 @@ def test_code_in_a_pth_is_not_run(tmp_path: Path, videochat: EncoderSpec) -> Non
 
 def test_imagebind_image_video_audio_shapes(twins: dict[str, Preset]) -> None:
     spec = twins["tiny-pandagpt"].modalities["image"].encoder
-    backbone = build_backbone(spec, device="cpu")
+    backbone = build_backbone(spec, modalities=("image", "video", "audio"), device="cpu")
     assert isinstance(backbone, ImageBindBackbone) and backbone.towers == ("vision", "audio")
     image = backbone.encode("image", _pixels(2))
     assert image.shape == (2, 1, 32)
@@ -183,6 +183,11 @@ def test_imagebind_image_video_audio_shapes(twins: dict[str, Preset]) -> None:
     torch.testing.assert_close(backbone.encode("video", clip), image[:1], atol=1e-5, rtol=0)
     audio_only = build_backbone(spec, modalities=["audio"], device="cpu")
     assert audio_only.towers == ("audio",)  # type: ignore[attr-defined]
+    every = build_backbone(spec, device="cpu")  # tiny-pandagpt's checkpoint holds the thermal tower too
+    assert every.towers == ("vision", "audio", "thermal")  # type: ignore[attr-defined]
+    thermal = every.encode("thermal", torch.rand(2, 1, 32, 32))
+    assert thermal.shape == (2, 1, 32)
+    torch.testing.assert_close(thermal.norm(dim=-1), torch.full((2, 1), 10.0))  # PandaGPT keeps the x10 scale
 
 
 def test_imagebind_pth_loads_like_the_folder(tmp_path: Path, twins: dict[str, Preset]) -> None:
@@ -192,8 +197,10 @@ def test_imagebind_pth_loads_like_the_folder(tmp_path: Path, twins: dict[str, Pr
         weights | {"modality_trunks.text.blocks.0.attn.in_proj_weight": torch.ones(1)}, tmp_path / "ib.pth"
     )
     audio = torch.randn(1, 3, 1, 128, 204)
-    want = build_backbone(spec, device="cpu").encode("audio", audio)
-    got = build_backbone(spec.model_copy(update={"checkpoint": tmp_path / "ib.pth"}), device="cpu")
+    want = build_backbone(spec, modalities=("audio",), device="cpu").encode("audio", audio)
+    got = build_backbone(
+        spec.model_copy(update={"checkpoint": tmp_path / "ib.pth"}), modalities=("audio",), device="cpu"
+    )
     torch.testing.assert_close(got.encode("audio", audio), want, atol=1e-6, rtol=0)
 
 
@@ -293,7 +300,7 @@ def test_thermal_backbone_from_a_pth_with_every_tower(thermal_spec: EncoderSpec,
 
 
 def test_thermal_from_a_checkpoint_without_its_tower_is_refused(twins: dict[str, Preset]) -> None:
-    image = twins["tiny-pandagpt"].modalities["image"].encoder  # its folder has vision and audio only
+    image = twins["tiny-nextgpt"].modalities["image"].encoder  # its folder has vision and audio only
     spec = image.model_copy(update={"config": {**image.config, **THERMAL_SIZES}})
     with pytest.raises(FailedPreconditionError, match=r"does not fit the thermal towers") as info:
         load_imagebind(spec, ["thermal"])
@@ -314,7 +321,7 @@ def test_tiny_writer_adds_the_thermal_tower_only_when_asked(
 
 
 def test_tiny_writer_wants_tiny_thermal_sizes(twins: dict[str, Preset], tmp_path: Path) -> None:
-    image = twins["tiny-pandagpt"].modalities["image"].encoder
+    image = twins["tiny-nextgpt"].modalities["image"].encoder
     with pytest.raises(InvalidArgumentError, match="tiny imagebind thermal: expected tiny thermal sizes"):
         write_tiny_backbone(image, tmp_path / "ib", seed=0, modalities=["image", "thermal"])
 

@@ -213,7 +213,7 @@ def test_unknown_types_are_refused() -> None:
 @pytest.mark.parametrize(
     ("name", "tokens"),
     [("tiny", {"image": 16}), ("tiny-videochat", {"video": 12, "image": 12}), ("tiny-etchat", {"video": 3}),
-     ("tiny-eventgpt", {"event": 22}), ("tiny-pandagpt", {"image": 1, "video": 1, "audio": 1})],
+     ("tiny-eventgpt", {"event": 22}), ("tiny-pandagpt", {"image": 1, "video": 1, "audio": 1, "thermal": 1})],
 )  # fmt: skip
 def test_token_counts_of_the_tiny_twins(
     twin: Callable[[str], Preset], tiny_preset: Preset, name: str, tokens: dict[str, int]
