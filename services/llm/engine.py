@@ -66,7 +66,7 @@ from typing import Any, cast
 
 import torch
 
-from services.common.content import MediaItem, MediaPart, Part, TextPart, Timestamp, Turn
+from services.common.content import MediaFeatures, MediaPart, Part, TextPart, Timestamp, Turn
 from services.common.errors import (
     CancelledError,
     InvalidArgumentError,
@@ -125,19 +125,19 @@ class PreparedRequest:
         return self.version.ref
 
 
-def media_instructions(turns: Sequence[Turn], count: int, time_token: str = "") -> tuple[str, ...]:
-    """Per media item, the text parts of the user turn that holds it ("" if none does), its
-    time parts written as `time_token`.
+def media_instructions(turns: Sequence[Turn[Any]], time_token: str = "") -> tuple[str, ...]:
+    """Per media item, in the order its part appears, the text parts of the turn that holds
+    it, its time parts written as `time_token`.
 
     That is what an instruction-aware connector reads (E.T. Chat's Q-Former gets the user's
     query with the image placeholder removed, its `<vid>` tokens kept).
     """
-    out = [""] * count
-    for turn in turns:
-        for part in turn.parts:
-            if isinstance(part, MediaPart) and 0 <= part.index < count:
-                out[part.index] = turn_text(turn, time_token).strip()
-    return tuple(out)
+    return tuple(
+        turn_text(turn, time_token).strip()
+        for turn in turns
+        for part in turn.parts
+        if isinstance(part, MediaPart)
+    )
 
 
 class _Stream:
@@ -447,7 +447,7 @@ class Engine:
             self.template,
             self.loaded.prompt_builder,
             request.turns,
-            [(m.modality, model.frames(m), m.times) for m in media],
+            [model.frames(m) for m in media],
         )
         spec = self.loaded.preset.heads.timestamps
         self._check_stop_ids(request.sampling.stop_token_ids, "sampling.stop_token_ids")
@@ -464,7 +464,7 @@ class Engine:
             budget=budget,
             stop=tuple(dict.fromkeys((*sampling.stop, *defaults.stop))),
             stop_token_ids=frozenset((*sampling.stop_token_ids, *defaults.stop_token_ids)),
-            instructions=media_instructions(request.turns, len(media), spec.token if spec else ""),
+            instructions=media_instructions(request.turns, spec.token if spec else ""),
             outputs=outputs,
         )
 
@@ -910,15 +910,13 @@ class Engine:
 
         Each item has the modality's fixed frame count, or one frame where it varies.
         """
-        media = []
+        parts: list[Part[MediaFeatures[torch.Tensor]]] = []
         for m, layout in self.loaded.model.layouts.items():
             frames = layout.frames or 1
             features = torch.zeros(frames * layout.tokens_per_frame, layout.dim)
-            media.append(MediaItem(m, features, tuple(float(i) for i in range(frames))))
-        parts: list[Part] = [*(MediaPart(i) for i in range(len(media))), TextPart("Hello")]
+            parts.append(MediaPart(MediaFeatures(m, features, tuple(float(i) for i in range(frames)))))
         request = GenerationRequest(
-            turns=[Turn("user", parts)],
-            media=media,
+            turns=[Turn("user", [*parts, TextPart("Hello")])],
             sampling=SamplingParams(max_tokens=2, temperature=0.0),
         )
         start = time.perf_counter()
