@@ -44,7 +44,7 @@ from services.trainer._samples import ROLE_NAMES, BadSampleError, Sample, record
 from services.trainer._supervised import IGNORE_INDEX, SupervisedEncoder
 from services.trainer.datasets import LoadReport, _check_ratio, _records
 from services.trainer.dataspec import EXPECTED, DatasetSpec
-from services.trainer.loop import TrainSignal, TrainExample
+from services.trainer.loop import SignalInExample, TrainExample
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ def _example(
         raise BadSampleError(
             "signal_tokens", f"expected one supervised span of {modality} signal tokens, got {len(starts)}"
         )
-    signal = TrainSignal(modality, torch.from_numpy(target))
+    signal = SignalInExample(modality, torch.from_numpy(target))
     return TrainExample(encoded.input_ids, encoded.labels, [], signal=signal), modality
 
 

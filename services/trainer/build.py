@@ -50,7 +50,7 @@ from services.trainer.datasets import (
     modality_slots,
 )
 from services.trainer.jobs import STAGE_DEFAULTS
-from services.trainer.loop import TrainMedia, TrainTime, TrainExample
+from services.trainer.loop import MediaInExample, TimeInExample, TrainExample
 from services.trainer.runconfig import RunConfig
 
 logger = logging.getLogger(__name__)
@@ -265,10 +265,10 @@ def _example(
     e: EncodedSample, encoded: Mapping[Path, MediaFeatures[np.ndarray]], time_modality: str | None
 ) -> TrainExample | None:
     media = [
-        TrainMedia(start, length, f.modality, torch.from_numpy(encoded[f.path].features).clone(), text)
+        MediaInExample(start, length, f.modality, torch.from_numpy(encoded[f.path].features).clone(), text)
         for (start, length), f, text in zip(e.media_spans, e.media, e.instructions, strict=True)
     ]
-    times: list[TrainTime] = []
+    times: list[TimeInExample] = []
     if e.time_tokens:
         # Each time token names a frame of the visual span after it, else of the last one
         # (E.T. Chat; `time_token_item`, as serving); replies' tokens name the last span's.
@@ -279,7 +279,7 @@ def _example(
         for pos, seconds in e.time_tokens:
             item = which[time_token_item(pos, spans)]
             frame = seconds_to_frames([seconds], encoded[e.media[item].path].times)[0]
-            times.append(TrainTime(pos, item, float(frame), e.labels[pos] != IGNORE_INDEX))
+            times.append(TimeInExample(pos, item, float(frame), e.labels[pos] != IGNORE_INDEX))
     return TrainExample(e.input_ids, e.labels, media, times)
 
 

@@ -15,7 +15,7 @@ from torch import nn
 from services.common.presets import LoraSpec
 from services.models.connectors.connector import build_connector
 from services.models.lm.model import FeatureLayout
-from services.trainer.loop import TrainExample, TrainMedia, TrainTime, collate
+from services.trainer.loop import MediaInExample, TimeInExample, TrainExample, collate
 from services.trainer.model import ParamGroup, TrainingModel, add_lora, lora_target_names, select_trainable
 
 CPU = torch.device("cpu")
@@ -54,7 +54,7 @@ def make_model(
 def example(length: int = 12, media: list[tuple[int, str, torch.Tensor]] | None = None) -> TrainExample:
     ids = [(7 * i + 3) % VOCAB for i in range(length)]
     labels = [-100] * 6 + ids[6:]  # the prompt (with its media span) is not supervised
-    items = [TrainMedia(start, TOKENS, m, f) for start, m, f in media or []]
+    items = [MediaInExample(start, TOKENS, m, f) for start, m, f in media or []]
     return TrainExample(input_ids=ids, labels=labels, media=items)
 
 
@@ -289,7 +289,7 @@ def test_items_sharing_a_span_are_summed_there(base_lm: nn.Module) -> None:
     fa, fb = torch.randn(TOKENS, FEAT_DIM), torch.randn(TOKENS, FEAT_DIM)
     ex = TrainExample(
         input_ids=[3] * 10, labels=[-100] * 6 + [3] * 4,
-        media=[TrainMedia(1, TOKENS, "image", fa), TrainMedia(1, TOKENS, "audio", fb)],
+        media=[MediaInExample(1, TOKENS, "image", fa), MediaInExample(1, TOKENS, "audio", fb)],
     )  # fmt: skip
     seen: dict[str, torch.Tensor] = {}
     handle = model.lm.register_forward_pre_hook(
@@ -313,8 +313,8 @@ def test_time_tokens_get_their_frame_and_train_the_heads(base_lm: nn.Module) -> 
     feats = torch.randn(TOKENS, FEAT_DIM)
     ids = [5] * 12
     ex = TrainExample(
-        input_ids=ids, labels=[-100] * 8 + ids[8:], media=[TrainMedia(1, TOKENS, "image", feats)],
-        times=[TrainTime(6, 0, 2.0, False), TrainTime(9, 0, 3.4, True)],
+        input_ids=ids, labels=[-100] * 8 + ids[8:], media=[MediaInExample(1, TOKENS, "image", feats)],
+        times=[TimeInExample(6, 0, 2.0, False), TimeInExample(9, 0, 3.4, True)],
     )  # fmt: skip
     seen: dict[str, torch.Tensor] = {}
     handle = model.lm.register_forward_pre_hook(
