@@ -36,7 +36,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from transformers.generation.streamers import BaseStreamer
 
 from gateway.media import decode_data_url
-from services.common.content import MediaItem, MediaPart, Part, TextPart, Turn
+from services.common.content import MediaFeatures, MediaInput, MediaPart, Part, TextPart, Turn, media_parts
 from services.common.errors import InvalidArgumentError, ModalmeshError
 from services.common.presets import load_preset
 from services.common.settings import Settings
@@ -91,12 +91,13 @@ class BaselineServer:
         self.encoder.close()
         self.engine.close()
 
-    def _request(self, body: dict[str, Any]) -> tuple[GenerationRequest, list[bytes]]:
-        """Turns and image bytes of an OpenAI chat body (text and image_url parts only)."""
-        turns, images = [], []
+    def _request(self, body: dict[str, Any]) -> tuple[list[Turn[MediaInput]], SamplingParams]:
+        """Turns (images as inline bytes) and sampling of an OpenAI chat body (text and
+        image_url parts only)."""
+        turns = []
         for message in body.get("messages", []):
             content = message.get("content")
-            parts: list[Part] = []
+            parts: list[Part[MediaInput]] = []
             content_parts: list[dict[str, Any]] = (
                 [{"type": "text", "text": content}] if isinstance(content, str) else content or []
             )
@@ -104,8 +105,8 @@ class BaselineServer:
                 if part.get("type") == "text":
                     parts.append(TextPart(part["text"]))
                 elif part.get("type") == "image_url":
-                    images.append(decode_data_url(part["image_url"]["url"], max_bytes=MAX_IMAGE_BYTES))
-                    parts.append(MediaPart(len(images) - 1))
+                    data = decode_data_url(part["image_url"]["url"], max_bytes=MAX_IMAGE_BYTES)
+                    parts.append(MediaPart(MediaInput("image", data=data)))
                 else:
                     raise InvalidArgumentError(f"baseline: unsupported content part {part.get('type')!r}")
             turns.append(Turn(message["role"], tuple(parts)))
@@ -116,17 +117,22 @@ class BaselineServer:
         )
         if sampling.temperature != 0.0:
             raise InvalidArgumentError("baseline: only greedy decoding (temperature 0) is served")
-        dummy = [MediaItem("image", torch.zeros(0)) for _ in images]  # features come later
-        return GenerationRequest(turns=turns, media=dummy, sampling=sampling), images
+        return turns, sampling
 
-    def _encode(self, images: Sequence[bytes]) -> list[MediaItem]:
-        """Decode + preprocess + the vision tower, in this process (as LLaVA's worker does)."""
+    def _encode(self, turns: Sequence[Turn[MediaInput]]) -> list[Turn[MediaFeatures[torch.Tensor]]]:
+        """The turns with each image's bytes replaced by its features: decode + preprocess +
+        the vision tower, in this process (as LLaVA's worker does)."""
+        images = [p.media.data or b"" for p in media_parts(turns)]
         items = []
-        for result in self.encoder.encode(list(images)):
+        for result in self.encoder.encode(images):
             if isinstance(result, ModalmeshError):
                 raise result
-            items.append(MediaItem("image", torch.from_numpy(result.features)))  # (tokens, D)
-        return items
+            items.append(MediaFeatures("image", torch.from_numpy(result.features)))  # (tokens, D)
+        encoded = iter(items)
+        return [
+            Turn(turn.role, [MediaPart(next(encoded)) if isinstance(p, MediaPart) else p for p in turn.parts])
+            for turn in turns
+        ]
 
     def _generate(self, job: PreparedRequest, streamer: BaseStreamer) -> None:
         """Worker thread: embed the prompt and run one HF `generate` (greedy)."""
@@ -155,11 +161,11 @@ class BaselineServer:
 
     async def chat(self, body: dict[str, Any]) -> AsyncIterator[str | dict[str, Any]]:
         """The text deltas of one chat, then its usage (prompt/completion tokens, finish)."""
-        request, images = self._request(body)
+        turns, sampling = self._request(body)
         async with self.semaphore:
             loop = asyncio.get_running_loop()
-            media = await asyncio.to_thread(self._encode, images)
-            request = GenerationRequest(turns=request.turns, media=media, sampling=request.sampling)
+            encoded = await asyncio.to_thread(self._encode, turns)
+            request = GenerationRequest(turns=encoded, sampling=sampling)
             job = self.engine.prepare(request, self.engine.adapters.current)
             queue: asyncio.Queue[int | None] = asyncio.Queue()
             streamer = _QueueStreamer(loop, queue)

@@ -3,6 +3,9 @@
 `gateway.protocol` (OpenAI JSON) and `gateway.grpc_chat` (modalmesh.v1.Chat) translate their
 wire forms into a `ChatRequest`; `gateway.serving.ChatService` turns it into a stream of
 `TextDelta` (and, for presets with outputs, `MediaOutput`) events closed by one `Finished`. Nothing here knows HTTP, JSON or gRPC.
+
+The conversation itself (`Turn` and its parts, `MediaInput`, `Timestamp`, `ROLES`) is the one
+definition every service shares, in `services.common.content`.
 """
 
 from __future__ import annotations
@@ -10,54 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-ROLES = ("system", "user", "assistant")
-
-
-@dataclass(frozen=True)
-class MediaItem:
-    """One media part of a message: a URL (http(s) or data:), the encoded file's bytes, or a uuid.
-
-    Attributes:
-        modality: "image", "video", "audio" or "event".
-        url: Where to get the bytes, when they did not come inline.
-        data: The encoded file (PNG, MP4, WAV, NPY...), when it came inline.
-        fmt: The format the client declared for inline data (input_audio's "wav", ...).
-        param: Where the part sits in the request, e.g. "messages[0].content[1]", for errors.
-        uuid: A client-chosen id of the item (vLLM's `uuid` on a content part): its features
-            are cached under it instead of the content's hash, and a part with a uuid and no
-            media reuses what that uuid cached.
-    """
-
-    modality: str
-    url: str | None = None
-    data: bytes | None = None
-    param: str = ""
-    fmt: str | None = None
-    uuid: str | None = None
-
-
-@dataclass(frozen=True)
-class TimeRef:
-    """A time in the source media (seconds), written where E.T. Bench's questions have `<vid>`.
-
-    Attributes:
-        seconds: The time, >= 0.
-        param: Where the part sits in the request, for errors.
-    """
-
-    seconds: float
-    param: str = ""
-
-
-Part = str | MediaItem | TimeRef
-
-
-@dataclass(frozen=True)
-class Turn:
-    """One message of the conversation: its role and its text and media parts in order."""
-
-    role: str
-    parts: tuple[Part, ...]
+from services.common.content import MediaInput, Timestamp, Turn, media_parts
 
 
 @dataclass
@@ -80,7 +36,7 @@ class ChatRequest:
     """
 
     model: str | None
-    turns: list[Turn]
+    turns: list[Turn[MediaInput]]
     request_id: str
     max_tokens: int | None = None
     max_tokens_param: str = "max_tokens"
@@ -96,26 +52,9 @@ class ChatRequest:
     frequency_penalty: float | None = None
     stop_token_ids: list[int] = field(default_factory=list)
 
-    def media(self) -> list[MediaItem]:
+    def media(self) -> list[MediaInput]:
         """Every media item of the request, in the order it appears."""
-        return [p for turn in self.turns for p in turn.parts if isinstance(p, MediaItem)]
-
-
-@dataclass(frozen=True)
-class Timestamp:
-    """A time the model pointed at (E.T. Chat's `<vid>` token matched to a frame).
-
-    Attributes:
-        media_index: Which media item of the request, counting every media part in order.
-        frame: The frame of that item whose embedding the token matched.
-        seconds: That frame's time in the source file.
-        char_offset: Where the time was written, as a character index into the whole reply.
-    """
-
-    media_index: int
-    frame: int
-    seconds: float
-    char_offset: int
+        return [p.media for p in media_parts(self.turns)]
 
 
 @dataclass(frozen=True)

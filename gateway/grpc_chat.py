@@ -28,12 +28,13 @@ import grpc
 
 from gateway._middleware import new_request_id, valid_request_id
 from gateway.auth import Guard, Permit, RateLimitedError
-from gateway.domain import ChatRequest, Finished, MediaItem, MediaOutput, Part, TimeRef, Timestamp, Turn
+from gateway.domain import ChatRequest, Finished, MediaOutput
 from gateway.llm_client import client_deadline
 from gateway.protocol import format_problem
 from gateway.serving import ChatService
 from modalmesh.v1 import chat_pb2, chat_pb2_grpc
 from services.common import modalities
+from services.common.content import MediaInput, MediaPart, Part, TextPart, TimePart, Timestamp, Turn
 from services.common.errors import InvalidArgumentError, ModalmeshError
 from services.common.grpc_errors import abort_with
 from services.common.log import bound_request_id, request_id_from_metadata
@@ -57,7 +58,7 @@ def _typed_case(kind: str | None) -> bool:
     )
 
 
-def _media(case: str, media: chat_pb2.MediaInput, param: str) -> MediaItem:
+def _media(case: str, media: chat_pb2.MediaInput, param: str) -> MediaInput:
     """The media item of a typed case (`case` is the modality) or of the generic `media` case."""
     named = media.modality.strip()
     if case == GENERIC_CASE:
@@ -86,18 +87,18 @@ def _media(case: str, media: chat_pb2.MediaInput, param: str) -> MediaItem:
         )
     source = media.WhichOneof("source")
     if source == "data":
-        return MediaItem(modality, data=media.data, fmt=fmt, param=param, uuid=uuid)
+        return MediaInput(modality, data=media.data, fmt=fmt, param=param, uuid=uuid)
     if source is None and uuid is None:
         raise InvalidArgumentError(f"{param}.{case}: expected a url, data or a uuid, got none", param=param)
-    return MediaItem(modality, url=media.url if source else None, param=param, uuid=uuid)
+    return MediaInput(modality, url=media.url if source else None, param=param, uuid=uuid)
 
 
-def _time(seconds: float, param: str) -> TimeRef:
+def _time(seconds: float, param: str) -> TimePart:
     if not (seconds == seconds and 0 <= seconds < float("inf")):
         raise InvalidArgumentError(
             f"{param}.time.seconds: expected finite seconds >= 0, got {seconds}", param=param
         )
-    return TimeRef(seconds, param=param)
+    return TimePart(seconds, param=param)
 
 
 def to_domain(request: chat_pb2.ChatRequest, request_id: str) -> ChatRequest:
@@ -108,14 +109,14 @@ def to_domain(request: chat_pb2.ChatRequest, request_id: str) -> ChatRequest:
     """
     turns = []
     for i, message in enumerate(request.messages):
-        parts: list[Part] = []
+        parts: list[Part[MediaInput]] = []
         for j, part in enumerate(message.content):
             kind = part.WhichOneof("part")
             if kind == "text":
-                parts.append(part.text)
+                parts.append(TextPart(part.text))
             elif kind == GENERIC_CASE or _typed_case(kind):
                 assert kind is not None
-                parts.append(_media(kind, getattr(part, kind), f"messages[{i}].content[{j}]"))
+                parts.append(MediaPart(_media(kind, getattr(part, kind), f"messages[{i}].content[{j}]")))
             elif kind == "time":
                 parts.append(_time(part.time.seconds, f"messages[{i}].content[{j}]"))
         turns.append(Turn(message.role, tuple(parts)))

@@ -34,7 +34,7 @@ from starlette.staticfiles import StaticFiles
 
 from gateway._middleware import GatewayMiddleware, valid_request_id
 from gateway.auth import Guard, error_headers
-from gateway.domain import ChatRequest, Event, Finished, MediaOutput, Timestamp
+from gateway.domain import ChatRequest, Event, Finished, MediaOutput
 from gateway.protocol import (
     AssistantMessage,
     ChatCompletionChoice,
@@ -54,6 +54,7 @@ from gateway.protocol import (
 )
 from gateway.serving import ChatService, PreparedChat
 from gateway.training import add_training_routes
+from services.common.content import Timestamp
 from services.common.errors import (
     CancelledError,
     InvalidArgumentError,

@@ -9,6 +9,10 @@ The deadline of a Generate call is the gateway's `llm_timeout_s`, shortened to w
 the caller's own deadline when one is set with `client_deadline` (the gRPC Chat front end's
 `context.time_remaining()`): the LLM service then stops generating a reply nobody waits for,
 and the call ends with DEADLINE_EXCEEDED (DeadlineExceededError, 504).
+
+`generate_request` is the wire form of an encoded conversation, the mirror of the LLM
+servicer's `request_from_proto`: each turn's parts in order, a media part carrying its item's
+features (`TurnPart.media`).
 """
 
 from __future__ import annotations
@@ -16,16 +20,19 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import AsyncGenerator, Iterator, Sequence
 from contextvars import ContextVar
 
 import grpc
+import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from modalmesh.v1 import llm_pb2, llm_pb2_grpc
+from services.common.content import MediaFeatures, MediaPart, TextPart, Turn
 from services.common.grpc_errors import error_from_rpc
 from services.common.log import REQUEST_ID_HEADER
 from services.common.settings import Settings
+from services.common.tensor_codec import tensor_fields
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +67,43 @@ def call_timeout(default_s: float, timeout_s: float | None = None) -> float:
     if deadline is not None:
         timeout = min(timeout, deadline - time.monotonic())
     return max(timeout, _MIN_TIMEOUT_S)
+
+
+def generate_request(
+    turns: Sequence[Turn[MediaFeatures[np.ndarray]]],
+    *,
+    request_id: str,
+    adapter: str,
+    sampling: llm_pb2.SamplingParams,
+    output_modalities: Sequence[str] = (),
+) -> llm_pb2.GenerateRequest:
+    """The GenerateRequest of an encoded conversation.
+
+    Args:
+        turns: The conversation, each media part carrying its features (float32 (rows, dim))
+            and frame times.
+        request_id: Carried into the LLM service's logs.
+        adapter: "" (current) or "name@version".
+        sampling: The request's sampling parameters (unset fields take the preset's).
+        output_modalities: Output modalities asked for besides text.
+    """
+    request = llm_pb2.GenerateRequest(
+        request_id=request_id, adapter=adapter, sampling=sampling, output_modalities=output_modalities
+    )
+    for turn in turns:
+        out = request.turns.add(role=turn.role)
+        for part in turn.parts:
+            if isinstance(part, TextPart):
+                out.parts.add(text=part.text)
+            elif isinstance(part, MediaPart):
+                item = part.media
+                # built in place from mappings: a message built first and then nested would be
+                # copied again (MBs per item)
+                media = {"modality": item.modality, "features": tensor_fields(item.features)}
+                out.parts.add(media={**media, "frame_times": item.times})
+            else:
+                out.parts.add(time_seconds=part.seconds)
+    return request
 
 
 class LLMClient:

@@ -97,8 +97,9 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from gateway.domain import ChatRequest, MediaItem, MediaOutput, ModelEntry, Part, TimeRef, Timestamp, Turn
+from gateway.domain import ChatRequest, MediaOutput, ModelEntry
 from services.common import modalities
+from services.common.content import MediaInput, MediaPart, Part, TextPart, TimePart, Timestamp, Turn
 from services.common.errors import InvalidArgumentError, ModalmeshError
 
 # Media part types -> modality, from the registry. video_url / audio_url / input_audio follow
@@ -282,13 +283,13 @@ class ContentPart(_Lenient):
         if problem is not None:
             raise _invalid("content_part", f"{GENERIC_PART}.format: {problem}")
 
-    def time_ref(self, param: str) -> TimeRef | None:
+    def time_part(self, param: str) -> TimePart | None:
         """The source time this part carries (a 'time' part), else None."""
         if self.type != "time" or self.time is None:
             return None
-        return TimeRef(self.time.seconds, param=param)
+        return TimePart(self.time.seconds, param=param)
 
-    def media(self, param: str) -> MediaItem | None:
+    def media(self, param: str) -> MediaInput | None:
         """The media item this part carries (None for text and time).
 
         Raises:
@@ -297,13 +298,13 @@ class ContentPart(_Lenient):
         if self.type in URL_PARTS:
             link = getattr(self, self.type)
             url = None if link is None else link.url
-            return MediaItem(URL_PARTS[self.type], url=url, param=param, uuid=self.uuid)
+            return MediaInput(URL_PARTS[self.type], url=url, param=param, uuid=self.uuid)
         if self.type in INLINE_PARTS:
             inline: InlineMedia | None = getattr(self, self.type)
             if inline is None:  # a uuid alone: the features it cached
-                return MediaItem(INLINE_PARTS[self.type], param=param, uuid=self.uuid)
+                return MediaInput(INLINE_PARTS[self.type], param=param, uuid=self.uuid)
             data = decode_base64(inline.data, f"{param}.{self.type}.data", param)
-            return MediaItem(
+            return MediaInput(
                 INLINE_PARTS[self.type], data=data, fmt=inline.format.lower(), param=param, uuid=self.uuid
             )
         if self.type == GENERIC_PART and self.input_media is not None:
@@ -311,7 +312,7 @@ class ContentPart(_Lenient):
         return None
 
 
-def generic_media(media: GenericMedia, param: str, uuid: str | None) -> MediaItem:
+def generic_media(media: GenericMedia, param: str, uuid: str | None) -> MediaInput:
     """The media item of an input_media part (its modality is checked against the preset later).
 
     Raises:
@@ -320,8 +321,8 @@ def generic_media(media: GenericMedia, param: str, uuid: str | None) -> MediaIte
     fmt = (media.format or "").strip().lower() or None  # checked by `format_problem`
     if media.data is not None:
         data = decode_base64(media.data, f"{param}.{GENERIC_PART}.data", param)
-        return MediaItem(media.modality, data=data, fmt=fmt, param=param, uuid=uuid)
-    return MediaItem(media.modality, url=media.url, param=param, uuid=uuid)
+        return MediaInput(media.modality, data=data, fmt=fmt, param=param, uuid=uuid)
+    return MediaInput(media.modality, url=media.url, param=param, uuid=uuid)
 
 
 def _content_form(value: Any) -> Any:
@@ -414,17 +415,17 @@ class ChatCompletionRequest(_Lenient):
         unset sampling field stays None, for the LLM service to take the preset's value."""
         turns = []
         for i, message in enumerate(self.messages):
-            parts: list[Part] = []
+            parts: list[Part[MediaInput]] = []
             for j, part in enumerate(message.content):
                 param = f"messages[{i}].content[{j}]"
                 item = part.media(param)
-                time = part.time_ref(param)
+                time = part.time_part(param)
                 if item is not None:
-                    parts.append(item)
+                    parts.append(MediaPart(item))
                 elif time is not None:
                     parts.append(time)
                 elif part.text is not None:
-                    parts.append(part.text)
+                    parts.append(TextPart(part.text))
             turns.append(Turn(message.role, tuple(parts)))
         use_completion = self.max_completion_tokens is not None
         return ChatRequest(
@@ -533,8 +534,8 @@ class UsageInfo(BaseModel):
         )
 
 
-class TimestampInfo(BaseModel):
-    """One time the model pointed at (see the module docstring)."""
+class TimestampJSON(BaseModel):
+    """The JSON form of a `Timestamp`: one time the model pointed at (see the module docstring)."""
 
     media_index: int
     frame: int
@@ -542,7 +543,7 @@ class TimestampInfo(BaseModel):
     char_offset: int
 
     @classmethod
-    def of(cls, t: Timestamp) -> TimestampInfo:
+    def of(cls, t: Timestamp) -> TimestampJSON:
         """The JSON form of a domain timestamp (seconds rounded to microseconds)."""
         return cls(
             media_index=t.media_index, frame=t.frame, seconds=round(t.seconds, 6), char_offset=t.char_offset
@@ -571,9 +572,9 @@ def media_entry(item: MediaOutput) -> dict[str, Any]:
     return {"type": kind, kind: payload, **entry, "seed": item.seed}
 
 
-def timestamp_list(timestamps: tuple[Timestamp, ...] | list[Timestamp]) -> list[TimestampInfo]:
+def timestamp_list(timestamps: tuple[Timestamp, ...] | list[Timestamp]) -> list[TimestampJSON]:
     """The JSON forms of domain timestamps, in order."""
-    return [TimestampInfo.of(t) for t in timestamps]
+    return [TimestampJSON.of(t) for t in timestamps]
 
 
 class AssistantMessage(BaseModel):
@@ -586,7 +587,7 @@ class AssistantMessage(BaseModel):
     audio: Any | None = None
     function_call: Any | None = None
     reasoning: str | None = None
-    timestamps: list[TimestampInfo] | None = None
+    timestamps: list[TimestampJSON] | None = None
     media: list[dict[str, Any]] | None = None
 
 
@@ -631,7 +632,7 @@ class DeltaMessage(BaseModel):
 
     role: str | None = None
     content: str | None = None
-    timestamps: list[TimestampInfo] | None = None
+    timestamps: list[TimestampJSON] | None = None
     media: list[dict[str, Any]] | None = None
 
 

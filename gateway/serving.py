@@ -4,7 +4,9 @@
 modality needs an encoder, at most `max_per_prompt` items of each), loads every media item
 concurrently (fetch or inline bytes -> sha256 -> Redis feature cache -> the Triton model of
 the item's modality on a miss -> cache store) and builds the LLM service's `GenerateRequest`
-(features and frame times per item); every client error is raised there, before a reply
+from the same turns, each media part now carrying its item's features and frame times instead
+of the client's input (no renumbering: the LLM service reads each item where its part
+stands); every client error is raised there, before a reply
 starts, and names the item ("messages[0].content[1] (video 0): not a video: ...", the
 request's first video).
 `ChatService.generate` then streams `TextDelta` events and one closing `Finished` from
@@ -34,23 +36,20 @@ from typing import Any, Protocol
 import numpy as np
 
 from gateway.domain import (
-    ROLES,
     ChatRequest,
     Event,
     Finished,
-    MediaItem,
     MediaOutput,
     ModelEntry,
     TextDelta,
-    TimeRef,
-    Timestamp,
 )
 from gateway.feature_cache import FeatureCache, content_digest, uuid_key
-from gateway.llm_client import LLMClient
+from gateway.llm_client import LLMClient, generate_request
 from gateway.media import MediaFetcher
 from gateway.metrics import GatewayMetrics
 from modalmesh.v1 import llm_pb2
 from services.common import modalities
+from services.common.content import ROLES, MediaFeatures, MediaInput, MediaPart, TimePart, Timestamp, Turn
 from services.common.decode_params import check_params
 from services.common.errors import (
     InvalidArgumentError,
@@ -60,7 +59,7 @@ from services.common.errors import (
 )
 from services.common.presets import Preset
 from services.common.settings import Settings
-from services.common.tensor_codec import tensor_fields, tensor_to_array
+from services.common.tensor_codec import tensor_to_array
 
 logger = logging.getLogger(__name__)
 
@@ -77,22 +76,12 @@ _DEFAULT_FIELDS = (
 )
 
 
-class Encoded(Protocol):
-    """One encoded item as the encoder client returns it (services.encoders.protocol.EncodedItem)."""
-
-    @property
-    def features(self) -> np.ndarray: ...  # (frames * tokens_per_frame, dim)
-
-    @property
-    def times(self) -> np.ndarray: ...  # (frames,) seconds
-
-
 class Encoder(Protocol):
     """What serving needs of the encoder service's client (services.encoders.client)."""
 
     async def encode(
         self, model: str, items: list[bytes], *, request_id: str | None, timeout_s: float, modality: str
-    ) -> Sequence[Encoded]: ...
+    ) -> Sequence[MediaFeatures[np.ndarray]]: ...
 
     async def ready(self, model: str) -> bool: ...
 
@@ -294,7 +283,7 @@ class ChatService:
     def _check_time_parts(self, request: ChatRequest) -> None:
         """Time parts need the preset's timestamp heads and an item of their modality (checked
         here before any media is encoded; the LLM service checks them again)."""
-        first = next((p for t in request.turns for p in t.parts if isinstance(p, TimeRef)), None)
+        first = next((p for t in request.turns for p in t.parts if isinstance(p, TimePart)), None)
         if first is None:
             return
         spec = self.preset.heads.timestamps
@@ -331,7 +320,7 @@ class ChatService:
                 )
             check_params(modality, values, spec.decoder.limits, where=f"{modality}.")
 
-    def _check_media_counts(self, media: list[MediaItem]) -> None:
+    def _check_media_counts(self, media: list[MediaInput]) -> None:
         limit = self.settings.media_max_items
         if len(media) > limit:
             raise InvalidArgumentError(
@@ -366,7 +355,7 @@ class ChatService:
 
     # -- media -----------------------------------------------------------------------------------
 
-    async def _bytes_of(self, item: MediaItem) -> bytes:
+    async def _bytes_of(self, item: MediaInput) -> bytes:
         if item.data is not None:
             if len(item.data) > self.settings.media_max_bytes:
                 raise PayloadTooLargeError(
@@ -383,10 +372,8 @@ class ChatService:
         self.metrics.stage_latency.labels(stage="fetch").observe(time.monotonic() - started)
         return data
 
-    async def _features_of(
-        self, item: MediaItem, number: int, request_id: str
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """One item's (features, frame times): from the cache, or from the encoder (then cached).
+    async def _features_of(self, item: MediaInput, number: int, request_id: str) -> MediaFeatures[np.ndarray]:
+        """One item's features and frame times: from the cache, or from the encoder (then cached).
 
         `number` counts the item among the request's items of its modality, for messages.
         """
@@ -398,7 +385,7 @@ class ChatService:
                 cached = await self.cache.get(encoder_id, digest)
                 self.metrics.feature_cache.labels(result="hit" if cached is not None else "miss").inc()
                 if cached is not None:
-                    return cached
+                    return _features(item.modality, *cached)
                 if item.url is None and item.data is None:
                     raise InvalidArgumentError(
                         f"uuid {item.uuid!r}: no {item.modality} features are cached under it (never "
@@ -411,7 +398,7 @@ class ChatService:
                 cached = await self.cache.get(encoder_id, digest)
                 self.metrics.feature_cache.labels(result="hit" if cached is not None else "miss").inc()
                 if cached is not None:
-                    return cached
+                    return _features(item.modality, *cached)
             started = time.monotonic()
             (encoded,) = await self.encoder.encode(
                 model,
@@ -422,16 +409,16 @@ class ChatService:
             )
             self.metrics.stage_latency.labels(stage="encode").observe(time.monotonic() - started)
             features = np.ascontiguousarray(encoded.features, dtype=np.float32)  # (rows, dim)
-            times = np.ascontiguousarray(encoded.times, dtype=np.float32).reshape(-1)  # (frames,)
+            times = np.asarray(encoded.times, dtype=np.float32).reshape(-1)  # (frames,)
             await self.cache.put(encoder_id, digest, features, times)
-            return features, times
+            return _features(item.modality, features, times)
         except InvalidArgumentError as e:
             raise _about(item, number, e) from e
 
-    async def _all_features(self, request: ChatRequest) -> list[tuple[np.ndarray, np.ndarray]]:
+    async def _encode_turns(self, request: ChatRequest) -> list[Turn[MediaFeatures[np.ndarray]]]:
+        """The request's turns with each media part's input replaced by its features (all items
+        loaded concurrently)."""
         media = request.media()
-        if not media:
-            return []
         seen: dict[str, int] = {}
         numbers = []
         for m in media:
@@ -445,7 +432,11 @@ class ChatService:
                 ]
         except BaseExceptionGroup as eg:
             raise _first_error(eg) from None
-        return [t.result() for t in tasks]
+        encoded = iter(t.result() for t in tasks)
+        return [
+            Turn(turn.role, [MediaPart(next(encoded)) if isinstance(p, MediaPart) else p for p in turn.parts])
+            for turn in request.turns
+        ]
 
     # -- generation ------------------------------------------------------------------------------
 
@@ -457,31 +448,14 @@ class ChatService:
         """
         started = time.monotonic()
         model, adapter, sampling = self.validate(request)
-        features = await self._all_features(request)
-        media_items = request.media()
-        generate = llm_pb2.GenerateRequest(
+        turns = await self._encode_turns(request)
+        generate = generate_request(
+            turns,
             request_id=request.request_id,
             adapter=adapter,
             sampling=sampling,
             output_modalities=[m for m in dict.fromkeys(request.modalities) if m != "text"],
         )
-        index = 0
-        for turn in request.turns:
-            parts = []
-            for part in turn.parts:
-                if isinstance(part, str):
-                    parts.append(llm_pb2.TurnPart(text=part))
-                elif isinstance(part, TimeRef):
-                    parts.append(llm_pb2.TurnPart(time_seconds=part.seconds))
-                else:
-                    parts.append(llm_pb2.TurnPart(media_index=index))
-                    index += 1
-            generate.turns.append(llm_pb2.Turn(role=turn.role, parts=parts))
-        for item, (array, times) in zip(media_items, features, strict=True):
-            # built in place: a nested or appended message would be copied again (MBs per item)
-            generate.media.add(
-                modality=item.modality, features=tensor_fields(array), frame_times=times.tolist()
-            )
         return PreparedChat(
             id=f"chatcmpl-{request.request_id}",
             created=int(time.time()),
@@ -698,7 +672,12 @@ def _timestamps(chunk: llm_pb2.GenerateChunk) -> tuple[Timestamp, ...]:
     )
 
 
-def _about(item: MediaItem, number: int, error: InvalidArgumentError) -> InvalidArgumentError:
+def _features(modality: str, features: np.ndarray, times: np.ndarray) -> MediaFeatures[np.ndarray]:
+    """An item's features (rows, dim) and float32 frame times (frames,) as `MediaFeatures`."""
+    return MediaFeatures(modality, features, tuple(times.tolist()))
+
+
+def _about(item: MediaInput, number: int, error: InvalidArgumentError) -> InvalidArgumentError:
     """The client error naming the item, e.g. "messages[0].content[1] (video 0): not a video ..."."""
     if error.param is not None:
         return error

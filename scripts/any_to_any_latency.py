@@ -25,8 +25,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from services.models.tiny import ensure_generated
 from services.common.presets import load_preset
+from services.models.tiny import ensure_generated
 from tests.helpers.procs import free_ports, wait_until
 from tests.helpers.services import (
     gateway_healthy,

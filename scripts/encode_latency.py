@@ -16,9 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from services.models.tiny import ensure_generated
 from services.common.presets import load_preset
 from services.models.media.encode import EncoderLimits, MediaEncoder
+from services.models.tiny import ensure_generated
 from tests.helpers.media import make_audio, make_events, make_video, png_bytes
 
 

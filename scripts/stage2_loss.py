@@ -19,8 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from services.models.tiny import ensure_generated
 from services.common.presets import load_preset
+from services.models.tiny import ensure_generated
 from services.trainer.synth import synthesize
 from tests.integration.test_trainer import run_ranks, stage2_job
 

@@ -1,8 +1,8 @@
 """The client the gateway uses to call the encoder service (KServe v2 over gRPC, tritonclient).
 
 `EncoderClient.encode` sends each item as its own request, concurrently, so that Triton's
-dynamic batcher groups them (with other clients' items) into batches, and returns per item an
-`EncodedItem` (features and frame times). It reads the model's in-band `error` output (see `services.encoders.protocol`) and raises `EncoderItemError` naming
+dynamic batcher groups them (with other clients' items) into batches, and returns per item its
+`MediaFeatures` (features and frame times). It reads the model's in-band `error` output (see `services.encoders.protocol`) and raises `EncoderItemError` naming
 the item, maps transport failures to `UnavailableError` / `DeadlineExceededError`, and
 forwards the request id as the `x-request-id` header. The underlying gRPC channel reconnects
 on its own after the server restarts; the reconnect backoff is capped so that it does so
@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from services.common.content import EncodedItem
+from services.common.content import MediaFeatures
 from services.common.errors import (
     DeadlineExceededError,
     InvalidArgumentError,
@@ -55,14 +55,15 @@ async def _all(calls: list[Coroutine[Any, Any, T]]) -> list[T]:
     return [task.result() for task in tasks]
 
 
-def _item(features: np.ndarray, times: np.ndarray) -> EncodedItem:
+def _item(modality: str, features: np.ndarray, times: np.ndarray) -> MediaFeatures[np.ndarray]:
     """One item's outputs without padding: its frames are the leading non-NaN times."""
     valid = ~np.isnan(times)
     frames = int(np.argmin(valid)) if not valid.all() else len(times)
     rows = features.shape[0] // max(len(times), 1) * frames
-    return EncodedItem(
+    return MediaFeatures(
+        modality,
         np.ascontiguousarray(features[:rows], dtype=np.float32),  # (frames * tokens, D)
-        np.ascontiguousarray(times[:frames], dtype=np.float32),  # (frames,)
+        tuple(times[:frames].astype(np.float32).tolist()),  # (frames,)
     )
 
 
@@ -111,8 +112,8 @@ class EncoderClient:
         return error_for_code(code or "INTERNAL", f"encoder service: {message}")
 
     async def _infer_one(
-        self, model: str, data: bytes, headers: dict[str, str], timeout_s: float | None
-    ) -> tuple[EncodedItem, str]:
+        self, model: str, modality: str, data: bytes, headers: dict[str, str], timeout_s: float | None
+    ) -> tuple[MediaFeatures[np.ndarray], str]:
         import tritonclient.grpc as grpcclient
         from tritonclient.utils import InferenceServerException
 
@@ -136,7 +137,7 @@ class EncoderClient:
                 f"{TIMES_OUTPUT!r} and {ERROR_OUTPUT!r}"
             )
         message = bytes(error.reshape(-1)[0]).decode("utf-8", errors="replace")
-        return _item(features[0], times[0]), message
+        return _item(modality, features[0], times[0]), message
 
     async def encode(
         self,
@@ -146,7 +147,7 @@ class EncoderClient:
         request_id: str | None = None,
         timeout_s: float | None = None,
         modality: str = "image",
-    ) -> list[EncodedItem]:
+    ) -> list[MediaFeatures[np.ndarray]]:
         """Encode media items with one of the service's models.
 
         Args:
@@ -154,7 +155,8 @@ class EncoderClient:
             items: The files' bytes (an image, video, audio or event file each).
             request_id: Sent as the `x-request-id` header so the service logs it.
             timeout_s: Deadline for the whole call; None waits indefinitely.
-            modality: Names the items in error messages ("video 1: not a video: ...").
+            modality: The items' modality (their `MediaFeatures.modality`); it names them in
+                error messages ("video 1: not a video: ...").
 
         Returns:
             Per item, in order, its float32 (frames * tokens_per_frame, dim) features and
@@ -170,7 +172,9 @@ class EncoderClient:
         headers = {REQUEST_ID_HEADER: request_id} if request_id else {}
         try:
             async with asyncio.timeout(timeout_s):
-                results = await _all([self._infer_one(model, data, headers, timeout_s) for data in items])
+                results = await _all(
+                    [self._infer_one(model, modality, data, headers, timeout_s) for data in items]
+                )
         except TimeoutError:
             raise DeadlineExceededError(
                 f"the encoder service at {self.target} did not answer within {timeout_s}s"

@@ -113,7 +113,7 @@ def _response(
     results: list[Any], *, rows_per_frame: int, dim: int, empty_frames: int, model_name: str
 ) -> dict[str, np.ndarray]:
     """One request's outputs: its items padded to the longest (zero rows, NaN times)."""
-    frames = max((r.frames for r in results if not isinstance(r, ModalmeshError)), default=empty_frames)
+    frames = max((len(r.times) for r in results if not isinstance(r, ModalmeshError)), default=empty_frames)
     n = len(results)
     features = np.zeros((n, frames * rows_per_frame, dim), dtype=np.float32)  # (n, rows, D)
     times = np.zeros((n, frames), dtype=np.float32)  # (n, frames)
@@ -125,8 +125,8 @@ def _response(
             continue
         errors[k, 0] = b""
         features[k, : len(result.features)] = result.features
-        times[k, : result.frames] = result.times
-        times[k, result.frames :] = np.nan
+        times[k, : len(result.times)] = result.times
+        times[k, len(result.times) :] = np.nan
     return {FEATURES_OUTPUT: features, TIMES_OUTPUT: times, ERROR_OUTPUT: errors}
 
 

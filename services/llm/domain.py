@@ -11,9 +11,10 @@ from __future__ import annotations
 import enum
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Protocol
 
-from services.common.content import MediaItem, Timestamp, Turn
+from services.common.content import MediaFeatures, Timestamp, Turn, media_parts
 
 if TYPE_CHECKING:
     import torch
@@ -26,8 +27,8 @@ class GenerationRequest:
     """Everything one generation needs.
 
     Attributes:
-        turns: The conversation; the last turn must be the user's.
-        media: Features of every media item; each must be referenced by exactly one MediaPart.
+        turns: The conversation; the last turn must be the user's. Each media part carries its
+            item's features, as the gateway encoded them.
         sampling: Decoding parameters (validated on construction).
         adapter: "" (current), "name" or "name@version".
         request_id: For logs only.
@@ -35,12 +36,17 @@ class GenerationRequest:
             the end of the reply is appended (see `services.llm.signals`).
     """
 
-    turns: Sequence[Turn]
-    media: Sequence[MediaItem]
+    turns: Sequence[Turn[MediaFeatures[torch.Tensor]]]
     sampling: SamplingParams
     adapter: str = ""
     request_id: str = ""
     outputs: tuple[str, ...] = ()
+
+    @cached_property
+    def media(self) -> tuple[MediaFeatures[torch.Tensor], ...]:
+        """The items of the media parts, in the order they appear (that order numbers them:
+        `Timestamp.media_index`, the prompt's media spans)."""
+        return tuple(p.media for p in media_parts(self.turns))
 
 
 class FinishReason(enum.Enum):

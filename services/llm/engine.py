@@ -72,7 +72,7 @@ from typing import Any, cast
 
 import torch
 
-from services.common.content import MediaItem, MediaPart, Part, TextPart, Turn
+from services.common.content import MediaFeatures, MediaPart, Part, TextPart, Turn
 from services.common.errors import (
     InvalidArgumentError,
     ModalmeshError,
@@ -107,29 +107,29 @@ logger = logging.getLogger(__name__)
 
 def request_media(
     request: GenerationRequest, time_token: str = ""
-) -> tuple[Sequence[MediaItem], tuple[str, ...]]:
+) -> tuple[Sequence[MediaFeatures[torch.Tensor]], tuple[str, ...]]:
     """The request's media items in prompt order, and per item its instruction text
     (`media_instructions`, time parts written as `time_token`).
 
-    The one place that reads `request.media` and the turns' MediaPart indices: after
-    `Engine.prepare` everything reads the media from the PreparedRequest.
+    The one place that reads the media parts of the turns: after `Engine.prepare` everything
+    reads the media from the PreparedRequest.
     """
-    return request.media, media_instructions(request.turns, len(request.media), time_token)
+    return request.media, media_instructions(request.turns, time_token)
 
 
-def media_instructions(turns: Sequence[Turn], count: int, time_token: str = "") -> tuple[str, ...]:
-    """Per media item, the text parts of the user turn that holds it ("" if none does), its
-    time parts written as `time_token`.
+def media_instructions(turns: Sequence[Turn[Any]], time_token: str = "") -> tuple[str, ...]:
+    """Per media item, in the order its part appears, the text parts of the turn that holds
+    it, its time parts written as `time_token`.
 
     That is what an instruction-aware connector reads (E.T. Chat's Q-Former gets the user's
     query with the image placeholder removed, its `<vid>` tokens kept).
     """
-    out = [""] * count
-    for turn in turns:
-        for part in turn.parts:
-            if isinstance(part, MediaPart) and 0 <= part.index < count:
-                out[part.index] = turn_text(turn, time_token).strip()
-    return tuple(out)
+    return tuple(
+        turn_text(turn, time_token).strip()
+        for turn in turns
+        for part in turn.parts
+        if isinstance(part, MediaPart)
+    )
 
 
 class Engine:
@@ -277,7 +277,7 @@ class Engine:
             self.template,
             self.loaded.prompt_builder,
             request.turns,
-            [(m.modality, model.frames(m), m.times) for m in media],
+            [model.frames(m) for m in media],
         )
         self._check_stop_ids(request.sampling.stop_token_ids, "sampling.stop_token_ids")
         defaults = self.sampling_defaults()
@@ -401,15 +401,13 @@ class Engine:
 
         Each item has the modality's fixed frame count, or one frame where it varies.
         """
-        media = []
+        parts: list[Part[MediaFeatures[torch.Tensor]]] = []
         for m, layout in self.loaded.model.layouts.items():
             frames = layout.frames or 1
             features = torch.zeros(frames * layout.tokens_per_frame, layout.dim)
-            media.append(MediaItem(m, features, tuple(float(i) for i in range(frames))))
-        parts: list[Part] = [*(MediaPart(i) for i in range(len(media))), TextPart("Hello")]
+            parts.append(MediaPart(MediaFeatures(m, features, tuple(float(i) for i in range(frames)))))
         request = GenerationRequest(
-            turns=[Turn("user", parts)],
-            media=media,
+            turns=[Turn("user", [*parts, TextPart("Hello")])],
             sampling=SamplingParams(max_tokens=2, temperature=0.0),
         )
         start = time.perf_counter()

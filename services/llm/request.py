@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from services.common.content import MediaItem
+    import torch
+
+    from services.common.content import MediaFeatures
     from services.llm.adapter_manager import AdapterVersion
     from services.llm.domain import GenerationRequest
     from services.models.prompt.builder import Prompt
@@ -43,7 +45,7 @@ class PreparedRequest:
     prompt: Prompt
     version: AdapterVersion
     budget: int
-    media: Sequence[MediaItem] = ()
+    media: Sequence[MediaFeatures[torch.Tensor]] = ()
     stop: tuple[str, ...] = ()
     stop_token_ids: frozenset[int] = frozenset()
     instructions: tuple[str, ...] = ()

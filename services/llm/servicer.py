@@ -1,7 +1,9 @@
 """The gRPC servicer of `modalmesh.v1.LLM`: protobuf <-> domain types around an engine.
 
 Nothing here decides anything about generation; it translates, binds the request id for
-logging, and maps errors to status codes with `abort_with`.
+logging, and maps errors to status codes with `abort_with`. A media part's features become a
+torch tensor here, the one place they cross from the wire into the model library's type
+(`MediaFeatures[torch.Tensor]`).
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+import torch
 
 from modalmesh.v1 import llm_pb2, llm_pb2_grpc
-from services.common.content import MediaItem, MediaPart, Part, TextPart, TimePart, Turn
+from services.common.content import MediaFeatures, MediaPart, Part, TextPart, TimePart, Turn
 from services.common.errors import InvalidArgumentError, ModalmeshError
 from services.common.grpc_errors import abort_with
 from services.common.log import bound_request_id, request_id_from_metadata
@@ -30,15 +33,17 @@ _FINISH = {
 }
 
 
-def _part(msg: llm_pb2.TurnPart, where: str) -> Part:
+def _part(msg: llm_pb2.TurnPart, where: str) -> Part[MediaFeatures[torch.Tensor]]:
     kind = msg.WhichOneof("part")
     if kind == "text":
         return TextPart(msg.text)
-    if kind == "media_index":
-        return MediaPart(msg.media_index)
+    if kind == "media":
+        m = msg.media
+        features = tensor_to_torch(m.features, what=f"{where}.media.features")
+        return MediaPart(MediaFeatures(m.modality, features, tuple(float(t) for t in m.frame_times)))
     if kind == "time_seconds":
         return TimePart(msg.time_seconds)
-    raise InvalidArgumentError(f"{where}: none of text, media_index, time_seconds is set", param=where)
+    raise InvalidArgumentError(f"{where}: none of text, media, time_seconds is set", param=where)
 
 
 def _optional(msg: llm_pb2.SamplingParams, name: str) -> Any:
@@ -89,17 +94,8 @@ def request_from_proto(msg: llm_pb2.GenerateRequest) -> GenerationRequest:
         Turn(role=t.role, parts=[_part(p, f"turns[{i}].parts[{j}]") for j, p in enumerate(t.parts)])
         for i, t in enumerate(msg.turns)
     ]
-    media = [
-        MediaItem(
-            m.modality,
-            tensor_to_torch(m.features, what=f"media[{i}].features"),
-            tuple(float(t) for t in m.frame_times),
-        )
-        for i, m in enumerate(msg.media)
-    ]
     return GenerationRequest(
         turns=turns,
-        media=media,
         sampling=sampling_from_proto(msg.sampling),
         adapter=msg.adapter,
         request_id=msg.request_id,

@@ -18,7 +18,8 @@ those in assistant replies, in text order; a time token in any other record is a
 Placeholders: each occurrence of the modality's placeholder (e.g. "<image>") in a user message
 marks where the next media item goes. Text around a placeholder is stripped, and a message's
 parts render joined by "\\n" (the serving convention of `services.models.prompt.templates`), so LLaVA's
-"<image>\\nWhat is this?" becomes [media 0, "What is this?"] and renders back unchanged.
+"<image>\\nWhat is this?" becomes [a MediaPart holding the file, "What is this?"] and renders back
+unchanged.
 """
 
 from __future__ import annotations
@@ -26,12 +27,12 @@ from __future__ import annotations
 import math
 import os
 import stat
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from services.common.content import MediaPart, Part, TextPart, Turn
+from services.common.content import MediaPart, Part, TextPart, Turn, media_parts
 from services.common.errors import InvalidArgumentError
 from services.models.prompt.templates import check_roles
 
@@ -73,15 +74,18 @@ class Sample:
     Attributes:
         id: The record's "id", or its index in the dataset when it has none.
         turns: An optional system turn, then user/assistant turns alternating, ending with
-            the assistant's. MediaPart.index indexes `media`.
-        media: The media items, in placeholder order.
+            the assistant's; each media part carries its `MediaFile`.
         times: Seconds of each time token ("<vid>") in the text, in text order.
     """
 
     id: str
-    turns: tuple[Turn, ...]
-    media: tuple[MediaFile, ...]
+    turns: tuple[Turn[MediaFile], ...]
     times: tuple[float, ...] = ()
+
+    @property
+    def media(self) -> tuple[MediaFile, ...]:
+        """The media files of the media parts, in the order they appear."""
+        return tuple(p.media for p in media_parts(self.turns))
 
 
 @dataclass(frozen=True)
@@ -168,11 +172,14 @@ def _media(paths: list[str], rules: RecordRules) -> tuple[MediaFile, ...]:
     return tuple(MediaFile(rules.modality, rules.media_root / p) for p in paths)
 
 
-def _user_parts(value: str, placeholder: str, first_index: int) -> list[Part]:
-    parts: list[Part] = []
+def _user_parts(value: str, placeholder: str, media: Iterator[MediaFile]) -> list[Part[MediaFile]]:
+    """A user message's parts, each placeholder taking the next file of `media` (a placeholder
+    past the last file is left out; the caller refuses the count)."""
+    parts: list[Part[MediaFile]] = []
     for j, piece in enumerate(value.split(placeholder)):
-        if j:
-            parts.append(MediaPart(first_index + j - 1))
+        item = next(media, None) if j else None
+        if item is not None:
+            parts.append(MediaPart(item))
         if piece.strip():
             parts.append(TextPart(piece.strip()))
     return parts
@@ -204,8 +211,9 @@ def parse_llava(record: Any, rules: RecordRules, *, index: int) -> Sample:
     if not isinstance(convs, list):
         kind = "missing_field" if convs is None else "bad_field"
         raise BadSampleError(kind, f"conversations: expected a list of messages, got {_kind(convs)}")
-    turns: list[Turn] = []
+    turns: list[Turn[MediaFile]] = []
     refs = 0
+    unplaced = iter(media)
     for i, message in enumerate(convs):
         where = f"conversations[{i}]"
         if not isinstance(message, dict):
@@ -217,14 +225,14 @@ def parse_llava(record: Any, rules: RecordRules, *, index: int) -> Sample:
             raise BadSampleError("bad_field", f"{where}.value: expected a string, got {_kind(value)}")
         role = ROLE_NAMES[name.lower()]
         if role == "user":
-            parts = _user_parts(value, rules.placeholder, refs)
             refs += value.count(rules.placeholder)
+            parts = _user_parts(value, rules.placeholder, unplaced)
         else:
             text = _plain_text(value, rules.placeholder, where)
             parts = [TextPart(text)] if text else []
         turns.append(Turn(role, tuple(parts)))
     if refs == 0 and media:
-        turns = _media_first(turns, len(media))
+        turns = _media_first(turns, media)
     elif refs != len(media):
         raise BadSampleError(
             "placeholder_count",
@@ -232,7 +240,7 @@ def parse_llava(record: Any, rules: RecordRules, *, index: int) -> Sample:
             f"item, got {refs}",
         )
     _check_turns(turns)
-    sample = Sample(id=record_id(obj) or str(index), turns=tuple(turns), media=media)
+    sample = Sample(id=record_id(obj) or str(index), turns=tuple(turns))
     if rules.time_token is not None:
         in_user, in_replies = _time_tokens(sample, rules.time_token)
         if in_user + in_replies:
@@ -320,16 +328,16 @@ def _text_order_times(sample: Sample, token: str, src: list[float], tgt: list[fl
     return out
 
 
-def _media_first(turns: list[Turn], count: int) -> list[Turn]:
+def _media_first(turns: list[Turn[MediaFile]], media: tuple[MediaFile, ...]) -> list[Turn[MediaFile]]:
     """LLaVA's rule for samples without placeholders: all media open the first user turn."""
-    media: list[Part] = [MediaPart(i) for i in range(count)]
+    parts: list[Part[MediaFile]] = [MediaPart(m) for m in media]
     for i, turn in enumerate(turns):
         if turn.role == "user":
-            return [*turns[:i], Turn("user", (*media, *turn.parts)), *turns[i + 1 :]]
-    raise BadSampleError("no_user", f"expected a user turn to hold the {count} media item(s), got none")
+            return [*turns[:i], Turn("user", (*parts, *turn.parts)), *turns[i + 1 :]]
+    raise BadSampleError("no_user", f"expected a user turn to hold the {len(media)} media item(s), got none")
 
 
-def _check_turns(turns: list[Turn]) -> None:
+def _check_turns(turns: list[Turn[MediaFile]]) -> None:
     if not any(t.role == "assistant" for t in turns):
         raise BadSampleError(
             "no_assistant", f"expected at least one assistant turn, got {len(turns)} turn(s)"
@@ -368,8 +376,12 @@ def parse_caption(record: Any, rules: RecordRules, *, index: int) -> Sample:
     text = _plain_text(caption, rules.placeholder, "caption")
     if not text:
         raise BadSampleError("empty_text", "caption: expected text, got an empty string")
-    turns = (Turn("user", (MediaPart(0),)), Turn("assistant", (TextPart(text),)))
-    return Sample(id=record_id(obj) or str(index), turns=turns, media=_media(paths, rules))
+    (media,) = _media(paths, rules)
+    turns: tuple[Turn[MediaFile], ...] = (
+        Turn("user", (MediaPart(media),)),
+        Turn("assistant", (TextPart(text),)),
+    )
+    return Sample(id=record_id(obj) or str(index), turns=turns)
 
 
 def check_media_files(sample: Sample, seen: dict[Path, BadSampleError | None]) -> None:

@@ -36,7 +36,7 @@ from typing import Any, Literal, NamedTuple, TypedDict
 
 import torch
 
-from services.common.content import MediaPart, TextPart, Turn
+from services.common.content import MediaPart, TextPart, Turn, media_parts
 from services.common.errors import InvalidArgumentError
 from services.common.presets import Preset
 from services.models.prompt.builder import combine_turn_media, placeholder_token_id
@@ -47,11 +47,7 @@ IGNORE_INDEX = -100  # labels at positions that carry no loss (torch's cross_ent
 
 
 def render_supervised(
-    template: Template,
-    turns: Sequence[Turn],
-    *,
-    media_modalities: Sequence[str] | None = None,
-    time_token: str | None = None,
+    template: Template, turns: Sequence[Turn[Any]], *, time_token: str | None = None
 ) -> list[tuple[Segment, bool]]:
     """Render a conversation ending with an assistant turn into (segment, supervised) pairs.
 
@@ -64,8 +60,6 @@ def render_supervised(
         template: The conversation format.
         turns: An optional system turn, then user/assistant turns alternating, ending with an
             assistant turn.
-        media_modalities: The modality of each media item of the sample, by index (for
-            templates that wrap media per modality).
         time_token: What a time part renders as (samples hold time tokens as text; serving's
             time parts render the same).
 
@@ -93,9 +87,7 @@ def render_supervised(
     out: list[tuple[Segment, bool]] = []
     for i, turn in enumerate(turns):
         if turn.role == "user":
-            pending += template.user_segments(
-                turn, first=i == 0, media_modalities=media_modalities, time_token=time_token
-            )
+            pending += template.user_segments(turn, first=i == 0, time_token=time_token)
             continue
         out += [(seg, False) for seg in merge_text([*pending, prompt])]
         reply = template.assistant_prefix[len(prompt) :] + turn_text(turn) + template.assistant_suffix
@@ -160,15 +152,14 @@ def modality_slots(
     }
 
 
-def instruction_texts(turns: Sequence[Turn], count: int) -> list[str]:
-    """Per media item, the text of the user turn holding it (what E.T. Chat's Q-Former reads:
-    the message without its placeholder), its text parts joined by "\n"."""
-    out = [""] * count
+def instruction_texts(turns: Sequence[Turn[Any]]) -> list[str]:
+    """Per media item, in the order its part appears, the text of the user turn holding it
+    (what E.T. Chat's Q-Former reads: the message without its placeholder), its text parts
+    joined by "\n"."""
+    out: list[str] = []
     for turn in turns:
         text = "\n".join(p.text for p in turn.parts if isinstance(p, TextPart)).strip()
-        for p in turn.parts:
-            if isinstance(p, MediaPart) and 0 <= p.index < count:
-                out[p.index] = text
+        out += [text for p in turn.parts if isinstance(p, MediaPart)]
     return out
 
 
@@ -250,22 +241,19 @@ class SupervisedEncoder:
                 "reserved_placeholder", "time_token_count", "media_undecodable" or "too_long"
                 (message: expected at most N tokens, got M).
         """
-        turns: Sequence[Turn] = sample.turns
+        turns: Sequence[Turn[MediaFile]] = sample.turns
         combined: dict[int, int] = {}
         if self.combine != "separate":
-            per_modality = [m.modality for m in sample.media] if self.combine == "sum_per_modality" else None
-            turns, combined = combine_turn_media(sample.turns, per_modality)
-        try:
-            pieces = render_supervised(
-                self.template,
-                turns,
-                media_modalities=[m.modality for m in sample.media],
-                time_token=self.time_token,
+            turns, combined = combine_turn_media(
+                sample.turns, per_modality=self.combine == "sum_per_modality"
             )
+        try:
+            pieces = render_supervised(self.template, turns, time_token=self.time_token)
         except InvalidArgumentError as e:
             # A media modality the template has no wrapper for, else turns out of order.
-            reason = "unknown_modality" if (e.param or "").startswith("media[") else "roles"
+            reason = "unknown_modality" if (e.param or "").startswith("media") else "roles"
             raise BadSampleError(reason, e.message) from None
+        numbers = {id(p): i for i, p in enumerate(media_parts(sample.turns))}
         encoded = iter(self._tokenize([seg for seg, _ in pieces if isinstance(seg, str)]))
         bos = [self.bos_id] if self.bos_id is not None else []
         ids: list[int] = list(bos) if self.template.bos else []
@@ -281,9 +269,10 @@ class SupervisedEncoder:
                 ids += bos
                 labels += [IGNORE_INDEX] * len(bos)
                 continue
-            slot = self._slot(sample, seg.index, spans)
-            length = slot.tokens(self._frames(sample, seg.index))
-            spans[seg.index] = (len(ids), length)
+            index = numbers.get(id(seg.part), -1)
+            slot = self._slot(sample, index, spans)
+            length = slot.tokens(self._frames(sample, index))
+            spans[index] = (len(ids), length)
             ids += [slot.placeholder_id] * length
             labels += [IGNORE_INDEX] * length
         for i, j in combined.items():
@@ -302,7 +291,7 @@ class SupervisedEncoder:
             labels,
             done,
             list(sample.media),
-            instruction_texts(sample.turns, len(sample.media)),
+            instruction_texts(sample.turns),
             self._time_tokens(sample, ids),
         )
 

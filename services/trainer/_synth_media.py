@@ -49,7 +49,7 @@ TIMED_MIN_VISIBLE = 2
 
 
 @dataclass(frozen=True)
-class MediaItem:
+class SynthFile:
     """One written file: `rel` under the output folder, `words` ("red circle moving left")
     and `answer` ({"color": "red", "shape": "circle", "direction": "left"})."""
 
@@ -74,7 +74,7 @@ def settings() -> dict[str, dict[str, object]]:
     }
 
 
-def write_media(out_dir: Path, modality: str, prefix: str, count: int, rng: random.Random) -> list[MediaItem]:
+def write_media(out_dir: Path, modality: str, prefix: str, count: int, rng: random.Random) -> list[SynthFile]:
     """Write `count` items of `modality` as `<modality>/<prefix>_00000.<ext>` ... under `out_dir`."""
     make = _GENERATORS[modality]
     (out_dir / modality).mkdir(parents=True, exist_ok=True)
@@ -82,7 +82,7 @@ def write_media(out_dir: Path, modality: str, prefix: str, count: int, rng: rand
     for i in range(count):
         rel = f"{modality}/{prefix}_{i:05d}.{EXTENSIONS[modality]}"
         words, answer = make(out_dir / rel, rng)
-        items.append(MediaItem(rel, words, answer))
+        items.append(SynthFile(rel, words, answer))
     return items
 
 
@@ -107,7 +107,7 @@ def _write_mp4(path: Path, frames: list[np.ndarray], fps: int) -> None:
         container.mux(stream.encode(None))
 
 
-def write_timed_videos(out_dir: Path, prefix: str, count: int, rng: random.Random) -> list[MediaItem]:
+def write_timed_videos(out_dir: Path, prefix: str, count: int, rng: random.Random) -> list[SynthFile]:
     """Write `count` timed videos as `timestamps/<prefix>_00000.mp4` ... under `out_dir`.
 
     Each item's answer holds "color", "shape", "start" and "end" (whole seconds; the shape is
@@ -136,7 +136,7 @@ def write_timed_videos(out_dir: Path, prefix: str, count: int, rng: random.Rando
         _write_mp4(out_dir / rel, frames, TIMED_FPS)
         words = f"{color} {shape}"
         items.append(
-            MediaItem(rel, words, {"color": color, "shape": shape, "start": str(start), "end": str(end)})
+            SynthFile(rel, words, {"color": color, "shape": shape, "start": str(start), "end": str(end)})
         )
     return items
 

@@ -45,7 +45,7 @@ from services.trainer._samples import ROLE_NAMES, BadSampleError, Sample, record
 from services.trainer._supervised import IGNORE_INDEX, SupervisedEncoder
 from services.trainer.datasets import LoadReport, _check_ratio, _records
 from services.trainer.dataspec import EXPECTED, DatasetSpec
-from services.trainer.loop import TrainExample, TrainSignal
+from services.trainer.loop import SignalInExample, TrainExample
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def _example(
         target = load_caption_embedding(path, modality, out.conditioning)  # (rows, width)
     except InvalidArgumentError as e:
         raise BadSampleError("embedding_invalid", e.message) from None
-    sample = Sample(id=record_id(record) or str(index), turns=turns, media=())
+    sample = Sample(id=record_id(record) or str(index), turns=turns)
     encoded = encoder.encode(sample)
     try:
         starts = find_signal_spans(encoded.input_ids, signal_ids[modality])
@@ -139,7 +139,7 @@ def _example(
         raise BadSampleError(
             "signal_tokens", f"expected one supervised span of {modality} signal tokens, got {len(starts)}"
         )
-    signal = TrainSignal(modality, torch.from_numpy(target))
+    signal = SignalInExample(modality, torch.from_numpy(target))
     return TrainExample(encoded.input_ids, encoded.labels, [], signal=signal), modality
 
 
@@ -174,7 +174,8 @@ def _turns(record: dict[str, Any], modality: str, signal_tokens: Sequence[str]) 
         return (Turn("user", (TextPart(caption),)), Turn("assistant", (TextPart(caption + signals),)))
     if not isinstance(conversations, list) or not conversations:
         raise BadSampleError("bad_field", f"conversations: expected a list of turns, got {conversations!r}")
-    placeholder, placed, turns = f"<{modality}>", 0, []
+    placeholder, placed = f"<{modality}>", 0
+    turns: list[Turn[Any]] = []  # text only
     for i, turn in enumerate(conversations):
         role = ROLE_NAMES.get(turn.get("from", "")) if isinstance(turn, dict) else None
         text = turn.get("value") if isinstance(turn, dict) else None

@@ -18,9 +18,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from services.common.content import EncodedItem
+from services.common.content import MediaFeatures
 from services.common.errors import FailedPreconditionError, InvalidArgumentError, ModalmeshError
 from services.common.presets import Preset, load_preset
 from services.common.settings import Settings
@@ -49,7 +50,7 @@ from services.trainer.datasets import (
     modality_slots,
 )
 from services.trainer.jobs import STAGE_DEFAULTS
-from services.trainer.loop import TrainExample, TrainMedia, TrainTime
+from services.trainer.loop import MediaInExample, TimeInExample, TrainExample
 from services.trainer.runconfig import RunConfig
 
 logger = logging.getLogger(__name__)
@@ -155,9 +156,9 @@ def _backbones(preset: Preset, modalities: list[str]) -> dict[str, Backbone]:
 
 def encode_media(
     preset: Preset, files: Mapping[str, list[Path]]
-) -> tuple[dict[Path, EncodedItem], dict[Path, str]]:
+) -> tuple[dict[Path, MediaFeatures[np.ndarray]], dict[Path, str]]:
     """Per media file, its features and frame times, and the error of each file that failed."""
-    encoded: dict[Path, EncodedItem] = {}
+    encoded: dict[Path, MediaFeatures[np.ndarray]] = {}
     errors: dict[Path, str] = {}
     limits = EncoderLimits.from_settings(Settings())
     backbones = _backbones(preset, [m for m, paths in files.items() if paths])
@@ -217,7 +218,7 @@ def build_examples(
         max_length=hp.max_length,
         combine=preset.media_combine,
         time_token=ts.token if ts is not None else None,
-        frames={p: item.frames for p, item in encoded.items()},
+        frames={p: len(item.times) for p, item in encoded.items()},  # one time per frame
         errors=errors,
     )
     samples: list[EncodedSample] = []
@@ -256,13 +257,13 @@ def _signal_ids(preset: Preset, tokenizer: Any) -> dict[str, tuple[int, ...]]:
 
 
 def _example(
-    e: EncodedSample, encoded: Mapping[Path, EncodedItem], time_modality: str | None
+    e: EncodedSample, encoded: Mapping[Path, MediaFeatures[np.ndarray]], time_modality: str | None
 ) -> TrainExample | None:
     media = [
-        TrainMedia(start, length, f.modality, torch.from_numpy(encoded[f.path].features).clone(), text)
+        MediaInExample(start, length, f.modality, torch.from_numpy(encoded[f.path].features).clone(), text)
         for (start, length), f, text in zip(e.media_spans, e.media, e.instructions, strict=True)
     ]
-    times: list[TrainTime] = []
+    times: list[TimeInExample] = []
     if e.time_tokens:
         # Each time token names a frame of the visual span after it, else of the last one
         # (E.T. Chat; `time_token_item`, as serving); replies' tokens name the last span's.
@@ -273,7 +274,7 @@ def _example(
         for pos, seconds in e.time_tokens:
             item = which[time_token_item(pos, spans)]
             frame = seconds_to_frames([seconds], encoded[e.media[item].path].times)[0]
-            times.append(TrainTime(pos, item, float(frame), e.labels[pos] != IGNORE_INDEX))
+            times.append(TimeInExample(pos, item, float(frame), e.labels[pos] != IGNORE_INDEX))
     return TrainExample(e.input_ids, e.labels, media, times)
 
 

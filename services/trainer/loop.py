@@ -33,8 +33,10 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class TrainMedia:
-    """One media item of an example: its span, modality, features and the text it may read."""
+class MediaInExample:
+    """One media item of an example: its span in the example's ids, modality, features and the
+    text it may read. `collate` places it in a batch as a `MediaInBatch` (the same, plus the
+    row; the *InExample / *InBatch pairs of times and signals likewise)."""
 
     start: int
     length: int
@@ -44,7 +46,7 @@ class TrainMedia:
 
 
 @dataclass(frozen=True)
-class TrainTime:
+class TimeInExample:
     """One time token of an example: position, the item it names, its true frame position."""
 
     position: int
@@ -54,7 +56,7 @@ class TrainTime:
 
 
 @dataclass(frozen=True)
-class TrainSignal:
+class SignalInExample:
     """The caption embedding an example's signal tokens are aligned to (NExT-GPT stage 2)."""
 
     modality: str
@@ -68,9 +70,9 @@ class TrainExample:
 
     input_ids: list[int]
     labels: list[int]
-    media: list[TrainMedia]
-    times: list[TrainTime] = field(default_factory=list)
-    signal: TrainSignal | None = None
+    media: list[MediaInExample]
+    times: list[TimeInExample] = field(default_factory=list)
+    signal: SignalInExample | None = None
 
 
 @dataclass

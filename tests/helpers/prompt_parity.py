@@ -16,6 +16,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from services.common.content import MediaFeatures, MediaPart, media_parts
 from services.common.presets import Preset, load_preset
 from services.models.lm.tokenizer import load_tokenizer
 from services.models.lm.tokens import add_to_tokenizer
@@ -54,14 +57,17 @@ def tokenizer_for(
     return load_tokenizer(folder, dummy_prefix=preset.llm.dummy_prefix)
 
 
+def item(modality: str, frames: int = 1, times: Sequence[float] = ()) -> MediaPart[MediaFeatures[np.ndarray]]:
+    """A media part holding an item of `frames` frames (one feature row each: only the count,
+    the modality and the times matter to the prompt)."""
+    features = np.zeros((frames, 1), np.float32)  # (frames, 1)
+    return MediaPart(MediaFeatures(modality, features, tuple(float(t) for t in times)))
+
+
 def served_prompt(
-    preset: Preset,
-    tokenizer: Any,
-    turns: Sequence[Any],
-    media: Sequence[tuple[str, int, Sequence[float]]],
-    num_tokens: Callable[[str, int], int],
+    preset: Preset, tokenizer: Any, turns: Sequence[Any], num_tokens: Callable[[str, int], int]
 ) -> Prompt:
-    """The prompt the engine builds for `turns` with `media` ((modality, frames, times) each)."""
+    """The prompt the engine builds for `turns`, whose media parts hold `item`s."""
     spec = preset.heads.timestamps
     slots = {
         m: ModalitySlots(
@@ -79,7 +85,8 @@ def served_prompt(
         tokenizer, slots, max_context_tokens=preset.llm.max_context_tokens, time_token_id=time_id
     )
     template = get_template(preset.llm.inference_template or preset.llm.template)
-    return request_prompt(preset, template, builder, turns, media)
+    frames = [int(p.media.features.shape[0]) for p in media_parts(turns)]
+    return request_prompt(preset, template, builder, turns, frames)
 
 
 def marked(prompt: Prompt) -> list[int]:

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from services.common.content import MediaItem, MediaPart, TextPart, Turn
+from services.common.content import MediaFeatures, MediaPart, TextPart, Turn
 from services.common.presets import Preset
 from services.llm.domain import GenerationEvent, GenerationRequest
 from services.llm.sampling import SamplingParams
@@ -67,7 +67,7 @@ def with_paths(
 
 
 async def serve_one(
-    preset: Preset, media: list[MediaItem], question: str = "What happens?"
+    preset: Preset, media: list[MediaFeatures], question: str = "What happens?"
 ) -> list[GenerationEvent]:
     """Load the preset's LLM side as the LLM service does and serve one greedy request."""
     from services.llm.engine import Engine
@@ -76,8 +76,7 @@ async def serve_one(
     engine = Engine(load_model(preset))
     try:
         request = GenerationRequest(
-            [Turn("user", [*(MediaPart(i) for i in range(len(media))), TextPart(question)])],
-            media,
+            [Turn("user", [*(MediaPart(m) for m in media), TextPart(question)])],
             SamplingParams(max_tokens=3, temperature=0.0),
         )
         return [e async for e in engine.generate(request)]
@@ -85,9 +84,9 @@ async def serve_one(
         engine.close()
 
 
-def media(modality: str, frames: int, rows: int, dim: int) -> MediaItem:
+def media(modality: str, frames: int, rows: int, dim: int) -> MediaFeatures:
     features = torch.randn(frames * rows, dim, generator=torch.Generator().manual_seed(frames))
-    return MediaItem(modality, features, tuple(float(t) for t in range(frames)))
+    return MediaFeatures(modality, features, tuple(float(t) for t in range(frames)))
 
 
 def lm_linears(preset: Preset) -> dict[str, tuple[int, int]]:

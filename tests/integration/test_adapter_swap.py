@@ -93,9 +93,16 @@ def request(adapter: str = "", max_tokens: int = 20) -> llm_pb2.GenerateRequest:
     array = np.random.default_rng(0).standard_normal((16, 64)).astype("<f4")
     return llm_pb2.GenerateRequest(
         turns=[
-            llm_pb2.Turn(role="user", parts=[llm_pb2.TurnPart(media_index=0), llm_pb2.TurnPart(text="Hi?")])
+            llm_pb2.Turn(
+                role="user",
+                parts=[
+                    llm_pb2.TurnPart(
+                        media=llm_pb2.MediaFeatures(modality="image", features=array_to_tensor(array))
+                    ),
+                    llm_pb2.TurnPart(text="Hi?"),
+                ],
+            )
         ],
-        media=[llm_pb2.MediaFeatures(modality="image", features=array_to_tensor(array))],
         sampling=llm_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0),
         adapter=adapter,
     )

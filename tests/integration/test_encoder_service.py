@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from services.common.content import EncodedItem
+from services.common.content import MediaFeatures
 from services.common.errors import DeadlineExceededError, NotFoundError, UnavailableError
 from services.common.presets import Preset, load_preset
 from services.common.settings import Settings
@@ -236,9 +236,9 @@ def _infer(
     return features, errors
 
 
-def _encoded(library: MediaEncoder, data: bytes) -> EncodedItem:
+def _encoded(library: MediaEncoder, data: bytes) -> MediaFeatures[np.ndarray]:
     (out,) = library.encode([data])
-    assert isinstance(out, EncodedItem), out
+    assert isinstance(out, MediaFeatures), out
     return out
 
 
@@ -345,7 +345,7 @@ async def test_encoder_client(service, library) -> None:
         items = [png_bytes(20, 60, seed=5), jpeg_bytes(70, 20, seed=6)]
         out = await enc.encode(MODEL, items, request_id="itest-client", timeout_s=30)
         assert [o.features.shape for o in out] == [(16, 64), (16, 64)]
-        assert [o.times.tolist() for o in out] == [[0.0], [0.0]]
+        assert [list(o.times) for o in out] == [[0.0], [0.0]]
         for data, item in zip(items, out, strict=True):
             np.testing.assert_allclose(item.features, _library(library, data), atol=1e-5, rtol=0)
         assert await enc.encode(MODEL, [], timeout_s=5) == []
@@ -386,7 +386,7 @@ def test_every_modality_matches_the_library(service, client, preset, libraries, 
     for data, (features, times, errors) in zip(items, results, strict=True):
         assert errors == [""]
         want = _encoded(libraries[modality], data)
-        assert features.shape == (1, *want.features.shape) and times.shape == (1, want.frames)
+        assert features.shape == (1, *want.features.shape) and times.shape == (1, len(want.times))
         np.testing.assert_allclose(features[0], want.features, atol=1e-4, rtol=0)
         np.testing.assert_allclose(times[0], want.times, atol=1e-6)
     if modality == "video":
@@ -412,13 +412,16 @@ async def test_encoder_client_modalities(service, preset, libraries) -> None:
     async with EncoderClient(service.target, settings=Settings()) as enc:
         videos = [MEDIA["video"](i) for i in (0, 3)]
         out = await enc.encode("video_eva_vit", videos, timeout_s=60, modality="video")
-        assert [o.frames for o in out] == [1, 4] and [o.features.shape for o in out] == [(4, 32), (16, 32)]
+        assert [len(o.times) for o in out] == [1, 4] and [o.features.shape for o in out] == [
+            (4, 32),
+            (16, 32),
+        ]
         np.testing.assert_allclose(out[1].times, [0.0, 1.0, 2.0, 3.0])
         with pytest.raises(EncoderItemError, match=r"^video 1: (not a video|corrupt)") as info:
             await enc.encode("video_eva_vit", [videos[0], b"garbage bytes"], timeout_s=60, modality="video")
         assert info.value.index == 1
         (event,) = await enc.encode("event_clip_vision", [MEDIA["event"](0)], timeout_s=60, modality="event")
-        assert event.features.shape == (5 * 17, 64) and event.frames == 5
+        assert event.features.shape == (5 * 17, 64) and len(event.times) == 5
 
 
 async def test_sigterm_stops_cleanly_and_the_client_reconnects(service, library) -> None:

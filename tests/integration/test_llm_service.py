@@ -76,19 +76,17 @@ def features(tokens: int = 16, dim: int = 64, dtype: str = "<f4", seed: int = 0)
     return llm_pb2.MediaFeatures(modality="image", features=array_to_tensor(array))
 
 
-def user(*parts: str | int) -> llm_pb2.Turn:
+def user(*parts: str | llm_pb2.MediaFeatures) -> llm_pb2.Turn:
+    """A user turn: a string is a text part, MediaFeatures a media part carrying them."""
     return llm_pb2.Turn(
         role="user",
-        parts=[
-            llm_pb2.TurnPart(text=p) if isinstance(p, str) else llm_pb2.TurnPart(media_index=p) for p in parts
-        ],
+        parts=[llm_pb2.TurnPart(text=p) if isinstance(p, str) else llm_pb2.TurnPart(media=p) for p in parts],
     )
 
 
 def good_request(max_tokens: int = 20, **sampling: object) -> llm_pb2.GenerateRequest:
     return llm_pb2.GenerateRequest(
-        turns=[user(0, "What is this?")],
-        media=[features()],
+        turns=[user(features(), "What is this?")],
         sampling=llm_pb2.SamplingParams(**{"max_tokens": max_tokens, "temperature": 0.0, **sampling}),  # type: ignore[arg-type]
     )
 
@@ -132,6 +130,8 @@ def bad_requests() -> dict[str, tuple[llm_pb2.GenerateRequest, grpc.StatusCode, 
         for key, value in fields.items():
             if key == "sampling":
                 request.sampling.CopyFrom(value)
+            elif key == "media":  # the first question's item
+                request.turns[0].parts[0].media.CopyFrom(value)
             else:
                 request.ClearField(key)
                 getattr(request, key).extend(value)
@@ -142,24 +142,29 @@ def bad_requests() -> dict[str, tuple[llm_pb2.GenerateRequest, grpc.StatusCode, 
         "wrong shape",
         invalid,
         "image features: expected (16, 64) = 1 frame(s) x 16 rows, got (15, 64)",
-        media=[short],
+        media=short,
     )
     two_times = features()
     two_times.frame_times.extend([0.0, 1.0])
-    case("frame times", invalid, "image frame times: expected 1 (one per frame), got 2", media=[two_times])
-    case("wrong dtype", invalid, "expected a floating-point dtype", media=[features(dtype="<i4")])
+    case("frame times", invalid, "image frame times: expected 1 (one per frame), got 2", media=two_times)
+    case("wrong dtype", invalid, "expected a floating-point dtype", media=features(dtype="<i4"))
     bad_bytes = features()
     bad_bytes.features.data = bad_bytes.features.data[:-4]
-    case("byte count", invalid, "media[0].features: expected 4096 bytes for FP32[16, 64], got 4092",
-         media=[bad_bytes])  # fmt: skip
-    case("index out of range", invalid, "media index 3 is out of range", turns=[user(3, "hi")])
+    case("byte count", invalid,
+         "turns[0].parts[0].media.features: expected 4096 bytes for FP32[16, 64], got 4092",
+         media=bad_bytes)  # fmt: skip
+    case("empty part", invalid, "turns[0].parts[0]: none of text, media, time_seconds is set",
+         turns=[llm_pb2.Turn(role="user", parts=[llm_pb2.TurnPart()])])  # fmt: skip
     case("too many images", invalid, "at most 4 image items per prompt, got 5",
-         turns=[user(0, 1, 2, 3, 4, "hi")], media=[features(seed=i) for i in range(5)])  # fmt: skip
-    case("media not referenced", invalid, "media[0]: not referenced", turns=[user("hi")])
+         turns=[user(*(features(seed=i) for i in range(5)), "hi")])  # fmt: skip
+    case("media in a reply", invalid, "turns[1]: media parts are only allowed in user turns",
+         turns=[user("hi"), llm_pb2.Turn(role="assistant", parts=[llm_pb2.TurnPart(media=features())]),
+                user("and?")])  # fmt: skip
     case("empty turns", invalid, "turns: expected at least one user turn, got none", turns=[])
     case("last turn not user", invalid, "the last turn must be 'user', got 'assistant'",
-         turns=[user(0, "hi"), llm_pb2.Turn(role="assistant", parts=[llm_pb2.TurnPart(text="ok")])])  # fmt: skip
-    case("prompt too long", invalid, "at most 1023 allowed", turns=[user(0, "the big red square " * 300)])
+         turns=[user(features(), "hi"), llm_pb2.Turn(role="assistant", parts=[llm_pb2.TurnPart(text="ok")])])  # fmt: skip
+    case("prompt too long", invalid, "at most 1023 allowed",
+         turns=[user(features(), "the big red square " * 300)])  # fmt: skip
     case("max_tokens 0", invalid, "sampling.max_tokens: expected > 0, got 0",
          sampling=llm_pb2.SamplingParams(max_tokens=0))  # fmt: skip
     case("temperature -1", invalid, "sampling.temperature: expected in [0, 2], got -1",
@@ -296,8 +301,7 @@ def etchat_request(max_tokens: int = 8) -> llm_pb2.GenerateRequest:
     array = np.random.default_rng(7).standard_normal((len(FRAME_TIMES) * 4, 32)).astype("<f4")
     media = llm_pb2.MediaFeatures(modality="video", features=array_to_tensor(array), frame_times=FRAME_TIMES)
     return llm_pb2.GenerateRequest(
-        turns=[user(0, "When does the dog move?")],
-        media=[media],
+        turns=[user(media, "When does the dog move?")],
         sampling=llm_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0),
     )
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from services.common.content import MediaItem
+from services.common.content import MediaFeatures
 from services.common.errors import InvalidArgumentError
 from services.common.presets import ModalitySpec, Preset
 from services.models.connectors.connector import Connector
@@ -157,11 +157,11 @@ class MultimodalLM(nn.Module):
         """LLM tokens an item of `frames` frames becomes."""
         return self.connector(modality).num_tokens(frames)
 
-    def frames(self, item: MediaItem) -> int:
+    def frames(self, item: MediaFeatures[torch.Tensor]) -> int:
         """Frames of a checked item (see `check_media`)."""
         return int(item.features.shape[0]) // self.layouts[item.modality].tokens_per_frame
 
-    def check_media(self, media: Sequence[MediaItem]) -> None:
+    def check_media(self, media: Sequence[MediaFeatures[torch.Tensor]]) -> None:
         """Validate each item's modality, shape, frames, times, dtype and values.
 
         Raises:
@@ -210,7 +210,7 @@ class MultimodalLM(nn.Module):
         self,
         input_ids: Sequence[int] | torch.Tensor,
         media_spans: Sequence[tuple[int, int]],
-        features: Sequence[MediaItem],
+        features: Sequence[MediaFeatures[torch.Tensor]],
         connectors: nn.ModuleDict | Mapping[str, nn.Module] | None = None,
         instructions: Sequence[str] | None = None,
     ) -> torch.Tensor:
@@ -325,7 +325,7 @@ class MultimodalLM(nn.Module):
 
     def project(
         self,
-        features: Sequence[MediaItem],
+        features: Sequence[MediaFeatures[torch.Tensor]],
         connectors: nn.ModuleDict | Mapping[str, nn.Module] | None = None,
         instructions: Sequence[str] | None = None,
     ) -> list[torch.Tensor]:

@@ -9,7 +9,7 @@ decodes through a `TimedDecode` (SEEDS_SPEC 5, "The <vid> token and timestamp ma
 - at every step (the prefill included), the query: `vid_head` over `hidden_states[-2]` at the
   last position, and its best frame (argmax of the similarity);
 - when the sampled token is the time token, the reply gets that frame's time in seconds
-  (`MediaItem.times`; frame index = seconds when the item has no times, E.T. Chat's 1 fps),
+  (`MediaFeatures.times`; frame index = seconds when the item has no times, E.T. Chat's 1 fps),
   written with `format_seconds` ("12" for 12.0 s, "12.5") in place of the token, and a
   `Timestamp`; the token is fed back as emb(`<vid>`) + the frame's LLM input embedding.
 
@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from services.common.content import MediaItem, Timestamp
+from services.common.content import MediaFeatures, Timestamp
 from services.common.errors import FailedPreconditionError
 from services.common.presets import Preset
 from services.models.lm.timestamps import TimestampHeads, TimestampMatcher, capture_norm_input
@@ -90,7 +90,7 @@ class TimedDecode:
         heads: TimestampHeads | None,
         token_id: int | None,
         modality: str,
-        media: Sequence[MediaItem],
+        media: Sequence[MediaFeatures[torch.Tensor]],
         spans: Sequence[tuple[int, int]],
         embeds: torch.Tensor,
     ) -> TimedDecode | None:

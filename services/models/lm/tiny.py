@@ -263,7 +263,7 @@ def teach_signal_replies(path: Path, preset: Preset, *, seed: int, steps: int = 
     stop = template.stop[0] if template.stop else tokenizer.eos_token
     rows: list[tuple[list[int], list[int]]] = []
     for ask, reply, modality in signal_examples(preset):
-        segments = template.render([Turn("user", [TextPart(ask)])], media_modalities=[], media_times=[])
+        segments = template.render([Turn("user", [TextPart(ask)])])
         prompt = list(builder.build(segments, [], bos=template.bos).input_ids)
         signals = "".join(preset.outputs[modality].signal_tokens) if modality else ""
         answer = tokenizer(reply + signals + "\n" + stop, add_special_tokens=False)["input_ids"]

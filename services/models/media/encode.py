@@ -1,6 +1,6 @@
 """The encoder of one modality: decode -> preprocess -> frozen backbone -> features and times.
 
-`MediaEncoder.encode` takes the files of a batch and returns, per item, an `EncodedItem`
+`MediaEncoder.encode` takes the files of a batch and returns, per item, its `MediaFeatures`
 (float32 (frames * tokens_per_frame, dim) features, frame-major, and each frame's time in
 seconds) or the error that item met. Decoding and preprocessing (`prepare.MediaPreprocessor`:
 per modality, the seed's frame sampling, resize, crop, audio clips and event frames, chosen by
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from services.common import modalities
-from services.common.content import EncodedItem
+from services.common.content import MediaFeatures
 from services.common.errors import InvalidArgumentError, ModalmeshError
 from services.common.presets import EncoderSpec
 from services.models.backbones.base import Backbone, build_backbone
@@ -41,7 +41,7 @@ __all__ = ["CLIP_MEAN", "CLIP_STD", "EncodeResult", "EncoderLimits", "MediaEncod
 
 logger = logging.getLogger(__name__)
 
-EncodeResult = EncodedItem | ModalmeshError
+EncodeResult = MediaFeatures[np.ndarray] | ModalmeshError
 FRAMES_PER_FORWARD = 64  # frame backbones run at most this many frames at once
 
 
@@ -161,7 +161,7 @@ class MediaEncoder:
         """Encode files of this modality; one result per item, in order.
 
         Returns:
-            Per item, an `EncodedItem` (float32 C-contiguous features (frames * tokens_per_frame,
+            Per item, its `MediaFeatures` (float32 C-contiguous features (frames * tokens_per_frame,
             dim), float32 times (frames,)), or the `ModalmeshError` (usually
             `InvalidArgumentError`) that kept it from being encoded.
         """
@@ -176,7 +176,9 @@ class MediaEncoder:
             encoded = forward(good)
         features = iter(encoded)
         return [
-            p if isinstance(p, ModalmeshError) else EncodedItem(np.ascontiguousarray(next(features)), p.times)
+            p
+            if isinstance(p, ModalmeshError)
+            else MediaFeatures(self.modality, np.ascontiguousarray(next(features)), tuple(p.times.tolist()))
             for p in prepared
         ]
 
@@ -186,7 +188,10 @@ class MediaEncoder:
         if isinstance(result, ModalmeshError):
             raise result
         logger.info(
-            "%s warm-up done: features %s, %d frame(s)", self.modality, result.features.shape, result.frames
+            "%s warm-up done: features %s, %d frame(s)",
+            self.modality,
+            result.features.shape,
+            len(result.times),
         )
 
     def close(self) -> None:

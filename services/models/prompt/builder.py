@@ -7,6 +7,10 @@ template asks for it (`bos`), and wherever a `Bos` segment stands; each text seg
 tokenized without special tokens added, so a "</s>" written by the template maps to the EOS
 id (LLaVA's `tokenizer_image_token` keeps only the first chunk's BOS likewise).
 
+Media items are numbered in the order their parts appear in the conversation
+(`services.common.content.media_parts`); the template's `MediaRef` segments hold the parts
+themselves, and the builder finds each one's number from its slot (`MediaSlot.part`).
+
 `media_combine: sum` (PandaGPT): `combine_turn_media` leaves one media part per user turn (its
 first) and names, for each other item of the turn, the item whose span it shares; the
 builder gives them that span and the model sums their connector outputs there. With
@@ -27,7 +31,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.common.content import MediaPart, Part, TimePart, Turn
+from services.common.content import MediaPart, Part, TimePart, Turn, media_parts
 from services.common.errors import InvalidArgumentError
 from services.common.presets import Preset
 from services.models.prompt.templates import Bos, MediaRef, Segment, Template, check_roles
@@ -57,14 +61,19 @@ class MediaSlot:
     """One media item of a request as the prompt builder needs it.
 
     Attributes:
-        modality: Its modality.
+        part: The media part holding it (what the template's `MediaRef` names).
         frames: Its frames (an image: 1).
         combine_with: The item whose span it shares (media_combine sum), or None for its own.
     """
 
-    modality: str
+    part: MediaPart[Any]
     frames: int
     combine_with: int | None = None
+
+    @property
+    def modality(self) -> str:
+        """The item's modality."""
+        return self.part.media.modality
 
 
 @dataclass(frozen=True)
@@ -89,35 +98,36 @@ class Prompt:
 
 
 def combine_turn_media(
-    turns: Sequence[Turn], modalities: Sequence[str] | None = None
-) -> tuple[list[Turn], dict[int, int]]:
+    turns: Sequence[Turn[Any]], *, per_modality: bool = False
+) -> tuple[list[Turn[Any]], dict[int, int]]:
     """media_combine sum: keep each user turn's first media part, drop its others; with
-    `modalities` (sum_per_modality) keep the first part of each modality of the turn.
+    `per_modality` (sum_per_modality) keep the first part of each modality of the turn.
 
     Args:
         turns: The conversation.
-        modalities: The modality of each media item of the request, by index; None: all the
-            items of a turn are combined whatever their modality.
+        per_modality: Combine the items of each modality of a turn apart; False: all the
+            items of a turn whatever their modality.
 
     Returns:
-        The turns to render, and for each dropped item the item whose span it shares.
+        The turns to render, and for each dropped item the item whose span it shares, each
+        by its number among the conversation's media parts.
     """
-    out: list[Turn] = []
+    out: list[Turn[Any]] = []
     combined: dict[int, int] = {}
+    index = 0
     for turn in turns:
         firsts: dict[str, int] = {}
-        keep: list[Part] = []
+        keep: list[Part[Any]] = []
         for part in turn.parts:
             if not isinstance(part, MediaPart):
                 keep.append(part)
                 continue
-            known = modalities is not None and 0 <= part.index < len(modalities)
-            key = modalities[part.index] if modalities is not None and known else ""
-            first = firsts.setdefault(key, part.index)
-            if first == part.index:
+            first = firsts.setdefault(part.media.modality if per_modality else "", index)
+            if first == index:
                 keep.append(part)
             else:
-                combined[part.index] = first
+                combined[index] = first
+            index += 1
         out.append(turn if len(keep) == len(turn.parts) else Turn(turn.role, keep))
     return out, combined
 
@@ -179,7 +189,7 @@ class PromptBuilder:
 
         Args:
             segments: Output of Template.render.
-            media: The request's media items, indexed by MediaRef.index.
+            media: The request's media items in order (each `MediaRef` names one's part).
             bos: Start with the tokenizer's BOS (the template's `bos`).
             times: The seconds of the request's time parts, in order: one per time token.
 
@@ -187,7 +197,7 @@ class PromptBuilder:
             The prompt with one span per media item, in the order of `media`.
 
         Raises:
-            InvalidArgumentError: A reference is out of range, an item is referenced twice or
+            InvalidArgumentError: A reference is not an item of `media`, an item is referenced twice or
                 never, a modality is over its limit, the text holds another number of time
                 tokens than `times`, or the prompt does not fit the context.
         """
@@ -197,6 +207,7 @@ class PromptBuilder:
         bos_ids = [self.bos_id] if self.bos_id is not None else []
         ids: list[int] = list(bos_ids) if bos else []
         spans: list[tuple[int, int] | None] = [None] * len(media)
+        numbers = {id(slot.part): i for i, slot in enumerate(media)}
         text_positions: list[int] = []
         for seg in segments:
             if isinstance(seg, str):
@@ -206,10 +217,10 @@ class PromptBuilder:
             if isinstance(seg, Bos):
                 ids += bos_ids
                 continue
-            slot = self._check_ref(seg, media, spans)
-            slots = self.modalities[slot.modality]
+            index = self._check_ref(seg, numbers, spans)
+            slot, slots = media[index], self.modalities[media[index].modality]
             length = slots.num_tokens(slot.frames)
-            spans[seg.index] = (len(ids), length)
+            spans[index] = (len(ids), length)
             ids += [slots.placeholder_id] * length
         self._combine(media, spans)
         missing = [i for i, s in enumerate(spans) if s is None]
@@ -298,19 +309,19 @@ class PromptBuilder:
                 )
 
     @staticmethod
-    def _check_ref(
-        ref: MediaRef, media: Sequence[MediaSlot], spans: list[tuple[int, int] | None]
-    ) -> MediaSlot:
-        if not 0 <= ref.index < len(media):
+    def _check_ref(ref: MediaRef, numbers: Mapping[int, int], spans: list[tuple[int, int] | None]) -> int:
+        """The number of the item `ref` stands for."""
+        index = numbers.get(id(ref.part))
+        if index is None:
             raise InvalidArgumentError(
-                f"turns: media index {ref.index} is out of range; the request has {len(media)} media item(s)",
+                f"turns: a media part that is not one of the request's {len(spans)} media item(s)",
                 param="turns",
             )
-        if spans[ref.index] is not None:
+        if spans[index] is not None:
             raise InvalidArgumentError(
-                f"turns: media item {ref.index} is referenced more than once", param="turns"
+                f"turns: media item {index} is referenced more than once", param="turns"
             )
-        return media[ref.index]
+        return index
 
     def _check_length(self, ids: list[int], spans: list[tuple[int, int] | None]) -> None:
         limit = self.max_context_tokens - 1
@@ -324,7 +335,7 @@ class PromptBuilder:
             )
 
 
-def request_times(turns: Sequence[Turn]) -> tuple[list[float], str | None]:
+def request_times(turns: Sequence[Turn[Any]]) -> tuple[list[float], str | None]:
     """The seconds of the request's time parts in order, and where the first one is."""
     times: list[float] = []
     where = None
@@ -340,8 +351,8 @@ def request_prompt(
     preset: Preset,
     template: Template,
     builder: PromptBuilder,
-    turns: Sequence[Turn],
-    media: Sequence[tuple[str, int, Sequence[float]]],
+    turns: Sequence[Turn[Any]],
+    frames: Sequence[int],
 ) -> Prompt:
     """A request's prompt as the engine serves it: roles checked, time parts checked, media
     combined as the preset says, rendered with `template` and tokenized.
@@ -350,31 +361,28 @@ def request_prompt(
         preset: The served preset (media_combine, heads.timestamps).
         template: The template serving renders (`llm.inference_template` or `llm.template`).
         builder: The prompt builder of the loaded tokenizer.
-        turns: The conversation.
-        media: Per media item of the request, (modality, frames, frame times).
+        turns: The conversation, each media part carrying its item.
+        frames: The frames of each media item, in the order its part appears.
 
     Raises:
-        InvalidArgumentError: Bad turns or media references, time parts the preset or the
-            request cannot take, or a prompt too long.
+        InvalidArgumentError: Bad turns, time parts the preset or the request cannot take, or
+            a prompt too long.
     """
     check_roles(turns)
-    times, time_token = check_time_parts(preset, turns, [m for m, _, _ in media])
+    parts = media_parts(turns)
+    if len(frames) != len(parts):
+        raise InvalidArgumentError(f"media: {len(parts)} items but {len(frames)} frame counts")
+    times, time_token = check_time_parts(preset, turns, [p.media.modality for p in parts])
     combined: dict[int, int] = {}
     if preset.media_combine != "separate":
-        per_modality = [m for m, _, _ in media] if preset.media_combine == "sum_per_modality" else None
-        turns, combined = combine_turn_media(turns, per_modality)
-    segments = template.render(
-        turns,
-        media_modalities=[m for m, _, _ in media],
-        media_times=[tuple(t) for _, _, t in media],
-        time_token=time_token,
-    )
-    slots = [MediaSlot(m, frames, combined.get(i)) for i, (m, frames, _) in enumerate(media)]
+        turns, combined = combine_turn_media(turns, per_modality=preset.media_combine == "sum_per_modality")
+    segments = template.render(turns, time_token=time_token)
+    slots = [MediaSlot(p, n, combined.get(i)) for i, (p, n) in enumerate(zip(parts, frames, strict=True))]
     return builder.build(segments, slots, bos=template.bos, times=times)
 
 
 def check_time_parts(
-    preset: Preset, turns: Sequence[Turn], modalities: Sequence[str]
+    preset: Preset, turns: Sequence[Turn[Any]], modalities: Sequence[str]
 ) -> tuple[list[float], str | None]:
     """The seconds of the request's time parts in order, and the time token they render as
     (None: the preset has no timestamp heads, and the request may hold no time part).

@@ -9,10 +9,12 @@ the template says otherwise) and a media part renders where it stands (vLLM's co
 [image, text] -> "<image>\\nWhat is this?". With LLaVA's data, where the image always comes
 first in the message, this gives LLaVA's own prompt. Templates of prefix-style systems
 (PandaGPT, NExT-GPT, VideoChat) also wrap each media part in text, e.g. "<Img>" + media +
-"</Img>"; the wrapper may depend on the item's modality, which `render` is then told.
+"</Img>"; the wrapper may depend on the item's modality, which the part's item names.
 A template may also write a note after a media part from the item's frame times (VideoChat's
-"The video contains 8 frames sampled at 0.5, 1.6, ... seconds."), which `render` is told
-with `media_times`; an item whose times are unknown gets no note.
+"The video contains 8 frames sampled at 0.5, 1.6, ... seconds."), read from the part's
+`MediaFeatures`; an item whose times are unknown (or a training sample's file) gets no note.
+Each `MediaRef` segment holds the media part it stands for; the prompt builder finds the
+item's place in the request from it.
 
 A time part (`TimePart`, E.T. Bench's `<vid>` in a question) renders inline as the preset's
 time token, which `render` is told with `time_token`: "from " + `<vid>` + " to " + `<vid>`; no
@@ -37,8 +39,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.common.content import ROLES, MediaPart, Part, TextPart, TimePart, Turn
-from services.common.errors import InvalidArgumentError, ModalmeshError
+from services.common.content import ROLES, MediaFeatures, MediaPart, Part, TextPart, TimePart, Turn
+from services.common.errors import InvalidArgumentError
 
 PART_SEPARATOR = "\n"
 ANY_MODALITY = "*"  # media_wrappers key for modalities without their own entry
@@ -46,9 +48,11 @@ ANY_MODALITY = "*"  # media_wrappers key for modalities without their own entry
 
 @dataclass(frozen=True)
 class MediaRef:
-    """A segment standing for media item `index` of the request."""
+    """A segment standing for a media part of the conversation: the part itself, which the
+    prompt builder finds among the request's items (by identity: two parts with equal items
+    are still two items)."""
 
-    index: int
+    part: MediaPart[Any]
 
 
 @dataclass(frozen=True)
@@ -125,11 +129,9 @@ class Template:
 
     def render(
         self,
-        turns: Sequence[Turn],
+        turns: Sequence[Turn[Any]],
         *,
         add_generation_prompt: bool = True,
-        media_modalities: Sequence[str] | None = None,
-        media_times: Sequence[Sequence[float]] | None = None,
         time_token: str | None = None,
     ) -> list[Segment]:
         """Render a conversation into segments.
@@ -138,10 +140,6 @@ class Template:
             turns: An optional system turn, then user/assistant turns alternating from the user.
             add_generation_prompt: End with the assistant's prefix for the reply (the last
                 turn must then be the user's).
-            media_modalities: The modality of each media item of the request, by index; needed
-                when the template wraps media per modality (see `needs_media_modalities`).
-            media_times: The frame times (seconds) of each media item, by index, for the
-                template's `frame_notes`; None or an empty entry: no note for that item.
             time_token: The text a time part renders as (the preset's `<vid>`); None: the
                 conversation may hold no time part.
 
@@ -152,33 +150,20 @@ class Template:
             InvalidArgumentError: The roles are out of order, a turn is malformed, a media
                 item's modality has no wrapper in this template, or a time part comes without
                 a time token.
-            ModalmeshError: (internal) The template wraps media per modality and
-                `media_modalities` is None.
         """
         check_roles(turns, last_user=add_generation_prompt)
         system, turns = self.split_system(turns)
         out: list[Segment] = [self.system_text(system)]
         for i, turn in enumerate(turns):
             if turn.role == "user":
-                out += self.user_segments(
-                    turn,
-                    first=i == 0,
-                    media_modalities=media_modalities,
-                    media_times=media_times,
-                    time_token=time_token,
-                )
+                out += self.user_segments(turn, first=i == 0, time_token=time_token)
             else:
                 out.append(self.assistant_prefix + turn_text(turn) + self.assistant_suffix)
         if add_generation_prompt:
             out.append(self.generation_prompt)
         return merge_text(out)
 
-    @property
-    def needs_media_modalities(self) -> bool:
-        """Whether rendering media needs each item's modality (a per-modality wrapper)."""
-        return any(key != ANY_MODALITY for key in self.media_wrappers)
-
-    def split_system(self, turns: Sequence[Turn]) -> tuple[str, Sequence[Turn]]:
+    def split_system(self, turns: Sequence[Turn[Any]]) -> tuple[str, Sequence[Turn[Any]]]:
         """The system prompt (a leading system turn's text, else the default) and the rest."""
         if turns and turns[0].role == "system":
             return turn_text(turns[0]), turns[1:]
@@ -188,22 +173,12 @@ class Template:
         """The text written for a system prompt ("" for an empty one)."""
         return self.system_prefix + system + self.system_suffix if system else ""
 
-    def user_segments(
-        self,
-        turn: Turn,
-        *,
-        first: bool,
-        media_modalities: Sequence[str] | None = None,
-        media_times: Sequence[Sequence[float]] | None = None,
-        time_token: str | None = None,
-    ) -> list[Segment]:
+    def user_segments(self, turn: Turn[Any], *, first: bool, time_token: str | None = None) -> list[Segment]:
         """A user turn with its prefix and suffix, parts joined, media wrapped.
 
         Args:
             turn: The user turn.
             first: Whether it is the conversation's first user turn.
-            media_modalities: As in `render`.
-            media_times: As in `render`.
             time_token: As in `render`.
         """
         prefix = self.user_prefix
@@ -219,53 +194,32 @@ class Template:
             if isinstance(part, TimePart):
                 out.append(time_part_text(part, time_token))
                 continue
-            before, after = self._media_wrapper(part.index, media_modalities)
-            out += [
-                before,
-                MediaRef(part.index),
-                after,
-                self._frame_note(part.index, media_modalities, media_times),
-            ]
+            before, after = self._media_wrapper(part)
+            out += [before, MediaRef(part), after, self._frame_note(part)]
         out.append(self.user_suffix)
         return out
 
-    def _frame_note(
-        self,
-        index: int,
-        media_modalities: Sequence[str] | None,
-        media_times: Sequence[Sequence[float]] | None,
-    ) -> str:
-        if not self.frame_notes or media_modalities is None or media_times is None:
+    def _frame_note(self, part: MediaPart[Any]) -> str:
+        item = part.media
+        if not self.frame_notes or not isinstance(item, MediaFeatures) or not item.times:
             return ""
-        if not (0 <= index < len(media_modalities) and index < len(media_times)) or not media_times[index]:
-            return ""
-        note = self.frame_notes.get(media_modalities[index])
+        note = self.frame_notes.get(item.modality)
         if note is None:
             return ""
-        times = media_times[index]
-        return note.replace("{count}", str(len(times))).replace(
-            "{times}", ", ".join(str(round(float(t), 1)) for t in times)
+        return note.replace("{count}", str(len(item.times))).replace(
+            "{times}", ", ".join(str(round(float(t), 1)) for t in item.times)
         )
 
-    def _media_wrapper(self, index: int, media_modalities: Sequence[str] | None) -> tuple[str, str]:
+    def _media_wrapper(self, part: MediaPart[Any]) -> tuple[str, str]:
         if not self.media_wrappers:
             return "", ""
-        if media_modalities is None:
-            if self.needs_media_modalities:
-                raise ModalmeshError(
-                    f"template {self.name} wraps media per modality; render needs media_modalities"
-                )
-            return self.media_wrappers[ANY_MODALITY]
-        if not 0 <= index < len(media_modalities):
-            # Not an item of the request: left bare for the prompt builder to reject.
-            return "", ""
-        modality = media_modalities[index]
+        modality = part.media.modality
         wrapper = self.media_wrappers.get(modality, self.media_wrappers.get(ANY_MODALITY))
         if wrapper is None:
             raise InvalidArgumentError(
-                f"media[{index}].modality: template {self.name} expected one of "
+                f"media modality: template {self.name} expected one of "
                 f"{sorted(self.media_wrappers)}, got {modality!r}",
-                param=f"media[{index}].modality",
+                param="media.modality",
             )
         return wrapper
 
@@ -296,11 +250,9 @@ class DemoSplitTemplate(Template):
 
     def render(
         self,
-        turns: Sequence[Turn],
+        turns: Sequence[Turn[Any]],
         *,
         add_generation_prompt: bool = True,
-        media_modalities: Sequence[str] | None = None,
-        media_times: Sequence[Sequence[float]] | None = None,
         time_token: str | None = None,
     ) -> list[Segment]:
         """Render as `Template.render` does, in the demo's split form (see the class)."""
@@ -316,7 +268,7 @@ class DemoSplitTemplate(Template):
             if i == 0 and self.first_user_prefix is not None:
                 prefix = self.first_user_prefix
             pieces.append(prefix)
-            pieces += [MediaRef(p.index) for p in turn.parts if isinstance(p, MediaPart)]
+            pieces += [MediaRef(p) for p in turn.parts if isinstance(p, MediaPart)]
             text = self.part_separator.join(
                 p.text if isinstance(p, TextPart) else time_part_text(p, time_token)
                 for p in turn.parts
@@ -334,18 +286,18 @@ class DemoSplitTemplate(Template):
             if text:  # the split eats the space before " <"
                 out += [BOS, text[:-1] if text.endswith(" ") else text]
                 text = ""
-            before, after = self._media_wrapper(piece.index, media_modalities)
+            before, after = self._media_wrapper(piece.part)
             out += [before, piece, after]
         if text:
             out += [BOS, text]
         return merge_text(out)
 
 
-def turn_text(turn: Turn, time_token: str = "") -> str:
+def turn_text(turn: Turn[Any], time_token: str = "") -> str:
     """The text parts of a turn joined with PART_SEPARATOR (media parts left out), each time
     part written inline as `time_token` (no separator next to it)."""
     out: list[str] = []
-    previous: Part | None = None
+    previous: Part[Any] | None = None
     for part in turn.parts:
         if isinstance(part, MediaPart):
             continue
@@ -385,7 +337,7 @@ def merge_text(segments: Sequence[Segment]) -> list[Segment]:
     return out
 
 
-def check_roles(turns: Sequence[Turn], *, last_user: bool = True) -> None:
+def check_roles(turns: Sequence[Turn[Any]], *, last_user: bool = True) -> None:
     """Validate the shape of a conversation.
 
     Rules: at least one turn; roles are system/user/assistant; a system turn only first; then

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import hashlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 from typing import Any
@@ -22,7 +22,7 @@ import redis
 
 from gateway.serving import ChatService
 from modalmesh.v1 import llm_pb2, llm_pb2_grpc
-from services.common.content import EncodedItem
+from services.common.content import MediaFeatures, MediaInput, MediaPart, Part, TextPart, TimePart, Turn
 from services.common.errors import UnavailableError
 from services.common.log import request_id_from_metadata
 from services.encoders.client import EncoderItemError
@@ -47,6 +47,19 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 REFUSED = "127.0.0.1:1"  # nothing listens on port 1: connections are refused at once
 
 
+def turn(role: str, parts: Sequence[str | MediaInput | TimePart]) -> Turn[MediaInput]:
+    """A turn from short forms: a string is a text part, a MediaInput a media part."""
+    out: list[Part[MediaInput]] = []
+    for p in parts:
+        out.append(TextPart(p) if isinstance(p, str) else MediaPart(p) if isinstance(p, MediaInput) else p)
+    return Turn(role, tuple(out))
+
+
+def sent_media(request: llm_pb2.GenerateRequest) -> list[llm_pb2.MediaFeatures]:
+    """The media items a GenerateRequest carries, in the order their parts appear."""
+    return [p.media for t in request.turns for p in t.parts if p.WhichOneof("part") == "media"]
+
+
 class FakeEncoder:
     """Stands in for services.encoders.client.EncoderClient: PNG in, (16, 64) float32 per frame
     out, one frame at 0.0 s unless `times` names a modality's frame times; other bytes are
@@ -67,7 +80,7 @@ class FakeEncoder:
         request_id: str | None = None,
         timeout_s: float | None = None,
         modality: str = "image",
-    ) -> list[EncodedItem]:
+    ) -> list[MediaFeatures[np.ndarray]]:
         self.calls.append((model, len(items), request_id))
         self.modalities.append(modality)
         if self.down:
@@ -79,7 +92,7 @@ class FakeEncoder:
             seed = int.from_bytes(hashlib.sha256(data).digest()[:4], "little")
             times = np.array(self.times.get(modality, [0.0]), dtype=np.float32)  # (F,)
             features = np.random.default_rng(seed).standard_normal((16 * len(times), 64))
-            out.append(EncodedItem(features.astype(np.float32), times))
+            out.append(MediaFeatures(modality, features.astype(np.float32), tuple(times.tolist())))
         return out
 
     async def ready(self, model: str) -> bool:
@@ -127,7 +140,7 @@ class FakeLLM(llm_pb2_grpc.LLMServicer):
                 timestamps=self.timestamps.get(len(self.pieces) - 1, []),
                 finish_reason=llm_pb2.FINISH_REASON_STOP,
                 usage=llm_pb2.Usage(
-                    prompt_tokens=10 + 16 * len(request.media), completion_tokens=len(self.pieces)
+                    prompt_tokens=10 + 16 * len(sent_media(request)), completion_tokens=len(self.pieces)
                 ),
                 stop_token_id=self.stop_token_id,
             )

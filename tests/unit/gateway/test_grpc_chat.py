@@ -11,14 +11,14 @@ from typing import Any
 import grpc
 import pytest
 
-from gateway.domain import TimeRef
 from gateway.grpc_chat import CHAT_SERVICE_NAME, ChatServicer, to_domain
 from gateway.serving import ChatService
 from modalmesh.v1 import chat_pb2, chat_pb2_grpc, llm_pb2
+from services.common.content import TextPart, TimePart
 from services.common.errors import InvalidArgumentError
 from services.common.grpc_server import GrpcServer
 from services.common.settings import Settings
-from tests.unit.gateway.support import FakeEncoder, FakeLLM
+from tests.unit.gateway.support import FakeEncoder, FakeLLM, sent_media
 
 
 async def start_chat_server(settings: Settings, service: ChatService) -> tuple[GrpcServer, str]:
@@ -97,7 +97,7 @@ def test_to_domain() -> None:
         -1.0,
     )
     assert penalised.stop_token_ids == [7] and penalised.max_tokens is None
-    assert chat.turns[0].parts[0] == "a"
+    assert chat.turns[0].parts[0] == TextPart("a")
     media = chat.media()
     assert media[0].data == b"x" and media[1].url == "https://e/x.png"
     assert [m.param for m in media] == ["messages[0].content[1]", "messages[0].content[2]"]
@@ -120,7 +120,7 @@ async def test_complete_streams_deltas_then_usage(
         chunks[-1].usage.total_tokens,
     ) == (42, 3, 45)
     fake = llm_server[0]
-    assert fake.request_ids == ["grpc-req-1"] and len(fake.requests[0].media) == 2
+    assert fake.request_ids == ["grpc-req-1"] and len(sent_media(fake.requests[0])) == 2
 
 
 async def test_request_id_from_metadata(
@@ -262,13 +262,16 @@ async def test_timestamps_in_the_chunks(
     assert [len(c.timestamps) for c in chunks] == [0, 1, 0]
     t = chunks[1].timestamps[0]
     assert (t.media_index, t.frame, t.seconds, t.char_offset) == (0, 1, 1.0, 3)
-    assert fake.requests[0].media[0].modality == "video"
-    assert list(fake.requests[0].media[0].frame_times) == [0.0, 1.0]
+    assert sent_media(fake.requests[0])[0].modality == "video"
+    assert list(sent_media(fake.requests[0])[0].frame_times) == [0.0, 1.0]
 
 
 def test_to_domain_time_parts() -> None:
     req = request(text("at "), chat_pb2.ChatContentPart(time=chat_pb2.SourceTime(seconds=2.5)))
-    assert to_domain(req, "rid").turns[0].parts == ("at ", TimeRef(2.5, param="messages[0].content[1]"))
+    assert to_domain(req, "rid").turns[0].parts == (
+        TextPart("at "),
+        TimePart(2.5, param="messages[0].content[1]"),
+    )
     bad = request(chat_pb2.ChatContentPart(time=chat_pb2.SourceTime(seconds=float("nan"))))
     with pytest.raises(
         InvalidArgumentError, match=r"messages\[0\]\.content\[0\]\.time\.seconds: expected finite"

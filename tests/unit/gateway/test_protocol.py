@@ -7,7 +7,6 @@ from typing import Any
 
 import pytest
 
-from gateway.domain import MediaItem, TimeRef
 from gateway.protocol import (
     ChatCompletionRequest,
     ModelCard,
@@ -19,6 +18,7 @@ from gateway.protocol import (
     role_chunk,
     usage_chunk,
 )
+from services.common.content import MediaInput, MediaPart, TextPart, TimePart
 from services.common.errors import InvalidArgumentError
 
 URL = "https://example.com/cat.png"
@@ -42,7 +42,7 @@ def test_string_content_becomes_one_text_part() -> None:
     req = parse_chat_request(user("hello"))
     chat = req.to_domain("rid")
     assert chat.turns[0].role == "user"
-    assert chat.turns[0].parts == ("hello",)
+    assert chat.turns[0].parts == (TextPart("hello"),)
     assert chat.request_id == "rid"
     assert chat.model == "tiny"
 
@@ -58,8 +58,8 @@ def test_text_and_image_parts_keep_their_order() -> None:
         )
     )
     parts = req.to_domain("r").turns[0].parts
-    assert parts[0] == "before" and parts[2] == "after"
-    assert parts[1] == MediaItem("image", url=URL, param="messages[0].content[1]")
+    assert parts[0] == TextPart("before") and parts[2] == TextPart("after")
+    assert parts[1] == MediaPart(MediaInput("image", url=URL, param="messages[0].content[1]"))
     assert req.messages[0].content[1].image_url is not None
     assert req.messages[0].content[1].image_url.detail == "low"
 
@@ -201,7 +201,7 @@ def test_other_vllm_part_types_are_refused_clearly(kind: str) -> None:
 def test_media_url_parts(kind: str, modality: str) -> None:
     for form in ({"url": URL}, URL):  # the object and vLLM's plain-string form
         req = parse_chat_request(user([{"type": kind, kind: form}, {"type": "text", "text": "what?"}]))
-        item = req.to_domain("r").turns[0].parts[0]
+        (item,) = req.to_domain("r").media()
         assert (item.modality, item.url, item.data, item.param) == (
             modality,
             URL,
@@ -216,7 +216,7 @@ def test_media_url_parts(kind: str, modality: str) -> None:
 )
 def test_inline_media_parts(kind: str, modality: str, fmt: str) -> None:
     payload = {"data": base64.b64encode(b"RIFF....").decode(), "format": fmt}
-    item = parse_chat_request(user([{"type": kind, kind: payload}])).to_domain("r").turns[0].parts[0]
+    (item,) = parse_chat_request(user([{"type": kind, kind: payload}])).to_domain("r").media()
     assert (item.modality, item.data, item.fmt, item.url) == (modality, b"RIFF....", fmt.lower(), None)
 
 
@@ -427,9 +427,9 @@ def test_time_parts_carry_seconds_in_order() -> None:
         )
     )
     parts = req.to_domain("r").turns[0].parts
-    assert parts[2] == TimeRef(12.5, param="messages[0].content[2]")
-    assert parts[4] == TimeRef(0.0, param="messages[0].content[4]")
-    assert [type(p).__name__ for p in parts] == ["MediaItem", "str", "TimeRef", "str", "TimeRef"]
+    assert parts[2] == TimePart(12.5, param="messages[0].content[2]")
+    assert parts[4] == TimePart(0.0, param="messages[0].content[4]")
+    assert [type(p).__name__ for p in parts] == ["MediaPart", "TextPart", "TimePart", "TextPart", "TimePart"]
     assert len(req.to_domain("r").media()) == 1
 
 
@@ -472,8 +472,9 @@ def test_input_media_parts(payload: dict[str, Any], want: tuple[Any, ...]) -> No
     req = parse_chat_request(
         user([{"type": "text", "text": "x"}, {"type": "input_media", "input_media": payload}])
     )
-    item = req.to_domain("r").turns[0].parts[1]
-    assert isinstance(item, MediaItem)
+    part = req.to_domain("r").turns[0].parts[1]
+    assert isinstance(part, MediaPart) and isinstance(part.media, MediaInput)
+    item = part.media
     assert (item.modality, item.url, item.data, item.fmt) == want
     assert item.param == "messages[0].content[1]"
 
@@ -481,7 +482,7 @@ def test_input_media_parts(payload: dict[str, Any], want: tuple[Any, ...]) -> No
 def test_input_media_with_a_uuid_alone_reuses_the_cached_item() -> None:
     part = {"type": "input_media", "input_media": {"modality": "audio"}, "uuid": "clip-1"}
     (item,) = parse_chat_request(user([part])).to_domain("r").media()
-    assert item == MediaItem("audio", param="messages[0].content[0]", uuid="clip-1")
+    assert item == MediaInput("audio", param="messages[0].content[0]", uuid="clip-1")
     with_data = part | {"input_media": {"modality": "image", "url": URL}}
     (item,) = parse_chat_request(user([with_data])).to_domain("r").media()
     assert (item.modality, item.url, item.uuid) == ("image", URL, "clip-1")

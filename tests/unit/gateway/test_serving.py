@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import redis.asyncio as aioredis
 
-from gateway.domain import ChatRequest, Finished, MediaItem, TextDelta, TimeRef, Timestamp, Turn
+from gateway.domain import ChatRequest, Finished, TextDelta
 from gateway.feature_cache import FeatureCache, content_digest
 from gateway.serving import ChatService
 from modalmesh.v1 import llm_pb2
+from services.common.content import MediaInput, TimePart, Timestamp
 from services.common.errors import (
     InvalidArgumentError,
     ModalmeshError,
@@ -29,20 +30,22 @@ from tests.unit.gateway.support import (
     FakeLLM,
     ServiceFactory,
     needs_redis,
+    sent_media,
+    turn,
 )
 
 
-def chat(*parts: str | MediaItem, model: str | None = "tiny", **fields: object) -> ChatRequest:
-    return ChatRequest(model=model, turns=[Turn("user", parts)], request_id="req-1", **fields)  # type: ignore[arg-type]
+def chat(*parts: str | MediaInput, model: str | None = "tiny", **fields: object) -> ChatRequest:
+    return ChatRequest(model=model, turns=[turn("user", parts)], request_id="req-1", **fields)  # type: ignore[arg-type]
 
 
-def image(data: bytes, n: int = 0) -> MediaItem:
-    return MediaItem("image", data=data, param=f"messages[0].content[{n}]")
+def image(data: bytes, n: int = 0) -> MediaInput:
+    return MediaInput("image", data=data, param=f"messages[0].content[{n}]")
 
 
-def image_url(data: bytes, n: int = 0) -> MediaItem:
+def image_url(data: bytes, n: int = 0) -> MediaInput:
     url = "data:image/png;base64," + base64.b64encode(data).decode()
-    return MediaItem("image", url=url, param=f"messages[0].content[{n}]")
+    return MediaInput("image", url=url, param=f"messages[0].content[{n}]")
 
 
 def error_of(service: ChatService, request: ChatRequest) -> ModmeshErrorInfo:
@@ -166,7 +169,7 @@ def test_too_many_images(down_service: ChatService, png: bytes) -> None:
 
 
 def test_bad_role(down_service: ChatService) -> None:
-    request = ChatRequest(model="tiny", turns=[Turn("tool", ("x",))], request_id="r")
+    request = ChatRequest(model="tiny", turns=[turn("tool", ("x",))], request_id="r")
     e = error_of(down_service, request)
     assert e.message == "messages[0].role: expected one of system, user, assistant, got 'tool'"
 
@@ -181,8 +184,8 @@ async def test_prepare_builds_the_generate_request(service: ChatService, png: by
         max_tokens=12,
         stop=["."],
         turns=[
-            Turn("system", ("be brief",)),
-            Turn("user", ("look", image_url(png, 1), "and", image(png, 3))),
+            turn("system", ("be brief",)),
+            turn("user", ("look", image_url(png, 1), "and", image(png, 3))),
         ],
     )
     prepared = await service.prepare(request)
@@ -191,10 +194,9 @@ async def test_prepare_builds_the_generate_request(service: ChatService, png: by
     assert (gen.request_id, gen.adapter, gen.sampling.max_tokens) == ("req-9", "tiny@7", 12)
     assert [t.role for t in gen.turns] == ["system", "user"]
     parts = [p.WhichOneof("part") for p in gen.turns[1].parts]
-    assert parts == ["text", "media_index", "text", "media_index"]
-    assert [gen.turns[1].parts[i].media_index for i in (1, 3)] == [0, 1]
-    assert [m.modality for m in gen.media] == ["image", "image"]
-    features = tensor_to_array(gen.media[0].features)
+    assert parts == ["text", "media", "text", "media"]
+    assert [m.modality for m in sent_media(gen)] == ["image", "image"]
+    features = tensor_to_array(gen.turns[1].parts[1].media.features)
     assert features.shape == (16, 64) and features.dtype == np.float32
 
 
@@ -205,12 +207,12 @@ async def test_time_parts_become_time_seconds(
     request = ChatRequest(
         model="tiny",
         request_id="req-t",
-        turns=[Turn("user", (image(png, 0), "from ", TimeRef(1.5), " on"))],
+        turns=[turn("user", (image(png, 0), "from ", TimePart(1.5), " on"))],
     )
     gen = (await service.prepare(request)).generate_request
     parts = gen.turns[0].parts
-    assert [p.WhichOneof("part") for p in parts] == ["media_index", "text", "time_seconds", "text"]
-    assert parts[2].time_seconds == 1.5 and parts[0].media_index == 0
+    assert [p.WhichOneof("part") for p in parts] == ["media", "text", "time_seconds", "text"]
+    assert parts[2].time_seconds == 1.5 and parts[0].media.modality == "image"
 
 
 def test_time_parts_are_refused_before_any_encoding(down_service: ChatService) -> None:
@@ -218,7 +220,7 @@ def test_time_parts_are_refused_before_any_encoding(down_service: ChatService) -
     request = ChatRequest(
         model=None,
         request_id="r",
-        turns=[Turn("user", ("at ", TimeRef(1.0, param="messages[0].content[1]")))],
+        turns=[turn("user", ("at ", TimePart(1.0, param="messages[0].content[1]")))],
     )
     with pytest.raises(
         InvalidArgumentError, match=r"messages\[0\]\.content\[1\]: a time part needs .* has none"
@@ -227,9 +229,9 @@ def test_time_parts_are_refused_before_any_encoding(down_service: ChatService) -
 
 
 async def test_media_is_fetched_over_http(service: ChatService, media_server: str) -> None:
-    item = MediaItem("image", url=f"{media_server}/cat.png", param="messages[0].content[0]")
+    item = MediaInput("image", url=f"{media_server}/cat.png", param="messages[0].content[0]")
     prepared = await service.prepare(chat(item, "what is it?"))
-    assert len(prepared.generate_request.media) == 1
+    assert len(sent_media(prepared.generate_request)) == 1
 
 
 async def test_bad_image_names_the_part(service: ChatService) -> None:
@@ -244,7 +246,7 @@ async def test_bad_image_names_the_part(service: ChatService) -> None:
 async def test_fetch_errors_name_the_part(service: ChatService, media_server: str) -> None:
     url = f"{media_server}/missing.png"
     with pytest.raises(InvalidArgumentError) as info:
-        await service.prepare(chat(MediaItem("image", url=url, param="messages[0].content[0]")))
+        await service.prepare(chat(MediaInput("image", url=url, param="messages[0].content[0]")))
     assert info.value.message == (
         f"messages[0].content[0] (image 0): could not fetch image from {url}: the server answered HTTP 404"
     )
@@ -283,7 +285,7 @@ async def test_feature_cache_in_real_redis(
         first = await service.prepare(chat(image(png)))
         second = await service.prepare(chat(image_url(png)))
         assert len(encoder.calls) == 1  # the second request was served from Redis
-        assert first.generate_request.media[0] == second.generate_request.media[0]
+        assert sent_media(first.generate_request)[0] == sent_media(second.generate_request)[0]
         metrics = service.metrics.render()[0].decode()
         assert 'modalmesh_gateway_feature_cache_lookups_total{result="hit"} 1.0' in metrics
         assert 'modalmesh_gateway_feature_cache_lookups_total{result="miss"} 1.0' in metrics
@@ -424,8 +426,8 @@ def test_generate_request_is_a_proto(down_service: ChatService) -> None:
 # ---- every modality -------------------------------------------------------------------------
 
 
-def media(modality: str, data: bytes, n: int, turn: int = 0) -> MediaItem:
-    return MediaItem(modality, data=data, param=f"messages[{turn}].content[{n}]")
+def media(modality: str, data: bytes, n: int, turn: int = 0) -> MediaInput:
+    return MediaInput(modality, data=data, param=f"messages[{turn}].content[{n}]")
 
 
 VIDEO_TIMES = [0.0, 1.0, 2.0, 3.0]
@@ -439,9 +441,9 @@ async def test_each_modality_goes_to_its_encoder_with_frame_times(
     request = ChatRequest(
         model="tiny-pandagpt",
         turns=[
-            Turn("user", (media("video", png, 0), "what happens?")),
-            Turn("assistant", ("a dog runs",)),
-            Turn("user", (media("audio", png + b"a", 0, 2), media("image", png + b"i", 1, 2), "and now?")),
+            turn("user", (media("video", png, 0), "what happens?")),
+            turn("assistant", ("a dog runs",)),
+            turn("user", (media("audio", png + b"a", 0, 2), media("image", png + b"i", 1, 2), "and now?")),
         ],
         request_id="req-mm",
     )
@@ -452,13 +454,14 @@ async def test_each_modality_goes_to_its_encoder_with_frame_times(
         ("video", "video_imagebind"),
     ]
     sent = prepared.generate_request
-    assert [m.modality for m in sent.media] == ["video", "audio", "image"]  # the request's order
-    assert list(sent.media[0].frame_times) == VIDEO_TIMES
-    assert tensor_to_array(sent.media[0].features).shape == (16 * 4, 64)
-    assert [list(m.frame_times) for m in sent.media[1:]] == [[0.0], [0.0]]
+    items = sent_media(sent)
+    assert [m.modality for m in items] == ["video", "audio", "image"]  # the request's order
+    assert list(items[0].frame_times) == VIDEO_TIMES
+    assert tensor_to_array(items[0].features).shape == (16 * 4, 64)
+    assert [list(m.frame_times) for m in items[1:]] == [[0.0], [0.0]]
     parts = [[p.WhichOneof("part") for p in t.parts] for t in sent.turns]
-    assert parts == [["media_index", "text"], ["text"], ["media_index", "media_index", "text"]]
-    assert [p.media_index for p in sent.turns[2].parts[:2]] == [1, 2]
+    assert parts == [["media", "text"], ["text"], ["media", "media", "text"]]
+    assert [p.media.modality for p in sent.turns[2].parts[:2]] == ["audio", "image"]
     assert prepared.timestamps is False
 
 
@@ -512,9 +515,9 @@ async def test_an_encoder_refusal_names_the_item(
     request = ChatRequest(
         model="tiny-videochat",
         turns=[
-            Turn("user", (media("video", png, 0), "what happens?")),
-            Turn("assistant", ("a dog runs",)),
-            Turn("user", (media("image", b"not a png", 0, 2), "and here?")),
+            turn("user", (media("video", png, 0), "what happens?")),
+            turn("assistant", ("a dog runs",)),
+            turn("user", (media("image", b"not a png", 0, 2), "and here?")),
         ],
         request_id="req-bad",
     )
@@ -537,8 +540,8 @@ async def test_frame_times_come_back_from_the_cache(
         first = await service.prepare(video)
         second = await service.prepare(video)
         assert len(encoder.calls) == 1
-        assert list(second.generate_request.media[0].frame_times) == VIDEO_TIMES
-        assert first.generate_request.media[0] == second.generate_request.media[0]
+        assert list(sent_media(second.generate_request)[0].frame_times) == VIDEO_TIMES
+        assert sent_media(first.generate_request)[0] == sent_media(second.generate_request)[0]
     finally:
         raw = aioredis.Redis.from_url(REDIS_URL)
         keys = [k async for k in raw.scan_iter(match=prefix + "*")]

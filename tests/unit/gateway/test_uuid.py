@@ -9,21 +9,30 @@ import uuid as uuidlib
 import pytest
 import redis.asyncio as aioredis
 
-from gateway.domain import ChatRequest, MediaItem, Turn
+from gateway.domain import ChatRequest
 from gateway.feature_cache import FeatureCache
 from gateway.grpc_chat import to_domain
 from gateway.protocol import parse_chat_request
 from modalmesh.v1 import chat_pb2
+from services.common.content import MediaInput
 from services.common.errors import InvalidArgumentError
-from tests.unit.gateway.support import REDIS_URL, FakeEncoder, FakeLLM, ServiceFactory, needs_redis
+from tests.unit.gateway.support import (
+    REDIS_URL,
+    FakeEncoder,
+    FakeLLM,
+    ServiceFactory,
+    needs_redis,
+    sent_media,
+    turn,
+)
 
 
 def data_url(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode()
 
 
-def chat(*items: MediaItem) -> ChatRequest:
-    return ChatRequest(model="tiny", turns=[Turn("user", (*items, "What is this?"))], request_id="r")
+def chat(*items: MediaInput) -> ChatRequest:
+    return ChatRequest(model="tiny", turns=[turn("user", (*items, "What is this?"))], request_id="r")
 
 
 def test_a_uuid_rides_on_a_part_and_may_stand_alone() -> None:
@@ -86,17 +95,23 @@ async def test_a_uuid_reuses_the_features_it_cached(
         llm_server[1], encoder=encoder, cache=FeatureCache(REDIS_URL, ttl_s=60, key_prefix=prefix)
     )
     try:
-        first = await service.prepare(chat(MediaItem("image", data=png, uuid="sku-1", param="p0")))
+        first = await service.prepare(chat(MediaInput("image", data=png, uuid="sku-1", param="p0")))
         assert len(encoder.calls) == 1
-        again = await service.prepare(chat(MediaItem("image", uuid="sku-1", param="p0")))  # no media at all
-        assert len(encoder.calls) == 1 and again.generate_request.media[0] == first.generate_request.media[0]
+        again = await service.prepare(chat(MediaInput("image", uuid="sku-1", param="p0")))  # no media at all
+        assert (
+            len(encoder.calls) == 1
+            and sent_media(again.generate_request)[0] == sent_media(first.generate_request)[0]
+        )
         # The uuid is the key, as the client vouches: other bytes under it still hit, unread.
-        other = await service.prepare(chat(MediaItem("image", url="http://127.0.0.1:1/never", uuid="sku-1")))
-        assert len(encoder.calls) == 1 and other.generate_request.media[0] == first.generate_request.media[0]
+        other = await service.prepare(chat(MediaInput("image", url="http://127.0.0.1:1/never", uuid="sku-1")))
+        assert (
+            len(encoder.calls) == 1
+            and sent_media(other.generate_request)[0] == sent_media(first.generate_request)[0]
+        )
         with pytest.raises(
             InvalidArgumentError, match=r"uuid 'sku-2': no image features are cached under it"
         ):
-            await service.prepare(chat(MediaItem("image", uuid="sku-2", param="messages[0].content[0]")))
+            await service.prepare(chat(MediaInput("image", uuid="sku-2", param="messages[0].content[0]")))
         raw = aioredis.Redis.from_url(REDIS_URL)
         keys = [k.decode() async for k in raw.scan_iter(match=prefix + "*")]
         assert keys == [f"{prefix}{service.preset.encoder_id('image')}:uuid:sku-1"]

@@ -35,7 +35,7 @@ from services.models.lm.timestamps import (
     load_timestamp_heads,
 )
 from services.models.lm.training import TrainingModel
-from services.trainer.loop import TrainExample, TrainMedia, collate
+from services.trainer.loop import MediaInExample, TrainExample, collate
 
 FIXTURE = Path(__file__).parents[2] / "fixtures" / "parity" / "etchat"
 TOL = 1e-5
@@ -191,7 +191,7 @@ def training_example(tensors: dict[str, torch.Tensor], i: int) -> TrainExample:
     return TrainExample(
         input_ids=[*ids[:at].tolist(), *[0] * count, *ids[at + 1 :].tolist()],
         labels=[*labels[:at].tolist(), *[-100] * count, *labels[at + 1 :].tolist()],
-        media=[TrainMedia(at, count, "video", frames)],
+        media=[MediaInExample(at, count, "video", frames)],
     )
 
 

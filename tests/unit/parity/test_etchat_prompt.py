@@ -12,12 +12,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from services.common.content import MediaPart, Part, TextPart, TimePart, Turn
+from services.common.content import Part, TextPart, TimePart, Turn
 from services.common.presets import Preset
 from services.models.lm.timestamps import source_frames
 from tests.helpers.prompt_parity import (
     FIXTURES,
     fixture,
+    item,
     marked,
     pieces,
     real_preset,
@@ -31,7 +32,8 @@ TOKEN = "<vid>"
 
 def user(text: str, times: list[float], media: bool = False) -> Turn:
     """A user turn with the seed question's <vid> tokens as time parts, in order."""
-    parts: list[Part] = [MediaPart(0)] if media else []
+    video = SEED["media"][0]
+    parts: list[Part] = [item("video", video["frames"], video["times"])] if media else []
     chunks = text.split(TOKEN)
     for i, chunk in enumerate(chunks):
         if chunk:
@@ -58,10 +60,7 @@ def etchat(tmp_path: Path) -> tuple[Preset, object]:
 
 def test_etchat_preset_builds_the_seed_prompt_without_bos_or_dummy_prefix(tmp_path: Path) -> None:
     preset, tokenizer = etchat(tmp_path)
-    video = SEED["media"][0]
-    prompt = served_prompt(
-        preset, tokenizer, conversation(), [("video", video["frames"], video["times"])], lambda m, f: f
-    )
+    prompt = served_prompt(preset, tokenizer, conversation(), lambda m, f: f)
     got, want = marked(prompt), SEED["expanded"]
     assert got == want, f"\nours: {pieces(tokenizer, got)}\nseed: {pieces(tokenizer, want)}"
     assert [p for p, _ in prompt.time_tokens] == [p for p, _ in SEED["time_frames"]]
@@ -70,9 +69,7 @@ def test_etchat_preset_builds_the_seed_prompt_without_bos_or_dummy_prefix(tmp_pa
 def test_each_time_part_adds_the_frame_the_seed_adds(tmp_path: Path) -> None:
     preset, tokenizer = etchat(tmp_path)
     video = SEED["media"][0]
-    prompt = served_prompt(
-        preset, tokenizer, conversation(), [("video", video["frames"], video["times"])], lambda m, f: f
-    )
+    prompt = served_prompt(preset, tokenizer, conversation(), lambda m, f: f)
     chosen = source_frames(prompt.time_tokens, prompt.media_spans, [video["times"]])
     assert [[pos, frame] for pos, _, frame in chosen] == SEED["time_frames"]
     assert [s for _, s in prompt.time_tokens] == SEED["src"]

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from services.common.content import MediaPart, TextPart, Turn
+from services.common.content import TextPart, Turn
 from tests.helpers.prompt_parity import (
     FIXTURES,
     fixture,
+    item,
     marked,
     pieces,
     real_preset,
@@ -31,7 +32,7 @@ SEED = fixture("eventgpt")
 def conversation() -> list[Turn]:
     first, second = SEED["turns"]
     return [
-        Turn("user", [MediaPart(0), TextPart(first["text"])]),
+        Turn("user", [item("event", 5), TextPart(first["text"])]),
         Turn("assistant", [TextPart(first["reply"])]),
         Turn("user", [TextPart(second["text"])]),
     ]
@@ -45,7 +46,7 @@ def test_eventgpt_preset_builds_the_seed_prompt(tmp_path: Path, folder: str, var
     added = [t for t in seed["added_tokens"] if t not in ("<s>", "</s>", "<unk>")]
     tokenizer = tokenizer_for(preset, FIXTURES / "eventgpt" / folder, tmp_path, add=added, special=True)
     tokens = SEED["media"][0]["tokens"]
-    prompt = served_prompt(preset, tokenizer, conversation(), [("event", 5, ())], lambda m, f: tokens)
+    prompt = served_prompt(preset, tokenizer, conversation(), lambda m, f: tokens)
     got = [t for i, t in enumerate(marked(prompt)) if t >= 0 or i == prompt.media_spans[0][0]]
     want = seed["ids"]  # the seed's one -200 sentinel where its 582 event tokens go
     assert got == want, f"\nours: {pieces(tokenizer, got)}\nseed: {pieces(tokenizer, want)}"

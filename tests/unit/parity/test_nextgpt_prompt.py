@@ -18,11 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from services.common.content import MediaPart, TextPart, Turn
+from services.common.content import TextPart, Turn
 from services.common.presets import Preset
 from tests.helpers.prompt_parity import (
     FIXTURES,
     fixture,
+    item,
     marked,
     pieces,
     real_preset,
@@ -36,17 +37,15 @@ FOLDERS = ["prompt.tokenizer-slow", "prompt.tokenizer-fast"]
 
 def conversation(rounds: int) -> list[Turn]:
     first, second = SEED["turns"]
-    turns = [Turn("user", [MediaPart(0), TextPart(first["text"])])]
+    turns = [Turn("user", [*(item(m["modality"]) for m in SEED["media"]), TextPart(first["text"])])]
     if rounds == 2:
         turns += [Turn("assistant", [TextPart(first["reply"])]), Turn("user", [TextPart(second["text"])])]
     return turns
 
 
-def ids(
-    preset: Preset, folder: str, tmp_path: Path, turns: list[Turn], media: list[dict]
-) -> tuple[list[int], list[int]]:
+def ids(preset: Preset, folder: str, tmp_path: Path, turns: list[Turn]) -> tuple[list[int], list[int]]:
     tokenizer = tokenizer_for(preset, FIXTURES / "nextgpt" / folder, tmp_path, add=preset.llm.added_tokens)
-    prompt = served_prompt(preset, tokenizer, turns, [(m["modality"], 1, ()) for m in media], lambda m, f: 1)
+    prompt = served_prompt(preset, tokenizer, turns, lambda m, f: 1)
     return marked(prompt), tokenizer
 
 
@@ -54,7 +53,7 @@ def ids(
 @pytest.mark.parametrize("rounds", [1, 2])
 def test_nextgpt_preset_serves_the_seed_demo_prompt(tmp_path: Path, folder: str, rounds: int) -> None:
     preset = real_preset("nextgpt", tmp_path)
-    got, tokenizer = ids(preset, folder, tmp_path, conversation(rounds), SEED["media"])
+    got, tokenizer = ids(preset, folder, tmp_path, conversation(rounds))
     want = SEED["prompts"][rounds - 1]
     assert got == want, f"\nours: {pieces(tokenizer, got)}\nseed: {pieces(tokenizer, want)}"
     assert got.count(SEED["bos_token_id"]) == 2  # a BOS before each text segment
@@ -64,8 +63,8 @@ def test_nextgpt_preset_serves_the_seed_demo_prompt(tmp_path: Path, folder: str,
 def test_two_images_of_one_turn_are_summed_into_one_token(tmp_path: Path, folder: str) -> None:
     preset = real_preset("nextgpt", tmp_path)
     summed = SEED["sum"]
-    turns = [Turn("user", [MediaPart(0), MediaPart(1), TextPart(summed["text"])])]
-    got, tokenizer = ids(preset, folder, tmp_path, turns, summed["media"])
+    turns = [Turn("user", [*(item(m["modality"]) for m in summed["media"]), TextPart(summed["text"])])]
+    got, tokenizer = ids(preset, folder, tmp_path, turns)
     assert got == summed["prompt"], (
         f"\nours: {pieces(tokenizer, got)}\nseed: {pieces(tokenizer, summed['prompt'])}"
     )
@@ -92,5 +91,5 @@ def test_transformers_5_default_drops_the_mark_after_img(tmp_path: Path) -> None
 def test_the_training_form_stays_available(tmp_path: Path) -> None:
     preset = real_preset("nextgpt", tmp_path)
     training = preset.model_copy(update={"llm": preset.llm.model_copy(update={"inference_template": None})})
-    got, _ = ids(training, FOLDERS[0], tmp_path, conversation(1), SEED["media"])
+    got, _ = ids(training, FOLDERS[0], tmp_path, conversation(1))
     assert got.count(SEED["bos_token_id"]) == 1 and got != SEED["prompts"][0]

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from services.common.content import MediaPart, TextPart, Turn
+from services.common.content import TextPart, Turn
 from tests.helpers.prompt_parity import (
     FIXTURES,
     fixture,
+    item,
     marked,
     pieces,
     real_preset,
@@ -29,7 +30,7 @@ SEED = fixture("pandagpt")
 
 def conversation(rounds: int) -> list[Turn]:
     first, second = SEED["turns"]
-    turns = [Turn("user", [MediaPart(0), MediaPart(1), TextPart(first["text"])])]
+    turns = [Turn("user", [*(item(m["modality"]) for m in SEED["media"]), TextPart(first["text"])])]
     if rounds == 2:
         turns += [Turn("assistant", [TextPart(first["reply"])]), Turn("user", [TextPart(second["text"])])]
     return turns
@@ -40,8 +41,7 @@ def conversation(rounds: int) -> list[Turn]:
 def test_pandagpt_preset_builds_the_seed_demo_prompt(tmp_path: Path, folder: str, rounds: int) -> None:
     preset = real_preset("pandagpt", tmp_path)
     tokenizer = tokenizer_for(preset, FIXTURES / "pandagpt" / folder, tmp_path)
-    media = [(m["modality"], 1, ()) for m in SEED["media"]]
-    prompt = served_prompt(preset, tokenizer, conversation(rounds), media, lambda m, f: 1)
+    prompt = served_prompt(preset, tokenizer, conversation(rounds), lambda m, f: 1)
     got, want = marked(prompt), SEED["prompts"][rounds - 1]
     assert got == want, f"\nours: {pieces(tokenizer, got)}\nseed: {pieces(tokenizer, want)}"
     assert prompt.media_spans[0] == prompt.media_spans[1]  # image + audio summed into one token

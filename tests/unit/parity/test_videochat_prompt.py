@@ -11,13 +11,15 @@ with the video's frame times.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from services.common.content import MediaPart, TextPart, Turn
+from services.common.content import MediaFeatures, MediaPart, TextPart, Turn
 from tests.helpers.prompt_parity import (
     FIXTURES,
     fixture,
+    item,
     marked,
     pieces,
     real_preset,
@@ -28,9 +30,16 @@ from tests.helpers.prompt_parity import (
 SEED = fixture("videochat")
 
 
-def conversation(rounds: int) -> list[Turn]:
+def video() -> MediaPart[MediaFeatures[Any]]:
+    """The seed's video: its sampled frames and their times."""
+    seed = SEED["media"][0]
+    times = [i / seed["fps"] for i in seed["frame_indices"]]
+    return item("video", len(times), times)
+
+
+def conversation(rounds: int, media: MediaPart[MediaFeatures[Any]] | None = None) -> list[Turn]:
     first, second = SEED["turns"]
-    turns = [Turn("user", [MediaPart(0), TextPart(first["text"])])]
+    turns = [Turn("user", [media or video(), TextPart(first["text"])])]
     if rounds == 2:
         turns += [Turn("assistant", [TextPart(first["reply"])]), Turn("user", [TextPart(second["text"])])]
     return turns
@@ -41,11 +50,8 @@ def conversation(rounds: int) -> list[Turn]:
 def test_videochat_preset_builds_the_seed_demo_prompt(tmp_path: Path, folder: str, rounds: int) -> None:
     preset = real_preset("videochat", tmp_path)
     tokenizer = tokenizer_for(preset, FIXTURES / "videochat" / folder, tmp_path)
-    video = SEED["media"][0]
-    times = [i / video["fps"] for i in video["frame_indices"]]
-    prompt = served_prompt(
-        preset, tokenizer, conversation(rounds), [("video", len(times), times)], lambda m, f: video["tokens"]
-    )
+    tokens = SEED["media"][0]["tokens"]
+    prompt = served_prompt(preset, tokenizer, conversation(rounds), lambda m, f: tokens)
     got, want = marked(prompt), SEED["prompts"][rounds - 1]
     assert got == want, f"\nours: {pieces(tokenizer, got)}\nseed: {pieces(tokenizer, want)}"
 
@@ -59,9 +65,9 @@ def test_videochat_preset_builds_the_seed_image_prompt(tmp_path: Path, rounds: i
             t.role,
             [TextPart(p.text.replace("video", "image")) if isinstance(p, TextPart) else p for p in t.parts],
         )
-        for t in conversation(rounds)
+        for t in conversation(rounds, item("image"))
     ]
     tokens = SEED["media"][0]["tokens"]
-    prompt = served_prompt(preset, tokenizer, turns, [("image", 1, ())], lambda m, f: tokens)
+    prompt = served_prompt(preset, tokenizer, turns, lambda m, f: tokens)
     got, want = marked(prompt), SEED["image_prompts"][rounds - 1]
     assert got == want, f"\nours: {pieces(tokenizer, got)}\nseed: {pieces(tokenizer, want)}"

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from services.common.content import MediaItem, MediaPart, TextPart, Turn
+from services.common.content import MediaFeatures, MediaPart, TextPart, Turn
 from services.common.errors import FailedPreconditionError, NotFoundError, UnavailableError
 from services.common.presets import Preset
 from services.llm.adapter_manager import AdapterManager, WorkerCalls
@@ -65,8 +65,7 @@ def never_eos(loaded: LoadedModel) -> Iterator[None]:
 def request(adapter: str = "", max_tokens: int = 12) -> GenerationRequest:
     features = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))  # (16, 64)
     return GenerationRequest(
-        turns=[Turn("user", [MediaPart(0), TextPart("What is this?")])],
-        media=[MediaItem("image", features)],
+        turns=[Turn("user", [MediaPart(MediaFeatures("image", features)), TextPart("What is this?")])],
         sampling=SamplingParams(max_tokens=max_tokens, temperature=0.0),
         adapter=adapter,
     )

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from services.common.content import MediaItem, MediaPart, TextPart, Turn
+from services.common.content import MediaFeatures, MediaPart, TextPart, Turn
 from services.common.errors import InvalidArgumentError, NotFoundError, UnavailableError
 from services.llm.domain import FinishReason, GenerationEvent, GenerationRequest
 from services.llm.engine import Engine
@@ -34,8 +34,7 @@ def features(seed: int = 0) -> torch.Tensor:
 def request(question: str = "What is this?", image_seed: int = 0, **sampling: object) -> GenerationRequest:
     params = SamplingParams(**{"max_tokens": 24, "temperature": 0.0, **sampling})  # type: ignore[arg-type]
     return GenerationRequest(
-        turns=[Turn("user", [MediaPart(0), TextPart(question)])],
-        media=[MediaItem("image", features(image_seed))],
+        turns=[Turn("user", [MediaPart(MediaFeatures("image", features(image_seed))), TextPart(question)])],
         sampling=params,
     )
 
@@ -158,8 +157,7 @@ async def test_adapter_field(engine: Engine) -> None:
 
 async def test_bad_request_then_good_request(engine: Engine) -> None:
     bad = GenerationRequest(
-        turns=[Turn("user", [MediaPart(0), TextPart("hi")])],
-        media=[MediaItem("image", torch.zeros(15, 64))],
+        turns=[Turn("user", [MediaPart(MediaFeatures("image", torch.zeros(15, 64))), TextPart("hi")])],
         sampling=SamplingParams(max_tokens=4),
     )
     with pytest.raises(

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 
-from services.common.content import MediaItem, MediaPart, TextPart, Turn
+from services.common.content import MediaFeatures, MediaPart, TextPart, Turn
 from services.common.errors import CancelledError
 from services.common.presets import Preset
 from services.llm.batching import BatchCache
@@ -31,8 +31,7 @@ def image(seed: int) -> torch.Tensor:
 def chat(question: str, image_seed: int, max_tokens: int, **sampling: Any) -> GenerationRequest:
     params = SamplingParams(**{"max_tokens": max_tokens, "temperature": 0.0, **sampling})
     return GenerationRequest(
-        turns=[Turn("user", [MediaPart(0), TextPart(question)])],
-        media=[MediaItem("image", image(image_seed))],
+        turns=[Turn("user", [MediaPart(MediaFeatures("image", image(image_seed))), TextPart(question)])],
         sampling=params,
     )
 
@@ -244,7 +243,7 @@ async def test_two_adapter_versions_decode_in_turn_and_each_keeps_its_own_weight
     engine = Engine(loaded)
     try:
         version = await asyncio.to_thread(engine.adapters.load, path)
-        pinned = [GenerationRequest(r.turns, r.media, r.sampling, adapter=version.ref) for r in REQUESTS[:3]]
+        pinned = [GenerationRequest(r.turns, r.sampling, adapter=version.ref) for r in REQUESTS[:3]]
         requests = [*REQUESTS[:3], *pinned]
         alone, together, sizes = await alone_and_together(engine, requests)
     finally:

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from services.common.content import MediaItem, MediaPart, TextPart, Turn
+from services.common.content import MediaFeatures, MediaPart, TextPart, Turn
 from services.common.errors import FailedPreconditionError, InvalidArgumentError
 from services.common.presets import Preset
 from services.llm.domain import GenerationRequest
@@ -18,15 +18,15 @@ from services.models.lm.loading import LoadedModel, check_added_tokens, load_mod
 Twin = Callable[[str], LoadedModel]
 
 
-def item(modality: str, frames: int, rows: int, dim: int, times: tuple[float, ...] = ()) -> MediaItem:
-    return MediaItem(
+def item(modality: str, frames: int, rows: int, dim: int, times: tuple[float, ...] = ()) -> MediaFeatures:
+    return MediaFeatures(
         modality, torch.randn(frames * rows, dim, generator=torch.Generator().manual_seed(frames)), times
     )
 
 
-def ask(media: list[MediaItem], *turns: Turn) -> GenerationRequest:
-    default = Turn("user", [*(MediaPart(i) for i in range(len(media))), TextPart("What happens?")])
-    return GenerationRequest(list(turns) or [default], media, SamplingParams(max_tokens=3, temperature=0.0))
+def ask(media: list[MediaFeatures], *turns: Turn) -> GenerationRequest:
+    default = Turn("user", [*(MediaPart(m) for m in media), TextPart("What happens?")])
+    return GenerationRequest(list(turns) or [default], SamplingParams(max_tokens=3, temperature=0.0))
 
 
 def text_of(loaded: LoadedModel, ids: list[int]) -> str:
@@ -91,11 +91,10 @@ def test_etchat_reads_the_turns_text_and_varies_frames(twin_model: Twin) -> None
     turns = [
         Turn("user", [TextPart("hi")]),
         Turn("assistant", [TextPart("yes")]),
-        Turn("user", [MediaPart(0), TextPart(" when? ")]),
+        Turn("user", [MediaPart(video := item("video", 3, 4, 32)), TextPart(" when? ")]),
     ]
-    assert media_instructions(turns, 1) == ("when?",)
+    assert media_instructions(turns) == ("when?",)
     model = loaded.model
-    video = item("video", 3, 4, 32)
     with torch.inference_mode():
         a, b = (model.project([video], instructions=[t])[0] for t in ("when does it start", "describe it"))
     assert a.shape == (3, 32) and not torch.allclose(a, b)
@@ -111,8 +110,8 @@ def test_etchat_reads_the_turns_text_and_varies_frames(twin_model: Twin) -> None
     ("name", "media", "message"),
     [
         ("tiny-videochat", [item("video", 3, 10, 32)], "video features: expected (40, 32) = 4 frame(s) x 10 rows, got (30, 32)"),
-        ("tiny-videochat", [MediaItem("video", torch.zeros(41, 32))], "expected (40, 32) = 4 frame(s) x 10 rows, got (41, 32)"),
-        ("tiny-etchat", [MediaItem("video", torch.zeros(10, 32))], "expected (frames * 4, 32), frames <= 8, got (10, 32)"),
+        ("tiny-videochat", [MediaFeatures("video", torch.zeros(41, 32))], "expected (40, 32) = 4 frame(s) x 10 rows, got (41, 32)"),
+        ("tiny-etchat", [MediaFeatures("video", torch.zeros(10, 32))], "expected (frames * 4, 32), frames <= 8, got (10, 32)"),
         ("tiny-etchat", [item("video", 9, 4, 32)], "frames <= 8, got (36, 32)"),
         ("tiny-etchat", [item("video", 2, 4, 16)], "got (8, 16)"),
         ("tiny-eventgpt", [item("video", 1, 17, 64)], "media[0].modality: expected one of ['event'], got 'video'"),
@@ -121,7 +120,7 @@ def test_etchat_reads_the_turns_text_and_varies_frames(twin_model: Twin) -> None
         ("tiny-etchat", [item("video", 2, 4, 32, (0.0, float("nan")))], "frame times: expected finite seconds >= 0"),
     ],
 )  # fmt: skip
-def test_bad_media_is_refused(twin_model: Twin, name: str, media: list[MediaItem], message: str) -> None:
+def test_bad_media_is_refused(twin_model: Twin, name: str, media: list[MediaFeatures], message: str) -> None:
     engine = Engine(twin_model(name))
     try:
         with pytest.raises(InvalidArgumentError) as e:
@@ -135,24 +134,25 @@ def test_sum_combine_gives_one_token_per_turn(twin_model: Twin) -> None:
     loaded = twin_model("tiny-pandagpt")
     image, audio, video = item("image", 1, 1, 32), item("audio", 1, 1, 32), item("video", 1, 1, 32)
     turns = [
-        Turn("user", [TextPart("look"), MediaPart(0), MediaPart(2)]),
+        Turn("user", [TextPart("look"), MediaPart(image), MediaPart(video)]),
         Turn("assistant", [TextPart("ok")]),
-        Turn("user", [MediaPart(1), TextPart("and this?")]),
+        Turn("user", [MediaPart(audio), TextPart("and this?")]),
     ]
     engine = Engine(loaded)
     try:
-        job = engine.prepare(ask([image, audio, video], *turns))
+        job = engine.prepare(ask([], *turns))
+        assert job.request.media == (image, video, audio)  # numbered as their parts appear
         spans = job.prompt.media_spans
-        assert spans[0] == spans[2] and spans[1] != spans[0] and all(n == 1 for _, n in spans)
+        assert spans[0] == spans[1] and spans[2] != spans[0] and all(n == 1 for _, n in spans)
         ids = job.prompt.input_ids
         assert len(set(spans)) == 2  # two placeholder positions, not three
         assert text_of(loaded, ids).count("<Img>") == 2
         model = loaded.model
         with torch.inference_mode():
-            embeds = model.embed(ids, spans, [image, audio, video])
-            proj = model.project([image, audio, video])
-        assert torch.allclose(embeds[0, spans[0][0]], proj[0][0] + proj[2][0], atol=1e-6)
-        assert torch.allclose(embeds[0, spans[1][0]], proj[1][0], atol=1e-6)
+            embeds = model.embed(ids, spans, [image, video, audio])
+            proj = model.project([image, video, audio])
+        assert torch.allclose(embeds[0, spans[0][0]], proj[0][0] + proj[1][0], atol=1e-6)
+        assert torch.allclose(embeds[0, spans[2][0]], proj[2][0], atol=1e-6)
         assert model.connector("image") is model.connector("audio")  # one shared llama_proj
         assert list(model.connectors) == ["llama_proj"]
     finally:

@@ -65,7 +65,6 @@ def ask(
 ) -> GenerationRequest:
     return GenerationRequest(
         [Turn("user", [TextPart(text)])],
-        [],
         SamplingParams(max_tokens=max_tokens, temperature=0.0),
         outputs=outputs,
     )

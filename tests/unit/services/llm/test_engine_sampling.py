@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 
-from services.common.content import MediaItem, MediaPart, TextPart, TimePart, Turn
+from services.common.content import MediaFeatures, MediaPart, TextPart, TimePart, Turn
 from services.common.errors import InvalidArgumentError
 from services.common.presets import GenerationSpec
 from services.llm.domain import FinishReason, GenerationEvent, GenerationRequest
@@ -53,16 +53,13 @@ def never_ends(loaded: LoadedModel) -> Iterator[None]:
 
 
 def text_request(question: str = "Tell me about the sea", **sampling: Any) -> GenerationRequest:
-    return GenerationRequest(
-        turns=[Turn("user", [TextPart(question)])], media=[], sampling=SamplingParams(**sampling)
-    )
+    return GenerationRequest(turns=[Turn("user", [TextPart(question)])], sampling=SamplingParams(**sampling))
 
 
 def image_request(question: str = "What is this?", **sampling: Any) -> GenerationRequest:
     features = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))  # (16, 64)
     return GenerationRequest(
-        turns=[Turn("user", [MediaPart(0), TextPart(question)])],
-        media=[MediaItem("image", features)],
+        turns=[Turn("user", [MediaPart(MediaFeatures("image", features)), TextPart(question)])],
         sampling=SamplingParams(**sampling),
     )
 
@@ -293,8 +290,17 @@ def test_the_repetition_penalty_skips_media_positions_and_the_timestamp_token(
     assert time_token is not None
     frames = torch.randn(3 * 4, 32, generator=torch.Generator().manual_seed(1))  # (3 frames x 4, 32)
     request = GenerationRequest(
-        turns=[Turn("user", [MediaPart(0), TextPart("when does"), TimePart(1.0), TextPart("happen?")])],
-        media=[MediaItem("video", frames, (0.0, 1.0, 2.0))],
+        turns=[
+            Turn(
+                "user",
+                [
+                    MediaPart(MediaFeatures("video", frames, (0.0, 1.0, 2.0))),
+                    TextPart("when does"),
+                    TimePart(1.0),
+                    TextPart("happen?"),
+                ],
+            )
+        ],
         sampling=SamplingParams(max_tokens=4, repetition_penalty=1.3),
     )
     with serving(loaded) as engine:

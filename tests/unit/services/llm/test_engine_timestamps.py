@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 
-from services.common.content import MediaItem, MediaPart, Part, TextPart, TimePart, Turn
+from services.common.content import MediaFeatures, MediaPart, Part, TextPart, TimePart, Turn
 from services.common.errors import FailedPreconditionError, InvalidArgumentError
 from services.common.presets import GenerationSpec, Preset
 from services.llm import runner as runner_module
@@ -83,15 +83,15 @@ def lm_calls(loaded: LoadedModel) -> Iterator[list[dict[str, Any]]]:
         handle.remove()
 
 
-def video(frames: int = 6, times: tuple[float, ...] = TIMES, seed: int = 0) -> MediaItem:
+def video(frames: int = 6, times: tuple[float, ...] = TIMES, seed: int = 0) -> MediaFeatures:
     features = torch.randn(frames * 4, 32, generator=torch.Generator().manual_seed(seed))  # (F*4, 32)
-    return MediaItem("video", features, times)
+    return MediaFeatures("video", features, times)
 
 
-def ask(media: list[MediaItem], max_tokens: int = 6, stop: tuple[str, ...] = ()) -> GenerationRequest:
-    parts: list[Part] = [*(MediaPart(i) for i in range(len(media))), TextPart("When does the dog move?")]
+def ask(media: list[MediaFeatures], max_tokens: int = 6, stop: tuple[str, ...] = ()) -> GenerationRequest:
+    parts: list[Part] = [*(MediaPart(m) for m in media), TextPart("When does the dog move?")]
     return GenerationRequest(
-        [Turn("user", parts)], media, SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=stop)
+        [Turn("user", parts)], SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=stop)
     )
 
 
@@ -234,7 +234,7 @@ async def test_a_request_without_video_is_not_matched(
     etchat: LoadedModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     request = GenerationRequest(
-        [Turn("user", [TextPart("When does it start?")])], [], SamplingParams(max_tokens=4, temperature=0.0)
+        [Turn("user", [TextPart("When does it start?")])], SamplingParams(max_tokens=4, temperature=0.0)
     )
     with forcing(etchat, {1}, monkeypatch), lm_calls(etchat) as calls:
         events = await run(etchat, request)
@@ -245,15 +245,13 @@ async def test_a_request_without_video_is_not_matched(
 
 
 def timed_question(
-    media: list[MediaItem], times: tuple[float, ...], max_tokens: int = 4
+    media: list[MediaFeatures], times: tuple[float, ...], max_tokens: int = 4
 ) -> GenerationRequest:
     """E.T. Bench vid style: "Is it moving between <vid> and <vid>?" with the times as parts."""
-    parts: list[Part] = [*(MediaPart(i) for i in range(len(media))), TextPart("Is it moving between ")]
+    parts: list[Part] = [*(MediaPart(m) for m in media), TextPart("Is it moving between ")]
     for i, t in enumerate(times):
         parts += [TimePart(t), TextPart(" and " if i < len(times) - 1 else "?")]
-    return GenerationRequest(
-        [Turn("user", parts)], media, SamplingParams(max_tokens=max_tokens, temperature=0.0)
-    )
+    return GenerationRequest([Turn("user", parts)], SamplingParams(max_tokens=max_tokens, temperature=0.0))
 
 
 async def test_time_parts_add_the_frame_at_their_time_to_the_time_token(etchat: LoadedModel) -> None:
@@ -295,7 +293,7 @@ async def test_time_parts_are_refused_where_they_cannot_be_honoured(
         with pytest.raises(InvalidArgumentError, match=r"expected finite seconds >= 0, got -1\.0"):
             engine.prepare(timed_question([video()], (-1.0,)))
         typed = GenerationRequest(
-            [Turn("user", [MediaPart(0), TextPart("At <vid>?")])], [video()], SamplingParams(max_tokens=2)
+            [Turn("user", [MediaPart(video()), TextPart("At <vid>?")])], SamplingParams(max_tokens=2)
         )
         with pytest.raises(
             InvalidArgumentError, match=r"expected one '<vid>' per time part \(0\), the text holds 1"
@@ -303,11 +301,10 @@ async def test_time_parts_are_refused_where_they_cannot_be_honoured(
             engine.prepare(typed)
         answered = GenerationRequest(
             [
-                Turn("user", [MediaPart(0), TextPart("When?")]),
+                Turn("user", [MediaPart(video()), TextPart("When?")]),
                 Turn("assistant", [TimePart(2.0)]),
                 Turn("user", [TextPart("Sure?")]),
             ],
-            [video()],
             SamplingParams(max_tokens=2),
         )
         with pytest.raises(
@@ -322,8 +319,19 @@ async def test_time_parts_are_refused_where_they_cannot_be_honoured(
 async def test_a_preset_without_heads_is_unaffected(loaded: LoadedModel) -> None:
     assert loaded.heads is None and loaded.time_token_id is None
     request = GenerationRequest(
-        [Turn("user", [MediaPart(0), TextPart("What is this?")])],
-        [MediaItem("image", torch.randn(16, 64, generator=torch.Generator().manual_seed(0)))],
+        [
+            Turn(
+                "user",
+                [
+                    MediaPart(
+                        MediaFeatures(
+                            "image", torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
+                        )
+                    ),
+                    TextPart("What is this?"),
+                ],
+            )
+        ],
         SamplingParams(max_tokens=5, temperature=0.0),
     )
     with lm_calls(loaded) as calls:
@@ -374,7 +382,7 @@ async def test_an_adapter_version_serves_its_own_heads(
         version = await asyncio.to_thread(engine.adapters.load, path)
         assert version.heads is not None and version.heads is not etchat.heads
         request = ask([video()], max_tokens=2)
-        request = GenerationRequest(request.turns, request.media, request.sampling, adapter=version.ref)
+        request = GenerationRequest(request.turns, request.sampling, adapter=version.ref)
         with forcing(etchat, {0}, monkeypatch):
             events = [e async for e in engine.generate(request)]
         job = engine.prepare(request)
@@ -488,7 +496,7 @@ async def test_bidirectional_rows_joining_a_running_batch_get_what_they_get_alon
         connectors={k: dict(v) for k, v in initial_connectors(preset, 32, seed=303).items()},
     )
     text_only = GenerationRequest(
-        [Turn("user", [TextPart("Say something long")])], [], SamplingParams(max_tokens=8, temperature=0.0)
+        [Turn("user", [TextPart("Say something long")])], SamplingParams(max_tokens=8, temperature=0.0)
     )
     requests = [ask([video(seed=s)], max_tokens=n) for s, n in [(4, 9), (5, 3), (6, 7)]] + [text_only]
     engine = Engine(etchat, max_prefill_tokens=1)

@@ -31,13 +31,11 @@ from services.llm.servicer import chunk_from_event, info_to_proto, request_from_
 
 
 def proto_request(**sampling: object) -> llm_pb2.GenerateRequest:
+    image = llm_pb2.MediaFeatures(modality="image", features=array_to_tensor(np.ones((16, 64), "<f2")))
     return llm_pb2.GenerateRequest(
         request_id="r1",
         adapter="tiny",
-        turns=[
-            llm_pb2.Turn(role="user", parts=[llm_pb2.TurnPart(media_index=0), llm_pb2.TurnPart(text="hi")])
-        ],
-        media=[llm_pb2.MediaFeatures(modality="image", features=array_to_tensor(np.ones((16, 64), "<f2")))],
+        turns=[llm_pb2.Turn(role="user", parts=[llm_pb2.TurnPart(media=image), llm_pb2.TurnPart(text="hi")])],
         sampling=llm_pb2.SamplingParams(**{"max_tokens": 8, **sampling}),  # type: ignore[arg-type]
     )
 
@@ -45,7 +43,9 @@ def proto_request(**sampling: object) -> llm_pb2.GenerateRequest:
 def test_request_from_proto() -> None:
     req = request_from_proto(proto_request(top_k=5, stop=["x"]))
     assert req.turns[0].role == "user"
-    assert list(req.turns[0].parts) == [MediaPart(0), TextPart("hi")]
+    media, text = req.turns[0].parts
+    assert isinstance(media, MediaPart) and text == TextPart("hi")
+    assert req.media == (media.media,)  # the part carries its item
     assert req.media[0].modality == "image"
     assert req.media[0].features.dtype == torch.float16 and req.media[0].features.shape == (16, 64)
     s = req.sampling
@@ -122,12 +122,14 @@ def test_empty_part_and_bad_tensor_are_invalid() -> None:
     msg = proto_request()
     msg.turns[0].parts.append(llm_pb2.TurnPart())
     with pytest.raises(
-        InvalidArgumentError, match=r"turns\[0\].parts\[2\]: none of text, media_index, time_seconds"
+        InvalidArgumentError, match=r"turns\[0\].parts\[2\]: none of text, media, time_seconds"
     ):
         request_from_proto(msg)
     msg = proto_request()
-    msg.media[0].features.data = b"\0" * 10
-    with pytest.raises(InvalidArgumentError, match=r"media\[0\].features: expected 2048 bytes"):
+    msg.turns[0].parts[0].media.features.data = b"\0" * 10
+    with pytest.raises(
+        InvalidArgumentError, match=r"turns\[0\]\.parts\[0\]\.media\.features: expected 2048 bytes"
+    ):
         request_from_proto(msg)
 
 
@@ -204,7 +206,7 @@ def test_frame_times_and_timestamps_cross_the_wire() -> None:
     from services.common.content import Timestamp
 
     msg = proto_request()
-    msg.media[0].frame_times.extend([0.0, 0.5])
+    msg.turns[0].parts[0].media.frame_times.extend([0.0, 0.5])
     assert request_from_proto(msg).media[0].times == (0.0, 0.5)
     assert request_from_proto(proto_request()).media[0].times == ()
     chunk = chunk_from_event(GenerationEvent(text="at 3", timestamps=(Timestamp(0, 3, 3.0, 3),)))

@@ -92,7 +92,7 @@ def test_llava_json_sample(tmp_path: Path) -> None:
     assert first.id == "s1"
     assert first.media == (MediaFile("image", tmp_path / "img/a.png"),)
     assert first.turns == (
-        Turn("user", (MediaPart(0), TextPart("What is this?"))),
+        Turn("user", (MediaPart(MediaFile("image", tmp_path / "img/a.png")), TextPart("What is this?"))),
         Turn("assistant", (TextPart("A red circle."),)),
     )
     assert second.id == "1"  # no id: the index
@@ -103,7 +103,8 @@ def test_llava_image_list_placeholders_where_they_stand(tmp_path: Path) -> None:
     a, b = media(tmp_path, "a.png"), media(tmp_path, "b.png")
     path = write(tmp_path, [qa("Compare <image> and\n<image>", "Same.", image=[a, b])])
     [sample], _ = llava(path)
-    assert sample.turns[0].parts == (TextPart("Compare"), MediaPart(0), TextPart("and"), MediaPart(1))
+    a_part, b_part = (MediaPart(MediaFile("image", tmp_path / n)) for n in ("a.png", "b.png"))
+    assert sample.turns[0].parts == (TextPart("Compare"), a_part, TextPart("and"), b_part)
     assert [m.path.name for m in sample.media] == ["a.png", "b.png"]
 
 
@@ -111,7 +112,8 @@ def test_llava_without_placeholder_puts_media_first(tmp_path: Path) -> None:
     a, b = media(tmp_path, "a.png"), media(tmp_path, "b.png")
     path = write(tmp_path, [qa("What is this?", "A dog.", image=[a, b])])
     [sample], _ = llava(path)
-    assert sample.turns[0].parts == (MediaPart(0), MediaPart(1), TextPart("What is this?"))
+    a_part, b_part = (MediaPart(MediaFile("image", tmp_path / n)) for n in ("a.png", "b.png"))
+    assert sample.turns[0].parts == (a_part, b_part, TextPart("What is this?"))
 
 
 def test_llava_roles_user_assistant_and_system(tmp_path: Path) -> None:
@@ -158,7 +160,7 @@ def test_captions_with_image_or_media_key(tmp_path: Path) -> None:
     samples, report = load_samples(DatasetSpec(format="captions", path=path))
     assert report.bad == 0
     assert samples[0].turns == (
-        Turn("user", (MediaPart(0),)),
+        Turn("user", (MediaPart(MediaFile("image", tmp_path / "a.png")),)),
         Turn("assistant", (TextPart("a red circle"),)),
     )
     assert samples[1].media == (MediaFile("image", tmp_path / "b.png"),)
@@ -369,12 +371,21 @@ def serving_builder(tiny_preset: Preset, tokenizer: Any) -> PromptBuilder:
     return PromptBuilder(tokenizer, slots, max_context_tokens=tiny_preset.llm.max_context_tokens)
 
 
-def sample(*turns: Turn, images: int = 0) -> Sample:
-    return Sample("s", tuple(turns), tuple(MediaFile("image", Path(f"{i}.png")) for i in range(images)))
+def sample(*turns: Turn) -> Sample:
+    return Sample("s", tuple(turns))
 
 
-def user(*parts: Any) -> Turn:
-    return Turn("user", tuple(TextPart(p) if isinstance(p, str) else MediaPart(p) for p in parts))
+def image(i: int) -> MediaPart[MediaFile]:
+    """A new part holding the image file "<i>.png"."""
+    return MediaPart(MediaFile("image", Path(f"{i}.png")))
+
+
+def user(*parts: str | int | MediaPart[MediaFile]) -> Turn:
+    """A user turn: a string is text, a number i a new part of the image "<i>.png"."""
+    return Turn(
+        "user",
+        tuple(TextPart(p) if isinstance(p, str) else image(p) if isinstance(p, int) else p for p in parts),
+    )
 
 
 def assistant(text: str) -> Turn:
@@ -389,9 +400,9 @@ def test_one_turn_prompt_matches_serving_and_only_the_reply_is_supervised(
     tiny_preset: Preset, tokenizer: Any, encoder: SupervisedEncoder
 ) -> None:
     question = user(0, "What is this?")
-    encoded = encoder.encode(sample(question, assistant("A red circle."), images=1))
+    encoded = encoder.encode(sample(question, assistant("A red circle.")))
     prompt = serving_builder(tiny_preset, tokenizer).build(
-        VICUNA.render([question]), [MediaSlot("image", 16)]
+        VICUNA.render([question]), [MediaSlot(question.parts[0], 16)]
     )
     n = len(prompt.input_ids)
     assert encoded.input_ids[:n] == prompt.input_ids
@@ -407,10 +418,10 @@ def test_multi_turn_supervises_each_reply_and_prefixes_match_serving(
     tiny_preset: Preset, tokenizer: Any, encoder: SupervisedEncoder
 ) -> None:
     turns = [user(0, "Color?"), assistant("Red."), user("Shape?"), assistant("A circle.")]
-    encoded = encoder.encode(sample(*turns, images=1))
+    encoded = encoder.encode(sample(*turns))
     assert supervised(encoded) == tok(tokenizer, " Red.</s>") + tok(tokenizer, " A circle.</s>")
     builder = serving_builder(tiny_preset, tokenizer)
-    second = builder.build(VICUNA.render(turns[:3]), [MediaSlot("image", 16)]).input_ids
+    second = builder.build(VICUNA.render(turns[:3]), [MediaSlot(turns[0].parts[0], 16)]).input_ids
     # Everything up to the second reply is what serving feeds for the second question.
     assert encoded.input_ids[: len(second)] == second
     first_reply = tok(tokenizer, " Red.</s>")
@@ -421,11 +432,14 @@ def test_multi_turn_supervises_each_reply_and_prefixes_match_serving(
 
 def test_plain_template_for_captions(tiny_preset: Preset, tokenizer: Any) -> None:
     plain = SupervisedEncoder(tokenizer, PLAIN, modality_slots(tiny_preset, tokenizer), max_length=64)
-    encoded = plain.encode(sample(user(0), assistant("a red circle"), images=1))
+    question = user(0)
+    encoded = plain.encode(sample(question, assistant("a red circle")))
     caption = tok(tokenizer, "a red circle\n")
     assert encoded.input_ids == [tokenizer.bos_token_id, *[4] * 16, *caption]
     assert encoded.labels == [IGNORE_INDEX] * 17 + caption
-    prompt = serving_builder(tiny_preset, tokenizer).build(PLAIN.render([user(0)]), [MediaSlot("image", 16)])
+    prompt = serving_builder(tiny_preset, tokenizer).build(
+        PLAIN.render([question]), [MediaSlot(question.parts[0], 16)]
+    )
     assert encoded.input_ids[:17] == prompt.input_ids
 
 
@@ -434,8 +448,9 @@ def test_system_turn_replaces_the_template_system() -> None:
         VICUNA, [Turn("system", (TextPart("Be brief."),)), user("Hi"), assistant("Yo")]
     )
     assert pieces == [("Be brief. USER: Hi ASSISTANT:", False), (" Yo</s>", True)]
-    pieces = render_supervised(VICUNA, [user(0, "Hi"), assistant("Yo")])
-    assert pieces[1] == (MediaRef(0), False)
+    turns = [user(0, "Hi"), assistant("Yo")]
+    pieces = render_supervised(VICUNA, turns)
+    assert pieces[1] == (MediaRef(turns[0].parts[0]), False)
     assert pieces[2] == ("\nHi ASSISTANT:", False)
 
 
@@ -449,26 +464,32 @@ def test_render_refuses_bad_conversations_and_templates() -> None:
         render_supervised(odd, [user("Hi"), assistant("Yo")])
 
 
+SAME = image(0)  # one part written twice: one item referenced twice
+
+
 @pytest.mark.parametrize(
-    ("turns", "images", "reason"),
+    ("turns", "reason"),
     [
-        ((user("look <image>"), assistant("x")), 0, "reserved_placeholder"),
-        ((user(0, "x"), assistant("y")), 2, "placeholder_count"),
-        ((user(0, 0), assistant("y")), 1, "placeholder_count"),
-        ((user(3), assistant("y")), 1, "placeholder_count"),
-        ((assistant("y"),), 0, "roles"),
+        ((user("look <image>"), assistant("x")), "reserved_placeholder"),
+        ((user(SAME, "x", SAME), assistant("y")), "placeholder_count"),
+        ((user(SAME), assistant("y"), user(SAME), assistant("z")), "placeholder_count"),
+        ((user("x"), Turn("assistant", (image(0),))), "roles"),
+        ((assistant("y"),), "roles"),
     ],
 )
-def test_encode_refusals(
-    encoder: SupervisedEncoder, turns: tuple[Turn, ...], images: int, reason: str
-) -> None:
+def test_encode_refusals(encoder: SupervisedEncoder, turns: tuple[Turn, ...], reason: str) -> None:
     with pytest.raises(BadSampleError) as e:
-        encoder.encode(sample(*turns, images=images))
+        encoder.encode(sample(*turns))
     assert e.value.reason == reason
 
 
+def test_the_same_file_in_two_parts_is_two_items(encoder: SupervisedEncoder) -> None:
+    encoded = encoder.encode(sample(user(0, 0, "x"), assistant("y")))
+    assert [m.path.name for m in encoded.media] == ["0.png", "0.png"] and len(set(encoded.media_spans)) == 2
+
+
 def test_unknown_modality_is_refused(encoder: SupervisedEncoder) -> None:
-    bad = Sample("s", (user(0), assistant("x")), (MediaFile("audio", Path("a.wav")),))
+    bad = Sample("s", (user(MediaPart(MediaFile("audio", Path("a.wav")))), assistant("x")))
     with pytest.raises(BadSampleError) as e:
         encoder.encode(bad)
     assert e.value.reason == "unknown_modality"
@@ -477,7 +498,7 @@ def test_unknown_modality_is_refused(encoder: SupervisedEncoder) -> None:
 def test_too_long_is_a_bad_sample(tmp_path: Path, tiny_preset: Preset, tokenizer: Any) -> None:
     short = SupervisedEncoder(tokenizer, VICUNA, modality_slots(tiny_preset, tokenizer), max_length=60)
     with pytest.raises(BadSampleError, match=r"expected at most 60 tokens, got \d+") as e:
-        short.encode(sample(user(0, "What is this?"), assistant("A red circle."), images=1))
+        short.encode(sample(user(0, "What is this?"), assistant("A red circle.")))
     assert e.value.reason == "too_long"
     path = write(tmp_path, [qa("Hi", "Yo.")] * 3 + [qa(image=media(tmp_path))])
     dataset = load_supervised(DatasetSpec(format="llava", path=path), short, max_bad_ratio=0.5)

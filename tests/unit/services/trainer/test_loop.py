@@ -13,11 +13,11 @@ import torch
 from services.trainer import loop
 from services.trainer.jobs import parse_job
 from services.trainer.loop import (
+    MediaInExample,
     Progress,
     Schedule,
+    TimeInExample,
     TrainExample,
-    TrainMedia,
-    TrainTime,
     collate,
     deepspeed_config,
     use_bf16,
@@ -118,12 +118,14 @@ def test_a_data_set_smaller_than_one_global_batch_is_refused() -> None:
 def test_collate_right_pads_masks_and_keeps_media_positions() -> None:
     feats_a, feats_b, feats_c = torch.randn(4, 16), torch.randn(4, 16), torch.randn(4, 16)
     examples = [
-        TrainExample(input_ids=[5, 6, 7], labels=[-100, 6, 7], media=[TrainMedia(0, 1, "image", feats_a)]),
+        TrainExample(
+            input_ids=[5, 6, 7], labels=[-100, 6, 7], media=[MediaInExample(0, 1, "image", feats_a)]
+        ),
         TrainExample(
             input_ids=[1, 2, 3, 4, 9],
             labels=[-100, -100, -100, 4, 9],
-            media=[TrainMedia(1, 1, "image", feats_b), TrainMedia(3, 1, "audio", feats_c, "hi")],
-            times=[TrainTime(4, 1, 2.5, True)],
+            media=[MediaInExample(1, 1, "image", feats_b), MediaInExample(3, 1, "audio", feats_c, "hi")],
+            times=[TimeInExample(4, 1, 2.5, True)],
         ),
         TrainExample(input_ids=[8], labels=[8], media=[]),
     ]

@@ -68,7 +68,10 @@ def test_caption_pairs_of_each_modality_and_key(
 def test_event_chat_and_pandagpt_conversation_key(tmp_path: Path) -> None:
     record = {"event": "c.npy", "conversation": [{"from": "human", "value": "<image>\nWhich way?"}, {"from": "gpt", "value": "Left."}]}  # fmt: skip
     [sample], _ = load(write(tmp_path, [record]), "llava", "event")
-    assert sample.turns[0].parts == (MediaPart(0), TextPart("Which way?"))
+    assert sample.turns[0].parts == (
+        MediaPart(MediaFile("event", tmp_path / "c.npy")),
+        TextPart("Which way?"),
+    )
 
 
 def test_two_media_keys_are_a_bad_sample(tmp_path: Path) -> None:
@@ -97,7 +100,8 @@ def test_etinstruct_times_follow_the_text_order(tmp_path: Path) -> None:
     assert report.kept == 2
     assert one.times == (4.0,)
     assert two.times == (2.0, 3.0, 7.5, 9.0, 4.0)  # user turns take src, replies tgt, in order
-    assert one.turns[0].parts[0] == MediaPart(0)  # no placeholder: the video opens the question
+    assert one.turns[0].parts[0] == MediaPart(one.media[0])  # no placeholder: the video opens the question
+    assert one.media[0].path.name == "a.mp4"
 
 
 @pytest.mark.parametrize(
@@ -207,24 +211,28 @@ def test_encoder_places_time_tokens_frames_and_instructions() -> None:
         tok, get_template("plain"), slots, max_length=64, time_token="<vid>",
         frames={Path("a.mp4"): 5}, errors={Path("bad.mp4"): "not a video"},
     )  # fmt: skip
-    turns = (Turn("user", (MediaPart(0), TextPart("When?"))), Turn("assistant", (TextPart("At <vid> ."),)))
-    e = enc.encode(Sample("s", turns, (MediaFile("video", Path("a.mp4")),), times=(3.0,)))
+
+    def turns(path: str) -> tuple[Turn, ...]:
+        user = Turn("user", (MediaPart(MediaFile("video", Path(path))), TextPart("When?")))
+        return (user, Turn("assistant", (TextPart("At <vid> ."),)))
+
+    e = enc.encode(Sample("s", turns("a.mp4"), times=(3.0,)))
     assert e.media_spans == [(1, 5)]  # BOS, then 5 frames -> 5 tokens
     [(pos, seconds)] = e.time_tokens
     assert e.input_ids[pos] == 3 and seconds == 3.0 and e.labels[pos] != IGNORE_INDEX
     assert e.instructions == ["When?"]
     with pytest.raises(BadSampleError, match="expected 2 time token"):
-        enc.encode(Sample("s", turns, (MediaFile("video", Path("a.mp4")),), times=(3.0, 4.0)))
+        enc.encode(Sample("s", turns("a.mp4"), times=(3.0, 4.0)))
     with pytest.raises(BadSampleError, match=r"bad\.mp4: not a video"):
-        enc.encode(Sample("s", turns, (MediaFile("video", Path("bad.mp4")),), times=(3.0,)))
+        enc.encode(Sample("s", turns("bad.mp4"), times=(3.0,)))
 
 
 def test_encoder_sums_one_turns_media_into_one_span() -> None:
     tok = Tok()
     slots = {m: MediaSlots(f"<{m}>", 2, 1, 2) for m in ("image", "audio")}
     enc = SupervisedEncoder(tok, get_template("plain"), slots, max_length=64, combine="sum")
-    turns = (Turn("user", (MediaPart(0), MediaPart(1))), Turn("assistant", (TextPart("x"),)))
-    e = enc.encode(Sample("s", turns, (MediaFile("image", Path("i")), MediaFile("audio", Path("a")))))
+    media = (MediaPart(MediaFile("image", Path("i"))), MediaPart(MediaFile("audio", Path("a"))))
+    e = enc.encode(Sample("s", (Turn("user", media), Turn("assistant", (TextPart("x"),)))))
     assert e.media_spans == [(1, 1), (1, 1)] and e.input_ids.count(2) == 1
 
 
@@ -232,8 +240,8 @@ def test_encoder_sums_per_modality_each_its_own_span() -> None:
     tok = Tok()
     slots = {m: MediaSlots(f"<{m}>", 2, 1, 2) for m in ("image", "audio")}
     enc = SupervisedEncoder(tok, get_template("plain"), slots, max_length=64, combine="sum_per_modality")
-    turns = (Turn("user", (MediaPart(0), MediaPart(1), MediaPart(2))), Turn("assistant", (TextPart("x"),)))
     media = (MediaFile("image", Path("i")), MediaFile("audio", Path("a")), MediaFile("image", Path("j")))
-    e = enc.encode(Sample("s", turns, media))
+    turns = (Turn("user", tuple(MediaPart(m) for m in media)), Turn("assistant", (TextPart("x"),)))
+    e = enc.encode(Sample("s", turns))
     assert e.media_spans[0] == e.media_spans[2] == (1, 1) != e.media_spans[1]
     assert e.input_ids.count(2) == 2  # two placeholders: the images summed, the audio

@@ -51,7 +51,15 @@ def assistant(text: str) -> Turn:
     return Turn("assistant", (TextPart(text),))
 
 
-TURNS = (user(0, "What is this?"), assistant("A red circle."), user("And its color?"), assistant("Red."))
+def conversation(modality: str = "image", path: str = "0.bin") -> tuple[Turn, ...]:
+    """Two rounds, the first question about one media file."""
+    item = MediaFile(modality, Path(path))
+    return (
+        user(item, "What is this?"),
+        assistant("A red circle."),
+        user("And its color?"),
+        assistant("Red."),
+    )
 
 
 def encoder(tokenizer: Any, template: Template) -> SupervisedEncoder:
@@ -75,12 +83,13 @@ def test_each_rounds_prompt_matches_serving_and_only_replies_are_supervised(
     tokenizer: Any, name: str, modality: str, end: str
 ) -> None:
     template = get_template(name)
-    sample = Sample("s", TURNS, (MediaFile(modality, Path("0.bin")),))
+    turns = conversation(modality)
+    sample = Sample("s", turns)
     encoded = encoder(tokenizer, template).encode(sample)
-    builder, media = serving(tokenizer), [MediaSlot(modality, TOKENS[modality])]
+    builder, media = serving(tokenizer), [MediaSlot(turns[0].parts[0], TOKENS[modality])]
     replies = [tok(tokenizer, LEAD[name] + "A red circle." + end), tok(tokenizer, LEAD[name] + "Red." + end)]
     for round_, n_turns in enumerate((1, 3)):
-        segments = template.render(TURNS[:n_turns], media_modalities=[modality])
+        segments = template.render(turns[:n_turns])
         prompt = builder.build(segments, media, bos=template.bos)
         n = len(prompt.input_ids)
         # Everything up to this round's reply is what serving feeds for its question, with
@@ -102,8 +111,9 @@ def test_each_rounds_prompt_matches_serving_and_only_replies_are_supervised(
 @pytest.mark.parametrize(("name", "modality", "end"), CASES)
 def test_training_text_is_the_full_serving_rendering(name: str, modality: str, end: str) -> None:
     template = get_template(name)
-    pieces = render_supervised(template, TURNS, media_modalities=[modality])
-    full = template.render(TURNS, add_generation_prompt=False, media_modalities=[modality])
+    turns = conversation(modality)
+    pieces = render_supervised(template, turns)
+    full = template.render(turns, add_generation_prompt=False)
     assert merge_text([seg for seg, _ in pieces]) == full
     assert [seg for seg, supervised in pieces if supervised] == [
         LEAD[name] + "A red circle." + end,
@@ -112,10 +122,11 @@ def test_training_text_is_the_full_serving_rendering(name: str, modality: str, e
 
 
 def test_vicuna_v0_pieces() -> None:
-    pieces = render_supervised(get_template("vicuna_v0"), TURNS, media_modalities=["image"])
+    turns = conversation("image")
+    pieces = render_supervised(get_template("vicuna_v0"), turns)
     assert pieces == [
         ("### Human: <Img>", False),
-        (MediaRef(0), False),
+        (MediaRef(turns[0].parts[0]), False),
         ("</Img> What is this?\n### Assistant:", False),
         (" A red circle.\n###", True),
         (" Human: And its color?\n### Assistant:", False),
@@ -124,10 +135,11 @@ def test_vicuna_v0_pieces() -> None:
 
 
 def test_videochat_pieces() -> None:
-    pieces = render_supervised(get_template("videochat"), TURNS, media_modalities=["video"])
+    turns = conversation("video")
+    pieces = render_supervised(get_template("videochat"), turns)
     assert pieces == [
         ("###Human: <Video>", False),
-        (MediaRef(0), False),
+        (MediaRef(turns[0].parts[0]), False),
         ("</Video>\n###Human: What is this?\n###Assistant:", False),
         (" A red circle.###", True),
         ("Human: And its color?\n###Assistant:", False),
@@ -136,10 +148,11 @@ def test_videochat_pieces() -> None:
 
 
 def test_phi3_pieces() -> None:
-    pieces = render_supervised(get_template("phi3"), TURNS, media_modalities=["image"])
+    turns = conversation("image")
+    pieces = render_supervised(get_template("phi3"), turns)
     assert pieces == [
         ("<|system|>\nYou are a helpful AI assistant.<|end|>\n<|user|>\n", False),
-        (MediaRef(0), False),
+        (MediaRef(turns[0].parts[0]), False),
         ("\nWhat is this?<|end|>\n<|assistant|>\n", False),
         ("A red circle.<|end|>", True),
         ("\n<|user|>\nAnd its color?<|end|>\n<|assistant|>\n", False),
@@ -148,7 +161,7 @@ def test_phi3_pieces() -> None:
 
 
 def test_a_modality_the_template_cannot_wrap_is_a_bad_sample(tokenizer: Any) -> None:
-    sample = Sample("s", TURNS, (MediaFile("audio", Path("0.wav")),))
+    sample = Sample("s", conversation("audio", "0.wav"))
     with pytest.raises(BadSampleError) as e:
         encoder(tokenizer, get_template("videochat")).encode(sample)
     assert e.value.reason == "unknown_modality"

@@ -763,8 +763,7 @@ async def test_eventgpt_release_folder_imports_and_serves_its_ev_tokens_as_singl
     engine = Engine(loaded)
     try:
         request = GenerationRequest(
-            [Turn("user", [MediaPart(0), TextPart("What happens?")])],
-            [releases.media("event", 5, 17, 64)],
+            [Turn("user", [MediaPart(releases.media("event", 5, 17, 64)), TextPart("What happens?")])],
             SamplingParams(max_tokens=3, temperature=0.0),
         )
         prompt = engine.prepare(request).prompt

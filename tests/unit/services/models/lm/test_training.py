@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from services.common.content import MediaItem
+from services.common.content import MediaFeatures, MediaPart
 from services.common.presets import Preset
 from services.models.lm.loading import load_model
 from services.models.lm.model import feature_layouts
@@ -21,7 +21,7 @@ from services.models.lm.training import TrainingModel
 from services.models.prompt.builder import MediaSlot
 from services.models.prompt.templates import MediaRef, Segment
 from services.trainer.build import initial_connectors, load_llm, load_start_bundle
-from services.trainer.loop import TrainExample, TrainMedia, TrainTime
+from services.trainer.loop import MediaInExample, TimeInExample, TrainExample
 from tests.unit.services.models.lm.training_support import (
     FEAT_DIM,
     TOKENS,
@@ -158,7 +158,7 @@ def test_items_sharing_a_span_are_summed_there(base_lm: nn.Module) -> None:
     fa, fb = torch.randn(TOKENS, FEAT_DIM), torch.randn(TOKENS, FEAT_DIM)
     ex = TrainExample(
         input_ids=[3] * 10, labels=[-100] * 6 + [3] * 4,
-        media=[TrainMedia(1, TOKENS, "image", fa), TrainMedia(1, TOKENS, "audio", fb)],
+        media=[MediaInExample(1, TOKENS, "image", fa), MediaInExample(1, TOKENS, "audio", fb)],
     )  # fmt: skip
     seen: dict[str, torch.Tensor] = {}
     handle = model.lm.register_forward_pre_hook(
@@ -182,8 +182,8 @@ def test_time_tokens_get_their_frame_and_train_the_heads(base_lm: nn.Module) -> 
     feats = torch.randn(TOKENS, FEAT_DIM)
     ids = [5] * 12
     ex = TrainExample(
-        input_ids=ids, labels=[-100] * 8 + ids[8:], media=[TrainMedia(1, TOKENS, "image", feats)],
-        times=[TrainTime(6, 0, 2.0, False), TrainTime(9, 0, 3.4, True)],
+        input_ids=ids, labels=[-100] * 8 + ids[8:], media=[MediaInExample(1, TOKENS, "image", feats)],
+        times=[TimeInExample(6, 0, 2.0, False), TimeInExample(9, 0, 3.4, True)],
     )  # fmt: skip
     seen: dict[str, torch.Tensor] = {}
     handle = model.lm.register_forward_pre_hook(
@@ -220,18 +220,18 @@ def test_heads_without_targets_get_zero_gradients(base_lm: nn.Module) -> None:
 
 # Per preset, two prompts: segments, and per item (modality, frames, combined with item, instruction).
 Item = tuple[str, int, int | None, str]
-PROMPTS: dict[str, list[tuple[list[Segment], list[Item]]]] = {
+PROMPTS: dict[str, list[tuple[list[str | int], list[Item]]]] = {  # int: the item's MediaRef
     "tiny": [
-        (["Describe", MediaRef(0), "please"], [("image", 1, None, "")]),
-        (["Compare", MediaRef(0), "with", MediaRef(1)], [("image", 1, None, ""), ("image", 1, None, "")]),
+        (["Describe", 0, "please"], [("image", 1, None, "")]),
+        (["Compare", 0, "with", 1], [("image", 1, None, ""), ("image", 1, None, "")]),
     ],
     "tiny-pandagpt": [  # image and audio share one connector (llama_proj); a summed span
-        (["Hear and see", MediaRef(0), "now"], [("image", 1, None, ""), ("audio", 1, 0, "")]),
-        (["Then", MediaRef(0), "and", MediaRef(1)], [("audio", 1, None, ""), ("image", 1, None, "")]),
+        (["Hear and see", 0, "now"], [("image", 1, None, ""), ("audio", 1, 0, "")]),
+        (["Then", 0, "and", 1], [("audio", 1, None, ""), ("image", 1, None, "")]),
     ],
     "tiny-etchat": [  # a connector that reads the user's text; items of different frame counts
-        (["When", MediaRef(0), "?"], [("video", 3, None, "when does it start")]),
-        ([MediaRef(0), "describe it"], [("video", 2, None, "describe it")]),
+        (["When", 0, "?"], [("video", 3, None, "when does it start")]),
+        ([0, "describe it"], [("video", 2, None, "describe it")]),
     ],
 }
 
@@ -255,13 +255,15 @@ def test_serving_and_training_embed_a_prompt_with_media_alike(
     generator = torch.Generator().manual_seed(5)
     served, examples = [], []
     for segments, items in PROMPTS[name]:
-        slots = [MediaSlot(m, frames, combine) for m, frames, combine, _ in items]
-        prompt = served_model.prompt_builder.build(segments, slots)
         media = []
         for m, frames, _, _ in items:
             layout = served_model.model.layouts[m]
             rows = frames * layout.tokens_per_frame
-            media.append(MediaItem(m, torch.randn(rows, layout.dim, generator=generator)))
+            media.append(MediaFeatures(m, torch.randn(rows, layout.dim, generator=generator)))
+        parts = [MediaPart(item) for item in media]
+        rendered: list[Segment] = [MediaRef(parts[s]) if isinstance(s, int) else s for s in segments]
+        slots = [MediaSlot(parts[i], frames, combine) for i, (_, frames, combine, _) in enumerate(items)]
+        prompt = served_model.prompt_builder.build(rendered, slots)
         texts = [text for *_, text in items]
         with torch.inference_mode():
             embeds = served_model.model.embed(prompt.input_ids, prompt.media_spans, media, instructions=texts)
@@ -271,7 +273,7 @@ def test_serving_and_training_embed_a_prompt_with_media_alike(
                 input_ids=prompt.input_ids,
                 labels=prompt.input_ids,
                 media=[
-                    TrainMedia(start, length, m.modality, m.features, text)
+                    MediaInExample(start, length, m.modality, m.features, text)
                     for (start, length), m, text in zip(prompt.media_spans, media, texts, strict=True)
                 ],
             )

@@ -13,7 +13,7 @@ from torch import nn
 from services.models.connectors.connector import build_connector
 from services.models.lm.model import FeatureLayout
 from services.models.lm.training import TrainingModel
-from services.trainer.loop import TrainExample, TrainMedia, collate
+from services.trainer.loop import MediaInExample, TrainExample, collate
 
 CPU = torch.device("cpu")
 TOKENS, FEAT_DIM, WIDTH, VOCAB = 4, 16, 32, 64
@@ -34,7 +34,7 @@ def make_model(
 def example(length: int = 12, media: list[tuple[int, str, torch.Tensor]] | None = None) -> TrainExample:
     ids = [(7 * i + 3) % VOCAB for i in range(length)]
     labels = [-100] * 6 + ids[6:]  # the prompt (with its media span) is not supervised
-    items = [TrainMedia(start, TOKENS, m, f) for start, m, f in media or []]
+    items = [MediaInExample(start, TOKENS, m, f) for start, m, f in media or []]
     return TrainExample(input_ids=ids, labels=labels, media=items)
 
 

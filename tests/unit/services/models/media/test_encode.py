@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from services.common.content import EncodedItem
+from services.common.content import MediaFeatures
 from services.common.errors import InvalidArgumentError, ModalmeshError, PayloadTooLargeError
 from services.common.presets import EncoderSpec, Preset
 from services.common.settings import Settings
@@ -51,8 +51,8 @@ def encoders(twins: dict[str, Preset]) -> Iterator[dict[tuple[str, str], MediaEn
         encoder.close()
 
 
-def _ok(result: EncodedItem | ModalmeshError) -> EncodedItem:
-    assert isinstance(result, EncodedItem), result
+def _ok(result: MediaFeatures[np.ndarray] | ModalmeshError) -> MediaFeatures[np.ndarray]:
+    assert isinstance(result, MediaFeatures), result
     return result
 
 
@@ -62,7 +62,7 @@ def test_features_and_times_per_modality(encoders, case) -> None:
     item = _ok(encoders[case].encode([make()])[0])
     assert item.features.shape == shape and item.features.dtype == np.float32
     assert item.features.flags.c_contiguous and np.isfinite(item.features).all()
-    assert item.times.dtype == np.float32 and item.frames == frames
+    assert item.modality == case[1] and len(item.times) == frames  # one time per frame
     encoders[case].warmup()
 
 
@@ -74,7 +74,7 @@ def test_video_times_follow_the_sampling(encoders) -> None:
         [make_video(8, 4), make_video(32, 4), make_video(48, 4)]
     )
     np.testing.assert_allclose(_ok(short).times, [0.0, 1.0])  # 1 fps
-    assert _ok(at_cap).frames == 8 and _ok(at_cap).features.shape == (8 * 4, 32)  # max_frames 8
+    assert len(_ok(at_cap).times) == 8 and _ok(at_cap).features.shape == (8 * 4, 32)  # max_frames 8
     assert isinstance(long, InvalidArgumentError) and "max_frames = 8" in long.message  # 12 s: refused
 
 
@@ -84,11 +84,11 @@ def test_a_bad_item_fails_alone(encoders) -> None:
     truncated = make_video(8, 4, faststart=True)[:600]
     results = enc.encode([good, b"not a video at all", truncated, b"", good])
     assert [type(r).__name__ for r in results] == [
-        "EncodedItem",
+        "MediaFeatures",
         "InvalidArgumentError",
         "InvalidArgumentError",
         "InvalidArgumentError",
-        "EncodedItem",
+        "MediaFeatures",
     ]
     assert results[1].message.startswith("not a video")  # type: ignore[union-attr]
     assert results[2].message.startswith("corrupt or truncated video")  # type: ignore[union-attr]
@@ -104,7 +104,7 @@ def test_a_bad_item_fails_alone(encoders) -> None:
     event = encoders["tiny-eventgpt", "event"]
     few, unsorted_ok = event.encode([make_events(3, 10, 10), make_events(100, 10, 10)])
     assert isinstance(few, InvalidArgumentError) and "at least 5 events" in few.message
-    assert _ok(unsorted_ok).frames == 5
+    assert len(_ok(unsorted_ok).times) == 5
 
 
 def test_event_features_are_the_clip_frames(encoders) -> None:

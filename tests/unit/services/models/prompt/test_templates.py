@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import typing
 
+import numpy as np
 import pytest
 
-from services.common.content import MediaPart, TextPart, TimePart, Turn
-from services.common.errors import InvalidArgumentError, ModalmeshError
+from services.common.content import MediaFeatures, MediaInput, MediaPart, TextPart, TimePart, Turn
+from services.common.errors import InvalidArgumentError
 from services.common.presets import TemplateName
 from services.models.prompt.templates import (
     BOS,
@@ -24,6 +25,14 @@ VICUNA = get_template("vicuna_v1")
 V0 = get_template("vicuna_v0")
 VIDEOCHAT = get_template("videochat")
 PHI3 = get_template("phi3")
+
+
+def media(modality: str = "image", times: tuple[float, ...] = ()) -> MediaPart[MediaFeatures[np.ndarray]]:
+    """A media part of a new item (its features do not matter to rendering)."""
+    return MediaPart(MediaFeatures(modality, np.zeros((max(len(times), 1), 4), np.float32), times))
+
+
+P = [media() for _ in range(4)]  # image parts: P[0], P[1]... in the tests' turns
 
 
 def user(*parts: TextPart | MediaPart | TimePart) -> Turn:
@@ -56,17 +65,17 @@ def test_vicuna_v1_golden_multi_turn() -> None:
 
 
 def test_vicuna_v1_image_first_renders_like_llava() -> None:
-    segments = VICUNA.render([user(MediaPart(0), text("What is this?"))])
-    assert segments == [f"{VICUNA_SYSTEM} USER: ", MediaRef(0), "\nWhat is this? ASSISTANT:"]
+    segments = VICUNA.render([user(P[0], text("What is this?"))])
+    assert segments == [f"{VICUNA_SYSTEM} USER: ", MediaRef(P[0]), "\nWhat is this? ASSISTANT:"]
 
 
 def test_parts_join_with_newline_where_media_stands() -> None:
-    segments = VICUNA.render([user(text("Compare"), MediaPart(1), MediaPart(0), text("a"), text("b"))])
+    segments = VICUNA.render([user(text("Compare"), P[1], P[0], text("a"), text("b"))])
     assert segments == [
         f"{VICUNA_SYSTEM} USER: Compare\n",
-        MediaRef(1),
+        MediaRef(P[1]),
         "\n",
-        MediaRef(0),
+        MediaRef(P[0]),
         "\na\nb ASSISTANT:",
     ]
 
@@ -87,9 +96,9 @@ def test_llava_v1_uses_its_own_system_prompt() -> None:
 
 def test_plain_template_is_the_pretraining_format() -> None:
     plain = get_template("plain")
-    assert plain.render([user(MediaPart(0))]) == [MediaRef(0)]
-    turns = [user(MediaPart(0)), Turn("assistant", [text("a red square")])]
-    assert plain.render(turns, add_generation_prompt=False) == [MediaRef(0), "a red square\n"]
+    assert plain.render([user(P[0])]) == [MediaRef(P[0])]
+    turns = [user(P[0]), Turn("assistant", [text("a red square")])]
+    assert plain.render(turns, add_generation_prompt=False) == [MediaRef(P[0]), "a red square\n"]
 
 
 def test_without_generation_prompt_ends_after_the_last_answer() -> None:
@@ -100,10 +109,10 @@ def test_without_generation_prompt_ends_after_the_last_answer() -> None:
 
 
 def test_merge_text_joins_and_drops_empty() -> None:
-    assert merge_text(["a", "", "b", MediaRef(0), "", MediaRef(1), "c"]) == [
+    assert merge_text(["a", "", "b", MediaRef(P[0]), "", MediaRef(P[1]), "c"]) == [
         "ab",
-        MediaRef(0),
-        MediaRef(1),
+        MediaRef(P[0]),
+        MediaRef(P[1]),
         "c",
     ]
 
@@ -126,10 +135,10 @@ def test_merge_text_joins_and_drops_empty() -> None:
         ),
         ([Turn("user", [])], "turns[0]: has no parts"),
         (
-            [user(text("a")), Turn("assistant", [MediaPart(0)]), user(text("b"))],
+            [user(text("a")), Turn("assistant", [P[0]]), user(text("b"))],
             "turns[1]: media parts are only allowed in user turns",
         ),
-        ([Turn("system", [MediaPart(0)]), user(text("b"))], "turns[0]: media parts are only allowed"),
+        ([Turn("system", [P[0]]), user(text("b"))], "turns[0]: media parts are only allowed"),
     ],
 )
 def test_role_validation(turns: list[Turn], message: str) -> None:
@@ -144,24 +153,24 @@ def test_unknown_template() -> None:
 
 
 # Golden strings below are written by hand from SEEDS_SPEC (sections 3, 4 and 5) and the seeds'
-# inference code; MediaRef(0) stands where the media features go.
+# inference code; MediaRef(P[0]) stands where the media features go.
 
 
 def test_vicuna_v0_one_turn_is_pandagpt_generation_prompt() -> None:
     # PandaGPT: [BOS] + "### Human: <Img>" + feature + "</Img> {prompt}\n### Assistant:".
-    assert V0.render([user(MediaPart(0), text("What is this?"))]) == [
+    assert V0.render([user(P[0], text("What is this?"))]) == [
         "### Human: <Img>",
-        MediaRef(0),
+        MediaRef(P[0]),
         "</Img> What is this?\n### Assistant:",
     ]
 
 
 def test_vicuna_v0_two_turns_follow_pandagpt_web_demo_history() -> None:
     # web_demo.py: "{q}\n### Assistant: {a}\n###" then " Human: {q}".
-    turns = [user(MediaPart(0), text("What is this?")), assistant("A dog."), user(text("What color?"))]
+    turns = [user(P[0], text("What is this?")), assistant("A dog."), user(text("What color?"))]
     assert V0.render(turns) == [
         "### Human: <Img>",
-        MediaRef(0),
+        MediaRef(P[0]),
         "</Img> What is this?\n### Assistant: A dog.\n### Human: What color?\n### Assistant:",
     ]
     assert (
@@ -173,56 +182,58 @@ def test_vicuna_v0_two_turns_follow_pandagpt_web_demo_history() -> None:
 def test_vicuna_v0_wraps_every_modality_in_img_and_has_no_system_prompt() -> None:
     assert V0.render([user(text("Hi"))]) == ["### Human: Hi\n### Assistant:"]
     for modality in ("image", "video", "audio"):
-        segments = V0.render([user(MediaPart(0))], media_modalities=[modality])
-        assert segments == ["### Human: <Img>", MediaRef(0), "</Img>\n### Assistant:"]
+        item = media(modality)
+        segments = V0.render([user(item)])
+        assert segments == ["### Human: <Img>", MediaRef(item), "</Img>\n### Assistant:"]
     turns = [Turn("system", [text("Be brief.")]), user(text("Hi"))]
     assert V0.render(turns) == ["Be brief.\n### Human: Hi\n### Assistant:"]
 
 
 def test_videochat_image_is_a_human_message_of_its_own() -> None:
     # conversation.py: "<Image><ImageHere></Image>\n" as one Human message, ask() adds text + "\n".
-    segments = VIDEOCHAT.render([user(MediaPart(0), text("What is this?"))], media_modalities=["image"])
+    segments = VIDEOCHAT.render([user(P[0], text("What is this?"))])
     assert segments == [
         "###Human: <Image>",
-        MediaRef(0),
+        MediaRef(P[0]),
         "</Image>\n###Human: What is this?\n###Assistant:",
     ]
 
 
 def test_videochat_two_turns_with_video() -> None:
     # A stored answer is stripped and followed directly by the "###" separator.
-    turns = [user(MediaPart(0), text("What happens?")), assistant("A man runs."), user(text("Why?"))]
-    assert VIDEOCHAT.render(turns, media_modalities=["video"]) == [
+    video = media("video")
+    turns = [user(video, text("What happens?")), assistant("A man runs."), user(text("Why?"))]
+    assert VIDEOCHAT.render(turns) == [
         "###Human: <Video>",
-        MediaRef(0),
+        MediaRef(video),
         "</Video>\n###Human: What happens?\n###Assistant: A man runs.###Human: Why?\n###Assistant:",
     ]
     assert VIDEOCHAT.render([user(text("Hi"))]) == ["###Human: Hi\n###Assistant:"]
 
 
-def test_videochat_needs_each_items_modality() -> None:
-    with pytest.raises(ModalmeshError, match="needs media_modalities") as e:
-        VIDEOCHAT.render([user(MediaPart(0))])
-    assert not isinstance(e.value, InvalidArgumentError)  # a server bug, not a bad request
+def test_videochat_wraps_each_item_by_its_modality() -> None:
     with pytest.raises(InvalidArgumentError, match=r"expected one of \['image', 'video'\], got 'audio'"):
-        VIDEOCHAT.render([user(MediaPart(0))], media_modalities=["audio"])
-    # A reference to no item of the request is left for the prompt builder to reject.
-    assert VIDEOCHAT.render([user(MediaPart(3))], media_modalities=["image"])[1] == MediaRef(3)
+        VIDEOCHAT.render([user(media("audio"))])
+    assert VIDEOCHAT.render([user(P[3])])[:3] == [
+        "###Human: <Image>",
+        MediaRef(P[3]),
+        "</Image>\n###Assistant:",
+    ]
 
 
 def test_phi3_one_turn_is_etchat_prompt() -> None:
-    assert PHI3.render([user(MediaPart(0), text("What is this?"))]) == [
+    assert PHI3.render([user(P[0], text("What is this?"))]) == [
         "<|system|>\nYou are a helpful AI assistant.<|end|>\n<|user|>\n",
-        MediaRef(0),
+        MediaRef(P[0]),
         "\nWhat is this?<|end|>\n<|assistant|>\n",
     ]
 
 
 def test_phi3_two_turns() -> None:
-    turns = [user(MediaPart(0), text("What is this?")), assistant("A dog."), user(text("What color?"))]
+    turns = [user(P[0], text("What is this?")), assistant("A dog."), user(text("What color?"))]
     assert PHI3.render(turns) == [
         "<|system|>\nYou are a helpful AI assistant.<|end|>\n<|user|>\n",
-        MediaRef(0),
+        MediaRef(P[0]),
         "\nWhat is this?<|end|>\n<|assistant|>\nA dog.<|end|>\n<|user|>\nWhat color?<|end|>\n<|assistant|>\n",
     ]
 
@@ -259,30 +270,35 @@ def test_every_assistant_prefix_starts_with_the_generation_prompt(template: Temp
 def test_eventgpt_v1_golden() -> None:
     from services.models.prompt.templates import LLAVA_SYSTEM
 
+    event = media("event")
     turns = [
-        Turn("user", [MediaPart(0), TextPart("What moves?")]),
+        Turn("user", [event, TextPart("What moves?")]),
         Turn("assistant", [TextPart("A bar.")]),
         Turn("user", [TextPart("Where?")]),
     ]
-    got = get_template("eventgpt_v1").render(turns, media_modalities=["event"])
+    got = get_template("eventgpt_v1").render(turns)
     assert got == [
         f"{LLAVA_SYSTEM} USER: <ev_start>",
-        MediaRef(0),
+        MediaRef(event),
         "<ev_end>\nWhat moves? ASSISTANT: A bar.</s>USER: Where? ASSISTANT:",
     ]
 
 
 def test_videochat_frame_note_needs_the_times() -> None:
-    turns = [Turn("user", [MediaPart(0), TextPart("What happens?")])]
+    def turns(item: MediaPart[MediaFeatures[np.ndarray]]) -> list[Turn]:
+        return [Turn("user", [item, TextPart("What happens?")])]
+
     template = get_template("videochat")
-    with_times = template.render(turns, media_modalities=["video"], media_times=[(0.54, 12.0)])
+    with_times = template.render(turns(media("video", (0.54, 12.0))))
     assert with_times[-1] == (
         "</Video> The video contains 2 frames sampled at 0.5, 12.0 seconds.\n###Human: What happens?\n###Assistant:"
     )
-    without = template.render(turns, media_modalities=["video"])[-1]
+    without = template.render(turns(media("video")))[-1]
     assert isinstance(without, str) and without.startswith("</Video>\n###Human:")
-    image = template.render(turns, media_modalities=["image"], media_times=[(0.0,)])[-1]
+    image = template.render(turns(media("image", (0.0,))))[-1]
     assert isinstance(image, str) and image.startswith("</Image>\n###Human:")
+    files = [Turn("user", [MediaPart(MediaInput("video")), TextPart("What happens?")])]  # no times
+    assert str(template.render(files)[-1]).startswith("</Video>\n###Human:")
 
 
 DEMO = get_template("nextgpt_demo")
@@ -291,14 +307,14 @@ DEMO = get_template("nextgpt_demo")
 def test_nextgpt_demo_one_turn_splits_around_the_media_with_a_bos_per_text() -> None:
     # demo_app.py: "### Human: <Image>p</Image> " + " q"; re.split(' <|> ') eats the space on
     # each side of the tag: "### Human:" | media | " q\n### Assistant:".
-    got = DEMO.render([user(MediaPart(0), text("What is this?"))])
-    assert got == [BOS, "### Human:<Img>", MediaRef(0), "</Img>", BOS, " What is this?\n### Assistant:"]
+    got = DEMO.render([user(P[0], text("What is this?"))])
+    assert got == [BOS, "### Human:<Img>", MediaRef(P[0]), "</Img>", BOS, " What is this?\n### Assistant:"]
     assert not DEMO.bos
 
 
 def test_nextgpt_demo_history_turns_have_one_space_and_the_current_two() -> None:
     turns = [
-        user(MediaPart(0), text("q1")),
+        user(P[0], text("q1")),
         assistant("a1"),
         user(text("q2")),
     ]
@@ -306,7 +322,7 @@ def test_nextgpt_demo_history_turns_have_one_space_and_the_current_two() -> None
     assert got == [
         BOS,
         "### Human:<Img>",
-        MediaRef(0),
+        MediaRef(P[0]),
         "</Img>",
         BOS,
         "q1\n### Assistant: a1\n### Human:  q2\n### Assistant:",
@@ -314,13 +330,13 @@ def test_nextgpt_demo_history_turns_have_one_space_and_the_current_two() -> None
 
 
 def test_nextgpt_demo_writes_media_first_and_each_item_its_own_segment() -> None:
-    got = DEMO.render([user(text("Compare"), MediaPart(0), MediaPart(1))])
+    got = DEMO.render([user(text("Compare"), P[0], P[1])])
     assert got == [
         BOS,
         "### Human:<Img>",
-        MediaRef(0),
+        MediaRef(P[0]),
         "</Img><Img>",
-        MediaRef(1),
+        MediaRef(P[1]),
         "</Img>",
         BOS,
         " Compare\n### Assistant:",
@@ -332,8 +348,8 @@ def test_phi3_starts_without_bos_and_the_others_with_one() -> None:
 
 
 def test_time_parts_render_inline_as_the_time_token() -> None:
-    turn = user(MediaPart(0), text("From "), TimePart(1.5), text(" to "), TimePart(3.0), text("?"))
+    turn = user(P[0], text("From "), TimePart(1.5), text(" to "), TimePart(3.0), text("?"))
     got = PHI3.render([turn], time_token="<vid>")
-    assert got[-2:] == [MediaRef(0), "\nFrom <vid> to <vid>?<|end|>\n<|assistant|>\n"]
+    assert got[-2:] == [MediaRef(P[0]), "\nFrom <vid> to <vid>?<|end|>\n<|assistant|>\n"]
     with pytest.raises(InvalidArgumentError, match=r"heads\.timestamps"):
         PHI3.render([turn])
