@@ -7,8 +7,9 @@ per model how to warm it up, which tensors it takes and gives, and its inference
 `services/encoders/__main__.py` and `services/decoders/__main__.py` are each one
 `TritonService(...)` record; `EncoderServer` and `DecoderServer` subclass `TritonServer`.
 
-Lifecycle (`serve_triton`): load the preset (generating the tiny checkpoints on first use),
-build the server, warm every model up, start Triton, serve until SIGTERM/SIGINT or until Triton
+Lifecycle (`serve_triton`): load the preset, build the server (the service's `build` generates
+a tiny preset's checkpoints on first use: `services.models` is the services' to import, not
+`services.common`'s), warm every model up, start Triton, serve until SIGTERM/SIGINT or until Triton
 dies, stop Triton (in-flight requests finish, child processes exit) and release the models.
 Exit codes: 0 after a stop signal, 1 when Triton fails to start or dies on its own, 2 when the
 preset or its models cannot be loaded.
@@ -248,7 +249,8 @@ def serve_triton(
     Args:
         settings: The preset and where its checkpoints are.
         what: "encoders" or "decoders", for the log lines.
-        build: Loads the models of the preset (once) and wraps them in a server, not started.
+        build: Loads the models of the preset (once, generating a tiny preset's on first use)
+            and wraps them in a server, not started.
         logger: The service's logger.
 
     Returns:
@@ -256,14 +258,12 @@ def serve_triton(
         2 when the preset or its checkpoints cannot be loaded.
     """
     from services.common.presets import load_preset
-    from services.models.tiny import ensure_generated
 
     with StopSignals(on_signal=lambda name: logger.info("received %s", name)) as signals:
         try:
             preset = load_preset(
                 settings.preset, cache_dir=settings.cache_dir, presets_dir=settings.presets_dir
             )
-            ensure_generated(preset)
             server = build(preset)
         except ModalmeshError as e:
             logger.error("cannot load the %s: %s", what, e.message)
@@ -298,8 +298,9 @@ class TritonService:
     Attributes:
         name: "encoders" or "decoders": the module, the log lines' service name.
         ports: The settings fields its three port flags set.
-        build: Loads the preset's models and wraps them in a server, not started (imports
-            torch, so it is called only once the service runs).
+        build: Loads the preset's models (generating a tiny preset's on first use) and wraps
+            them in a server, not started (imports torch, so it is called only once the
+            service runs).
         description: The `--help` text (the `__main__` module's docstring).
         quiet: Libraries whose progress bars are turned off (`<lib>.utils.logging`).
     """

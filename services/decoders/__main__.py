@@ -28,9 +28,12 @@ __all__ = ["SERVICE", "main", "parse_args", "serve", "settings_from"]
 
 
 def build(preset: Preset, settings: Settings) -> DecoderServer:
-    """Load every output modality's decoder of the preset and wrap them in a server (not started)."""
+    """Load every output modality's decoder of the preset (generating a tiny preset's models on
+    first use) and wrap them in a server (not started)."""
     from services.decoders.server import DecoderServer, load_decoders
+    from services.models.tiny import ensure_generated
 
+    ensure_generated(preset)
     return DecoderServer(load_decoders(preset), settings)
 
 

@@ -27,9 +27,12 @@ __all__ = ["SERVICE", "main", "parse_args", "serve", "settings_from"]
 
 
 def build(preset: Preset, settings: Settings) -> EncoderServer:
-    """Load every modality's encoder of the preset and wrap them in a server (not started)."""
+    """Load every modality's encoder of the preset (generating a tiny preset's models on first
+    use) and wrap them in a server (not started)."""
     from services.encoders.triton import EncoderServer, load_encoders
+    from services.models.tiny import ensure_generated
 
+    ensure_generated(preset)
     return EncoderServer(load_encoders(preset, settings), settings)
 
 
