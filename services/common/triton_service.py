@@ -152,22 +152,21 @@ class PortFields:
 class TritonServer(Generic[BoundT]):
     """Triton serving a set of loaded models: warm up -> start -> serve -> stop.
 
-    Subclasses name their ports (`port_fields`) and say per model how to warm it up, bind it
-    and release it once Triton has stopped.
+    Subclasses name their ports (`port_fields`) and logger (`log`) and say per model how to
+    warm it up, bind it and release it once Triton has stopped.
 
     Args:
         bound: The loaded models, each with its Triton model name.
         settings: Addresses, ports and the drain time.
-        logger: The service's logger.
     """
 
     port_fields: ClassVar[PortFields]
+    log: ClassVar[logging.Logger]
 
-    def __init__(self, bound: Sequence[BoundT], settings: Settings, logger: logging.Logger) -> None:
+    def __init__(self, bound: Sequence[BoundT], settings: Settings) -> None:
         self.bound = list(bound)
         self.settings = settings
         self.ports = self.port_fields.of(settings)
-        self.logger = logger
         self._triton: Any = None
         self._lock = threading.Lock()
 
@@ -204,7 +203,7 @@ class TritonServer(Generic[BoundT]):
         with self._lock:
             self._triton = triton
         triton.run()
-        self.logger.info(
+        self.log.info(
             "Triton serving %s on %s (http %d, grpc %d, metrics %d) after %.1fs",
             ", ".join(self.model_names()),
             self.settings.host,
@@ -224,11 +223,11 @@ class TritonServer(Generic[BoundT]):
         with self._lock:
             triton, self._triton = self._triton, None
         if triton is not None:
-            self.logger.info("stopping Triton")
+            self.log.info("stopping Triton")
             triton.stop()
         for bound in self.bound:
             self.close_model(bound)
-        self.logger.info("stopped")
+        self.log.info("stopped")
 
 
 class Server(Protocol):
@@ -291,6 +290,20 @@ def settings_from(args: argparse.Namespace) -> Settings:
     return Settings(**{k: v for k, v in vars(args).items() if v is not None})
 
 
+EPILOG = """\
+Flags override Settings() (MODALMESH_* environment variables). The service serves until
+SIGTERM or SIGINT, then stops Triton and its child processes and exits 0. It exits 1 if
+Triton fails to start or dies on its own, and 2 if the preset or its models cannot be
+loaded. Its own log lines (JSON unless MODALMESH_LOG_JSON=false) go to stderr; Triton's
+server log (plain text, from the tritonserver child) goes to stdout."""
+
+
+def load_entry_point(spec: str) -> Callable[..., Any]:
+    """The function an entry point "package.module:function" names (imported now)."""
+    module, _, function = spec.partition(":")
+    return getattr(importlib.import_module(module), function)  # type: ignore[no-any-return]
+
+
 @dataclass(frozen=True)
 class TritonService:
     """A Triton service's `__main__`: `python -m services.<name> [--preset] [--host] [ports]`.
@@ -298,16 +311,17 @@ class TritonService:
     Attributes:
         name: "encoders" or "decoders": the module, the log lines' service name.
         ports: The settings fields its three port flags set.
-        build: Loads the preset's models (generating a tiny preset's on first use) and wraps
-            them in a server, not started (imports torch, so it is called only once the
-            service runs).
-        description: The `--help` text (the `__main__` module's docstring).
+        build: The entry point ("module:function") of `(preset, settings) -> server`: loads the
+            preset's models (generating a tiny preset's on first use) and wraps them in a
+            server, not started. Imported only once the service runs (it imports torch), so
+            `--help` and the flags stay light.
+        description: The `--help` text (the `__main__` module's docstring); `EPILOG` follows.
         quiet: Libraries whose progress bars are turned off (`<lib>.utils.logging`).
     """
 
     name: str
     ports: PortFields
-    build: Callable[[Preset, Settings], Server]
+    build: str
     description: str | None = None
     quiet: tuple[str, ...] = ("transformers",)
 
@@ -317,7 +331,12 @@ class TritonService:
 
     def parse_args(self, argv: Sequence[str] | None = None) -> argparse.Namespace:
         """The command line; every flag defaults to the MODALMESH_* setting."""
-        parser = argparse.ArgumentParser(prog=f"python -m services.{self.name}", description=self.description)
+        parser = argparse.ArgumentParser(
+            prog=f"python -m services.{self.name}",
+            description=self.description,
+            epilog=EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         parser.add_argument("--preset", metavar="NAME", help="preset name or YAML path (MODALMESH_PRESET)")
         parser.add_argument("--host", metavar="H", help="bind address (MODALMESH_HOST)")
         for flag, dest, what in (
@@ -332,7 +351,8 @@ class TritonService:
 
     def serve(self, settings: Settings) -> int:
         """Load, start, serve until a stop signal, stop; returns the exit code."""
-        return serve_triton(settings, self.name, lambda preset: self.build(preset, settings), self.logger)
+        build = load_entry_point(self.build)
+        return serve_triton(settings, self.name, lambda preset: build(preset, settings), self.logger)
 
     def main(self, argv: Sequence[str] | None = None) -> int:
         """Entry point of `python -m services.<name>`."""
@@ -343,7 +363,7 @@ class TritonService:
         for library in self.quiet:
             importlib.import_module(f"{library}.utils.logging").disable_progress_bar()
         http, grpc, metrics = self.ports.of(settings)
-        self.logger.info(
+        self.log.info(
             "starting %s: preset %s, host %s, ports http %d grpc %d metrics %d",
             self.name,
             settings.preset,

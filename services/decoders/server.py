@@ -99,16 +99,19 @@ class DecoderServer(TritonServer[BoundDecoder]):
     """
 
     port_fields = PortFields.named("decoder")
-
-    def __init__(self, decoders: list[BoundDecoder], settings: Settings) -> None:
-        super().__init__(decoders, settings, logger)
-
-    @property
-    def decoders(self) -> list[BoundDecoder]:
-        return self.bound
+    log = logger
 
     def warmup_model(self, bound: BoundDecoder) -> None:
         warmup(bound)
 
     def bind_model(self, triton: Any, bound: BoundDecoder) -> None:
         bind_decoder(triton, bound, batch_delay_us=self.settings.decoder_batch_delay_us)
+
+
+def build_server(preset: Preset, settings: Settings) -> DecoderServer:
+    """`python -m services.decoders`' server: every output modality's decoder of the preset
+    loaded (a tiny preset's pipelines generated on first use), not started."""
+    from services.models.tiny import ensure_generated
+
+    ensure_generated(preset)
+    return DecoderServer(load_decoders(preset), settings)

@@ -196,13 +196,7 @@ class EncoderServer(TritonServer[BoundEncoder]):
     """
 
     port_fields = PortFields.named("encoder")
-
-    def __init__(self, encoders: list[BoundEncoder], settings: Settings) -> None:
-        super().__init__(encoders, settings, logger)
-
-    @property
-    def encoders(self) -> list[BoundEncoder]:
-        return self.bound
+    log = logger
 
     def warmup_model(self, bound: BoundEncoder) -> None:
         bound.encoder.warmup()
@@ -213,3 +207,12 @@ class EncoderServer(TritonServer[BoundEncoder]):
     def close_model(self, bound: BoundEncoder) -> None:
         """The encoder's decode threads."""
         bound.encoder.close()
+
+
+def build_server(preset: Preset, settings: Settings) -> EncoderServer:
+    """`python -m services.encoders`' server: every modality's encoder of the preset loaded
+    (a tiny preset's checkpoints generated on first use), not started."""
+    from services.models.tiny import ensure_generated
+
+    ensure_generated(preset)
+    return EncoderServer(load_encoders(preset, settings), settings)

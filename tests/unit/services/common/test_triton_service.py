@@ -18,12 +18,15 @@ from services.common.settings import Settings
 from services.common.triton_service import (
     PortFields,
     TritonService,
+    load_entry_point,
     request_id,
     respond_per_request,
     serve_triton,
 )
 from services.decoders.__main__ import SERVICE as DECODERS
 from services.encoders.__main__ import SERVICE as ENCODERS
+
+ROOT = Path(__file__).resolve().parents[4]
 
 
 @pytest.mark.parametrize(
@@ -134,3 +137,28 @@ def test_a_batch_is_split_back_per_request_with_its_request_id() -> None:
     out = respond_per_request(requests, [2, 0, 3], [1, 2, 3, 4, 5], respond, log)
     assert [r["out"].tolist() for r in out] == [[1, 2], [], [3, 4, 5]]
     assert seen == [(2, "a"), (0, None), (3, "c")]
+
+
+def test_each_services_build_entry_point_names_its_server_builder() -> None:
+    from services.decoders.server import build_server as decoders_build
+    from services.encoders.triton import build_server as encoders_build
+
+    assert load_entry_point(ENCODERS.build) is encoders_build
+    assert load_entry_point(DECODERS.build) is decoders_build
+
+
+def test_the_command_line_loads_no_torch() -> None:
+    """`--help` and the flags import the shell only: the models load once the service runs."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from services.encoders.__main__ import parse_args\n"
+        "from services.decoders.__main__ import SERVICE\n"
+        "parse_args(['--grpc-port', '1']); SERVICE.parse_args([])\n"
+        "print(sorted({'torch', 'diffusers', 'pytriton'} & set(sys.modules)))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
