@@ -301,7 +301,7 @@ server log (plain text, from the tritonserver child) goes to stdout."""
 def load_entry_point(spec: str) -> Callable[..., Any]:
     """The function an entry point "package.module:function" names (imported now)."""
     module, _, function = spec.partition(":")
-    return getattr(importlib.import_module(module), function)  # type: ignore[no-any-return]
+    return getattr(importlib.import_module(module), function)
 
 
 @dataclass(frozen=True)
@@ -363,7 +363,7 @@ class TritonService:
         for library in self.quiet:
             importlib.import_module(f"{library}.utils.logging").disable_progress_bar()
         http, grpc, metrics = self.ports.of(settings)
-        self.log.info(
+        self.logger.info(
             "starting %s: preset %s, host %s, ports http %d grpc %d metrics %d",
             self.name,
             settings.preset,
