@@ -162,3 +162,26 @@ def test_the_command_line_loads_no_torch() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("service", [ENCODERS, DECODERS], ids=["enc", "dec"])
+def test_python_m_with_a_preset_that_does_not_load_exits_2(service: TritonService, tmp_path: Path) -> None:
+    """The whole entry point up to loading, as a user runs it: flags, logging, the start-up
+    line, the serve loop's exit code."""
+    import subprocess
+    import sys
+
+    missing = str(tmp_path / "missing.yaml")
+    argv = ["--preset", missing, "--http-port", "1", "--grpc-port", "2", "--metrics-port", "3"]
+    done = subprocess.run(
+        [sys.executable, "-m", f"services.{service.name}", *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env=os.environ | {"MODALMESH_LOG_JSON": "false", "MODALMESH_CACHE_DIR": str(tmp_path)},
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"starting {service.name}: preset {missing}, host " in done.stderr
+    assert "ports http 1 grpc 2 metrics 3" in done.stderr
+    assert f"cannot load the {service.name}: preset {missing!r} not found" in done.stderr
