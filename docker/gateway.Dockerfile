@@ -21,7 +21,7 @@ COPY services services
 COPY gateway gateway
 # --no-deps: the project's torch-side dependencies stay out; the import check proves none is needed.
 RUN python -m pip install --no-deps -c requirements/cpu.txt . \
-    && python -c 'import gateway.__main__, services.trainer.celery_app, services.encoders.client, services.decoders.client' \
+    && python -c 'import gateway.__main__, services.common.health, services.trainer.celery_app, services.encoders.client, services.decoders.client' \
     && if python -c 'import torch' 2>/dev/null; then echo "torch must not be in the gateway image" >&2; exit 1; fi
 RUN groupadd --gid 10001 modalmesh \
     && useradd -l --uid 10001 --gid 10001 --create-home --home-dir /home/modalmesh modalmesh \

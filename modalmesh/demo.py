@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from modalmesh.stack import free_port, http_ok, port_is_free
+from modalmesh.stack import free_port, port_is_free
+from services.common.health import http_ok
 from services.common.settings import Settings
 
 _PORT_FIELDS = (

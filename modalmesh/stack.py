@@ -5,42 +5,33 @@ LLM service and the trainer side by side; once the encoders are ready, the decod
 for presets with `outputs`, e.g. NExT-GPT: it is the second Triton server, started alone so the
 two do not load at once); then the gateway once every backend reports ready. Each service runs in
 its own process group with its log in a file; the stack is ready when every health check
-passes. On SIGINT/SIGTERM the services are stopped in reverse order (SIGTERM, which drains,
-then SIGKILL after a grace period). If a service dies while the stack runs, the others are
-stopped and the supervisor exits non-zero.
+passes. On SIGINT/SIGTERM the services are stopped in reverse order (SIGTERM to the process
+group, which drains, then SIGKILL to what is left after a grace period). If a service dies while
+the stack runs, the others are stopped and the supervisor exits non-zero. Starting a process
+group, stopping it and waiting for a signal are `services.common.procenv`'s, as for the
+trainer's launcher and the Triton services.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.common.procenv import service_env
+from services.common.health import grpc_serving, http_ok
+from services.common.procenv import StopSignals, service_env, start_group, stop_group
 from services.common.settings import Settings
-
-_PR_SET_PDEATHSIG = 1
 
 
 class StackError(RuntimeError):
     """The stack could not start; the message says which part and why."""
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
@@ -66,29 +57,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
-
-
-def http_ok(url: str, timeout: float = 1.0) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return 200 <= r.status < 300
-    except (urllib.error.URLError, OSError, ValueError):
-        return False
-
-
-def grpc_serving(target: str, service: str, timeout: float = 1.0) -> bool:
-    """Whether the standard gRPC health service at `target` reports `service` SERVING."""
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    with grpc.insecure_channel(target) as channel:
-        try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=timeout
-            )
-        except grpc.RpcError:
-            return False
-    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
 
 def redis_answers(url: str) -> bool:
@@ -118,15 +86,7 @@ class Service:
     def start(self, env: dict[str, str]) -> None:
         log = self.log_path.open("ab")
         self._log = log
-        self.proc = subprocess.Popen(
-            self.argv,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=_die_with_parent,
-        )
+        self.proc = start_group(self.argv, env=env, log=log)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -138,24 +98,13 @@ class Service:
             return ""
 
     def stop(self, grace_s: float) -> int | None:
-        """SIGTERM the process group, wait up to `grace_s`, then SIGKILL it."""
+        """SIGTERM the process group, SIGKILL what is left of it after `grace_s`; the exit code."""
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        # Children the service left behind in its group (e.g. tritonserver) go too.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        code = stop_group(self.proc.pid, grace_s=grace_s, wait=self.proc)
         if self._log is not None:
             self._log.close()  # type: ignore[attr-defined]
-        return self.proc.returncode
+        return code
 
 
 class Stack:
@@ -379,22 +328,14 @@ class Stack:
 
 def run_until_signal(stack: Stack) -> int:
     """Block until SIGINT/SIGTERM (exit 0) or until a service dies (exit 1); then stop all."""
-    stopping: list[int] = []
-
-    def on_signal(signum: int, _frame: object) -> None:
-        stopping.append(signum)
-
-    old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        while not stopping:
+    with StopSignals() as signals:
+        try:
+            if signals.watch(lambda: stack.dead() is None, poll_s=0.25):
+                stack.out(f"received {signals.received}, stopping")
+                return 0
             dead = stack.dead()
-            if dead is not None:
+            if dead is not None:  # always: that is why the watch ended
                 stack.out(f"{dead.name} exited unexpectedly; last log lines:\n{dead.log_tail()}")
-                return 1
-            time.sleep(0.25)
-        stack.out(f"received {signal.Signals(stopping[0]).name}, stopping")
-        return 0
-    finally:
-        stack.stop()
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
+            return 1
+        finally:
+            stack.stop()

@@ -1,5 +1,5 @@
-"""Cross-service helpers: settings, errors and their status mapping, gRPC server bootstrap,
-tensor codec, logging and presets.
+"""Cross-service helpers: settings, errors and their status mapping, gRPC and Triton server
+bootstrap, process handling, health probes, tensor codec, logging and presets.
 
 Modules (import from them directly):
     errors        the exception family; HTTP status and OpenAI error bodies (no grpc import)
@@ -12,4 +12,10 @@ Modules (import from them directly):
     adapter_registry  adapter versions, current pointers and events in Redis (no torch)
     content       roles, turns and their parts, encoded media features, timestamps
     decode_params decoding parameters of the output modalities and their checks
+    procenv       child processes: their environment, process groups, waiting for a stop signal
+    health        `python -m services.common.health`: the HTTP and gRPC health probes
+    triton_env    libpython for Triton's stub, Triton's server settings
+    triton_service  the Triton services' shell (CLI, serve loop, server base, model binding)
+
+The bottom layer: it imports no service and not the model library (tests/unit/test_layout.py).
 """

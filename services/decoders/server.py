@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -18,7 +17,7 @@ from services.common.devices import default_device
 from services.common.errors import FailedPreconditionError
 from services.common.presets import Preset
 from services.common.settings import Settings
-from services.common.triton_env import TritonServer
+from services.common.triton_service import PortFields, TritonServer
 from services.decoders.media_out import encode_media
 from services.decoders.triton import BoundDecoder, bind_decoder
 from services.models.decoders.pipelines import DecodeParams, decode, load_decoder
@@ -90,7 +89,7 @@ def warmup(bound: BoundDecoder) -> None:
     )
 
 
-class DecoderServer(TritonServer):
+class DecoderServer(TritonServer[BoundDecoder]):
     """Triton serving the preset's decoders: load -> warm up -> start -> serve -> stop.
 
     Args:
@@ -99,23 +98,20 @@ class DecoderServer(TritonServer):
             dynamic batcher's queue delay (`decoder_batch_delay_us`).
     """
 
-    def __init__(self, decoders: list[BoundDecoder], settings: Settings) -> None:
-        ports = (settings.decoder_http_port, settings.decoder_grpc_port, settings.decoder_metrics_port)
-        super().__init__(settings, ports, logger)
-        self.decoders = decoders
+    port_fields = PortFields.named("decoder")
+    log = logger
 
-    @property
-    def models(self) -> Mapping[str, BoundDecoder]:
-        """The served Triton model names and their decoders."""
-        return {b.model_name: b for b in self.decoders}
+    def warmup_model(self, bound: BoundDecoder) -> None:
+        warmup(bound)
 
-    def model_names(self) -> list[str]:
-        return list(self.models)
+    def bind_model(self, triton: Any, bound: BoundDecoder) -> None:
+        bind_decoder(triton, bound, batch_delay_us=self.settings.decoder_batch_delay_us)
 
-    def warmup(self) -> None:
-        for bound in self.decoders:
-            warmup(bound)
 
-    def bind(self, triton: Any) -> None:
-        for bound in self.decoders:
-            bind_decoder(triton, bound, batch_delay_us=self.settings.decoder_batch_delay_us)
+def build_server(preset: Preset, settings: Settings) -> DecoderServer:
+    """`python -m services.decoders`' server: every output modality's decoder of the preset
+    loaded (a tiny preset's pipelines generated on first use), not started."""
+    from services.models.tiny import ensure_generated
+
+    ensure_generated(preset)
+    return DecoderServer(load_decoders(preset), settings)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,8 +32,8 @@ import numpy as np
 import torch
 
 from services.common.errors import InvalidArgumentError
-from services.common.log import REQUEST_ID_HEADER, bound_request_id
 from services.common.presets import DecoderSpec
+from services.common.triton_service import InferFn, TensorSpec, bind_batched, respond_per_request
 from services.decoders.media_out import FORMATS, EncodedMedia, encode_media
 from services.decoders.protocol import (
     EMBEDS_INPUT,
@@ -49,8 +48,6 @@ from services.decoders.protocol import (
 from services.models.decoders.pipelines import DecodeParams, Decoder, Media, decode_batch
 
 logger = logging.getLogger(__name__)
-
-InferFn = Callable[[list[Any]], list[dict[str, np.ndarray]]]
 
 
 @dataclass
@@ -187,51 +184,40 @@ def make_infer_fn(bound: BoundDecoder) -> InferFn:
                 continue
             media = done[k]
             outcomes.append((_encode(media, p.media_format), getattr(media, "seed", NO_SEED)))
-        responses = []
-        offset = 0
-        for request, n in zip(requests, sizes, strict=True):
-            with bound_request_id(_request_id(request)):
-                responses.append(_response(outcomes[offset : offset + n], model_name=name))
-                logger.info(
-                    "%s: decoded %d item(s) in a batch of %d (%d generated, %.1f ms)",
-                    name,
-                    n,
-                    len(parsed),
-                    len(todo),
-                    elapsed_ms,
-                )
-            offset += n
-        return responses
+        return respond_per_request(
+            requests,
+            sizes,
+            outcomes,
+            lambda mine: _response(list(mine), model_name=name),
+            lambda n: logger.info(
+                "%s: decoded %d item(s) in a batch of %d (%d generated, %.1f ms)",
+                name,
+                n,
+                len(parsed),
+                len(todo),
+                elapsed_ms,
+            ),
+        )
 
     return infer
 
 
-def _request_id(request: Any) -> str | None:
-    params = getattr(request, "parameters", None) or {}
-    value = params.get(REQUEST_ID_HEADER)
-    return str(value) if value else None
-
-
 def bind_decoder(triton: Any, bound: BoundDecoder, *, batch_delay_us: int) -> None:
     """Bind one decoder to a (not yet running) `pytriton.triton.Triton` as a batched model."""
-    from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
-
-    triton.bind(
+    bind_batched(
+        triton,
         model_name=bound.model_name,
         infer_func=make_infer_fn(bound),
         inputs=[
-            Tensor(name=EMBEDS_INPUT, dtype=np.float32, shape=bound.decoder.conditioning_shape),
-            Tensor(name=PARAMS_INPUT, dtype=bytes, shape=(1,)),
+            TensorSpec(EMBEDS_INPUT, np.float32, bound.decoder.conditioning_shape),
+            TensorSpec(PARAMS_INPUT, bytes, (1,)),
         ],
         outputs=[
-            Tensor(name=MEDIA_OUTPUT, dtype=bytes, shape=(1,)),
-            Tensor(name=MIME_OUTPUT, dtype=bytes, shape=(1,)),
-            Tensor(name=SEED_OUTPUT, dtype=np.int64, shape=(1,)),
-            Tensor(name=ERROR_OUTPUT, dtype=bytes, shape=(1,)),
+            TensorSpec(MEDIA_OUTPUT, bytes, (1,)),
+            TensorSpec(MIME_OUTPUT, bytes, (1,)),
+            TensorSpec(SEED_OUTPUT, np.int64, (1,)),
+            TensorSpec(ERROR_OUTPUT, bytes, (1,)),
         ],
-        config=ModelConfig(
-            max_batch_size=bound.spec.max_batch_size,
-            batcher=DynamicBatcher(max_queue_delay_microseconds=batch_delay_us),
-        ),
-        strict=True,
+        max_batch_size=bound.spec.max_batch_size,
+        batch_delay_us=batch_delay_us,
     )

@@ -31,23 +31,26 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from services.common.errors import ModalmeshError
-from services.common.log import REQUEST_ID_HEADER, bound_request_id
 from services.common.presets import EncoderSpec, Preset
 from services.common.settings import Settings
-from services.common.triton_env import TritonServer
+from services.common.triton_service import (
+    InferFn,
+    PortFields,
+    TensorSpec,
+    TritonServer,
+    bind_batched,
+    respond_per_request,
+)
 from services.encoders.protocol import ERROR_OUTPUT, FEATURES_OUTPUT, MEDIA_INPUT, TIMES_OUTPUT
 from services.models.media.encode import EncoderLimits, MediaEncoder
 
 logger = logging.getLogger(__name__)
-
-InferFn = Callable[[list[Any]], list[dict[str, np.ndarray]]]
 
 
 @dataclass
@@ -148,57 +151,43 @@ def make_infer_fn(encoder: MediaEncoder, *, model_name: str) -> InferFn:
         start = time.perf_counter()
         results = encoder.encode(flat)
         elapsed_ms = (time.perf_counter() - start) * 1000
-        responses: list[dict[str, np.ndarray]] = []
-        offset = 0
-        for request, items in zip(requests, per_request, strict=True):
-            n = len(items)
-            with bound_request_id(_request_id(request)):
-                responses.append(
-                    _response(
-                        results[offset : offset + n],
-                        rows_per_frame=rows_per_frame,
-                        dim=encoder.dim,
-                        empty_frames=empty_frames,
-                        model_name=model_name,
-                    )
-                )
-                logger.info(
-                    "%s: encoded %d item(s) in a batch of %d (%.1f ms)", model_name, n, len(flat), elapsed_ms
-                )
-            offset += n
-        return responses
+        return respond_per_request(
+            requests,
+            [len(items) for items in per_request],
+            results,
+            lambda outcomes: _response(
+                list(outcomes),
+                rows_per_frame=rows_per_frame,
+                dim=encoder.dim,
+                empty_frames=empty_frames,
+                model_name=model_name,
+            ),
+            lambda n: logger.info(
+                "%s: encoded %d item(s) in a batch of %d (%.1f ms)", model_name, n, len(flat), elapsed_ms
+            ),
+        )
 
     return infer
 
 
-def _request_id(request: Any) -> str | None:
-    params = getattr(request, "parameters", None) or {}
-    value = params.get(REQUEST_ID_HEADER)
-    return str(value) if value else None
-
-
 def bind_encoder(triton: Any, bound: BoundEncoder) -> None:
     """Bind one encoder to a (not yet running) `pytriton.triton.Triton` as a batched model."""
-    from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
-
-    triton.bind(
+    bind_batched(
+        triton,
         model_name=bound.model_name,
         infer_func=make_infer_fn(bound.encoder, model_name=bound.model_name),
-        inputs=[Tensor(name=MEDIA_INPUT, dtype=bytes, shape=(1,))],
+        inputs=[TensorSpec(MEDIA_INPUT, bytes, (1,))],
         outputs=[
-            Tensor(name=FEATURES_OUTPUT, dtype=np.float32, shape=(-1, bound.spec.dim)),
-            Tensor(name=TIMES_OUTPUT, dtype=np.float32, shape=(-1,)),
-            Tensor(name=ERROR_OUTPUT, dtype=bytes, shape=(1,)),
+            TensorSpec(FEATURES_OUTPUT, np.float32, (-1, bound.spec.dim)),
+            TensorSpec(TIMES_OUTPUT, np.float32, (-1,)),
+            TensorSpec(ERROR_OUTPUT, bytes, (1,)),
         ],
-        config=ModelConfig(
-            max_batch_size=bound.spec.max_batch_size,
-            batcher=DynamicBatcher(max_queue_delay_microseconds=bound.spec.batch_delay_us),
-        ),
-        strict=True,
+        max_batch_size=bound.spec.max_batch_size,
+        batch_delay_us=bound.spec.batch_delay_us,
     )
 
 
-class EncoderServer(TritonServer):
+class EncoderServer(TritonServer[BoundEncoder]):
     """Triton serving the preset's encoders: load -> warm up -> start -> serve -> stop.
 
     Args:
@@ -206,28 +195,24 @@ class EncoderServer(TritonServer):
         settings: Addresses and ports (`host`, `encoder_{http,grpc,metrics}_port`).
     """
 
-    def __init__(self, encoders: list[BoundEncoder], settings: Settings) -> None:
-        ports = (settings.encoder_http_port, settings.encoder_grpc_port, settings.encoder_metrics_port)
-        super().__init__(settings, ports, logger)
-        self.encoders = encoders
+    port_fields = PortFields.named("encoder")
+    log = logger
 
-    @property
-    def models(self) -> Mapping[str, BoundEncoder]:
-        """The served Triton model names and their encoders."""
-        return {b.model_name: b for b in self.encoders}
+    def warmup_model(self, bound: BoundEncoder) -> None:
+        bound.encoder.warmup()
 
-    def model_names(self) -> list[str]:
-        return list(self.models)
+    def bind_model(self, triton: Any, bound: BoundEncoder) -> None:
+        bind_encoder(triton, bound)
 
-    def warmup(self) -> None:
-        for bound in self.encoders:
-            bound.encoder.warmup()
+    def close_model(self, bound: BoundEncoder) -> None:
+        """The encoder's decode threads."""
+        bound.encoder.close()
 
-    def bind(self, triton: Any) -> None:
-        for bound in self.encoders:
-            bind_encoder(triton, bound)
 
-    def close(self) -> None:
-        """The encoders' decode threads."""
-        for bound in self.encoders:
-            bound.encoder.close()
+def build_server(preset: Preset, settings: Settings) -> EncoderServer:
+    """`python -m services.encoders`' server: every modality's encoder of the preset loaded
+    (a tiny preset's checkpoints generated on first use), not started."""
+    from services.models.tiny import ensure_generated
+
+    ensure_generated(preset)
+    return EncoderServer(load_encoders(preset, settings), settings)

@@ -6,33 +6,22 @@ documents). The launcher process leads a new session, so cancelling kills the wh
 launcher and every rank, never leaving orphans holding memory or GPUs. It also gets
 PR_SET_PDEATHSIG, so if the worker process running the job dies the launcher is told to stop
 (torchrun forwards SIGTERM to its ranks; each rank also dies with its launcher, see run.py).
+Starting and stopping a process group are `services.common.procenv`'s, shared with
+`modalmesh up`.
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
+from services.common.procenv import start_group, stop_group
 from services.trainer.runconfig import TRAIN_LOG, RunConfig
 
 logger = logging.getLogger(__name__)
-
-PR_SET_PDEATHSIG = 1
-
-
-def set_parent_death_signal(sig: int) -> None:
-    """Ask Linux to send `sig` to this process when its parent exits (no-op elsewhere)."""
-    if not sys.platform.startswith("linux"):
-        return
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
-        logger.warning("prctl(PR_SET_PDEATHSIG) failed: errno %s", ctypes.get_errno())
 
 
 def _free_port() -> int:
@@ -107,54 +96,8 @@ def start(cfg: RunConfig) -> Launch:
     cmd = command(cfg)
     logger.info("launching %s", " ".join(cmd))
     with log_path.open("ab") as log:
-        popen = subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=environment(cfg),
-            cwd=str(cfg.job_dir),
-            start_new_session=True,
-            preexec_fn=lambda: set_parent_death_signal(signal.SIGTERM),
-        )
+        popen = start_group(cmd, env=environment(cfg), log=log, cwd=cfg.job_dir)
     return Launch(popen, log_path)
-
-
-def group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def stop_group(pgid: int, *, grace_s: float = 10.0, wait: subprocess.Popen[bytes] | None = None) -> int:
-    """Stop every process of group `pgid`: SIGTERM, then SIGKILL after `grace_s`."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            break
-        deadline = time.monotonic() + (grace_s if sig == signal.SIGTERM else 5.0)
-        while time.monotonic() < deadline:
-            if wait is not None:
-                wait.poll()
-            if not group_alive(pgid):
-                break
-            time.sleep(0.1)
-        else:
-            if sig == signal.SIGTERM:
-                logger.warning("process group %s still alive %.0fs after SIGTERM; killing it", pgid, grace_s)
-            continue
-        break
-    if wait is not None:
-        try:
-            return wait.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            return -9
-    return 0
 
 
 def last_error(log_path: Path, *, lines: int = 400) -> str:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from services.common.errors import ModalmeshError
 from services.common.log import setup_logging
-from services.trainer.launcher import set_parent_death_signal
+from services.common.procenv import set_parent_death_signal
 from services.trainer.runconfig import RunConfig
 
 

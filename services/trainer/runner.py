@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from services.common.errors import InvalidArgumentError, ModalmeshError
+from services.common.procenv import group_alive, stop_group
 from services.common.settings import Settings
 from services.trainer import launcher
 from services.trainer.jobs import JobRecord, ValidatedJob, parse_job, queue_for, validate_job
@@ -158,13 +159,13 @@ class JobRunner:
         cfg = self._run_config(record, job)
         if (
             record.pgid
-            and launcher.group_alive(record.pgid)
+            and group_alive(record.pgid)
             and (record.worker or "").startswith(socket.gethostname())
         ):
             logger.warning(
                 "job %s: stopping ranks left by a previous attempt (group %s)", record.id, record.pgid
             )
-            launcher.stop_group(record.pgid, grace_s=5)
+            stop_group(record.pgid, grace_s=5)
         cfg.cancel_path.unlink(missing_ok=True)
         resuming = (cfg.checkpoint_dir / "latest").is_file()
         launch = launcher.start(cfg)

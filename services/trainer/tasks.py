@@ -63,7 +63,7 @@ def register(app: Celery) -> None:
 
 def recover_once(app: Celery, settings: Settings) -> list[str]:
     """Requeue this hardware class's RUNNING jobs whose worker is gone; returns their ids."""
-    from services.trainer import launcher
+    from services.common.procenv import group_alive, stop_group
     from services.trainer.store import JobStore
 
     store = JobStore.from_url(settings.redis_url)
@@ -76,8 +76,8 @@ def recover_once(app: Celery, settings: Settings) -> list[str]:
             record.id, settings.trainer_lease_s
         ):
             continue
-        if record.pgid and launcher.group_alive(record.pgid):
-            launcher.stop_group(record.pgid, grace_s=5)
+        if record.pgid and group_alive(record.pgid):
+            stop_group(record.pgid, grace_s=5)
         if record.state == "CANCELLING" or store.cancel_requested(record.id):
             store.save(
                 record.model_copy(

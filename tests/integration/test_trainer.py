@@ -134,7 +134,7 @@ def wait_step(settings: Settings, job_id: str, step: int, *, timeout: float) -> 
 
 
 def group_gone(pgid: int) -> bool:
-    from services.trainer.launcher import group_alive
+    from services.common.procenv import group_alive
 
     return not group_alive(pgid)
 

@@ -2,6 +2,8 @@
 
 stage1: connectors on caption pairs; stage2: output projectors on text-to-X caption
 embeddings (NExT-GPT); stage3: LoRA + connectors (+ timestamp heads, + output projectors).
+Each recipe builds its model and names its trainable groups; loading the run (preset, LLM,
+start bundle, connectors, data) and training and exporting are `_run.py`'s, shared by all.
 """
 
 from __future__ import annotations

@@ -13,48 +13,25 @@ LoRA unchanged and the trained projectors as its heads.
 
 from __future__ import annotations
 
-from services.models.lm.model import feature_layouts
 from services.models.lm.training import TrainingModel
 from services.models.lm.training_outputs import OutputHeads, signal_specs
-from services.models.lm.training_params import ParamGroup, select_trainable
-from services.trainer.build import (
-    build_examples,
-    initial_connectors,
-    initial_output_projectors,
-    load_llm,
-    load_run_preset,
-    load_start_bundle,
-    with_start_lora,
-)
-from services.trainer.export import export_bundle
+from services.models.lm.training_params import ParamGroup
+from services.trainer.build import feature_layouts, initial_output_projectors, with_start_lora
 from services.trainer.jobs import STAGE_DEFAULTS
-from services.trainer.loop import fit
+from services.trainer.recipes._run import fit_and_export, start
 from services.trainer.runconfig import RunConfig
 
 
 def run(cfg: RunConfig) -> None:
     hp = cfg.spec.hyperparameters
-    preset = load_run_preset(cfg)
-    tokenizer, lm = load_llm(preset)
-    bundle = load_start_bundle(preset, cfg.init_bundle)
-    llm_dim = lm.config.hidden_size
-    connectors = initial_connectors(preset, bundle, llm_dim=llm_dim)
-    projectors = initial_output_projectors(preset, bundle, llm_dim=llm_dim)
-    examples, data_report = build_examples(cfg, preset, tokenizer, connectors)
+    state = start(cfg)
+    projectors = initial_output_projectors(state.preset, state.bundle, llm_dim=state.llm_dim)
+    state.load_examples()
     model = TrainingModel(
-        with_start_lora(lm, bundle),
-        connectors,
-        feature_layouts(preset),
-        outputs=OutputHeads(projectors, signal_specs(preset, tokenizer, "stage2")),
+        with_start_lora(state.lm, state.bundle),
+        state.connectors,
+        feature_layouts(state.preset),
+        outputs=OutputHeads(projectors, signal_specs(state.preset, state.tokenizer, "stage2")),
     )
-    groups, counts = select_trainable(
-        model,
-        [ParamGroup("projectors", ("outputs.projectors.*",), hp.lr or STAGE_DEFAULTS["stage2"].lr)],
-        weight_decay=hp.weight_decay,
-    )
-    _, result = fit(
-        cfg, model, groups, examples, pad_id=tokenizer.pad_token_id or 0,
-        on_start=lambda: {"data": data_report, "trainable": counts},
-    )  # fmt: skip
-    if result.completed:
-        export_bundle(cfg, model, preset=preset, metrics=result.metrics, start=bundle)
+    lr = hp.lr or STAGE_DEFAULTS["stage2"].lr
+    fit_and_export(state, model, [ParamGroup("projectors", ("outputs.projectors.*",), lr)])

@@ -22,45 +22,37 @@ False`).
 
 from __future__ import annotations
 
-from services.models.lm.model import feature_layouts
 from services.models.lm.training import TrainingModel
 from services.models.lm.training_outputs import OutputHeads, signal_specs
-from services.models.lm.training_params import ParamGroup, add_lora, select_trainable
+from services.models.lm.training_params import ParamGroup, add_lora
 from services.trainer.build import (
-    build_examples,
-    initial_connectors,
+    feature_layouts,
     initial_heads,
     initial_output_projectors,
-    load_llm,
-    load_run_preset,
-    load_start_bundle,
     trainable_connector_params,
     with_start_lora,
 )
-from services.trainer.export import export_bundle
 from services.trainer.jobs import STAGE_DEFAULTS
-from services.trainer.loop import fit
+from services.trainer.recipes._run import fit_and_export, start
 from services.trainer.runconfig import RunConfig
 
 
 def run(cfg: RunConfig) -> None:
     hp, defaults = cfg.spec.hyperparameters, STAGE_DEFAULTS["stage3"]
-    preset = load_run_preset(cfg)
+    state = start(cfg)
+    preset = state.preset
     lora = preset.lora.model_copy(update=cfg.spec.lora.model_dump(exclude_none=True))
-    tokenizer, lm = load_llm(preset)
-    bundle = load_start_bundle(preset, cfg.init_bundle)
-    connectors = initial_connectors(preset, bundle, llm_dim=lm.config.hidden_size)
-    heads = initial_heads(preset, bundle, llm_dim=lm.config.hidden_size)
+    heads = initial_heads(preset, state.bundle, llm_dim=state.llm_dim)
     outputs = None
     if preset.outputs:
-        projectors = initial_output_projectors(preset, bundle, llm_dim=lm.config.hidden_size)
-        outputs = OutputHeads(projectors, signal_specs(preset, tokenizer, "stage3"))
-    examples, data_report = build_examples(cfg, preset, tokenizer, connectors)
+        projectors = initial_output_projectors(preset, state.bundle, llm_dim=state.llm_dim)
+        outputs = OutputHeads(projectors, signal_specs(preset, state.tokenizer, "stage3"))
+    state.load_examples()
     ts = preset.heads.timestamps
     bidirectional = preset.bidirectional_modalities()
     model = TrainingModel(
-        add_lora(lm, lora) if lora.enabled else with_start_lora(lm, bundle),
-        connectors,
+        add_lora(state.lm, lora) if lora.enabled else with_start_lora(state.lm, state.bundle),
+        state.connectors,
         feature_layouts(preset),
         heads=heads,
         alpha=ts.alpha if ts is not None else 2.0,
@@ -68,20 +60,12 @@ def run(cfg: RunConfig) -> None:
         bidirectional=bidirectional,  # E.T. Chat's stage 3 only (--bi_attention True)
     )
     connector_lr = hp.connector_lr or defaults.connector_lr or defaults.lr
-    groups = [ParamGroup("connectors", trainable_connector_params(connectors), connector_lr)]
+    groups = [ParamGroup("connectors", trainable_connector_params(state.connectors), connector_lr)]
     if lora.enabled:
         groups.insert(0, ParamGroup("lora", ("lm.*.lora_A.*", "lm.*.lora_B.*"), hp.lr or defaults.lr))
     if heads is not None:
         groups.append(ParamGroup("heads", ("heads.*",), connector_lr))
     if outputs is not None:
         groups.append(ParamGroup("projectors", ("outputs.projectors.*",), hp.projector_lr or connector_lr))
-    param_groups, counts = select_trainable(model, groups, weight_decay=hp.weight_decay)
-    _, result = fit(
-        cfg, model, param_groups, examples, pad_id=tokenizer.pad_token_id or 0,
-        on_start=lambda: {
-            "data": data_report, "trainable": counts, "lora": lora.model_dump(),
-            "bidirectional": sorted(bidirectional),
-        },
-    )  # fmt: skip
-    if result.completed:
-        export_bundle(cfg, model, preset=preset, metrics=result.metrics, start=bundle)
+    report = {"lora": lora.model_dump(), "bidirectional": sorted(bidirectional)}
+    fit_and_export(state, model, groups, report=report)

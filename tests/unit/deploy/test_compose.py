@@ -128,13 +128,24 @@ def test_health_checks_use_each_services_own_protocol() -> None:
     services = gpu_stack()["services"]
     test = {name: " ".join(svc["healthcheck"]["test"]) for name, svc in services.items()}
     assert f"127.0.0.1:{DEFAULTS['gateway_http_port'].default}/health" in test["gateway"]
-    assert "grpc_serving" in test["llm"] and f":{DEFAULTS['llm_port'].default}" in test["llm"]
+    assert "services.common.health grpc" in test["llm"] and f":{DEFAULTS['llm_port'].default}" in test["llm"]
     assert "modalmesh.v1.LLM" in test["llm"]
     assert f":{DEFAULTS['encoder_http_port'].default}/v2/health/ready" in test["encoders"]
     assert f":{DEFAULTS['decoder_http_port'].default}/v2/health/ready" in test["decoders"]
     assert "redis-cli ping" in test["redis"]
     assert "inspect ping" in test["trainer"] and "trainer@$HOSTNAME" in test["trainer"]
     assert "/healthcheck" in test["flower"]
+
+
+@pytest.mark.parametrize("build", [gpu_stack, cpu_stack], ids=["gpu", "cpu"])
+def test_health_checks_import_no_cli_module(build) -> None:
+    """A service image's health check runs a service module (`services.common.health`), never
+    the CLI package (`modalmesh` holds the CLI; only its generated `modalmesh.v1` is a library)."""
+    for name in MODALMESH_SERVICES:
+        test = " ".join(build()["services"][name]["healthcheck"]["test"])
+        assert not re.search(r"\bmodalmesh\.(?!v1\b)\w+", test), f"{name}: {test}"
+        if "python" in test.split():
+            assert "-m services.common.health" in test, f"{name}: {test}"
 
 
 def test_gpu_stack_reserves_a_gpu_for_each_gpu_service() -> None:

@@ -1,16 +1,11 @@
 """The launcher: command lines for torchrun and the deepspeed launcher, the ranks' environment,
-starting in a new session, stopping a whole process group (grandchildren included) within its
-grace, and picking the telling line out of a failed run's log."""
+starting in a new session, and picking the telling line out of a failed run's log. Stopping a
+whole process group is `services.common.procenv`'s (tests/unit/services/common/test_procenv.py)."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import subprocess
 import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +14,7 @@ import pytest
 from services.trainer import launcher
 from services.trainer.jobs import parse_job
 from services.trainer.runconfig import RunConfig
-from tests.helpers.procs import group_members, pid_alive, wait_until
+from tests.helpers.procs import wait_until
 
 
 def run_config(tmp_path: Path, *, hardware: str = "cpu", **deepspeed: Any) -> RunConfig:
@@ -111,64 +106,6 @@ def test_gpu_environment_leaves_the_accelerator_alone(
     assert env["CUDA_VISIBLE_DEVICES"] == "0,1"
 
 
-# -- process groups -------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def group() -> Iterator[list[subprocess.Popen[bytes]]]:
-    """Started groups; whatever a test leaves is SIGKILLed."""
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for popen in started:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(popen.pid, signal.SIGKILL)
-        popen.wait(timeout=5)
-
-
-def spawn(started: list[subprocess.Popen[bytes]], script: str, members: int) -> subprocess.Popen[bytes]:
-    popen = subprocess.Popen(["bash", "-c", script], start_new_session=True, stdin=subprocess.DEVNULL)
-    started.append(popen)
-    wait_until(lambda: len(group_members(popen.pid)) >= members, timeout=5, what=f"{members} processes")
-    return popen
-
-
-def test_stop_group_terminates_the_leader_and_its_children_within_the_grace(
-    group: list[subprocess.Popen[bytes]],
-) -> None:
-    # Like torchrun: the leader traps SIGTERM and waits for its children (our grandchildren), so
-    # it only exits once they are gone; signalling the leader alone would leave it waiting.
-    popen = spawn(group, 'trap "wait; exit 143" TERM; sleep 100 & sleep 100 & wait', members=3)
-    pids = group_members(popen.pid)
-    assert launcher.group_alive(popen.pid)
-    started = time.monotonic()
-    rc = launcher.stop_group(popen.pid, grace_s=30.0, wait=popen)
-    assert time.monotonic() - started < 15  # SIGTERM was enough: no wait for the (long) grace
-    assert rc == 143
-    assert not any(pid_alive(p) for p in pids)
-    assert not launcher.group_alive(popen.pid)
-
-
-def test_stop_group_kills_a_group_that_ignores_sigterm_after_the_grace(
-    group: list[subprocess.Popen[bytes]],
-) -> None:
-    # exec: a single process, so that no orphan is left for init to reap (which can be slow).
-    popen = spawn(group, "trap '' TERM; exec sleep 100", members=1)
-    # The trap is in place once bash has exec'd into sleep (an ignored signal stays ignored).
-    wait_until(lambda: Path(f"/proc/{popen.pid}/comm").read_text().strip() == "sleep", timeout=5, what="exec")
-    started = time.monotonic()
-    rc = launcher.stop_group(popen.pid, grace_s=0.3, wait=popen)
-    assert 0.3 <= time.monotonic() - started < 10  # SIGKILL only after the grace
-    assert rc == -9
-    assert not launcher.group_alive(popen.pid)
-
-
-def test_stop_group_of_a_gone_group_returns_at_once() -> None:
-    popen = subprocess.Popen(["true"], start_new_session=True)
-    popen.wait(timeout=5)
-    assert not launcher.group_alive(popen.pid)
-    assert launcher.stop_group(popen.pid, grace_s=5.0) == 0
-
-
 def test_start_runs_the_command_in_its_own_session_with_the_ranks_environment(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -186,7 +123,7 @@ def test_start_runs_the_command_in_its_own_session_with_the_ranks_environment(
         assert launch.stop(grace_s=2.0) == -15
         assert launch.poll() == -15
     finally:
-        launcher.stop_group(launch.pgid, grace_s=0.1)
+        launch.stop(grace_s=0.1)
 
 
 # -- last_error -----------------------------------------------------------------------------------
