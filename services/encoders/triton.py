@@ -82,7 +82,7 @@ def load_encoders(
     Modalities whose encoder specs are equal apart from sampling and serving options share
     one backbone, built with the towers all of them need.
     """
-    from services.models.backbones.base import build_backbone
+    from services.models.backbones.build import build_backbone
 
     limits = EncoderLimits.from_settings(settings)
     if decode_workers is None and settings.encoder_decode_workers:

@@ -25,7 +25,8 @@ from services.common.content import MediaFeatures
 from services.common.errors import FailedPreconditionError, InvalidArgumentError, ModalmeshError
 from services.common.presets import Preset, load_preset
 from services.common.settings import Settings
-from services.models.backbones.base import Backbone, build_backbone
+from services.models.backbones.base import Backbone
+from services.models.backbones.build import build_backbone
 from services.models.checkpoints.bundle import Bundle, base_fingerprint, load_bundle
 from services.models.connectors.connector import Connector, bundle_state
 from services.models.lm.loading import DTYPES, load_connectors, load_lm

@@ -26,7 +26,8 @@ from services.common import modalities
 from services.common.content import MediaFeatures
 from services.common.errors import InvalidArgumentError, ModalmeshError
 from services.common.presets import EncoderSpec
-from services.models.backbones.base import Backbone, build_backbone
+from services.models.backbones.base import Backbone
+from services.models.backbones.build import build_backbone
 from services.models.media.image import ClipImagePreprocessor
 from services.models.media.prepare import (
     CLIP_MEAN,

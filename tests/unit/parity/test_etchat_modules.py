@@ -24,7 +24,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from services.models.backbones.base import build_backbone
+from services.models.backbones.build import build_backbone
 from services.models.checkpoints.importers import LAYOUTS, read_state_dict
 from services.models.lm.loading import load_connectors
 from services.models.lm.timestamps import HEAD_NAME, load_timestamp_heads

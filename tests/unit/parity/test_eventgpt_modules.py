@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from services.models.backbones.base import build_backbone
+from services.models.backbones.build import build_backbone
 from services.models.checkpoints.importers import LAYOUTS, read_state_dict
 from services.models.lm.loading import load_connectors
 from tests.helpers.module_parity import assert_matches, load_fixture, preset_from_dict, shipped_preset_dict

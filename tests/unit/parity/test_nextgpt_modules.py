@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from services.models.backbones.base import build_backbone
+from services.models.backbones.build import build_backbone
 from services.models.checkpoints.importers import LAYOUTS, read_state_dict
 from services.models.lm.loading import load_connectors
 from services.models.lm.output_projector import load_projectors

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from services.models.backbones.base import build_backbone
+from services.models.backbones.build import build_backbone
 from services.models.checkpoints.importers import LAYOUTS, read_state_dict
 from services.models.lm.loading import load_connectors
 from tests.helpers.module_parity import assert_matches, imagebind_preset, load_fixture, save_seed_file

@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from services.models.backbones.base import build_backbone
+from services.models.backbones.build import build_backbone
 from services.models.checkpoints.importers import BASE_LAYOUTS, LAYOUTS, read_state_dict
 from services.models.lm.loading import load_connectors
 from tests.helpers.module_parity import (

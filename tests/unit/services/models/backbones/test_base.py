@@ -11,7 +11,8 @@ from transformers import CLIPConfig, CLIPModel, CLIPVisionModel
 
 from services.common.errors import InvalidArgumentError, NotFoundError
 from services.common.presets import EncoderSpec
-from services.models.backbones.base import BACKBONES, ClipVisionBackbone, build_backbone
+from services.models.backbones.base import ClipVisionBackbone
+from services.models.backbones.build import BACKBONES, build_backbone
 
 
 @pytest.fixture(scope="module")

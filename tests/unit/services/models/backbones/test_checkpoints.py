@@ -13,7 +13,7 @@ from transformers import Blip2VisionConfig, Blip2VisionModel
 
 from services.common.errors import FailedPreconditionError, InvalidArgumentError
 from services.common.presets import EncoderSpec, Preset
-from services.models.backbones.base import build_backbone
+from services.models.backbones.build import build_backbone
 from services.models.backbones.checkpoints import (
     imagebind_towers,
     load_imagebind,

@@ -18,7 +18,7 @@ from services.common.content import MediaFeatures
 from services.common.errors import InvalidArgumentError, ModalmeshError, PayloadTooLargeError
 from services.common.presets import EncoderSpec, Preset
 from services.common.settings import Settings
-from services.models.backbones.base import build_backbone
+from services.models.backbones.build import build_backbone
 from services.models.media.dummies import dummy_png
 from services.models.media.encode import EncoderLimits, MediaEncoder
 from services.models.media.events import EventLimits, event_frames, parse_events
