@@ -316,7 +316,7 @@ def test_to_domain_of_the_generic_case() -> None:
         (
             generic("", data=b"x"),
             "messages[0].content[0].media.modality: expected a modality name (one of "
-            "['image', 'video', 'audio', 'event']), got none",
+            "['image', 'video', 'audio', 'event', 'thermal']), got none",
         ),
         (
             chat_pb2.ChatContentPart(image=chat_pb2.MediaInput(modality="video", data=b"x")),
@@ -340,7 +340,7 @@ async def test_the_generic_case_reaches_the_encoder(
 ) -> None:
     chunks = [c async for c in stub.Complete(request(generic("image", data=png), text("what?")))]
     assert chunks[-1].finish_reason == "stop"
-    assert [m.modality for m in llm_server[0].requests[0].media] == ["image"]
+    assert [m.modality for m in sent_media(llm_server[0].requests[0])] == ["image"]
 
 
 @pytest.mark.parametrize(

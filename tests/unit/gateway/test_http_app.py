@@ -21,7 +21,7 @@ from pydantic import BaseModel
 from gateway.__main__ import _HttpServer
 from gateway.http_app import create_app
 from gateway.serving import ChatService
-from tests.unit.gateway.support import FakeLLM
+from tests.unit.gateway.support import FakeLLM, sent_media
 
 import uvicorn  # isort: skip
 
@@ -571,7 +571,7 @@ async def test_input_media_reaches_the_encoder_of_its_modality(
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["message"]["content"] == "Hello there!"
     (sent,) = llm_server[0].requests[-1:]
-    assert [m.modality for m in sent.media] == ["image", "image"]
+    assert [m.modality for m in sent_media(sent)] == ["image", "image"]
 
 
 @pytest.mark.parametrize(

@@ -418,7 +418,7 @@ def test_per_modality_deadlines_come_from_settings(tmp_path: Path) -> None:
         media_max_bytes=1234,
     )
     f = MediaFetcher.from_settings(s)
-    assert f.timeouts_s == {"image": 1.5, "video": 20.0, "audio": 4.0, "event": 6.0}
+    assert f.timeouts_s == {"image": 1.5, "video": 20.0, "audio": 4.0, "event": 6.0, "thermal": 1.5}
     assert (f.connect_timeout_s, f.max_redirects, f.max_bytes) == (0.7, 2, 1234)
     assert f.allow.hosts == {"localhost"} and [str(n) for n in f.allow.networks] == ["10.0.0.0/8"]
     real = Path(os.path.realpath(tmp_path))

@@ -81,10 +81,11 @@ def test_load_encoders_shares_one_imagebind_across_modalities(twins) -> None:
             ("image", "image_imagebind"),
             ("video", "video_imagebind"),
             ("audio", "audio_imagebind"),
+            ("thermal", "thermal_imagebind"),
         ]
         backbones = {id(b.encoder.backbone) for b in bound}
         assert len(backbones) == 1
-        assert bound[0].encoder.backbone.towers == ("vision", "audio")  # type: ignore[attr-defined]
+        assert bound[0].encoder.backbone.towers == ("vision", "audio", "thermal")  # type: ignore[attr-defined]
     finally:
         for b in bound:
             b.encoder.close()
