@@ -151,7 +151,8 @@ def cycles(root: Path) -> list[tuple[str, ...]]:
     graph = dependencies(root)
 
     def reach(start: str) -> set[str]:
-        seen, todo = set(), [start]
+        seen: set[str] = set()
+        todo = [start]
         while todo:
             for dep in graph[todo.pop()]:
                 if dep not in seen:

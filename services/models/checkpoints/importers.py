@@ -22,7 +22,7 @@ The other names in `__all__` (`compare`, `connector_shapes`, `lora_expected`, `r
 `Rename`) live in those modules and are re-exported for the tests and parity checks that read
 releases through this module.
 
-Every pickle is read through `checkpoint_files` (torch's weights-only unpickler plus EasyDict as a
+Every pickle is read through `checkpoints.files` (torch's weights-only unpickler plus EasyDict as a
 plain dict): a file that needs anything else is refused, naming the global, and never runs. A
 raw DeepSpeed checkpoint is refused by name. Every mismatch is reported by the seed's key name,
 expected against got, all at once, and nothing is written.
