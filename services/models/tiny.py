@@ -41,15 +41,9 @@ SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
 # Phi-3's chat markers (its template's role and end-of-turn strings are single tokens there).
 PHI3_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 
-# Tiny sizes (CONVENTIONS: 2-4 layers, width 32-128, images 28-64 px).
-VISION: dict[str, Any] = {
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "image_size": 32,
-    "patch_size": 8,
-}
+# Tiny sizes (CONVENTIONS: 2-4 layers, width 32-128, images 28-64 px). The LLM's are here; each
+# part's writer keeps its own defaults (the CLIP tower's: `services.models.backbones.tiny.VISION`),
+# so the writers are leaves and this module only composes them.
 LLM: dict[str, Any] = {
     "hidden_size": 64,
     "intermediate_size": 128,

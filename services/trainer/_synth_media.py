@@ -3,7 +3,8 @@
 Each generator draws one item from a `random.Random`, writes it under the output folder and
 returns what it shows as words and as a machine-readable answer. `synth.synthesize` turns those
 into caption pairs and LLaVA conversations; it imports this module only when a modality other
-than "image" is asked for, so image-only runs never load PyAV or soundfile.
+than "image" is asked for, so image-only runs never load PyAV or soundfile. The words, the
+scene drawing and the timed videos' timing come from the leaf `_synth_scene`, not from `synth`.
 
 - video: an mp4 (H.264 via PyAV, MPEG-4 Part 2 where libx264 is missing) of one coloured
   shape crossing a plain background left to right or right to left;
@@ -32,7 +33,18 @@ import av
 import numpy as np
 from PIL import Image
 
-from services.trainer.synth import BACKGROUNDS, COLORS, DIRECTIONS, PITCHES, SHAPES, Scene, draw
+from services.trainer._synth_scene import (
+    BACKGROUNDS,
+    COLORS,
+    DIRECTIONS,
+    PITCHES,
+    SHAPES,
+    TIMED_FPS,
+    TIMED_MIN_VISIBLE,
+    TIMED_SECONDS,
+    Scene,
+    draw,
+)
 
 VIDEO_FRAMES = 16
 VIDEO_FPS = 8
@@ -43,9 +55,6 @@ EVENT_SENSOR = (64, 48)  # (width, height)
 EVENT_SPAN_US = 50_000  # EventGPT refuses streams of 100 ms or more
 EVENT_BAR = 6  # bar width in pixels
 EXTENSIONS = {"video": "mp4", "audio": "wav", "event": "npy"}
-TIMED_SECONDS = 8  # timed videos: length, frames per second, visible span of the shape
-TIMED_FPS = 2
-TIMED_MIN_VISIBLE = 2
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,8 @@ and tests need no download:
 - `t2x.jsonl`: every training record of every output modality, embedding paths relative to
   the output folder (format t2x, stage 2);
 - `t2x_heldout.jsonl`: the same for held-out captions.
+
+The words come from the leaf `_synth_scene`, as the media generators' do.
 """
 
 from __future__ import annotations
@@ -22,13 +24,19 @@ from typing import Any
 
 from services.common.presets import Preset
 from services.models.decoders.embed import CaptionEmbedder, CaptionRecord, embed_captions
+from services.trainer._synth_scene import (
+    BACKGROUNDS,
+    COLORS,
+    DIRECTIONS,
+    HELDOUT_SEED_OFFSET,
+    PITCHES,
+    SHAPES,
+)
 
 FOLDER = "t2x"
 
 
 def _caption(modality: str, rng: random.Random) -> str:
-    from services.trainer.synth import BACKGROUNDS, COLORS, DIRECTIONS, PITCHES, SHAPES
-
     color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
     if modality == "image":
         return f"a {color} {shape} on a {rng.choice(list(BACKGROUNDS))} background"
@@ -53,7 +61,7 @@ def write_t2x(out_dir: Path, preset: Preset, train: int, heldout: int, seed: int
     for modality in preset.outputs:
         embedder = CaptionEmbedder(preset, str(modality))
         shapes[str(modality)] = list(embedder.shape)
-        for split, count, offset in (("train", train, 0), ("heldout", heldout, 1_000_003)):
+        for split, count, offset in (("train", train, 0), ("heldout", heldout, HELDOUT_SEED_OFFSET)):
             if count == 0:
                 continue
             rng = random.Random(f"{seed + offset}:{FOLDER}:{modality}")

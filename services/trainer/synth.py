@@ -37,6 +37,10 @@ With "t2x" among `modalities` and an `output_preset` with outputs (NExT-GPT), te
 captions per output modality and their caption embeddings from the preset's decoders (see
 `_synth_outputs`): `t2x.jsonl` and `t2x_heldout.jsonl` (format t2x, stage 2) and `t2x/`.
 
+The words, `Scene` and `draw` live in the leaf `_synth_scene` (re-exported here); this module
+imports `_synth_media` and `_synth_outputs` only when their modalities are asked for, and
+neither imports it back.
+
 Words come from the tiny preset's tokenizer word list where possible, so sequences stay short.
 Two runs with the same arguments write the same bytes.
 """
@@ -52,25 +56,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageDraw
-
 from services.common.errors import InvalidArgumentError
 from services.common.presets import Preset
+from services.trainer._synth_scene import (
+    BACKGROUNDS,
+    COLORS,
+    DIRECTIONS,
+    HELDOUT_SEED_OFFSET,
+    PITCHES,
+    SHAPES,
+    TIMED_SECONDS,
+    Scene,
+    draw,
+)
 
-COLORS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 40, 40),
-    "green": (40, 170, 60),
-    "blue": (40, 80, 220),
-    "yellow": (240, 220, 40),
-    "purple": (140, 60, 180),
-    "orange": (245, 140, 30),
-}
-BACKGROUNDS: dict[str, tuple[int, int, int]] = {
-    "white": (255, 255, 255),
-    "black": (0, 0, 0),
-    "gray": (128, 128, 128),
-}
-SHAPES = ("circle", "square", "triangle")
 KINDS = ("color", "shape", "describe")
 QUESTIONS: dict[str, tuple[str, ...]] = {
     "color": ("What color is the shape?", "What is the color of the shape?"),
@@ -82,8 +81,6 @@ TIMESTAMPS = "timestamps"  # the E.T. Instruct-style set, asked for among `modal
 T2X = "t2x"  # text-to-X captions + caption embeddings (output side), asked for among `modalities`
 TIME_TOKEN = "<vid>"
 TIMED_KINDS = ("appear", "span", "at")
-DIRECTIONS = ("left", "right")
-PITCHES: dict[str, float] = {"low": 220.0, "medium": 440.0, "high": 880.0}  # Hz
 VOCABULARY: dict[str, tuple[str, ...]] = {
     "color": tuple(COLORS),
     "shape": SHAPES,
@@ -106,17 +103,6 @@ MEDIA_KINDS: dict[str, dict[str, tuple[tuple[str, ...], tuple[str, ...], str]]] 
     },
 }
 SIZE_RANGE = (0.6, 0.9)  # shape side as a share of the image side
-HELDOUT_SEED_OFFSET = 1_000_003  # held-out images come from seed + this
-
-
-@dataclass(frozen=True)
-class Scene:
-    """What one image shows; `box` is (left, top, side) of the shape in pixels."""
-
-    color: str
-    shape: str
-    background: str
-    box: tuple[int, int, int]
 
 
 @dataclass(frozen=True)
@@ -168,22 +154,6 @@ def _scene(rng: random.Random, image_size: int) -> Scene:
         slack // 2 + rng.randint(-slack // 4, slack // 4),
     )
     return Scene(color, shape, background, (left, top, side))
-
-
-def draw(scene: Scene, image_size: int) -> Image.Image:
-    """Render a scene as an RGB image of `image_size` pixels square."""
-    image = Image.new("RGB", (image_size, image_size), BACKGROUNDS[scene.background])
-    pen = ImageDraw.Draw(image)
-    left, top, side = scene.box
-    right, bottom = left + side - 1, top + side - 1
-    fill = COLORS[scene.color]
-    if scene.shape == "circle":
-        pen.ellipse((left, top, right, bottom), fill=fill)
-    elif scene.shape == "square":
-        pen.rectangle((left, top, right, bottom), fill=fill)
-    else:
-        pen.polygon([(left, bottom), (right, bottom), ((left + right) / 2, top)], fill=fill)
-    return image
 
 
 def describe(scene: Scene) -> str:
@@ -513,8 +483,6 @@ def _timed_conversation(rng: random.Random, kind: str, answer: Mapping[str, str]
         question = f"When is the {what} visible?"
         reply, tgt = f"From {TIME_TOKEN} to {TIME_TOKEN} seconds.", [start, end]
     else:
-        from services.trainer._synth_media import TIMED_SECONDS
-
         at = rng.randrange(TIMED_SECONDS)
         question, src = f"What is shown at {TIME_TOKEN} seconds?", [at]
         reply = f"A {what}." if start <= at < end else "Nothing is shown."
@@ -527,7 +495,7 @@ def _timed_conversation(rng: random.Random, kind: str, answer: Mapping[str, str]
 
 def _synthesize_timestamps(out_dir: Path, train: int, heldout: int, seed: int) -> MediaReport:
     """Write the E.T. Instruct-style set (see the module docstring)."""
-    from services.trainer._synth_media import TIMED_SECONDS, write_timed_videos
+    from services.trainer._synth_media import write_timed_videos
 
     def records(items: list[Any], rng: random.Random, prefix: str, held: bool) -> list[dict[str, Any]]:
         out = []

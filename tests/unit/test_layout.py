@@ -19,6 +19,13 @@ project package must match one of its layer's allowed prefixes:
 Stricter than ../shared/tools/import_rules.py: it resolves relative imports, holds
 services/common and services/models to their layers too, and forbids all of `modalmesh` but
 `modalmesh.v1` rather than a list of CLI module names.
+
+Within the rules, the modules under `services/` and `gateway/` import one way: no import cycles,
+counting the imports inside functions too (a lazy import still makes two modules depend on each
+other; it only hides the circle from Python's loader). A module depends on what it names: for
+`import a.b` the module a.b, for `from a import b` the module a and, when b is a module, a.b; a
+class, a function or a third-party package adds nothing. Importing a submodule also runs its
+packages' `__init__`s, which is not counted: a package's `__init__` may name its submodules.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ class Import:
     path: Path  # relative to the tree's root
     line: int
     module: str  # absolute dotted name
+    origin: str | None = None  # the `from` module of a from-import (`a` in `from a import b`)
 
 
 def layer(path: Path) -> str | None:
@@ -91,7 +99,7 @@ def imports(root: Path, path: Path) -> list[Import]:
             # each imported name may be a module (`from services import llm`), so it is checked
             # as `target.name`: a prefix rule allows or refuses both readings alike
             found += [
-                Import(rel, node.lineno, target if alias.name == "*" else f"{target}.{alias.name}")
+                Import(rel, node.lineno, target if alias.name == "*" else f"{target}.{alias.name}", target)
                 for alias in node.names
             ]
     return found
@@ -120,9 +128,66 @@ def violations(root: Path) -> list[str]:
     return out
 
 
+def dependencies(root: Path) -> dict[str, dict[str, Import]]:
+    """Module -> {module it imports: the first such import}, over services/ and gateway/."""
+    paths = {
+        module_name(p.relative_to(root)): p
+        for top in ("services", "gateway")
+        for p in sorted((root / top).rglob("*.py"))
+    }
+    graph: dict[str, dict[str, Import]] = {}
+    for name, path in paths.items():
+        graph[name] = {}
+        for imp in imports(root, path):
+            for dep in (imp.origin, imp.module):
+                if dep in paths and dep != name:
+                    graph[name].setdefault(dep, imp)
+    return graph
+
+
+def cycles(root: Path) -> list[tuple[str, ...]]:
+    """The import cycles under services/ and gateway/: each set of modules that all reach one
+    another through imports (a strongly connected component of two or more), sorted."""
+    graph = dependencies(root)
+
+    def reach(start: str) -> set[str]:
+        seen: set[str] = set()
+        todo = [start]
+        while todo:
+            for dep in graph[todo.pop()]:
+                if dep not in seen:
+                    seen.add(dep)
+                    todo.append(dep)
+        return seen
+
+    reached = {name: reach(name) for name in graph}
+    found = {tuple(sorted({name} | {d for d in reached[name] if name in reached[d]})) for name in graph}
+    return sorted(c for c in found if len(c) > 1)
+
+
+def describe(root: Path, cycle: tuple[str, ...]) -> str:
+    """A cycle as the imports that close it, `path:line: module -> module` each."""
+    graph = dependencies(root)
+    edges = [
+        f"  {imp.path}:{imp.line}: {name} -> {dep}"
+        for name in cycle
+        for dep, imp in sorted(graph[name].items())
+        if dep in cycle
+    ]
+    return " <-> ".join(cycle) + "\n" + "\n".join(edges)
+
+
 def test_the_tree_follows_the_import_rules() -> None:
     found = violations(ROOT)
     assert not found, "imports that break docs/architecture.md's layout rules:\n" + "\n".join(found)
+
+
+def test_the_tree_has_no_import_cycles() -> None:
+    found = cycles(ROOT)
+    assert not found, (
+        "modules under services/ and gateway/ that import each other (move what they share "
+        "into a leaf module):\n" + "\n".join(describe(ROOT, c) for c in found)
+    )
 
 
 # -- the check itself, on synthetic trees ----------------------------------------------------------
@@ -218,3 +283,78 @@ def test_each_kind_of_violation_is_found(tmp_path: Path, name: str, text: str, e
     found = violations(tree)
     assert len(found) == 1 and expected in found[0], found
     assert found[0].startswith(f"{name}:")
+
+
+# -- the cycle check, on synthetic trees -----------------------------------------------------------
+ONE_WAY = {
+    "services/__init__.py": "",
+    "services/common/__init__.py": "",
+    "services/common/errors.py": "import os\n",
+    "services/models/__init__.py": "",
+    "services/models/lm.py": "import torch\nfrom services.common.errors import E\nfrom . import parts\n",
+    "services/models/parts.py": "from services.common import errors\n",
+    "services/models/tiny.py": "def f():\n    from .lm import LM\n    from services.models import parts\n",
+    "gateway/__init__.py": "",
+    "gateway/serving.py": "from gateway.domain import D\nimport services.common.errors\n",
+    "gateway/domain.py": "from services.common.errors import E\n",
+}
+
+
+def test_a_one_way_synthetic_tree_has_no_cycles(tmp_path: Path) -> None:
+    tree = write(tmp_path, ONE_WAY)
+    assert cycles(tree) == []
+    graph = dependencies(tree)
+    assert set(graph["services.models.tiny"]) == {
+        "services.models",
+        "services.models.lm",
+        "services.models.parts",
+    }
+    assert set(graph["gateway.serving"]) == {"gateway.domain", "services.common.errors"}
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "expected"),
+    [
+        # two modules, by every form of import: absolute, inside a function, relative, `import a.b`
+        (
+            "services/models/parts.py",
+            "from services.models.lm import LM\n",
+            ("services.models.lm", "services.models.parts"),
+        ),
+        (
+            "services/models/parts.py",
+            "def f():\n    from services.models.lm import LM\n",
+            ("services.models.lm", "services.models.parts"),
+        ),
+        ("services/models/parts.py", "from . import lm\n", ("services.models.lm", "services.models.parts")),
+        (
+            "services/models/parts.py",
+            "import services.models.lm\n",
+            ("services.models.lm", "services.models.parts"),
+        ),
+        (
+            "gateway/domain.py",
+            "def f():\n    from .serving import S\n",
+            ("gateway.domain", "gateway.serving"),
+        ),
+        # a longer circle, closed inside a function across two packages
+        (
+            "services/common/errors.py",
+            "def f():\n    from services.models.tiny import g\n",
+            ("services.common.errors", "services.models.lm", "services.models.parts", "services.models.tiny"),
+        ),
+    ],
+)
+def test_each_kind_of_cycle_is_found(tmp_path: Path, name: str, text: str, expected: tuple[str, ...]) -> None:
+    tree = write(tmp_path, ONE_WAY | {name: ONE_WAY[name] + text})
+    assert cycles(tree) == [expected]
+    shown = describe(tree, expected)
+    assert f"{name}:" in shown and " -> " in shown, shown
+
+
+def test_the_layout_rules_allow_cycles_the_cycle_check_finds(tmp_path: Path) -> None:
+    # CLEAN follows every layout rule, and two of its layers import in a circle
+    assert cycles(write(tmp_path, CLEAN)) == [
+        ("gateway.domain", "gateway.serving"),
+        ("services.models.lm", "services.models.tiny"),
+    ]

@@ -4,13 +4,16 @@
 
 - clip_vision: a Hugging Face `CLIPVisionModel` folder plus `preprocessor_config.json`
   (resize the shortest edge to the image size, centre crop, CLIP mean/std); sizes from
-  `spec.config` (CLIPVisionConfig kwargs) or the `tiny` preset's defaults (`services.models.tiny.VISION`).
+  `spec.config` (CLIPVisionConfig kwargs) or the `tiny` preset's defaults (`VISION` here).
 - eva_vit: a modalmesh folder (`_checkpoints`) with the whole tower `eva_vit_g(**spec.config)`
   describes (every block of `num_layers`).
 - imagebind: a modalmesh folder with the vision and audio towers of
   `build_imagebind(**spec.config)`, and the thermal tower after them when one of `modalities`
   is thermal (its sizes, `thermal_*`, from the same config; the vision and audio weights are
   the same bytes with or without it).
+
+This module is a leaf of the tiny generator: `services.models.tiny` composes it with the other
+parts' writers, and nothing here imports that generator back.
 
 The spec's `tokens` and `dim` are checked against what the sizes give, so a preset that does not
 fit its generator fails here with expected vs got. The same seed writes the same bytes.
@@ -30,6 +33,17 @@ from services.models.media.encode import CLIP_MEAN, CLIP_STD
 
 _Writer = Callable[[EncoderSpec, Path, Sequence[str]], None]
 
+# The `tiny` preset's CLIP vision tower (CONVENTIONS: 2-4 layers, width 32-128, images 28-64 px),
+# used when the spec's `config` is empty.
+VISION: dict[str, Any] = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "image_size": 32,
+    "patch_size": 8,
+}
+
 
 def _check(spec: EncoderSpec, tokens: int, dim: int, sizes: dict[str, Any]) -> None:
     if (spec.tokens, spec.dim) != (tokens, dim):
@@ -41,8 +55,6 @@ def _check(spec: EncoderSpec, tokens: int, dim: int, sizes: dict[str, Any]) -> N
 
 def _write_clip_vision(spec: EncoderSpec, folder: Path, modalities: Sequence[str]) -> None:
     from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel
-
-    from services.models.tiny import VISION
 
     sizes = dict(spec.config) if spec.config else dict(VISION)
     config: Any = CLIPVisionConfig(**sizes)

@@ -26,6 +26,11 @@ What `ETChatTrainer.gather_and_save_model` (etchat/train/etchat_trainer.py:179-2
   folder, this module imports both as build_model composes them: the full folder's tensors,
   the partial file's over them, the LoRA in the bundle.
 - A raw DeepSpeed checkpoint (ZeRO-3 without gathered weights, :193-196) is refused by name.
+
+`importers.import_checkpoint` hands an `etchat` release here when it holds a full folder, and
+calls `adapter_base_problems` for the adapter form alone. This module builds on the pieces every
+import uses (`import_layouts`, `import_checks`, `import_write`) and imports nothing of
+`importers` back.
 """
 
 from __future__ import annotations
@@ -47,21 +52,16 @@ from services.common.errors import InvalidArgumentError, NotFoundError
 from services.common.presets import Preset
 from services.models.checkpoints.bundle import LORA_CONFIG, base_fingerprint
 from services.models.checkpoints.files import name_list, read_state_dict, refuse_deepspeed, safetensors_shapes
-from services.models.checkpoints.importers import (
-    BASE_SOURCE,
-    LAYOUTS,
-    ImportReport,
-    Split,
+from services.models.checkpoints.import_checks import (
     add_peft,
     check_parts,
     compare,
     connector_shapes,
-    pick_connector,
     refuse,
-    split_keys,
-    stage_bundle,
     unplaced_problems,
 )
+from services.models.checkpoints.import_layouts import LAYOUTS, Split, pick_connector, split_keys
+from services.models.checkpoints.import_write import BASE_SOURCE, ImportReport, stage_bundle
 from services.models.lm.seed_configs import LLMConfig, plain_config, read_llm_config
 from services.models.lm.timestamps import HEAD_NAME
 
