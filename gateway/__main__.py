@@ -18,6 +18,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 
 import uvicorn
+from pydantic import ValidationError
 
 from gateway.auth import Guard
 from gateway.grpc_chat import CHAT_SERVICE_NAME, ChatServicer
@@ -57,7 +58,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grpc-port", type=int, help="gRPC Chat port (MODALMESH_GATEWAY_GRPC_PORT)")
     p.add_argument("--llm-address", help="host:port of the LLM service (MODALMESH_LLM_ADDRESS)")
     p.add_argument(
-        "--encoder-address", help="host:port of the encoders' KServe v2 gRPC (MODALMESH_ENCODER_ADDRESS)"
+        "--encoder-address",
+        help="the encoders' KServe v2 gRPC: host:port, a comma-separated list of replicas, or "
+        "dns:name:port (MODALMESH_ENCODER_ADDRESS)",
     )
     p.add_argument("--redis-url", help="Redis of the feature cache and training jobs (MODALMESH_REDIS_URL)")
     p.add_argument("--log-level", help="DEBUG, INFO, ... (MODALMESH_LOG_LEVEL)")
@@ -165,7 +168,12 @@ async def serve(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `python -m gateway`."""
-    settings = settings_from_args(parse_args(argv))
+    try:
+        settings = settings_from_args(parse_args(argv))
+    except ValidationError as e:  # a bad setting or flag, e.g. a bad replica address: named, no traceback
+        for error in e.errors():
+            sys.stderr.write(f"python -m gateway: {str(error['msg']).removeprefix('Value error, ')}\n")
+        return 2
     setup_logging("gateway", level=settings.log_level, json_lines=settings.log_json)
     try:
         return asyncio.run(serve(settings))

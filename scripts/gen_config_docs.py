@@ -42,8 +42,6 @@ FALLBACK_DESCRIPTIONS: dict[str, str] = {
     "decoder_grpc_port": "Decoder Triton server's gRPC (KServe v2) port; the gateway dials it.",
     "decoder_metrics_port": "Decoder Triton server's Prometheus metrics port.",
     "llm_address": "host:port the gateway dials for the LLM service; empty: `host`:`llm_port`.",
-    "encoder_address": "host:port the gateway dials for the encoders; empty: `host`:`encoder_grpc_port`.",
-    "decoder_address": "host:port the gateway dials for the decoders; empty: `host`:`decoder_grpc_port`.",
     "redis_url": "Redis for the feature cache, the Celery broker, job records and the adapter registry; "
     "`modalmesh up` starts a local one if none answers.",
     "grpc_max_message_bytes": "Send and receive message limit set on every gRPC server and channel "
@@ -158,7 +156,10 @@ def render() -> str:
         "Derived values: the gateway dials the LLM at `llm_address` or `host:llm_port`, the encoders at "
         "`encoder_address` or `host:encoder_grpc_port`, the decoders at `decoder_address` or "
         "`host:decoder_grpc_port`; job folders are `jobs_dir` or `<cache_dir>/jobs`; published "
-        "bundles are `artifact_dir` or `<cache_dir>/adapters`."
+        "bundles are `artifact_dir` or `<cache_dir>/adapters`. `encoder_address` and `decoder_address` "
+        "take several replicas (`10.0.0.5:8101,10.0.0.6:8101`) or `dns:name:port` (re-resolved every 30 s "
+        "and when every replica fails); a bad entry (empty, no or invalid port, bad host) stops the "
+        "process at start with the setting named. See [deployment.md](deployment.md#scaling-out)."
     )
     lines.append("")
     return "\n".join(lines)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -48,8 +48,17 @@ class Settings(BaseSettings):
     decoder_grpc_port: int = 8111
     decoder_metrics_port: int = 8112
     llm_address: str | None = None
-    encoder_address: str | None = None
-    decoder_address: str | None = None
+    encoder_address: str | None = Field(
+        default=None,
+        description="The encoders' KServe v2 gRPC replicas: host:port, a comma-separated list of them, "
+        "or dns:name:port (every address of the name); requests go round-robin, skipping a replica "
+        "that is down. Empty: `host`:`encoder_grpc_port`.",
+    )
+    decoder_address: str | None = Field(
+        default=None,
+        description="The decoders' KServe v2 gRPC replicas, written as `encoder_address`. "
+        "Empty: `host`:`decoder_grpc_port`.",
+    )
     redis_url: str = "redis://127.0.0.1:6379/0"
 
     # Transport.
@@ -195,6 +204,15 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_json: bool = True
 
+    @field_validator("encoder_address", "decoder_address", mode="after")
+    @classmethod
+    def _replicas(cls, v: str | None, info: ValidationInfo) -> str | None:
+        from services.common.replicas import validate_setting
+
+        flag = {"encoder_address": " (--encoder-address)"}.get(str(info.field_name), "")
+        name = f"MODALMESH_{str(info.field_name).upper()}{flag}"
+        return validate_setting(v, setting=name)
+
     @field_validator("cache_dir", "presets_dir", "jobs_dir", "artifact_dir", mode="after")
     @classmethod
     def _expand(cls, v: Path | None) -> Path | None:
@@ -213,11 +231,11 @@ class Settings(BaseSettings):
         return self.llm_address or f"{self.host}:{self.llm_port}"
 
     def encoder_target(self) -> str:
-        """host:port the gateway dials for the encoder service's KServe v2 gRPC endpoint."""
+        """The encoder service's KServe v2 gRPC replicas (`services.common.replicas` syntax)."""
         return self.encoder_address or f"{self.host}:{self.encoder_grpc_port}"
 
     def decoder_target(self) -> str:
-        """host:port the gateway dials for the decoder service's KServe v2 gRPC endpoint."""
+        """The decoder service's KServe v2 gRPC replicas (`services.common.replicas` syntax)."""
         return self.decoder_address or f"{self.host}:{self.decoder_grpc_port}"
 
     def grpc_options(self) -> list[tuple[str, int]]:

@@ -7,6 +7,15 @@ with the decoder's message, maps transport failures to `UnavailableError` /
 `DeadlineExceededError`, and forwards the request id as the `x-request-id` header. The gRPC
 channel reconnects on its own after the server restarts (backoff capped at about a second).
 
+Several replicas: `target` may list several addresses or name a `dns:` name
+(`services.common.replicas`); each decode goes to the next replica in turn, skipping one that
+answered UNAVAILABLE a moment ago. A decode that fails as UNAVAILABLE (the replica refused the
+connection or died mid-call, so no media came back) is retried once on another replica:
+decoding is costly but deterministic for a given seed, and the failed replica's work is lost
+either way, so the retry costs at most one more decode, and the reply (which carries the seed
+used) is what the request asked for. A timeout or any other error is not retried: the replica
+may still be working on it, and a second decode would double the cost of the slowest requests.
+
 Imports neither torch nor PyTriton.
 """
 
@@ -29,6 +38,7 @@ from services.common.errors import (
     error_for_code,
 )
 from services.common.log import REQUEST_ID_HEADER
+from services.common.replicas import Replica, ReplicaPool, parse_replicas
 from services.common.settings import Settings
 from services.decoders.protocol import (
     EMBEDS_INPUT,
@@ -65,12 +75,17 @@ class DecoderClient:
     one client serves any number of concurrent `decode` calls.
 
     Args:
-        target: host:port of the service's gRPC endpoint (`settings.decoder_target()`).
+        target: The service's gRPC replicas (`settings.decoder_target()`): host:port, a
+            comma-separated list of them, or `dns:name:port`.
         timeout_s: Deadline of one `decode` call (`settings.decoder_timeout_s`).
         models: Triton model name per output modality (`preset.decoder_model(m)`); the default
             names "<modality>_decoder" when None.
         settings: Supplies the gRPC message limits (a clip is several MiB; gRPC's default
             limit is 4 MiB); `Settings()` when None.
+        down_s: How long a replica that answered UNAVAILABLE is skipped.
+
+    Raises:
+        InvalidArgumentError: `target` has a bad address.
     """
 
     def __init__(
@@ -80,15 +95,19 @@ class DecoderClient:
         timeout_s: float,
         models: Mapping[str, str] | None = None,
         settings: Settings | None = None,
+        down_s: float = 2.0,
     ) -> None:
         from tritonclient.grpc.aio import InferenceServerClient
 
         self.target = target
         self.timeout_s = timeout_s
         self.models = dict(models) if models is not None else None
-        self._client = InferenceServerClient(
-            target,
-            channel_args=[*(settings or Settings()).grpc_options(), *_RECONNECT_OPTIONS],
+        options = [*(settings or Settings()).grpc_options(), *_RECONNECT_OPTIONS]
+        self.replicas: ReplicaPool[Any] = ReplicaPool(
+            parse_replicas(target, setting="MODALMESH_DECODER_ADDRESS"),
+            lambda address: InferenceServerClient(address, channel_args=options),
+            tier="decoder",
+            down_s=down_s,
         )
 
     def model(self, modality: str) -> str:
@@ -105,17 +124,15 @@ class DecoderClient:
             )
         return self.models[modality]
 
-    def _error(self, e: Exception) -> ModalmeshError:
-        """The modalmesh error for a tritonclient failure."""
+    def _error(self, e: Exception, address: str) -> ModalmeshError:
+        """The modalmesh error for a tritonclient failure of the replica at `address`."""
         status = getattr(e, "status", lambda: None)() or ""
         code = status.removeprefix("StatusCode.")
         message = _triton_message((e.message() if hasattr(e, "message") else None) or str(e))
         if code == "UNAVAILABLE":
-            return UnavailableError(f"decoder service at {self.target}: {message}")
+            return UnavailableError(f"decoder service at {address}: {message}")
         if code == "DEADLINE_EXCEEDED":
-            return DeadlineExceededError(
-                f"decoder service at {self.target} did not answer in time: {message}"
-            )
+            return DeadlineExceededError(f"decoder service at {address} did not answer in time: {message}")
         return error_for_code(code or "INTERNAL", f"decoder service: {message}")
 
     async def decode(
@@ -161,17 +178,22 @@ class DecoderClient:
         params_in.set_data_from_numpy(np.array([[body]], dtype=np.object_))  # (1, 1)
         headers = {REQUEST_ID_HEADER: request_id} if request_id else {}
         outputs = [grpcclient.InferRequestedOutput(name) for name in OUTPUTS]
-        try:
-            async with asyncio.timeout(self.timeout_s):
-                result = await self._client.infer(
+
+        async def on(replica: Replica[Any]) -> Any:
+            try:
+                return await replica.client.infer(
                     model,
                     [embeds, params_in],
                     outputs=outputs,
                     headers=headers,
                     client_timeout=self.timeout_s,
                 )
-        except InferenceServerException as e:
-            raise self._error(e) from e
+            except InferenceServerException as e:
+                raise self._error(e, replica.address) from e
+
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                result = await self.replicas.call(on, retry=True)
         except TimeoutError:
             raise DeadlineExceededError(
                 f"decoder service at {self.target} did not answer within {self.timeout_s}s"
@@ -190,21 +212,24 @@ class DecoderClient:
         )
 
     async def ready(self, model: str, *, timeout_s: float = 5.0) -> bool:
-        """Whether the server answers and Triton model `model` (e.g. "image_decoder") is ready.
+        """Whether a replica answers and has Triton model `model` (e.g. "image_decoder") ready.
 
-        False when the service cannot be reached.
+        False when no replica can be reached; replicas that are not ready are marked down.
         """
         from tritonclient.utils import InferenceServerException
 
-        try:
-            return bool(await self._client.is_model_ready(model, client_timeout=timeout_s))
-        except InferenceServerException as e:
-            logger.debug("decoder %s not ready: %s", self.target, e)
-            return False
+        async def check(client: Any) -> bool:
+            try:
+                return bool(await client.is_model_ready(model, client_timeout=timeout_s))
+            except InferenceServerException as e:
+                logger.debug("decoder replica not ready: %s", e)
+                return False
+
+        return await self.replicas.ready(check)
 
     async def close(self) -> None:
-        """Close the channel."""
-        await self._client.close()
+        """Close every replica's channel."""
+        await asyncio.gather(*(client.close() for client in self.replicas.clients()))
 
     async def __aenter__(self) -> DecoderClient:
         return self

@@ -7,6 +7,12 @@ the item, maps transport failures to `UnavailableError` / `DeadlineExceededError
 forwards the request id as the `x-request-id` header. The underlying gRPC channel reconnects
 on its own after the server restarts; the reconnect backoff is capped so that it does so
 within about a second.
+
+Several replicas: `target` may list several addresses or name a `dns:` name
+(`services.common.replicas`). Each item is sent to the next replica in turn (so one call's
+items spread over the replicas), a replica that answers UNAVAILABLE is skipped for a while,
+and since encoding is idempotent an item that failed as UNAVAILABLE is sent once more to
+another replica: with one replica killed, requests another replica can serve do not fail.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from services.common.errors import (
     error_for_code,
 )
 from services.common.log import REQUEST_ID_HEADER
+from services.common.replicas import Replica, ReplicaPool, parse_replicas
 from services.common.settings import Settings
 from services.encoders.protocol import ERROR_OUTPUT, FEATURES_OUTPUT, MEDIA_INPUT, TIMES_OUTPUT
 
@@ -86,33 +93,58 @@ class EncoderClient:
     one client serves any number of concurrent `encode` calls.
 
     Args:
-        target: host:port of the service's gRPC endpoint (`settings.encoder_target()`).
+        target: The service's gRPC replicas (`settings.encoder_target()`): host:port, a
+            comma-separated list of them, or `dns:name:port`.
         settings: Supplies the gRPC message limits.
+        down_s: How long a replica that answered UNAVAILABLE is skipped.
+
+    Raises:
+        InvalidArgumentError: `target` has a bad address.
     """
 
-    def __init__(self, target: str, *, settings: Settings) -> None:
+    def __init__(self, target: str, *, settings: Settings, down_s: float = 2.0) -> None:
         from tritonclient.grpc.aio import InferenceServerClient
 
         self.target = target
-        self._client = InferenceServerClient(
-            target, channel_args=[*settings.grpc_options(), *_RECONNECT_OPTIONS]
+        options = [*settings.grpc_options(), *_RECONNECT_OPTIONS]
+        self.replicas: ReplicaPool[Any] = ReplicaPool(
+            parse_replicas(target, setting="MODALMESH_ENCODER_ADDRESS"),
+            lambda address: InferenceServerClient(address, channel_args=options),
+            tier="encoder",
+            down_s=down_s,
         )
 
-    def _error(self, e: Exception) -> ModalmeshError:
-        """The modalmesh error for a tritonclient failure."""
+    def _error(self, e: Exception, address: str) -> ModalmeshError:
+        """The modalmesh error for a tritonclient failure of the replica at `address`."""
         status = getattr(e, "status", lambda: None)() or ""
         code = status.removeprefix("StatusCode.")
         message = (e.message() if hasattr(e, "message") else None) or str(e)
         if code == "UNAVAILABLE":
-            return UnavailableError(f"the encoder service is unavailable at {self.target}: {message}")
+            return UnavailableError(f"the encoder service is unavailable at {address}: {message}")
         if code == "DEADLINE_EXCEEDED":
             return DeadlineExceededError(
-                f"the encoder service at {self.target} did not answer in time: {message}"
+                f"the encoder service at {address} did not answer in time: {message}"
             )
         return error_for_code(code or "INTERNAL", f"encoder service: {message}")
 
     async def _infer_one(
         self, model: str, modality: str, data: bytes, headers: dict[str, str], timeout_s: float | None
+    ) -> tuple[MediaFeatures[np.ndarray], str]:
+        """One item on the next replica; once more on another if that one is unavailable."""
+
+        async def on(replica: Replica[Any]) -> tuple[MediaFeatures[np.ndarray], str]:
+            return await self._infer_on(replica, model, modality, data, headers, timeout_s)
+
+        return await self.replicas.call(on, retry=True)
+
+    async def _infer_on(
+        self,
+        replica: Replica[Any],
+        model: str,
+        modality: str,
+        data: bytes,
+        headers: dict[str, str],
+        timeout_s: float | None,
     ) -> tuple[MediaFeatures[np.ndarray], str]:
         import tritonclient.grpc as grpcclient
         from tritonclient.utils import InferenceServerException
@@ -123,11 +155,11 @@ class EncoderClient:
             grpcclient.InferRequestedOutput(name) for name in (FEATURES_OUTPUT, TIMES_OUTPUT, ERROR_OUTPUT)
         ]
         try:
-            result = await self._client.infer(
+            result = await replica.client.infer(
                 model, [media], outputs=outputs, headers=headers, client_timeout=timeout_s
             )
         except InferenceServerException as e:
-            raise self._error(e) from e
+            raise self._error(e, replica.address) from e
         features = result.as_numpy(FEATURES_OUTPUT)  # (1, rows, D)
         times = result.as_numpy(TIMES_OUTPUT)  # (1, frames)
         error = result.as_numpy(ERROR_OUTPUT)  # (1, 1)
@@ -185,18 +217,23 @@ class EncoderClient:
         return [item for item, _ in results]
 
     async def ready(self, model: str, *, timeout_s: float = 5.0) -> bool:
-        """Whether the server answers and `model` is ready; False when it cannot be reached."""
+        """Whether a replica answers and has `model` ready; False when none can be reached.
+
+        Replicas that do not are marked down (skipped by `encode` for a while)."""
         from tritonclient.utils import InferenceServerException
 
-        try:
-            return bool(await self._client.is_model_ready(model, client_timeout=timeout_s))
-        except InferenceServerException as e:
-            logger.debug("encoder %s not ready: %s", self.target, e)
-            return False
+        async def check(client: Any) -> bool:
+            try:
+                return bool(await client.is_model_ready(model, client_timeout=timeout_s))
+            except InferenceServerException as e:
+                logger.debug("encoder replica not ready: %s", e)
+                return False
+
+        return await self.replicas.ready(check)
 
     async def close(self) -> None:
-        """Close the channel."""
-        await self._client.close()
+        """Close every replica's channel."""
+        await asyncio.gather(*(client.close() for client in self.replicas.clients()))
 
     async def __aenter__(self) -> EncoderClient:
         return self

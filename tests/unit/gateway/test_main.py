@@ -71,3 +71,17 @@ async def test_serve_answers_and_stops_on_sigterm(
     os.kill(os.getpid(), signal.SIGTERM)  # serve() handles it: drain, close, return 0
     assert await asyncio.wait_for(task, timeout=10) == 0
     assert made and made[0].llm._channel is None  # the clients were closed
+
+
+def test_a_bad_encoder_replica_list_is_refused_at_start_naming_the_flag(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from gateway.__main__ import main
+
+    assert main(["--encoder-address", "127.0.0.1:8101,,127.0.0.1:8102"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "MODALMESH_ENCODER_ADDRESS (--encoder-address): entry 1 '': expected host:port, got an empty entry"
+        in err
+    )
+    assert "Traceback" not in err
