@@ -218,9 +218,10 @@ def test_services_bind_all_interfaces_and_dial_each_other_by_name() -> None:
         assert environment(services[name])["MODALMESH_HOST"] == "0.0.0.0", name
         assert environment(services[name])["MODALMESH_REDIS_URL"].startswith("redis://redis:6379/")
     env = environment(services["gateway"])
-    assert env["MODALMESH_LLM_ADDRESS"] == f"llm:{DEFAULTS['llm_port'].default}"
-    assert env["MODALMESH_ENCODER_ADDRESS"] == f"encoders:{DEFAULTS['encoder_grpc_port'].default}"
-    assert env["MODALMESH_DECODER_ADDRESS"] == f"decoders:{DEFAULTS['decoder_grpc_port'].default}"
+    # dns: names, so every replica of a scaled tier (`--scale encoders=2`) gets requests
+    assert env["MODALMESH_LLM_ADDRESS"] == f"dns:///llm:{DEFAULTS['llm_port'].default}"
+    assert env["MODALMESH_ENCODER_ADDRESS"] == f"dns:encoders:{DEFAULTS['encoder_grpc_port'].default}"
+    assert env["MODALMESH_DECODER_ADDRESS"] == f"dns:decoders:{DEFAULTS['decoder_grpc_port'].default}"
     assert environment(services["flower"])["MODALMESH_REDIS_URL"].startswith("redis://redis:6379/")
 
 
