@@ -253,26 +253,59 @@ async def list_models(request: Request) -> JSONResponse:
     return JSONResponse(ModelList(data=[ModelCard.of(e) for e in entries]).to_json())
 
 
+async def _supervisor(url: str | None) -> dict[str, str]:
+    """Services that `modalmesh up` (at `url`) is restarting or has given up on: name -> what.
+
+    Empty when the gateway does not run under `modalmesh up` or its /status does not answer.
+    """
+    if not url:
+        return {}
+    import httpx
+
+    try:
+        async with httpx.AsyncClient(timeout=1.0) as client:
+            status = (await client.get(f"{url}/status")).json()
+    except (httpx.HTTPError, ValueError) as e:
+        logger.debug("modalmesh up's /status at %s: %s", url, e)
+        return {}
+    out = {}
+    for name, s in dict(status.get("services") or {}).items():
+        if s.get("state") == "given-up":
+            out[name] = f"given up: {s.get('reason', '')}".strip()
+        elif s.get("state") in ("backoff", "starting"):
+            out[name] = f"restarting (restart {s.get('restarts')}; last exit code {s.get('last_exit_code')})"
+    return out
+
+
 async def health(request: Request) -> JSONResponse:
     """GET /health: 200 when the LLM service and the encoders are ready, else 503 naming them.
 
     The decoders (presets with outputs) do not gate it: without them text replies still work
     and each media item is an error entry, so a decoder that is down gives 200 with status
-    "degraded" and names it.
+    "degraded" and names it. Under `modalmesh up` (`supervisor_url` set) the body also names,
+    under "supervisor", each service it is restarting or has given up on; one that is given up
+    on makes a 200 "degraded".
     """
     service: ChatService = request.app.state.service
-    checks = await service.readiness()
+    checks, supervised = await asyncio.gather(
+        service.readiness(), _supervisor(service.settings.supervisor_url)
+    )
+    extra: dict[str, Any] = {"supervisor": supervised} if supervised else {}
     down = {name: why for name, why in checks.items() if why and name != "decoder"}
     if not down:
-        if checks.get("decoder"):
-            return JSONResponse(
-                {"status": "degraded", "checks": {"decoder": "down"}, "warning": checks["decoder"]}
-            )
-        return JSONResponse({"status": "ok"})
+        warnings = [checks["decoder"]] if checks.get("decoder") else []
+        warnings += [f"{name}: {what}" for name, what in supervised.items() if what.startswith("given up")]
+        if warnings:
+            body: dict[str, Any] = {"status": "degraded", "warning": "; ".join(warnings), **extra}
+            if checks.get("decoder"):
+                body["checks"] = {"decoder": "down"}
+            return JSONResponse(body)
+        return JSONResponse({"status": "ok", **extra})
     error = UnavailableError("not ready: " + "; ".join(down.values()))
     body = {
         "status": "unavailable",
         "checks": {name: "down" if why else "ok" for name, why in checks.items()},
+        **extra,
         **error.to_openai(),
     }
     return JSONResponse(body, status_code=503)

@@ -125,7 +125,7 @@ class LLMClient:
         if self._channel is None:
             # round_robin: a target naming several replicas ("dns:///llm:50052" resolving to
             # each, or "ipv4:10.0.0.1:50052,10.0.0.2:50052") gets its calls spread over all of them
-            options = [*self.settings.grpc_options(), ("grpc.lb_policy_name", "round_robin")]
+            options = [*self.settings.client_channel_options(), ("grpc.lb_policy_name", "round_robin")]
             self._channel = grpc.aio.insecure_channel(self.target, options=options)
             self._stub = llm_pb2_grpc.LLMStub(self._channel)
         return self._channel

@@ -50,7 +50,22 @@ _STACK_FLAGS: dict[str, tuple[str, type, str]] = {
     "--decoder-http-port": ("decoder_http_port", int, "decoder Triton HTTP port (default 8110)"),
     "--decoder-grpc-port": ("decoder_grpc_port", int, "decoder Triton gRPC port (default 8111)"),
     "--decoder-metrics-port": ("decoder_metrics_port", int, "decoder Triton metrics port (default 8112)"),
-    "--redis-url": ("redis_url", str, "Redis URL; started locally if none answers"),
+    "--redis-url": (
+        "redis_url",
+        str,
+        "Redis URL; if none answers, one is started on this URL's port (data kept in <cache-dir>/redis)",
+    ),
+    "--supervisor-port": (
+        "supervisor_port",
+        int,
+        "port of modalmesh up's own /metrics (restart counters) and /status (default 8130; 0: off)",
+    ),
+    "--max-restarts": (
+        "restart_max",
+        int,
+        "restarts of one service allowed within --restart-window before it is given up on (default 5)",
+    ),
+    "--restart-window": ("restart_window_s", float, "seconds --max-restarts counts in (default 300)"),
 }
 
 
@@ -61,6 +76,11 @@ def _add_stack_flags(p: argparse.ArgumentParser) -> None:
         "--log-dir", type=Path, default=None, help="service logs (default <cache-dir>/logs/<time>)"
     )
     p.add_argument("--start-timeout", type=float, default=300.0, help="seconds to wait for every service")
+    p.add_argument(
+        "--exit-on-failure",
+        action="store_true",
+        help="stop the whole stack (exit 1) when a service exits, instead of restarting it",
+    )
 
 
 def _settings(args: argparse.Namespace) -> Any:
@@ -88,7 +108,12 @@ def cmd_up(args: argparse.Namespace) -> int:
     from modalmesh.stack import Stack, run_until_signal
 
     settings = _settings(args)
-    stack = Stack(settings, log_dir=_log_dir(args, settings), out=lambda line: print(line, flush=True))
+    stack = Stack(
+        settings,
+        log_dir=_log_dir(args, settings),
+        out=lambda line: print(line, flush=True),
+        exit_on_failure=args.exit_on_failure,
+    )
     t0 = time.perf_counter()
     print(f"starting modalmesh (preset {settings.preset}); logs in {stack.log_dir}", flush=True)
     signal.signal(signal.SIGTERM, _raise_interrupt)  # SIGTERM during start-up stops what started

@@ -37,6 +37,7 @@ _PORT_FIELDS = (
     "decoder_http_port",
     "decoder_grpc_port",
     "decoder_metrics_port",
+    "supervisor_port",
 )
 # What the demo asks a preset with outputs for, per output modality, and the file it saves.
 GENERATE_ASKS = {
@@ -101,12 +102,15 @@ def _up_argv(settings: Settings, log_dir: Path, start_timeout: float) -> list[st
         str(settings.decoder_grpc_port),
         "--decoder-metrics-port",
         str(settings.decoder_metrics_port),
+        "--supervisor-port",
+        str(settings.supervisor_port),
         "--redis-url",
         settings.redis_url,
         "--log-dir",
         str(log_dir),
         "--start-timeout",
         str(start_timeout),
+        "--exit-on-failure",  # a one-shot run: a service that dies fails the demo at once
     ]
 
 

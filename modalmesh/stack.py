@@ -5,9 +5,17 @@ LLM service and the trainer side by side; once the encoders are ready, the decod
 for presets with `outputs`, e.g. NExT-GPT: it is the second Triton server, started alone so the
 two do not load at once); then the gateway once every backend reports ready. Each service runs in
 its own process group with its log in a file; the stack is ready when every health check
-passes. On SIGINT/SIGTERM the services are stopped in reverse order (SIGTERM to the process
-group, which drains, then SIGKILL to what is left after a grace period). If a service dies while
-the stack runs, the others are stopped and the supervisor exits non-zero. Starting a process
+passes. The Redis it starts keeps its data (an append-only file under <cache-dir>/redis/<port>)
+and listens on the configured URL's port, so a restart of Redis or of the stack keeps the
+adapter registry, job records and queued jobs.
+
+While the stack runs, a service that exits is restarted (what is left of its process group is
+killed first) with the backoff and give-up rule of `modalmesh.supervise.RestartPolicy`; the
+others keep serving, and the gateway answers 503 naming the tier that is down. With
+`exit_on_failure` the first exit stops the whole stack instead (for CI-like use). The restart
+and give-up counters and each service's state are served at `supervisor_port` (`/metrics`,
+`/status`). On SIGINT/SIGTERM the services are stopped in reverse order (SIGTERM to the process
+group, which drains, then SIGKILL to what is left after a grace period). Starting a process
 group, stopping it and waiting for a signal are `services.common.procenv`'s, as for the
 trainer's launcher and the Triton services.
 """
@@ -19,15 +27,18 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
+from modalmesh.supervise import GIVEN_UP, RUNNING, STARTING, RestartPolicy, StatusServer, Supervision
 from services.common.health import grpc_serving, http_ok
-from services.common.procenv import StopSignals, service_env, start_group, stop_group
+from services.common.procenv import StopSignals, group_alive, service_env, start_group, stop_group
 from services.common.settings import Settings
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "0.0.0.0")
 
 
 class StackError(RuntimeError):
@@ -82,11 +93,35 @@ class Service:
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
     _log: object = field(default=None, repr=False)
+    _log_offset: int = 0  # where this start's output begins in the log file
 
     def start(self, env: dict[str, str]) -> None:
         log = self.log_path.open("ab")
         self._log = log
+        self._log_offset = log.tell()
         self.proc = start_group(self.argv, env=env, log=log)
+
+    def log_since_start(self) -> str:
+        """What the current run wrote to the log (a restarted service appends to the same file)."""
+        try:
+            with self.log_path.open("rb") as f:
+                f.seek(self._log_offset)
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    def reap(self) -> int | None:
+        """After the leader exited: kill what is left of its process group, close the log;
+        the leader's exit code."""
+        if self.proc is None:
+            return None
+        code = self.proc.poll()
+        if group_alive(self.proc.pid):
+            stop_group(self.proc.pid, grace_s=2.0)
+        if self._log is not None:
+            self._log.close()  # type: ignore[attr-defined]
+            self._log = None
+        return code
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -104,6 +139,7 @@ class Service:
         code = stop_group(self.proc.pid, grace_s=grace_s, wait=self.proc)
         if self._log is not None:
             self._log.close()  # type: ignore[attr-defined]
+            self._log = None
         return code
 
 
@@ -114,16 +150,36 @@ class Stack:
         settings: Addresses, preset and paths; passed to every child as MODALMESH_* variables.
         log_dir: Folder for one log file per service.
         out: Where progress lines go (the terminal for `modalmesh up`).
+        exit_on_failure: Stop the whole stack when a service exits (`run_until_signal` returns
+            1) instead of restarting it.
     """
 
-    def __init__(self, settings: Settings, *, log_dir: Path, out: Callable[[str], None] = print) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        log_dir: Path,
+        out: Callable[[str], None] = print,
+        exit_on_failure: bool = False,
+    ) -> None:
         self.settings = settings
         self.log_dir = log_dir
         self.out = out
+        self.exit_on_failure = exit_on_failure
         self.services: list[Service] = []
-        self.redis_dir: tempfile.TemporaryDirectory[str] | None = None
+        self.redis_dir: Path | None = None
         self.started_redis = False
         self.decoder_models: list[str] = []  # the decoder service's Triton models, if it runs
+        self.supervision = Supervision(
+            RestartPolicy(
+                max_restarts=settings.restart_max,
+                window_s=settings.restart_window_s,
+                backoff_s=settings.restart_backoff_s,
+                backoff_max_s=settings.restart_backoff_max_s,
+            )
+        )
+        self.status_server: StatusServer | None = None
+        self.env: dict[str, str] = {}
 
     # -- start -------------------------------------------------------------------------
     def _check_ports(self, *, decoders: bool = False) -> None:
@@ -137,6 +193,10 @@ class Stack:
             "encoder gRPC (--encoder-grpc-port, MODALMESH_ENCODER_GRPC_PORT)": s.encoder_grpc_port,
             "encoder metrics (--encoder-metrics-port, MODALMESH_ENCODER_METRICS_PORT)": s.encoder_metrics_port,
         }
+        if s.supervisor_port:
+            wanted["modalmesh up's /metrics and /status (--supervisor-port, MODALMESH_SUPERVISOR_PORT)"] = (
+                s.supervisor_port
+            )
         if s.llm_metrics_port:
             wanted["LLM metrics (--llm-metrics-port, MODALMESH_LLM_METRICS_PORT)"] = s.llm_metrics_port
         if decoders:
@@ -149,6 +209,15 @@ class Stack:
         if taken:
             raise StackError("ports already in use on " + s.host + ": " + "; ".join(taken))
 
+    def _redis_port(self) -> int:
+        """The port for the Redis we start: the URL's when it is on this machine and free (so the
+        URL everybody was given works and stays the same across restarts), else a free one."""
+        parts = urlsplit(self.settings.redis_url)
+        host, port = parts.hostname or "", parts.port or 6379
+        if host in (*LOCAL_HOSTS, self.settings.host) and port_is_free(self.settings.host, port):
+            return port
+        return free_port(self.settings.host)
+
     def _ensure_redis(self) -> None:
         url = self.settings.redis_url
         if redis_answers(url):
@@ -160,8 +229,12 @@ class Stack:
                 f"no Redis answers at {url} and redis-server is not installed "
                 "(Debian: apt-get install redis-server), or pass --redis-url"
             )
-        port = free_port(self.settings.host)
-        self.redis_dir = tempfile.TemporaryDirectory(prefix="modalmesh-redis-")
+        port = self._redis_port()
+        self.redis_dir = Path(self.settings.cache_dir) / "redis" / str(port)
+        self.redis_dir.mkdir(parents=True, exist_ok=True)
+        parts = urlsplit(url)
+        db = parts.path or "/0"
+        new_url = urlunsplit(("redis", f"{self.settings.host}:{port}", db, "", ""))
         svc = Service(
             "redis",
             [
@@ -171,11 +244,16 @@ class Stack:
                 "--port",
                 str(port),
                 "--dir",
-                self.redis_dir.name,
+                str(self.redis_dir),
+                # Persistent: every write goes to the append-only file (fsync once a second), so
+                # a restart keeps the adapter registry, job records and queued jobs. No RDB
+                # snapshots: the AOF is the one copy.
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "everysec",
                 "--save",
                 "",
-                "--appendonly",
-                "no",
                 "--daemonize",
                 "no",
                 # Bounded: past the limit Redis evicts the least recently used keys that have a
@@ -185,17 +263,15 @@ class Stack:
                 "--maxmemory-policy",
                 "volatile-lru",
             ],
-            ready=lambda: redis_answers(f"redis://{self.settings.host}:{port}/0"),
+            ready=lambda: redis_answers(new_url),
             log_path=self.log_dir / "redis.log",
         )
         svc.start(dict(os.environ))
         self.services.append(svc)
         self.started_redis = True
-        self.settings = self.settings.model_copy(
-            update={"redis_url": f"redis://{self.settings.host}:{port}/0"}
-        )
+        self.settings = self.settings.model_copy(update={"redis_url": new_url})
         self._wait([svc], timeout_s=20)
-        self.out(f"started redis-server at {self.settings.redis_url} (data in {self.redis_dir.name})")
+        self.out(f"started redis-server at {new_url} (append-only file in {self.redis_dir})")
 
     def _python_service(self, name: str, module: str, ready: Callable[[], bool]) -> Service:
         return Service(
@@ -231,6 +307,12 @@ class Stack:
             self._check_ports(decoders=bool(preset.outputs))
             if ensure_generated(preset):
                 self.out(f"generated the {preset.name} preset's models under {preset.llm.checkpoint.parent}")
+            if self.settings.supervisor_port:
+                self.status_server = StatusServer(
+                    self.supervision, self.settings.host, self.settings.supervisor_port
+                )
+                self.status_server.start()
+                self.settings = self.settings.model_copy(update={"supervisor_url": self.status_server.url})
             self._ensure_redis()
             s = self.settings
             encoder_ready_urls = [
@@ -249,13 +331,14 @@ class Stack:
                 ),
             ]
             trainer = self._python_service(
-                "trainer", "services.trainer", lambda: " ready." in trainer.log_tail(200)
+                "trainer", "services.trainer", lambda: " ready." in trainer.log_since_start()
             )
             backends.append(trainer)
             gateway = self._python_service(
                 "gateway", "gateway", lambda: http_ok(f"http://{s.host}:{s.gateway_http_port}/health")
             )
             env = service_env(os.environ | settings_env(s))
+            self.env = env
             for svc in backends:
                 svc.start(env)
                 self.services.append(svc)
@@ -267,6 +350,9 @@ class Stack:
             gateway.start(env)
             self.services.append(gateway)
             self._wait([gateway], timeout_s)
+            for svc in self.services:
+                self.supervision.add(svc.name, svc.proc.pid if svc.proc else None)
+                self.supervision.ready(svc.name)
         except BaseException:
             self.stop()
             raise
@@ -281,9 +367,46 @@ class Stack:
         return svc
 
     # -- run and stop ------------------------------------------------------------------
-    def dead(self) -> Service | None:
-        """The first service that has exited, if any."""
-        return next((s for s in self.services if not s.alive()), None)
+    def supervise_once(self) -> bool:
+        """One round over the services: notice exits, restart what is due, mark what turned
+        healthy. False when a service exited and `exit_on_failure` is set (the stack must stop)."""
+        sup = self.supervision
+        for svc in self.services:
+            state = sup.state(svc.name)
+            if state == GIVEN_UP:
+                continue
+            if sup.due(svc.name):
+                svc.start(self.env)
+                assert svc.proc is not None
+                sup.restarted(svc.name, svc.proc.pid)
+                restarts = sup.services[svc.name].restarts
+                self.out(f"restarting {svc.name} (restart {restarts}, pid {svc.proc.pid})")
+                continue
+            if state not in (STARTING, RUNNING):
+                continue
+            if not svc.alive():
+                code = svc.reap()
+                if self.exit_on_failure:
+                    self.out(
+                        f"{svc.name} exited unexpectedly (exit code {code}); last log lines:\n{svc.log_tail()}"
+                    )
+                    return False
+                delay = sup.exited(svc.name, code)
+                if delay is None:
+                    self.out(
+                        f"GIVING UP on {svc.name}: {sup.services[svc.name].reason}. The rest keeps running; "
+                        f"last log lines ({svc.log_path}):\n{svc.log_tail()}"
+                    )
+                else:
+                    self.out(f"{svc.name} exited unexpectedly (exit code {code}); restarting in {delay:.1f}s")
+                continue
+            if state == STARTING:
+                if svc.ready():
+                    sup.ready(svc.name)
+                    self.out(f"{svc.name} is serving again")
+            else:
+                sup.stable(svc.name)
+        return True
 
     def stop(self) -> None:
         """Stop every service, newest first, each with the drain time as its grace period."""
@@ -293,9 +416,10 @@ class Stack:
                 code = svc.stop(grace)
                 self.out(f"stopped {svc.name} (exit code {code})")
         self.services.clear()
-        if self.redis_dir is not None:
-            self.redis_dir.cleanup()
-            self.redis_dir = None
+        self.redis_dir = None
+        if self.status_server is not None:
+            self.status_server.stop()
+            self.status_server = None
 
     def describe(self) -> str:
         s = self.settings
@@ -321,21 +445,30 @@ class Stack:
                 f"(Celery queue train.{s.trainer_hardware}; job folders in {s.jobs_root()})",
                 f"  adapters       {s.artifact_root()}  (modalmesh adapters list)",
                 f"  Redis          {s.redis_url}  ({redis_note})",
+                *(
+                    [f"  supervisor     {s.supervisor_url}/status  /metrics  (restarts, give-ups)"]
+                    if s.supervisor_url
+                    else []
+                ),
                 f"  logs           {self.log_dir}",
             ]
         )
 
 
 def run_until_signal(stack: Stack) -> int:
-    """Block until SIGINT/SIGTERM (exit 0) or until a service dies (exit 1); then stop all."""
+    """Supervise until SIGINT/SIGTERM, then stop all. Exit code 0, or 1 if a service was given
+    up on meanwhile or (with `exit_on_failure`) as soon as a service exits."""
     with StopSignals() as signals:
         try:
-            if signals.watch(lambda: stack.dead() is None, poll_s=0.25):
-                stack.out(f"received {signals.received}, stopping")
-                return 0
-            dead = stack.dead()
-            if dead is not None:  # always: that is why the watch ended
-                stack.out(f"{dead.name} exited unexpectedly; last log lines:\n{dead.log_tail()}")
-            return 1
+            while not signals.event.is_set():
+                if not stack.supervise_once():
+                    return 1
+                signals.event.wait(0.25)
+            stack.out(f"received {signals.received}, stopping")
+            given_up = stack.supervision.given_up()
+            if given_up:
+                stack.out(f"given up on while running: {', '.join(given_up)}")
+                return 1
+            return 0
         finally:
             stack.stop()

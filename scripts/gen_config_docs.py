@@ -43,7 +43,8 @@ FALLBACK_DESCRIPTIONS: dict[str, str] = {
     "decoder_metrics_port": "Decoder Triton server's Prometheus metrics port.",
     "llm_address": "host:port the gateway dials for the LLM service; empty: `host`:`llm_port`.",
     "redis_url": "Redis for the feature cache, the Celery broker, job records and the adapter registry; "
-    "`modalmesh up` starts a local one if none answers.",
+    "`modalmesh up` starts a local one if none answers, on this URL's port (a free one if that port is "
+    "taken), with its append-only file in `<cache_dir>/redis/<port>`.",
     "grpc_max_message_bytes": "Send and receive message limit set on every gRPC server and channel "
     "(features of a video exceed gRPC's 4 MiB default).",
     "drain_seconds": "On SIGTERM/SIGINT, how long a service lets in-flight requests finish.",

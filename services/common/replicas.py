@@ -286,3 +286,13 @@ def validate_setting(value: Any, *, setting: str) -> Any:
     except InvalidArgumentError as e:
         raise ValueError(e.message) from None
     return value
+
+
+_NOT_LOADED = ("Request for unknown model", "has no available versions", "is not ready")
+
+
+def triton_model_not_loaded(message: str) -> bool:
+    """Whether a Triton error says the model is not (yet) loaded on that server: what a replica
+    answers between its server coming up and its models finishing loading (a restart, a new pod),
+    so the call is retried elsewhere and the caller gets a 503, not an internal error."""
+    return any(marker in message for marker in _NOT_LOADED)

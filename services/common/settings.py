@@ -61,6 +61,29 @@ class Settings(BaseSettings):
     )
     redis_url: str = "redis://127.0.0.1:6379/0"
 
+    # `modalmesh up`'s supervision (modalmesh/supervise.py).
+    supervisor_port: int = Field(
+        default=8130,
+        ge=0,
+        description="Port of `modalmesh up`'s own /metrics (restart and give-up counters) and /status; 0: off.",
+    )
+    supervisor_url: str | None = Field(
+        default=None,
+        description="Set by `modalmesh up` for the gateway: where its /health reads which services "
+        "are restarting or given up on.",
+    )
+    restart_max: int = Field(
+        default=5,
+        ge=0,
+        description="`modalmesh up`: restarts of one service allowed within `restart_window_s`; one more "
+        "crash and it is given up on (0: never restart).",
+    )
+    restart_window_s: float = Field(default=300.0, gt=0, description="The window `restart_max` counts in.")
+    restart_backoff_s: float = Field(
+        default=0.5, ge=0, description="`modalmesh up`: delay before a restart; doubles per crash in a row."
+    )
+    restart_backoff_max_s: float = Field(default=30.0, ge=0, description="The largest restart delay.")
+
     # Transport.
     grpc_max_message_bytes: int = 512 * 1024 * 1024
     drain_seconds: float = 10.0
@@ -237,6 +260,16 @@ class Settings(BaseSettings):
     def decoder_target(self) -> str:
         """The decoder service's KServe v2 gRPC replicas (`services.common.replicas` syntax)."""
         return self.decoder_address or f"{self.host}:{self.decoder_grpc_port}"
+
+    def client_channel_options(self) -> list[tuple[str, int]]:
+        """`grpc_options()` plus a reconnect backoff capped at 1 s (gRPC's default grows to 120 s),
+        so a client finds a restarted service within about a second of it serving again."""
+        return [
+            *self.grpc_options(),
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1000),
+        ]
 
     def grpc_options(self) -> list[tuple[str, int]]:
         """Channel/server options with the raised message limits; use on every server and channel."""

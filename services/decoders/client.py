@@ -38,7 +38,7 @@ from services.common.errors import (
     error_for_code,
 )
 from services.common.log import REQUEST_ID_HEADER
-from services.common.replicas import Replica, ReplicaPool, parse_replicas
+from services.common.replicas import Replica, ReplicaPool, parse_replicas, triton_model_not_loaded
 from services.common.settings import Settings
 from services.decoders.protocol import (
     EMBEDS_INPUT,
@@ -53,12 +53,6 @@ from services.decoders.protocol import (
 
 logger = logging.getLogger(__name__)
 
-# Reconnect quickly after the decoder restarts (gRPC's default backoff grows to 120 s).
-_RECONNECT_OPTIONS: list[tuple[str, int]] = [
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-]
 _TRITON_PREFIX = re.compile(r"^\[request id: [^\]]*\] ")
 _TRITON_NOTE = " NOTE: Setting a non-zero max_batch_size"
 
@@ -102,7 +96,7 @@ class DecoderClient:
         self.target = target
         self.timeout_s = timeout_s
         self.models = dict(models) if models is not None else None
-        options = [*(settings or Settings()).grpc_options(), *_RECONNECT_OPTIONS]
+        options = (settings or Settings()).client_channel_options()
         self.replicas: ReplicaPool[Any] = ReplicaPool(
             parse_replicas(target, setting="MODALMESH_DECODER_ADDRESS"),
             lambda address: InferenceServerClient(address, channel_args=options),
@@ -131,6 +125,10 @@ class DecoderClient:
         message = _triton_message((e.message() if hasattr(e, "message") else None) or str(e))
         if code == "UNAVAILABLE":
             return UnavailableError(f"decoder service at {address}: {message}")
+        if triton_model_not_loaded(message):
+            return UnavailableError(
+                f"decoder service at {address}: its model is not loaded (starting?): {message}"
+            )
         if code == "DEADLINE_EXCEEDED":
             return DeadlineExceededError(f"decoder service at {address} did not answer in time: {message}")
         return error_for_code(code or "INTERNAL", f"decoder service: {message}")

@@ -33,20 +33,13 @@ from services.common.errors import (
     error_for_code,
 )
 from services.common.log import REQUEST_ID_HEADER
-from services.common.replicas import Replica, ReplicaPool, parse_replicas
+from services.common.replicas import Replica, ReplicaPool, parse_replicas, triton_model_not_loaded
 from services.common.settings import Settings
 from services.encoders.protocol import ERROR_OUTPUT, FEATURES_OUTPUT, MEDIA_INPUT, TIMES_OUTPUT
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-# Reconnect quickly after the encoder restarts (gRPC's default backoff grows to 120 s).
-_RECONNECT_OPTIONS: list[tuple[str, int]] = [
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-]
 
 
 async def _all(calls: list[Coroutine[Any, Any, T]]) -> list[T]:
@@ -106,7 +99,7 @@ class EncoderClient:
         from tritonclient.grpc.aio import InferenceServerClient
 
         self.target = target
-        options = [*settings.grpc_options(), *_RECONNECT_OPTIONS]
+        options = settings.client_channel_options()
         self.replicas: ReplicaPool[Any] = ReplicaPool(
             parse_replicas(target, setting="MODALMESH_ENCODER_ADDRESS"),
             lambda address: InferenceServerClient(address, channel_args=options),
@@ -121,6 +114,10 @@ class EncoderClient:
         message = (e.message() if hasattr(e, "message") else None) or str(e)
         if code == "UNAVAILABLE":
             return UnavailableError(f"the encoder service is unavailable at {address}: {message}")
+        if triton_model_not_loaded(message):
+            return UnavailableError(
+                f"the encoder service is unavailable at {address}: its model is not loaded (starting?): {message}"
+            )
         if code == "DEADLINE_EXCEEDED":
             return DeadlineExceededError(
                 f"the encoder service at {address} did not answer in time: {message}"

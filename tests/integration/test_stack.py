@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import base64
 import os
-import queue
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -16,62 +14,9 @@ import pytest
 
 from modalmesh.demo import demo_image_png
 from tests.helpers.procs import command_line, descendants, free_port, pid_alive
+from tests.helpers.up import UpProcess
 
 pytestmark = pytest.mark.integration
-
-
-class UpProcess:
-    """`python -m modalmesh up ...` with its output collected line by line."""
-
-    def __init__(self, args: list[str], env: dict[str, str]) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "modalmesh", "up", *args],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
-            start_new_session=True,
-        )
-        self.lines: list[str] = []
-        self._q: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self._q.put(line.rstrip("\n"))
-        self._q.put(None)
-
-    def wait_for(self, text: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                line = self._q.get(timeout=0.5)
-            except queue.Empty:
-                continue
-            if line is None:
-                break
-            self.lines.append(line)
-            if text in line:
-                return
-        raise AssertionError(f"{text!r} not seen in {timeout}s; output:\n" + "\n".join(self.lines))
-
-    def drain(self) -> str:
-        while True:
-            try:
-                line = self._q.get(timeout=5)
-            except queue.Empty:
-                break
-            if line is None:
-                break
-            self.lines.append(line)
-        return "\n".join(self.lines)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
 
 
 def _up_args(cache_dir: Path, log_dir: Path) -> tuple[list[str], dict[str, int]]:
@@ -85,6 +30,7 @@ def _up_args(cache_dir: Path, log_dir: Path) -> tuple[list[str], dict[str, int]]
             "--encoder-http-port",
             "--encoder-grpc-port",
             "--encoder-metrics-port",
+            "--supervisor-port",
         )
     }
     nobody = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens: `up` must start redis-server
@@ -144,9 +90,11 @@ def test_up_starts_redis_and_every_service_answers_then_stops_cleanly(tiny_cache
         up.kill()
 
 
-def test_up_exits_non_zero_and_stops_the_rest_when_a_service_dies(tiny_cache_dir, tmp_path):
+def test_up_with_exit_on_failure_stops_the_rest_when_a_service_dies(tiny_cache_dir, tmp_path):
+    """`--exit-on-failure` (CI-like use): the first exit stops the stack, exit code 1. Without it
+    the service is restarted (tests/reliability/test_supervised_up.py)."""
     args, _ports = _up_args(tiny_cache_dir, tmp_path / "logs")
-    up = UpProcess(args, dict(os.environ))
+    up = UpProcess([*args, "--exit-on-failure"], dict(os.environ))
     try:
         up.wait_for("Press Ctrl-C to stop.", timeout=240)
         children = descendants(up.proc.pid)

@@ -590,3 +590,52 @@ async def test_input_media_of_a_modality_the_model_does_not_take(
     part = {"type": "input_media", "input_media": {"modality": modality, "url": "https://example.com/x"}}
     r = await down_client.post(URL, json=body([{"type": "text", "text": "hi"}, part]))
     assert assert_error(r, 400, message)["param"] == "messages[0].content[1]"
+
+
+async def test_health_names_what_modalmesh_up_restarts_or_gave_up_on(
+    make_service: Any, llm_server: tuple[Any, str], settings: Any
+) -> None:
+    """Under `modalmesh up` the gateway reads its supervisor's /status: a service being restarted
+    or given up on is named; a given-up service that chats do not need makes a 200 "degraded"."""
+    from modalmesh.supervise import RestartPolicy, StatusServer, Supervision
+
+    sup = Supervision(RestartPolicy(max_restarts=1, backoff_s=60, backoff_max_s=60))
+    for name in ("llm", "trainer", "encoders"):
+        sup.add(name, pid=1)
+        sup.ready(name)
+    assert sup.exited("trainer", 1) == 60  # first crash: restart after the backoff
+    sup.restarted("trainer", pid=2)
+    assert sup.exited("trainer", 1) is None  # one restart within the window already: given up
+    server = StatusServer(sup, "127.0.0.1", 0)
+    server.start()
+    supervised = settings.model_copy(update={"supervisor_url": server.url})
+    try:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=create_app(make_service(llm_server[1], settings_=supervised))),
+            base_url="http://gateway",
+        ) as c:
+            r = await c.get("/health")
+            assert r.status_code == 200, r.text
+            reply = r.json()
+            assert reply["status"] == "degraded"
+            assert reply["supervisor"] == {
+                "trainer": "given up: exited (code 1) after 1 restarts within 300s; not restarted again"
+            }  # the running ones are not listed
+            assert "trainer: given up" in reply["warning"]
+        assert sup.exited("llm", -9) == 60  # the LLM crashed: in backoff, about to restart
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=create_app(make_service(settings_=supervised))),
+            base_url="http://gateway",
+        ) as c:
+            r = await c.get("/health")
+            assert r.status_code == 503
+            assert r.json()["supervisor"]["llm"] == "restarting (restart 0; last exit code -9)"
+    finally:
+        server.stop()
+    # No supervisor answering at the URL: /health is what it is without one.
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=create_app(make_service(llm_server[1], settings_=supervised))),
+        base_url="http://gateway",
+    ) as c:
+        r = await c.get("/health")
+        assert (r.status_code, r.json()) == (200, {"status": "ok"})

@@ -209,3 +209,36 @@ async def test_no_replica_is_unavailable() -> None:
 
     with pytest.raises(UnavailableError, match="the decoder service has no replica at dns:nowhere:1"):
         await pool.call(fn, retry=True)
+
+
+@pytest.mark.parametrize("tier", ["encoder", "decoder"])
+async def test_a_model_still_loading_is_unavailable_not_an_internal_error(tier: str) -> None:
+    """Between a restarted Triton server answering and its models loading, Triton says "unknown
+    model ... has no available versions": the clients make that a 503 (retried on another
+    replica), while other Triton errors keep their own code."""
+    from tritonclient.utils import InferenceServerException
+
+    from services.common.errors import UnavailableError
+    from services.common.replicas import triton_model_not_loaded
+    from services.common.settings import Settings
+    from services.decoders.client import DecoderClient
+    from services.encoders.client import EncoderClient
+
+    client = (
+        EncoderClient("127.0.0.1:1", settings=Settings())
+        if tier == "encoder"
+        else DecoderClient("127.0.0.1:1", timeout_s=5, models={"image": "image_decoder"})
+    )
+    loading = InferenceServerException(
+        "Request for unknown model: 'image_decoder' has no available versions", status="StatusCode.NOT_FOUND"
+    )
+    error = client._error(loading, "10.0.0.9:8111")
+    assert isinstance(error, UnavailableError) and error.http_status == 503
+    assert f"{tier} service" in error.message and "10.0.0.9:8111" in error.message
+    assert "not loaded" in error.message
+    other = client._error(
+        InferenceServerException("in ensemble: bad input", status="StatusCode.INVALID_ARGUMENT"), "a:1"
+    )
+    assert not isinstance(other, UnavailableError) and other.http_status == 400
+    assert triton_model_not_loaded("Request for unknown model: 'x' is not found")
+    assert not triton_model_not_loaded("expected 3 channels, got 4")
