@@ -143,6 +143,25 @@ def series_in(query: str) -> set[str]:
     return set(re.findall(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\{", query)) - {"sum", "rate", "clamp_min", "by"}
 
 
+def expand(template: str, series: str) -> str:
+    """A metricsQuery as prometheus-adapter fills it in for the pods of one namespace."""
+    return (
+        template.replace("<<.Series>>", series)
+        .replace("<<.LabelMatchers>>", 'namespace="modalmesh",pod=~"llm-a|llm-b"')
+        .replace("<<.GroupBy>>", "pod")
+    )
+
+
+def balanced(query: str) -> bool:
+    pairs, stack = {")": "(", "]": "[", "}": "{"}, []
+    for ch in re.sub(r'"[^"]*"', '""', query):  # brackets inside label values do not count
+        if ch in "([{":
+            stack.append(ch)
+        elif ch in pairs and (not stack or stack.pop() != pairs[ch]):
+            return False
+    return not stack
+
+
 def scaled_job(objs: Objects) -> dict[str, Any]:
     jobs = list(of_kind(objs, "ScaledJob").values())
     assert len(jobs) == 1, f"one ScaledJob expected, got {len(jobs)}"
@@ -222,6 +241,8 @@ def check_adapter_rules(objs: Objects, _: str) -> None:
     for rule in rules:
         for needed in ("<<.Series>>", "<<.LabelMatchers>>", "<<.GroupBy>>"):
             assert needed in rule["metricsQuery"], f"rule {rule['name']['as']}: no {needed}"
+        expanded = expand(rule["metricsQuery"], "s")
+        assert balanced(expanded), f"rule {rule['name']['as']}: unbalanced brackets in {expanded}"
         assert rule["resources"]["overrides"] == {
             "namespace": {"resource": "namespace"},
             "pod": {"resource": "pod"},
@@ -396,6 +417,26 @@ def test_an_undocumented_series_is_caught(tmp_path: Path, monkeypatch: pytest.Mo
     doc.write_text(METRICS_DOC.read_text().replace("`modalmesh_llm_requests_held`", "`requests_held`"))
     monkeypatch.setattr(f"{__name__}.METRICS_DOC", doc)
     with pytest.raises(AssertionError, match="modalmesh_llm_requests_held"):
+        check_adapter_rules(rendered("gpu-autoscaled"), "gpu-autoscaled")
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ("[2m])) by (<<.GroupBy>>) / 1e6", "[2m]) by (<<.GroupBy>>) / 1e6", "unbalanced"),
+        ("as: modalmesh_llm_requests_held", "as: llm_requests_held", "adapter rule outputs"),
+        ("default: false", "default: true", "only modalmesh's rules"),
+    ],
+)
+def test_a_broken_adapter_rule_is_caught(
+    old: str, new: str, message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    values = tmp_path / "values.yaml"
+    text = ADAPTER_VALUES.read_text()
+    assert old in text
+    values.write_text(text.replace(old, new, 1))
+    monkeypatch.setattr(f"{__name__}.ADAPTER_VALUES", values)
+    with pytest.raises(AssertionError, match=message):
         check_adapter_rules(rendered("gpu-autoscaled"), "gpu-autoscaled")
 
 
