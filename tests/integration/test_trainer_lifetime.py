@@ -32,6 +32,8 @@ def redis_url(tmp_path: Path) -> Iterator[str]:
 
 def start_worker(redis_url: str, tmp_path: Path, *flags: str) -> Process:
     env = {
+        "MODALMESH_TRAINER_LEASE_S": "4",
+        "MODALMESH_TRAINER_RECOVER_INTERVAL_S": "1",
         "MODALMESH_REDIS_URL": redis_url,
         "MODALMESH_CACHE_DIR": str(tmp_path / "cache"),
         "MODALMESH_JOBS_DIR": str(tmp_path / "jobs"),
@@ -97,3 +99,30 @@ def test_one_job_worker_takes_one_job_and_leaves_the_rest_in_the_queue_list(
     states = sorted(r.state if r is not None else "not taken" for r in records)
     assert states == ["FAILED", "not taken"], states
     assert broker.llen("train.cpu") == 1  # the other job waits for the next worker
+
+
+def test_a_worker_started_in_place_of_a_lost_one_requeues_its_job_and_takes_it(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """The Job controller's replacement pod: its recovery loop finds the RUNNING job whose
+    lease expired (its pod is gone), requeues it, takes it, and ends."""
+    from services.trainer.jobs import JobRecord
+    from services.trainer.store import JobStore
+
+    store = JobStore.from_url(redis_url)
+    lost = JobRecord(
+        id="lost-job", spec=failing_job(tmp_path), state="RUNNING", queue=queue_for("cpu"), worker="gone@pod"
+    )
+    store.save(lost)  # no lease: the worker that held it died
+    worker = start_worker(redis_url, tmp_path, "--max-jobs", "1", "--idle-exit-s", "60")
+    try:
+        code = wait_exit(worker, timeout=120)
+        assert code == 0, worker.log_tail()
+        log = worker.log_text()
+        assert "job lost-job: its worker is gone; requeued on train.cpu" in log
+        assert "stopping the worker: 1 of max 1 jobs done" in log
+    finally:
+        worker.kill_group()
+    record = store.get("lost-job")
+    assert record.state == "FAILED" and "no-such-preset" in (record.error or ""), record
+    assert redis.Redis.from_url(redis_url).llen("train.cpu") == 0
