@@ -242,8 +242,9 @@ def fake_launch(
 ) -> list[RunConfig]:
     launched: list[RunConfig] = []
 
-    def start(cfg: RunConfig) -> FinishedLaunch:
+    def start(cfg: RunConfig, *, node: launcher.Node | None = None) -> FinishedLaunch:
         assert not cfg.cancel_path.exists()  # a stale sentinel is removed before launching
+        assert node is None  # a queue worker runs the job's one launcher
         launched.append(cfg)
         return FinishedLaunch(cfg, rc, events, log)
 
