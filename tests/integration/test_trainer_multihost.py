@@ -96,7 +96,7 @@ def test_two_node_launchers_on_loopback_train_one_job(
                                    env=node_env(settings)))  # fmt: skip
         procs.append(start_process(common, log_path=tmp_path / "node0.log",
                                    env=node_env(settings, JOB_COMPLETION_INDEX="0")))  # fmt: skip
-        wait_until(lambda: all(not p.alive() for p in procs), timeout=240, interval=0.5,
+        wait_until(lambda: all(not p.alive() for p in procs), timeout=360, interval=0.5,
                    what="both node launchers to finish")  # fmt: skip
         codes = [p.popen.returncode for p in procs]
         assert codes == [0, 0], f"node exit codes {codes}:\n" + "\n".join(p.log_text()[-3000:] for p in procs)
@@ -142,7 +142,7 @@ def test_two_node_launchers_on_loopback_train_one_job(
     spec["datasets"][0]["path"] = str(tmp_path / "data" / "captions.json")
     spec["deepspeed"] = {"world_size": 2, "zero_stage": 2}
     spec["hyperparameters"]["checkpoint_every"] = 100
-    one_host = run_ranks(tiny_cache_dir, tmp_path / "one-host", spec, timeout=180)
+    one_host = run_ranks(tiny_cache_dir, tmp_path / "one-host", spec, timeout=300)
     ref = [json.loads(line) for line in (tmp_path / "one-host" / "progress.jsonl").read_text().splitlines()]
     two_nodes_losses = [e["loss"] for e in events if e["event"] == "step"]
     one_host_losses = [e["loss"] for e in ref if e["event"] == "step"]

@@ -5,6 +5,7 @@ the queue's refusal of a job that needs one launcher per node."""
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -158,3 +159,31 @@ def test_a_node_other_than_0_waits_for_node_0s_config_and_gives_up_by_name(tmp_p
     cfg = run_config(tmp_path, spec())
     cfg.write()
     assert node.wait_for_config(tmp_path / "job", timeout_s=1).job_id == "mh-1"
+
+
+@pytest.fixture
+def root_logging() -> Iterator[None]:
+    """main() sets up logging as a service does; give the root logger back afterwards."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+@pytest.mark.usefixtures("root_logging")
+def test_main_refuses_bad_input_with_exit_code_2_and_says_why(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    job = tmp_path / "job.yaml"
+    job.write_text(spec().model_dump_json())
+    argv = ["--job", str(job), "--job-id", "mh-1", "--master-addr", "h0"]
+    assert node.main(argv, env={}) == 2
+    assert node.main([*argv[:2], "--job-id", "mh-1", "--node-rank", "1"], env={}) == 2
+    assert node.main(["--job", str(tmp_path / "none.yaml"), *argv[2:], "--node-rank", "0"], env={}) == 2
+    err = capfd.readouterr().err
+    assert "--node-rank: expected the flag or JOB_COMPLETION_INDEX, got neither" in err
+    assert "--master-addr: expected node 0's address or DNS name, got none" in err
+    assert "no such job file" in err
