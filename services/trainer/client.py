@@ -20,6 +20,7 @@ from services.trainer.jobs import (
     TASK_NAME,
     JobRecord,
     JobSpec,
+    check_one_launcher,
     new_job_id,
     parse_job,
     queue_for,
@@ -57,6 +58,7 @@ class TrainingClient:
         """
         spec = job if isinstance(job, JobSpec) else parse_job(job)
         validate_job(spec, self.settings)
+        check_one_launcher(spec)
         record = JobRecord(
             id=new_job_id(), spec=spec.model_dump(mode="json"), queue=queue_for(spec.deepspeed.hardware)
         )

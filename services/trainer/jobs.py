@@ -299,6 +299,25 @@ JobState = Literal["QUEUED", "RUNNING", "CANCELLING", "SUCCEEDED", "FAILED", "CA
 FINAL_STATES = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
 
 
+def check_one_launcher(spec: JobSpec) -> None:
+    """A job that a queue worker runs must fit one launcher: one node, or several through a
+    hostfile (ssh). Several nodes without a hostfile run one launcher per node
+    (`python -m services.trainer.node`), which a worker cannot start on the other hosts.
+
+    Raises:
+        InvalidArgumentError: `deepspeed.nodes` > 1 with no `deepspeed.hostfile`.
+    """
+    ds = spec.deepspeed
+    if ds.nodes > 1 and ds.hostfile is None:
+        raise InvalidArgumentError(
+            f"job.deepspeed: nodes {ds.nodes} without a hostfile runs one launcher per node "
+            "(python -m services.trainer.node on each host, or the multihost-training Kubernetes "
+            "Job; docs/training.md, 'Several hosts'); a queue worker runs one launcher: expected "
+            "nodes 1 or a hostfile",
+            param="deepspeed.nodes",
+        )
+
+
 class JobRecord(BaseModel):
     """A job's whole state, stored as one JSON document (so any write restores all of it)."""
 

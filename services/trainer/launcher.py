@@ -1,8 +1,10 @@
 """Start the ranks of a run as a subprocess in its own process group, and stop them all.
 
 Single host: `torchrun` (python -m torch.distributed.run) with --nproc-per-node = world size.
-Several hosts: the `deepspeed` launcher with a hostfile (pdsh + passwordless ssh, as DeepSpeed
-documents). The launcher process leads a new session, so cancelling kills the whole group:
+Several hosts, from one worker: the `deepspeed` launcher with a hostfile (pdsh + passwordless
+ssh, as DeepSpeed documents). Several hosts without ssh: one `deepspeed --no_ssh` launcher per
+node, each started by `python -m services.trainer.node` with its node rank (a `Node`); they meet
+at node 0's master address and port. The launcher process leads a new session, so cancelling kills the whole group:
 launcher and every rank, never leaving orphans holding memory or GPUs. It also gets
 PR_SET_PDEATHSIG, so if the worker process running the job dies the launcher is told to stop
 (torchrun forwards SIGTERM to its ranks; each rank also dies with its launcher, see run.py).
@@ -16,6 +18,7 @@ import logging
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from services.common.procenv import start_group, stop_group
@@ -32,11 +35,64 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def command(cfg: RunConfig, *, master_port: int | None = None) -> list[str]:
-    """The launcher command line for this job."""
+@dataclass(frozen=True)
+class Node:
+    """This launcher's place in a job run as one launcher per node, without ssh.
+
+    Attributes:
+        nnodes: How many nodes (launchers) the job has; the job's `deepspeed.nodes`.
+        node_rank: This node's index in [0, nnodes); node 0 holds global rank 0.
+        master_addr: Where every node reaches node 0 (an address or DNS name).
+        master_port: The port node 0's rank 0 listens on for the rendezvous.
+    """
+
+    nnodes: int
+    node_rank: int
+    master_addr: str
+    master_port: int
+
+
+def node_hostfile(cfg: RunConfig, node: Node) -> Path:
+    """The DeepSpeed hostfile that one node's `--no_ssh` launcher reads (one per node, so that
+    nodes sharing the job folder never write the same file)."""
+    return cfg.job_dir / f"hostfile.node{node.node_rank}"
+
+
+def node_hostfile_text(cfg: RunConfig, node: Node) -> str:
+    """`node-<i> slots=<world_size>` for every node: with --no_ssh DeepSpeed takes the world's
+    shape (how many nodes, ranks on each) from a hostfile and never dials the names in it."""
+    slots = cfg.spec.deepspeed.world_size
+    return "".join(f"node-{i} slots={slots}\n" for i in range(node.nnodes))
+
+
+def log_name(node: Node | None) -> str:
+    """The launcher log's file name in the job folder: train.log, or train.node<r>.log."""
+    return TRAIN_LOG if node is None else f"train.node{node.node_rank}.log"
+
+
+def command(cfg: RunConfig, *, master_port: int | None = None, node: Node | None = None) -> list[str]:
+    """The launcher command line for this job (for one node of it when `node` is given)."""
     ds = cfg.spec.deepspeed
     port = str(master_port or _free_port())
     entry = ["services.trainer.run", "--job-dir", str(cfg.job_dir)]
+    per_node = (
+        f"--num_gpus={ds.world_size}" if cfg.hardware != "cpu" else f"--num_accelerators={ds.world_size}"
+    )
+    if node is not None:
+        return [
+            sys.executable,
+            "-m",
+            "deepspeed.launcher.runner",
+            "--no_ssh",
+            f"--node_rank={node.node_rank}",
+            f"--hostfile={node_hostfile(cfg, node)}",
+            f"--num_nodes={node.nnodes}",
+            f"--master_addr={node.master_addr}",
+            f"--master_port={node.master_port}",
+            per_node,
+            "--module",
+            *entry,
+        ]
     if ds.launcher == "torchrun":
         return [
             sys.executable,
@@ -54,8 +110,7 @@ def command(cfg: RunConfig, *, master_port: int | None = None) -> list[str]:
         cmd += [f"--hostfile={ds.hostfile}", f"--num_nodes={ds.nodes}"]
     else:
         cmd += ["--num_nodes=1"]
-    cmd += [f"--num_gpus={ds.world_size}" if cfg.hardware != "cpu" else f"--num_accelerators={ds.world_size}"]
-    return [*cmd, "--module", *entry]
+    return [*cmd, per_node, "--module", *entry]
 
 
 def environment(cfg: RunConfig) -> dict[str, str]:
@@ -90,10 +145,14 @@ class Launch:
         return stop_group(self.pgid, grace_s=grace_s, wait=self.popen)
 
 
-def start(cfg: RunConfig) -> Launch:
-    """Start the launcher for `cfg` (its output appended to <job_dir>/train.log)."""
-    log_path = cfg.job_dir / TRAIN_LOG
-    cmd = command(cfg)
+def start(cfg: RunConfig, *, node: Node | None = None) -> Launch:
+    """Start the launcher for `cfg` (its output appended to <job_dir>/train.log), or for this
+    node of it (to <job_dir>/train.node<r>.log)."""
+    log_path = cfg.job_dir / log_name(node)
+    if node is not None:
+        path = node_hostfile(cfg, node)
+        path.write_text(node_hostfile_text(cfg, node))
+    cmd = command(cfg, node=node)
     logger.info("launching %s", " ".join(cmd))
     with log_path.open("ab") as log:
         popen = start_group(cmd, env=environment(cfg), log=log, cwd=cfg.job_dir)

@@ -23,7 +23,14 @@ from services.common.errors import InvalidArgumentError, ModalmeshError
 from services.common.procenv import group_alive, stop_group
 from services.common.settings import Settings
 from services.trainer import launcher
-from services.trainer.jobs import JobRecord, ValidatedJob, parse_job, queue_for, validate_job
+from services.trainer.jobs import (
+    JobRecord,
+    ValidatedJob,
+    check_one_launcher,
+    parse_job,
+    queue_for,
+    validate_job,
+)
 from services.trainer.runconfig import RunConfig
 from services.trainer.store import JobStore
 
@@ -69,13 +76,24 @@ class JobRunner:
         settings: Paths, Redis, lease and grace times.
         store: The job records.
         report: Called with small progress dicts (the Celery task state); failures ignored.
+        node: Set on node 0 of a job run one launcher per node without ssh
+            (`python -m services.trainer.node`): its launcher is that node's; the other nodes
+            run theirs beside it. None (a queue worker): the one launcher of the job.
     """
 
-    def __init__(self, settings: Settings, store: JobStore, report: Report | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: JobStore,
+        report: Report | None = None,
+        *,
+        node: launcher.Node | None = None,
+    ) -> None:
         self.settings = settings
         self.store = store
         self.report = report or (lambda _: None)
         self.owner = worker_id()
+        self.node = node  # node 0 of a job run one launcher per node (services.trainer.node)
 
     # -- entry ------------------------------------------------------------------------------------
 
@@ -103,6 +121,8 @@ class JobRunner:
         try:
             try:
                 validated = validate_job(parse_job(job, source=f"job {job_id}"), self.settings)
+                if self.node is None:
+                    check_one_launcher(validated.spec)
             except ModalmeshError as e:
                 self._finish(record, "FAILED", error=e.message)
                 raise InvalidArgumentError(e.message) from e
@@ -168,7 +188,7 @@ class JobRunner:
             stop_group(record.pgid, grace_s=5)
         cfg.cancel_path.unlink(missing_ok=True)
         resuming = (cfg.checkpoint_dir / "latest").is_file()
-        launch = launcher.start(cfg)
+        launch = launcher.start(cfg, node=self.node)
         record = record.model_copy(
             update={
                 "state": "RUNNING",
@@ -278,7 +298,7 @@ class JobRunner:
                 record, "CANCELLED", message=f"cancelled at step {record.progress.get('step', 0)}"
             )
         if rc != 0 or not (cfg.bundle_dir / "manifest.json").is_file():
-            why = record.error or launcher.last_error(cfg.job_dir / "train.log")
+            why = record.error or launcher.last_error(cfg.job_dir / launcher.log_name(self.node))
             error = f"training exited with code {rc}: {why}"
             return self._finish(record, "FAILED", error=error)
         record = record.model_copy(update={"bundle": str(cfg.bundle_dir)})

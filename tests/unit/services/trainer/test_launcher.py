@@ -112,7 +112,7 @@ def test_start_runs_the_command_in_its_own_session_with_the_ranks_environment(
     cfg = run_config(tmp_path)
     cfg.write()
     script = 'echo "accel=$DS_ACCELERATOR cwd=$PWD"; exec sleep 100'
-    monkeypatch.setattr(launcher, "command", lambda _cfg: ["bash", "-c", script])
+    monkeypatch.setattr(launcher, "command", lambda _cfg, **_: ["bash", "-c", script])
     launch = launcher.start(cfg)
     try:
         assert launch.log_path == cfg.job_dir / "train.log"

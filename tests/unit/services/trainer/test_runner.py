@@ -71,7 +71,7 @@ def runner(settings: Settings, store: JobStore, reports: list[dict[str, Any]]) -
 
 @pytest.fixture
 def no_launch(monkeypatch: pytest.MonkeyPatch) -> None:
-    def refuse(cfg: RunConfig) -> launcher.Launch:
+    def refuse(cfg: RunConfig, **_: Any) -> launcher.Launch:
         raise AssertionError("the ranks must not be launched")
 
     monkeypatch.setattr(launcher, "start", refuse)
@@ -191,6 +191,39 @@ def test_an_unparsable_job_is_recorded_failed_naming_the_field(
 
 
 @pytest.mark.usefixtures("no_launch")
+def test_a_queue_worker_refuses_several_nodes_without_a_hostfile(
+    runner: JobRunner, store: JobStore, tmp_path: Path
+) -> None:
+    spec = job(tmp_path, deepspeed={"launcher": "deepspeed", "nodes": 2})
+    queued(store, "j10", spec)
+    with pytest.raises(
+        InvalidArgumentError, match=r"one launcher per node \(python -m services\.trainer\.node"
+    ):
+        runner.run(spec, "j10")
+    assert store.get("j10").state == "FAILED"
+
+
+def test_node_0_launches_its_node_and_quotes_its_nodes_log(
+    settings: Settings, store: JobStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    node0 = launcher.Node(nnodes=2, node_rank=0, master_addr="127.0.0.1", master_port=29500)
+    spec = job(tmp_path, deepspeed={"launcher": "deepspeed", "nodes": 2})
+    seen: list[launcher.Node | None] = []
+
+    def start(cfg: RunConfig, *, node: launcher.Node | None = None) -> FinishedLaunch:
+        seen.append(node)
+        launch = FinishedLaunch(cfg, 1, STEPS[:1])
+        (cfg.job_dir / "train.node0.log").write_text("RuntimeError: gloo connect to node 1 timed out\n")
+        return launch
+
+    monkeypatch.setattr(launcher, "start", start)
+    out = JobRunner(settings, store, node=node0).run(spec, "j11")
+    assert seen == [node0]
+    assert out["state"] == "FAILED"
+    assert out["error"] == "training exited with code 1: RuntimeError: gloo connect to node 1 timed out"
+
+
+@pytest.mark.usefixtures("no_launch")
 def test_a_duplicate_delivery_leaves_the_job_to_the_lease_holder(
     runner: JobRunner, store: JobStore, tmp_path: Path
 ) -> None:
@@ -242,8 +275,9 @@ def fake_launch(
 ) -> list[RunConfig]:
     launched: list[RunConfig] = []
 
-    def start(cfg: RunConfig) -> FinishedLaunch:
+    def start(cfg: RunConfig, *, node: launcher.Node | None = None) -> FinishedLaunch:
         assert not cfg.cancel_path.exists()  # a stale sentinel is removed before launching
+        assert node is None  # a queue worker runs the job's one launcher
         launched.append(cfg)
         return FinishedLaunch(cfg, rc, events, log)
 
