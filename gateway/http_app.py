@@ -293,7 +293,8 @@ async def health(request: Request) -> JSONResponse:
     extra: dict[str, Any] = {"supervisor": supervised} if supervised else {}
     down = {name: why for name, why in checks.items() if why and name != "decoder"}
     if not down:
-        warnings = [checks["decoder"]] if checks.get("decoder") else []
+        decoder = checks.get("decoder")
+        warnings = [decoder] if decoder else []
         warnings += [f"{name}: {what}" for name, what in supervised.items() if what.startswith("given up")]
         if warnings:
             body: dict[str, Any] = {"status": "degraded", "warning": "; ".join(warnings), **extra}

@@ -243,7 +243,7 @@ def test_serving_and_training_embed_a_prompt_with_media_alike(
     """A preset loaded as the LLM service loads it (`load_model`) and as the trainer's recipes
     build it (`load_llm`, the start bundle's connectors, `feature_layouts`): the embeddings the
     training forward gives its LM for a padded batch of two prompts equal, row by row and
-    exactly, what serving's `MultimodalLM.embed` gives each prompt alone (both on the CPU, as
+    up to float32 rounding, what serving's `MultimodalLM.embed` gives each prompt alone (both on the CPU, as
     the trainer's loader puts its model there)."""
     preset = tiny_preset if name == "tiny" else twin(name)
     served_model = load_model(preset, device="cpu")
@@ -289,4 +289,8 @@ def test_serving_and_training_embed_a_prompt_with_media_alike(
         handle.remove()
     assert len(served[0]) != len(served[1])  # one row is padded
     for row, expected in enumerate(served):
-        assert torch.equal(seen["e"][row, : len(expected)], expected), f"row {row}"
+        got = seen["e"][row, : len(expected)]
+        # Training projects the batch's items of one connector in one call, serving one prompt's:
+        # on some CPUs the matmul kernels for the two shapes differ in the last bit (4e-7 seen on
+        # tiny-pandagpt's summed span), so equal up to float32 rounding, not bit for bit.
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6, msg=lambda m, row=row: f"row {row}: {m}")
