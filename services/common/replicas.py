@@ -288,7 +288,9 @@ def validate_setting(value: Any, *, setting: str) -> Any:
     return value
 
 
-_NOT_LOADED = ("Request for unknown model", "has no available versions", "is not ready")
+# "unknown model: 'x' has no available versions" is a model in the repository, not loaded yet;
+# "unknown model: 'x' is not found" is a model the server does not have (a client error, 404).
+_NOT_LOADED = ("has no available versions", "is not ready")
 
 
 def triton_model_not_loaded(message: str) -> bool:

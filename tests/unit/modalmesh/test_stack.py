@@ -57,8 +57,12 @@ def test_redis_is_started_on_the_urls_port_keeps_its_data_and_comes_back_after_a
         stack.supervision.add("redis", svc.proc.pid)
         stack.supervision.ready("redis")
         os.kill(svc.proc.pid, signal.SIGKILL)
-        wait_until(lambda: stack.supervise_once() and stack.supervision.state("redis") == "running", 20)
-        assert client.get("mm:adapters:x") == b"kept"  # the same port, the same data
+        restarted = stack.supervision.services["redis"]
+        wait_until(
+            lambda: stack.supervise_once() and restarted.restarts == 1 and restarted.state == "running", 20
+        )
+        again = redis.Redis.from_url(url)  # the old client's connection died with the server
+        assert again.get("mm:adapters:x") == b"kept"  # the same port, the same data
         assert stack.supervision.services["redis"].restarts == 1
     finally:
         stack.stop()

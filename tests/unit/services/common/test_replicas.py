@@ -240,5 +240,6 @@ async def test_a_model_still_loading_is_unavailable_not_an_internal_error(tier: 
         InferenceServerException("in ensemble: bad input", status="StatusCode.INVALID_ARGUMENT"), "a:1"
     )
     assert not isinstance(other, UnavailableError) and other.http_status == 400
-    assert triton_model_not_loaded("Request for unknown model: 'x' is not found")
+    assert triton_model_not_loaded("Request for unknown model: 'x' is not ready")
+    assert not triton_model_not_loaded("Request for unknown model: 'x' is not found")  # a 404, not a 503
     assert not triton_model_not_loaded("expected 3 channels, got 4")
