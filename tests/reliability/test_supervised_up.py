@@ -38,7 +38,7 @@ import httpx
 import pytest
 
 from tests.helpers.media import png_bytes
-from tests.helpers.procs import free_port, wait_until
+from tests.helpers.procs import listen_ports, wait_until
 from tests.helpers.up import UpProcess
 
 pytestmark = pytest.mark.reliability
@@ -83,15 +83,23 @@ def up(tiny_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
     ensure_generated(load_preset(PRESET, cache_dir=tiny_cache_dir))
     root = tmp_path_factory.mktemp("supervised-up")
-    ports = {
-        flag: free_port()
-        for flag in (
-            "--gateway-port", "--grpc-port", "--llm-port", "--llm-metrics-port", "--encoder-http-port",
-            "--encoder-grpc-port", "--encoder-metrics-port", "--decoder-http-port", "--decoder-grpc-port",
-            "--decoder-metrics-port", "--supervisor-port",
-        )
-    }  # fmt: skip
-    redis_url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens: `up` starts redis-server there
+    flags = (
+        "--gateway-port",
+        "--grpc-port",
+        "--llm-port",
+        "--llm-metrics-port",
+        "--encoder-http-port",
+        "--encoder-grpc-port",
+        "--encoder-metrics-port",
+        "--decoder-http-port",
+        "--decoder-grpc-port",
+        "--decoder-metrics-port",
+        "--supervisor-port",
+    )
+    # Bound minutes from now (the stack starts in order): ports outside the ephemeral range.
+    *picked, redis_port = listen_ports(len(flags) + 1)
+    ports = dict(zip(flags, picked, strict=True))
+    redis_url = f"redis://127.0.0.1:{redis_port}/0"  # nothing listens: `up` starts redis-server there
     args = ["--preset", PRESET, "--cache-dir", str(tiny_cache_dir), "--log-dir", str(root / "logs")]
     args += ["--redis-url", redis_url]
     for flag, port in ports.items():
