@@ -288,9 +288,11 @@ def validate_setting(value: Any, *, setting: str) -> Any:
     return value
 
 
-# "unknown model: 'x' has no available versions" is a model in the repository, not loaded yet;
-# "unknown model: 'x' is not found" is a model the server does not have (a client error, 404).
-_NOT_LOADED = ("has no available versions", "is not ready")
+# While a restarted Triton server loads its models it answers "Request for unknown model: 'x' is
+# not found" (PyTriton registers each model after the server is up), then "... has no available
+# versions", then serves: every one of these is "not loaded here (yet)", a 503 retried elsewhere.
+# A misspelt model name reads the same; the message keeps Triton's words.
+_NOT_LOADED = ("Request for unknown model", "has no available versions", "is not ready")
 
 
 def triton_model_not_loaded(message: str) -> bool:

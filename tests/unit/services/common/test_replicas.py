@@ -241,5 +241,5 @@ async def test_a_model_still_loading_is_unavailable_not_an_internal_error(tier: 
     )
     assert not isinstance(other, UnavailableError) and other.http_status == 400
     assert triton_model_not_loaded("Request for unknown model: 'x' is not ready")
-    assert not triton_model_not_loaded("Request for unknown model: 'x' is not found")  # a 404, not a 503
+    assert triton_model_not_loaded("Request for unknown model: 'x' is not found")  # registered after start
     assert not triton_model_not_loaded("expected 3 channels, got 4")
