@@ -160,7 +160,13 @@ def start(cfg: RunConfig, *, node: Node | None = None) -> Launch:
 
 
 def last_error(log_path: Path, *, lines: int = 400) -> str:
-    """The most telling line of a failed run's log: the last exception message, else the tail."""
+    """The most telling line of a failed run's log: the last exception message, else the tail.
+
+    torchrun's own report of a failed rank (`...errors.ChildFailedError:`, `...elastic...`
+    lines) says only that a rank failed, so the rank's exception above it is taken instead. A
+    line over 600 characters keeps its beginning (where an exception says what went wrong) and
+    its end.
+    """
     try:
         text = log_path.read_text(errors="replace").splitlines()[-lines:]
     except OSError:
@@ -171,6 +177,9 @@ def last_error(log_path: Path, *, lines: int = 400) -> str:
             ("Error" in stripped or "Exception" in stripped)
             and ":" in stripped
             and not stripped.startswith("File ")
+            and not stripped.endswith(":")
+            and "torch.distributed.elastic" not in stripped
+            and "ChildFailedError" not in stripped
         ):
-            return stripped[-600:]
+            return stripped if len(stripped) <= 600 else f"{stripped[:400]} ... {stripped[-195:]}"
     return " | ".join(line.strip() for line in text[-5:])[-600:]

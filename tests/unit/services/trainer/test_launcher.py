@@ -143,15 +143,35 @@ def test_last_error_picks_the_last_exception_line(tmp_path: Path) -> None:
     assert launcher.last_error(log) == "ValueError: bad sample: 3"
 
 
+def test_last_error_skips_torchruns_report_for_the_ranks_exception(tmp_path: Path) -> None:
+    # As a DeepSpeed op build that failed in a rank reads (seen in the compose stack's trainer).
+    log = tmp_path / "train.log"
+    reason = (
+        "RuntimeError: Error building extension 'deepspeed_shm_comm': fatal error: Python.h: No such file"
+    )
+    log.write_text(
+        "Traceback (most recent call last):\n"
+        f"{reason} {'x' * 700}\n"
+        "E1208 torch/distributed/elastic/multiprocessing/api.py:1002] failed (exitcode: 1) local_rank: 0\n"
+        "Traceback (most recent call last):\n"
+        '  File "/usr/lib/python3.11/runpy.py", line 198, in _run_module_as_main\n'
+        "torch.distributed.elastic.multiprocessing.errors.ChildFailedError:\n"
+        "============================================================\n"
+        "services.trainer.run FAILED\n"
+    )
+    got = launcher.last_error(log)
+    assert got.startswith(reason) and len(got) == 600
+
+
 def test_last_error_without_an_exception_quotes_the_tail(tmp_path: Path) -> None:
     log = tmp_path / "train.log"
     log.write_text("\n".join(f"line {i}" for i in range(10)) + "\n")
     assert launcher.last_error(log) == "line 5 | line 6 | line 7 | line 8 | line 9"
 
 
-def test_last_error_keeps_the_end_of_a_long_line_and_handles_no_log(tmp_path: Path) -> None:
+def test_last_error_keeps_both_ends_of_a_long_line_and_handles_no_log(tmp_path: Path) -> None:
     log = tmp_path / "train.log"
     log.write_text("KeyError: " + "x" * 1000 + "END\n")
     picked = launcher.last_error(log)
-    assert len(picked) == 600 and picked.endswith("END")
+    assert len(picked) == 600 and picked.startswith("KeyError: xx") and picked.endswith("END")
     assert launcher.last_error(tmp_path / "missing.log") == "no log"
