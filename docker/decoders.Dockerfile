@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # The decoder service (presets with outputs, e.g. nextgpt): Triton (PyTriton) HTTP 8110,
 # gRPC 8111, metrics 8112.
 # Build from the repository root: docker build -f docker/decoders.Dockerfile .

@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # The encoder service: Triton (PyTriton) KServe v2 HTTP 8100, gRPC 8101, metrics 8102.
 # Build from the repository root: docker build -f docker/encoders.Dockerfile .
 

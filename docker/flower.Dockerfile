@@ -1,10 +1,11 @@
-# syntax=docker/dockerfile:1
 # Flower, Celery's monitoring UI, on 5555, for the trainer's queues. It loads the trainer's Celery
 # app (`celery -A services.trainer.celery_app flower`: the module holds a module-level `app` on
 # MODALMESH_REDIS_URL and imports no torch), so it shares the gateway's slim dependency set;
 # flower itself is installed here only.
 # Build from the repository root: docker build -f docker/flower.Dockerfile .
-FROM python:3.11-slim-bookworm
+# Slim Python 3.11, pinned by tag; override with the build arg PYTHON_IMAGE (.env), e.g. a mirror's copy.
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+FROM ${PYTHON_IMAGE}
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \

@@ -1,9 +1,10 @@
-# syntax=docker/dockerfile:1
 # The gateway: OpenAI-compatible REST on 8000 (/health, /metrics open; /v1 behind API keys),
 # gRPC modalmesh.v1.Chat on 50051. No torch: the gateway only reads the preset's YAML and talks
 # to the other services, so it runs on slim Python with docker/gateway-requirements.txt.
 # Build from the repository root: docker build -f docker/gateway.Dockerfile .
-FROM python:3.11-slim-bookworm
+# Slim Python 3.11, pinned by tag; override with the build arg PYTHON_IMAGE (.env), e.g. a mirror's copy.
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+FROM ${PYTHON_IMAGE}
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \

@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # The LLM service: gRPC modalmesh.v1.LLM (with the standard gRPC health service) on 50052,
 # Prometheus /metrics on 8120.
 # Build from the repository root: docker build -f docker/llm.Dockerfile .

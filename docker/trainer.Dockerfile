@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # A trainer worker: Celery on Redis (queue train.<MODALMESH_TRAINER_HARDWARE>) launching DeepSpeed.
 # Build from the repository root: docker build -f docker/trainer.Dockerfile .
 

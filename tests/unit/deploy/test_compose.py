@@ -101,8 +101,15 @@ def test_merged_stack_follows_the_compose_spec(build) -> None:
 
 @pytest.mark.parametrize("files", [GPU_FILES, CPU_FILES], ids=["gpu", "cpu"])
 def test_stack_without_env_file_uses_valid_defaults(files) -> None:
-    """Every ${VAR} has a default, so the stack also works with no .env at all."""
-    assert_valid(stack(files, {}), "the stack without .env")
+    """Every ${VAR} but the API key file has a default, so the stack works with only that set."""
+    assert_valid(stack(files, {"API_KEYS_FILE": "./keys.txt"}), "the stack without .env")
+
+
+@pytest.mark.parametrize("files", [GPU_FILES, CPU_FILES], ids=["gpu", "cpu"])
+def test_a_missing_api_key_file_setting_is_named(files) -> None:
+    """`${API_KEYS_FILE:?...}`: `docker compose config` refuses the stack and says what to set."""
+    with pytest.raises(KeyError, match=r"API_KEYS_FILE\} is required: set API_KEYS_FILE in .env"):
+        stack(files, {})
 
 
 def test_merge_handles_reset_and_unique_targets() -> None:
