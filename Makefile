@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install demo test test-unit test-integration bench lint format clean
+.PHONY: install demo test test-unit test-integration compose-test bench lint format clean
 
 install: $(STAMP)
 
@@ -30,6 +30,12 @@ test-unit: install
 
 test-integration: install
 	$(BIN)/python -m pytest -q -m integration
+
+# `docker compose up` for real: the production compose files built and run on the CPU stack
+# (tests/compose; Docker Engine, Compose v2 and debootstrap installed when missing).
+compose-test: install
+	@scripts/ensure-docker
+	$(BIN)/python -m pytest -q -s -m compose tests/compose
 
 # Every benchmark against the seed-style baseline in one run; BENCH_ARGS="--quick --only transport".
 BENCH_OUT  ?= bench-results.json

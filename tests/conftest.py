@@ -13,6 +13,17 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `compose` (the compose stack in Docker, tests/compose) run only when asked for
+    with `-m compose` (`make compose-test`, its own step of .ci/run), never in a plain `make test`."""
+    if "compose" in (config.option.markexpr or ""):
+        return
+    kept = [item for item in items if item.get_closest_marker("compose") is None]
+    if len(kept) != len(items):
+        config.hook.pytest_deselected(items=[i for i in items if i.get_closest_marker("compose")])
+        items[:] = kept
+
+
 @pytest.fixture(scope="session")
 def tiny_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A cache folder holding the generated tiny preset (generated once per test session)."""
