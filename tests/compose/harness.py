@@ -143,13 +143,28 @@ def torch_wheel() -> Path:
     return found[0]
 
 
-def _build_standin(name: str, tag: str, dockerfile: str, context: Path, args: dict[str, str]) -> None:
-    cmd = ["docker", "build", "-t", tag, "-f", str(context / dockerfile)]
-    for key, value in args.items():
-        cmd += ["--build-arg", f"{key}={value}"]
-    start = time.monotonic()
-    run([*cmd, str(context)], env=os.environ | {"DOCKER_BUILDKIT": "0"}, timeout=1800)
+def _standin(tag: str, dockerfile: str, files: dict[str, Path | str], args: dict[str, str]) -> str:
+    """Build `tag` from standins/`dockerfile` unless it exists. `files` go into the build context
+    (name -> a file to link or copy, or text to write); the context is a fresh folder under WORK."""
+    if image_exists(tag):
+        return tag
+    with tempfile.TemporaryDirectory(prefix="standin-", dir=WORK) as folder:
+        ctx = Path(folder)
+        for name, source in {dockerfile: STANDINS / dockerfile, **files}.items():
+            (ctx / name).parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(source, str):
+                (ctx / name).write_text(source)
+            elif source.stat().st_dev == ctx.stat().st_dev:
+                os.link(source, ctx / name)  # the torch wheel: no copy of 200 MB
+            else:
+                shutil.copy(source, ctx / name)
+        cmd = ["docker", "build", "-t", tag, "-f", str(ctx / dockerfile)]
+        for key, value in args.items():
+            cmd += ["--build-arg", f"{key}={value}"]
+        start = time.monotonic()
+        run([*cmd, str(ctx)], env=os.environ | {"DOCKER_BUILDKIT": "0"}, timeout=1800)
     log(f"built stand-in {tag} in {time.monotonic() - start:.0f} s")
+    return tag
 
 
 def bookworm_image() -> str:
@@ -184,44 +199,23 @@ def python_image(base: str) -> str:
     certs = host_ca_certificates()
     recipe = (STANDINS / "python.Dockerfile").read_bytes()
     tag = f"modalmesh-standin/python:3.11-slim-bookworm-{_digest(base, recipe, *certs)}"
-    if image_exists(tag):
-        return tag
-    with tempfile.TemporaryDirectory(prefix="standin-python-") as ctx:
-        shutil.copy(STANDINS / "python.Dockerfile", ctx)
-        (Path(ctx) / "host-ca").mkdir()
-        for i, cert in enumerate(certs):
-            (Path(ctx) / "host-ca" / f"host-{i:03d}.crt").write_text(cert)
-        _build_standin("python", tag, "python.Dockerfile", Path(ctx), {"BASE_IMAGE": base})
-    return tag
+    files: dict[str, Path | str] = {f"host-ca/host-{i:03d}.crt": cert for i, cert in enumerate(certs)}
+    return _standin(tag, "python.Dockerfile", files, {"BASE_IMAGE": base})
 
 
 def torch_image(base: str) -> str:
     wheel = torch_wheel()
     recipe = (STANDINS / "torch-cpu.Dockerfile").read_bytes()
     tag = f"modalmesh-standin/torch-cpu:{TORCH_PIN}-{_digest(base, recipe, wheel.name, str(wheel.stat().st_size))}"
-    if image_exists(tag):
-        return tag
-    with tempfile.TemporaryDirectory(prefix="standin-torch-", dir=WORK) as ctx:
-        shutil.copy(STANDINS / "torch-cpu.Dockerfile", ctx)
-        os.link(wheel, Path(ctx) / wheel.name) if wheel.stat().st_dev == Path(
-            ctx
-        ).stat().st_dev else shutil.copy(wheel, ctx)
-        _build_standin(
-            "torch", tag, "torch-cpu.Dockerfile", Path(ctx), {"BASE_IMAGE": base, "TORCH_WHEEL": wheel.name}
-        )
-    return tag
+    args = {"BASE_IMAGE": base, "TORCH_WHEEL": wheel.name}
+    return _standin(tag, "torch-cpu.Dockerfile", {wheel.name: wheel}, args)
 
 
 def redis_image(base: str) -> str:
     recipe = (STANDINS / "redis.Dockerfile").read_bytes() + (STANDINS / "redis-entrypoint.sh").read_bytes()
     tag = f"modalmesh-standin/redis:7-bookworm-{_digest(base, recipe)}"
-    if image_exists(tag):
-        return tag
-    with tempfile.TemporaryDirectory(prefix="standin-redis-") as ctx:
-        for name in ("redis.Dockerfile", "redis-entrypoint.sh"):
-            shutil.copy(STANDINS / name, ctx)
-        _build_standin("redis", tag, "redis.Dockerfile", Path(ctx), {"BASE_IMAGE": base})
-    return tag
+    entrypoint = STANDINS / "redis-entrypoint.sh"
+    return _standin(tag, "redis.Dockerfile", {entrypoint.name: entrypoint}, {"BASE_IMAGE": base})
 
 
 @dataclass

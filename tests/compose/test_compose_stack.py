@@ -127,6 +127,19 @@ def test_every_service_is_healthy_and_the_api_needs_a_key(stack: Stack) -> None:
     assert ids == ["tiny", "tiny@1"], ids
 
 
+def test_compose_config_names_a_missing_api_key_file(stack: Stack) -> None:
+    empty_env = stack.work / "empty.env"
+    empty_env.write_text("")
+    args = [
+        a if a != str(stack.env_file) else str(empty_env) for a in stack.compose_args("config", "--quiet")
+    ]
+    proc = run(args, env=stack.env(), check=False)
+    assert proc.returncode != 0
+    assert "required variable API_KEYS_FILE is missing a value: set API_KEYS_FILE in .env" in proc.stderr, (
+        proc.stderr
+    )
+
+
 def test_an_image_chat_with_the_openai_client(stack: Stack) -> None:
     import openai
 
