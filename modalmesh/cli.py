@@ -9,6 +9,7 @@
     modalmesh import SYSTEM PATH [--preset NAME] [--out DIR] [--version V]   a seed checkpoint -> bundle
     modalmesh embed-captions --preset P --modality M --captions FILE --out DIR   stage-2 caption embeddings
     modalmesh add-tokens SRC --preset P [--out DIR] [--rows-from PATH]   base LLM + the preset's new tokens
+    modalmesh eval BENCHMARK --data PATH --model NAME[@VERSION] [--gateway URL] [--out DIR] ...   score a running stack
 
 Every flag has a MODALMESH_* environment variable (see services.common.settings.Settings);
 a flag wins over the variable.
@@ -26,6 +27,7 @@ from typing import Any, NoReturn
 from modalmesh import train_cli
 from modalmesh.adapters_cli import add_parser as add_adapters_parser
 from modalmesh.embed_cli import add_parser as add_embed_parser
+from modalmesh.eval_cli import add_parser as add_eval_parser
 from modalmesh.import_cli import add_parser as add_import_parser
 from modalmesh.tokens_cli import add_parser as add_tokens_parser
 from services.common.errors import ModalmeshError
@@ -182,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_import_parser(sub)
     add_embed_parser(sub)
     add_tokens_parser(sub)
+    add_eval_parser(sub)
     return parser
 
 
