@@ -212,7 +212,7 @@ def _preset(settings: Settings) -> Any:
         return None
 
 
-def _train(base: str, settings: Settings, t0: float, preset: Any) -> int:
+def _train(base: str, settings: Settings, t0: float, preset: Any, log_dir: Path) -> int:
     from modalmesh.demo_training import print_report, run_training_demo
 
     if preset is not None and "image" not in preset.modalities:  # an unreadable preset: try anyway
@@ -222,7 +222,9 @@ def _train(base: str, settings: Settings, t0: float, preset: Any) -> int:
         return 0
     print("\n== training: stage 1 (connector alignment) then stage 3 (LoRA + connector) through the queue")
     try:
-        report = run_training_demo(base, settings.cache_dir / "demo" / "shapes", settings.preset)
+        report = run_training_demo(
+            base, settings.cache_dir / "demo" / "shapes", log_dir / "eval", settings.preset
+        )
     except Exception as e:
         print(f"the training demo failed: {e}", file=sys.stderr)
         return 1
@@ -266,7 +268,7 @@ def run_demo(settings: Settings, *, log_dir: Path, start_timeout: float = 300.0,
             return 1
         if not train:
             return 0
-        return _train(base, settings, t0, preset)
+        return _train(base, settings, t0, preset, log_dir)
     finally:
         if up.poll() is None:
             up.send_signal(signal.SIGTERM)

@@ -6,19 +6,31 @@
 3. Stage 3 from the stage-1 version: LoRA + connector on the Q&A conversations; published.
 4. The LLM service swaps to each new version on its own; the demo measures the seconds from
    publish to the first reply served by the new version (its `system_fingerprint`).
-5. Ask the served model about every held-out image through the OpenAI API and score it.
+5. Score the held-out images before training (the initial version) and after the last
+   published version with `services.eval.runner`, the code `modalmesh eval shapes` runs.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+from services.eval.runner import (
+    DEFAULT_MAX_BAD_RATIO,
+    METRICS,
+    PREDICTIONS,
+    RunConfig,
+    load_predictions,
+    run_eval,
+)
+from services.trainer.synth import score_reply, synthesize
 
 # Tuned on the tiny preset: about 10 s of stage 1 and 40 s of stage 3 on 2 CPU cores.
 STAGE1_HYPER: dict[str, Any] = {"epochs": 10, "lr": 2e-3, "micro_batch_size": 8, "checkpoint_every": 100}
@@ -43,9 +55,12 @@ class StageResult:
 
 @dataclass
 class DemoReport:
+    """The stages trained, and the held-out metrics (metrics.json) before and after them."""
+
+    eval_dir: Path
     stages: list[StageResult] = field(default_factory=list)
-    accuracy: float = 0.0
-    by_kind: dict[str, tuple[int, int]] = field(default_factory=dict)
+    before: dict[str, Any] = field(default_factory=dict)
+    after: dict[str, Any] = field(default_factory=dict)
 
 
 def job_spec(stage: str, data: Path, init_from: str, preset: str = "tiny") -> dict[str, Any]:
@@ -137,37 +152,51 @@ def train_stage(
 
 
 def evaluate(
-    http: httpx.Client, data: Path, ref: str, *, show: int = 4
-) -> tuple[float, dict[str, tuple[int, int]]]:
-    """Held-out accuracy of the model pinned at `ref`, overall and per question kind."""
-    from services.trainer.synth import score_reply
+    base_url: str, data: Path, model: str, out: Path, *, max_bad_ratio: float = DEFAULT_MAX_BAD_RATIO
+) -> dict[str, Any]:
+    """Score `model` on the held-out set with `modalmesh eval shapes`'s runner (concurrency 4);
+    predictions.jsonl and metrics.json go to `out`, which is emptied first (a folder of an
+    earlier demo holds another model's predictions, which the runner refuses to resume).
 
-    samples = json.loads((data / "heldout.json").read_text())
-    by_kind: dict[str, list[int]] = {}
-    for i, sample in enumerate(samples):
+    Returns:
+        The metrics (metrics.json).
+
+    Raises:
+        RuntimeError: The run stopped on bad samples (see `services.eval.runner`).
+    """
+    shutil.rmtree(out, ignore_errors=True)
+    config = RunConfig(
+        benchmark="shapes",
+        data=data / "heldout.json",
+        model=model,
+        out=out,
+        gateway=base_url,
+        concurrency=4,
+        max_bad_ratio=max_bad_ratio,
+    )
+    result = run_eval(config)
+    if result.stopped:
+        raise RuntimeError(f"held-out run of {model} stopped on bad samples: {out / METRICS}")
+    return result.metrics
+
+
+def show_predictions(data: Path, out: Path, show: int = 4) -> None:
+    """Print the first `show` held-out questions of a run in `out`, its replies and the truth."""
+    heldout = json.loads((data / "heldout.json").read_text())
+    records = sorted(load_predictions(out / PREDICTIONS).values(), key=lambda r: r["index"])
+    for record in records[:show]:
+        sample = heldout[record["index"]]
         question = sample["conversations"][0]["value"].replace("<image>", "").strip()
-        body = _question((data / sample["image"]).read_bytes(), question, model=ref)
-        reply = http.post("/v1/chat/completions", json=body).raise_for_status().json()
-        answer = reply["choices"][0]["message"]["content"]
-        ok = score_reply(answer, sample)
-        counts = by_kind.setdefault(sample["kind"], [0, 0])
-        counts[0] += int(ok)
-        counts[1] += 1
-        if i < show:
-            truth = f"{sample['answer']['color']} {sample['answer']['shape']}"
-            print(
-                f"  [{sample['image']}] {question!r} -> {answer.strip()!r} (truth: {truth}) {'ok' if ok else 'WRONG'}"
-            )
-    right = sum(c[0] for c in by_kind.values())
-    total = sum(c[1] for c in by_kind.values())
-    return right / max(total, 1), {k: (c[0], c[1]) for k, c in by_kind.items()}
+        reply = (record.get("reply") or "").strip()
+        ok = score_reply(reply, sample)
+        truth = f"{sample['answer']['color']} {sample['answer']['shape']}"
+        print(f"  [{sample['image']}] {question!r} -> {reply!r} (truth: {truth}) {'ok' if ok else 'WRONG'}")
 
 
-def run_training_demo(base_url: str, data: Path, preset: str = "tiny") -> DemoReport:
+def run_training_demo(base_url: str, data: Path, eval_dir: Path, preset: str = "tiny") -> DemoReport:
     """The loop against a running stack at `base_url` serving `preset` (one with an image
-    modality: the data set is pictures); raises on any failure."""
-    from services.trainer.synth import synthesize
-
+    modality: the data set is pictures); the held-out runs before and after training go to
+    `eval_dir`/before and `eval_dir`/after. Raises on any failure."""
     if not (data / "meta.json").is_file():
         synthesize(data)
     meta = json.loads((data / "meta.json").read_text())
@@ -177,13 +206,22 @@ def run_training_demo(base_url: str, data: Path, preset: str = "tiny") -> DemoRe
     )
     heldout = json.loads((data / "heldout.json").read_text())
     probe = (data / heldout[0]["image"]).read_bytes()
-    report = DemoReport()
+    report = DemoReport(eval_dir=eval_dir)
+    # Version 1 is the preset's initial bundle (stage 1 starts from it); pinned, because after an
+    # earlier demo the preset's name serves the version that demo trained.
+    initial = f"{preset}@1"
+    print(f"held-out images before training, asked of {initial} as `modalmesh eval shapes` asks them")
+    # The initial version has random weights: its replies are nonsense, and any that come back
+    # empty count as bad samples in the runner, so the before-run allows any ratio of them.
+    report.before = evaluate(base_url, data, initial, eval_dir / "before", max_bad_ratio=1.0)
     with httpx.Client(base_url=base_url, timeout=120.0) as http:
         stage1 = train_stage(http, "stage1", data, "preset", probe, preset)
         report.stages.append(stage1)
         report.stages.append(train_stage(http, "stage3", data, stage1.ref, probe, preset))
-        print("held-out images, asked through POST /v1/chat/completions:")
-        report.accuracy, report.by_kind = evaluate(http, data, report.stages[-1].ref)
+    ref = report.stages[-1].ref
+    print(f"held-out images after training, asked of {ref} through POST /v1/chat/completions:")
+    report.after = evaluate(base_url, data, ref, eval_dir / "after")
+    show_predictions(data, eval_dir / "after")
     return report
 
 
@@ -193,5 +231,10 @@ def print_report(report: DemoReport) -> None:
             f"{s.stage}: {s.ref}  loss {s.loss_first:.3f} -> {s.loss_last:.3f}  job {s.seconds:.1f}s  "
             f"publish -> first reply from it {s.publish_to_served_s:.2f}s"
         )
-    kinds = ", ".join(f"{k} {r}/{n}" for k, (r, n) in sorted(report.by_kind.items()))
-    print(f"held-out accuracy of the served model: {report.accuracy:.1%} ({kinds})")
+    before, after = (m["scores"]["metrics"] for m in (report.before, report.after))
+    kinds = ", ".join(f"{k.split('/', 1)[1]} {v:.0%}" for k, v in after.items() if k.startswith("accuracy/"))
+    print(
+        f"held-out accuracy: before {before['accuracy']:.1%} -> after {after['accuracy']:.1%} "
+        f"(shapes, {report.after['samples']} samples; after, by kind: {kinds})"
+    )
+    print(f"held-out predictions and metrics: {report.eval_dir}/before, {report.eval_dir}/after")

@@ -2,7 +2,8 @@
 
 Registered now:
 - `shapes`: the synthetic held-out set `services.trainer.synth.synthesize` writes
-  (`heldout.json`); scored as `modalmesh demo` scores it (see `shapes_correct`).
+  (`heldout.json`); scored by `services.common.answer_words.shapes_correct`, the rule
+  `synth.score_reply` uses too.
 - `llava`: LLaVA-format conversations with a reference answer, for images, audio, video or
   events; scored by exact match and contains, and by option letter where the reference is one
   (see `score_llava`).
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from services.common.answer_words import SHAPES_KINDS, shapes_correct
 from services.common.errors import InvalidArgumentError, NotFoundError
 from services.eval._scores import Scores, ratio
 from services.eval.metrics import EMPTY_REFERENCE, ChoiceItem, contains_answer, exact_match
@@ -131,28 +133,6 @@ def _sample(index: int, record: Any, root: Path, extra: Mapping[str, Any] | None
 
 
 # --- shapes --------------------------------------------------------------------------------
-
-_WORD = re.compile(r"[a-z]+")
-SHAPES_KINDS = ("color", "shape", "describe")
-
-
-def shapes_correct(
-    reply: str, kind: str, answer: Mapping[str, str], colors: Sequence[str], shapes: Sequence[str]
-) -> bool:
-    """Whether a reply answers a shapes held-out question, by the rule of
-    `services.trainer.synth.score_reply` (re-implemented here: services/eval may not import the
-    trainer): a colour question needs the right colour word and no other colour word, a shape
-    question the right shape word and no other shape word, a description both. Words are the
-    runs of a-z in the lower-cased reply.
-    """
-    words = set(_WORD.findall(reply.lower()))
-
-    def only(right: str, vocabulary: Sequence[str]) -> bool:
-        return right in words and not words & (set(vocabulary) - {right})
-
-    color_ok = only(answer["color"], colors)
-    shape_ok = only(answer["shape"], shapes)
-    return {"color": color_ok, "shape": shape_ok}.get(kind, color_ok and shape_ok)
 
 
 def _shapes_vocabulary(folder: Path, records: list[Any]) -> tuple[list[str], list[str]]:

@@ -50,12 +50,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from services.common.answer_words import SHAPES_KINDS, names_only, reply_words, shapes_correct
 from services.common.errors import InvalidArgumentError
 from services.common.presets import Preset
 from services.trainer._synth_scene import (
@@ -70,7 +70,7 @@ from services.trainer._synth_scene import (
     draw,
 )
 
-KINDS = ("color", "shape", "describe")
+KINDS = SHAPES_KINDS
 QUESTIONS: dict[str, tuple[str, ...]] = {
     "color": ("What color is the shape?", "What is the color of the shape?"),
     "shape": ("What shape is in the image?", "What shape is this?"),
@@ -394,15 +394,14 @@ def _kinds(rng: random.Random) -> list[str]:
     return rng.sample(KINDS, k=rng.choice((1, 2)))
 
 
-_WORD = re.compile(r"[a-z]+")
-
-
 def score_reply(reply: str, sample: Mapping[str, Any]) -> bool:
     """Whether a model reply answers a held-out sample correctly.
 
     A colour question needs the right colour word and no other colour word; a shape question
     the right shape word and no other shape word; a description both. Background colours
-    (white, black, gray) are not shape colours and never count against a reply.
+    (white, black, gray) are not shape colours and never count against a reply. The rule is
+    `services.common.answer_words.shapes_correct` (the one `modalmesh eval shapes` uses); this
+    adds the checks of the sample.
 
     Args:
         reply: The model's reply text.
@@ -421,18 +420,7 @@ def score_reply(reply: str, sample: Mapping[str, Any]) -> bool:
         raise InvalidArgumentError(
             f"held-out sample: answer: expected a known color and shape, got {answer!r}"
         )
-    words = set(_WORD.findall(reply.lower()))
-
-    def only(right: str, vocabulary: Any) -> bool:
-        return right in words and not words & (set(vocabulary) - {right})
-
-    color_ok = only(answer["color"], COLORS)
-    shape_ok = only(answer["shape"], SHAPES)
-    if kind == "color":
-        return color_ok
-    if kind == "shape":
-        return shape_ok
-    return color_ok and shape_ok
+    return shapes_correct(reply, kind, answer, COLORS, SHAPES)
 
 
 def score_reply_for(modality: str, reply: str, sample: Mapping[str, Any]) -> bool:
@@ -467,8 +455,8 @@ def score_reply_for(modality: str, reply: str, sample: Mapping[str, Any]) -> boo
         raise InvalidArgumentError(
             f"held-out {modality} sample: answer: expected known {', '.join(fields)}, got {answer!r}"
         )
-    words = set(_WORD.findall(reply.lower()))
-    return all(answer[f] in words and not words & (set(VOCABULARY[f]) - {answer[f]}) for f in fields)
+    words = reply_words(reply)
+    return all(names_only(words, answer[f], VOCABULARY[f]) for f in fields)
 
 
 def _timed_conversation(rng: random.Random, kind: str, answer: Mapping[str, str]) -> dict[str, Any]:

@@ -6,7 +6,9 @@ are opened and checked. The training part of the demo is covered by the trainer'
 from __future__ import annotations
 
 import io
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -56,7 +58,8 @@ def test_demo_answers_then_draws_plays_and_shows(
 
 def test_make_demo_trains_publishes_and_scores(tiny_cache_dir: Path, redis_url: str, tmp_path: Path) -> None:
     """The main job (`make demo`: the tiny preset, stage 1 and stage 3 through the queue on 2
-    DeepSpeed ranks, each published and hot-swapped, the served model scored), end to end."""
+    DeepSpeed ranks, each published and hot-swapped, the held-out set scored through
+    services.eval.runner before and after training), end to end."""
     flags = [
         "--gateway-port", "--grpc-port", "--llm-port", "--llm-metrics-port", "--encoder-http-port",
         "--encoder-grpc-port", "--encoder-metrics-port",
@@ -81,7 +84,21 @@ def test_make_demo_trains_publishes_and_scores(tiny_cache_dir: Path, redis_url: 
     assert "answer: " in out and "any-to-any" not in out  # the tiny preset has no outputs
     for stage in ("stage1: tiny@", "stage3: tiny@"):
         assert stage in out, out
-    assert (
-        "held-out accuracy of the served model: " in out
-        and "from `modalmesh up` to the held-out score" in out
-    )
+    assert "from `modalmesh up` to the held-out score" in out
+    line = re.search(r"held-out accuracy: before (\S+)% -> after (\S+)% \(shapes, (\d+) samples", out)
+    assert line, out
+    evals = tmp_path / "logs" / "eval"
+    assert f"held-out predictions and metrics: {evals}/before, {evals}/after" in out
+    metrics = {k: json.loads((evals / k / "metrics.json").read_text()) for k in ("before", "after")}
+    refs = [m.group(1) for m in re.finditer(r"stage3: published (\S+);", out)]
+    assert metrics["before"]["model"] == "tiny@1" and [metrics["after"]["model"]] == refs
+    for when, printed in zip(("before", "after"), line.groups()[:2], strict=True):
+        m = metrics[when]
+        assert m["benchmark"] == "shapes" and m["samples"] == int(line.group(3)) == m["finished"]
+        assert f"{m['scores']['metrics']['accuracy']:.1%}" == printed + "%"
+        predictions = (evals / when / "predictions.jsonl").read_text().splitlines()
+        assert len(predictions) == m["samples"]
+    assert not metrics["after"]["stopped"] and metrics["before"]["bad"]["max_ratio"] == 1.0
+    # training helps: the trained version answers more of the unseen images than the initial one
+    after, before = (metrics[k]["scores"]["metrics"]["accuracy"] for k in ("after", "before"))
+    assert after > before, (before, after)

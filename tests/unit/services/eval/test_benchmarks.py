@@ -50,8 +50,9 @@ def test_read_shapes_from_folder_or_file(shapes_dir: Path) -> None:
     assert set(first.extra["shapes"]) == {"circle", "square", "triangle"}
 
 
-def test_shapes_scoring_matches_the_demo_scorer(shapes_dir: Path) -> None:
-    """Parity with services.trainer.synth.score_reply, which `modalmesh demo` uses."""
+def test_shapes_scoring_matches_the_trainer_scorer(shapes_dir: Path) -> None:
+    """The same verdicts as services.trainer.synth.score_reply: one rule
+    (services.common.answer_words), and the reader's vocabulary (meta.json) is synth's."""
     from services.trainer.synth import score_reply
 
     records = json.loads((shapes_dir / "heldout.json").read_text())
