@@ -14,7 +14,7 @@ Every scorer takes (reply, ground truth...) tuples for one task and source and r
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from services.eval._scores import Scores, ratio, temporal_iou
 from services.eval.parsing import NO_TIMESTAMPS, Span, etbench_letter, parse_point, parse_spans
@@ -131,6 +131,22 @@ def score_etbench_tem(
     return Scores("mRec", metrics, n, dict(failed))
 
 
+def _iou_rows(
+    items: Sequence[tuple[str, Sequence[Span]]], failed: Counter[str]
+) -> Iterator[list[list[float]]]:
+    """Per sample with true spans and a readable reply: the IoU of each predicted span (a row)
+    with each true span (a column). The other samples are counted in `failed` by reason."""
+    for reply, gts in items:
+        if not gts:
+            failed[NO_GROUND_TRUTH] += 1
+            continue
+        preds = parse_spans(reply)
+        if not preds.value:
+            failed[preds.reason or NO_TIMESTAMPS] += 1
+            continue
+        yield [[temporal_iou(p, g) for g in gts] for p in preds.value]
+
+
 def score_etbench_multi_span(
     items: Sequence[tuple[str, Sequence[Span]]], thresholds: Sequence[float] = ETBENCH_IOU_THRESHOLDS
 ) -> Scores:
@@ -151,20 +167,13 @@ def score_etbench_multi_span(
     """
     failed: Counter[str] = Counter()
     sums = [0.0] * len(thresholds)
-    for reply, gts in items:
-        if not gts:
-            failed[NO_GROUND_TRUTH] += 1
-            continue
-        preds = parse_spans(reply)
-        if not preds.value:
-            failed[preds.reason or NO_TIMESTAMPS] += 1
-            continue
-        iou = [[temporal_iou(p, g) for g in gts] for p in preds.value]
+    for iou in _iou_rows(items, failed):
+        n_true = len(iou[0])
         for k, t in enumerate(thresholds):
             correct = sum(any(v >= t for v in row) for row in iou)
-            found = sum(any(row[j] >= t for row in iou) for j in range(len(gts)))
+            found = sum(any(row[j] >= t for row in iou) for j in range(n_true))
             if correct:
-                p, r = correct / len(iou), found / len(gts)
+                p, r = correct / len(iou), found / n_true
                 sums[k] += 2 * p * r / (p + r)
     n = len(items)
     return Scores("F1", _by_threshold("F1", [ratio(s, n) for s in sums], thresholds), n, dict(failed))
@@ -329,18 +338,11 @@ def score_etbench_captioning(
     failed: Counter[str] = Counter()
     p_sum = [0.0] * len(thresholds)
     r_sum = [0.0] * len(thresholds)
-    for reply, gts in items:
-        if not gts:
-            failed[NO_GROUND_TRUTH] += 1
-            continue
-        preds = parse_spans(reply)
-        if not preds.value:
-            failed[preds.reason or NO_TIMESTAMPS] += 1
-            continue
-        iou = [[temporal_iou(p, g) for g in gts] for p in preds.value]
+    for iou in _iou_rows(items, failed):
+        n_true = len(iou[0])
         for k, t in enumerate(thresholds):
             p_sum[k] += sum(any(v > t for v in row) for row in iou) / len(iou)
-            r_sum[k] += sum(any(row[j] > t for row in iou) for j in range(len(gts))) / len(gts)
+            r_sum[k] += sum(any(row[j] > t for row in iou) for j in range(n_true)) / n_true
     n = len(items)
     f1s, metrics = [], {}
     for t, ps, rs in zip(thresholds, p_sum, r_sum, strict=True):
